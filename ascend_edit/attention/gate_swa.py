@@ -1,0 +1,118 @@
+"""GateSWA target: gated sliding-window attention with sink tokens, one layer of a hybrid plan.
+
+    q, k, v  = projections as in the teacher (with Qwen3's q_norm / k_norm kept when present)
+    a        = softmax over keys with  q_pos - k_pos < window  or  k_pos < sink_tokens  (causal)
+    o        = o_proj(a ⊙ σ(x W_g + b_g))        gate per head ("headwise") or per channel ("elementwise")
+
+Layers the plan keeps at full attention use the same module with `window=0`, so every layer of a
+hybrid model can be gated alike. Sliding layers cache at most `sink_tokens + window - 1` tokens
+(`SinkWindowLayer`), full layers use transformers' ordinary cache layer.
+
+Sink tokens are on by default: a sliding layer that loses sight of the first token loses the
+model's attention sink, which costs far more quality than the window itself.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ascend_edit.attention.cache_layers import sink_window_layer
+from ascend_edit.attention.geometry import AttentionGeometry
+from ascend_edit.attention.masks import as_bool_mask, to_sdpa_mask, visible_by_position
+from ascend_edit.attention.rope import apply_rope
+
+GATES = ("none", "headwise", "elementwise")
+
+
+class GateSWAAttention(nn.Module):
+    def __init__(
+        self,
+        geometry: AttentionGeometry,
+        *,
+        window: int,
+        sink_tokens: int,
+        gate: str,
+        config=None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate={gate!r} is not one of {GATES}")
+        if window < 0 or sink_tokens < 0:
+            raise ValueError(f"window ({window}) and sink_tokens ({sink_tokens}) must be >= 0")
+        g = geometry
+        self.layer_idx = g.layer_idx
+        self.config = config
+        self.num_heads, self.num_kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
+        self.num_key_value_groups = g.num_kv_groups
+        self.scaling = g.scaling
+        self.is_causal = True
+        self.window = window  # 0: this layer keeps full attention
+        self.sink_tokens = sink_tokens
+        self.gate = gate
+        self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=g.qkv_bias)
+        self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
+        self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
+        self.o_proj = nn.Linear(g.num_heads * g.head_dim, g.hidden_size, bias=g.o_bias)
+        # The teacher's per-head norm modules are copied by type so any RMSNorm flavour works.
+        self.q_norm = copy.deepcopy(q_norm) if q_norm is not None else None
+        self.k_norm = copy.deepcopy(k_norm) if k_norm is not None else None
+        gate_width = {"none": 0, "headwise": g.num_heads, "elementwise": g.num_heads * g.head_dim}[gate]
+        self.gate_proj = nn.Linear(g.hidden_size, gate_width, bias=True) if gate_width else None
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.window > 0
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        shape = (b, s, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.is_sliding:
+            out = self._sliding_attention(q, k, v, attention_mask, cache, kwargs.get("position_ids"))
+        else:
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
+            out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+        return self.o_proj(self._apply_gate(out, hidden_states).reshape(b, s, -1)), None
+
+    def _sliding_attention(self, q, k, v, attention_mask, cache, position_ids):
+        b, _, s, _ = q.shape
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=q.device)
+        q_pos = position_ids.expand(b, s)
+        if cache is not None:
+            layer = sink_window_layer(cache, self.layer_idx, self.window, self.sink_tokens)
+            k, v, k_pos, k_index = layer.update_window(k, v, q_pos)
+        else:
+            k_pos, k_index = q_pos, torch.arange(s, device=q.device)
+        visible = visible_by_position(q_pos, k_pos, window=self.window, sink_tokens=self.sink_tokens)
+        given = as_bool_mask(attention_mask)
+        if given is not None and given.shape[-1] > int(k_index.max()):
+            # transformers' mask covers every token fed so far (padding, packed documents): pick the
+            # columns of the keys this layer still holds.
+            visible = visible & given.index_select(-1, k_index).expand_as(visible)
+        out, _ = sdpa_attention_forward(self, q, k, v, to_sdpa_mask(visible), dropout=0.0, scaling=self.scaling)
+        return out
+
+    def _apply_gate(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """out: [b, s, h, d]; the gate reads the layer input, as the output projection's filter."""
+        if self.gate_proj is None:
+            return out
+        g = torch.sigmoid(self.gate_proj(hidden_states))
+        b, s, _ = hidden_states.shape
+        g = g.view(b, s, self.num_heads, 1) if self.gate == "headwise" else g.view(b, s, self.num_heads, self.head_dim)
+        return out * g.to(out.dtype)

@@ -1,0 +1,58 @@
+"""What a target needs to know about the teacher attention it replaces."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Shapes and options of one teacher attention layer, read off the module and its config."""
+
+    layer_idx: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    qkv_bias: bool  # Qwen2 has q/k/v biases; Llama and Qwen3 do not
+    o_bias: bool
+    has_qk_norm: bool  # Qwen3: per-head RMSNorm on q and k before RoPE
+    rms_norm_eps: float
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+# Attribute names every supported teacher attention uses (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE).
+_REQUIRED = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def read_geometry(attn: nn.Module, config) -> AttentionGeometry:
+    """Read the geometry of a Hugging Face attention module; fail clearly on unknown layouts."""
+    missing = [name for name in _REQUIRED if not isinstance(getattr(attn, name, None), nn.Linear)]
+    if missing:
+        raise NotImplementedError(
+            f"unsupported attention module {type(attn).__name__}: it has no separate "
+            f"{', '.join(missing)} projections (supported: Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE layouts)"
+        )
+    head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    num_heads = attn.q_proj.out_features // head_dim
+    num_kv_heads = attn.k_proj.out_features // head_dim
+    if num_heads % num_kv_heads:
+        raise ValueError(f"layer {attn.layer_idx}: {num_heads} query heads do not group over {num_kv_heads} KV heads")
+    q_norm = getattr(attn, "q_norm", None)
+    return AttentionGeometry(
+        layer_idx=attn.layer_idx,
+        hidden_size=attn.q_proj.in_features,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        scaling=float(getattr(attn, "scaling", head_dim**-0.5)),
+        qkv_bias=attn.q_proj.bias is not None,
+        o_bias=attn.o_proj.bias is not None,
+        has_qk_norm=q_norm is not None,
+        rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+    )

@@ -1,0 +1,191 @@
+"""Initialisation of target modules: random (a learnable target from scratch) or warm from the teacher.
+
+Warm starts:
+* GateSWA / identity: copy q/k/v/o (and Qwen3's q/k norms). The gate starts at σ(0) = 1/2 with zero
+  input weights, and o_proj is scaled by 2 to compensate, so the converted layer computes exactly
+  the teacher's function at step 0 while the gate sits where its gradient is largest.
+* MLA: a whitened joint SVD of the stacked key (position-free part) and value projections gives
+  the latent down/up projections; the shared RoPE key takes, per kept frequency, the principal
+  direction across KV heads. Whitening by the covariance of the layer's real inputs makes the
+  low-rank fit minimise the error on actual activations, not on weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ascend_edit.attention.geometry import AttentionGeometry
+from ascend_edit.attention.rope import rope_dims
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one teacher attention layer's inputs, gathered on calibration batches."""
+
+    input_cov: torch.Tensor  # E[x x^T] of the attention input, [hidden, hidden], float64
+    q_rms: float = 1.0  # mean RMS of a query head before q_norm (Qwen3), for linearising the norm
+    k_rms: float = 1.0
+    tokens: int = 0
+
+
+def init_random(module: nn.Module, std: float = 0.02) -> None:
+    """The paper's learnable target: normal(0, std) weights, zero biases, unit norms."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif hasattr(sub, "weight") and sub.weight is not None and sub.weight.dim() == 1:
+            nn.init.ones_(sub.weight)
+
+
+@torch.no_grad()
+def init_gate_swa_from_teacher(target: nn.Module, teacher: nn.Module) -> None:
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(target, name).load_state_dict(getattr(teacher, name).state_dict())
+    for name in ("q_norm", "k_norm"):
+        if getattr(target, name, None) is not None:
+            getattr(target, name).load_state_dict(getattr(teacher, name).state_dict())
+    if target.gate_proj is not None:
+        nn.init.zeros_(target.gate_proj.weight)
+        nn.init.zeros_(target.gate_proj.bias)
+        target.o_proj.weight.mul_(2.0)  # σ(0) = 1/2 on every head: undo it
+
+
+def _matrix_sqrt(cov: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """Symmetric square root of a covariance, damped relative to its mean eigenvalue."""
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(0) + damping * evals.clamp_min(0).mean().clamp_min(1e-12)
+    return (evecs * evals.sqrt()) @ evecs.T
+
+
+def _fit_rows(target_rows: int, rows: torch.Tensor, cov_half: torch.Tensor) -> torch.Tensor:
+    """Map `rows` ([n, D] linear functionals) to `target_rows` functionals.
+
+    Fewer rows: the top principal directions of the whitened rows (an orthonormal projection P,
+    returned as P @ rows) — the best rank-`target_rows` summary on real inputs. More: zero-padded.
+    """
+    n = rows.shape[0]
+    if target_rows >= n:
+        return torch.cat([rows, rows.new_zeros(target_rows - n, rows.shape[1])])
+    u, _, _ = torch.linalg.svd(rows @ cov_half, full_matrices=False)
+    return u[:, :target_rows].T @ rows
+
+
+@torch.no_grad()
+def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: AttentionGeometry,
+                          stats: LayerStats | None) -> dict[str, float]:
+    """Warm-start an MLAAttention from a GQA teacher. Returns fit diagnostics.
+
+    Shapes: H query heads, G KV heads, d teacher head dim, r rope, n nope, v value head dim, c latent.
+    """
+    g = geometry
+    H, G, d = g.num_heads, g.num_kv_heads, g.head_dim
+    r, n, v, c = target.qk_rope_head_dim, target.qk_nope_head_dim, target.v_head_dim, target.kv_lora_rank
+    D = g.hidden_size
+    f64 = dict(dtype=torch.float64)
+    cov = stats.input_cov.to(**f64) if stats is not None else torch.eye(D, **f64)
+    cov_half = _matrix_sqrt(cov)
+
+    # Linear stand-ins for the teacher's projections; Qwen3's q/k RMSNorm becomes its weight divided
+    # by the mean RMS seen on calibration data (exact up to each token's deviation from that mean).
+    wq = teacher.q_proj.weight.to(**f64).view(H, d, D)
+    wk = teacher.k_proj.weight.to(**f64).view(G, d, D)
+    wv = teacher.v_proj.weight.to(**f64).view(G, d, D)
+    bk = teacher.k_proj.bias.to(**f64).view(G, d) if teacher.k_proj.bias is not None else torch.zeros(G, d, **f64)
+    bv = teacher.v_proj.bias.to(**f64).view(G, d) if teacher.v_proj.bias is not None else torch.zeros(G, d, **f64)
+    if g.has_qk_norm:
+        q_scale = teacher.q_norm.weight.to(**f64) / (stats.q_rms if stats else 1.0)
+        k_scale = teacher.k_norm.weight.to(**f64) / (stats.k_rms if stats else 1.0)
+        wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
+    rope_idx, nope_idx = rope_dims(d, r)
+    group_of_head = torch.arange(H) // (H // G)
+    # MLA's softmax scale differs from the teacher's; fold the ratio into the query.
+    wq = wq * (g.scaling / target.scaling)
+
+    # --- shared RoPE key: per rotary dim pair, the principal direction across the G KV heads ---
+    k_rope_rows = wk[:, rope_idx]  # [G, r, D]
+    half = r // 2
+    head_weight = torch.empty(half, G, **f64)
+    for i in range(half):
+        pair = torch.cat([k_rope_rows[:, i], k_rope_rows[:, i + half]], dim=-1)  # [G, 2D] (same rotation)
+        whitened = torch.cat([k_rope_rows[:, i] @ cov_half, k_rope_rows[:, i + half] @ cov_half], dim=-1)
+        u, _, _ = torch.linalg.svd(whitened, full_matrices=False)
+        head_weight[i] = u[:, 0] * torch.sign(u[:, 0].sum() + 1e-30)
+    weight_per_dim = torch.cat([head_weight, head_weight])  # [r, G]
+    shared_k_rope = torch.einsum("rg,grD->rD", weight_per_dim, k_rope_rows)
+    shared_k_rope_bias = torch.einsum("rg,gr->r", weight_per_dim, bk[:, rope_idx])
+    # k_g ≈ weight[g] * shared key, so head h's query absorbs its group's weight.
+    q_rope = wq[:, rope_idx] * weight_per_dim.T[group_of_head][:, :, None]  # [H, r, D]
+
+    # --- position-free part: per KV head, fit n key dims and v value dims, then a joint SVD ---
+    k_nope, q_nope, values, out_maps = [], [], [], []
+    for kv in range(G):
+        keys = wk[kv, nope_idx]  # [d - r, D]
+        if n >= keys.shape[0]:
+            proj = torch.eye(n, keys.shape[0], **f64)
+        else:
+            u, _, _ = torch.linalg.svd(keys @ cov_half, full_matrices=False)
+            proj = u[:, :n].T  # orthonormal [n, d - r]
+        k_nope.append(torch.cat([proj @ keys, (proj @ bk[kv, nope_idx])[:, None]], dim=1))
+        for h in (group_of_head == kv).nonzero().squeeze(-1).tolist():
+            q_nope.append(proj @ wq[h, nope_idx])
+        if v >= d:
+            vproj = torch.eye(v, d, **f64)
+        else:
+            u, _, _ = torch.linalg.svd(wv[kv] @ cov_half, full_matrices=False)
+            vproj = u[:, :v].T
+        values.append(torch.cat([vproj @ wv[kv], (vproj @ bv[kv])[:, None]], dim=1))
+        out_maps.append(vproj)
+    q_nope = torch.stack(q_nope)  # [H, n, D] in head order (heads of a group are contiguous)
+
+    # rows with a trailing bias column: [G*n + G*v, D + 1]
+    rows = torch.cat(k_nope + values)
+    whitened = rows[:, :D] @ cov_half
+    u, s, _ = torch.linalg.svd(whitened, full_matrices=False)
+    rank = min(c, u.shape[1])
+    up = torch.zeros(rows.shape[0], c, **f64)
+    up[:, :rank] = u[:, :rank]
+    down = up.T @ rows  # [c, D + 1]: latent = down[:, :D] x + down[:, D]
+    energy_kept = float((s[:rank] ** 2).sum() / (s**2).sum().clamp_min(1e-30))
+
+    # The latent RMSNorm divides each token's latent by its RMS: scale its weight by the typical RMS.
+    latent_rms = math.sqrt(float(torch.trace(down[:, :D] @ cov @ down[:, :D].T)) / c + 1e-12)
+
+    k_up = up[: G * n].view(G, n, c)[group_of_head]  # [H, n, c]
+    v_up = up[G * n :].view(G, v, c)[group_of_head]  # [H, v, c]
+    dtype = target.kv_b_proj.weight.dtype
+    target.kv_b_proj.weight.copy_(torch.cat([k_up, v_up], dim=1).reshape(H * (n + v), c).to(dtype) * latent_rms)
+    target.kv_a_proj_with_mqa.weight.copy_(torch.cat([down[:, :D], shared_k_rope]).to(dtype))
+    if target.kv_a_proj_with_mqa.bias is not None:
+        target.kv_a_proj_with_mqa.bias.copy_(torch.cat([down[:, D], shared_k_rope_bias]).to(dtype))
+    target.kv_a_layernorm.weight.fill_(1.0)  # the typical RMS is folded into kv_b_proj above
+    q = torch.cat([q_nope, q_rope], dim=1).reshape(H * (n + r), D).to(dtype)
+    if target.q_lora_rank is None:
+        target.q_proj.weight.copy_(q)
+    else:
+        _low_rank_query(target, q, cov_half)
+    wo = teacher.o_proj.weight.to(**f64).view(D, H, d)
+    wo = torch.einsum("Dhd,hvd->Dhv", wo, torch.stack(out_maps)[group_of_head])
+    target.o_proj.weight.copy_(wo.reshape(D, H * v).to(dtype))
+    if target.o_proj.bias is not None:
+        bias = teacher.o_proj.bias if teacher.o_proj.bias is not None else torch.zeros(D)
+        target.o_proj.bias.copy_(bias.to(dtype))
+    return {"latent_energy_kept": energy_kept, "latent_rms": latent_rms}
+
+
+def _low_rank_query(target: nn.Module, q: torch.Tensor, cov_half: torch.Tensor) -> None:
+    """q ≈ q_b (norm(q_a x)): whitened SVD of the full query map, rank q_lora_rank."""
+    f64 = q.to(torch.float64)
+    u, s, vt = torch.linalg.svd(f64 @ cov_half, full_matrices=False)
+    k = target.q_lora_rank
+    down = u[:, :k].T @ f64  # [k, D]
+    target.q_a_proj.weight.copy_(down.to(q.dtype))
+    if target.q_a_proj.bias is not None:
+        target.q_a_proj.bias.zero_()
+    rms = math.sqrt(float((s[:k] ** 2).sum()) / k + 1e-12)  # typical RMS of q_a x under whitening
+    target.q_a_layernorm.weight.fill_(1.0)
+    target.q_b_proj.weight.copy_((u[:, :k] * rms).to(q.dtype))

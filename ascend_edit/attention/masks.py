@@ -1,0 +1,38 @@
+"""Attention masks from token positions, and normalisation of the masks transformers passes in."""
+from __future__ import annotations
+
+import torch
+
+
+def visible_by_position(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int = 0, sink_tokens: int = 0
+) -> torch.Tensor:
+    """Boolean [b, 1, s, t] mask: key j is visible to query i.
+
+    Causal by position; with `window` > 0 only keys with q_pos - k_pos < window (the query itself
+    included) plus the first `sink_tokens` positions stay visible. k_pos < 0 marks an empty slot.
+    q_pos: [b, s], k_pos: [b, t] (int64).
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window > 0:
+        visible &= (q - k < window) | (k < sink_tokens)
+    return visible[:, None]
+
+
+def as_bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers passes a bool mask (True = attend) for sdpa and an additive float mask for eager."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask == 0
+
+
+def to_sdpa_mask(visible: torch.Tensor) -> torch.Tensor:
+    """SDPA's bool mask, with fully-masked rows opened on their first key to avoid NaN (their output is
+    multiplied away or belongs to padding)."""
+    empty = ~visible.any(dim=-1, keepdim=True)
+    if empty.any():
+        visible = visible.clone()
+        visible[..., :1] |= empty
+    return visible

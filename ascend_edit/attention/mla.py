@@ -1,0 +1,144 @@
+"""MLA target: DeepSeek-style multi-head latent attention as a drop-in for a teacher attention.
+
+Parameter names and math follow transformers' `DeepseekV3Attention` (non-interleaved RoPE), so a
+dense model converted to MLA exports as a native `deepseek_v3` checkpoint:
+
+    q        = q_proj(x)                      or q_b_proj(q_a_layernorm(q_a_proj(x)))
+    c, k_r   = split(kv_a_proj_with_mqa(x))   c: latent [kv_lora_rank], k_r: shared RoPE key [rope]
+    c        = kv_a_layernorm(c)
+    k_n, v   = split(kv_b_proj(c))            per head: [qk_nope_head_dim], [v_head_dim]
+    score_h  = (q_n·k_n + RoPE(q_r)·RoPE(k_r)) * (qk_nope + qk_rope)^-0.5
+
+The cache holds only `c` and `RoPE(k_r)`: kv_lora_rank + qk_rope_head_dim values per token and layer.
+
+Two explicit paths compute the same function:
+* naive    — decompress k_n, v for every cached token and run standard attention (training, prefill);
+* absorbed — fold kv_b_proj's key half into the query and its value half after attention, so the
+             scores are taken in latent space and nothing is decompressed (decode).
+
+Qwen3's per-head q_norm / k_norm have no place in this layout and are dropped: the latent RMSNorm
+(kv_a_layernorm) bounds key scale instead. The warm start folds their weights into the projections
+(see attention/init.py); distillation learns what the per-token normalisation did.
+
+Einsum letters: b batch, s query positions, t key positions, h heads, d head dims, c latent, r rope.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+from ascend_edit.attention.geometry import AttentionGeometry
+from ascend_edit.attention.masks import as_bool_mask, to_sdpa_mask, visible_by_position
+from ascend_edit.attention.rope import apply_rope, leading_rope
+from ascend_edit.config import MLAConfig
+
+PATHS = ("auto", "naive", "absorbed")
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, geometry: AttentionGeometry, cfg: MLAConfig, config=None):
+        super().__init__()
+        if cfg.qk_rope_head_dim > geometry.head_dim:
+            raise ValueError(
+                f"layer {geometry.layer_idx}: qk_rope_head_dim={cfg.qk_rope_head_dim} exceeds the teacher "
+                f"head_dim={geometry.head_dim} (the rotary part reuses the teacher's highest frequencies)"
+            )
+        self.layer_idx = geometry.layer_idx
+        self.config = config  # the model config: transformers' attention interfaces read it
+        self.num_heads = geometry.num_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.q_lora_rank = cfg.q_lora_rank
+        self.scaling = self.qk_head_dim**-0.5
+        self.is_causal = True
+        self.num_key_value_groups = 1  # keys are already per head after decompression
+        self.path = "auto"
+        bias = geometry.qkv_bias
+        hidden, heads = geometry.hidden_size, geometry.num_heads
+
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = DeepseekV3RMSNorm(cfg.q_lora_rank, eps=geometry.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = DeepseekV3RMSNorm(cfg.kv_lora_rank, eps=geometry.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * cfg.v_head_dim, hidden, bias=bias)
+
+    # ----------------------------------------------------------------------------------------------
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        b, s, _ = x.shape
+        return q.view(b, s, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [b, h, s, d]
+
+    def compress_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent [b, 1, s, c] (normalised) and the un-rotated shared RoPE key [b, 1, s, r]."""
+        b, s, _ = x.shape
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        return latent.view(b, 1, s, self.kv_lora_rank), k_rope.view(b, 1, s, self.qk_rope_head_dim)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk [h, d_nope, c], W_uv [h, d_v, c]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        q = self.project_query(hidden_states)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.compress_kv(hidden_states)
+
+        cos, sin = leading_rope(*position_embeddings, self.qk_rope_head_dim)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope, cos, sin)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+
+        if self._use_absorbed(s, cache):
+            out = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+        else:
+            out = self.naive_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+        return self.o_proj(out.reshape(b, s, -1)), None
+
+    def _use_absorbed(self, q_len: int, cache) -> bool:
+        if self.path != "auto":
+            return self.path == "absorbed"
+        # Decode: a few queries against a long latent cache, no gradient — absorption reads only latents.
+        return cache is not None and q_len <= 8 and not torch.is_grad_enabled()
+
+    def naive_attention(self, q_nope, q_rope, latent, k_rope, attention_mask):
+        """Decompress keys/values and attend per head. Returns [b, s, h, d_v]."""
+        b, _, t, _ = latent.shape
+        kv = self.kv_b_proj(latent[:, 0]).view(b, t, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+        return out
+
+    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask):
+        """Attend in latent space without decompressing the cache. Returns [b, s, h, d_v]."""
+        w_uk, w_uv = self._up_weights()
+        q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)
+        scores = torch.einsum("bhsc,btc->bhst", q_latent, latent[:, 0])
+        scores = scores + torch.einsum("bhsr,btr->bhst", q_rope, k_rope[:, 0])
+        s, t = scores.shape[-2:]
+        visible = as_bool_mask(attention_mask)
+        if visible is None:  # transformers skips the mask when plain causal suffices
+            q_pos = torch.arange(t - s, t, device=scores.device).expand(scores.shape[0], s)
+            k_pos = torch.arange(t, device=scores.device).expand(scores.shape[0], t)
+            visible = visible_by_position(q_pos, k_pos)
+        scores = (scores * self.scaling).float().masked_fill(~to_sdpa_mask(visible[..., :t]), float("-inf"))
+        probs = F.softmax(scores, dim=-1).to(latent.dtype)
+        out_latent = torch.einsum("bhst,btc->bhsc", probs, latent[:, 0])
+        return torch.einsum("bhsc,hvc->bshv", out_latent, w_uv)

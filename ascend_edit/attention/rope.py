@@ -1,0 +1,42 @@
+"""Rotary position embedding helpers in the Hugging Face (rotate-half) layout.
+
+HF rotary modules return cos/sin of shape [b, s, head_dim] laid out as [f_0..f_{d/2-1}, f_0..f_{d/2-1}]:
+dimension i is paired with i + d/2 and rotated at frequency f_i = theta^(-2i/d).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, h, s, d]; cos/sin: [b, s, d] (broadcast over heads)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def leading_rope(cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for a `rope_dim`-wide rotary part: the teacher's rope_dim/2 highest frequencies.
+
+    The high frequencies carry relative position; the low ones barely rotate over typical
+    distances and are moved to the position-free (nope) part by the MLA warm start. The kept set
+    f_i = theta^(-2i/d), i < r/2, equals a width-r rotary embedding with theta' = theta^(r/d), so a
+    converted model exports as native `deepseek_v3` with that rope_theta.
+    """
+    head_dim = cos.shape[-1]
+    if rope_dim > head_dim:
+        raise ValueError(f"qk_rope_head_dim={rope_dim} exceeds the teacher head_dim={head_dim}")
+    half_c, half_s = cos[..., : rope_dim // 2], sin[..., : rope_dim // 2]
+    return torch.cat((half_c, half_c), dim=-1), torch.cat((half_s, half_s), dim=-1)
+
+
+def rope_dims(head_dim: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher head dims feeding the MLA rotary part (in MLA's order) and the rest (the nope part)."""
+    kept = torch.arange(rope_dim // 2)
+    rope = torch.cat([kept, kept + head_dim // 2])
+    mask = torch.ones(head_dim, dtype=torch.bool)
+    mask[rope] = False
+    return rope, mask.nonzero().squeeze(-1)

@@ -1,0 +1,82 @@
+"""Command-line entry point: `ascend-edit [SUBCOMMAND] [hydra overrides...]`.
+
+Subcommands pick the task; everything after them is plain Hydra (overrides, `--cfg job`, `-m`
+multirun, `--help`). With no subcommand the full conversion runs:
+
+    ascend-edit                                   # convert the embedded default (SmolLM2 -> MLA)
+    ascend-edit inspect model=qwen3_tiny target=gate_swa
+    ascend-edit export export.checkpoint=runs/...  # HF checkpoint of a converted model
+    ascend-edit bench_kv model=qwen3_8b_shape
+    ascend-edit ablation
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ascend_edit.config import ConfigError, register_configs, to_typed
+
+log = logging.getLogger("ascend_edit")
+
+# subcommand -> module in ascend_edit.tasks with a `run(cfg: RootConfig) -> dict` function
+TASKS = {
+    "convert": "convert",
+    "inspect": "inspect",
+    "export": "export",
+    "bench_kv": "bench_kv",
+    "ablation": "ablation",
+}
+SUBCOMMAND_ALIASES = {"train": "convert", "bench-kv": "bench_kv"}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; reported as one line, no traceback."""
+
+
+def run_task(cfg: DictConfig) -> dict:
+    typed = to_typed(cfg)
+    module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
+    return module.run(typed)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> dict | None:
+    from ascend_edit.device import DeviceUnavailableError
+
+    try:
+        return run_task(cfg)
+    except (UserError, ConfigError, DeviceUnavailableError, FileNotFoundError) as err:
+        # Raised inside Hydra's job runner, which would print a traceback for an Exception;
+        # SystemExit passes through it, so the user sees one line naming the problem.
+        print(f"ascend-edit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _split_subcommand(argv: list[str]) -> list[str]:
+    """Turn `ascend-edit inspect a=b` into Hydra's `task=inspect a=b`."""
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        name = SUBCOMMAND_ALIASES.get(argv[0], argv[0])
+        if name not in TASKS:
+            raise UserError(f"unknown subcommand '{argv[0]}'; choose one of {sorted(TASKS)}")
+        return [f"task={name}", *argv[1:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        sys.argv = [sys.argv[0], *_split_subcommand(argv)]
+    except UserError as err:
+        print(f"ascend-edit: error: {err}", file=sys.stderr)
+        return 2
+    register_configs()
+    _hydra_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The device layer: the one place that decides npu / cuda / cpu and imports torch_npu.
+
+Everything device-specific that the rest of the package needs — the torch device, the
+collective backend, the autocast dtype, synchronisation, memory statistics, seeding — is
+answered here, so model and training code never branch on the device type themselves.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEVICE_TYPES = ("auto", "npu", "cuda", "cpu")
+BACKEND_BY_DEVICE = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The configured device cannot be used on this machine."""
+
+
+def _import_torch_npu() -> ModuleType | None:
+    """Import torch_npu if it is installed and usable; None otherwise.
+
+    torch_npu registers the `npu` device with torch on import. It fails to import without the
+    CANN runtime (libhccl.so and friends), which is why it is never a hard dependency.
+    """
+    try:
+        return importlib.import_module("torch_npu")
+    except Exception as err:  # ImportError, or OSError from a missing CANN library
+        log.debug("torch_npu not usable: %s", err)
+        return None
+
+
+def npu_available() -> bool:
+    torch_npu = _import_torch_npu()
+    if torch_npu is None:
+        return False
+    npu = getattr(torch, "npu", None) or getattr(torch_npu, "npu", None)
+    try:
+        return bool(npu is not None and npu.is_available())
+    except Exception:  # a driver problem is "not available", not a crash
+        return False
+
+
+def detect_device_type() -> str:
+    """Pick the best accelerator present: npu > cuda > cpu."""
+    if npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the rest of the package needs to know about the device it runs on."""
+
+    type: str  # "npu" | "cuda" | "cpu"
+    index: int
+    dist_backend: str  # "hccl" | "nccl" | "gloo"
+    autocast_dtype: torch.dtype
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.type != "cpu" else torch.device("cpu")
+
+    @property
+    def name(self) -> str:
+        if self.type == "cpu":
+            return "cpu"
+        return str(_device_module(self.type).get_device_name(self.index))
+
+
+def _device_module(device_type: str):
+    """torch.cuda or torch.npu: both expose the same synchronize / memory-stat API."""
+    if device_type == "cpu":
+        return None
+    module = getattr(torch, device_type, None)
+    if module is None:
+        raise DeviceUnavailableError(f"torch has no '{device_type}' module (is torch_npu imported?)")
+    return module
+
+
+def resolve_device(requested: str = "auto", *, local_rank: int = 0, dtype: str = "auto") -> DeviceInfo:
+    """Turn the configured device name into a usable device, or fail with a one-line reason.
+
+    `local_rank` selects the card of this process (one process per card, as every launcher does).
+    `dtype` is the autocast / training precision ("auto": bf16 on accelerators, fp32 on CPU); fp16 is
+    refused on CPU because its matmuls are very slow there.
+    """
+    if requested not in DEVICE_TYPES:
+        raise ValueError(f"device must be one of {DEVICE_TYPES}, got '{requested}'")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {('auto', *DTYPES)}, got '{dtype}'")
+    device_type = detect_device_type() if requested == "auto" else requested
+    if dtype == "auto":
+        # bf16 halves memory and runs on tensor/cube units; most CPUs have no fast bf16 matmul.
+        dtype = "fp32" if device_type == "cpu" else "bf16"
+
+    if device_type == "npu":
+        if _import_torch_npu() is None:
+            raise DeviceUnavailableError(
+                "device=npu needs torch_npu and the Ascend CANN toolkit: install with "
+                "`pip install ascend_edit[npu]` on a machine with CANN and `source set_env.sh`"
+            )
+        if not npu_available():
+            raise DeviceUnavailableError("device=npu: torch_npu is installed but reports no NPU")
+    elif device_type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("device=cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    elif device_type == "cpu" and dtype == "fp16":
+        raise ValueError("dtype=fp16 is not supported on CPU; use bf16 or fp32")
+
+    index = 0
+    if device_type != "cpu":
+        count = _device_module(device_type).device_count()
+        if local_rank >= count:
+            raise DeviceUnavailableError(
+                f"local rank {local_rank} has no {device_type} card: only {count} visible"
+            )
+        index = local_rank
+        _device_module(device_type).set_device(index)
+    info = DeviceInfo(device_type, index, BACKEND_BY_DEVICE[device_type], DTYPES[dtype])
+    log.info("device: %s:%d, backend %s, dtype %s", info.type, info.index, info.dist_backend, dtype)
+    return info
+
+
+def synchronize(info: DeviceInfo) -> None:
+    module = _device_module(info.type)
+    if module is not None:
+        module.synchronize(info.index)
+
+
+def reset_peak_memory(info: DeviceInfo) -> None:
+    module = _device_module(info.type)
+    if module is not None:
+        module.reset_peak_memory_stats(info.index)
+
+
+def memory_stats(info: DeviceInfo) -> dict[str, float]:
+    """Allocated / peak / reserved memory in GiB; host RSS for the CPU."""
+    gib = 1024**3
+    module = _device_module(info.type)
+    if module is None:
+        import resource
+
+        # ru_maxrss is KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib
+        return {"allocated_gib": float("nan"), "peak_gib": peak, "reserved_gib": float("nan")}
+    return {
+        "allocated_gib": module.memory_allocated(info.index) / gib,
+        "peak_gib": module.max_memory_allocated(info.index) / gib,
+        "reserved_gib": module.memory_reserved(info.index) / gib,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device: torch.manual_seed covers cuda and npu)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG this package draws from, for checkpoints; restored by `set_rng_state`."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

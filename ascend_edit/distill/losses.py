@@ -1,0 +1,557 @@
+"""Stateless distillation losses: model-level KD from final hidden states, feature and activation matching.
+
+The model-level KD loss never materialises the full ``[tokens, vocab]`` logits (Qwen3's vocabulary has
+151,936 entries: 4,096 tokens of fp32 logits are 2.3 GiB per tensor, and plain autograd keeps several).
+:func:`kd_logits_loss` walks the tokens in chunks. For each chunk it computes the student's and the
+teacher's logits, the chunk's loss, and the loss's gradient with respect to the student logits in closed
+form; it turns that gradient at once into the gradient with respect to the student hidden states
+(``g @ W``) and, when the lm_head trains, accumulates the gradient of the lm_head weight (``g^T @ h``).
+Only those two gradients outlive the chunk, so backward is a multiplication by ``grad_output`` and the
+extra peak memory is about three fp32 ``[chunk, vocab]`` tensors (four for JSD).
+
+Gradients of the per-token losses, with ``a = z_s / T`` the student logits over temperature ``T``,
+``q = softmax(a)`` the student and ``p = softmax(z_t / T)`` the (constant) teacher distribution:
+
+* forward KL, ``KL(p || q) = sum p (log p - log q)``:  ``dKL/da = q - p``.
+* reverse KL, ``KL(q || p) = sum q (log q - log p)``:  with ``r = log q - log p``,
+  ``dKL/da = q * (r - KL(q || p))``  (softmax Jacobian ``dq_i/da_j = q_i (delta_ij - q_j)``; the
+  ``+1`` from differentiating ``q log q`` cancels because ``sum dq = 0``).
+* JSD (beta = 1/2), ``0.5 KL(p || m) + 0.5 KL(q || m)`` with ``m = (p + q) / 2``: the loss equals
+  ``0.5 sum p log p + 0.5 sum q log q - sum m log m``, whose derivative in ``q`` is
+  ``0.5 (log q - log m)``; through the softmax Jacobian, with ``s = log q - log m``,
+  ``dJSD/da = 0.5 * q * (s - KL(q || m))``.
+
+The chain rule through ``a = z_s / T`` adds a factor ``1/T``, and the loss is scaled by ``T**2`` (Hinton
+et al.'s scaling, which keeps the gradient magnitude independent of the temperature) and divided by
+the number of counted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+KDKind = Literal["forward", "reverse", "jsd"]
+ActivationLossKind = Literal["mse", "nmse", "cosine"]
+
+KD_KINDS: tuple[str, ...] = ("forward", "reverse", "jsd")
+ACTIVATION_LOSS_KINDS: tuple[str, ...] = ("mse", "nmse", "cosine")
+
+# Measured on an H100 (benchmarks/kd_loss.py, vocab 151,936, hidden 2,048, 4,096 bf16 tokens): the
+# chunk size that keeps the extra peak memory well under 15% of plain autograd's without losing speed.
+DEFAULT_CHUNK_SIZE = 512
+
+_LOG_2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-chunk KD math. Each function takes the student and teacher log-probabilities of one chunk
+# ([rows, K] in the compute dtype), returns the chunk's summed loss, and writes d(loss)/d(a) divided by
+# the kind's `_GRAD_FACTOR` into `grad_out` (any float dtype; the write casts). The inputs are consumed:
+# they are overwritten in place so that a chunk never holds more than three or four [rows, K] tensors.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _forward_kl_chunk(log_q: Tensor, log_p: Tensor, grad_out: Tensor | None) -> Tensor:
+    p = log_p.exp()
+    log_p.sub_(log_q).mul_(p)  # log_p now holds p * (log p - log q)
+    loss = log_p.sum()
+    del log_p
+    if grad_out is not None:
+        torch.sub(log_q.exp_(), p, out=grad_out)  # q - p
+    return loss
+
+
+def _reverse_kl_chunk(log_q: Tensor, log_p: Tensor, grad_out: Tensor | None) -> Tensor:
+    q = log_q.exp()
+    ratio = log_q.sub_(log_p)  # r = log q - log p
+    kl_terms = torch.mul(q, ratio, out=log_p)  # reuse log_p's memory for q * r
+    kl_rows = kl_terms.sum(dim=-1, keepdim=True)
+    del kl_terms, log_p
+    if grad_out is not None:
+        torch.mul(q, ratio.sub_(kl_rows), out=grad_out)  # q * (r - KL)
+    return kl_rows.sum()
+
+
+def _jsd_chunk(log_q: Tensor, log_p: Tensor, grad_out: Tensor | None) -> Tensor:
+    # log m = log((p + q) / 2), computed from the log-probabilities so that tiny probabilities stay exact.
+    log_m = torch.logaddexp(log_p, log_q).sub_(_LOG_2)
+    p = log_p.exp()
+    teacher_terms = log_p.sub_(log_m).mul_(p)  # p * (log p - log m)
+    loss = teacher_terms.sum()
+    del p
+    q = torch.exp(log_q, out=teacher_terms)  # teacher terms are summed; reuse their memory for q
+    shift = log_q.sub_(log_m)  # s = log q - log m
+    student_terms = torch.mul(q, shift, out=log_m)  # reuse log m's memory for q * s
+    kl_qm_rows = student_terms.sum(dim=-1, keepdim=True)
+    del student_terms, log_m
+    if grad_out is not None:
+        torch.mul(q, shift.sub_(kl_qm_rows), out=grad_out)  # q * (s - KL(q||m)); the 0.5 is the grad factor
+    return 0.5 * (loss + kl_qm_rows.sum())
+
+
+_KD_CHUNK_FNS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
+    "forward": _forward_kl_chunk,
+    "reverse": _reverse_kl_chunk,
+    "jsd": _jsd_chunk,
+}
+# The chunk functions leave constant factors of the gradient out, so that they need no extra pass.
+_GRAD_FACTOR: dict[str, float] = {"forward": 1.0, "reverse": 1.0, "jsd": 0.5}
+
+
+def _scaled_log_softmax(logits: Tensor, temperature: float, compute_dtype: torch.dtype) -> Tensor:
+    """``log_softmax(logits / T)`` in ``compute_dtype``. Consumes ``logits`` (may divide it in place)."""
+    if temperature == 1.0:
+        # The dtype argument upcasts inside the kernel: no separate fp32 copy of the logits.
+        return torch.log_softmax(logits, dim=-1, dtype=compute_dtype)
+    scaled = logits.to(compute_dtype).div_(temperature)
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64 (what gradcheck needs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chunked autograd.Function shared by the KD loss and the chunked cross-entropy.
+# ----------------------------------------------------------------------------------------------------
+
+
+class _ChunkObjective:
+    """One loss evaluated chunk by chunk on student logits ``hidden @ weight.T``.
+
+    ``__call__(rows, student_logits, need_grad)`` returns the chunk's summed (unscaled) loss and
+    ``G`` such that ``d(loss_sum) / d(student_logits) = grad_factor * G`` (``None`` if not needed),
+    in the logits' dtype. It owns ``student_logits`` and may overwrite it.
+    """
+
+    grad_factor: float = 1.0
+
+    def __call__(self, rows: slice, student_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """``loss_scale * sum_chunks objective(hidden[chunk] @ weight.T)`` with gradients computed in forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,  # [N, H], rows that count
+        weight: Tensor,  # [V, H]
+        objective: _ChunkObjective,
+        loss_scale: float,
+        chunk_size: int,
+        need_grad_hidden: bool,
+        need_grad_weight: bool,
+    ) -> Tensor:
+        compute_dtype = _compute_dtype(weight.dtype)
+        grad_scale = loss_scale * objective.grad_factor
+        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_grad_weight else None
+        need_grad = need_grad_hidden or need_grad_weight
+        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        # Inputs are validated to share one dtype; autocast would re-cast the products and cannot write
+        # into preallocated outputs.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+                chunk_hidden = hidden[rows]
+                loss_sum, grad_logits = objective(rows, chunk_hidden @ weight.T, need_grad)
+                total += loss_sum
+                if grad_logits is None:
+                    continue
+                if grad_hidden is not None:
+                    # alpha scales inside the GEMM epilogue (fp32), so bf16 gradients are rounded once.
+                    rows_grad = grad_hidden[rows]
+                    torch.addmm(rows_grad, grad_logits, weight, beta=0, alpha=grad_scale, out=rows_grad)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, chunk_hidden, alpha=grad_scale)
+                del grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total * loss_scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_output.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+@dataclass
+class _KDObjective(_ChunkObjective):
+    teacher_hidden: Tensor  # [N, H_t], no grad
+    teacher_weight: Tensor  # [V, H_t], no grad
+    kind: str
+    temperature: float
+    top_k: int | None
+
+    @property
+    def grad_factor(self) -> float:  # type: ignore[override]
+        # d/dz_s = d/da / T, a = z_s / T
+        return _GRAD_FACTOR[self.kind] / self.temperature
+
+    def __call__(self, rows: slice, student_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        logits_dtype = student_logits.dtype
+        compute_dtype = _compute_dtype(logits_dtype)
+        chunk_fn = _KD_CHUNK_FNS[self.kind]
+        if self.top_k is None:
+            # Student first, so its raw logits are freed before the teacher's exist.
+            log_q = _scaled_log_softmax(student_logits, self.temperature, compute_dtype)
+            del student_logits
+            teacher_logits = self.teacher_hidden[rows] @ self.teacher_weight.T
+            log_p = _scaled_log_softmax(teacher_logits, self.temperature, compute_dtype)
+            del teacher_logits
+            grad = torch.empty(log_q.shape, dtype=logits_dtype, device=log_q.device) if need_grad else None
+            return chunk_fn(log_q, log_p, grad), grad
+        # Top-k: both distributions live on the teacher's k most likely tokens, each renormalised there.
+        teacher_logits = self.teacher_hidden[rows] @ self.teacher_weight.T
+        top_idx = teacher_logits.topk(self.top_k, dim=-1).indices  # [rows, k]
+        log_p = _scaled_log_softmax(teacher_logits.gather(-1, top_idx), self.temperature, compute_dtype)
+        del teacher_logits
+        log_q = _scaled_log_softmax(student_logits.gather(-1, top_idx), self.temperature, compute_dtype)
+        grad_top = torch.empty_like(log_q) if need_grad else None
+        loss = chunk_fn(log_q, log_p, grad_top)
+        if grad_top is None:
+            return loss, None
+        # The student logits are no longer needed: their memory takes the dense (mostly zero) gradient.
+        grad = student_logits.zero_().scatter_(-1, top_idx, grad_top.to(student_logits.dtype))
+        return loss, grad
+
+
+@dataclass
+class _CrossEntropyObjective(_ChunkObjective):
+    labels: Tensor  # [N] int64, all counted
+
+    def __call__(self, rows: slice, student_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        labels = self.labels[rows].unsqueeze(-1)
+        log_q = torch.log_softmax(student_logits, dim=-1, dtype=_compute_dtype(student_logits.dtype))
+        loss = -log_q.gather(-1, labels).sum()
+        if not need_grad:
+            return loss, None
+        grad = log_q.exp_()  # softmax
+        grad.scatter_add_(-1, labels, torch.full(labels.shape, -1.0, dtype=grad.dtype, device=grad.device))
+        return loss, student_logits.copy_(grad)  # softmax - onehot, cast into the logits' memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation shared by the chunked and the naive implementations.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _KDRows:
+    student: Tensor  # [n, H] counted rows
+    teacher: Tensor  # [n, H_t] counted rows, detached
+    weight: Tensor  # [V, H]
+    teacher_weight: Tensor  # [V, H_t], detached
+
+
+def _check_kd_options(kind: str, temperature: float, top_k: int | None, chunk_size: int, vocab: int) -> None:
+    if kind not in KD_KINDS:
+        raise ValueError(f"unknown KD kind {kind!r}; expected one of {KD_KINDS}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
+        raise ValueError(f"top_k must be None or an int in [1, vocab={vocab}], got {top_k!r}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _flatten_counted_rows(mask: Tensor | None, lead_shape: torch.Size, *tensors: Tensor) -> list[Tensor]:
+    """Flatten ``[..., D]`` tensors to ``[tokens, D]`` and keep the rows where ``mask`` is True."""
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    if mask is None:
+        return flat
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = token counts), got dtype {mask.dtype}")
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the token shape {tuple(lead_shape)}")
+    keep = mask.reshape(-1).to(flat[0].device)
+    return [t[keep] for t in flat]
+
+
+def _prepare_kd_rows(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    lm_head_weight: Tensor,
+    teacher_lm_head_weight: Tensor | None,
+    mask: Tensor | None,
+) -> _KDRows:
+    teacher_weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
+    if lm_head_weight.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError(
+            f"lm_head weights must be [vocab, hidden], got student {tuple(lm_head_weight.shape)} "
+            f"and teacher {tuple(teacher_weight.shape)}"
+        )
+    if lm_head_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"student and teacher vocabularies differ: {lm_head_weight.shape[0]} vs {teacher_weight.shape[0]}"
+        )
+    if student_hidden.dim() < 2 or student_hidden.shape[-1] != lm_head_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} must be [..., hidden] with hidden = "
+            f"lm_head_weight.shape[1] = {lm_head_weight.shape[1]}"
+        )
+    if teacher_hidden.dim() < 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} must be [..., hidden] with hidden = "
+            f"teacher lm_head weight.shape[1] = {teacher_weight.shape[1]}"
+        )
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student and teacher token shapes differ: {tuple(student_hidden.shape[:-1])} vs "
+            f"{tuple(teacher_hidden.shape[:-1])}"
+        )
+    if student_hidden.dtype != lm_head_weight.dtype or teacher_hidden.dtype != teacher_weight.dtype:
+        raise ValueError(
+            "hidden states and their lm_head weight must share a dtype: student "
+            f"{student_hidden.dtype}/{lm_head_weight.dtype}, teacher {teacher_hidden.dtype}/{teacher_weight.dtype}"
+        )
+    student, teacher = _flatten_counted_rows(
+        mask, student_hidden.shape[:-1], student_hidden, teacher_hidden.detach()
+    )
+    return _KDRows(student, teacher, lm_head_weight, teacher_weight.detach())
+
+
+def _zero_loss(hidden: Tensor, weight: Tensor) -> Tensor:
+    """A zero that stays on the graph (all tokens masked): backward gives zero gradients, not an error."""
+    return (hidden.sum() + weight.sum()).to(_compute_dtype(weight.dtype)) * 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+
+def kd_logits_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    kind: KDKind = "forward",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mask: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+) -> Tensor:
+    """Model-level KD loss from final hidden states, chunked over tokens (no full logits in memory).
+
+    Args:
+        student_hidden: ``[..., H]`` final (post-norm) student hidden states; may require grad.
+        teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape; treated as a constant.
+        lm_head_weight: ``[V, H]`` student lm_head weight (no bias, as in Qwen/Llama). Its gradient is
+            computed only if it requires grad; with bf16 weights it is accumulated across chunks in bf16
+            (one rounding per chunk). Under ZeRO-3 pass the gathered weight.
+        kind: ``"forward"`` = KL(teacher || student), ``"reverse"`` = KL(student || teacher),
+            ``"jsd"`` = Jensen-Shannon divergence with beta = 1/2.
+        temperature: both logits are divided by it; the loss is multiplied by ``temperature**2``
+            (Hinton scaling: keeps gradient magnitudes comparable across temperatures).
+        top_k: if set, both distributions are restricted to the teacher's ``top_k`` most likely tokens
+            per position (chosen on the raw teacher logits) and each is renormalised over those tokens
+            with a softmax of the gathered logits; student logits outside them get zero gradient.
+        chunk_size: tokens per chunk; the extra memory is about 3 (JSD: 4) fp32 ``[chunk_size, V]`` tensors.
+        mask: bool tensor of the leading shape; True = the token counts. ``None`` counts all tokens.
+        teacher_lm_head_weight: ``[V, H_t]`` teacher lm_head; defaults to ``lm_head_weight`` (shared head).
+            The teacher side never receives gradient, even when it shares the student's weight.
+
+    Returns:
+        fp32 scalar (fp64 for fp64 inputs): the mean over counted tokens of the per-token divergence,
+        times ``temperature**2``. Logits are products in the input dtype; softmaxes, divergences and
+        gradients are computed in fp32 per chunk. With no counted token the loss is a graph-connected 0.
+    """
+    rows = _prepare_kd_rows(student_hidden, teacher_hidden, lm_head_weight, teacher_lm_head_weight, mask)
+    _check_kd_options(kind, temperature, top_k, chunk_size, vocab=lm_head_weight.shape[0])
+    n_tokens = rows.student.shape[0]
+    if n_tokens == 0:
+        return _zero_loss(rows.student, rows.weight)
+    objective = _KDObjective(rows.teacher, rows.teacher_weight, kind, float(temperature), top_k)
+    grad_enabled = torch.is_grad_enabled()
+    return _ChunkedLMHeadLoss.apply(
+        rows.student,
+        rows.weight,
+        objective,
+        float(temperature) ** 2 / n_tokens,
+        chunk_size,
+        grad_enabled and rows.student.requires_grad,
+        grad_enabled and rows.weight.requires_grad,
+    )
+
+
+def kd_logits_loss_naive(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    kind: KDKind = "forward",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mask: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+) -> Tensor:
+    """Same loss as :func:`kd_logits_loss` with plain autograd over the full logits.
+
+    The reference for tests and the benchmark baseline; ``chunk_size`` is accepted and ignored so that
+    both functions can be swapped. Memory grows as several fp32 ``[tokens, V]`` tensors.
+    """
+    rows = _prepare_kd_rows(student_hidden, teacher_hidden, lm_head_weight, teacher_lm_head_weight, mask)
+    _check_kd_options(kind, temperature, top_k, chunk_size, vocab=lm_head_weight.shape[0])
+    n_tokens = rows.student.shape[0]
+    if n_tokens == 0:
+        return _zero_loss(rows.student, rows.weight)
+    compute_dtype = _compute_dtype(lm_head_weight.dtype)
+    student_logits = (rows.student @ rows.weight.T).to(compute_dtype) / temperature
+    with torch.no_grad():
+        teacher_logits_raw = rows.teacher @ rows.teacher_weight.T
+        top_idx = teacher_logits_raw.topk(top_k, dim=-1).indices if top_k is not None else None
+        teacher_logits = teacher_logits_raw.to(compute_dtype) / temperature
+    if top_idx is not None:
+        student_logits = student_logits.gather(-1, top_idx)
+        teacher_logits = teacher_logits.gather(-1, top_idx)
+    log_q = torch.log_softmax(student_logits, dim=-1)
+    log_p = torch.log_softmax(teacher_logits, dim=-1)
+    # F.kl_div(input=log b, target=log a, log_target=True) is the elementwise a * (log a - log b).
+    if kind == "forward":
+        per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    elif kind == "reverse":
+        per_token = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p, log_q) - _LOG_2
+        per_token = 0.5 * (
+            F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+            + F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+        )
+    return per_token.mean() * temperature**2
+
+
+def ce_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Cross-entropy on the data from hidden states and the lm_head, chunked like :func:`kd_logits_loss`.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states.
+        lm_head_weight: ``[V, H]``; its gradient is computed only if it requires grad.
+        labels: int tensor of the leading shape, already aligned with ``hidden`` (shift outside:
+            ``labels[t]`` is the token that follows position ``t``); ``ignore_index`` marks skipped positions.
+
+    Returns:
+        fp32 scalar: mean negative log-likelihood over the labelled positions (as
+        ``F.cross_entropy(..., ignore_index=ignore_index)``); a graph-connected 0 if none is labelled.
+    """
+    if lm_head_weight.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [..., H] and lm_head_weight {tuple(lm_head_weight.shape)} [V, H]"
+        )
+    if hidden.dtype != lm_head_weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and lm_head_weight ({lm_head_weight.dtype}) dtypes differ")
+    if labels.shape != hidden.shape[:-1] or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be an integer tensor of shape {tuple(hidden.shape[:-1])}, "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    counted = labels != ignore_index
+    (rows,) = _flatten_counted_rows(counted, hidden.shape[:-1], hidden)
+    flat_labels = labels.reshape(-1)[counted.reshape(-1)].long().to(hidden.device)
+    if rows.shape[0] == 0:
+        return _zero_loss(rows, lm_head_weight)
+    vocab = lm_head_weight.shape[0]
+    if bool(((flat_labels < 0) | (flat_labels >= vocab)).any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    grad_enabled = torch.is_grad_enabled()
+    return _ChunkedLMHeadLoss.apply(
+        rows,
+        lm_head_weight,
+        _CrossEntropyObjective(flat_labels),
+        1.0 / rows.shape[0],
+        chunk_size,
+        grad_enabled and rows.requires_grad,
+        grad_enabled and lm_head_weight.requires_grad,
+    )
+
+
+def _masked_token_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of a ``[...]`` per-token tensor over tokens where ``mask`` is True."""
+    if mask is None:
+        return per_token.mean()
+    if mask.dtype != torch.bool or mask.shape != per_token.shape:
+        raise ValueError(
+            f"mask must be a bool tensor of the token shape {tuple(per_token.shape)}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    mask = mask.to(per_token.device)
+    # Dividing by max(count, 1) keeps an all-masked batch at a graph-connected 0 instead of NaN.
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def feature_cosine_loss(
+    student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], mask: Tensor | None = None
+) -> Tensor:
+    """Weak feature matching: mean over layers of the token-mean of ``1 - cos(student, teacher)``.
+
+    Each pair is ``[..., H]``; cosine is taken over ``H`` in fp32; teacher states are constants.
+    ``mask`` (bool, the leading shape; True = counts) selects tokens. Range [0, 2].
+    """
+    if len(student_states) != len(teacher_states):
+        raise ValueError(f"got {len(student_states)} student states but {len(teacher_states)} teacher states")
+    if len(student_states) == 0:
+        raise ValueError("feature_cosine_loss needs at least one layer's states")
+    per_layer = []
+    for layer, (student, teacher) in enumerate(zip(student_states, teacher_states)):
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"layer {layer}: student state {tuple(student.shape)} and teacher state "
+                f"{tuple(teacher.shape)} differ in shape"
+            )
+        cosine = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1)
+        per_layer.append(_masked_token_mean(1.0 - cosine, mask))
+    return torch.stack(per_layer).mean()
+
+
+def activation_loss(
+    pred: Tensor, target: Tensor, kind: ActivationLossKind = "mse", mask: Tensor | None = None
+) -> Tensor:
+    """Stage-1 activation matching of one layer's output ``pred`` against the teacher's ``target``.
+
+    Computed in fp32; ``target`` is a constant. ``mask`` (bool, ``pred.shape[:-1]``) selects tokens.
+
+    * ``"mse"``: mean over counted tokens and features of ``(pred - target)**2``.
+    * ``"nmse"``: that MSE divided by the mean of ``target**2`` over the same elements — scale-free, so
+      layers with large activations do not dominate a sum over layers (call it once per layer).
+    * ``"cosine"``: token-mean of ``1 - cos(pred, target)`` over the feature dim.
+    """
+    if kind not in ACTIVATION_LOSS_KINDS:
+        raise ValueError(f"unknown activation loss kind {kind!r}; expected one of {ACTIVATION_LOSS_KINDS}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.dim() < 1:
+        raise ValueError("activation_loss needs tensors with a feature dimension")
+    pred32, target32 = pred.float(), target.detach().float()
+    if kind == "cosine":
+        return _masked_token_mean(1.0 - F.cosine_similarity(pred32, target32, dim=-1), mask)
+    squared_error = _masked_token_mean((pred32 - target32).square().mean(-1), mask)
+    if kind == "mse":
+        return squared_error
+    target_power = _masked_token_mean(target32.square().mean(-1), mask)
+    # An all-zero target would make NMSE undefined; the floor turns it into a (huge) plain MSE instead.
+    return squared_error / target_power.clamp(min=torch.finfo(torch.float32).tiny)

@@ -1,0 +1,253 @@
+"""Model surgery: a per-layer plan turns a teacher into an edited model with learnable targets.
+
+The plan is data — one entry per decoder layer, validated against the layer count — so a hybrid
+model is a list, not branches in the model code.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ascend_edit.attention.edited import MODES, EditedAttention
+from ascend_edit.attention.gate_swa import GateSWAAttention
+from ascend_edit.attention.geometry import read_geometry
+from ascend_edit.attention.init import (
+    LayerStats,
+    init_gate_swa_from_teacher,
+    init_mla_from_teacher,
+    init_random,
+)
+from ascend_edit.attention.mla import MLAAttention
+from ascend_edit.config import TargetConfig
+
+log = logging.getLogger(__name__)
+
+LAYER_KINDS = ("keep", "identity", "mla", "swa", "full")  # swa/full: GateSWA sliding / full layers
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer_idx: int
+    kind: str  # one of LAYER_KINDS
+
+    @property
+    def converted(self) -> bool:
+        return self.kind != "keep"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise NotImplementedError(f"{type(model).__name__} has no model.layers: not a decoder-only HF model")
+    return layers
+
+
+def full_layer_choice(num_layers: int, cfg, sensitivity: list[float] | None = None) -> set[int]:
+    """Which GateSWA layers keep full attention: explicit list, every k-th, or the most sensitive."""
+    if cfg.full_layers:
+        bad = [i for i in cfg.full_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"target.gate_swa.full_layers {bad} out of range for {num_layers} layers")
+        return set(cfg.full_layers)
+    if cfg.full_every:
+        return set(range(cfg.full_every - 1, num_layers, cfg.full_every))
+    if cfg.full_by_sensitivity:
+        if sensitivity is None:
+            raise ValueError("target.gate_swa.full_by_sensitivity needs measured layer sensitivities")
+        ranked = sorted(range(num_layers), key=lambda i: -sensitivity[i])
+        return set(ranked[: cfg.full_by_sensitivity])
+    return set()
+
+
+def build_plan(num_layers: int, cfg: TargetConfig, sensitivity: list[float] | None = None) -> list[LayerPlan]:
+    convert = set(range(num_layers)) if cfg.layers is None else set(cfg.layers)
+    bad = sorted(i for i in convert if not 0 <= i < num_layers)
+    if bad:
+        raise ValueError(f"target.layers {bad} out of range: the model has {num_layers} layers")
+    full = full_layer_choice(num_layers, cfg.gate_swa, sensitivity) if cfg.kind == "gate_swa" else set()
+    plan = []
+    for i in range(num_layers):
+        if i not in convert:
+            kind = "keep"
+        elif cfg.kind == "gate_swa":
+            kind = "full" if i in full else "swa"
+        else:
+            kind = cfg.kind
+        plan.append(LayerPlan(i, kind))
+    return plan
+
+
+def validate_plan(plan: list[LayerPlan], num_layers: int) -> None:
+    if len(plan) != num_layers:
+        raise ValueError(f"plan has {len(plan)} entries for a model with {num_layers} layers")
+    for i, entry in enumerate(plan):
+        if entry.layer_idx != i or entry.kind not in LAYER_KINDS:
+            raise ValueError(f"plan entry {i} is invalid: {entry}")
+
+
+def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, model_config) -> nn.Module:
+    geometry = read_geometry(teacher_attn, model_config)
+    if entry.kind == "identity":
+        target = copy.deepcopy(teacher_attn)
+    elif entry.kind == "mla":
+        target = MLAAttention(geometry, cfg.mla, config=model_config)
+    else:
+        swa = cfg.gate_swa
+        target = GateSWAAttention(
+            geometry,
+            window=swa.window if entry.kind == "swa" else 0,
+            sink_tokens=swa.sink_tokens,
+            gate=swa.gate,
+            config=model_config,
+            q_norm=getattr(teacher_attn, "q_norm", None),
+            k_norm=getattr(teacher_attn, "k_norm", None),
+        )
+    ref = teacher_attn.q_proj.weight
+    return target.to(device=ref.device, dtype=ref.dtype)
+
+
+def initialise_target(target: nn.Module, entry: LayerPlan, teacher_attn: nn.Module, init: str,
+                      model_config, stats: LayerStats | None) -> dict:
+    if entry.kind == "identity":
+        return {}
+    if init == "random":
+        init_random(target)
+        return {}
+    if entry.kind == "mla":
+        return init_mla_from_teacher(target, teacher_attn, read_geometry(teacher_attn, model_config), stats)
+    init_gate_swa_from_teacher(target, teacher_attn)
+    return {}
+
+
+def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
+               stats: dict[int, LayerStats] | None = None) -> nn.Module:
+    """Wrap every converted layer's attention in an EditedAttention (in place); returns the model."""
+    layers = decoder_layers(model)
+    validate_plan(plan, len(layers))
+    for entry, layer in zip(plan, layers):
+        if not entry.converted:
+            continue
+        teacher_attn = layer.self_attn
+        if isinstance(teacher_attn, EditedAttention):
+            raise ValueError(f"layer {entry.layer_idx} is already edited")
+        target = make_target(entry, teacher_attn, cfg, model.config)
+        info = initialise_target(target, entry, teacher_attn, cfg.init, model.config,
+                                 (stats or {}).get(entry.layer_idx))
+        if info:
+            log.debug("layer %d init: %s", entry.layer_idx, info)
+        layer.self_attn = EditedAttention(teacher_attn, target, entry.layer_idx)
+    model.edit_plan = plan  # kept on the model for accounting and export
+    set_mode(model, "student")
+    return model
+
+
+def edited_attentions(model: nn.Module) -> list[EditedAttention]:
+    return [m for m in model.modules() if isinstance(m, EditedAttention)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    for module in edited_attentions(model):
+        module.mode = mode
+        module.pair = None
+
+
+TRAINABLE_POLICIES = ("target", "target+norms", "all")
+
+
+def set_trainable(model: nn.Module, policy: str) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze by policy. Teacher attentions always stay frozen."""
+    if policy not in TRAINABLE_POLICIES:
+        raise ValueError(f"trainable={policy!r} is not one of {TRAINABLE_POLICIES}")
+    model.requires_grad_(False)
+    for module in edited_attentions(model):
+        module.target.requires_grad_(True)
+    if policy == "target+norms":
+        for name, module in model.named_modules():
+            if "norm" in type(module).__name__.lower() and ".teacher" not in name:
+                module.requires_grad_(True)
+    elif policy == "all":
+        for name, param in model.named_parameters():
+            if ".teacher." not in name:
+                param.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable / frozen teacher-attention / shared (everything else) parameter counts."""
+    counts = {"target": 0, "teacher_attention": 0, "shared": 0, "trainable": 0}
+    for name, param in model.named_parameters():
+        if ".teacher." in name:
+            counts["teacher_attention"] += param.numel()
+        elif ".target." in name:
+            counts["target"] += param.numel()
+        else:
+            counts["shared"] += param.numel()
+        if param.requires_grad:
+            counts["trainable"] += param.numel()
+    return counts
+
+
+@torch.no_grad()
+def collect_layer_stats(model: nn.Module, batches: Iterable[dict], layers: Iterable[int] | None = None
+                        ) -> dict[int, LayerStats]:
+    """Input covariance (and Qwen3 q/k RMS) of each teacher attention on real batches.
+
+    Forward pre-hooks read the attention inputs; only statistics are kept, never activations.
+    """
+    all_layers = decoder_layers(model)
+    wanted = set(range(len(all_layers))) if layers is None else set(layers)
+    sums: dict[int, dict] = {}
+    handles = []
+
+    def hook_for(idx: int, attn: nn.Module):
+        def hook(module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            acc = sums.setdefault(idx, {"cov": 0.0, "n": 0, "q": 0.0, "k": 0.0})
+            acc["cov"] = acc["cov"] + x.T @ x
+            acc["n"] += x.shape[0]
+            if getattr(attn, "q_norm", None) is not None:
+                d = attn.head_dim
+                q = attn.q_proj(x.to(attn.q_proj.weight.dtype)).view(x.shape[0], -1, d).double()
+                k = attn.k_proj(x.to(attn.k_proj.weight.dtype)).view(x.shape[0], -1, d).double()
+                acc["q"] += q.pow(2).mean(-1).sqrt().sum() / q.shape[1]
+                acc["k"] += k.pow(2).mean(-1).sqrt().sum() / k.shape[1]
+
+        return hook
+
+    for idx, layer in enumerate(all_layers):
+        attn = layer.self_attn
+        attn = attn.teacher if isinstance(attn, EditedAttention) else attn
+        if idx in wanted:
+            handles.append(attn.register_forward_pre_hook(hook_for(idx, attn), with_kwargs=True))
+    try:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"))
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for idx, acc in sums.items():
+        n = max(acc["n"], 1)
+        stats[idx] = LayerStats(
+            input_cov=acc["cov"] / n,
+            q_rms=float(acc["q"] / n) if acc["q"] else 1.0,
+            k_rms=float(acc["k"] / n) if acc["k"] else 1.0,
+            tokens=acc["n"],
+        )
+    return stats
+
+
+def unwrap_targets(model: nn.Module) -> nn.Module:
+    """Replace each EditedAttention by its target (drops teacher attentions; for export)."""
+    for layer in decoder_layers(model):
+        if isinstance(layer.self_attn, EditedAttention):
+            layer.self_attn = layer.self_attn.target
+    return model

@@ -1,0 +1,113 @@
+# shellcheck shell=bash
+# Helpers shared by the launch/ wrappers (sourced, not run): device environment, one Hydra
+# output dir per run, and printing the exact command before running it (or only printing it).
+#
+# Knobs read from the environment:
+#   DEVICE=npu|cuda|cpu   accelerator family (default: npu if npu-smi exists, else cuda if
+#                         nvidia-smi exists, else cpu)
+#   VISIBLE_DEVICES=0,1   devices to use; mapped to ASCEND_RT_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES
+#   NPROC                 processes per node (default: number of VISIBLE_DEVICES, else 1)
+#   RUN_DIR               Hydra output dir shared by all ranks (default: outputs/<date>/<time>)
+#   DRY_RUN=1             print the command only (same as passing --dry-run first)
+
+LAUNCH_ENV=()         # KEY=VALUE pairs the command runs with; printed in front of it
+HYDRA_RUN_DIR_ARG=()  # hydra.run.dir=... unless the user passed one
+
+launch_die() {
+  echo "launch: $*" >&2
+  exit 2
+}
+
+launch_detect_device() {
+  if command -v npu-smi >/dev/null 2>&1; then
+    echo npu
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    echo cuda
+  else
+    echo cpu
+  fi
+}
+
+launch_check_count() {  # NAME VALUE: a positive integer or die
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] || launch_die "$1 must be a positive integer, got '$2'"
+}
+
+launch_default_nproc() {
+  if [[ -n "${VISIBLE_DEVICES:-}" ]]; then
+    local -a ids
+    IFS=, read -r -a ids <<<"$VISIBLE_DEVICES"
+    echo "${#ids[@]}"
+  else
+    echo 1
+  fi
+}
+
+# Communication defaults per device; a value the user already exported wins.
+launch_device_env() {
+  case "$DEVICE" in
+    npu)
+      # HCCL socket set-up timeout, s (CANN range 120-7200, default 120): loading a large
+      # teacher on every rank before the first collective easily takes longer than 120 s.
+      LAUNCH_ENV+=("HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}")
+      # HCCL wait for a peer inside a collective, s; a multiple of 68 because older CANN
+      # rounds the value down to one.
+      LAUNCH_ENV+=("HCCL_EXEC_TIMEOUT=${HCCL_EXEC_TIMEOUT:-1836}")
+      ;;
+    cuda)
+      # 3 (torch's default): a failed or timed-out collective ends the process instead of
+      # leaving the other ranks hanging. Written out so the printed command records it.
+      LAUNCH_ENV+=("TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}")
+      ;;
+    cpu) ;;
+    *) launch_die "DEVICE must be npu, cuda or cpu, got '$DEVICE'" ;;
+  esac
+}
+
+# VISIBLE_DEVICES -> the variable the device's runtime reads.
+launch_visible_devices_env() {
+  [[ -n "${VISIBLE_DEVICES:-}" ]] || return 0
+  case "$DEVICE" in
+    npu) LAUNCH_ENV+=("ASCEND_RT_VISIBLE_DEVICES=$VISIBLE_DEVICES") ;;
+    cuda) LAUNCH_ENV+=("CUDA_VISIBLE_DEVICES=$VISIBLE_DEVICES") ;;
+    cpu) launch_die "VISIBLE_DEVICES=$VISIBLE_DEVICES is set, but DEVICE=cpu has no devices to pick" ;;
+  esac
+}
+
+# Every rank must write into one Hydra output dir; left alone, each rank makes its own from
+# its own clock. RUN_DIR is computed once, here, unless the user set it or passed
+# hydra.run.dir=... among the overrides.
+launch_hydra_run_dir() {  # the user's overrides
+  local arg
+  for arg in "$@"; do
+    if [[ "$arg" == hydra.run.dir=* ]]; then
+      RUN_DIR=${arg#hydra.run.dir=}
+      return 0
+    fi
+  done
+  RUN_DIR=${RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}
+  HYDRA_RUN_DIR_ARG=("hydra.run.dir=$RUN_DIR")
+}
+
+# One word as the shell reads it: bare when safe, else single-quoted.
+launch_quote() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    local close_escape_reopen="'\\''"  # a ' inside single quotes is written '\''
+    printf "'%s'" "${1//\'/$close_escape_reopen}"
+  fi
+}
+
+# Print the command (copy-pasteable, with the environment it gets), then replace this shell
+# with it unless DRY_RUN=1.
+launch_run() {
+  local word line="+"
+  for word in "${LAUNCH_ENV[@]}" "$@"; do
+    line+=" $(launch_quote "$word")"
+  done
+  echo "$line"
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    return 0
+  fi
+  exec env "${LAUNCH_ENV[@]}" "$@"
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Launch ascend-edit under the DeepSpeed launcher (it ssh/pdsh-es to the hosts of a hostfile).
+#
+#   DEVICE=npu VISIBLE_DEVICES=0,1 launch/deepspeed.sh experiment=mla_qwen3
+#   HOSTFILE=hosts NNODES=2 NPROC=8 MASTER_ADDR=10.0.0.1 launch/deepspeed.sh experiment=...
+#
+# HOSTFILE: DeepSpeed hostfile ("host slots=N" lines); NNODES then limits it to its first N
+# hosts. Without a hostfile the job runs on this node: VISIBLE_DEVICES picks devices (passed as
+# --include localhost:<ids>, DeepSpeed then sets the visibility variable per rank itself),
+# otherwise NPROC devices. MASTER_ADDR/MASTER_PORT: rendezvous (DeepSpeed infers the address
+# when unset). Other knobs: see common.sh.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
+
+DEVICE=${DEVICE:-$(launch_detect_device)}
+NPROC=${NPROC:-$(launch_default_nproc)}
+launch_check_count NPROC "$NPROC"
+launch_device_env
+# DeepSpeed picks its accelerator by probing; naming it avoids a wrong guess (e.g. CUDA on a
+# host that has both stacks installed).
+LAUNCH_ENV+=("DS_ACCELERATOR=$DEVICE")
+
+ARGS=()
+if [[ -n "${HOSTFILE:-}" ]]; then
+  [[ -f "$HOSTFILE" ]] || launch_die "HOSTFILE=$HOSTFILE does not exist"
+  [[ -z "${VISIBLE_DEVICES:-}" ]] || launch_die "VISIBLE_DEVICES selects devices of one node; with HOSTFILE list slots in the hostfile"
+  ARGS+=(--hostfile "$HOSTFILE")
+  if [[ -n "${NNODES:-}" ]]; then
+    launch_check_count NNODES "$NNODES"
+    ARGS+=(--num_nodes "$NNODES")
+  fi
+  ARGS+=(--num_gpus "$NPROC")
+elif [[ -n "${VISIBLE_DEVICES:-}" ]]; then
+  [[ "$DEVICE" != cpu ]] || launch_die "VISIBLE_DEVICES=$VISIBLE_DEVICES is set, but DEVICE=cpu has no devices to pick"
+  ARGS+=(--include "localhost:$VISIBLE_DEVICES")
+else
+  ARGS+=(--num_gpus "$NPROC")
+fi
+if [[ -n "${MASTER_ADDR:-}" ]]; then
+  ARGS+=(--master_addr "$MASTER_ADDR")
+fi
+ARGS+=(--master_port "${MASTER_PORT:-29500}")
+
+launch_hydra_run_dir "$@"
+# --no_local_rank: otherwise every rank gets --local_rank=N, which Hydra rejects as an override
+# (LOCAL_RANK is exported either way).
+launch_run deepspeed "${ARGS[@]}" --no_local_rank --module ascend_edit.cli \
+  "$@" "${HYDRA_RUN_DIR_ARG[@]}"
