@@ -191,11 +191,14 @@ def load_smollm2(
     """The trained SmolLM2-135M-Instruct as a plain ``LlamaForCausalLM`` and its tokenizer.
 
     transformers de-quantizes the GGUF weights on load, but the model it returns is marked as
-    GGUF-quantized and refuses ``save_pretrained``; its weights are therefore copied into a
-    fresh ``LlamaForCausalLM`` built from the same config (minus the quantization entry), which
-    behaves identically and saves like any HF model. ``dtype`` defaults to float32.
+    GGUF-quantized and refuses ``save_pretrained``. Its weights are therefore moved (not
+    copied) into a ``LlamaForCausalLM`` built from the same config minus the quantization
+    entry, which computes the same logits and saves like any HF model. The new model is built
+    with empty parameters (buffers such as RoPE's ``inv_freq`` stay real) so no time is spent
+    on a random init that would be overwritten. ``dtype`` defaults to float32.
     """
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf(cache_dir)
@@ -204,10 +207,11 @@ def load_smollm2(
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = LlamaConfig.from_dict(config_dict)
-    model = LlamaForCausalLM(config).to(loaded.dtype)
-    model.load_state_dict(loaded.state_dict())
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
     if config.tie_word_embeddings:
-        model.tie_weights()
+        model.tie_weights()  # assign=True gave lm_head and embed_tokens separate Parameters
     return model.eval(), tokenizer
 
 

@@ -43,7 +43,7 @@ def run_task(cfg: DictConfig) -> dict:
     return module.run(typed)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://ascend_edit.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> dict | None:
     from ascend_edit.device import DeviceUnavailableError
 

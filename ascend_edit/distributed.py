@@ -95,7 +95,7 @@ class DistEnv:
 
 
 class _EnvReader:
-    """Reads integers from an environment and remembers which variable supplied each field."""
+    """Reads launcher variables and remembers which variable supplied each DistEnv field."""
 
     def __init__(self, env: Mapping[str, str]):
         self.env = env
@@ -120,13 +120,14 @@ class _EnvReader:
             raise ValueError(f"none of {', '.join(names)} is set")
         return default
 
-    def get_str(self, field: str, *names: str, default: str | None = None) -> str | None:
+    def get_str(self, field: str, *names: str) -> str | None:
+        """First of `names` that is set, or None."""
         for name in names:
             raw = self.env.get(name, "").strip()
             if raw:
                 self.source[field] = name
                 return raw
-        return default
+        return None
 
 
 def discover(env: Mapping[str, str] | None = None) -> DistEnv:
@@ -216,7 +217,12 @@ def _from_msrun(r: _EnvReader) -> DistEnv | None:
 
 
 def _from_mpi(
-    r: _EnvReader, launcher: str, rank_var: str, size_var: str, local_rank_var: str, local_size_var: str
+    r: _EnvReader,
+    launcher: str,
+    rank_var: str,
+    size_var: str,
+    local_rank_var: str,
+    local_size_var: str,
 ) -> DistEnv | None:
     if not r.has(rank_var, size_var):
         return None

@@ -5,7 +5,8 @@
 # Knobs read from the environment:
 #   DEVICE=npu|cuda|cpu   accelerator family (default: npu if npu-smi exists, else cuda if
 #                         nvidia-smi exists, else cpu)
-#   VISIBLE_DEVICES=0,1   devices to use; mapped to ASCEND_RT_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES
+#   VISIBLE_DEVICES=0,1   devices to use; becomes ASCEND_RT_VISIBLE_DEVICES (npu) or
+#                         CUDA_VISIBLE_DEVICES (cuda)
 #   NPROC                 processes per node (default: number of VISIBLE_DEVICES, else 1)
 #   RUN_DIR               Hydra output dir shared by all ranks (default: outputs/<date>/<time>)
 #   DRY_RUN=1             print the command only (same as passing --dry-run first)
@@ -63,13 +64,19 @@ launch_device_env() {
   esac
 }
 
+launch_check_visible_devices() {
+  if [[ -n "${VISIBLE_DEVICES:-}" && "$DEVICE" == cpu ]]; then
+    launch_die "VISIBLE_DEVICES=$VISIBLE_DEVICES is set, but DEVICE=cpu has no devices to pick"
+  fi
+}
+
 # VISIBLE_DEVICES -> the variable the device's runtime reads.
 launch_visible_devices_env() {
+  launch_check_visible_devices
   [[ -n "${VISIBLE_DEVICES:-}" ]] || return 0
   case "$DEVICE" in
     npu) LAUNCH_ENV+=("ASCEND_RT_VISIBLE_DEVICES=$VISIBLE_DEVICES") ;;
     cuda) LAUNCH_ENV+=("CUDA_VISIBLE_DEVICES=$VISIBLE_DEVICES") ;;
-    cpu) launch_die "VISIBLE_DEVICES=$VISIBLE_DEVICES is set, but DEVICE=cpu has no devices to pick" ;;
   esac
 }
 

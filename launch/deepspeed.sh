@@ -4,11 +4,14 @@
 #   DEVICE=npu VISIBLE_DEVICES=0,1 launch/deepspeed.sh experiment=mla_qwen3
 #   HOSTFILE=hosts NNODES=2 NPROC=8 MASTER_ADDR=10.0.0.1 launch/deepspeed.sh experiment=...
 #
-# HOSTFILE: DeepSpeed hostfile ("host slots=N" lines); NNODES then limits it to its first N
-# hosts. Without a hostfile the job runs on this node: VISIBLE_DEVICES picks devices (passed as
+# HOSTFILE: DeepSpeed hostfile ("host slots=N" lines); NNODES / NPROC, when set, limit it to
+# its first N hosts / N devices per host. Without a hostfile the job runs on this node: VISIBLE_DEVICES picks devices (passed as
 # --include localhost:<ids>, DeepSpeed then sets the visibility variable per rank itself),
 # otherwise NPROC devices. MASTER_ADDR/MASTER_PORT: rendezvous (DeepSpeed infers the address
 # when unset). Other knobs: see common.sh.
+#
+# Remote hosts get only the variables DeepSpeed forwards (PYTHON*, HCCL_*/ASCEND_* on NPU,
+# NCCL_* on CUDA) plus those listed in a .deepspeed_env file (cwd or home dir).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [[ "${1:-}" == "--dry-run" ]]; then
@@ -17,8 +20,10 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 
 DEVICE=${DEVICE:-$(launch_detect_device)}
+NPROC_GIVEN=${NPROC:-}  # with a hostfile, an unset NPROC means "every slot the hostfile lists"
 NPROC=${NPROC:-$(launch_default_nproc)}
 launch_check_count NPROC "$NPROC"
+launch_check_visible_devices
 launch_device_env
 # DeepSpeed picks its accelerator by probing; naming it avoids a wrong guess (e.g. CUDA on a
 # host that has both stacks installed).
@@ -27,15 +32,18 @@ LAUNCH_ENV+=("DS_ACCELERATOR=$DEVICE")
 ARGS=()
 if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -f "$HOSTFILE" ]] || launch_die "HOSTFILE=$HOSTFILE does not exist"
-  [[ -z "${VISIBLE_DEVICES:-}" ]] || launch_die "VISIBLE_DEVICES selects devices of one node; with HOSTFILE list slots in the hostfile"
+  if [[ -n "${VISIBLE_DEVICES:-}" ]]; then
+    launch_die "VISIBLE_DEVICES picks devices on one node; with HOSTFILE, list them as slots there"
+  fi
   ARGS+=(--hostfile "$HOSTFILE")
   if [[ -n "${NNODES:-}" ]]; then
     launch_check_count NNODES "$NNODES"
     ARGS+=(--num_nodes "$NNODES")
   fi
-  ARGS+=(--num_gpus "$NPROC")
+  if [[ -n "$NPROC_GIVEN" ]]; then
+    ARGS+=(--num_gpus "$NPROC")
+  fi
 elif [[ -n "${VISIBLE_DEVICES:-}" ]]; then
-  [[ "$DEVICE" != cpu ]] || launch_die "VISIBLE_DEVICES=$VISIBLE_DEVICES is set, but DEVICE=cpu has no devices to pick"
   ARGS+=(--include "localhost:$VISIBLE_DEVICES")
 else
   ARGS+=(--num_gpus "$NPROC")

@@ -113,12 +113,15 @@ def tokenize_documents(
 
     ``append_eos`` adds ``tokenizer.eos_token_id`` at the end of each document unless the
     tokenizer already put it there, so packed documents are separated by an EOS and the model
-    learns where a document ends. Documents that tokenize to nothing are skipped.
+    learns where a document ends. Empty and whitespace-only documents are skipped (they would
+    add nothing but special tokens).
     """
     eos_id = getattr(tokenizer, "eos_token_id", None) if append_eos else None
     token_documents: list[list[int]] = []
     for start in range(0, len(documents), batch_size):
-        batch = list(documents[start : start + batch_size])
+        batch = [text for text in documents[start : start + batch_size] if text.strip()]
+        if not batch:
+            continue
         # verbose=False: whole documents are longer than model_max_length by design (they get packed).
         encoded = tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]
         for ids in encoded:

@@ -52,71 +52,81 @@ _LOG_2 = math.log(2.0)
 
 # ----------------------------------------------------------------------------------------------------
 # Per-chunk KD math. Each function takes the student and teacher log-probabilities of one chunk
-# ([rows, K] in the compute dtype), returns the chunk's summed loss, and writes d(loss)/d(a) divided by
-# the kind's `_GRAD_FACTOR` into `grad_out` (any float dtype; the write casts). The inputs are consumed:
-# they are overwritten in place so that a chunk never holds more than three or four [rows, K] tensors.
+# ([rows, K], compute dtype), consumes them (they are overwritten in place, so that a chunk holds at most
+# three [rows, K] fp32 tensors, four for JSD) and returns the chunk's summed loss and, if `grad_dtype` is
+# given, G = d(loss)/d(a) divided by the kind's `_GRAD_FACTOR`, in `grad_dtype`. G is written by the op
+# that computes it (`out=` casts in the kernel on CUDA), so the bf16 gradient costs no separate cast pass.
 # ----------------------------------------------------------------------------------------------------
 
 
-def _forward_kl_chunk(log_q: Tensor, log_p: Tensor, grad_out: Tensor | None) -> Tensor:
+def _empty_grad(like: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
+def _forward_kl_chunk(
+    log_q: Tensor, log_p: Tensor, grad_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor | None]:
     p = log_p.exp()
-    log_p.sub_(log_q).mul_(p)  # log_p now holds p * (log p - log q)
-    loss = log_p.sum()
-    del log_p
-    if grad_out is not None:
-        torch.sub(log_q.exp_(), p, out=grad_out)  # q - p
-    return loss
+    loss = log_p.sub_(log_q).mul_(p).sum()  # sum p (log p - log q)
+    if grad_dtype is None:
+        return loss, None
+    return loss, torch.sub(log_q.exp_(), p, out=_empty_grad(p, grad_dtype))  # q - p
 
 
-def _reverse_kl_chunk(log_q: Tensor, log_p: Tensor, grad_out: Tensor | None) -> Tensor:
+def _reverse_kl_chunk(
+    log_q: Tensor, log_p: Tensor, grad_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor | None]:
     q = log_q.exp()
     ratio = log_q.sub_(log_p)  # r = log q - log p
-    kl_terms = torch.mul(q, ratio, out=log_p)  # reuse log_p's memory for q * r
-    kl_rows = kl_terms.sum(dim=-1, keepdim=True)
-    del kl_terms, log_p
-    if grad_out is not None:
-        torch.mul(q, ratio.sub_(kl_rows), out=grad_out)  # q * (r - KL)
-    return kl_rows.sum()
+    q_ratio = torch.mul(q, ratio, out=log_p)  # log_p's memory holds q * r
+    kl_rows = q_ratio.sum(dim=-1, keepdim=True)
+    if grad_dtype is None:
+        return kl_rows.sum(), None
+    # q (r - KL) = q r - q KL in one pass
+    return kl_rows.sum(), torch.addcmul(q_ratio, q, kl_rows.neg(), out=_empty_grad(q, grad_dtype))
 
 
-def _jsd_chunk(log_q: Tensor, log_p: Tensor, grad_out: Tensor | None) -> Tensor:
-    # log m = log((p + q) / 2), computed from the log-probabilities so that tiny probabilities stay exact.
+def _jsd_chunk(log_q: Tensor, log_p: Tensor, grad_dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    # log m = log((p + q) / 2) from the log-probabilities, so that tiny probabilities stay exact.
     log_m = torch.logaddexp(log_p, log_q).sub_(_LOG_2)
     p = log_p.exp()
-    teacher_terms = log_p.sub_(log_m).mul_(p)  # p * (log p - log m)
-    loss = teacher_terms.sum()
+    kl_pm = log_p.sub_(log_m).mul_(p).sum()  # sum p (log p - log m)
     del p
-    q = torch.exp(log_q, out=teacher_terms)  # teacher terms are summed; reuse their memory for q
+    q = torch.exp(log_q, out=log_p)  # log_p's memory is free again: it holds q from here on
     shift = log_q.sub_(log_m)  # s = log q - log m
-    student_terms = torch.mul(q, shift, out=log_m)  # reuse log m's memory for q * s
-    kl_qm_rows = student_terms.sum(dim=-1, keepdim=True)
-    del student_terms, log_m
-    if grad_out is not None:
-        torch.mul(q, shift.sub_(kl_qm_rows), out=grad_out)  # q * (s - KL(q||m)); the 0.5 is the grad factor
-    return 0.5 * (loss + kl_qm_rows.sum())
+    q_shift = torch.mul(q, shift, out=log_m)  # log m's memory holds q * s
+    kl_qm_rows = q_shift.sum(dim=-1, keepdim=True)
+    loss = 0.5 * (kl_pm + kl_qm_rows.sum())
+    if grad_dtype is None:
+        return loss, None
+    # q (s - KL(q||m)) in one pass; the 0.5 is the kind's grad factor
+    return loss, torch.addcmul(q_shift, q, kl_qm_rows.neg(), out=_empty_grad(q, grad_dtype))
 
 
-_KD_CHUNK_FNS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
+_KD_CHUNK_FNS: dict[str, Callable[[Tensor, Tensor, torch.dtype | None], tuple[Tensor, Tensor | None]]] = {
     "forward": _forward_kl_chunk,
     "reverse": _reverse_kl_chunk,
     "jsd": _jsd_chunk,
 }
-# The chunk functions leave constant factors of the gradient out, so that they need no extra pass.
+# Constant factors of the gradients, applied in the GEMM epilogue instead of in a pass over [rows, V].
 _GRAD_FACTOR: dict[str, float] = {"forward": 1.0, "reverse": 1.0, "jsd": 0.5}
-
-
-def _scaled_log_softmax(logits: Tensor, temperature: float, compute_dtype: torch.dtype) -> Tensor:
-    """``log_softmax(logits / T)`` in ``compute_dtype``. Consumes ``logits`` (may divide it in place)."""
-    if temperature == 1.0:
-        # The dtype argument upcasts inside the kernel: no separate fp32 copy of the logits.
-        return torch.log_softmax(logits, dim=-1, dtype=compute_dtype)
-    scaled = logits.to(compute_dtype).div_(temperature)
-    return torch.log_softmax(scaled, dim=-1)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64 (what gradcheck needs)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _log_probs(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(hidden @ weight.T / T)`` in the compute dtype, holding at most two [rows, V] tensors.
+
+    The product is taken in the inputs' dtype (as a model's lm_head would) and freed as soon as it is
+    upcast; the scaling happens in place on the fp32 copy.
+    """
+    logits = (hidden @ weight.T).to(_compute_dtype(weight.dtype))
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,21 +135,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _ChunkObjective:
-    """One loss evaluated chunk by chunk on student logits ``hidden @ weight.T``.
+    """One loss evaluated chunk by chunk on the student logits ``hidden @ weight.T``.
 
-    ``__call__(rows, student_logits, need_grad)`` returns the chunk's summed (unscaled) loss and
-    ``G`` such that ``d(loss_sum) / d(student_logits) = grad_factor * G`` (``None`` if not needed),
-    in the logits' dtype. It owns ``student_logits`` and may overwrite it.
+    ``__call__(rows, hidden, weight, need_grad)`` gets the chunk's rows (a slice into the counted tokens)
+    and student hidden states; it returns the chunk's summed, unscaled loss and ``G`` with
+    ``d(loss_sum) / d(student_logits) = grad_factor * G`` in the weight's dtype (``None`` unless asked).
+    It computes the logits itself so that it can free each [rows, V] tensor as soon as it is used.
     """
 
     grad_factor: float = 1.0
 
-    def __call__(self, rows: slice, student_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def __call__(
+        self, rows: slice, hidden: Tensor, weight: Tensor, need_grad: bool
+    ) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
-    """``loss_scale * sum_chunks objective(hidden[chunk] @ weight.T)`` with gradients computed in forward."""
+    """``loss_scale * sum over chunks of objective(hidden[chunk])``, with its gradients computed in forward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -152,24 +165,23 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         need_grad_hidden: bool,
         need_grad_weight: bool,
     ) -> Tensor:
-        compute_dtype = _compute_dtype(weight.dtype)
         grad_scale = loss_scale * objective.grad_factor
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
         grad_weight = torch.zeros_like(weight) if need_grad_weight else None
         need_grad = need_grad_hidden or need_grad_weight
-        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        total = torch.zeros((), dtype=_compute_dtype(weight.dtype), device=hidden.device)
         # Inputs are validated to share one dtype; autocast would re-cast the products and cannot write
         # into preallocated outputs.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, min(start + chunk_size, hidden.shape[0]))
                 chunk_hidden = hidden[rows]
-                loss_sum, grad_logits = objective(rows, chunk_hidden @ weight.T, need_grad)
+                loss_sum, grad_logits = objective(rows, chunk_hidden, weight, need_grad)
                 total += loss_sum
                 if grad_logits is None:
                     continue
                 if grad_hidden is not None:
-                    # alpha scales inside the GEMM epilogue (fp32), so bf16 gradients are rounded once.
+                    # alpha scales in the GEMM epilogue (fp32), so bf16 gradients are rounded once.
                     rows_grad = grad_hidden[rows]
                     torch.addmm(rows_grad, grad_logits, weight, beta=0, alpha=grad_scale, out=rows_grad)
                 if grad_weight is not None:
@@ -191,58 +203,57 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
 @dataclass
 class _KDObjective(_ChunkObjective):
-    teacher_hidden: Tensor  # [N, H_t], no grad
-    teacher_weight: Tensor  # [V, H_t], no grad
+    teacher_hidden: Tensor  # [N, H_t] counted rows, constant
+    teacher_weight: Tensor  # [V, H_t], constant
     kind: str
     temperature: float
     top_k: int | None
 
     @property
     def grad_factor(self) -> float:  # type: ignore[override]
-        # d/dz_s = d/da / T, a = z_s / T
-        return _GRAD_FACTOR[self.kind] / self.temperature
+        return _GRAD_FACTOR[self.kind] / self.temperature  # chain rule through a = z_s / T
 
-    def __call__(self, rows: slice, student_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        logits_dtype = student_logits.dtype
-        compute_dtype = _compute_dtype(logits_dtype)
+    def __call__(
+        self, rows: slice, hidden: Tensor, weight: Tensor, need_grad: bool
+    ) -> tuple[Tensor, Tensor | None]:
         chunk_fn = _KD_CHUNK_FNS[self.kind]
+        teacher_hidden = self.teacher_hidden[rows]
         if self.top_k is None:
-            # Student first, so its raw logits are freed before the teacher's exist.
-            log_q = _scaled_log_softmax(student_logits, self.temperature, compute_dtype)
-            del student_logits
-            teacher_logits = self.teacher_hidden[rows] @ self.teacher_weight.T
-            log_p = _scaled_log_softmax(teacher_logits, self.temperature, compute_dtype)
-            del teacher_logits
-            grad = torch.empty(log_q.shape, dtype=logits_dtype, device=log_q.device) if need_grad else None
-            return chunk_fn(log_q, log_p, grad), grad
+            log_q = _log_probs(hidden, weight, self.temperature)
+            log_p = _log_probs(teacher_hidden, self.teacher_weight, self.temperature)
+            return chunk_fn(log_q, log_p, weight.dtype if need_grad else None)
         # Top-k: both distributions live on the teacher's k most likely tokens, each renormalised there.
-        teacher_logits = self.teacher_hidden[rows] @ self.teacher_weight.T
+        compute_dtype = _compute_dtype(weight.dtype)
+        teacher_logits = teacher_hidden @ self.teacher_weight.T
         top_idx = teacher_logits.topk(self.top_k, dim=-1).indices  # [rows, k]
-        log_p = _scaled_log_softmax(teacher_logits.gather(-1, top_idx), self.temperature, compute_dtype)
+        teacher_top = teacher_logits.gather(-1, top_idx).to(compute_dtype)
         del teacher_logits
-        log_q = _scaled_log_softmax(student_logits.gather(-1, top_idx), self.temperature, compute_dtype)
-        grad_top = torch.empty_like(log_q) if need_grad else None
-        loss = chunk_fn(log_q, log_p, grad_top)
+        student_top = (hidden @ weight.T).gather(-1, top_idx).to(compute_dtype)
+        log_p = torch.log_softmax(teacher_top / self.temperature, dim=-1)
+        log_q = torch.log_softmax(student_top / self.temperature, dim=-1)
+        loss, grad_top = chunk_fn(log_q, log_p, compute_dtype if need_grad else None)
         if grad_top is None:
             return loss, None
-        # The student logits are no longer needed: their memory takes the dense (mostly zero) gradient.
-        grad = student_logits.zero_().scatter_(-1, top_idx, grad_top.to(student_logits.dtype))
-        return loss, grad
+        grad = torch.zeros(hidden.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return loss, grad.scatter_(-1, top_idx, grad_top.to(weight.dtype))
 
 
 @dataclass
 class _CrossEntropyObjective(_ChunkObjective):
-    labels: Tensor  # [N] int64, all counted
+    labels: Tensor  # [N] int64 counted rows
 
-    def __call__(self, rows: slice, student_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def __call__(
+        self, rows: slice, hidden: Tensor, weight: Tensor, need_grad: bool
+    ) -> tuple[Tensor, Tensor | None]:
         labels = self.labels[rows].unsqueeze(-1)
-        log_q = torch.log_softmax(student_logits, dim=-1, dtype=_compute_dtype(student_logits.dtype))
+        log_q = _log_probs(hidden, weight, temperature=1.0)
         loss = -log_q.gather(-1, labels).sum()
         if not need_grad:
             return loss, None
-        grad = log_q.exp_()  # softmax
+        grad = log_q.exp_()  # softmax - onehot(label)
         grad.scatter_add_(-1, labels, torch.full(labels.shape, -1.0, dtype=grad.dtype, device=grad.device))
-        return loss, student_logits.copy_(grad)  # softmax - onehot, cast into the logits' memory
+        del log_q
+        return loss, grad.to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""From a model config to the teacher (optionally on the meta device) and the edited model."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ascend_edit.config import ModelConfig, TargetConfig
+from ascend_edit.models.loading import TORCH_DTYPES, check_supported, load_teacher
+from ascend_edit.models.surgery import build_plan, edit_model
+
+
+def shape_only_teacher(cfg: ModelConfig):
+    """The teacher's modules on the meta device: shapes and counts without memory or weights."""
+    if cfg.source == "config":
+        config = AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
+    elif cfg.source == "hf":
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model.path {path} does not exist")
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    else:
+        model, _ = load_teacher(cfg)
+        return model
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype])
+    check_supported(model)
+    model.set_attn_implementation(cfg.attn_implementation)
+    return model
+
+
+def edited_shape_model(model_cfg: ModelConfig, target_cfg: TargetConfig):
+    """Edited model on the meta device (random init is shape-only there): for inspect and accounting."""
+    model = shape_only_teacher(model_cfg)
+    target_cfg = dataclasses.replace(target_cfg, init="random")
+    if target_cfg.kind == "gate_swa" and target_cfg.gate_swa.full_by_sensitivity:
+        # Sensitivities need real weights and data; the shape view keeps the count, not the choice.
+        n = model.config.num_hidden_layers
+        every = max(n // target_cfg.gate_swa.full_by_sensitivity, 1)
+        swa = dataclasses.replace(target_cfg.gate_swa, full_by_sensitivity=0, full_every=every)
+        target_cfg = dataclasses.replace(target_cfg, gate_swa=swa)
+    plan = build_plan(model.config.num_hidden_layers, target_cfg)
+    return edit_model(model, plan, target_cfg)

@@ -1,0 +1,171 @@
+"""Op B (absorbed MLA attention): the eager reference, the Triton decode kernel and its custom op."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ascend_edit.kernels import reference
+from ascend_edit.kernels.triton import mla_decode
+
+FP32_TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+def make_mla_inputs(
+    b: int = 2,
+    h: int = 4,
+    s: int = 1,
+    c: int = 16,
+    r: int = 8,
+    t: int = 24,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    empty_slots: bool = False,
+    no_visible_row: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Decode-style inputs: the last ``s`` positions of a ``t``-token context offset by 50."""
+    gen = torch.Generator().manual_seed(seed)
+    k_pos = (50 + torch.arange(t)).repeat(b, 1)
+    q_pos = k_pos[:, -s:].clone()
+    if empty_slots:
+        k_pos[0, 3:7] = -1  # unused cache slots
+    if no_visible_row:
+        q_pos[-1, 0] = 10  # earlier than every cached position
+    tensors = {
+        "q_latent": torch.randn(b, h, s, c, generator=gen),
+        "q_rope": torch.randn(b, h, s, r, generator=gen),
+        "latent": torch.randn(b, t, c, generator=gen),
+        "k_rope": torch.randn(b, t, r, generator=gen),
+    }
+    inp = {n: x.to(device=device, dtype=dtype) for n, x in tensors.items()}
+    inp.update(q_pos=q_pos.to(device), k_pos=k_pos.to(device), scale=1.0 / math.sqrt(c + r))
+    return inp
+
+
+def _call(fn, inp: dict) -> torch.Tensor:
+    return fn(
+        inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"],
+        q_pos=inp["q_pos"], k_pos=inp["k_pos"], scale=inp["scale"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("s", [1, 3])
+@pytest.mark.parametrize("empty_slots", [False, True])
+def test_mla_reference_equals_attention_over_concatenated_keys(s: int, empty_slots: bool) -> None:
+    """Absorbed MLA is MQA with key [latent, k_rope], value latent and query [q_latent, q_rope]."""
+    inp = make_mla_inputs(s=s, empty_slots=empty_slots)
+    expected = reference.sliding_window_attention(
+        torch.cat([inp["q_latent"], inp["q_rope"]], dim=-1),
+        torch.cat([inp["latent"], inp["k_rope"]], dim=-1)[:, None],  # one KV head shared by all
+        inp["latent"][:, None],
+        q_pos=inp["q_pos"],
+        k_pos=inp["k_pos"],
+        window=0,
+        sink_tokens=0,
+        scale=inp["scale"],
+    )
+    torch.testing.assert_close(_call(reference.mla_absorbed_attention, inp), expected, **FP32_TOL)
+
+
+def test_mla_reference_by_hand_for_one_query() -> None:
+    inp = make_mla_inputs(b=1, h=1, s=1, t=5)
+    scores = (inp["latent"][0] @ inp["q_latent"][0, 0, 0] + inp["k_rope"][0] @ inp["q_rope"][0, 0, 0]) * inp["scale"]
+    expected = torch.softmax(scores, dim=0) @ inp["latent"][0]
+    torch.testing.assert_close(_call(reference.mla_absorbed_attention, inp)[0, 0, 0], expected, **FP32_TOL)
+
+
+def test_mla_reference_row_without_visible_key_is_zero_with_finite_grads() -> None:
+    inp = make_mla_inputs(no_visible_row=True)
+    for name in ("q_latent", "q_rope", "latent", "k_rope"):
+        inp[name].requires_grad_(True)
+    out = _call(reference.mla_absorbed_attention, inp)
+    assert torch.count_nonzero(out[-1, :, 0]) == 0
+    assert torch.count_nonzero(out[0]) > 0
+    out.square().sum().backward()
+    assert all(torch.isfinite(inp[n].grad).all() for n in ("q_latent", "q_rope", "latent", "k_rope"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"latent": torch.randn(2, 4, 24, 16)}, "3-D"),
+        ({"k_rope": torch.randn(2, 24, 5)}, "k_rope"),
+        ({"q_rope": torch.randn(2, 3, 1, 8)}, "q_rope"),
+        ({"k_pos": torch.zeros(2, 23, dtype=torch.long)}, "k_pos"),
+    ],
+)
+def test_mla_bad_inputs_raise_value_error(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _call(reference.mla_absorbed_attention, dict(make_mla_inputs(), **change))
+
+
+def test_triton_backend_refuses_inputs_that_need_grad() -> None:
+    """Forward only: the check runs before any kernel, so it holds on CPU too."""
+    inp = make_mla_inputs()
+    inp["q_latent"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        _call(mla_decode.mla_absorbed_attention, inp)
+
+
+def test_mla_decode_fake_impl_gives_output_metadata() -> None:
+    """The custom op traces without running: the fake impl returns [b, h, s, c] in the input dtype."""
+    with FakeTensorMode():
+        inp = make_mla_inputs(b=3, h=5, s=2, c=32, r=8, t=40, dtype=torch.bfloat16)
+        out = torch.ops.ascend_edit.mla_decode(
+            inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"]
+        )
+        assert out.shape == (3, 5, 2, 32)
+        assert out.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the Triton kernel against the reference (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+CUDA_MLA_CASES = [
+    # (b, h, s, c, r, t, dtype, empty_slots, no_visible_row)
+    (2, 16, 1, 512, 64, 1000, torch.bfloat16, False, False),
+    (2, 32, 1, 512, 64, 4099, torch.bfloat16, True, True),
+    (1, 4, 3, 512, 64, 300, torch.bfloat16, True, False),
+    (3, 8, 2, 128, 32, 77, torch.float16, False, True),
+    (2, 16, 1, 512, 64, 257, torch.float32, True, False),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CUDA_MLA_CASES, ids=lambda c: f"b{c[0]}h{c[1]}s{c[2]}c{c[3]}t{c[5]}-{c[6]}")
+def test_triton_mla_decode_matches_reference(case: tuple) -> None:
+    b, h, s, c, r, t, dtype, empty_slots, no_visible_row = case
+    inp = make_mla_inputs(
+        b, h, s, c, r, t, dtype=dtype, device="cuda", empty_slots=empty_slots, no_visible_row=no_visible_row
+    )
+    with torch.no_grad():
+        out = _call(mla_decode.mla_absorbed_attention, inp)
+    fp32_inp = dict(inp, **{n: inp[n].float() for n in ("q_latent", "q_rope", "latent", "k_rope")})
+    expected = _call(reference.mla_absorbed_attention, fp32_inp)
+    # fp32 runs the kernel's dots in IEEE fp32; half types round p to 16 bits before p @ latent.
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, **tol)
+    if no_visible_row:
+        assert torch.count_nonzero(out[-1, :, 0]) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_mla_decode_custom_op_opcheck_and_compile() -> None:
+    inp = make_mla_inputs(2, 16, 1, 512, 64, 300, dtype=torch.bfloat16, device="cuda")
+    args = (inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"])
+    torch.library.opcheck(
+        torch.ops.ascend_edit.mla_decode.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+    compiled = torch.compile(lambda *a: torch.ops.ascend_edit.mla_decode(*a) * 2.0, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), torch.ops.ascend_edit.mla_decode(*args) * 2.0)

@@ -1,0 +1,104 @@
+"""Config composition and validation through the real CLI, and one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from ascend_edit.config import ConfigError, register_configs, to_typed
+
+
+def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def compose_typed(overrides: list[str]):
+    register_configs()
+    with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+        return to_typed(compose(config_name="config", overrides=["output_dir=.", *overrides]))
+
+
+GROUPS = {
+    "model": ["smollm2", "hf", "qwen3_tiny", "qwen3_moe_tiny", "llama_tiny", "qwen3_0p6b_shape",
+              "qwen3_1p7b_shape", "qwen3_8b_shape"],
+    "target": ["mla", "mla_small", "gate_swa", "identity"],
+    "data": ["shakespeare", "files"],
+    "engine": ["torch", "zero0", "zero1", "zero2", "zero3", "zero3_offload"],
+    "device": ["auto", "cpu", "cuda", "npu"],
+}
+REQUIRED = {("model", "hf"): ["model.path=/x"], ("data", "files"): ["data.path=/x"]}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = compose_typed([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    assert getattr(cfg, group) is not None
+
+
+def test_experiments_compose():
+    from importlib.resources import files
+
+    names = [p.name[:-5] for p in (files("ascend_edit.conf") / "experiment").iterdir() if p.name.endswith(".yaml")]
+    assert names, "no experiment configs"
+    for name in names:
+        compose_typed([f"experiment={name}", "model.path=/x", "data.path=/x"])
+
+
+def test_value_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"target.gate_swa.gate='sideways'"):
+        compose_typed(["target=gate_swa", "target.gate_swa.gate=sideways"])
+    with pytest.raises(ConfigError, match="engine.offload_params needs engine.zero_stage=3"):
+        compose_typed(["engine=zero2", "engine.offload_params=true"])
+    with pytest.raises(ConfigError, match="model.path is required"):
+        compose_typed(["model=hf"])
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_unknown_key_fails_before_loading_with_its_name():
+    err = _one_line_error(cli("inspect", "model=qwen3_tiny", "target.windoww=3"))
+    assert "windoww" in err
+
+
+def test_wrong_type_fails_with_its_name():
+    err = _one_line_error(cli("inspect", "model=qwen3_tiny", "target.gate_swa.window=wide"))
+    assert "window" in err
+
+
+def test_npu_without_torch_npu_is_one_line():
+    proc = cli("model=qwen3_tiny", "device=npu", "data=files", "data.path=/nonexistent")
+    err = _one_line_error(proc)
+    assert proc.returncode == 2
+    assert err.strip().count("\n") == 0 and "device=npu needs torch_npu" in err
+
+
+def test_unknown_subcommand():
+    err = _one_line_error(cli("frobnicate"))
+    assert "unknown subcommand 'frobnicate'" in err
+
+
+def test_help_and_cfg_job():
+    assert "target: gate_swa, identity, mla" in cli("--help").stdout
+    out = cli("--cfg", "job", "target=gate_swa", "target.gate_swa.window=64")
+    assert out.returncode == 0 and "window: 64" in out.stdout
+
+
+def test_inspect_prints_plan_and_kv_table(tmp_path):
+    out = cli("inspect", "model=qwen3_tiny", "target=gate_swa", "target.gate_swa.window=16", "eval.context=1024",
+              f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert "Layer plan" in out.stdout and "reduction" in out.stdout and "swa" in out.stdout
+
+
+def test_multirun_sweeps_targets(tmp_path):
+    out = cli("-m", "inspect", "model=qwen3_tiny", "target=mla_small,gate_swa", f"hydra.sweep.dir={tmp_path}",
+              "target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("Layer plan") == 2
