@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import hydra
@@ -49,20 +50,30 @@ def _hydra_main(cfg: DictConfig) -> dict | None:
 
     try:
         return run_task(cfg)
-    except (UserError, ConfigError, DeviceUnavailableError, FileNotFoundError) as err:
-        # Raised inside Hydra's job runner, which would print a traceback for an Exception;
-        # SystemExit passes through it, so the user sees one line naming the problem.
-        print(f"ascend-edit: error: {err}", file=sys.stderr)
+    except (UserError, ValueError, DeviceUnavailableError, FileNotFoundError, NotImplementedError) as err:
+        # Bad input (config values, data, paths, unsupported models) is reported as one line naming
+        # the problem; Hydra's runner would print a traceback for an Exception, but SystemExit passes.
+        # ASCEND_EDIT_DEBUG=1 keeps the traceback for bug reports.
+        if os.environ.get("ASCEND_EDIT_DEBUG"):
+            raise
+        print(f"ascend-edit: error: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+# Hydra flags that take a value: the token after them is not a subcommand.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
 def _split_subcommand(argv: list[str]) -> list[str]:
-    """Turn `ascend-edit inspect a=b` into Hydra's `task=inspect a=b`."""
-    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        name = SUBCOMMAND_ALIASES.get(argv[0], argv[0])
+    """Turn `ascend-edit [-m] inspect a=b` into Hydra's `[-m] task=inspect a=b`."""
+    for i, token in enumerate(argv):
+        if token.startswith("-") or "=" in token or (i and argv[i - 1] in _FLAGS_WITH_VALUE):
+            continue
+        name = SUBCOMMAND_ALIASES.get(token, token)
         if name not in TASKS:
-            raise UserError(f"unknown subcommand '{argv[0]}'; choose one of {sorted(TASKS)}")
-        return [f"task={name}", *argv[1:]]
+            raise UserError(f"unknown subcommand '{token}'; choose one of {sorted(TASKS)}")
+        return [*argv[:i], f"task={name}", *argv[i + 1:]]
     return argv
 
 

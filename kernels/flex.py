@@ -48,14 +48,18 @@ def _make_mask_mod(
 
     A fresh closure per batch (the pattern of flex's document-masking examples) lets the
     compiled kernel treat the captured tensors as inputs instead of recompiling for each batch.
+    Window and sink count are captured as 0-d tensors for the same reason: as Python ints,
+    every distinct window size would compile its own kernel.
     """
+    window_t = torch.tensor(window, dtype=k_pos.dtype, device=k_pos.device)
+    sinks_t = torch.tensor(sink_tokens, dtype=k_pos.dtype, device=k_pos.device)
 
     def mask_mod(batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return visible(
             q_pos[batch, q_idx],
             k_pos[batch, kv_idx],
-            window=window,
-            sink_tokens=sink_tokens,
+            window=window_t,
+            sink_tokens=sinks_t,
             q_seg=None if q_seg is None else q_seg[batch, q_idx],
             k_seg=None if k_seg is None else k_seg[batch, kv_idx],
         )

@@ -29,23 +29,22 @@ def visible(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     *,
-    window: int,
-    sink_tokens: int,
+    window: int | torch.Tensor,
+    sink_tokens: int | torch.Tensor,
     q_seg: torch.Tensor | None = None,
     k_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Element-wise visibility of key positions ``k_pos`` to query positions ``q_pos``.
 
     All tensor arguments broadcast against each other; the result is a bool tensor of the
-    broadcast shape. ``window`` and ``sink_tokens`` are Python ints, so the branches below are
-    resolved at trace time (this function is also the body of the flex ``mask_mod``).
+    broadcast shape. ``window`` and ``sink_tokens`` may be ints or 0-d integer tensors: the
+    expression has no branch on their values, so the flex backend can pass tensors and one
+    compiled kernel serves every window size. (``sink_tokens = 0`` needs no special case:
+    ``k_pos < 0`` keys are invisible anyway.)
     """
-    mask = (k_pos >= 0) & (k_pos <= q_pos)
-    if window > 0:
-        in_window = (q_pos - k_pos) < window
-        if sink_tokens > 0:
-            in_window = in_window | (k_pos < sink_tokens)
-        mask = mask & in_window
+    causal = (k_pos >= 0) & (k_pos <= q_pos)
+    in_window = (window == 0) | ((q_pos - k_pos) < window) | (k_pos < sink_tokens)
+    mask = causal & in_window
     if q_seg is not None and k_seg is not None:
         mask = mask & (q_seg == k_seg)
     return mask

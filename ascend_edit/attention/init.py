@@ -152,8 +152,9 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     down = up.T @ rows  # [c, D + 1]: latent = down[:, :D] x + down[:, D]
     energy_kept = float((s[:rank] ** 2).sum() / (s**2).sum().clamp_min(1e-30))
 
-    # The latent RMSNorm divides each token's latent by its RMS: scale its weight by the typical RMS.
-    latent_rms = math.sqrt(float(torch.trace(down[:, :D] @ cov @ down[:, :D].T)) / c + 1e-12)
+    # The latent RMSNorm divides each token's latent by its RMS: fold the typical RMS into kv_b_proj.
+    has_norm = isinstance(target.kv_a_layernorm, nn.Module) and hasattr(target.kv_a_layernorm, "weight")
+    latent_rms = math.sqrt(float(torch.trace(down[:, :D] @ cov @ down[:, :D].T)) / c + 1e-12) if has_norm else 1.0
 
     k_up = up[: G * n].view(G, n, c)[group_of_head]  # [H, n, c]
     v_up = up[G * n :].view(G, v, c)[group_of_head]  # [H, v, c]
@@ -162,7 +163,8 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     target.kv_a_proj_with_mqa.weight.copy_(torch.cat([down[:, :D], shared_k_rope]).to(dtype))
     if target.kv_a_proj_with_mqa.bias is not None:
         target.kv_a_proj_with_mqa.bias.copy_(torch.cat([down[:, D], shared_k_rope_bias]).to(dtype))
-    target.kv_a_layernorm.weight.fill_(1.0)  # the typical RMS is folded into kv_b_proj above
+    if has_norm:
+        target.kv_a_layernorm.weight.fill_(1.0)  # the typical RMS is folded into kv_b_proj above
     q = torch.cat([q_nope, q_rope], dim=1).reshape(H * (n + r), D).to(dtype)
     if target.q_lora_rank is None:
         target.q_proj.weight.copy_(q)

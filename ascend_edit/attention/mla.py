@@ -69,7 +69,8 @@ class MLAAttention(nn.Module):
             self.q_a_layernorm = DeepseekV3RMSNorm(cfg.q_lora_rank, eps=geometry.rms_norm_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = DeepseekV3RMSNorm(cfg.kv_lora_rank, eps=geometry.rms_norm_eps)
+        self.kv_a_layernorm = (DeepseekV3RMSNorm(cfg.kv_lora_rank, eps=geometry.rms_norm_eps)
+                               if cfg.latent_norm else nn.Identity())
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * cfg.v_head_dim, hidden, bias=bias)
 

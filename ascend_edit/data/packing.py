@@ -205,9 +205,7 @@ def pack_documents(
     return pack_token_documents(token_documents, seq_len, continued_positions)
 
 
-def split_documents(
-    documents: Sequence[str], eval_fraction: float, seed: int = 0
-) -> tuple[list[str], list[str]]:
+def split_documents(documents: Sequence[str], eval_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Split whole documents into (train, eval), deterministically for a given ``seed``.
 
     Splitting happens before tokenization and packing, so no document has tokens on both

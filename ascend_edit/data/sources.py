@@ -60,9 +60,7 @@ def load_documents(
     """
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
-    documents = list(
-        islice(iter_documents(path, format, text_field, split_on_blank_lines, split), max_documents)
-    )
+    documents = list(islice(iter_documents(path, format, text_field, split_on_blank_lines, split), max_documents))
     if not documents:
         raise ValueError(f"no non-empty documents found in {path} (format={format!r})")
     return documents
@@ -102,8 +100,7 @@ def detect_format(path: Path) -> str:
             if path.suffix.lower() in extensions:
                 return name
         raise ValueError(
-            f"cannot tell the format of {path} from its extension {path.suffix!r}; "
-            f"pass format= one of {_FORMATS[1:]}"
+            f"cannot tell the format of {path} from its extension {path.suffix!r}; pass format= one of {_FORMATS[1:]}"
         )
     if _is_saved_hf_dataset(path):
         return "hf_dataset"

@@ -7,7 +7,9 @@ teacher's logits, the chunk's loss, and the loss's gradient with respect to the 
 form; it turns that gradient at once into the gradient with respect to the student hidden states
 (``g @ W``) and, when the lm_head trains, accumulates the gradient of the lm_head weight (``g^T @ h``).
 Only those two gradients outlive the chunk, so backward is a multiplication by ``grad_output`` and the
-extra peak memory is about three fp32 ``[chunk, vocab]`` tensors (four for JSD).
+extra peak memory is about three fp32 ``[chunk, vocab]`` tensors plus one in the input dtype (four fp32
+for JSD): 1.0 GiB at the default chunk of 512 for Qwen3's vocabulary, against 17.4 GiB for plain
+autograd over 4,096 tokens (docs/benchmarks.md, "Chunked KD loss").
 
 Gradients of the per-token losses, with ``a = z_s / T`` the student logits over temperature ``T``,
 ``q = softmax(a)`` the student and ``p = softmax(z_t / T)`` the (constant) teacher distribution:
@@ -22,7 +24,7 @@ Gradients of the per-token losses, with ``a = z_s / T`` the student logits over 
   ``dJSD/da = 0.5 * q * (s - KL(q || m))``.
 
 The chain rule through ``a = z_s / T`` adds a factor ``1/T``, and the loss is scaled by ``T**2`` (Hinton
-et al.'s scaling, which keeps the gradient magnitude independent of the temperature) and divided by
+et al.'s scaling, which keeps gradient magnitudes roughly independent of the temperature) and divided by
 the number of counted tokens.
 """
 
@@ -43,8 +45,9 @@ ActivationLossKind = Literal["mse", "nmse", "cosine"]
 KD_KINDS: tuple[str, ...] = ("forward", "reverse", "jsd")
 ACTIVATION_LOSS_KINDS: tuple[str, ...] = ("mse", "nmse", "cosine")
 
-# Measured on an H100 (benchmarks/kd_loss.py, vocab 151,936, hidden 2,048, 4,096 bf16 tokens): the
-# chunk size that keeps the extra peak memory well under 15% of plain autograd's without losing speed.
+# Measured on an H100 (benchmarks/kd_loss.py; vocab 151,936, hidden 2,048, 4,096 bf16 tokens): 512 keeps
+# the extra peak memory at 5-9% of plain autograd's and is 0.57-0.88x its time; 1024 is 1-5% faster but
+# doubles the memory; 256 gets slower (the lm_head is re-read by three GEMMs per chunk).
 DEFAULT_CHUNK_SIZE = 512
 
 _LOG_2 = math.log(2.0)
@@ -373,7 +376,8 @@ def kd_logits_loss(
         top_k: if set, both distributions are restricted to the teacher's ``top_k`` most likely tokens
             per position (chosen on the raw teacher logits) and each is renormalised over those tokens
             with a softmax of the gathered logits; student logits outside them get zero gradient.
-        chunk_size: tokens per chunk; the extra memory is about 3 (JSD: 4) fp32 ``[chunk_size, V]`` tensors.
+        chunk_size: tokens per chunk; the extra memory is about 3.5 (JSD: 4) fp32 ``[chunk_size, V]``
+            tensors plus the returned gradients.
         mask: bool tensor of the leading shape; True = the token counts. ``None`` counts all tokens.
         teacher_lm_head_weight: ``[V, H_t]`` teacher lm_head; defaults to ``lm_head_weight`` (shared head).
             The teacher side never receives gradient, even when it shares the student's weight.

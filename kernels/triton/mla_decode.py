@@ -26,6 +26,7 @@ machine without Triton the custom op and its fake impl still register, so graphs
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -40,7 +41,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
 
-__all__ = ["mla_absorbed_attention", "mla_decode", "triton_available"]
+__all__ = ["mla_absorbed_attention", "mla_decode", "triton_available", "tuned_config"]
 
 # Splits shorter than this would cost more in partial-result traffic than they win in occupancy.
 _MIN_SPLIT_LEN = 64
@@ -49,6 +50,17 @@ _LOG2E = 1.4426950408889634
 
 def triton_available() -> bool:
     return triton is not None
+
+
+def tuned_config(c: int, r: int, rows: int) -> str | None:
+    """The autotuner's choice for latent dim ``c``, rope dim ``r`` and ``rows`` = heads x query
+    length (for benchmark reports); None before the first call with those sizes."""
+    if triton is None:
+        return None
+    for key, config in _mla_decode_split_kernel_tuned.cache.items():
+        if tuple(key[:3]) == (c, r, rows):
+            return str(config)
+    return None
 
 
 if triton is not None:
@@ -62,10 +74,13 @@ if triton is not None:
         stride_lb, stride_lt, stride_lc,
         stride_krb, stride_krt, stride_krr,
         stride_qpb, stride_qps, stride_kpb, stride_kpt,
-        H, M, T, C, R, SPLIT_LEN, NUM_SPLITS, qk_scale_log2,
+        H, M, T, SPLIT_LEN, NUM_SPLITS, qk_scale_log2,
+        C: tl.constexpr, R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):  # fmt: skip
+        # C and R are compile-time: with C == BLOCK_C the column masks fold away and the latent
+        # rows load as 16-byte vectors (a runtime bound would force element-wise loads).
         pid_m = tl.program_id(0)  # fastest: programs sharing a latent tile run together (L2 reuse)
         pid_split = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -127,24 +142,27 @@ if triton is not None:
         tl.store(max_ptr + part, run_max, mask=row_ok)
         tl.store(sum_ptr + part, run_sum, mask=row_ok)
 
+    # BLOCK_M 64 lets Hopper use warpgroup MMAs at the price of a larger accumulator; 16 lets
+    # several programs share an SM. Configs that overflow shared memory are skipped by autotune.
     _mla_decode_split_kernel_tuned = triton.autotune(
         configs=[
-            triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_T": 16}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_T": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_T": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_T": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_T": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 64, "BLOCK_T": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 16, "BLOCK_T": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 16, "BLOCK_T": 32}, num_warps=4, num_stages=4),
         ],
-        key=["C", "R", "BLOCK_M", "SPLIT_LEN"],
+        key=["C", "R", "M"],  # M = query rows (heads x query length); Triton adds the dtypes
     )(_mla_decode_split_kernel)
 
     @triton.jit
     def _mla_decode_combine_kernel(
         acc_ptr, max_ptr, sum_ptr, out_ptr,
         stride_ob, stride_oh, stride_os, stride_oc,
-        H, M, C, NUM_SPLITS,
-        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        H, M, NUM_SPLITS,
+        C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         pid_b = tl.program_id(1)
@@ -169,16 +187,33 @@ if triton is not None:
         )
 
 
-def _num_splits(batch: int, row_blocks: int, kv_len: int, device: torch.device) -> tuple[int, int]:
-    """``(num_splits, split_len)`` giving about two waves of programs over the GPU."""
-    if device.type == "cuda":
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # Triton's CPU interpreter
-        sm_count = 4
-    wanted = math.ceil(2 * sm_count / max(batch * row_blocks, 1))
-    splits = max(1, min(wanted, math.ceil(kv_len / _MIN_SPLIT_LEN)))
-    split_len = math.ceil(math.ceil(kv_len / splits) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
-    return math.ceil(kv_len / split_len), split_len
+_SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@functools.lru_cache(maxsize=256)
+def _num_splits(
+    programs_per_split: int, block_m: int, kv_len: int, row_bytes: int, c: int, sm_count: int
+) -> tuple[int, int]:
+    """``(num_splits, split_len)`` minimising a small cost model of the split pass.
+
+    Programs run in waves of one per SM (the fp32 accumulator of a 32-row block fills most of
+    an SM's registers); each program streams ``split_len`` cache rows and, when the key axis is
+    split, writes fp32 partials that the combine pass reads back. More splits fill the GPU
+    better but add partial traffic and a wave-quantisation tail.
+    """
+    best: tuple[float, int, int] | None = None
+    for wanted in _SPLIT_CANDIDATES:
+        split_len = math.ceil(math.ceil(kv_len / wanted) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
+        splits = math.ceil(kv_len / split_len)
+        waves = math.ceil(programs_per_split * splits / sm_count)
+        partial_bytes = 2 * block_m * c * 4 if splits > 1 else 0
+        cost = waves * (split_len * row_bytes + partial_bytes)
+        if best is None or cost < best[0]:
+            best = (cost, splits, split_len)
+        if split_len == _MIN_SPLIT_LEN:
+            break
+    assert best is not None
+    return best[1], best[2]
 
 
 def _launch(
@@ -189,7 +224,9 @@ def _launch(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
+    """Run both passes. ``num_splits`` overrides the cost model (for tuning experiments)."""
     if triton is None:
         raise RuntimeError("the 'triton' MLA decode backend needs Triton (pip install 'ascend_edit[gpu]')")
     b, h, s, c = q_latent.shape
@@ -198,23 +235,39 @@ def _launch(
     if t == 0 or b == 0 or h * s == 0:
         return out.zero_()
     rows = h * s
-    block_m = 16 if rows <= 16 else 32  # tl.dot needs >= 16 rows; 32 rows share each latent tile
-    row_blocks = triton.cdiv(rows, block_m)
-    num_splits, split_len = _num_splits(b, row_blocks, t, q_latent.device)
+    # The split count is planned for 32-row blocks; autotune may pick 16 or 64 (the grid follows).
+    planned_block_m = 16 if rows <= 16 else 32  # tl.dot needs >= 16 rows
+    row_blocks = triton.cdiv(rows, planned_block_m)
+    sm_count = (
+        torch.cuda.get_device_properties(q_latent.device).multi_processor_count
+        if q_latent.device.type == "cuda"
+        else 4  # Triton's CPU interpreter
+    )
+    row_bytes = (c + r) * latent.element_size()
+    if num_splits is None:
+        num_splits, split_len = _num_splits(b * row_blocks, planned_block_m, t, row_bytes, c, sm_count)
+    else:
+        split_len = math.ceil(math.ceil(t / num_splits) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
+        num_splits = math.ceil(t / split_len)
     partial_acc = torch.empty((b, rows, num_splits, c), dtype=torch.float32, device=out.device)
     partial_max = torch.empty((b, rows, num_splits), dtype=torch.float32, device=out.device)
     partial_sum = torch.empty_like(partial_max)
 
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # CPU interpreter cannot benchmark configs
     split_kernel = _mla_decode_split_kernel if interpreting else _mla_decode_split_kernel_tuned
-    fixed = {"BLOCK_T": 32} if interpreting else {}
-    split_kernel[(row_blocks, num_splits, b)](
+    fixed = {"BLOCK_T": 32, "BLOCK_M": planned_block_m} if interpreting else {}
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(rows, meta["BLOCK_M"]), num_splits, b)
+
+    split_kernel[grid](
         q_latent, q_rope, latent, k_rope, q_pos, k_pos,
         partial_acc, partial_max, partial_sum,
         *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(),
         *q_pos.stride(), *k_pos.stride(),
-        h, rows, t, c, r, split_len, num_splits, scale * _LOG2E,
-        BLOCK_M=block_m,
+        h, rows, t, split_len, num_splits, scale * _LOG2E,
+        C=c,
+        R=r,
         BLOCK_C=triton.next_power_of_2(c),
         BLOCK_R=max(16, triton.next_power_of_2(r)),
         INPUT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
@@ -223,7 +276,8 @@ def _launch(
     _mla_decode_combine_kernel[(rows, b)](
         partial_acc, partial_max, partial_sum, out,
         *out.stride(),
-        h, rows, c, num_splits,
+        h, rows, num_splits,
+        C=c,
         BLOCK_S=triton.next_power_of_2(num_splits),
         BLOCK_C=triton.next_power_of_2(c),
     )  # fmt: skip

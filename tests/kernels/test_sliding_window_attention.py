@@ -145,7 +145,7 @@ def _run(fn, inp: dict, *, grad: bool, seed: int = 1):
     out = fn(q, k, v, **kwargs)
     if not grad:
         return out, None
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     return out, grads
 

@@ -138,8 +138,8 @@ def test_pack_layout_restarts_positions_at_documents_and_masks_cross_document_ta
     assert packed.input_ids.tolist() == [[11, 12, 13, 21], [22, 31, 32, 33], [34, 35, 36, 41]]
     # "restart": the carried-over chunks (22 of doc 2, 34.. of doc 3) start again at 0.
     assert packed.position_ids.tolist() == [[0, 1, 2, 0], [0, 0, 1, 2], [0, 1, 2, 0]]
-    I = IGNORE_INDEX
-    assert packed.labels.tolist() == [[I, 12, 13, I], [22, I, 32, 33], [34, 35, 36, I]]
+    x = IGNORE_INDEX
+    assert packed.labels.tolist() == [[x, 12, 13, x], [22, x, 32, 33], [34, 35, 36, x]]
     # loss_mask[t]: logits[t] predicts input_ids[t+1] inside the same document.
     assert packed.loss_mask.tolist() == [
         [True, True, False, False],
@@ -262,9 +262,7 @@ def test_labels_and_loss_mask_describe_the_same_targets():
     packed = pack_documents(texts, tokenizer, seq_len=8)
     model = tiny_llama(len(tokenizer), "sdpa")
     with torch.no_grad():
-        out = model(
-            input_ids=packed.input_ids, position_ids=packed.position_ids, labels=packed.labels, use_cache=False
-        )
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, labels=packed.labels, use_cache=False)
     # Cross-entropy of logits[t] against input_ids[t+1], averaged where loss_mask is set.
     targets = torch.roll(packed.input_ids, shifts=-1, dims=1)
     per_token = torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), targets, reduction="none")
@@ -300,7 +298,9 @@ def run_steps(sampler: ResumableDistributedSampler, steps: int) -> list[list[int
 
 def test_ranks_split_each_global_batch_without_overlap():
     world, global_batch, length = 4, 8, 37  # 4 steps per epoch, 5 samples dropped
-    samplers = [ResumableDistributedSampler(length, global_batch, rank=r, world_size=world, seed=1) for r in range(world)]
+    samplers = [
+        ResumableDistributedSampler(length, global_batch, rank=r, world_size=world, seed=1) for r in range(world)
+    ]
     assert all(s.steps_per_epoch == 4 and len(s) == 4 and s.local_batch_size == 2 for s in samplers)
     per_rank = [run_steps(s, 4) for s in samplers]
     seen: set[int] = set()

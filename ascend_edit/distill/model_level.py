@@ -1,0 +1,57 @@
+"""Stage 2: model-level distillation of the free-running converted model on the teacher's outputs.
+
+The teacher pass (all attentions in teacher mode, no gradient) gives final hidden states; the
+student pass (targets) gives its own. The KL between next-token distributions is computed from
+hidden states and the LM head in token chunks, so [tokens x vocab] tensors never exist whole.
+Optional terms: cosine feature matching on chosen layers (weak), cross-entropy on the data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ascend_edit.distill.losses import ce_loss, feature_cosine_loss, kd_logits_loss
+from ascend_edit.models.surgery import edited_attentions, set_mode
+
+
+class ModelLevelObjective:
+    def __init__(self, kl: str = "forward", temperature: float = 1.0, top_k: int | None = None,
+                 chunk_size: int = 1024, feature_weight: float = 0.0, feature_layers: list[int] | None = None,
+                 ce_weight: float = 0.0):
+        self.kl, self.temperature, self.top_k, self.chunk_size = kl, temperature, top_k, chunk_size
+        self.feature_weight, self.feature_layers, self.ce_weight = feature_weight, feature_layers or [], ce_weight
+
+    def _hidden(self, model: nn.Module, batch: dict, want_states: bool):
+        out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                          output_hidden_states=want_states)
+        states = None
+        if want_states:  # hidden_states[i + 1] is the output of layer i
+            layers = self.feature_layers or sorted(m.layer_idx for m in edited_attentions(model))
+            states = [out.hidden_states[i + 1] for i in layers]
+        return out.last_hidden_state, states
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        want_states = self.feature_weight > 0
+        with torch.no_grad():
+            set_mode(model, "teacher")
+            teacher_hidden, teacher_states = self._hidden(model, batch, want_states)
+        set_mode(model, "student")
+        student_hidden, student_states = self._hidden(model, batch, want_states)
+        weight = model.get_output_embeddings().weight
+        mask = batch["loss_mask"]
+        kd = kd_logits_loss(student_hidden, teacher_hidden, weight, kind=self.kl, temperature=self.temperature,
+                            top_k=self.top_k, chunk_size=self.chunk_size, mask=mask)
+        loss, metrics = kd, {"kd": float(kd.detach())}
+        if want_states:
+            feat = feature_cosine_loss(student_states, teacher_states, mask=mask)
+            loss = loss + self.feature_weight * feat
+            metrics["feature"] = float(feat.detach())
+        if self.ce_weight > 0:
+            # logits[t] predicts input_ids[t + 1]; loss_mask drops document ends and the wrap-around.
+            targets = torch.roll(batch["input_ids"], -1, dims=1).masked_fill(~mask, -100)
+            ce = ce_loss(student_hidden, weight, targets, chunk_size=self.chunk_size)
+            loss = loss + self.ce_weight * ce
+            metrics["ce"] = float(ce.detach())
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+

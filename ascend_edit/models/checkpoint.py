@@ -1,0 +1,125 @@
+"""Save and reload a converted model in the framework's own format.
+
+A directory holds the teacher's HF `config.json`, `ascend_edit.json` (target config and per-layer
+plan), `model.safetensors` (the converted model only: teacher attentions are not written) and the
+tokenizer. `load_converted` rebuilds the same modules and loads the weights strictly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
+from ascend_edit.models.surgery import LayerPlan, edit_model, unwrap_targets
+
+FORMAT_VERSION = 1
+
+
+def converted_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's weights under the names of an unwrapped model (teacher attentions dropped)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".self_attn.teacher." in name:
+            continue
+        state[name.replace(".self_attn.target.", ".self_attn.")] = tensor
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embeddings; safetensors refuses shared storage
+    return state
+
+
+def save_converted(model: nn.Module, target: TargetConfig, directory: Path, tokenizer=None) -> Path:
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(tmp / "config.json")
+    meta = {"format_version": FORMAT_VERSION, "target": dataclasses.asdict(target),
+            "plan": [[e.layer_idx, e.kind] for e in model.edit_plan]}
+    (tmp / "ascend_edit.json").write_text(json.dumps(meta, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in converted_state_dict(model).items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def _target_config(raw: dict) -> TargetConfig:
+    raw = dict(raw)
+    raw["mla"] = MLAConfig(**raw["mla"])
+    raw["gate_swa"] = GateSWAConfig(**raw["gate_swa"])
+    return TargetConfig(**raw)
+
+
+def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a converted model from `save_converted` output; returns it with targets in place."""
+    directory = Path(directory)
+    meta_file = directory / "ascend_edit.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{directory} is not a converted model: no ascend_edit.json")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    target = dataclasses.replace(_target_config(meta["target"]), init="random")
+    plan = [LayerPlan(i, kind) for i, kind in meta["plan"]]
+    edit_model(model, plan, target)
+    unwrap_targets(model)
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False,
+                                                assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    missing = [m for m in missing if "rotary_emb" not in m]  # buffers recomputed below
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not match the plan (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    _reset_rotary(model, config)
+    model.edit_plan = plan
+    return model.to(dtype).eval()
+
+
+def _reset_rotary(model: nn.Module, config) -> None:
+    """Rotary inverse frequencies are non-persistent buffers: recompute them after meta init."""
+    rotary = model.model.rotary_emb
+    fresh = type(rotary)(config=config)
+    rotary.load_state_dict(fresh.state_dict(), strict=False)
+    for name, buf in fresh.named_buffers():
+        setattr(rotary, name, buf)
+
+
+def load_converted_weights(model: nn.Module, directory: Path) -> None:
+    """Load `save_converted` weights into an *edited* model (targets under `.self_attn.target.`).
+
+    This is the hand-off between stages run as separate jobs: stage 2 starts from stage 1's result.
+    The plan stored with the weights must match the model's.
+    """
+    directory = Path(directory)
+    meta = json.loads((directory / "ascend_edit.json").read_text())
+    own_plan = [[e.layer_idx, e.kind] for e in model.edit_plan]
+    if meta["plan"] != own_plan:
+        raise ValueError(f"{directory}: its layer plan differs from this run's plan")
+    own = model.state_dict()
+    renamed = {}
+    for name, tensor in load_file(str(directory / "model.safetensors")).items():
+        target_name = name.replace(".self_attn.", ".self_attn.target.")
+        renamed[target_name if target_name in own else name] = tensor
+    missing = [k for k in own if k not in renamed and ".self_attn.teacher." not in k and k != "lm_head.weight"
+               and "rotary_emb" not in k]
+    if missing:
+        raise ValueError(f"{directory}: weights missing for {missing[:5]}")
+    with torch.no_grad():
+        for name, tensor in renamed.items():
+            own[name].copy_(tensor)

@@ -1,0 +1,118 @@
+"""Kernel registry: auto choice per device, explicit overrides, clear errors, logging once."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from ascend_edit.kernels import (
+    MLA_ABSORBED_ATTENTION,
+    SLIDING_WINDOW_ATTENTION,
+    KernelUnavailableError,
+    available_backends,
+    ops,
+    registry,
+    resolve,
+)
+from ascend_edit.kernels import flex, reference, sdpa
+from ascend_edit.kernels.npu import fusion_attention
+from ascend_edit.kernels.triton import mla_decode
+
+
+@pytest.fixture
+def packages(monkeypatch: pytest.MonkeyPatch):
+    """Pretend a chosen set of optional packages is installed (find_spec is the registry's only probe)."""
+
+    def install(*names: str) -> None:
+        monkeypatch.setattr(registry, "_has_package", lambda name: name in names)
+
+    return install
+
+
+@pytest.mark.parametrize(
+    ("op", "device_type", "needs_grad", "installed", "expected"),
+    [
+        (SLIDING_WINDOW_ATTENTION, "cpu", True, (), sdpa.sliding_window_attention),
+        (SLIDING_WINDOW_ATTENTION, "cpu", False, (), sdpa.sliding_window_attention),
+        (SLIDING_WINDOW_ATTENTION, "cuda", True, (), flex.sliding_window_attention),
+        (SLIDING_WINDOW_ATTENTION, "cuda", False, (), flex.sliding_window_attention),
+        (SLIDING_WINDOW_ATTENTION, "npu", True, ("torch_npu",), fusion_attention.sliding_window_attention),
+        (MLA_ABSORBED_ATTENTION, "cpu", False, ("triton",), reference.mla_absorbed_attention),
+        (MLA_ABSORBED_ATTENTION, "cuda", False, ("triton",), mla_decode.mla_absorbed_attention),
+        (MLA_ABSORBED_ATTENTION, "cuda", True, ("triton",), reference.mla_absorbed_attention),
+        (MLA_ABSORBED_ATTENTION, "cuda", False, (), reference.mla_absorbed_attention),
+        (MLA_ABSORBED_ATTENTION, "npu", False, ("torch_npu",), reference.mla_absorbed_attention),
+    ],
+)
+def test_auto_choice(op, device_type, needs_grad, installed, expected, packages) -> None:
+    packages(*installed)
+    assert resolve(op, device_type=device_type, needs_grad=needs_grad) is expected
+
+
+def test_explicit_backend_overrides_auto() -> None:
+    assert resolve(SLIDING_WINDOW_ATTENTION, "eager", device_type="cpu", needs_grad=True) is (
+        reference.sliding_window_attention
+    )
+    assert resolve(SLIDING_WINDOW_ATTENTION, "sdpa", device_type="cuda", needs_grad=True) is (
+        sdpa.sliding_window_attention
+    )
+
+
+def test_unknown_op_lists_valid_ops() -> None:
+    with pytest.raises(ValueError, match="unknown attention op 'swa'.*'sliding_window_attention'.*'mla_absorbed_attention'"):
+        resolve("swa", device_type="cpu", needs_grad=False)
+
+
+def test_unknown_backend_lists_valid_backends() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'fa3'.*'eager', 'sdpa', 'flex', 'npu'"):
+        resolve(SLIDING_WINDOW_ATTENTION, "fa3", device_type="cpu", needs_grad=False)
+
+
+@pytest.mark.parametrize(
+    ("op", "backend", "device_type", "needs_grad", "installed", "message"),
+    [
+        (MLA_ABSORBED_ATTENTION, "triton", "cpu", False, ("triton",), "runs only on cuda"),
+        (MLA_ABSORBED_ATTENTION, "triton", "cuda", False, (), "'triton' is not installed"),
+        (MLA_ABSORBED_ATTENTION, "triton", "cuda", True, ("triton",), "forward-only"),
+        (SLIDING_WINDOW_ATTENTION, "flex", "cpu", True, (), "runs only on cuda"),
+        (SLIDING_WINDOW_ATTENTION, "npu", "cpu", True, ("torch_npu",), "runs only on npu"),
+        (SLIDING_WINDOW_ATTENTION, "auto", "npu", True, (), "'torch_npu' is not installed"),
+    ],
+)
+def test_backend_unavailable_here_is_a_clear_error(op, backend, device_type, needs_grad, installed, message, packages):
+    packages(*installed)
+    with pytest.raises(KernelUnavailableError, match=message):
+        resolve(op, backend, device_type=device_type, needs_grad=needs_grad)
+
+
+def test_available_backends(packages) -> None:
+    packages()  # no optional package installed
+    assert ops() == (SLIDING_WINDOW_ATTENTION, MLA_ABSORBED_ATTENTION)
+    assert available_backends(SLIDING_WINDOW_ATTENTION) == ("eager", "sdpa", "flex", "npu")
+    assert available_backends(MLA_ABSORBED_ATTENTION) == ("eager", "triton")
+    assert available_backends(SLIDING_WINDOW_ATTENTION, "cpu") == ("eager", "sdpa")
+    assert available_backends(SLIDING_WINDOW_ATTENTION, "cuda") == ("eager", "sdpa", "flex")
+    assert available_backends(MLA_ABSORBED_ATTENTION, "cuda") == ("eager",)
+    with pytest.raises(ValueError, match="unknown attention op"):
+        available_backends("nope")
+
+
+def test_choice_is_logged_once_per_op_and_backend(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_logged", set())
+    with caplog.at_level(logging.INFO, logger=registry.__name__):
+        for _ in range(3):
+            resolve(SLIDING_WINDOW_ATTENTION, device_type="cpu", needs_grad=True)
+        resolve(MLA_ABSORBED_ATTENTION, device_type="cpu", needs_grad=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "attention kernel: sliding_window_attention -> sdpa (device=cpu, needs_grad=True)",
+        "attention kernel: mla_absorbed_attention -> eager (device=cpu, needs_grad=True)",
+    ]
+
+
+def test_resolving_imports_neither_torch_npu_nor_triton_for_cpu_backends(monkeypatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    resolve(SLIDING_WINDOW_ATTENTION, device_type="cpu", needs_grad=True)
+    resolve(MLA_ABSORBED_ATTENTION, device_type="cpu", needs_grad=True)
+    assert "torch_npu" not in sys.modules
