@@ -21,8 +21,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ascend_edit.attention.cache_layers import sink_window_layer
 from ascend_edit.attention.geometry import AttentionGeometry
-from ascend_edit.attention.masks import as_bool_mask, to_sdpa_mask, visible_by_position
+from ascend_edit.attention.masks import as_bool_mask, packed_segments, to_sdpa_mask, visible_by_position
 from ascend_edit.attention.rope import apply_rope
+from ascend_edit.kernels.registry import SLIDING_WINDOW_ATTENTION, resolve
 
 GATES = ("none", "headwise", "elementwise")
 
@@ -54,6 +55,7 @@ class GateSWAAttention(nn.Module):
         self.window = window  # 0: this layer keeps full attention
         self.sink_tokens = sink_tokens
         self.gate = gate
+        self.kernel_backend = "auto"  # kernels.registry backend for the sliding-window op
         self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=g.qkv_bias)
         self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
@@ -99,8 +101,17 @@ class GateSWAAttention(nn.Module):
             k, v, k_pos, k_index = layer.update_window(k, v, q_pos)
         else:
             k_pos, k_index = q_pos, torch.arange(s, device=q.device)
-        visible = visible_by_position(q_pos, k_pos, window=self.window, sink_tokens=self.sink_tokens)
         given = as_bool_mask(attention_mask)
+        if cache is None and (given is None or bool(given.any(dim=-2).all())):
+            # No cache and no padded keys: the mask is causal + window + sinks + packed documents,
+            # all expressible from positions, so a fused sliding-window kernel can run it.
+            q_seg = packed_segments(q_pos)
+            kernel = resolve(SLIDING_WINDOW_ATTENTION, self.kernel_backend, device_type=q.device.type,
+                             needs_grad=torch.is_grad_enabled())
+            out = kernel(q, k, v, q_pos=q_pos, k_pos=k_pos, window=self.window, sink_tokens=self.sink_tokens,
+                         scale=self.scaling, q_seg=q_seg, k_seg=q_seg)
+            return out.transpose(1, 2)
+        visible = visible_by_position(q_pos, k_pos, window=self.window, sink_tokens=self.sink_tokens)
         if given is not None and given.shape[-1] > int(k_index.max()):
             # transformers' mask covers every token fed so far (padding, packed documents): pick the
             # columns of the keys this layer still holds.

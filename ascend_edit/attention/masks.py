@@ -36,3 +36,11 @@ def to_sdpa_mask(visible: torch.Tensor) -> torch.Tensor:
         visible = visible.clone()
         visible[..., :1] |= empty
     return visible
+
+
+def packed_segments(positions: torch.Tensor) -> torch.Tensor:
+    """Document ids [b, s] of a packed row: a new document starts wherever positions do not step by 1
+    (the same rule transformers uses to detect packed sequences)."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    return starts.long().cumsum(-1)

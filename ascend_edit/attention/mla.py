@@ -34,6 +34,7 @@ from ascend_edit.attention.geometry import AttentionGeometry
 from ascend_edit.attention.masks import as_bool_mask, to_sdpa_mask, visible_by_position
 from ascend_edit.attention.rope import apply_rope, leading_rope
 from ascend_edit.config import MLAConfig
+from ascend_edit.kernels.registry import MLA_ABSORBED_ATTENTION, resolve
 
 PATHS = ("auto", "naive", "absorbed")
 
@@ -59,6 +60,7 @@ class MLAAttention(nn.Module):
         self.is_causal = True
         self.num_key_value_groups = 1  # keys are already per head after decompression
         self.path = "auto"
+        self.kernel_backend = "auto"  # kernels.registry backend for the absorbed (decode) op
         bias = geometry.qkv_bias
         hidden, heads = geometry.hidden_size, geometry.num_heads
 
@@ -131,6 +133,18 @@ class MLAAttention(nn.Module):
         """Attend in latent space without decompressing the cache. Returns [b, s, h, d_v]."""
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)
+        given = as_bool_mask(attention_mask)
+        if given is None or bool(given.all()):
+            # Plain causal over the cache (decode without padding): the fused latent kernel applies.
+            b, _, s, _ = q_latent.shape
+            t = latent.shape[2]
+            kernel = resolve(MLA_ABSORBED_ATTENTION, self.kernel_backend, device_type=latent.device.type,
+                             needs_grad=torch.is_grad_enabled())
+            q_pos = torch.arange(t - s, t, device=latent.device).expand(b, s)
+            k_pos = torch.arange(t, device=latent.device).expand(b, t)
+            out_latent = kernel(q_latent, q_rope, latent[:, 0], k_rope[:, 0], q_pos=q_pos, k_pos=k_pos,
+                                scale=self.scaling)
+            return torch.einsum("bhsc,hvc->bshv", out_latent, w_uv)
         scores = torch.einsum("bhsc,btc->bhst", q_latent, latent[:, 0])
         scores = scores + torch.einsum("bhsr,btr->bhst", q_rope, k_rope[:, 0])
         s, t = scores.shape[-2:]
