@@ -214,9 +214,11 @@ class EngineConfig:
     checkpoint_every: int = 0  # steps; 0 = only at stage ends
     keep_last: int = 2
     resume: bool = True  # continue from the newest checkpoint in the run directory
+    compile: str = "auto"  # regional torch.compile: auto (CUDA only) | layers | blocks | off
 
     def __post_init__(self):
         _choice("engine.kind", self.kind, ("torch", "deepspeed"))
+        _choice("engine.compile", self.compile, ("auto", "layers", "blocks", "off"))
         _choice("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("engine.offload_params needs engine.zero_stage=3")
@@ -234,8 +236,38 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     enabled: bool = True
-    native: bool = True  # export as a stock transformers architecture where the variant allows it
-    checkpoint: Optional[str] = None  # `ascend-edit export`: run dir or checkpoint to export from
+    # Stock transformers architecture (deepseek_v3, or the teacher's own with layer_types) where it expresses
+    # the model: auto = native if possible else auto_map; always = native or a clear error; never = auto_map.
+    native: str = "auto"
+    checkpoint: Optional[str] = None  # `ascend-edit export`: converted dir, run dir, or stage checkpoint
+    output: Optional[str] = None  # where to write the HF checkpoint; default <output_dir>/hf
+    dtype: str = "auto"  # auto (as stored) | fp32 | bf16 | fp16
+    verify: bool = True  # load the export back and compare logits before keeping it
+
+    def __post_init__(self):
+        _choice("export.native", self.native, ("auto", "always", "never"))
+        _choice("export.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class BenchKVConfig:
+    """`ascend-edit bench_kv`: KV bytes/token and decode speed, teacher vs converted (random weights are fine)."""
+
+    contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    decode_tokens: int = 32  # timed greedy decode steps after the prefill
+    warmup_tokens: int = 4  # untimed decode steps first (kernel selection, autotuning, allocator)
+    prefill_chunk: int = 4096  # prefill in chunks of this many tokens, bounding activation memory
+
+    def __post_init__(self):
+        if not self.contexts or not self.batch_sizes:
+            raise ConfigError("bench_kv.contexts and bench_kv.batch_sizes must not be empty")
+        for key in ("contexts", "batch_sizes"):
+            for value in getattr(self, key):
+                _positive(f"bench_kv.{key}", value)
+        _positive("bench_kv.decode_tokens", self.decode_tokens)
+        _positive("bench_kv.warmup_tokens", self.warmup_tokens, allow_zero=True)
+        _positive("bench_kv.prefill_chunk", self.prefill_chunk)
 
 
 @dataclass
@@ -249,6 +281,7 @@ class RootConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    bench_kv: BenchKVConfig = field(default_factory=BenchKVConfig)
     output_dir: str = "."
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from ascend_edit.attention.cache_layers import sink_window_layer
 from ascend_edit.attention.geometry import AttentionGeometry
 from ascend_edit.attention.masks import as_bool_mask, packed_segments, to_sdpa_mask, visible_by_position
 from ascend_edit.attention.rope import apply_rope
+from ascend_edit.kernels.masks import TensorKeyedCache
 from ascend_edit.kernels.registry import SLIDING_WINDOW_ATTENTION, resolve
 
 GATES = ("none", "headwise", "elementwise")
@@ -94,23 +95,23 @@ class GateSWAAttention(nn.Module):
         b, _, s, _ = q.shape
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=q.device)
-        q_pos = position_ids.expand(b, s)
-        if cache is not None:
+            position_ids = torch.arange(past, past + s, device=q.device)[None]
+        given = as_bool_mask(attention_mask)
+        if cache is None:
+            q_pos, q_seg, fused_ok = _kernel_inputs(position_ids, given, b)
+            if fused_ok:
+                # No cache and no padded keys: the mask is causal + window + sinks + packed documents,
+                # all expressible from positions, so a fused sliding-window kernel can run it.
+                kernel = resolve(SLIDING_WINDOW_ATTENTION, self.kernel_backend, device_type=q.device.type,
+                                 needs_grad=torch.is_grad_enabled())
+                out = kernel(q, k, v, q_pos=q_pos, k_pos=q_pos, window=self.window, sink_tokens=self.sink_tokens,
+                             scale=self.scaling, q_seg=q_seg, k_seg=q_seg)
+                return out.transpose(1, 2)
+            k_pos, k_index = q_pos, torch.arange(s, device=q.device)
+        else:
+            q_pos = position_ids.expand(b, s)
             layer = sink_window_layer(cache, self.layer_idx, self.window, self.sink_tokens)
             k, v, k_pos, k_index = layer.update_window(k, v, q_pos)
-        else:
-            k_pos, k_index = q_pos, torch.arange(s, device=q.device)
-        given = as_bool_mask(attention_mask)
-        if cache is None and (given is None or bool(given.any(dim=-2).all())):
-            # No cache and no padded keys: the mask is causal + window + sinks + packed documents,
-            # all expressible from positions, so a fused sliding-window kernel can run it.
-            q_seg = packed_segments(q_pos)
-            kernel = resolve(SLIDING_WINDOW_ATTENTION, self.kernel_backend, device_type=q.device.type,
-                             needs_grad=torch.is_grad_enabled())
-            out = kernel(q, k, v, q_pos=q_pos, k_pos=k_pos, window=self.window, sink_tokens=self.sink_tokens,
-                         scale=self.scaling, q_seg=q_seg, k_seg=q_seg)
-            return out.transpose(1, 2)
         visible = visible_by_position(q_pos, k_pos, window=self.window, sink_tokens=self.sink_tokens)
         if given is not None and given.shape[-1] > int(k_index.max()):
             # transformers' mask covers every token fed so far (padding, packed documents): pick the
@@ -127,3 +128,19 @@ class GateSWAAttention(nn.Module):
         b, s, _ = hidden_states.shape
         g = g.view(b, s, self.num_heads, 1) if self.gate == "headwise" else g.view(b, s, self.num_heads, self.head_dim)
         return out * g.to(out.dtype)
+
+
+# Every layer of one forward pass gets the same position_ids / mask objects: derive the kernel's
+# inputs once per forward (and keep the fused kernel's own caches, keyed by tensor identity, warm).
+_KERNEL_INPUTS: TensorKeyedCache = TensorKeyedCache(max_entries=4)
+
+
+def _kernel_inputs(position_ids: torch.Tensor, given: torch.Tensor | None, batch: int):
+    """(positions [b, s], document ids [b, s], whether no key is padding) for a cache-free forward."""
+
+    def build():
+        q_pos = position_ids.expand(batch, -1).contiguous()
+        no_padding = given is None or bool(given.any(dim=-2).all())  # one host sync per forward
+        return q_pos, packed_segments(q_pos), no_padding
+
+    return _KERNEL_INPUTS.get_or_build((position_ids, given), batch, build)

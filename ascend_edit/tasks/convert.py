@@ -23,6 +23,7 @@ from ascend_edit.models.checkpoint import load_converted_weights, save_converted
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.sensitivity import swa_sensitivity
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model, set_trainable
+from ascend_edit.train.compile import apply_compile, compile_mode
 from ascend_edit.train.engine import CheckpointDir, make_engine
 from ascend_edit.train.loop import StageRun, resume, save_checkpoint, train_stage
 
@@ -53,33 +54,46 @@ def batches_of(dataset, indices: range, batch_size: int, device) -> list[dict]:
 
 
 def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
-    """(micro batch per process, accumulation steps) for a stage's global batch."""
+    """(micro batch per process, accumulation steps) for a stage's global batch of `stage.batch_size`.
+
+    Each process takes a contiguous `batch_size / world` slice of every global batch and cuts it into
+    micro-batches of `micro_batch_size` (default: the whole slice, no accumulation).
+    """
+    if world < 1:
+        raise ValueError(f"world size {world} must be >= 1")
     if stage.batch_size % world:
         raise ValueError(f"batch_size={stage.batch_size} is not divisible by the world size {world}")
     local = stage.batch_size // world
     micro = stage.micro_batch_size or local
-    if local % micro:
-        raise ValueError(f"micro_batch_size={micro} does not divide the per-process batch {local}")
+    if micro < 1 or local % micro:
+        raise ValueError(f"micro_batch_size={micro} does not divide the per-process batch {local} "
+                         f"(batch_size={stage.batch_size} over {world} processes)")
     return micro, local // micro
 
 
 def run_stage(name, model, objective, stage: StageConfig, cfg: RootConfig, train_set, device, env, ckpt_dir):
+    """Train one stage (resuming from its newest checkpoint if asked); returns (history, seconds).
+
+    The model comes back a plain module with full weights on every rank, whatever the engine.
+    """
     set_trainable(model, stage.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     micro, accumulation = stage_geometry(stage, env.world_size)
-    engine = make_engine(model, params, stage, cfg.engine, accumulation=accumulation, micro_batch=micro,
+    engine = make_engine(model, objective, params, stage, cfg.engine, accumulation=accumulation, micro_batch=micro,
                          world_size=env.world_size, device=device)
-    sampler = ResumableDistributedSampler(len(train_set), stage.batch_size // accumulation, env.rank,
-                                          env.world_size, seed=cfg.device.seed)
+    sampler = ResumableDistributedSampler(len(train_set), stage.batch_size, env.rank, env.world_size,
+                                          seed=cfg.device.seed)
     run = StageRun(name, stage.steps, accumulation, sampler, train_set, device.torch_device,
                    log_every=cfg.distill.log_every, checkpoint_every=cfg.engine.checkpoint_every,
-                   checkpoints=CheckpointDir(ckpt_dir, cfg.engine.keep_last), is_main=env.is_main)
+                   checkpoints=CheckpointDir(ckpt_dir, cfg.engine.keep_last), is_main=env.is_main,
+                   metrics_log=Path(cfg.output_dir) / "metrics.jsonl")
     start = resume(engine, run) if cfg.engine.resume else 0
     started = time.perf_counter()
-    history = train_stage(model, objective, engine, run, start_step=start)
+    history = train_stage(engine, run, start_step=start)
     seconds = time.perf_counter() - started
     if start < stage.steps:
         save_checkpoint(engine, run, stage.steps)
+    engine.close()
     return history, seconds
 
 
@@ -123,6 +137,7 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     plan = build_plan(model.config.num_hidden_layers, cfg.target, sensitivity)
     stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
     edit_model(model, plan, cfg.target, stats)
+    apply_compile(compile_mode(cfg.engine.compile, device.type, model), model)
     return Prepared(device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
 
 

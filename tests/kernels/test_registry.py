@@ -60,7 +60,8 @@ def test_explicit_backend_overrides_auto() -> None:
 
 
 def test_unknown_op_lists_valid_ops() -> None:
-    with pytest.raises(ValueError, match="unknown attention op 'swa'.*'sliding_window_attention'.*'mla_absorbed_attention'"):
+    expected = "unknown attention op 'swa'.*'sliding_window_attention'.*'mla_absorbed_attention'"
+    with pytest.raises(ValueError, match=expected):
         resolve("swa", device_type="cpu", needs_grad=False)
 
 

@@ -170,7 +170,12 @@ def _assert_matches_reference(fn, inp: dict, *, grad: bool, tol: dict) -> None:
 def test_mask_rule_matches_contract_loop(case: SwaCase) -> None:
     inp = make_inputs(case)
     got = dense_visibility(
-        inp["q_pos"], inp["k_pos"], window=case.window, sink_tokens=case.sink_tokens, q_seg=inp["q_seg"], k_seg=inp["k_seg"]
+        inp["q_pos"],
+        inp["k_pos"],
+        window=case.window,
+        sink_tokens=case.sink_tokens,
+        q_seg=inp["q_seg"],
+        k_seg=inp["k_seg"],
     )
     assert torch.equal(got, _loop_visibility(inp))
 
@@ -501,7 +506,12 @@ def test_npu_stand_in_detects_the_off_by_one(npu_stand_in: FusionAttentionStandI
 def test_npu_plan_choice(case: SwaCase, expected: tuple) -> None:
     inp = make_inputs(case)
     plan = npu_backend.plan_fusion_attention(
-        inp["q_pos"], inp["k_pos"], window=case.window, sink_tokens=case.sink_tokens, q_seg=inp["q_seg"], k_seg=inp["k_seg"]
+        inp["q_pos"],
+        inp["k_pos"],
+        window=case.window,
+        sink_tokens=case.sink_tokens,
+        q_seg=inp["q_seg"],
+        k_seg=inp["k_seg"],
     )
     assert (plan.layout, plan.sparse_mode, plan.actual_seq_len) == expected
     assert (plan.atten_mask is None) == (plan.sparse_mode != 0)

@@ -1,0 +1,1 @@
+"""Hugging Face integration: the self-contained modeling code that `auto_map` exports ship with."""

@@ -1,0 +1,74 @@
+"""Modeling code shipped inside exported checkpoints that stock transformers cannot express (`auto_map`).
+
+An exported model is the teacher's own architecture (its transformers class, loaded from transformers)
+with the attention of the converted layers replaced by the package's targets — exactly what
+`models.surgery` does in the framework. The checkpoint's `config.json` carries the per-layer plan:
+
+    "ascend_edit": {"plan": ["mla", "mla", "keep", ...],          # one entry per decoder layer
+                    "mla": {...MLAConfig fields...},
+                    "gate_swa": {"window": ..., "sink_tokens": ..., "gate": ...}}
+
+This file is not imported from the checkpoint as is: `ascend_edit.hf.bundle` inlines it, together with
+the attention modules it imports, into one self-contained `modeling_ascend_edit.py` that needs only
+torch and transformers, and appends the two classes bound to the teacher's architecture
+(`AscendEditConfig`, `AscendEditForCausalLM`).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from torch import nn
+
+from ascend_edit.attention.gate_swa import GateSWAAttention
+from ascend_edit.attention.geometry import read_geometry
+from ascend_edit.attention.mla import MLAAttention
+
+# Plan entries whose layer keeps the architecture's own attention module ("identity" is a trained copy
+# of the teacher attention with the same parameter names).
+TEACHER_LAYOUT_KINDS = ("keep", "identity")
+CONVERTED_KINDS = ("mla", "swa", "full")
+
+
+def converted_attention(kind: str, teacher_attn: nn.Module, config, spec: dict) -> nn.Module:
+    """The target module for one plan entry, shaped from the architecture's attention it replaces."""
+    geometry = read_geometry(teacher_attn, config)
+    if kind == "mla":
+        return MLAAttention(geometry, SimpleNamespace(**spec["mla"]), config=config)
+    if kind in ("swa", "full"):
+        swa = spec["gate_swa"]
+        return GateSWAAttention(
+            geometry,
+            window=swa["window"] if kind == "swa" else 0,
+            sink_tokens=swa["sink_tokens"],
+            gate=swa["gate"],
+            config=config,
+            q_norm=getattr(teacher_attn, "q_norm", None),
+            k_norm=getattr(teacher_attn, "k_norm", None),
+        )
+    raise ValueError(f"unknown plan entry {kind!r}: expected one of {TEACHER_LAYOUT_KINDS + CONVERTED_KINDS}")
+
+
+def install_converted_attention(model: nn.Module, config) -> None:
+    """Replace the attention of every converted layer of a freshly built CausalLM, per `config.ascend_edit`."""
+    spec = getattr(config, "ascend_edit", None)
+    if not isinstance(spec, dict) or "plan" not in spec:
+        raise ValueError("config has no 'ascend_edit' entry with a layer plan: not an ascend_edit export")
+    layers = model.model.layers
+    if len(spec["plan"]) != len(layers):
+        raise ValueError(f"the plan has {len(spec['plan'])} entries for {len(layers)} decoder layers")
+    for layer, kind in zip(layers, spec["plan"]):
+        if kind in TEACHER_LAYOUT_KINDS:
+            continue
+        layer.self_attn = converted_attention(kind, layer.self_attn, config, spec)
+
+
+class AscendEditCausalLMMixin:
+    """Put before the teacher's CausalLM class: builds it, then swaps in the converted attentions.
+
+    Everything else (forward, loss, generation, caches, weight tying, MoE routing) is the teacher
+    architecture's own transformers code.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        install_converted_attention(self, config)

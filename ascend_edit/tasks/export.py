@@ -1,0 +1,167 @@
+"""`ascend-edit export`: a Hugging Face checkpoint of a converted model (see models/export.py for formats).
+
+`export.checkpoint` may name:
+* a converted directory — `converted/` or `stage-layerwise/` of a run (`ascend_edit.json` inside). The
+  convert task writes these after the engine has gathered every weight, so they come from any ZeRO stage;
+* a run directory — its `converted/`, else its `stage-layerwise/`;
+* a stage checkpoint of the torch engine, `checkpoints/step-<stage>-<n>/` (`engine.pt`): the model is
+  rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, and the trained weights that
+  checkpoint holds are loaded on top.
+A DeepSpeed stage checkpoint (`deepspeed/` inside) is refused with a pointer to the alternatives:
+its ZeRO partitions can only be consolidated through DeepSpeed, which train/engine.py alone imports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from ascend_edit.config import RootConfig, to_typed
+from ascend_edit.device import seed_everything
+from ascend_edit.models.checkpoint import load_converted
+from ascend_edit.models.export import ExportResult, export_converted
+from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
+from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, set_mode
+
+log = logging.getLogger(__name__)
+
+CONVERTED_MARKER = "ascend_edit.json"
+RUN_CANDIDATES = ("converted", "stage-layerwise")  # inside a run directory, in order of preference
+ENGINE_WEIGHTS = "engine.pt"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    kind: str  # "converted" | "engine_checkpoint"
+    path: Path
+
+
+def resolve_source(path: str | Path | None) -> ExportSource:
+    """What `export.checkpoint` points at; a clear error when it is none of the supported layouts."""
+    if not path:
+        raise ValueError("export.checkpoint is required: a converted dir, a run dir or a stage checkpoint")
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"export.checkpoint={path} is not a directory")
+    if (path / CONVERTED_MARKER).exists():
+        return ExportSource("converted", path)
+    for name in RUN_CANDIDATES:
+        if (path / name / CONVERTED_MARKER).exists():
+            return ExportSource("converted", path / name)
+    if (path / ENGINE_WEIGHTS).exists():
+        return ExportSource("engine_checkpoint", path)
+    if (path / "deepspeed").is_dir():
+        raise NotImplementedError(
+            f"{path} is a DeepSpeed stage checkpoint: its ZeRO partitions need DeepSpeed to consolidate, which "
+            "export does not import. Export the run's converted/ or stage-layerwise/ (written after the engine "
+            "gathered every weight, for any ZeRO stage), or resume the run to the end of the stage")
+    raise FileNotFoundError(f"{path} holds no converted model ({CONVERTED_MARKER}), no run output "
+                            f"({' or '.join(RUN_CANDIDATES)}/) and no torch-engine checkpoint ({ENGINE_WEIGHTS})")
+
+
+def stored_dtype(directory: Path) -> torch.dtype:
+    """The dtype of the first floating-point tensor in a converted dir's model.safetensors."""
+    with safe_open(str(Path(directory) / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def _run_config(run_dir: Path) -> RootConfig:
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        raise FileNotFoundError(f"{saved} is missing: a stage checkpoint is rebuilt from its run's saved config")
+    raw = OmegaConf.load(saved)
+    raw.output_dir = str(run_dir)  # saved as an interpolation into Hydra's runtime, unset here
+    return to_typed(OmegaConf.merge(OmegaConf.structured(RootConfig), raw))
+
+
+def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:
+    if cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity:
+        # The plan came from sensitivities measured on data: take it from the run's saved output.
+        for name in RUN_CANDIDATES:
+            meta = run_dir / name / CONVERTED_MARKER
+            if meta.exists():
+                return [LayerPlan(i, kind) for i, kind in json.loads(meta.read_text())["plan"]]
+        raise NotImplementedError("this run chose its full layers by measured sensitivity and has saved no "
+                                  f"converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
+    return build_plan(num_layers, cfg.target)
+
+
+def rebuild_from_engine_checkpoint(checkpoint: Path):
+    """(edited model in student mode, tokenizer) with the weights of a torch-engine stage checkpoint."""
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step-<stage>-<n>
+    cfg = _run_config(run_dir)
+    seed_everything(cfg.device.seed)  # as the convert task did before building the teacher (config source)
+    model, tokenizer = load_teacher(cfg.model)
+    plan = _run_plan(cfg, run_dir, model.config.num_hidden_layers)
+    edit_model(model, plan, dataclasses.replace(cfg.target, init="random"))
+    trained = torch.load(checkpoint / ENGINE_WEIGHTS, map_location="cpu", weights_only=False)["params"]
+    own = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(own))
+    if unknown:
+        raise ValueError(f"{checkpoint}: weights {unknown[:4]} do not exist in the model its run config builds")
+    if not any(".self_attn.target." in name for name in trained):
+        raise ValueError(f"{checkpoint}: holds no target weights")
+    with torch.no_grad():
+        for name, value in trained.items():
+            own[name].copy_(value)
+    set_mode(model, "student")
+    return model.eval(), tokenizer
+
+
+def load_source(source: ExportSource, dtype: torch.dtype | None):
+    """(converted model, tokenizer or None, dtype to export in)."""
+    if source.kind == "converted":
+        dtype = dtype or stored_dtype(source.path)
+        model = load_converted(source.path, dtype=dtype)
+        has_tokenizer = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(source.path) if has_tokenizer else None
+        return model, tokenizer, dtype
+    model, tokenizer = rebuild_from_engine_checkpoint(source.path)
+    dtype = dtype or next(model.parameters()).dtype
+    return model.to(dtype), tokenizer, dtype
+
+
+def run(cfg: RootConfig) -> dict:
+    source = resolve_source(cfg.export.checkpoint)
+    requested = None if cfg.export.dtype == "auto" else TORCH_DTYPES[cfg.export.dtype]
+    model, tokenizer, dtype = load_source(source, requested)
+    output = Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf"
+    result = export_converted(model, output, tokenizer=tokenizer, native=cfg.export.native, dtype=dtype,
+                              verify=cfg.export.verify)
+    print_result(Console(), source, result)
+    return {"source": str(source.path), "directory": str(result.directory), "format": result.format,
+            "blockers": result.blockers, "max_rel_logit_diff": result.max_rel_logit_diff,
+            "cache_bytes_per_token": result.cache_bytes_per_token, "serving_notes": result.serving_notes}
+
+
+def print_result(console: Console, source: ExportSource, result: ExportResult) -> None:
+    table = Table(title=f"Exported {source.path} -> {result.directory}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("format", result.format)
+    for fmt, reasons in result.blockers.items():
+        if reasons:
+            table.add_row(f"not {fmt}", "\n".join(reasons))
+    if result.max_rel_logit_diff is not None:
+        table.add_row("reloaded vs model", f"max relative logit difference {result.max_rel_logit_diff:.1e}")
+        table.add_row("cache (reloaded)", f"{result.cache_bytes_per_token:,.0f} bytes/token (fp32, probe)")
+    for note in result.serving_notes:
+        table.add_row("serving", note)
+    remote = ", trust_remote_code=True" if result.format == "auto_map" else ""
+    table.add_row("load", f'AutoModelForCausalLM.from_pretrained("{result.directory}"{remote})')
+    console.print(table)
