@@ -125,7 +125,7 @@ class TargetConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # files | shakespeare
+    source: str = "shakespeare"  # files | shakespeare | synthetic (random ids: throughput runs only)
     path: Optional[str] = None  # required with source=files
     format: str = "auto"  # auto | text | jsonl | parquet | hf_dataset
     text_field: str = "text"
@@ -134,9 +134,10 @@ class DataConfig:
     eval_fraction: float = 0.05
     eval_sequences: int = 16
     max_documents: Optional[int] = None
+    synthetic_sequences: int = 256  # data.source=synthetic: packed training sequences to generate
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("files", "shakespeare"))
+        _choice("data.source", self.source, ("files", "shakespeare", "synthetic"))
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))
         _positive("data.seq_len", self.seq_len)
         if not 0.0 < self.eval_fraction < 1.0:

@@ -9,7 +9,7 @@ For every batch size and context: a fresh transformers cache, a chunked prefill 
 tokens (`prefill_chunk` at a time, logits for the last position only), `warmup_tokens` untimed greedy
 decode steps, then `decode_tokens` timed ones. Reported per cell: KV bytes per token measured from the
 tensors the cache holds after the prefill, prefill seconds, decode milliseconds per step and decode
-tokens/s (batch x steps / time), and peak device memory. A cell that runs out of memory is recorded as
+tokens/s (batch / median step time), and peak device memory. A cell that runs out of memory is recorded as
 `oom` and the run goes on. Output: a rich table, `bench_kv.csv` and `bench_kv.png` in the run directory.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import gc
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,8 @@ class Cell:
     kv_bytes_per_token: float = float("nan")  # measured, per sequence, all layers
     kv_bytes_per_token_accounted: float = float("nan")  # from the layer layout (eval/kv.py)
     prefill_s: float = float("nan")
-    decode_ms_per_step: float = float("nan")
+    decode_ms_per_step: float = float("nan")  # median over the timed steps
+    decode_ms_mean: float = float("nan")
     decode_tokens_per_s: float = float("nan")
     peak_gib: float = float("nan")
 
@@ -73,10 +75,38 @@ def build_model(cfg: ModelConfig, device: DeviceInfo) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+class StepClock:
+    """Marks on the device's own timeline: CUDA/NPU events, so CPU launches and GPU work stay overlapped as in
+    real decoding (a synchronize per step would serialise them); wall time on the CPU."""
+
+    def __init__(self, device: DeviceInfo):
+        self.events = getattr(torch, device.type).Event if device.type != "cpu" else None
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.events is None:
+            self.marks.append(time.perf_counter())
+        else:
+            event = self.events(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (synchronize the device first)."""
+        pairs = zip(self.marks, self.marks[1:])
+        if self.events is None:
+            return [1e3 * (b - a) for a, b in pairs]
+        return [a.elapsed_time(b) for a, b in pairs]
+
+
 @torch.no_grad()
 def measure(model: torch.nn.Module, device: DeviceInfo, batch: int, context: int, bench: BenchKVConfig,
             generator: torch.Generator) -> dict:
-    """Prefill `context` random tokens in chunks, then time greedy decode steps with the cache."""
+    """Prefill `context` random tokens in chunks, then time greedy decode steps with the cache.
+
+    The step time is the median over the timed steps: decode through transformers is launch-bound at these
+    sizes, and the median keeps a stray host-side pause from counting as decode cost.
+    """
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device.torch_device)
     cache = DynamicCache(config=model.config)
@@ -90,18 +120,19 @@ def measure(model: torch.nn.Module, device: DeviceInfo, batch: int, context: int
     prefill_s = time.perf_counter() - started
     kv_bytes = measured_cache_bytes(cache)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
+    clock = StepClock(device)
     for step in range(bench.warmup_tokens + bench.decode_tokens):
-        if step == bench.warmup_tokens:
-            synchronize(device)
-            started = time.perf_counter()
+        if step >= bench.warmup_tokens:
+            clock.mark()
         out = model(input_ids=token, cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+    clock.mark()
     synchronize(device)
-    decode_s = time.perf_counter() - started
+    steps_ms = clock.intervals_ms()
+    median_ms = statistics.median(steps_ms)
     return {"kv_bytes_per_token": kv_bytes / (batch * context), "prefill_s": prefill_s,
-            "decode_ms_per_step": 1e3 * decode_s / bench.decode_tokens,
-            "decode_tokens_per_s": batch * bench.decode_tokens / decode_s,
-            "peak_gib": memory_stats(device)["peak_gib"]}
+            "decode_ms_per_step": median_ms, "decode_ms_mean": statistics.fmean(steps_ms),
+            "decode_tokens_per_s": batch * 1e3 / median_ms, "peak_gib": memory_stats(device)["peak_gib"]}
 
 
 def _is_oom(err: BaseException) -> bool:

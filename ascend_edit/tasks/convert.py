@@ -13,8 +13,8 @@ from rich.table import Table
 
 from ascend_edit import distributed
 from ascend_edit.config import DataConfig, RootConfig, StageConfig
-from ascend_edit.data import ResumableDistributedSampler, build_train_eval, load_documents
-from ascend_edit.device import resolve_device, seed_everything
+from ascend_edit.data import ResumableDistributedSampler, build_train_eval, load_documents, pack_token_documents
+from ascend_edit.device import memory_stats, resolve_device, seed_everything
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import ModelLevelObjective
 from ascend_edit.eval.kv import kv_table
@@ -30,7 +30,23 @@ from ascend_edit.train.loop import StageRun, resume, save_checkpoint, train_stag
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: DataConfig, tokenizer, seed: int):
+def synthetic_data(cfg: DataConfig, vocab_size: int, seed: int):
+    """Uniform random token ids in documents of random length: for throughput and memory runs only
+    (there is nothing to learn in them). Sized to give `synthetic_sequences` packed sequences."""
+    generator = torch.Generator().manual_seed(seed)
+    total = cfg.synthetic_sequences * cfg.seq_len
+    docs, produced = [], 0
+    while produced < total * 1.25:
+        length = int(torch.randint(cfg.seq_len // 4, 2 * cfg.seq_len, (1,), generator=generator))
+        docs.append(torch.randint(0, vocab_size, (length,), generator=generator).tolist())
+        produced += length
+    held_out = max(1, round(len(docs) * cfg.eval_fraction))
+    return pack_token_documents(docs[held_out:], cfg.seq_len), pack_token_documents(docs[:held_out], cfg.seq_len)
+
+
+def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
+    if cfg.source == "synthetic":
+        return synthetic_data(cfg, vocab_size, seed)
     if tokenizer is None:
         raise ValueError("this teacher has no tokenizer (model.source=config): use a model with one, "
                          "or feed token ids directly through the Python API")
@@ -126,7 +142,7 @@ def prepare(cfg: RootConfig) -> Prepared | None:
 
     model, tokenizer = load_teacher(cfg.model)
     model.to(device.torch_device)
-    train_set, eval_set = load_data(cfg.data, tokenizer, cfg.device.seed)
+    train_set, eval_set = load_data(cfg.data, tokenizer, cfg.device.seed, model.config.vocab_size)
     eval_batches = batches_of(eval_set, range(min(cfg.data.eval_sequences, len(eval_set))), cfg.eval.batch_size,
                               device.torch_device)
     calibration = batches_of(train_set, range(min(cfg.target.calibration_batches * cfg.eval.batch_size,
@@ -179,7 +195,10 @@ def run(cfg: RootConfig) -> dict:
         results["after_model_level"] = evaluate(model, eval_batches)
 
     kv = kv_table(model, cfg.eval.context, bytes_per_value=2)
-    report = {"results": results, "train_seconds": timings,
+    throughput = {name: stage_throughput(getattr(cfg.distill, name), cfg.data.seq_len, seconds, env.world_size)
+                  for name, seconds in timings.items()}
+    report = {"results": results, "train_seconds": timings, "throughput": throughput,
+              "peak_memory_gib": memory_stats(device)["peak_gib"],
               "plan": [(e.layer_idx, e.kind) for e in plan],
               "kv": {k: v for k, v in kv.items() if k != "layers"},
               "train_sequences": len(train_set), "eval_tokens": results["teacher"]["tokens"],
@@ -193,6 +212,11 @@ def run(cfg: RootConfig) -> dict:
     return report
 
 
+def stage_throughput(stage: StageConfig, seq_len: int, seconds: float, world_size: int) -> dict:
+    tokens = stage.steps * stage.batch_size * seq_len
+    return {"tokens": tokens, "tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / world_size}
+
+
 def print_results(console: Console, results: dict, kv: dict) -> None:
     table = Table(title="Held-out quality (teacher-KL in nats/token)")
     for col in ("model", "perplexity", "teacher-KL", "top-1 agreement"):
@@ -202,4 +226,8 @@ def print_results(console: Console, results: dict, kv: dict) -> None:
                       f"{100 * metrics['top1_agreement']:.1f} %")
     console.print(table)
     console.print(f"KV cache at {kv['context']:,} tokens (16-bit): teacher {kv['teacher_total_bytes'] / 2**20:,.1f} MiB"
-                  f" -> converted {kv['converted_total_bytes'] / 2**20:,.1f} MiB ({kv['reduction_pct']:.1f} % less)")
+                  f" -> converted {kv['converted_total_bytes'] / 2**20:,.1f} MiB ({_change(kv['reduction_pct'])})")
+
+
+def _change(reduction_pct: float) -> str:
+    return f"{reduction_pct:.1f} % less" if reduction_pct >= 0 else f"{-reduction_pct:.1f} % MORE"

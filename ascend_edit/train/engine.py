@@ -269,6 +269,8 @@ class DeepSpeedEngine:
 
     def close(self) -> None:
         """Remove DeepSpeed's hooks; under ZeRO-3 first make every parameter whole again on every rank."""
+        if self.engine is None:  # closed already
+            return
         if self.cfg.zero_stage == 3:
             _unpartition(self.model)
         self.engine.destroy()
@@ -288,11 +290,17 @@ def _unpartition(model: nn.Module) -> None:
 
     One module's parameters are gathered at a time. The full model was resident on every rank before
     the stage (teacher loading, calibration, warm start), so this needs no more memory than that did.
+    External-parameter registrations DeepSpeed made on the model's modules point at the old
+    parameters and are dropped (a next ZeRO-3 engine discovers the new ones again).
     """
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
 
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        if hasattr(module, "ds_external_parameters"):
+            for _, stale in list(module.ds_external_parameters()):
+                unregister_external_parameter(module, stale)
         own = [(name, p) for name, p in module.named_parameters(recurse=False) if hasattr(p, "ds_id")]
         fresh = [p for _, p in own if id(p) not in replaced]
         if fresh:

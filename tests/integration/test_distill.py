@@ -43,6 +43,8 @@ from ascend_edit.models.surgery import (
 from ascend_edit.train.engine import Objective, TorchEngine
 from ascend_edit.train.loop import StageRun, train_stage
 
+pytestmark = pytest.mark.usefixtures("few_cpu_threads")  # see conftest.py
+
 SEQ_LEN = 64
 BATCH_SIZE = 8
 EVAL_SEQUENCES = 8
@@ -292,12 +294,12 @@ def test_stage2_distils_against_the_original_teacher(policy: str, mla_warm_model
     model, train = mla_warm_model
     model = copy.deepcopy(model)
     original, _ = load_teacher(ModelConfig(source="hf", path=str(trained_teacher)))
-    stage = ModelLevelConfig(steps=5, lr=1e-3, warmup_steps=0, batch_size=BATCH_SIZE, trainable=policy)
+    stage = ModelLevelConfig(steps=10, lr=3e-3, warmup_steps=0, batch_size=BATCH_SIZE, trainable=policy)
     objective = ModelLevelObjective("forward", temperature=1.0)
     run_stage(model, objective, stage, train, "model_level")
 
     batch = packed_data(trained_teacher)[1][0]
-    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     mask = batch["loss_mask"]
     with torch.no_grad():
         _, metrics = objective(model, batch)
@@ -305,4 +307,5 @@ def test_stage2_distils_against_the_original_teacher(policy: str, mla_warm_model
         log_q = torch.log_softmax(model(**kwargs).logits[mask], dim=-1)
         log_p = torch.log_softmax(original(**kwargs).logits[mask], dim=-1)
     expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    assert metrics["kd"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # Measured: agreement to 1e-7 (relative) with trainable=target; a 6e-3 gap with target+norms.
+    assert metrics["kd"] == pytest.approx(expected, rel=1e-5)

@@ -25,7 +25,7 @@ GROUPS = {
     "model": ["smollm2", "hf", "qwen3_tiny", "qwen3_moe_tiny", "llama_tiny", "qwen3_0p6b_shape",
               "qwen3_1p7b_shape", "qwen3_8b_shape"],
     "target": ["mla", "mla_small", "gate_swa", "identity"],
-    "data": ["shakespeare", "files"],
+    "data": ["shakespeare", "files", "synthetic"],
     "engine": ["torch", "zero0", "zero1", "zero2", "zero3", "zero3_offload"],
     "device": ["auto", "cpu", "cuda", "npu"],
 }
