@@ -86,7 +86,8 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     H, G, d = g.num_heads, g.num_kv_heads, g.head_dim
     r, n, v, c = target.qk_rope_head_dim, target.qk_nope_head_dim, target.v_head_dim, target.kv_lora_rank
     D = g.hidden_size
-    f64 = dict(dtype=torch.float64)
+    # Work on the weights' device (SVDs of real-size layers are far faster on an accelerator).
+    f64 = dict(dtype=torch.float64, device=teacher.q_proj.weight.device)
     cov = stats.input_cov.to(**f64) if stats is not None else torch.eye(D, **f64)
     cov_half = _matrix_sqrt(cov)
 
@@ -101,8 +102,8 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
         q_scale = teacher.q_norm.weight.to(**f64) / (stats.q_rms if stats else 1.0)
         k_scale = teacher.k_norm.weight.to(**f64) / (stats.k_rms if stats else 1.0)
         wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
-    rope_idx, nope_idx = rope_dims(d, r)
-    group_of_head = torch.arange(H) // (H // G)
+    rope_idx, nope_idx = (idx.to(f64["device"]) for idx in rope_dims(d, r))
+    group_of_head = torch.arange(H, device=f64["device"]) // (H // G)
     # MLA's softmax scale differs from the teacher's; fold the ratio into the query.
     wq = wq * (g.scaling / target.scaling)
 
@@ -174,7 +175,7 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     wo = torch.einsum("Dhd,hvd->Dhv", wo, torch.stack(out_maps)[group_of_head])
     target.o_proj.weight.copy_(wo.reshape(D, H * v).to(dtype))
     if target.o_proj.bias is not None:
-        bias = teacher.o_proj.bias if teacher.o_proj.bias is not None else torch.zeros(D)
+        bias = teacher.o_proj.bias if teacher.o_proj.bias is not None else torch.zeros(D, device=f64["device"])
         target.o_proj.bias.copy_(bias.to(dtype))
     return {"latent_energy_kept": energy_kept, "latent_rms": latent_rms}
 

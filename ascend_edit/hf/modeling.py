@@ -8,10 +8,11 @@ with the attention of the converted layers replaced by the package's targets —
                     "mla": {...MLAConfig fields...},
                     "gate_swa": {"window": ..., "sink_tokens": ..., "gate": ...}}
 
-This file is not imported from the checkpoint as is: `ascend_edit.hf.bundle` inlines it, together with
-the attention modules it imports, into one self-contained `modeling_ascend_edit.py` that needs only
-torch and transformers, and appends the two classes bound to the teacher's architecture
-(`AscendEditConfig`, `AscendEditForCausalLM`).
+Exported checkpoints do not import this module from the package: `ascend_edit.hf.bundle` copies it,
+with every package module it needs, into the checkpoint as `ascend_edit_*.py` files whose imports are
+made relative, and writes the entry file `modeling_ascend_edit.py` with the two classes bound to the
+teacher's architecture (`AscendEditConfig`, `AscendEditForCausalLM`). The set needs only torch and
+transformers.
 """
 from __future__ import annotations
 

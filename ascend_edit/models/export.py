@@ -152,7 +152,8 @@ def _interleave_rope_rows(weight: torch.Tensor, rope_dim: int, block: int) -> to
     return torch.cat([rows[:, : block - rope_dim], rope], dim=1).reshape(weight.shape)
 
 
-def _deepseek_v3_state(state: dict[str, torch.Tensor], spec: dict, base) -> dict[str, torch.Tensor]:
+def _deepseek_v3_state(state: dict[str, torch.Tensor], spec: dict) -> dict[str, torch.Tensor]:
+    """The converted weights under deepseek_v3's layout: interleaved rotary rows, an explicit lm_head."""
     mla = spec["mla"]
     rope, qk_head = mla["qk_rope_head_dim"], mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
     out = dict(state)
@@ -194,7 +195,7 @@ def _deepseek_v3_blockers(model: nn.Module, spec: dict) -> list[str]:
         scaling = DeepseekV3Attention(config, 0).scaling
     if abs(scaling - mla.scaling) > 1e-12 * mla.scaling:
         reasons.append(f"deepseek_v3 would scale scores by {scaling:.6g}, the converted model by {mla.scaling:.6g}")
-    state = _deepseek_v3_state(converted_state_dict(model), spec, base)
+    state = _deepseek_v3_state(converted_state_dict(model), spec)
     reasons += _layout_mismatch(DeepseekV3ForCausalLM, config, state)
     return reasons
 
@@ -309,23 +310,13 @@ def choose_format(model: nn.Module, native: str = "auto", spec: dict | None = No
     return "auto_map", blockers
 
 
-def _materialise_buffers(exported: nn.Module, config) -> None:
-    """Rotary inverse frequencies are non-persistent buffers left on meta: build them on CPU."""
-    for module in exported.modules():
-        if "RotaryEmbedding" in type(module).__name__:
-            fresh = type(module)(config=config)
-            for name, buf in fresh.named_buffers():
-                setattr(module, name, buf)
-
-
-def _write(model: nn.Module, spec: dict, fmt: str, directory: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _write(model: nn.Module, spec: dict, fmt: str, directory: Path) -> PreTrainedModel:
     base = model.config
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
-             for k, v in converted_state_dict(model).items()}
+    state = {k: v.detach().to("cpu") for k, v in converted_state_dict(model).items()}
     if fmt == "deepseek_v3":
         bias = "model.layers.0.self_attn.kv_a_proj_with_mqa.bias" in state
         config, model_cls = deepseek_v3_config(base, spec, bias), DeepseekV3ForCausalLM
-        state = _deepseek_v3_state(state, spec, base)
+        state = _deepseek_v3_state(state, spec)
     elif fmt == "teacher":
         config, model_cls = teacher_config(base, spec), type(model)
     else:
@@ -337,14 +328,35 @@ def _write(model: nn.Module, spec: dict, fmt: str, directory: Path, dtype: torch
         config = model_cls.config_class(**fields, ascend_edit=spec, auto_map=auto_map)
         config.architectures = [CAUSAL_LM_CLASS]
     config = copy.deepcopy(config)
-    config.dtype = dtype
+    config.dtype = next(model.parameters()).dtype
     config._attn_implementation = getattr(base, "_attn_implementation", None) or "sdpa"
-    exported = _assigned_with_buffers(model_cls, config, state)
+    exported = _assigned(model_cls, config, state)
     exported.save_pretrained(directory)
     return exported
 
 
-def _assigned_with_buffers(model_cls, config, state) -> PreTrainedModel:
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters only. `Module.to(dtype)` would also round the rotary inverse
+    frequencies (buffers) to bf16 — a phase error that grows with position — which transformers' own
+    loading never does."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
+def fresh_rotary_buffers(model: nn.Module) -> None:
+    """Recompute every rotary embedding's buffers in fp32 from its config (on each module's device)."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "config"):
+            for name, buffer in type(module)(config=module.config).named_buffers():
+                old = getattr(module, name, None)
+                device = old.device if isinstance(old, torch.Tensor) and not old.is_meta else "cpu"
+                setattr(module, name, buffer.to(device))
+
+
+def _assigned(model_cls, config, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """An instance of `model_cls` holding exactly `state`: built on meta (no initialisation), weights assigned."""
     with torch.device("meta"):
         exported = model_cls(config)
     missing, unexpected = exported.load_state_dict(state, strict=False, assign=True)
@@ -352,8 +364,9 @@ def _assigned_with_buffers(model_cls, config, state) -> PreTrainedModel:
         exported.tie_weights()
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
-        raise ExportError(f"weights do not fit {model_cls.__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    _materialise_buffers(exported, config)
+        raise ExportError(f"weights do not fit {model_cls.__name__}: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}")
+    fresh_rotary_buffers(exported)  # non-persistent, so still on meta
     return exported
 
 
@@ -371,7 +384,7 @@ def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed:
     reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                     trust_remote_code=fmt == "auto_map").eval()
     reference_dtype = next(model.parameters()).dtype
-    model.float()
+    cast_parameters(model, torch.float32)
     try:
         generator = torch.Generator().manual_seed(seed)
         length = probe_length(spec, model.config.max_position_embeddings)
@@ -380,7 +393,7 @@ def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed:
         want = model(input_ids=ids.to(device)).logits.float().cpu()
         out = reloaded(input_ids=ids, use_cache=True)
     finally:
-        model.to(reference_dtype)
+        cast_parameters(model, reference_dtype)
     diff = float((out.logits.float() - want).abs().max() / want.abs().max().clamp_min(1e-12))
     if not diff <= VERIFY_RTOL:
         raise ExportError(f"the exported {fmt} checkpoint does not reproduce the model: max relative logit "
@@ -402,16 +415,20 @@ def export_converted(model: nn.Module, directory: Path, *, tokenizer=None, nativ
     """Write `model` (a converted model: see `conversion_spec`) as an HF checkpoint into `directory`.
 
     The checkpoint is written to a sibling temporary directory, loaded back and checked (`verify`), and
-    only then moved to `directory`, replacing what was there.
+    only then moved to `directory`, replacing what was there. The model's parameters are cast to `dtype`
+    (default: their own) in place first, so that it is exactly what the checkpoint holds, and its rotary
+    buffers are recomputed in fp32, as `from_pretrained` computes them.
     """
     directory = Path(directory)
     spec = conversion_spec(model)
-    fmt, blockers = choose_format(model, native, spec)
     dtype = dtype or next(model.parameters()).dtype
+    cast_parameters(model, dtype)
+    fresh_rotary_buffers(model)
+    fmt, blockers = choose_format(model, native, spec)
     tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        exported = _write(model, spec, fmt, tmp, dtype)
+        exported = _write(model, spec, fmt, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         diff, per_token = verify_export(model, tmp, fmt, spec) if verify else (None, None)

@@ -69,9 +69,9 @@ def resolve_source(path: str | Path | None) -> ExportSource:
                             f"({' or '.join(RUN_CANDIDATES)}/) and no torch-engine checkpoint ({ENGINE_WEIGHTS})")
 
 
-def stored_dtype(directory: Path) -> torch.dtype:
-    """The dtype of the first floating-point tensor in a converted dir's model.safetensors."""
-    with safe_open(str(Path(directory) / "model.safetensors"), framework="pt") as f:
+def stored_dtype_of(safetensors_file: Path) -> torch.dtype:
+    """The dtype of the first floating-point tensor in a safetensors file (read from its header only)."""
+    with safe_open(str(safetensors_file), framework="pt") as f:
         for key in f.keys():
             dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
             if dtype is not None:
@@ -126,7 +126,7 @@ def rebuild_from_engine_checkpoint(checkpoint: Path):
 def load_source(source: ExportSource, dtype: torch.dtype | None):
     """(converted model, tokenizer or None, dtype to export in)."""
     if source.kind == "converted":
-        dtype = dtype or stored_dtype(source.path)
+        dtype = dtype or stored_dtype_of(source.path / "model.safetensors")
         model = load_converted(source.path, dtype=dtype)
         has_tokenizer = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = AutoTokenizer.from_pretrained(source.path) if has_tokenizer else None

@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 
 from ascend_edit.attention.edited import EditedAttention
 from ascend_edit.config import DataConfig, GateSWAConfig, MLAConfig, ModelConfig, TargetConfig
+from ascend_edit.data import build_train_eval, load_documents
 from ascend_edit.models.checkpoint import load_converted, save_converted
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
-from ascend_edit.tasks.convert import batches_of, load_data
 
 pytestmark = pytest.mark.usefixtures("few_cpu_threads")  # see conftest.py
 
@@ -63,11 +63,19 @@ def results_of(run_dir: Path) -> dict[str, dict]:
 
 
 def eval_batches(teacher: Path) -> list[dict]:
-    """The held-out batches the CLI evaluated on, rebuilt with the task's own data functions."""
+    """The held-out batches the CLI evaluates on: the first `data.eval_sequences` packed sequences of the
+    held-out documents (`data.eval_fraction`'s default, split with `device.seed`), `eval.batch_size` a batch.
+
+    Rebuilt with the public data API; `test_reloaded_model_reproduces_reported_metrics` first checks
+    that the teacher's reported numbers come out, so a change in how the task picks them shows as such.
+    """
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    cfg = DataConfig(source="files", path=str(teacher / "corpus.txt"), split_on_blank_lines=True, seq_len=SEQ_LEN)
-    _, held_out = load_data(cfg, tokenizer, SEED)
-    return batches_of(held_out, range(min(EVAL_SEQUENCES, len(held_out))), EVAL_BATCH_SIZE, torch.device("cpu"))
+    documents = load_documents(teacher / "corpus.txt", split_on_blank_lines=True)
+    _, held_out = build_train_eval(documents, tokenizer, SEQ_LEN, eval_fraction=DataConfig.eval_fraction, seed=SEED)
+    keys = ("input_ids", "position_ids", "loss_mask")
+    count = min(EVAL_SEQUENCES, len(held_out))
+    return [{k: torch.stack([held_out[i][k] for i in range(start, min(start + EVAL_BATCH_SIZE, count))])
+             for k in keys} for start in range(0, count, EVAL_BATCH_SIZE)]
 
 
 def prompt_ids(tokenizer_dir: Path) -> torch.Tensor:
@@ -128,10 +136,13 @@ def test_reloaded_model_reproduces_reported_metrics(full_run: Path, trained_teac
     model = load_converted(full_run / "converted")
     assert not any(isinstance(m, EditedAttention) for m in model.modules()), "teacher attention was exported"
     teacher, _ = load_teacher(ModelConfig(source="hf", path=str(trained_teacher)))
-    measured = metrics_against(model, teacher, eval_batches(trained_teacher))
-    reported = results_of(full_run)["after_model_level"]
+    batches = eval_batches(trained_teacher)
+    results = results_of(full_run)
+    assert metrics_against(teacher, teacher, batches)["ppl"] == pytest.approx(results["teacher"]["ppl"], rel=1e-6), \
+        "these are not the batches the CLI evaluated on"
+    measured = metrics_against(model, teacher, batches)
     for key, value in measured.items():
-        assert value == pytest.approx(reported[key], rel=METRIC_RTOL), key
+        assert value == pytest.approx(results["after_model_level"][key], rel=METRIC_RTOL), key
 
 
 def test_reloaded_model_generates_with_its_cache(full_run: Path):

@@ -72,7 +72,7 @@ def assert_same_model(model: torch.nn.Module, reloaded: torch.nn.Module, new_tok
         want = model(input_ids=ids).logits
         got = reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=LOGIT_ATOL * float(want.abs().max()))
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     want_tokens = model.generate(ids, **kwargs)
     got_tokens = reloaded.generate(ids, **kwargs)
     assert want_tokens.shape[1] == ids.shape[1] + new_tokens
@@ -120,6 +120,16 @@ def test_native_export_writes_the_tokenizer(tmp_path: Path):
 
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert reloaded("the cat sees")["input_ids"] == tokenizer("the cat sees")["input_ids"]
+
+
+def test_export_in_bf16_writes_bf16_weights_that_reproduce_the_rounded_model(tmp_path: Path):
+    model = converted("qwen3", TargetConfig(kind="mla", mla=MLA_DEEPSEEK))
+    result = export_converted(model, tmp_path / "hf", dtype=torch.bfloat16)
+    assert result.max_rel_logit_diff <= LOGIT_ATOL  # against the model rounded to bf16, compared in fp32
+    assert next(model.parameters()).dtype == torch.bfloat16  # cast in place: the model is what was written
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert export_task.stored_dtype_of(tmp_path / "hf" / "model.safetensors") == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,3 +356,19 @@ def test_task_source_errors_name_the_problem(tmp_path: Path):
     (tmp_path / "step-layerwise-2" / "deepspeed").mkdir(parents=True)
     with pytest.raises(NotImplementedError, match="DeepSpeed stage checkpoint"):
         export_task.resolve_source(tmp_path / "step-layerwise-2")
+
+
+def test_task_exports_a_bf16_converted_model_natively(tmp_path: Path):
+    """Loading a bf16 converted dir must not round the rotary frequencies the native check and the
+    verification compare against (Module.to(bf16) would)."""
+    target = TargetConfig(kind="mla", mla=MLA_DEEPSEEK)
+    model = converted("llama", target)
+    cast = export_module.cast_parameters
+    cast(model, torch.bfloat16)
+    save_converted(model, target, tmp_path / "run" / "converted")
+    cfg = to_typed(compose_raw([f"output_dir={tmp_path / 'out'}", "task=export", "export.native=always",
+                                f"export.checkpoint={tmp_path / 'run'}"]))
+    report = export_task.run(cfg)
+    assert report["format"] == "deepseek_v3" and report["max_rel_logit_diff"] <= LOGIT_ATOL
+    config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
