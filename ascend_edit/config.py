@@ -173,6 +173,10 @@ class LayerwiseConfig(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         _choice("distill.layerwise.loss", self.loss, ("mse", "nmse", "cosine"))
+        if self.trainable != "target":
+            # Each target sees the (detached) teacher hidden state: nothing else gets a gradient.
+            raise ConfigError(f"distill.layerwise.trainable={self.trainable!r}: stage 1 trains the targets only; "
+                              "use distill.model_level.trainable for norms or all weights")
 
 
 @dataclass

@@ -17,7 +17,10 @@ from ascend_edit.models.surgery import edited_attentions, set_mode
 class ModelLevelObjective:
     def __init__(self, kl: str = "forward", temperature: float = 1.0, top_k: int | None = None,
                  chunk_size: int = 1024, feature_weight: float = 0.0, feature_layers: list[int] | None = None,
-                 ce_weight: float = 0.0):
+                 ce_weight: float = 0.0, teacher: nn.Module | None = None):
+        """`teacher`: a separate frozen copy for runs that also train shared (non-attention) weights;
+        without it the teacher pass runs the same model with every attention in teacher mode."""
+        self.teacher = teacher
         self.kl, self.temperature, self.top_k, self.chunk_size = kl, temperature, top_k, chunk_size
         self.feature_weight, self.feature_layers, self.ce_weight = feature_weight, feature_layers or [], ce_weight
 
@@ -33,14 +36,17 @@ class ModelLevelObjective:
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         want_states = self.feature_weight > 0
         with torch.no_grad():
-            set_mode(model, "teacher")
-            teacher_hidden, teacher_states = self._hidden(model, batch, want_states)
+            teacher = self.teacher if self.teacher is not None else model
+            set_mode(teacher, "teacher")
+            teacher_hidden, teacher_states = self._hidden(teacher, batch, want_states)
         set_mode(model, "student")
         student_hidden, student_states = self._hidden(model, batch, want_states)
         weight = model.get_output_embeddings().weight
+        teacher_weight = None if self.teacher is None else self.teacher.get_output_embeddings().weight
         mask = batch["loss_mask"]
         kd = kd_logits_loss(student_hidden, teacher_hidden, weight, kind=self.kl, temperature=self.temperature,
-                            top_k=self.top_k, chunk_size=self.chunk_size, mask=mask)
+                            top_k=self.top_k, chunk_size=self.chunk_size, mask=mask,
+                            teacher_lm_head_weight=teacher_weight)
         loss, metrics = kd, {"kd": float(kd.detach())}
         if want_states:
             feat = feature_cosine_loss(student_states, teacher_states, mask=mask)

@@ -86,18 +86,22 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not match the plan (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
-    _reset_rotary(model, config)
+    # Cast parameters only: Module.to(dtype) would round the rotary inverse frequencies too.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    _reset_rotary(model)
     model.edit_plan = plan
-    return model.to(dtype).eval()
+    return model.eval()
 
 
-def _reset_rotary(model: nn.Module, config) -> None:
-    """Rotary inverse frequencies are non-persistent buffers: recompute them after meta init."""
-    rotary = model.model.rotary_emb
-    fresh = type(rotary)(config=config)
-    rotary.load_state_dict(fresh.state_dict(), strict=False)
-    for name, buf in fresh.named_buffers():
-        setattr(rotary, name, buf)
+def _reset_rotary(model: nn.Module) -> None:
+    """Rotary inverse frequencies are non-persistent fp32 buffers: recompute them after meta init."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "config"):
+            for name, buffer in type(module)(config=module.config).named_buffers():
+                setattr(module, name, buffer)
 
 
 def load_converted_weights(model: nn.Module, directory: Path) -> None:
@@ -120,6 +124,13 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
                and "rotary_emb" not in k]
     if missing:
         raise ValueError(f"{directory}: weights missing for {missing[:5]}")
+    unknown = [k for k in renamed if k not in own]
+    wrong_shape = [f"{k} {tuple(t.shape)} vs {tuple(own[k].shape)}" for k, t in renamed.items()
+                   if k in own and own[k].shape != t.shape]
+    if unknown or wrong_shape:
+        raise ValueError(f"{directory} does not match this run's target config "
+                         f"(stored target: {meta['target']['kind']}); unknown weights {unknown[:3]}, "
+                         f"shape mismatches {wrong_shape[:3]}")
     with torch.no_grad():
         for name, tensor in renamed.items():
             own[name].copy_(tensor)

@@ -20,7 +20,7 @@ from ascend_edit.config import RootConfig
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import ModelLevelObjective
 from ascend_edit.eval.metrics import evaluate
-from ascend_edit.tasks.convert import prepare, run_stage
+from ascend_edit.tasks.convert import frozen_teacher, prepare, run_stage
 
 
 def run(cfg: RootConfig) -> dict:
@@ -34,7 +34,7 @@ def run(cfg: RootConfig) -> dict:
     p = prepared
     start = copy.deepcopy(p.model)
     model_level = ModelLevelObjective(ml.kl, ml.temperature, ml.top_k, ml.chunk_size, ml.feature_weight,
-                                      list(ml.feature_layers), ml.ce_weight)
+                                      list(ml.feature_layers), ml.ce_weight, teacher=frozen_teacher(p.model, ml))
     rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher"), 0.0),
             "init only": (evaluate(p.model, p.eval_batches), 0.0)}
 

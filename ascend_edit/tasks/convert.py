@@ -22,7 +22,7 @@ from ascend_edit.eval.metrics import evaluate
 from ascend_edit.models.checkpoint import load_converted_weights, save_converted
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.sensitivity import swa_sensitivity
-from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model, set_trainable
+from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model, set_mode, set_trainable
 from ascend_edit.train.compile import apply_compile, compile_mode
 from ascend_edit.train.engine import CheckpointDir, make_engine
 from ascend_edit.train.loop import StageRun, resume, save_checkpoint, train_stage
@@ -186,10 +186,12 @@ def run(cfg: RootConfig) -> dict:
             console.print(f"stage 2 starts from {start}")
         elif cfg.distill.init_from:
             raise FileNotFoundError(f"distill.init_from={start} does not exist")
+        else:
+            console.print("stage 2 starts from the initialised targets (no stage-layerwise/ in the run dir)")
     if cfg.distill.stage in stages["model_level"] and cfg.distill.model_level.steps:
         ml = cfg.distill.model_level
         objective = ModelLevelObjective(ml.kl, ml.temperature, ml.top_k, ml.chunk_size, ml.feature_weight,
-                                        list(ml.feature_layers), ml.ce_weight)
+                                        list(ml.feature_layers), ml.ce_weight, teacher=frozen_teacher(model, ml))
         histories["model_level"], timings["model_level"] = run_stage(
             "model_level", model, objective, ml, cfg, train_set, device, env, ckpt_dir)
         results["after_model_level"] = evaluate(model, eval_batches)
@@ -210,6 +212,18 @@ def run(cfg: RootConfig) -> dict:
         console.print(f"converted model: {out_dir / 'converted'}  report: {out_dir / 'report.json'}")
     distributed.barrier()
     return report
+
+
+def frozen_teacher(model: torch.nn.Module, stage: StageConfig) -> torch.nn.Module | None:
+    """A separate frozen teacher when stage 2 trains shared weights (norms or all): otherwise the
+    teacher pass would run on weights that move. Costs one extra copy of the model."""
+    if stage.trainable == "target":
+        return None
+    import copy
+
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    set_mode(teacher, "teacher")
+    return teacher
 
 
 def stage_throughput(stage: StageConfig, seq_len: int, seconds: float, world_size: int) -> dict:
