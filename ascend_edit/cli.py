@@ -77,6 +77,42 @@ def _split_subcommand(argv: list[str]) -> list[str]:
     return argv
 
 
+_HYDRA_MODES = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+                "--cfg", "-c", "--resolve", "--version", "--experimental-rerun"}
+
+
+def _precheck(argv: list[str]) -> str | None:
+    """Compose the config once before Hydra runs the job, to report a bad override in one line.
+
+    Hydra would print a multi-line block; multirun sweeps and Hydra's own flags are left to Hydra.
+    Returns the error line, or None when the composition is fine (or not checked).
+    """
+    if any(token in _HYDRA_MODES for token in argv):
+        return None
+    from hydra import compose, initialize_config_module
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
+    try:
+        with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+            to_typed(compose(config_name="config", overrides=overrides))
+    except ConfigError as err:
+        return str(err)
+    except Exception as err:  # Hydra's composition errors wrap OmegaConf's, which name the key
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        message = str(cause).splitlines()[0] if str(cause) else str(err).splitlines()[0]
+        lines = [line.strip() for line in str(err).splitlines()]
+        if "Could not find" in message and "Available options" in str(err):  # list the valid options
+            start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+            end = next((i for i, line in enumerate(lines) if i > start and line.startswith("Config search")), None)
+            message += "; " + " ".join(lines[start:end])
+        key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
+        return f"{message} ({key})" if key and key not in message else message
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -85,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ascend-edit: error: {err}", file=sys.stderr)
         return 2
     register_configs()
+    problem = _precheck(sys.argv[1:])
+    if problem:
+        print(f"ascend-edit: error: {problem}", file=sys.stderr)
+        return 2
     _hydra_main()
     return 0
 

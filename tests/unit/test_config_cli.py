@@ -57,8 +57,9 @@ def test_value_errors_name_the_key():
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
     return proc.stderr
 
 
@@ -77,6 +78,11 @@ def test_npu_without_torch_npu_is_one_line():
     err = _one_line_error(proc)
     assert proc.returncode == 2
     assert err.strip().count("\n") == 0 and "device=npu needs torch_npu" in err
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    err = _one_line_error(cli("inspect", "model=qwen3_tiny", "target=nosuch"))
+    assert "target/nosuch" in err and "gate_swa" in err and "mla_small" in err
 
 
 def test_unknown_subcommand():
