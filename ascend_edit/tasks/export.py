@@ -7,8 +7,8 @@
 * a stage checkpoint of the torch engine, `checkpoints/step-<stage>-<n>/` (`engine.pt`): the model is
   rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, and the trained weights that
   checkpoint holds are loaded on top.
-A DeepSpeed stage checkpoint (`deepspeed/` inside) is refused with a pointer to the alternatives:
-its ZeRO partitions can only be consolidated through DeepSpeed, which train/engine.py alone imports.
+A DeepSpeed stage checkpoint (`deepspeed/` inside, any ZeRO stage) is consolidated to full fp32
+weights on the CPU through train/engine.py (the only DeepSpeed importer) before export.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from ascend_edit.models.checkpoint import load_converted
 from ascend_edit.models.export import ExportResult, export_converted
 from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
 from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, set_mode
+from ascend_edit.train.engine import read_trainable_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,10 @@ def resolve_source(path: str | Path | None) -> ExportSource:
     for name in RUN_CANDIDATES:
         if (path / name / CONVERTED_MARKER).exists():
             return ExportSource("converted", path / name)
-    if (path / ENGINE_WEIGHTS).exists():
+    if (path / ENGINE_WEIGHTS).exists() or (path / "deepspeed").is_dir():
         return ExportSource("engine_checkpoint", path)
-    if (path / "deepspeed").is_dir():
-        raise NotImplementedError(
-            f"{path} is a DeepSpeed stage checkpoint: its ZeRO partitions need DeepSpeed to consolidate, which "
-            "export does not import. Export the run's converted/ or stage-layerwise/ (written after the engine "
-            "gathered every weight, for any ZeRO stage), or resume the run to the end of the stage")
     raise FileNotFoundError(f"{path} holds no converted model ({CONVERTED_MARKER}), no run output "
-                            f"({' or '.join(RUN_CANDIDATES)}/) and no torch-engine checkpoint ({ENGINE_WEIGHTS})")
+                            f"({' or '.join(RUN_CANDIDATES)}/) and no stage checkpoint ({ENGINE_WEIGHTS} or deepspeed/)")
 
 
 def stored_dtype_of(safetensors_file: Path) -> torch.dtype:
@@ -109,7 +105,7 @@ def rebuild_from_engine_checkpoint(checkpoint: Path):
     model, tokenizer = load_teacher(cfg.model)
     plan = _run_plan(cfg, run_dir, model.config.num_hidden_layers)
     edit_model(model, plan, dataclasses.replace(cfg.target, init="random"))
-    trained = torch.load(checkpoint / ENGINE_WEIGHTS, map_location="cpu", weights_only=False)["params"]
+    trained = read_trainable_weights(checkpoint)  # torch engine or any ZeRO stage, consolidated
     own = dict(model.named_parameters())
     unknown = sorted(set(trained) - set(own))
     if unknown:

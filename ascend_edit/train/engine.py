@@ -406,3 +406,19 @@ class CheckpointDir:
             raise FileNotFoundError(f"{path} has no state for rank {rank} ({rank_file.name})")
         engine.load(path)
         return state, torch.load(rank_file, map_location="cpu", weights_only=False)
+
+
+def read_trainable_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 trainable weights of a stage checkpoint, by the model's parameter names, whatever
+    engine and ZeRO stage wrote it (DeepSpeed partitions are consolidated on the CPU, one process)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "engine.pt").exists():
+        return torch.load(checkpoint / "engine.pt", map_location="cpu", weights_only=False)["params"]
+    if (checkpoint / "deepspeed").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed",
+                                                         exclude_frozen_parameters=True)
+        # The engine wraps the model in _ObjectiveModule, whose attribute is `model`.
+        return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    raise FileNotFoundError(f"{checkpoint} holds no engine weights (engine.pt or deepspeed/)")
