@@ -113,9 +113,25 @@ def _precheck(argv: list[str]) -> str | None:
     return None
 
 
+def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Under a multi-process launcher every rank must write to one run directory.
+
+    Hydra's default run dir carries a timestamp that ranks started a second apart would disagree on,
+    so when WORLD_SIZE > 1 and no `hydra.run.dir` is given, derive one from what every rank shares:
+    torchrun's rendezvous run id, else the master address and port.
+    """
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1 or any(t.startswith("hydra.run.dir=") for t in argv):
+        return []
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if not run_id or run_id == "none":
+        run_id = f"{env.get('MASTER_ADDR', 'localhost')}-{env.get('MASTER_PORT', '0')}"
+    return [f"hydra.run.dir=runs/dist-{run_id}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = [*argv, *shared_run_dir_override(argv, dict(os.environ))]
         sys.argv = [sys.argv[0], *_split_subcommand(argv)]
     except UserError as err:
         print(f"ascend-edit: error: {err}", file=sys.stderr)

@@ -168,11 +168,13 @@ class StageConfig:
 
 @dataclass
 class LayerwiseConfig(StageConfig):
-    loss: str = "nmse"  # mse | nmse | cosine, per layer on the attention output
+    loss: str = "nmse"  # mse | nmse | cosine, per layer
+    match: str = "attention"  # what is matched: attention output | block (decoder block output)
 
     def __post_init__(self):
         super().__post_init__()
         _choice("distill.layerwise.loss", self.loss, ("mse", "nmse", "cosine"))
+        _choice("distill.layerwise.match", self.match, ("attention", "block"))
         if self.trainable != "target":
             # Each target sees the (detached) teacher hidden state: nothing else gets a gradient.
             raise ConfigError(f"distill.layerwise.trainable={self.trainable!r}: stage 1 trains the targets only; "

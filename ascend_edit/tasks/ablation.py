@@ -46,8 +46,8 @@ def run(cfg: RootConfig) -> dict:
     del stage2_only
 
     both = start
-    _, s1 = run_stage("layerwise", both, LayerwiseObjective(lw.loss), lw, cfg, p.train_set, p.device, p.env,
-                      p.out_dir / "ablation-stage1+2")
+    stage1 = LayerwiseObjective(lw.loss, lw.match)
+    _, s1 = run_stage("layerwise", both, stage1, lw, cfg, p.train_set, p.device, p.env, p.out_dir / "ablation-stage1+2")
     after_stage1 = evaluate(both, p.eval_batches)
     _, s2 = run_stage("model_level", both, model_level, ml, cfg, p.train_set, p.device, p.env,
                       p.out_dir / "ablation-stage1+2")

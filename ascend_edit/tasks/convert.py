@@ -172,7 +172,7 @@ def run(cfg: RootConfig) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     stages = {"layerwise": ("layerwise", "both"), "model_level": ("model_level", "both")}
     if cfg.distill.stage in stages["layerwise"] and cfg.distill.layerwise.steps:
-        objective = LayerwiseObjective(cfg.distill.layerwise.loss)
+        objective = LayerwiseObjective(cfg.distill.layerwise.loss, cfg.distill.layerwise.match)
         histories["layerwise"], timings["layerwise"] = run_stage(
             "layerwise", model, objective, cfg.distill.layerwise, cfg, train_set, device, env, ckpt_dir)
         results["after_layerwise"] = evaluate(model, eval_batches)

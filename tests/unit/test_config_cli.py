@@ -108,3 +108,14 @@ def test_multirun_sweeps_targets(tmp_path):
               "target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("Layer plan") == 2
+
+
+def test_ranks_share_one_run_dir_under_a_launcher():
+    from ascend_edit.cli import shared_run_dir_override
+
+    torchrun = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc123", "MASTER_PORT": "29500"}
+    assert shared_run_dir_override(["model=x"], torchrun) == ["hydra.run.dir=runs/dist-abc123"]
+    deepspeed = {"WORLD_SIZE": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "29501"}
+    assert shared_run_dir_override([], deepspeed) == ["hydra.run.dir=runs/dist-node1-29501"]
+    assert shared_run_dir_override(["hydra.run.dir=/x"], torchrun) == []
+    assert shared_run_dir_override([], {"WORLD_SIZE": "1"}) == []
