@@ -112,7 +112,7 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     half = r // 2
     head_weight = torch.empty(half, G, **f64)
     for i in range(half):
-        pair = torch.cat([k_rope_rows[:, i], k_rope_rows[:, i + half]], dim=-1)  # [G, 2D] (same rotation)
+        # dims i and i + r/2 rotate together, so a head's weight must be shared by both: [G, 2D]
         whitened = torch.cat([k_rope_rows[:, i] @ cov_half, k_rope_rows[:, i + half] @ cov_half], dim=-1)
         u, _, _ = torch.linalg.svd(whitened, full_matrices=False)
         head_weight[i] = u[:, 0] * torch.sign(u[:, 0].sum() + 1e-30)

@@ -228,7 +228,8 @@ def frozen_teacher(model: torch.nn.Module, stage: StageConfig) -> torch.nn.Modul
 
 def stage_throughput(stage: StageConfig, seq_len: int, seconds: float, world_size: int) -> dict:
     tokens = stage.steps * stage.batch_size * seq_len
-    return {"tokens": tokens, "tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / world_size}
+    per_s = tokens / seconds
+    return {"tokens": tokens, "tokens_per_s": per_s, "tokens_per_s_per_device": per_s / world_size}
 
 
 def print_results(console: Console, results: dict, kv: dict) -> None:

@@ -62,7 +62,8 @@ def resolve_source(path: str | Path | None) -> ExportSource:
     if (path / ENGINE_WEIGHTS).exists() or (path / "deepspeed").is_dir():
         return ExportSource("engine_checkpoint", path)
     raise FileNotFoundError(f"{path} holds no converted model ({CONVERTED_MARKER}), no run output "
-                            f"({' or '.join(RUN_CANDIDATES)}/) and no stage checkpoint ({ENGINE_WEIGHTS} or deepspeed/)")
+                            f"({' or '.join(RUN_CANDIDATES)}/) and no stage checkpoint "
+                            f"({ENGINE_WEIGHTS} or deepspeed/)")
 
 
 def stored_dtype_of(safetensors_file: Path) -> torch.dtype:

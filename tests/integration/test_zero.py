@@ -14,7 +14,6 @@ for ZeRO-3; converted weights within 5e-8.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
