@@ -62,19 +62,6 @@ def _matrix_sqrt(cov: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
     return (evecs * evals.sqrt()) @ evecs.T
 
 
-def _fit_rows(target_rows: int, rows: torch.Tensor, cov_half: torch.Tensor) -> torch.Tensor:
-    """Map `rows` ([n, D] linear functionals) to `target_rows` functionals.
-
-    Fewer rows: the top principal directions of the whitened rows (an orthonormal projection P,
-    returned as P @ rows) — the best rank-`target_rows` summary on real inputs. More: zero-padded.
-    """
-    n = rows.shape[0]
-    if target_rows >= n:
-        return torch.cat([rows, rows.new_zeros(target_rows - n, rows.shape[1])])
-    u, _, _ = torch.linalg.svd(rows @ cov_half, full_matrices=False)
-    return u[:, :target_rows].T @ rows
-
-
 @torch.no_grad()
 def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: AttentionGeometry,
                           stats: LayerStats | None) -> dict[str, float]:

@@ -3,22 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from ascend_edit.kernels.masks import dense_visibility
+
 
 def visible_by_position(
     q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int = 0, sink_tokens: int = 0
 ) -> torch.Tensor:
-    """Boolean [b, 1, s, t] mask: key j is visible to query i.
-
-    Causal by position; with `window` > 0 only keys with q_pos - k_pos < window (the query itself
-    included) plus the first `sink_tokens` positions stay visible. k_pos < 0 marks an empty slot.
-    q_pos: [b, s], k_pos: [b, t] (int64).
-    """
-    q = q_pos[:, :, None]
-    k = k_pos[:, None, :]
-    visible = (k >= 0) & (k <= q)
-    if window > 0:
-        visible &= (q - k < window) | (k < sink_tokens)
-    return visible[:, None]
+    """Boolean [b, 1, s, t] mask (True = attend) from q_pos [b, s] and k_pos [b, t]: the kernels'
+    visibility rule (causal by position, window, sinks; k_pos < 0 marks an empty slot), with a head dim."""
+    return dense_visibility(q_pos, k_pos, window=window, sink_tokens=sink_tokens)[:, None]
 
 
 def as_bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

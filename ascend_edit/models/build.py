@@ -8,25 +8,25 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ascend_edit.config import ModelConfig, TargetConfig
-from ascend_edit.models.loading import TORCH_DTYPES, check_supported, load_teacher
+from ascend_edit.models.loading import TORCH_DTYPES, build_from_config, check_supported, load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model
 
 
 def shape_only_teacher(cfg: ModelConfig):
     """The teacher's modules on the meta device: shapes and counts without memory or weights."""
+    if cfg.source == "smollm2":  # small, and its shapes come with the GGUF weights
+        model, _ = load_teacher(cfg)
+        return model
+    dtype = TORCH_DTYPES[cfg.dtype]
     if cfg.source == "config":
-        config = AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
-    elif cfg.source == "hf":
-        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        model = build_from_config(cfg.arch, cfg.overrides, dtype, device="meta")
+    else:
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model.path {path} does not exist")
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    else:
-        model, _ = load_teacher(cfg)
-        return model
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype])
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **kwargs), dtype=dtype)
     check_supported(model)
     model.set_attn_implementation(cfg.attn_implementation)
     return model

@@ -86,22 +86,31 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not match the plan (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
-    # Cast parameters only: Module.to(dtype) would round the rotary inverse frequencies too.
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point():
-                param.data = param.data.to(dtype)
-    _reset_rotary(model)
+    cast_parameters(model, dtype)
+    fresh_rotary_buffers(model)
     model.edit_plan = plan
     return model.eval()
 
 
-def _reset_rotary(model: nn.Module) -> None:
-    """Rotary inverse frequencies are non-persistent fp32 buffers: recompute them after meta init."""
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters only. `Module.to(dtype)` would also round the rotary inverse
+    frequencies (buffers) to bf16 — a phase error that grows with position — which transformers' own
+    loading never does."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
+def fresh_rotary_buffers(model: nn.Module) -> None:
+    """Recompute every rotary embedding's buffers in fp32 from its config (on each module's device)."""
     for module in model.modules():
         if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "config"):
             for name, buffer in type(module)(config=module.config).named_buffers():
-                setattr(module, name, buffer)
+                old = getattr(module, name, None)
+                device = old.device if isinstance(old, torch.Tensor) and not old.is_meta else "cpu"
+                setattr(module, name, buffer.to(device))
+
 
 
 def load_converted_weights(model: nn.Module, directory: Path) -> None:

@@ -40,7 +40,7 @@ from ascend_edit.attention.gate_swa import GateSWAAttention
 from ascend_edit.attention.mla import MLAAttention
 from ascend_edit.eval.kv import measured_cache_bytes
 from ascend_edit.hf.bundle import CAUSAL_LM_CLASS, MODELING_FILE, write_modeling_code
-from ascend_edit.models.checkpoint import converted_state_dict
+from ascend_edit.models.checkpoint import cast_parameters, converted_state_dict, fresh_rotary_buffers
 from ascend_edit.models.surgery import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -333,26 +333,6 @@ def _write(model: nn.Module, spec: dict, fmt: str, directory: Path) -> PreTraine
     exported = _assigned(model_cls, config, state)
     exported.save_pretrained(directory)
     return exported
-
-
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating-point parameters only. `Module.to(dtype)` would also round the rotary inverse
-    frequencies (buffers) to bf16 — a phase error that grows with position — which transformers' own
-    loading never does."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-
-
-def fresh_rotary_buffers(model: nn.Module) -> None:
-    """Recompute every rotary embedding's buffers in fp32 from its config (on each module's device)."""
-    for module in model.modules():
-        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "config"):
-            for name, buffer in type(module)(config=module.config).named_buffers():
-                old = getattr(module, name, None)
-                device = old.device if isinstance(old, torch.Tensor) and not old.is_meta else "cpu"
-                setattr(module, name, buffer.to(device))
 
 
 def _assigned(model_cls, config, state: dict[str, torch.Tensor]) -> PreTrainedModel:

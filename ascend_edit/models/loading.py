@@ -25,22 +25,24 @@ def check_supported(model: PreTrainedModel) -> None:
         )
 
 
-def build_from_config(arch: str, overrides: dict, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Random weights from an HF config class (tests, speed and memory runs)."""
+def build_from_config(arch: str, overrides: dict, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Random weights from an HF config class (tests, speed and memory runs), built directly on
+    `device` ("meta" for shapes only; an accelerator for large shapes, whose CPU init takes minutes)."""
     if arch not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model.arch={arch!r} is not one of {list(SUPPORTED_MODEL_TYPES)}")
     config = AutoConfig.for_model(arch, **dict(overrides))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None):
-    """Returns (model, tokenizer or None). The model is in eval mode with gradients off."""
+def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, device: torch.device | str = "cpu"):
+    """Returns (model on `device`, tokenizer or None). The model is in eval mode with gradients off."""
     dtype = TORCH_DTYPES[cfg.dtype]
     attn = attn_implementation or cfg.attn_implementation
     tokenizer = None
     if cfg.source == "config":
-        model = build_from_config(cfg.arch, cfg.overrides, dtype)
+        model = build_from_config(cfg.arch, cfg.overrides, dtype, device)
     elif cfg.source == "smollm2":
         from ascend_edit.assets import load_smollm2
 
@@ -53,6 +55,7 @@ def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     check_supported(model)
+    model.to(device)
     model.set_attn_implementation(attn)
     model.eval().requires_grad_(False)
     log.info("teacher: %s, %d layers, %.1fM parameters", model.config.model_type,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from ascend_edit.config import BenchKVConfig, ModelConfig, RootConfig
 from ascend_edit.device import (
@@ -38,7 +38,7 @@ from ascend_edit.device import (
     synchronize,
 )
 from ascend_edit.eval.kv import kv_layout, measured_cache_bytes, total_bytes
-from ascend_edit.models.loading import TORCH_DTYPES, check_supported, load_teacher
+from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
 
 log = logging.getLogger(__name__)
@@ -60,19 +60,6 @@ class Cell:
     decode_ms_mean: float = float("nan")
     decode_tokens_per_s: float = float("nan")
     peak_gib: float = float("nan")
-
-
-def build_model(cfg: ModelConfig, device: DeviceInfo) -> torch.nn.Module:
-    """The teacher on `device`; a config source is built there directly (an 8B random init on CPU takes minutes)."""
-    if cfg.source != "config":
-        model, _ = load_teacher(cfg)
-        return model.to(device.torch_device)
-    config = AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
-    with torch.device(device.torch_device):
-        model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype])
-    check_supported(model)
-    model.set_attn_implementation(cfg.attn_implementation)
-    return model.eval().requires_grad_(False)
 
 
 class StepClock:
@@ -170,7 +157,7 @@ def run(cfg: RootConfig) -> dict:
     if cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity:
         raise ValueError("bench_kv needs a fixed plan: give target.gate_swa.full_layers or full_every "
                          "(full_by_sensitivity measures layers on data)")
-    model = build_model(cfg.model, device)
+    model, _ = load_teacher(cfg.model, device=device.torch_device)
     target = dataclasses.replace(cfg.target, init="random")  # speed and memory do not depend on the weights
     with torch.device(device.torch_device):
         edit_model(model, build_plan(model.config.num_hidden_layers, target), target)

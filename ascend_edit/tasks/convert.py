@@ -25,7 +25,7 @@ from ascend_edit.models.sensitivity import swa_sensitivity
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model, set_mode, set_trainable
 from ascend_edit.train.compile import apply_compile, compile_mode
 from ascend_edit.train.engine import CheckpointDir, make_engine
-from ascend_edit.train.loop import StageRun, resume, save_checkpoint, train_stage
+from ascend_edit.train.loop import StageRun, collate, resume, save_checkpoint, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,8 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
 
 
 def batches_of(dataset, indices: range, batch_size: int, device) -> list[dict]:
-    keys = ("input_ids", "position_ids", "loss_mask")
-    out = []
-    for start in range(indices.start, indices.stop, batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, indices.stop))]
-        out.append({k: torch.stack([item[k] for item in items]).to(device) for k in keys})
-    return out
+    """Fixed evaluation / calibration batches of consecutive sequences."""
+    return [collate(dataset, list(indices[i:i + batch_size]), device) for i in range(0, len(indices), batch_size)]
 
 
 def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
@@ -140,8 +136,7 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_teacher(cfg.model)
-    model.to(device.torch_device)
+    model, tokenizer = load_teacher(cfg.model, device=device.torch_device)
     train_set, eval_set = load_data(cfg.data, tokenizer, cfg.device.seed, model.config.vocab_size)
     eval_batches = batches_of(eval_set, range(min(cfg.data.eval_sequences, len(eval_set))), cfg.eval.batch_size,
                               device.torch_device)

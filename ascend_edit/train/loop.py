@@ -53,7 +53,8 @@ class StageRun:
             raise ValueError(f"{self.name}: checkpoint_every={self.checkpoint_every} needs a checkpoint directory")
 
 
-def _collate(dataset, indices: list[int], device: torch.device) -> dict:
+def collate(dataset, indices: list[int], device: torch.device) -> dict:
+    """Stack dataset items into one batch of tensors on `device`."""
     items = [dataset[i] for i in indices]
     return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
 
@@ -63,7 +64,7 @@ def _step_batches(run: StageRun) -> Iterator[list[dict]]:
     micro = run.sampler.local_batch_size // run.accumulation
     while True:
         for indices in run.sampler:
-            yield [_collate(run.dataset, indices[i:i + micro], run.device) for i in range(0, len(indices), micro)]
+            yield [collate(run.dataset, indices[i:i + micro], run.device) for i in range(0, len(indices), micro)]
 
 
 def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
