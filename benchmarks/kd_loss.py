@@ -8,7 +8,8 @@ the chunked loss and gradients are from the naive ones at these sizes.
     PYTHONPATH=. python benchmarks/kd_loss.py            # CUDA, full size
     PYTHONPATH=. python benchmarks/kd_loss.py --small    # CPU smoke test (seconds)
 
-Imports only ``ascend_edit.distill.losses``; nothing needs installing.
+Imports the loss from ``ascend_edit.distill.chunked_kd`` and its plain-autograd reference from
+``tests/helpers/kd_reference.py`` (hence ``PYTHONPATH=.``); nothing needs installing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ascend_edit.distill.losses import DEFAULT_CHUNK_SIZE, kd_logits_loss, kd_logits_loss_naive
+from ascend_edit.distill.chunked_kd import DEFAULT_CHUNK_SIZE, kd_logits_loss
+from tests.helpers.kd_reference import kd_logits_loss_naive
 
 GIB = 1024**3
 # Targets from the task: chunked extra peak memory <= 15% of naive's, and no slower than naive.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ascend_edit.distill.losses import ce_loss, feature_cosine_loss, kd_logits_loss
+from ascend_edit.distill.chunked_kd import ce_loss, kd_logits_loss
+from ascend_edit.distill.losses import feature_cosine_loss
 from ascend_edit.models.surgery import edited_attentions, set_mode
 
 

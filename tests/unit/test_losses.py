@@ -9,14 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascend_edit.distill.losses import (
-    KD_KINDS,
-    activation_loss,
-    ce_loss,
-    feature_cosine_loss,
-    kd_logits_loss,
-    kd_logits_loss_naive,
-)
+from ascend_edit.distill.chunked_kd import KD_KINDS, ce_loss, kd_logits_loss
+from ascend_edit.distill.losses import activation_loss, feature_cosine_loss
+from tests.helpers.kd_reference import kd_logits_loss_naive
 
 VOCAB, HIDDEN, TEACHER_HIDDEN = 37, 16, 12
 TOKEN_SHAPE = (2, 9)  # 18 tokens: chunk sizes 4 and 5 do not divide it
