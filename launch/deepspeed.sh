@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch ascend-edit under the DeepSpeed launcher (it ssh/pdsh-es to the hosts of a hostfile).
 #
-#   DEVICE=npu VISIBLE_DEVICES=0,1 launch/deepspeed.sh experiment=mla_qwen3
+#   DEVICE=npu VISIBLE_DEVICES=0,1 launch/deepspeed.sh experiment=qwen3_8b_mla model.path=/models/Qwen3-8B data.path=/data/corpus
 #   HOSTFILE=hosts NNODES=2 NPROC=8 MASTER_ADDR=10.0.0.1 launch/deepspeed.sh experiment=...
 #
 # HOSTFILE: DeepSpeed hostfile ("host slots=N" lines); NNODES / NPROC, when set, limit it to

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch ascend-edit (a PyTorch job) under MindSpore's msrun on Ascend.
 #
-#   VISIBLE_DEVICES=0,1,2,3,4,5,6,7 launch/msrun.sh experiment=mla_qwen3
+#   VISIBLE_DEVICES=0,1,2,3,4,5,6,7 launch/msrun.sh experiment=qwen3_8b_mla model.path=/models/Qwen3-8B data.path=/data/corpus
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC=8 RUN_DIR=/shared/run1 launch/msrun.sh ...
 #
 # MASTER_ADDR/MASTER_PORT: msrun's scheduler (defaults 127.0.0.1 / 8118, msrun's own); the

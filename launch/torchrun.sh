@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch ascend-edit under torchrun: one node (default) or one node of a multi-node job.
 #
-#   DEVICE=npu VISIBLE_DEVICES=0,1,2,3 launch/torchrun.sh experiment=mla_qwen3 train.lr=1e-4
+#   DEVICE=npu VISIBLE_DEVICES=0,1,2,3 launch/torchrun.sh experiment=qwen3_8b_mla model.path=/models/Qwen3-8B data.path=/data/corpus distill.model_level.lr=1e-4
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NPROC=8 RUN_DIR=/shared/run1 launch/torchrun.sh ...
 #
 # Multi node: NNODES, NODE_RANK (default $SLURM_NODEID, else 0), MASTER_ADDR (host of node 0,
