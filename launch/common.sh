@@ -8,7 +8,7 @@
 #   VISIBLE_DEVICES=0,1   devices to use; becomes ASCEND_RT_VISIBLE_DEVICES (npu) or
 #                         CUDA_VISIBLE_DEVICES (cuda)
 #   NPROC                 processes per node (default: number of VISIBLE_DEVICES, else 1)
-#   RUN_DIR               Hydra output dir shared by all ranks (default: outputs/<date>/<time>)
+#   RUN_DIR               Hydra output dir shared by all ranks (default: runs/<date>/<time>, the CLI's own layout)
 #   DRY_RUN=1             print the command only (same as passing --dry-run first)
 
 LAUNCH_ENV=()         # KEY=VALUE pairs the command runs with; printed in front of it
@@ -91,7 +91,7 @@ launch_hydra_run_dir() {  # the user's overrides
       return 0
     fi
   done
-  RUN_DIR=${RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}
+  RUN_DIR=${RUN_DIR:-runs/$(date +%Y-%m-%d/%H-%M-%S)}
   HYDRA_RUN_DIR_ARG=("hydra.run.dir=$RUN_DIR")
 }
 

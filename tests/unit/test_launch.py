@@ -17,7 +17,7 @@ from ascend_edit.distributed import DistEnv, discover
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "launch"
 OVERRIDES = ["experiment=mla_tiny", "train.lr=1e-4", "data.name=it's a test"]
-TIMESTAMPED_RUN_DIR = re.compile(r"hydra\.run\.dir=outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d")
+TIMESTAMPED_RUN_DIR = re.compile(r"hydra\.run\.dir=runs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d")
 
 
 def run_script(script: str, *args: str, path_prefix: Path | None = None, **env: str):
@@ -170,15 +170,15 @@ def test_msrun_multi_node():
 
 
 def write_stub_scontrol(bin_dir: Path) -> None:
-    """A fake `scontrol show hostnames LIST` that expands LIST like Slurm does."""
+    """A fake `scontrol show hostnames LIST` for the two lists these tests use, expanded as Slurm would."""
     bin_dir.mkdir()
     stub = bin_dir / "scontrol"
     stub.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
-        "from ascend_edit.distributed import expand_nodelist\n"
+        "hosts = {'node[03-04]': ['node03', 'node04'], 'a[1-2]': ['a1', 'a2']}\n"
         "assert sys.argv[1:3] == ['show', 'hostnames'], sys.argv\n"
-        "print('\\n'.join(expand_nodelist(sys.argv[3])))\n"
+        "print('\\n'.join(hosts[sys.argv[3]]))\n"
     )
     stub.chmod(0o755)
 
@@ -191,7 +191,7 @@ def test_slurm_sbatch_dry_run_then_each_node_runs_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr
     env, argv = printed_command(done.stdout)
     assert env == {"MASTER_ADDR": "node03", "MASTER_PORT": "24242", "NNODES": "2", "NPROC": "8",
-                   "RUN_DIR": "outputs/slurm-4242"}
+                   "RUN_DIR": "runs/slurm-4242"}
     assert argv == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", str(LAUNCH / "torchrun.sh"), *OVERRIDES]
 
     # What srun's task on the second node then runs: same env, its own SLURM_NODEID.
@@ -199,7 +199,7 @@ def test_slurm_sbatch_dry_run_then_each_node_runs_torchrun(tmp_path):
     assert node_env == {"HCCL_CONNECT_TIMEOUT": "1200", "HCCL_EXEC_TIMEOUT": "1836"}
     assert node_argv == [
         "torchrun", "--nnodes", "2", "--node_rank", "1", "--master_addr", "node03", "--master_port", "24242",
-        "--nproc_per_node", "8", "-m", "ascend_edit.cli", *OVERRIDES, "hydra.run.dir=outputs/slurm-4242",
+        "--nproc_per_node", "8", "-m", "ascend_edit.cli", *OVERRIDES, "hydra.run.dir=runs/slurm-4242",
     ]
 
 
