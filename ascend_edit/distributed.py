@@ -31,6 +31,7 @@ import datetime
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -203,7 +204,7 @@ def _build(r: _EnvReader, launcher: str, **fields) -> DistEnv:
     return DistEnv(**values)
 
 
-def _check_consistent(values: Mapping[str, object], source: Mapping[str, str]) -> None:
+def _check_consistent(values: Mapping[str, Any], source: Mapping[str, str]) -> None:
     def show(field: str) -> str:
         return f"{source.get(field, field)}={values[field]}"
 
