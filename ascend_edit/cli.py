@@ -8,6 +8,9 @@ multirun, `--help`). With no subcommand the full conversion runs:
     ascend-edit export export.checkpoint=runs/...  # HF checkpoint of a converted model
     ascend-edit bench_kv model=qwen3_8b_shape
     ascend-edit ablation
+
+Bad input (a config value, a path, a damaged file) ends with one line on stderr and exit code 2;
+`--debug`, `ASCEND_EDIT_DEBUG=1` or `HYDRA_FULL_ERROR=1` show the traceback instead.
 """
 from __future__ import annotations
 
@@ -29,35 +32,64 @@ TASKS = {
     "inspect": "inspect",
     "export": "export",
     "bench_kv": "bench_kv",
+    "bench_decode": "bench_decode",
     "ablation": "ablation",
+    "eval": "eval",
+    "report": "report",
+    "plan": "plan",
 }
-SUBCOMMAND_ALIASES = {"train": "convert", "bench-kv": "bench_kv"}
+SUBCOMMAND_ALIASES = {"train": "convert", "bench-kv": "bench_kv", "bench-decode": "bench_decode"}
 
 
 class UserError(Exception):
     """An error caused by the user's input; reported as one line, no traceback."""
 
 
+DEBUG_FLAG = "--debug"
+EXIT_BAD_INPUT = 2
+
+
+def debugging() -> bool:
+    """Whether errors keep their traceback (for bug reports)."""
+    return bool(os.environ.get("ASCEND_EDIT_DEBUG")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: config values and cross-checks (ConfigError and the
+    loaders' ValueErrors), missing / unreadable / damaged files (OSError, ModelInputError), a missing
+    device, an unsupported model, an asset pip could not fetch. Anything else is a bug and keeps its
+    traceback."""
+    from ascend_edit.assets import AssetFetchError
+    from ascend_edit.device import DeviceUnavailableError
+
+    return (UserError, ValueError, OSError, DeviceUnavailableError, NotImplementedError, AssetFetchError)
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def run_task(cfg: DictConfig) -> dict:
+    from ascend_edit.distributed import discover
+    from ascend_edit.validation import check_before_load
+
     typed = to_typed(cfg)
+    check_before_load(typed, world_size=discover().world_size)
     module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
     return module.run(typed)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ascend_edit.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> dict | None:
-    from ascend_edit.device import DeviceUnavailableError
-
     try:
         return run_task(cfg)
-    except (UserError, ValueError, DeviceUnavailableError, FileNotFoundError, NotImplementedError) as err:
-        # Bad input (config values, data, paths, unsupported models) is reported as one line naming
-        # the problem; Hydra's runner would print a traceback for an Exception, but SystemExit passes.
-        # ASCEND_EDIT_DEBUG=1 keeps the traceback for bug reports.
-        if os.environ.get("ASCEND_EDIT_DEBUG"):
+    except user_error_types() as err:
+        # Hydra's runner would print a traceback for an Exception, but SystemExit passes.
+        if debugging():
             raise
-        print(f"ascend-edit: error: {type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        prefix = "" if isinstance(err, (ConfigError, UserError)) else f"{type(err).__name__}: "
+        print(f"ascend-edit: error: {prefix}{one_line(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 # Hydra flags that take a value: the token after them is not a subcommand.
@@ -110,6 +142,19 @@ def _precheck(argv: list[str]) -> str | None:
             message += "; " + " ".join(lines[start:end])
         key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
         return f"{message} ({key})" if key and key not in message else message
+    return _run_dir_problem(argv)
+
+
+def _run_dir_problem(argv: list[str]) -> str | None:
+    """Hydra creates the run directory before the task starts and prints a traceback when it cannot."""
+    given = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.run.dir=")]
+    key, directory = ("hydra.run.dir", given[-1]) if given else ("the run directory root", "runs")
+    if "${" in directory:  # an interpolation: Hydra resolves it
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        return f"{key}={directory} cannot be created: {err.strerror or err}"
     return None
 
 
@@ -130,17 +175,24 @@ def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if DEBUG_FLAG in argv:
+        argv = [t for t in argv if t != DEBUG_FLAG]
+        os.environ["ASCEND_EDIT_DEBUG"] = "1"
+    if argv[:1] == ["report"] and any("=" not in token for token in argv[1:]):  # `report RUN_DIR...`: no Hydra
+        from ascend_edit.tasks.report import main as report_main
+
+        return report_main([token for token in argv[1:] if not token.startswith("hydra.")])
     try:
         argv = [*argv, *shared_run_dir_override(argv, dict(os.environ))]
         sys.argv = [sys.argv[0], *_split_subcommand(argv)]
     except UserError as err:
         print(f"ascend-edit: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     register_configs()
     problem = _precheck(sys.argv[1:])
     if problem:
         print(f"ascend-edit: error: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     _hydra_main()
     return 0
 

@@ -8,8 +8,9 @@ still before any model is loaded.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -25,8 +26,29 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+    # `not (value > 0)` also refuses nan, which compares false with everything.
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        if isinstance(value, int):
+            raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '>= 1'}")
+        raise ConfigError(f"{key}={value} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(f"{key}={value} must be in [{low}, {high}]")
+
+
+def _indices(key: str, values: Optional[list[int]], allow_empty: bool = True) -> None:
+    """A list of layer indices: non-negative and without repeats (the upper bound needs the model)."""
+    if values is None:
+        return
+    if not values and not allow_empty:
+        raise ConfigError(f"{key}=[] must name at least one layer (or be null for all layers)")
+    bad = [v for v in values if v < 0]
+    if bad:
+        raise ConfigError(f"{key}={list(values)}: layer indices must be >= 0, got {bad}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}={list(values)} lists a layer twice")
 
 
 @dataclass
@@ -39,6 +61,32 @@ class DeviceConfig:
     def __post_init__(self):
         _choice("device.type", self.type, ("auto", "npu", "cuda", "cpu"))
         _choice("device.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        if not 0 <= self.seed < 2**32:  # numpy's generator takes 32-bit seeds
+            raise ConfigError(f"device.seed={self.seed} must be in [0, 2**32 - 1]")
+        _positive("device.threads", self.threads, allow_zero=True)
+
+
+@dataclass
+class FusedOpsConfig:
+    """Fused decoder-layer ops (models/fused_layers.py). ``enabled``: auto (NPU only) / on / off; the rest:
+    the registry backend per op ("auto" or a name)."""
+
+    enabled: str = "auto"
+    rms_norm: str = "auto"
+    rotary_embedding: str = "auto"
+    swiglu: str = "auto"
+
+    def check(self, key: str = "model.fused_ops") -> None:
+        from ascend_edit.kernels.registry import RMS_NORM, ROTARY_EMBEDDING, SWIGLU, available_backends
+
+        enabled = ("auto", "on", "off")
+        if self.enabled not in enabled:
+            raise ConfigError(f"{key}.enabled must be one of {enabled}, got {self.enabled!r}")
+        for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU):
+            backend = getattr(self, op)
+            valid = ("auto", *available_backends(op))
+            if backend not in valid:
+                raise ConfigError(f"{key}.{op} must be one of {valid}, got {backend!r}")
 
 
 @dataclass
@@ -57,6 +105,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     dtype: str = "fp32"  # dtype the weights are held in: fp32 | bf16
     attn_implementation: str = "sdpa"
+    fused_ops: FusedOpsConfig = field(default_factory=FusedOpsConfig)
 
     def __post_init__(self):
         _choice("model.source", self.source, ("hf", "smollm2", "config"))
@@ -65,6 +114,12 @@ class ModelConfig:
             raise ConfigError("model.path is required when model.source=hf")
         if self.source == "config" and not self.arch:
             raise ConfigError("model.arch is required when model.source=config")
+        if self.gguf_file and self.source != "hf":
+            raise ConfigError(f"model.gguf_file={self.gguf_file!r} is only read with model.source=hf "
+                              f"(model.source={self.source})")
+        if not self.attn_implementation:
+            raise ConfigError("model.attn_implementation must not be empty (e.g. sdpa or eager)")
+        self.fused_ops.check()
 
 
 @dataclass
@@ -77,10 +132,23 @@ class MLAConfig:
     # RMSNorm on the latent, as in DeepSeek-V3 (needed for native `deepseek_v3` export). Without it the
     # warm start is a purely linear fit and starts much closer to the teacher (docs/conversion.md).
     latent_norm: bool = True
+    # A cache per token larger than the teacher's defeats the conversion; refused unless set.
+    allow_larger_cache: bool = False
+    # Budget-aware ranks (ascend_edit/models/budget.py): a fraction of the teacher's KV bytes per token,
+    # shared across layers from calibration spectra (allocation=spectrum) or evenly (uniform); overrides
+    # kv_lora_rank layer by layer. null: kv_lora_rank in every layer.
+    kv_budget: Optional[float] = None
+    allocation: str = "spectrum"  # spectrum | uniform
+    rank_multiple: int = 8  # every layer's rank is a multiple of this
 
     def __post_init__(self):
         for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
             _positive(f"target.mla.{key}", getattr(self, key))
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise ConfigError(f"target.mla.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
+                              "teacher's KV bytes per token) or null")
+        _choice("target.mla.allocation", self.allocation, ("spectrum", "uniform"))
+        _positive("target.mla.rank_multiple", self.rank_multiple)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"target.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
         if self.q_lora_rank is not None:
@@ -101,6 +169,9 @@ class GateSWAConfig:
         _positive("target.gate_swa.window", self.window)
         _choice("target.gate_swa.gate", self.gate, ("none", "headwise", "elementwise"))
         _positive("target.gate_swa.sink_tokens", self.sink_tokens, allow_zero=True)
+        _indices("target.gate_swa.full_layers", self.full_layers)
+        _positive("target.gate_swa.full_every", self.full_every, allow_zero=True)
+        _positive("target.gate_swa.full_by_sensitivity", self.full_by_sensitivity, allow_zero=True)
         chosen = [bool(self.full_layers), self.full_every > 0, self.full_by_sensitivity > 0]
         if sum(chosen) > 1:
             raise ConfigError(
@@ -121,11 +192,41 @@ class TargetConfig:
         _choice("target.kind", self.kind, ("mla", "gate_swa", "identity"))
         _choice("target.init", self.init, ("warm", "random"))
         _positive("target.calibration_batches", self.calibration_batches, allow_zero=True)
+        _indices("target.layers", self.layers, allow_empty=False)
+        if self.init == "warm" and self.kind != "identity" and self.calibration_batches == 0:
+            raise ConfigError("target.calibration_batches=0: target.init=warm fits the targets to real layer "
+                              "inputs and needs >= 1 batch (or use target.init=random)")
+        if self.kind == "gate_swa" and self.gate_swa.full_by_sensitivity and self.calibration_batches == 0:
+            raise ConfigError("target.calibration_batches=0: target.gate_swa.full_by_sensitivity measures "
+                              "layers on calibration data and needs >= 1 batch")
+
+
+@dataclass
+class MixSourceConfig:
+    """One source of a training mix (`data.source=mix`; ascend_edit/data/mix.py)."""
+
+    name: str = "shakespeare"  # shakespeare | wiki | news | files
+    weight: float = 1.0  # relative share of training sequences
+    eval: bool = False  # its held-out documents join the evaluation set (default: the first source's)
+    path: Optional[str] = None  # name=files: as data.path
+    format: str = "auto"
+    text_field: str = "text"
+    split_on_blank_lines: bool = False
+    max_documents: Optional[int] = None
+
+    def __post_init__(self):
+        _choice("data.mix[].name", self.name, ("shakespeare", "wiki", "news", "files"))
+        _positive(f"data.mix[{self.name}].weight", self.weight, allow_zero=True)
+        _choice(f"data.mix[{self.name}].format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))
+        if self.name == "files" and not self.path:
+            raise ConfigError("data.mix[files].path is required for a source named files")
+        if self.max_documents is not None:
+            _positive(f"data.mix[{self.name}].max_documents", self.max_documents)
 
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # files | shakespeare | synthetic (random ids: throughput runs only)
+    source: str = "shakespeare"  # files | shakespeare | mix | synthetic (random ids: throughput runs only)
     path: Optional[str] = None  # required with source=files
     format: str = "auto"  # auto | text | jsonl | parquet | hf_dataset
     text_field: str = "text"
@@ -135,21 +236,39 @@ class DataConfig:
     eval_sequences: int = 16
     max_documents: Optional[int] = None
     synthetic_sequences: int = 256  # data.source=synthetic: packed training sequences to generate
+    # data.source=files: tokenize once into a memory-mapped cache under this directory (data/cache.py);
+    # None keeps the corpus tokenized in memory on every rank
+    cache_dir: Optional[str] = None
+    mix: list[MixSourceConfig] = field(default_factory=list)  # data.source=mix: sources and weights
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("files", "shakespeare", "synthetic"))
+        _choice("data.source", self.source, ("files", "shakespeare", "mix", "synthetic"))
+        if self.source == "mix" and not any(m.weight > 0 for m in self.mix):
+            raise ConfigError("data.mix needs at least one source with weight > 0 when data.source=mix")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))
-        _positive("data.seq_len", self.seq_len)
+        if self.seq_len < 2:  # next-token targets need at least two tokens
+            raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        _positive("data.eval_sequences", self.eval_sequences)
+        if self.max_documents is not None:
+            _positive("data.max_documents", self.max_documents)
+        _positive("data.synthetic_sequences", self.synthetic_sequences)
+        if not self.text_field:
+            raise ConfigError("data.text_field must not be empty")
         if self.source == "files" and not self.path:
             raise ConfigError("data.path is required when data.source=files")
 
 
 @dataclass
 class StageConfig:
-    """One distillation stage: its own steps, schedule and trainable set."""
+    """One distillation stage: its own steps, schedule and trainable set.
 
+    Both stages share these fields; `key_prefix` names the stage in error messages
+    (`distill.layerwise.lr`, not `lr`).
+    """
+
+    key_prefix: ClassVar[str] = "distill.<stage>"
     steps: int = 100
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -160,29 +279,42 @@ class StageConfig:
     trainable: str = "target"  # target | target+norms | all
 
     def __post_init__(self):
-        _positive("steps", self.steps, allow_zero=True)
-        _positive("lr", self.lr)
-        _positive("batch_size", self.batch_size)
-        _choice("trainable", self.trainable, ("target", "target+norms", "all"))
+        p = self.key_prefix
+        _positive(f"{p}.steps", self.steps, allow_zero=True)
+        _positive(f"{p}.lr", self.lr)
+        _positive(f"{p}.warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.steps and self.warmup_steps > self.steps:
+            raise ConfigError(f"{p}.warmup_steps={self.warmup_steps} must be <= {p}.steps={self.steps}")
+        _in_range(f"{p}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _positive(f"{p}.batch_size", self.batch_size)
+        # Whether it divides the per-process batch depends on the world size: checked at launch.
+        _positive(f"{p}.micro_batch_size", self.micro_batch_size, allow_zero=True)
+        if self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"{p}.micro_batch_size={self.micro_batch_size} must be <= "
+                              f"{p}.batch_size={self.batch_size}")
+        _positive(f"{p}.weight_decay", self.weight_decay, allow_zero=True)
+        _choice(f"{p}.trainable", self.trainable, ("target", "target+norms", "all"))
 
 
 @dataclass
 class LayerwiseConfig(StageConfig):
+    key_prefix: ClassVar[str] = "distill.layerwise"
     loss: str = "nmse"  # mse | nmse | cosine, per layer
     match: str = "attention"  # what is matched: attention output | block (decoder block output)
 
     def __post_init__(self):
-        super().__post_init__()
         _choice("distill.layerwise.loss", self.loss, ("mse", "nmse", "cosine"))
         _choice("distill.layerwise.match", self.match, ("attention", "block"))
         if self.trainable != "target":
             # Each target sees the (detached) teacher hidden state: nothing else gets a gradient.
             raise ConfigError(f"distill.layerwise.trainable={self.trainable!r}: stage 1 trains the targets only; "
                               "use distill.model_level.trainable for norms or all weights")
+        super().__post_init__()
 
 
 @dataclass
 class ModelLevelConfig(StageConfig):
+    key_prefix: ClassVar[str] = "distill.model_level"
     lr: float = 3e-4
     kl: str = "forward"  # forward | reverse | jsd
     temperature: float = 1.0
@@ -196,6 +328,12 @@ class ModelLevelConfig(StageConfig):
         super().__post_init__()
         _choice("distill.model_level.kl", self.kl, ("forward", "reverse", "jsd"))
         _positive("distill.model_level.temperature", self.temperature)
+        if self.top_k is not None:  # the upper bound (the vocabulary) is checked against the model
+            _positive("distill.model_level.top_k", self.top_k)
+        _positive("distill.model_level.chunk_size", self.chunk_size)
+        _positive("distill.model_level.feature_weight", self.feature_weight, allow_zero=True)
+        _indices("distill.model_level.feature_layers", self.feature_layers)
+        _positive("distill.model_level.ce_weight", self.ce_weight, allow_zero=True)
 
 
 @dataclass
@@ -209,6 +347,10 @@ class DistillConfig:
 
     def __post_init__(self):
         _choice("distill.stage", self.stage, ("layerwise", "model_level", "both", "none"))
+        _positive("distill.log_every", self.log_every, allow_zero=True)
+        if self.init_from is not None and self.stage != "model_level":
+            raise ConfigError(f"distill.init_from={self.init_from!r} is only read with distill.stage=model_level "
+                              f"(distill.stage={self.stage})")
 
 
 @dataclass
@@ -222,15 +364,35 @@ class EngineConfig:
     keep_last: int = 2
     resume: bool = True  # continue from the newest checkpoint in the run directory
     compile: str = "auto"  # regional torch.compile: auto (CUDA only) | layers | blocks | off
+    # Stage 2 recomputes decoder layers in backward instead of keeping their activations:
+    # none | every (every layer) | every_k (layers 0, k, 2k, ... with k = activation_checkpointing_k)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_k: int = 2
+    experts_implementation: str = "auto"  # MoE experts: auto (grouped_mm where it runs) | grouped_mm | batched_mm | eager
+    # Optimizer steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run.
+    max_consecutive_skips: int = 5
 
     def __post_init__(self):
         _choice("engine.kind", self.kind, ("torch", "deepspeed"))
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"engine.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
         _choice("engine.compile", self.compile, ("auto", "layers", "blocks", "off"))
+        _choice("engine.activation_checkpointing", self.activation_checkpointing, ("none", "every", "every_k"))
+        _positive("engine.activation_checkpointing_k", self.activation_checkpointing_k)
+        _choice("engine.experts_implementation", self.experts_implementation,
+                ("auto", "grouped_mm", "batched_mm", "eager"))
         _choice("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("engine.offload_params needs engine.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("engine.offload_optimizer needs engine.zero_stage>=1")
+        if self.kind == "torch" and self.zero_stage:
+            raise ConfigError(f"engine.zero_stage={self.zero_stage} needs engine.kind=deepspeed")
+        # A negative clip norm scales gradients by a negative factor: gradient ascent. 0 = no clipping.
+        _positive("engine.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("engine.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        if self.keep_last < 1:
+            raise ConfigError(f"engine.keep_last={self.keep_last} must be >= 1 (resume reads the newest checkpoint)")
 
 
 @dataclass
@@ -238,6 +400,37 @@ class EvalConfig:
     context: int = 8192  # context length for the KV-cache table
     batch_size: int = 4
     generate_tokens: int = 32  # tokens generated for the sample in the report
+    # Held-out suite (`ascend-edit eval`, and the end of every conversion; docs/evaluation.md).
+    suite: bool = True  # run it at the end of a conversion
+    checkpoint: Optional[str] = None  # `ascend-edit eval`: run dir, converted dir or exported HF dir
+    contexts: list[int] = field(default_factory=lambda: [256, 1024, 2048])  # longer than the model's max: skipped
+    sequences: int = 8  # windows per context and domain
+    domains: list[str] = field(default_factory=lambda: ["in_domain", "python_docs"])
+    batch_tokens: int = 2048  # tokens per evaluation forward
+    passkey_contexts: list[int] = field(default_factory=lambda: [256, 1024, 2048])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 4  # samples per (context, depth); 0 = no passkey test
+    passkey_filler: str = "python_docs"  # held-out text around the needle (a domain of eval.domains)
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("contexts", "passkey_contexts"):
+            for value in getattr(self, key):
+                _positive(f"eval.{key}", value)
+        for depth in self.passkey_depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ConfigError(f"eval.passkey_depths: {depth} is not in [0, 1]")
+        _positive("eval.sequences", self.sequences)
+        _positive("eval.batch_tokens", self.batch_tokens)
+        _positive("eval.passkey_trials", self.passkey_trials, allow_zero=True)
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"eval.seed={self.seed} must be in [0, 2**32 - 1]")
+        for domain in self.domains:
+            _choice("eval.domains", domain, ("in_domain", "python_docs"))
+        _choice("eval.passkey_filler", self.passkey_filler, ("in_domain", "python_docs"))
+        _positive("eval.context", self.context)
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.generate_tokens", self.generate_tokens, allow_zero=True)
 
 
 @dataclass
@@ -250,10 +443,14 @@ class ExportConfig:
     output: Optional[str] = None  # where to write the HF checkpoint; default <output_dir>/hf
     dtype: str = "auto"  # auto (as stored) | fp32 | bf16 | fp16
     verify: bool = True  # load the export back and compare logits before keeping it
+    overwrite: bool = False  # replace a non-empty export.output (never the source checkpoint or a parent of it)
 
     def __post_init__(self):
         _choice("export.native", self.native, ("auto", "always", "never"))
         _choice("export.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        for key in ("checkpoint", "output"):
+            if getattr(self, key) == "":
+                raise ConfigError(f"export.{key} must not be empty (leave it unset for the default)")
 
 
 @dataclass
@@ -278,6 +475,39 @@ class BenchKVConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Devices a run is planned for (`ascend-edit plan cluster=910b_64g cluster.nodes=8`); figures in conf/cluster/."""
+
+    name: str = "h200"
+    source: str = ""  # where the figures come from (public spec sheet, measurement)
+    device_memory_gib: float = 139.0  # memory the runtime reports per device
+    reserved_gib: float = 3.0  # runtime context, allocator fragmentation, kernels' workspaces
+    peak_tflops: float = 989.0  # dense bf16 TFLOP/s per device (nominal unless the source says measured)
+    efficiency: float = 0.45  # fraction of peak the tokens/s estimate assumes
+    nodes: int = 1
+    devices_per_node: int = 1
+
+    def __post_init__(self):
+        for key in ("device_memory_gib", "peak_tflops", "nodes", "devices_per_node"):
+            _positive(f"cluster.{key}", getattr(self, key))
+        if not 0 < self.efficiency <= 1:
+            raise ConfigError(f"cluster.efficiency={self.efficiency} must be in (0, 1]")
+        if not 0 <= self.reserved_gib < self.device_memory_gib:
+            raise ConfigError(f"cluster.reserved_gib={self.reserved_gib} must be >= 0 and below "
+                              f"cluster.device_memory_gib={self.device_memory_gib}")
+
+
+@dataclass
+class PlanConfig:
+    """`ascend-edit plan`: which stage(s) to plan; the micro-batch comes from the stage config."""
+
+    stage: str = "both"  # layerwise | model_level | both
+
+    def __post_init__(self):
+        _choice("plan.stage", self.stage, ("layerwise", "model_level", "both"))
+
+
+@dataclass
 class RootConfig:
     task: str = "convert"  # convert | inspect | export | bench_kv | ablation
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -289,17 +519,25 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench_kv: BenchKVConfig = field(default_factory=BenchKVConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     output_dir: str = "."
 
     def __post_init__(self):
-        _choice("task", self.task, ("convert", "inspect", "export", "bench_kv", "ablation"))
+        _choice("task", self.task, ("convert", "inspect", "export", "bench_kv", "bench_decode", "ablation", "eval",
+                                     "report", "plan"))
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
 
 
 def register_configs() -> None:
     """Register the schemas so YAML in conf/ is validated against them."""
+    from ascend_edit.run_dir import register_run_dir_resolver
+
     cs = ConfigStore.instance()
     # Group YAML merges onto the typed fields of the root schema, so it is validated too.
     cs.store(name="root_schema", node=RootConfig)
+    register_run_dir_resolver()  # `hydra.run.dir` in conf/config.yaml: one fresh directory per run
 
 
 def to_typed(cfg: DictConfig) -> RootConfig:

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -170,11 +171,32 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
+def _active_npu_module():
+    """torch.npu when torch_npu is already imported and reports a card; None otherwise.
+
+    Checked through sys.modules so a checkpoint on a CPU / CUDA machine never imports torch_npu.
+    """
+    if "torch_npu" not in sys.modules:
+        return None
+    npu = getattr(torch, "npu", None)
+    try:
+        return npu if npu is not None and npu.is_available() else None
+    except Exception:  # a driver problem means no NPU state to save, not a crash
+        return None
+
+
 def rng_state() -> dict:
-    """Every RNG this package draws from, for checkpoints; restored by `set_rng_state`."""
+    """Every RNG this package draws from, for checkpoints; restored by `set_rng_state`.
+
+    Device generators are lists of uint8 CPU tensors, one per card: "cuda" and, on Ascend, "npu"
+    (torch_npu's `torch.npu.get_rng_state_all`, the same API as torch.cuda's).
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    npu = _active_npu_module()
+    if npu is not None:
+        state["npu"] = npu.get_rng_state_all()
     return state
 
 
@@ -184,3 +206,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "npu" in state:
+        npu = _active_npu_module()
+        if npu is None:
+            log.warning("checkpoint holds NPU RNG state but no NPU is active here: NPU generators not restored")
+        else:
+            npu.set_rng_state_all(state["npu"])

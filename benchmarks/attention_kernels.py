@@ -1,11 +1,13 @@
 """Benchmark: the attention kernels of ``ascend_edit.kernels`` against SDPA baselines (CUDA).
 
-1. Sliding-window attention (op A), forward + backward, bf16, B=1, H=32, D=128, S=8192, W=1024:
-   ``flex`` (block-sparse) vs ``sdpa`` with a dense band mask vs SDPA full causal (flash, the
-   baseline a sliding window should beat).
+1. Sliding-window attention (op A) with 4 sink tokens, forward + backward, bf16, B=1, H=32, D=128,
+   S=8192, W=1024: the ``triton`` kernel vs ``flex`` (block-sparse) vs ``sdpa`` with a dense mask vs
+   SDPA full causal (flash, the baseline a sliding window should beat). Target: triton >= 1.3x flex.
 2. Absorbed MLA decode (op B), bf16, B=32, s=1, context 8192, c=512, r=64, H=32 and 128:
    ``triton`` split-K kernel vs the ``eager`` reference, with GQA decode through SDPA
    (32 query heads, 8 KV heads, D=128) as the bandwidth-bound baseline.
+0. Device-to-device copy bandwidth (``dst.copy_(src)`` of 2 GiB, read + write bytes / time): the
+   practical ceiling the decode rows are compared with (target: MLA decode >= 70 % of it).
 
 Metrics
   * time: median of ``--iters`` runs after warm-up, CUDA events.
@@ -31,8 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from ascend_edit.kernels import MLA_ABSORBED_ATTENTION, SLIDING_WINDOW_ATTENTION, resolve
+from ascend_edit.kernels import MLA_ABSORBED_ATTENTION, SLIDING_WINDOW_ATTENTION, available_backends, resolve
 
 
 @dataclass
@@ -74,11 +75,26 @@ def median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def visible_pairs(seq: int, window: int) -> int:
-    """Visible (query, key) pairs of causal attention over ``seq`` tokens with ``window`` (0 = all)."""
+def visible_pairs(seq: int, window: int, sinks: int = 0) -> int:
+    """Visible (query, key) pairs of causal attention over ``seq`` tokens with ``window`` (0 = all)
+    and ``sinks`` kept first tokens (counted only where they lie outside the window)."""
     if window == 0 or window >= seq:
         return seq * (seq + 1) // 2
-    return seq * window - window * (window - 1) // 2
+    band = seq * window - window * (window - 1) // 2
+    return band + sum(min(sinks, i - window + 1) for i in range(window, seq))
+
+
+def bench_copy(args: argparse.Namespace, device: torch.device) -> tuple[Row, float]:
+    """Device-to-device copy: (row, GB/s counting the bytes read and written)."""
+    numel = (2 << 30) // 2 if not args.small else (8 << 20) // 2
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float16)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), args.warmup, args.iters)
+    rate = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+    row = Row(f"device copy {src.numel() * src.element_size() >> 20} MiB", "torch copy_", ms, f"{rate:.0f} GB/s",
+              "read + write bytes")
+    print(row.cells(), flush=True)
+    return row, rate
 
 
 def bench_sliding_window(args: argparse.Namespace, device: torch.device) -> list[Row]:
@@ -90,21 +106,26 @@ def bench_sliding_window(args: argparse.Namespace, device: torch.device) -> list
     pos = torch.arange(s, device=device)[None]
     scale = 1.0 / math.sqrt(d)
 
+    sinks = args.sinks
+
     def swa(backend: str) -> Callable[[], torch.Tensor]:
         fn = resolve(SLIDING_WINDOW_ATTENTION, backend, device_type=device.type, needs_grad=True)
-        return lambda: fn(q, k, v, q_pos=pos, k_pos=pos, window=w, sink_tokens=0, scale=scale)
+        return lambda: fn(q, k, v, q_pos=pos, k_pos=pos, window=w, sink_tokens=sinks, scale=scale)
 
     def causal_sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
     candidates: dict[str, Callable[[], torch.Tensor]] = {}
     if device.type == "cuda":
-        candidates[f"flex W={w}"] = swa("flex")
-    candidates[f"sdpa band mask W={w}"] = swa("sdpa")
+        candidates[f"flex W={w} sinks={sinks}"] = swa("flex")
+        if "triton" in available_backends(SLIDING_WINDOW_ATTENTION, "cuda"):
+            candidates[f"triton W={w} sinks={sinks}"] = swa("triton")
+    candidates[f"sdpa dense mask W={w} sinks={sinks}"] = swa("sdpa")
     candidates["sdpa full causal (baseline)"] = causal_sdpa
 
     rows = []
     reference_out = None
+    flex_ms = None
     for label, forward in candidates.items():
         def step(forward: Callable[[], torch.Tensor] = forward) -> None:
             torch.autograd.grad(forward(), (q, k, v), grad_out)
@@ -118,7 +139,11 @@ def bench_sliding_window(args: argparse.Namespace, device: torch.device) -> list
             else:
                 note = f"max abs diff vs flex {(out.float() - reference_out).abs().max().item():.1e}"
         ms = median_ms(step, args.warmup, args.iters)
-        pairs = visible_pairs(s, 0 if "causal" in label else w)
+        if label.startswith("flex"):
+            flex_ms = ms
+        elif flex_ms is not None and "causal" not in label:
+            note = f"{note}; {flex_ms / ms:.2f}x flex" if note else f"{flex_ms / ms:.2f}x flex"
+        pairs = visible_pairs(s, w, sinks) if "causal" not in label else visible_pairs(s, 0)
         tflops = 3.5 * 4 * pairs * d * h * b / (ms * 1e-3) / 1e12
         rows.append(Row(f"SWA fwd+bwd S={s} H={h} D={d}", label, ms, f"{tflops:.1f} TFLOP/s", note))
         print(rows[-1].cells(), flush=True)
@@ -130,7 +155,7 @@ def bench_sliding_window(args: argparse.Namespace, device: torch.device) -> list
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_mla_decode(args: argparse.Namespace, device: torch.device) -> list[Row]:
+def bench_mla_decode(args: argparse.Namespace, device: torch.device, copy_rate: float) -> list[Row]:
     b, t, c, r = args.batch, args.context, args.latent, args.rope
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -150,19 +175,21 @@ def bench_mla_decode(args: argparse.Namespace, device: torch.device) -> list[Row
         for backend in backends:
             fn = resolve(MLA_ABSORBED_ATTENTION, backend, device_type=device.type, needs_grad=False)
 
-            def step(fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
+            def step(fn: Callable[..., torch.Tensor] = fn, q_latent: torch.Tensor = q_latent,
+                     q_rope: torch.Tensor = q_rope) -> torch.Tensor:
                 return fn(q_latent, q_rope, latent, k_rope, q_pos=q_pos, k_pos=k_pos, scale=scale)
 
             with torch.no_grad():
                 outputs[backend] = step().float()
                 ms = median_ms(step, args.warmup, args.iters)
-            rows.append(Row(f"MLA decode B={b} H={heads} ctx={t} c={c} r={r}", backend, ms,
-                            f"{cache_bytes / (ms * 1e-3) / 1e9:.0f} GB/s"))  # fmt: skip
+            rate = cache_bytes / (ms * 1e-3) / 1e9
+            rows.append(Row(f"MLA decode B={b} H={heads} ctx={t} c={c} r={r}", backend, ms, f"{rate:.0f} GB/s",
+                            f"{100 * rate / copy_rate:.0f} % of copy"))  # fmt: skip
         if "triton" in outputs:  # the timed kernel must also be right at this size
             from ascend_edit.kernels.triton.mla_decode import tuned_config
 
             diff = (outputs["triton"] - outputs["eager"]).abs().max().item()
-            rows[-len(backends)].note = f"max abs diff vs eager {diff:.1e}; {tuned_config(c, r, heads)}"
+            rows[-len(backends)].note += f"; max abs diff vs eager {diff:.1e}; {tuned_config(c, r, heads)}"
         for row in rows[-len(backends) :]:
             print(row.cells(), flush=True)
 
@@ -192,6 +219,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("swa", "mla", "all"), default="all")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sinks", type=int, default=4, help="sink tokens of the sliding-window case")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,11 +237,12 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    rows: list[Row] = []
+    copy_row, copy_rate = bench_copy(args, device)
+    rows: list[Row] = [copy_row]
     if args.only in ("swa", "all"):
         rows += bench_sliding_window(args, device)
     if args.only in ("mla", "all"):
-        rows += bench_mla_decode(args, device)
+        rows += bench_mla_decode(args, device, copy_rate)
     table = markdown(rows)
     print(table)
     if args.out:

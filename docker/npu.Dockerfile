@@ -1,28 +1,59 @@
-# Ascend NPU image: CANN toolkit + torch + torch_npu + ascend_edit. Build from the repo root:
+# Ascend NPU image: CANN toolkit + torch + torch_npu (+ MindSpeed on request) + ascend_edit.
+# Build from the repo root:
 #   docker build -f docker/npu.Dockerfile -t ascend-edit:npu .
 # NOT built or run on Ascend hardware by this project yet; see docker/README.md.
+#
+# One consistent triple, from TorchNPU 26.2.0's release notes (branch v2.13.0-26.2.0):
+#   CANN 9.2.0  +  torch 2.13.0  +  torch_npu 2.13.0
+# The build fails if the base image's CANN or the installed torch / torch_npu differ from the ARGs.
+ARG CANN_VERSION=9.2.0
+# Ascend's CANN images (Ascend/cann-container-image), tag <cann>-<chip>-<os>-py<python>;
+# chip 910b = Atlas A2, a3 = Atlas A3. Any image with CANN ${CANN_VERSION} under
+# /usr/local/Ascend/ascend-toolkit and Python 3.10+ on PATH works.
+ARG BASE_IMAGE=ascendai/cann:${CANN_VERSION}-910b-ubuntu22.04-py3.11
+FROM ${BASE_IMAGE}
 
-# Ascend's CANN images (github.com/Ascend/cann-container-image), tag
-# <cann>-<chip>-<os>-py<python>. torch_npu must match the CANN version (torch_npu's
-# COMPATIBILITY.md; 2.12.0 pairs with CANN 9.1.0): pass the tag that table names for
-# torch_npu 2.13.0, e.g. --build-arg CANN_IMAGE=ascendai/cann:<cann>-910b-ubuntu22.04-py3.11
-# (use -a3- for Atlas A3).
-ARG CANN_IMAGE=ascendai/cann:9.0.0-910b-ubuntu22.04-py3.11
-FROM ${CANN_IMAGE}
+ARG CANN_VERSION
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_NPU_VERSION=2.13.0
+# torch_npu runs on the CPU build of torch (the CPU index serves both x86_64 and aarch64).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# MindSpeed from source, off unless a ref is given. 26.2.0_core_r0.12.1 is the MindSpeed branch
+# released with TorchNPU 26.2.0 / CANN 9.2.0 (its table lists torch 2.10 as tested; torch 2.13 is not).
+ARG MINDSPEED_REF=""
+ARG MINDSPEED_REPO=https://gitcode.com/Ascend/MindSpeed.git
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 
-# torch_npu runs on the CPU build of torch (the CPU index serves both x86_64 and aarch64).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
-    && pip install pyyaml setuptools
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# The base image must carry the CANN version the triple names (version.cfg / *_install.info differ
+# between CANN releases, so any file under the toolkit naming the version is accepted).
+RUN grep -rqs --include='*.info' --include='*.cfg' "${CANN_VERSION}" /usr/local/Ascend/ascend-toolkit/latest/ \
+    || { echo "base image does not hold CANN ${CANN_VERSION}; pass a matching BASE_IMAGE" >&2; exit 1; }
+
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && pip install "torch_npu==${TORCH_NPU_VERSION}" pyyaml==6.0.3 setuptools==84.2.1 \
+    && python -c "import importlib.metadata as m; \
+got = (m.version('torch').split('+')[0], m.version('torch_npu')); \
+want = ('${TORCH_VERSION}', '${TORCH_NPU_VERSION}'); \
+assert got == want, f'installed torch, torch_npu {got}; the triple names {want}'"
+
+# git is needed only to fetch MindSpeed; the CANN images are Ubuntu based.
+RUN if [ -n "${MINDSPEED_REF}" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends git=1:* \
+        && rm -rf /var/lib/apt/lists/* \
+        && git clone --depth 1 --branch "${MINDSPEED_REF}" "${MINDSPEED_REPO}" /opt/MindSpeed \
+        && pip install --no-deps -e /opt/MindSpeed; \
+    fi
 
 WORKDIR /workspace/ascend_edit
 COPY . .
-# The npu extra pins torch_npu==2.13.0, the build for torch 2.13.0.
-RUN pip install -e ".[npu,test]"
+# torch / torch_npu are already the pinned triple; the npu extra pins the same torch_npu.
+RUN pip install -e ".[npu,test]" \
+    && python -c "import importlib.metadata as m; assert m.version('torch_npu') == '${TORCH_NPU_VERSION}'"
 
 # CANN's libraries and tools are only usable after its set_env.sh ran in the same shell.
 COPY docker/npu-entrypoint.sh /usr/local/bin/npu-entrypoint.sh

@@ -10,10 +10,17 @@ op                             device                      auto choice
                                cuda                        ``flex``
                                cpu / other                 ``sdpa``
 ``mla_absorbed_attention``     cuda, no grad (decode)      ``triton``
-                               cuda with grad, cpu, npu    ``eager``
+                               npu, no grad (decode)       ``npu``
+                               with grad, cpu              ``eager``
+``rms_norm``                   npu                         ``npu``
+``rotary_embedding``           npu                         ``npu`` (``mindspeed`` on request)
+``swiglu``                     npu                         ``npu``
+(the three fused ops)          cpu / cuda / other          ``eager``
 =============================  ==========================  ========================
 
-``flex`` serves CUDA training and prefill alike (the block mask skips out-of-window blocks in
+On CUDA the fused decoder-layer ops stay eager: regional ``torch.compile`` fuses them there.
+
+``triton`` (sliding window + sinks, forward and backward) is chosen by name. ``flex`` serves CUDA training and prefill alike (the block mask skips out-of-window blocks in
 both passes); any backend can be named explicitly to override the choice. Each backend module
 is imported only when first resolved, so ``torch_npu`` and ``triton`` stay unimported unless used.
 """
@@ -28,9 +35,15 @@ from dataclasses import dataclass
 __all__ = [
     "SLIDING_WINDOW_ATTENTION",
     "MLA_ABSORBED_ATTENTION",
+    "RMS_NORM",
+    "ROTARY_EMBEDDING",
+    "SWIGLU",
+    "FUSED_LAYER_OPS",
+    "ATTENTION_OPS",
     "KernelUnavailableError",
     "resolve",
     "available_backends",
+    "backend_name",
     "ops",
 ]
 
@@ -38,6 +51,12 @@ logger = logging.getLogger(__name__)
 
 SLIDING_WINDOW_ATTENTION = "sliding_window_attention"
 MLA_ABSORBED_ATTENTION = "mla_absorbed_attention"
+RMS_NORM = "rms_norm"
+ROTARY_EMBEDDING = "rotary_embedding"
+SWIGLU = "swiglu"
+FUSED_LAYER_OPS = (RMS_NORM, ROTARY_EMBEDDING, SWIGLU)
+ATTENTION_OPS = (SLIDING_WINDOW_ATTENTION, MLA_ABSORBED_ATTENTION)  # the ops exported checkpoints carry
+_NPU = frozenset({"npu"})
 _ANY_DEVICE: frozenset[str] = frozenset()
 
 
@@ -69,6 +88,14 @@ _REGISTRY: dict[str, dict[str, _Backend]] = {
             device_types=frozenset({"npu"}),
             requires_package="torch_npu",
         ),
+        # Plain self-attention layouts in the Triton kernel, the rest through flex; named explicitly
+        # until benchmarks/attention_kernels.py shows it ahead of flex on the target GPU.
+        "triton": _Backend(
+            ".triton.sliding_window",
+            "sliding_window_attention",
+            device_types=frozenset({"cuda"}),
+            requires_package="triton",
+        ),
     },
     MLA_ABSORBED_ATTENTION: {
         "eager": _Backend(".reference", "mla_absorbed_attention"),
@@ -79,6 +106,28 @@ _REGISTRY: dict[str, dict[str, _Backend]] = {
             supports_grad=False,
             requires_package="triton",
         ),
+        "npu": _Backend(
+            ".npu.infer_attention",
+            "mla_absorbed_attention",
+            device_types=_NPU,
+            supports_grad=False,
+            requires_package="torch_npu",
+        ),
+    },
+    RMS_NORM: {
+        "eager": _Backend(".fused_reference", "rms_norm"),
+        "npu": _Backend(".npu.fused_ops", "rms_norm", device_types=_NPU, requires_package="torch_npu"),
+    },
+    ROTARY_EMBEDDING: {
+        "eager": _Backend(".fused_reference", "rotary_embedding"),
+        "npu": _Backend(".npu.fused_ops", "rotary_embedding", device_types=_NPU, requires_package="torch_npu"),
+        "mindspeed": _Backend(
+            ".npu.fused_ops", "rotary_embedding_mindspeed", device_types=_NPU, requires_package="mindspeed"
+        ),
+    },
+    SWIGLU: {
+        "eager": _Backend(".fused_reference", "swiglu"),
+        "npu": _Backend(".npu.fused_ops", "swiglu", device_types=_NPU, requires_package="torch_npu"),
     },
 }
 
@@ -96,6 +145,12 @@ def available_backends(op: str, device_type: str | None = None) -> tuple[str, ..
     if device_type is None:
         return tuple(backends)
     return tuple(name for name, spec in backends.items() if _unavailable_reason(spec, device_type) is None)
+
+
+def backend_name(op: str, backend: str = "auto", *, device_type: str, needs_grad: bool) -> str:
+    """The backend name ``resolve`` would pick (``backend`` itself unless it is "auto")."""
+    _backends_of(op)
+    return _auto_choice(op, device_type, needs_grad) if backend == "auto" else backend
 
 
 def resolve(op: str, backend: str = "auto", *, device_type: str, needs_grad: bool) -> Callable[..., object]:
@@ -121,22 +176,26 @@ def resolve(op: str, backend: str = "auto", *, device_type: str, needs_grad: boo
         )
     if (op, name) not in _logged:
         _logged.add((op, name))
-        logger.info("attention kernel: %s -> %s (device=%s, needs_grad=%s)", op, name, device_type, needs_grad)
+        logger.info("kernel: %s -> %s (device=%s, needs_grad=%s)", op, name, device_type, needs_grad)
     return spec.load()
 
 
 def _backends_of(op: str) -> dict[str, _Backend]:
     backends = _REGISTRY.get(op)
     if backends is None:
-        raise ValueError(f"unknown attention op {op!r}; valid: {_quoted(_REGISTRY)}")
+        raise ValueError(f"unknown kernel op {op!r}; valid: {_quoted(_REGISTRY)}")
     return backends
 
 
 def _auto_choice(op: str, device_type: str, needs_grad: bool) -> str:
     if op == SLIDING_WINDOW_ATTENTION:
         return {"npu": "npu", "cuda": "flex"}.get(device_type, "sdpa")
+    if op in FUSED_LAYER_OPS:
+        return "npu" if device_type == "npu" else "eager"
     if device_type == "cuda" and not needs_grad and _has_package("triton"):
         return "triton"
+    if device_type == "npu" and not needs_grad:
+        return "npu"
     return "eager"
 
 

@@ -1,17 +1,23 @@
 """Cache layers that make the converted model's memory really drop during generation.
 
 MLA layers need nothing special: they store the normalised latent and the rotated shared RoPE key
-as a single-"head" key/value pair, so transformers' own `DynamicLayer` holds exactly
+as a single-"head" key/value pair, so transformers' own `DynamicLayer` / `StaticLayer` hold exactly
 `kv_lora_rank + qk_rope_head_dim` values per token.
 
-Sliding-window layers with sink tokens use `SinkWindowLayer`: it keeps the first `sink_tokens`
-positions plus the last `window - 1` tokens (all a later query can see) and drops the rest, so it
-holds at most `sink_tokens + window - 1` tokens whatever the context length.
+Sliding-window layers with sink tokens get a bounded layer in place of the one transformers built
+from the config (which knows nothing of converted layers), installed by `sink_window_layer`:
+
+* `SinkWindowLayer` (dynamic caches): keeps the first `sink_tokens` positions plus the last
+  `window - 1` tokens (all a later query can see) and drops the rest.
+* `StaticSinkWindowLayer` (static caches, `generate(..., cache_implementation="static")`): a
+  preallocated ring of `sink_tokens + window + 1` slots written in place, with each slot's position
+  kept in a tensor, so a decode step has fixed shapes, no host synchronisation and can be captured
+  by `torch.compile` / CUDA graphs.
 """
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -100,18 +106,136 @@ class SinkWindowLayer(DynamicLayer):
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
 
 
-def sink_window_layer(cache: Cache, layer_idx: int, window: int, sink_tokens: int) -> SinkWindowLayer:
-    """The `SinkWindowLayer` of `cache` at `layer_idx`, installed on first use.
+class StaticSinkWindowLayer(StaticLayer):
+    """A preallocated ring buffer for sliding-window attention with sink tokens (static caches).
 
-    `generate()` builds a `DynamicCache` from the config, which knows nothing of converted layers;
-    an empty layer slot is swapped for the bounded one the first time this layer writes to it.
+    Slots ``[0, sink_tokens)`` hold each row's sink tokens (slot = position), slots
+    ``[sink_tokens, sink_tokens + window)`` the last `window` tokens fed (slot = stream index mod
+    window) and the last slot is a scratch slot that absorbs the writes of tokens that are not sinks.
+    `positions` [b, slots] holds each slot's position, -1 for an empty slot, a padding token or a
+    window slot whose token lives in a sink slot, so attention masks by position alone and sees
+    every visible key exactly once. Storage never moves after the first write.
+
+    A decode step (one new token) writes first and then attends over the ring: the slot it overwrites
+    held the token `window` steps back, which the new query can no longer see. Longer inputs (prefill)
+    attend over the ring plus the new tokens, then write (see `GateSWAAttention`).
+
+    Reported as a full layer of `max_cache_len` tokens: transformers then builds full-length masks that
+    the full-attention layers use as they are; this layer reads only its rows' padding from them.
+    """
+
+    is_sliding = False
+
+    def __init__(self, max_cache_len: int, window: int, sink_tokens: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len)
+        self.window = window
+        self.sink_tokens = sink_tokens
+        self.num_slots = sink_tokens + window + 1
+        self.positions: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        shape = (self.batch_size, self.num_heads, self.num_slots)
+        self.keys = torch.zeros((*shape, self.k_head_dim), dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros((*shape, self.v_head_dim), dtype=value_states.dtype, device=self.device)
+        self.positions = torch.full((self.batch_size, self.num_slots), -1, dtype=torch.long, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            # Fixed addresses: compiled graphs and CUDA graphs may mutate them in place.
+            for tensor in (self.keys, self.values, self.positions, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+              real: torch.Tensor) -> None:
+        """Store new states [b, hk, s, d] with their positions [b, s]; `real` [b, s] is False for padding."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        s = key_states.shape[-2]
+        stream = self.cumulative_length + torch.arange(s, device=self.device)  # stream index of each new token
+        positions = positions.to(torch.long)
+        is_sink = real & (positions < self.sink_tokens)
+        if s == 1:
+            # Decode: one scatter per buffer. A sink skips its window slot, whose old token is `window`
+            # steps back and never a sink itself (sinks never enter window slots): invisible either way.
+            slot = torch.where(is_sink, positions, self.sink_tokens + stream % self.window)  # [b, 1]
+            index = slot[:, None, :, None]
+            self.keys.scatter_(2, index.expand_as(key_states), key_states)
+            self.values.scatter_(2, index.expand_as(value_states), value_states)
+            self.positions.scatter_(1, slot, torch.where(real, positions, -1))
+            self.cumulative_length.add_(1)
+            return
+        # Window slots: only the last `window` new tokens can still be seen by a later query.
+        tail = slice(max(s - self.window, 0), s)
+        slots = self.sink_tokens + stream[tail] % self.window
+        self.keys.index_copy_(2, slots, key_states[:, :, tail])
+        self.values.index_copy_(2, slots, value_states[:, :, tail])
+        window_pos = torch.where(real & ~is_sink, positions, -1)
+        self.positions.index_copy_(1, slots, window_pos[:, tail])
+        if self.sink_tokens:
+            # Sinks go to slot = position; every other token writes the scratch slot (its position stays -1).
+            scratch = self.num_slots - 1
+            target = torch.where(is_sink, positions, scratch)  # [b, s]
+            head_index = target[:, None, :, None]
+            self.keys.scatter_(2, head_index.expand_as(key_states), key_states)
+            self.values.scatter_(2, head_index.expand_as(value_states), value_states)
+            self.positions.scatter_(1, target, torch.where(is_sink, positions, -1))
+        self.cumulative_length.add_(s)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Generic Cache API (no padding information): positions are stream indices; returns the ring."""
+        s = key_states.shape[-2]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = (self.cumulative_length + torch.arange(s, device=self.device)).expand(key_states.shape[0], s)
+        self.write(key_states, value_states, positions, torch.ones_like(positions, dtype=torch.bool))
+        return self.keys, self.values
+
+    def assume_filled(self, length: int) -> None:
+        """Benchmarks: make the ring describe a prompt of `length` tokens (positions 0..length-1) without
+        running it; the stored states are left as they are. Needs an initialized layer."""
+        stream = torch.arange(max(length - self.window, 0), length, device=self.device)
+        self.positions.fill_(-1)
+        slots = self.sink_tokens + stream % self.window
+        self.positions[:, slots] = torch.where(stream < self.sink_tokens, -1, stream)
+        sinks = min(self.sink_tokens, length)
+        self.positions[:, :sinks] = torch.arange(sinks, device=self.device)
+        self.cumulative_length.fill_(length)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.positions is not None:
+            self.positions.fill_(-1)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("StaticSinkWindowLayer cannot be cropped: evicted tokens are gone")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            for tensor in (self.keys, self.values, self.positions):
+                tensor.copy_(tensor.index_select(0, beam_idx.to(self.device)))
+
+
+def sink_window_layer(cache: Cache, layer_idx: int, window: int,
+                      sink_tokens: int) -> SinkWindowLayer | StaticSinkWindowLayer:
+    """The bounded layer of `cache` at `layer_idx`, installed on first use.
+
+    `generate()` builds a `DynamicCache` or `StaticCache` from the config, which knows nothing of
+    converted layers; an empty layer slot is swapped for the bounded one of the same kind (a ring for
+    static caches) the first time this layer writes to it — in the prefill, before any compiled step.
     """
     while len(cache.layers) <= layer_idx:
         cache.layers.append(DynamicLayer())
     layer = cache.layers[layer_idx]
-    if not isinstance(layer, SinkWindowLayer):
-        if layer.get_seq_length() > 0:
-            raise RuntimeError(f"cache layer {layer_idx} already holds unbounded states")
+    if isinstance(layer, (SinkWindowLayer, StaticSinkWindowLayer)):
+        return layer
+    if layer.is_initialized and int(layer.get_seq_length()) > 0:  # once per generation, before any compiled step
+        raise RuntimeError(f"cache layer {layer_idx} already holds unbounded states")
+    if isinstance(layer, StaticLayer):
+        layer = StaticSinkWindowLayer(layer.max_cache_len, window, sink_tokens)
+    else:
         layer = SinkWindowLayer(window, sink_tokens)
-        cache.layers[layer_idx] = layer
+    cache.layers[layer_idx] = layer
     return layer

@@ -6,7 +6,9 @@
 
 Layers the plan keeps at full attention use the same module with `window=0`, so every layer of a
 hybrid model can be gated alike. Sliding layers cache at most `sink_tokens + window - 1` tokens
-(`SinkWindowLayer`), full layers use transformers' ordinary cache layer.
+(`SinkWindowLayer`; a preallocated ring, `StaticSinkWindowLayer`, in static caches), full layers use
+transformers' ordinary cache layers. With a static cache a decode step writes its key into the ring and
+attends over the ring alone: it reads sinks + window, whatever the context.
 
 Sink tokens are on by default: a sliding layer that loses sight of the first token loses the
 model's attention sink, which costs far more quality than the window itself.
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ascend_edit.attention.cache_layers import sink_window_layer
+from ascend_edit.attention.cache_layers import StaticSinkWindowLayer, sink_window_layer
 from ascend_edit.attention.geometry import AttentionGeometry
 from ascend_edit.attention.masks import as_bool_mask, packed_segments, to_sdpa_mask, visible_by_position
 from ascend_edit.attention.rope import apply_rope
@@ -82,6 +84,8 @@ class GateSWAAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Under autocast, fp32 norms / rotary tables promote q, k; the fused kernels want one dtype (v's).
+        q, k = q.to(v.dtype), k.to(v.dtype)
 
         if self.is_sliding:
             out = self._sliding_attention(q, k, v, attention_mask, cache, kwargs.get("position_ids"))
@@ -95,7 +99,7 @@ class GateSWAAttention(nn.Module):
         b, _, s, _ = q.shape
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=q.device)[None]
+            position_ids = (past + torch.arange(s, device=q.device))[None]  # past may be a device tensor
         given = as_bool_mask(attention_mask)
         if cache is None:
             q_pos, q_seg, fused_ok = _kernel_inputs(position_ids, given, b)
@@ -111,7 +115,17 @@ class GateSWAAttention(nn.Module):
         else:
             q_pos = position_ids.expand(b, s)
             layer = sink_window_layer(cache, self.layer_idx, self.window, self.sink_tokens)
+            if isinstance(layer, StaticSinkWindowLayer):
+                return self._ring_attention(layer, q, k, v, q_pos, given)
             k, v, k_pos, k_index = layer.update_window(k, v, q_pos)
+            if q.device.type == "npu" and (given is None or (s == 1 and bool(given.all()))):
+                # Decode without padding: positions say everything, and the NPU kernel runs it through the
+                # fused inference op (kernels/npu/infer_attention.py).
+                kernel = resolve(SLIDING_WINDOW_ATTENTION, self.kernel_backend, device_type="npu",
+                                 needs_grad=torch.is_grad_enabled())
+                out = kernel(q, k, v, q_pos=q_pos, k_pos=k_pos, window=self.window, sink_tokens=self.sink_tokens,
+                             scale=self.scaling)
+                return out.transpose(1, 2)
         visible = visible_by_position(q_pos, k_pos, window=self.window, sink_tokens=self.sink_tokens)
         if given is not None and given.shape[-1] > int(k_index.max()):
             # transformers' mask covers every token fed so far (padding, packed documents): pick the
@@ -119,6 +133,38 @@ class GateSWAAttention(nn.Module):
             visible = visible & given.index_select(-1, k_index).expand_as(visible)
         out, _ = sdpa_attention_forward(self, q, k, v, to_sdpa_mask(visible), dropout=0.0, scaling=self.scaling)
         return out
+
+    def _ring_attention(self, layer: StaticSinkWindowLayer, q, k, v, q_pos, given):
+        """Attention through a static ring cache: fixed shapes, masks from positions, no host sync."""
+        b, _, s, _ = q.shape
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        # Padding tokens are the ones transformers' mask hides even from themselves (column = stream index).
+        stream = layer.cumulative_length + torch.arange(s, device=q.device)
+        if given is None:
+            real = torch.ones_like(q_pos, dtype=torch.bool)
+        else:
+            columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
+            real = given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
+        if s == 1:
+            # Decode: the overwritten slot held the token `window` steps back, out of the query's sight.
+            # SDPA over the sinks + window slots only, with a mask from their positions.
+            layer.write(k, v, q_pos, real)
+            visible = visible_by_position(q_pos, layer.positions, window=self.window, sink_tokens=self.sink_tokens)
+            out, _ = sdpa_attention_forward(self, q, layer.keys, layer.values, to_sdpa_mask(visible), dropout=0.0,
+                                            scaling=self.scaling)
+            return out
+        # Prefill (eager): the ring's keys plus the new ones through the registry's sliding-window kernel
+        # (flex on CUDA skips out-of-window blocks); padding queries and keys get position -1.
+        new_pos = torch.where(real, q_pos, -1)
+        keys, values = torch.cat([layer.keys, k], dim=-2), torch.cat([layer.values, v], dim=-2)
+        k_pos = torch.cat([layer.positions, new_pos], dim=-1)
+        kernel = resolve(SLIDING_WINDOW_ATTENTION, self.kernel_backend, device_type=q.device.type,
+                         needs_grad=torch.is_grad_enabled())
+        out = kernel(q, keys, values, q_pos=new_pos, k_pos=k_pos, window=self.window, sink_tokens=self.sink_tokens,
+                     scale=self.scaling)
+        layer.write(k, v, q_pos, real)
+        return out.transpose(1, 2)
 
     def _apply_gate(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """out: [b, s, h, d]; the gate reads the layer input, as the output projection's filter."""

@@ -73,26 +73,10 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     H, G, d = g.num_heads, g.num_kv_heads, g.head_dim
     r, n, v, c = target.qk_rope_head_dim, target.qk_nope_head_dim, target.v_head_dim, target.kv_lora_rank
     D = g.hidden_size
-    # Work on the weights' device (SVDs of real-size layers are far faster on an accelerator).
-    f64 = dict(dtype=torch.float64, device=teacher.q_proj.weight.device)
-    cov = stats.input_cov.to(**f64) if stats is not None else torch.eye(D, **f64)
-    cov_half = _matrix_sqrt(cov)
-
-    # Linear stand-ins for the teacher's projections; Qwen3's q/k RMSNorm becomes its weight divided
-    # by the mean RMS seen on calibration data (exact up to each token's deviation from that mean).
-    wq = teacher.q_proj.weight.to(**f64).view(H, d, D)
-    wk = teacher.k_proj.weight.to(**f64).view(G, d, D)
-    wv = teacher.v_proj.weight.to(**f64).view(G, d, D)
-    bk = teacher.k_proj.bias.to(**f64).view(G, d) if teacher.k_proj.bias is not None else torch.zeros(G, d, **f64)
-    bv = teacher.v_proj.bias.to(**f64).view(G, d) if teacher.v_proj.bias is not None else torch.zeros(G, d, **f64)
-    if g.has_qk_norm:
-        q_scale = teacher.q_norm.weight.to(**f64) / (stats.q_rms if stats else 1.0)
-        k_scale = teacher.k_norm.weight.to(**f64) / (stats.k_rms if stats else 1.0)
-        wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
-    rope_idx, nope_idx = (idx.to(f64["device"]) for idx in rope_dims(d, r))
-    group_of_head = torch.arange(H, device=f64["device"]) // (H // G)
-    # MLA's softmax scale differs from the teacher's; fold the ratio into the query.
-    wq = wq * (g.scaling / target.scaling)
+    maps = _linear_maps(teacher, g, stats, target.scaling, r)
+    f64, cov, cov_half = maps.f64, maps.cov, maps.cov_half
+    wq, wk, bk = maps.wq, maps.wk, maps.bk
+    rope_idx, group_of_head = maps.rope_idx, maps.group_of_head
 
     # --- shared RoPE key: per rotary dim pair, the principal direction across the G KV heads ---
     k_rope_rows = wk[:, rope_idx]  # [G, r, D]
@@ -110,28 +94,7 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     q_rope = wq[:, rope_idx] * weight_per_dim.T[group_of_head][:, :, None]  # [H, r, D]
 
     # --- position-free part: per KV head, fit n key dims and v value dims, then a joint SVD ---
-    k_nope, q_nope, values, out_maps = [], [], [], []
-    for kv in range(G):
-        keys = wk[kv, nope_idx]  # [d - r, D]
-        if n >= keys.shape[0]:
-            proj = torch.eye(n, keys.shape[0], **f64)
-        else:
-            u, _, _ = torch.linalg.svd(keys @ cov_half, full_matrices=False)
-            proj = u[:, :n].T  # orthonormal [n, d - r]
-        k_nope.append(torch.cat([proj @ keys, (proj @ bk[kv, nope_idx])[:, None]], dim=1))
-        for h in (group_of_head == kv).nonzero().squeeze(-1).tolist():
-            q_nope.append(proj @ wq[h, nope_idx])
-        if v >= d:
-            vproj = torch.eye(v, d, **f64)
-        else:
-            u, _, _ = torch.linalg.svd(wv[kv] @ cov_half, full_matrices=False)
-            vproj = u[:, :v].T
-        values.append(torch.cat([vproj @ wv[kv], (vproj @ bv[kv])[:, None]], dim=1))
-        out_maps.append(vproj)
-    q_nope = torch.stack(q_nope)  # [H, n, D] in head order (heads of a group are contiguous)
-
-    # rows with a trailing bias column: [G*n + G*v, D + 1]
-    rows = torch.cat(k_nope + values)
+    rows, q_nope, out_maps = _position_free_rows(maps, n, v)
     whitened = rows[:, :D] @ cov_half
     u, s, _ = torch.linalg.svd(whitened, full_matrices=False)
     rank = min(c, u.shape[1])
@@ -167,10 +130,97 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     return {"latent_energy_kept": energy_kept, "latent_rms": latent_rms}
 
 
+@dataclass
+class _LinearMaps:
+    """The teacher attention's projections as float64 linear maps, with the calibration whitening."""
+
+    f64: dict
+    cov: torch.Tensor
+    cov_half: torch.Tensor
+    wq: torch.Tensor  # [H, d, D], scaled for the target's softmax scale
+    wk: torch.Tensor  # [G, d, D]
+    wv: torch.Tensor  # [G, d, D]
+    bk: torch.Tensor  # [G, d]
+    bv: torch.Tensor  # [G, d]
+    rope_idx: torch.Tensor
+    nope_idx: torch.Tensor
+    group_of_head: torch.Tensor  # [H]
+
+
+def _linear_maps(teacher: nn.Module, g: AttentionGeometry, stats: LayerStats | None, target_scaling: float,
+                 rope_dim: int) -> _LinearMaps:
+    H, G, d, D = g.num_heads, g.num_kv_heads, g.head_dim, g.hidden_size
+    # Work on the weights' device (SVDs of real-size layers are far faster on an accelerator).
+    f64 = {"dtype": torch.float64, "device": teacher.q_proj.weight.device}
+    cov = stats.input_cov.to(**f64) if stats is not None else torch.eye(D, **f64)
+    cov_half = _matrix_sqrt(cov)
+
+    # Linear stand-ins for the teacher's projections; Qwen3's q/k RMSNorm becomes its weight divided
+    # by the mean RMS seen on calibration data (exact up to each token's deviation from that mean).
+    wq = teacher.q_proj.weight.to(**f64).view(H, d, D)
+    wk = teacher.k_proj.weight.to(**f64).view(G, d, D)
+    wv = teacher.v_proj.weight.to(**f64).view(G, d, D)
+    bk = teacher.k_proj.bias.to(**f64).view(G, d) if teacher.k_proj.bias is not None else torch.zeros(G, d, **f64)
+    bv = teacher.v_proj.bias.to(**f64).view(G, d) if teacher.v_proj.bias is not None else torch.zeros(G, d, **f64)
+    if g.has_qk_norm:
+        q_scale = teacher.q_norm.weight.to(**f64) / (stats.q_rms if stats else 1.0)
+        k_scale = teacher.k_norm.weight.to(**f64) / (stats.k_rms if stats else 1.0)
+        wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
+    rope_idx, nope_idx = (idx.to(f64["device"]) for idx in rope_dims(d, rope_dim))
+    group_of_head = torch.arange(H, device=f64["device"]) // (H // G)
+    # MLA's softmax scale differs from the teacher's; fold the ratio into the query.
+    wq = wq * (g.scaling / target_scaling)
+    return _LinearMaps(f64, cov, cov_half, wq, wk, wv, bk, bv, rope_idx, nope_idx, group_of_head)
+
+
+def _position_free_rows(maps: _LinearMaps, n: int, v: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Per KV head, the n key dims and v value dims that keep most whitened energy.
+
+    Returns (rows [G*n + G*v, D + 1] with a trailing bias column — what the latent must reproduce —,
+    the matching query rows [H, n, D] in head order, and each KV head's value projection [v, d]).
+    """
+    f64, cov_half = maps.f64, maps.cov_half
+    G, d = maps.wk.shape[0], maps.wk.shape[1]
+    k_nope, q_nope, values, out_maps = [], [], [], []
+    for kv in range(G):
+        keys = maps.wk[kv, maps.nope_idx]  # [d - r, D]
+        if n >= keys.shape[0]:
+            proj = torch.eye(n, keys.shape[0], **f64)
+        else:
+            u, _, _ = torch.linalg.svd(keys @ cov_half, full_matrices=False)
+            proj = u[:, :n].T  # orthonormal [n, d - r]
+        k_nope.append(torch.cat([proj @ keys, (proj @ maps.bk[kv, maps.nope_idx])[:, None]], dim=1))
+        for h in (maps.group_of_head == kv).nonzero().squeeze(-1).tolist():
+            q_nope.append(proj @ maps.wq[h, maps.nope_idx])
+        if v >= d:
+            vproj = torch.eye(v, d, **f64)
+        else:
+            u, _, _ = torch.linalg.svd(maps.wv[kv] @ cov_half, full_matrices=False)
+            vproj = u[:, :v].T
+        values.append(torch.cat([vproj @ maps.wv[kv], (vproj @ maps.bv[kv])[:, None]], dim=1))
+        out_maps.append(vproj)
+    # heads of a group are contiguous, so q_nope is in head order
+    return torch.cat(k_nope + values), torch.stack(q_nope), out_maps
+
+
+@torch.no_grad()
+def latent_spectrum(teacher: nn.Module, geometry: AttentionGeometry, stats: LayerStats | None, cfg) -> torch.Tensor:
+    """Singular values of the whitened keys and values an MLA latent of this shape must carry (descending).
+
+    Keeping the first c of them is what the warm start does with `kv_lora_rank=c`; the squared values
+    are the activation energy each latent dimension keeps (used by models/budget.py to share a KV
+    budget across layers). `cfg` is the MLA config (rope, nope and value dims are read from it).
+    """
+    scaling = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    maps = _linear_maps(teacher, geometry, stats, scaling, cfg.qk_rope_head_dim)
+    rows, _, _ = _position_free_rows(maps, cfg.qk_nope_head_dim, cfg.v_head_dim)
+    return torch.linalg.svdvals(rows[:, : geometry.hidden_size] @ maps.cov_half)
+
+
 def _low_rank_query(target: nn.Module, q: torch.Tensor, cov_half: torch.Tensor) -> None:
     """q ≈ q_b (norm(q_a x)): whitened SVD of the full query map, rank q_lora_rank."""
     f64 = q.to(torch.float64)
-    u, s, vt = torch.linalg.svd(f64 @ cov_half, full_matrices=False)
+    u, s, _ = torch.linalg.svd(f64 @ cov_half, full_matrices=False)
     k = target.q_lora_rank
     down = u[:, :k].T @ f64  # [k, D]
     target.q_a_proj.weight.copy_(down.to(q.dtype))

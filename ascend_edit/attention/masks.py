@@ -25,10 +25,8 @@ def to_sdpa_mask(visible: torch.Tensor) -> torch.Tensor:
     """SDPA's bool mask, with fully-masked rows opened on their first key to avoid NaN (their output is
     multiplied away or belongs to padding)."""
     empty = ~visible.any(dim=-1, keepdim=True)
-    if empty.any():
-        visible = visible.clone()
-        visible[..., :1] |= empty
-    return visible
+    # Branch-free (no host sync): decode steps stay capturable by torch.compile / CUDA graphs.
+    return torch.cat([visible[..., :1] | empty, visible[..., 1:]], dim=-1)
 
 
 def packed_segments(positions: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,15 @@ Einsum letters: b batch, s query positions, t key positions, h heads, d head dim
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 from ascend_edit.attention.geometry import AttentionGeometry
-from ascend_edit.attention.masks import as_bool_mask, to_sdpa_mask, visible_by_position
+from ascend_edit.attention.masks import as_bool_mask
 from ascend_edit.attention.rope import apply_rope, leading_rope
 from ascend_edit.config import MLAConfig
-from ascend_edit.kernels.registry import MLA_ABSORBED_ATTENTION, resolve
+from ascend_edit.kernels.registry import MLA_ABSORBED_ATTENTION, SLIDING_WINDOW_ATTENTION, resolve
 
 PATHS = ("auto", "naive", "absorbed")
 
@@ -61,6 +60,7 @@ class MLAAttention(nn.Module):
         self.num_key_value_groups = 1  # keys are already per head after decompression
         self.path = "auto"
         self.kernel_backend = "auto"  # kernels.registry backend for the absorbed (decode) op
+        self._kernels: dict[tuple[str, str, bool], object] = {}
         bias = geometry.qkv_bias
         hidden, heads = geometry.hidden_size, geometry.num_heads
 
@@ -97,6 +97,8 @@ class MLAAttention(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         b, s, _ = hidden_states.shape
+        if cache is not None and not torch.compiler.is_compiling():
+            self._kernel(hidden_states.device.type, False)  # the decode kernel, resolved before any compiled step
         q = self.project_query(hidden_states)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         latent, k_rope = self.compress_kv(hidden_states)
@@ -104,14 +106,28 @@ class MLAAttention(nn.Module):
         cos, sin = leading_rope(*position_embeddings, self.qk_rope_head_dim)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope, cos, sin)
+        # Cache slot (= index in the stream of tokens fed) of each query: an int for dynamic caches, a
+        # device tensor for static ones (read before the update, which advances it in place).
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        q_slot = past + torch.arange(s, device=hidden_states.device)
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
         if self._use_absorbed(s, cache):
-            out = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+            out = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, q_slot)
         else:
             out = self.naive_attention(q_nope, q_rope, latent, k_rope, attention_mask)
         return self.o_proj(out.reshape(b, s, -1)), None
+
+    def _kernel(self, device_type: str, needs_grad: bool):
+        """The registry's absorbed-attention kernel, resolved once per (backend, device, grad) and kept: a
+        compiled decode step then finds it without tracing the registry's lazy import."""
+        key = (self.kernel_backend, device_type, needs_grad)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = resolve(MLA_ABSORBED_ATTENTION, self.kernel_backend,
+                                                  device_type=device_type, needs_grad=needs_grad)
+        return kernel
 
     def _use_absorbed(self, q_len: int, cache) -> bool:
         if self.path != "auto":
@@ -126,34 +142,35 @@ class MLAAttention(nn.Module):
         k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        if q.device.type == "npu" and attention_mask is None and q.shape[2] == t:
+            # Plain causal without a cache: npu_fusion_attention with the compressed causal mask, via the
+            # sliding-window op with window 0 (it pads v's head dim to q/k's; see docs/npu.md).
+            kernel = resolve(SLIDING_WINDOW_ATTENTION, "auto", device_type="npu", needs_grad=torch.is_grad_enabled())
+            pos = torch.arange(t, device=q.device).expand(b, t)
+            out = kernel(q, k, v, q_pos=pos, k_pos=pos, window=0, sink_tokens=0, scale=self.scaling)
+            return out.transpose(1, 2)
         out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
         return out
 
-    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask):
-        """Attend in latent space without decompressing the cache. Returns [b, s, h, d_v]."""
+    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, q_slot=None):
+        """Attend in latent space without decompressing the cache. Returns [b, s, h, d_v].
+
+        The kernel masks by positions, so transformers' mask [b, 1, s, t] is turned into slot indices
+        without a host sync: a key is a slot whose column some query may see (not padding, not an empty
+        static slot), a query sees the keys up to its own slot `q_slot` [s]. That is exactly the causal
+        mask with padding that transformers builds, and keeps the step capturable as a graph.
+        """
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)
+        b, _, s, _ = q_latent.shape
+        t = latent.shape[2]
+        if q_slot is None:  # a cache holding exactly the keys seen so far
+            q_slot = torch.arange(t - s, t, device=latent.device)
+        k_pos = torch.arange(t, device=latent.device).expand(b, t)
         given = as_bool_mask(attention_mask)
-        if given is None or bool(given.all()):
-            # Plain causal over the cache (decode without padding): the fused latent kernel applies.
-            b, _, s, _ = q_latent.shape
-            t = latent.shape[2]
-            kernel = resolve(MLA_ABSORBED_ATTENTION, self.kernel_backend, device_type=latent.device.type,
-                             needs_grad=torch.is_grad_enabled())
-            q_pos = torch.arange(t - s, t, device=latent.device).expand(b, s)
-            k_pos = torch.arange(t, device=latent.device).expand(b, t)
-            out_latent = kernel(q_latent, q_rope, latent[:, 0], k_rope[:, 0], q_pos=q_pos, k_pos=k_pos,
-                                scale=self.scaling)
-            return torch.einsum("bhsc,hvc->bshv", out_latent, w_uv)
-        scores = torch.einsum("bhsc,btc->bhst", q_latent, latent[:, 0])
-        scores = scores + torch.einsum("bhsr,btr->bhst", q_rope, k_rope[:, 0])
-        s, t = scores.shape[-2:]
-        visible = as_bool_mask(attention_mask)
-        if visible is None:  # transformers skips the mask when plain causal suffices
-            q_pos = torch.arange(t - s, t, device=scores.device).expand(scores.shape[0], s)
-            k_pos = torch.arange(t, device=scores.device).expand(scores.shape[0], t)
-            visible = visible_by_position(q_pos, k_pos)
-        scores = (scores * self.scaling).float().masked_fill(~to_sdpa_mask(visible[..., :t]), float("-inf"))
-        probs = F.softmax(scores, dim=-1).to(latent.dtype)
-        out_latent = torch.einsum("bhst,btc->bhsc", probs, latent[:, 0])
+        if given is not None:
+            k_pos = torch.where(given[:, 0, :, :t].any(dim=-2), k_pos, -1)
+        kernel = self._kernel(latent.device.type, torch.is_grad_enabled())
+        out_latent = kernel(q_latent, q_rope, latent[:, 0], k_rope[:, 0], q_pos=q_slot.expand(b, s), k_pos=k_pos,
+                            scale=self.scaling)
         return torch.einsum("bhsc,hvc->bshv", out_latent, w_uv)

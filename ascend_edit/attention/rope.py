@@ -13,8 +13,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# A fused rotary kernel (NPU), chosen once per run by ascend_edit.models.fused_layers; None: eager.
+_rope_kernel = None
+
+
+def set_rope_kernel(kernel) -> None:
+    """Route `apply_rope` through `kernel(x, cos, sin)` (same contract), or back to eager with None."""
+    global _rope_kernel
+    _rope_kernel = kernel
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [b, h, s, d]; cos/sin: [b, s, d] (broadcast over heads)."""
+    if _rope_kernel is not None:
+        return _rope_kernel(x, cos, sin)
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 

@@ -43,6 +43,8 @@ class ModelLevelObjective:
         set_mode(model, "student")
         student_hidden, student_states = self._hidden(model, batch, want_states)
         weight = model.get_output_embeddings().weight
+        # fp32 master norms (trainable=target+norms) give an fp32 hidden state under autocast: match the head.
+        student_hidden = student_hidden.to(weight.dtype)
         teacher_weight = None if self.teacher is None else self.teacher.get_output_embeddings().weight
         mask = batch["loss_mask"]
         kd = kd_logits_loss(student_hidden, teacher_hidden, weight, kind=self.kl, temperature=self.temperature,

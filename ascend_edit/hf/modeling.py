@@ -34,7 +34,10 @@ def converted_attention(kind: str, teacher_attn: nn.Module, config, spec: dict) 
     """The target module for one plan entry, shaped from the architecture's attention it replaces."""
     geometry = read_geometry(teacher_attn, config)
     if kind == "mla":
-        return MLAAttention(geometry, SimpleNamespace(**spec["mla"]), config=config)
+        mla = dict(spec["mla"])
+        if spec.get("kv_lora_ranks"):  # budget-aware: each layer its own latent rank
+            mla["kv_lora_rank"] = spec["kv_lora_ranks"][geometry.layer_idx]
+        return MLAAttention(geometry, SimpleNamespace(**mla), config=config)
     if kind in ("swa", "full"):
         swa = spec["gate_swa"]
         return GateSWAAttention(

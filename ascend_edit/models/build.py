@@ -26,7 +26,8 @@ def shape_only_teacher(cfg: ModelConfig):
             raise FileNotFoundError(f"model.path {path} does not exist")
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **kwargs), dtype=dtype)
+            config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)  # never the hub
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     check_supported(model)
     model.set_attn_implementation(cfg.attn_implementation)
     return model

@@ -1,13 +1,17 @@
 """Save and reload a converted model in the framework's own format.
 
 A directory holds the teacher's HF `config.json`, `ascend_edit.json` (target config and per-layer
-plan), `model.safetensors` (the converted model only: teacher attentions are not written) and the
-tokenizer. `load_converted` rebuilds the same modules and loads the weights strictly.
+plan), `model.safetensors` (the converted model only: teacher attentions are not written), the
+tokenizer and `manifest.json` (every file's size and sha256, written last). `load_converted` verifies
+the manifest, rebuilds the same modules and loads the weights strictly.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -17,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
 from ascend_edit.models.surgery import LayerPlan, edit_model, unwrap_targets
+from ascend_edit.train.checkpoint_io import fsync_dir, require_finite, verify_manifest, write_manifest
 
 FORMAT_VERSION = 1
 
@@ -34,23 +39,46 @@ def converted_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_converted(model: nn.Module, target: TargetConfig, directory: Path, tokenizer=None) -> Path:
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(tmp / "config.json")
-    meta = {"format_version": FORMAT_VERSION, "target": dataclasses.asdict(target),
-            "plan": [[e.layer_idx, e.kind] for e in model.edit_plan]}
-    (tmp / "ascend_edit.json").write_text(json.dumps(meta, indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in converted_state_dict(model).items()},
-              str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if directory.exists():
-        import shutil
+    """Write the converted model to `directory` (see the module docstring); returns `directory`.
 
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    Refuses a non-finite weight before writing anything. The files go to a sibling temporary directory
+    with its manifest; an existing `directory` must be a converted model (it is replaced: renamed aside,
+    the new one renamed in, then the old one removed), anything else there is refused.
+    """
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in converted_state_dict(model).items()}
+    require_finite(state.items(), f"the converted model to {directory}")
+    if directory.exists() and any(directory.iterdir()) and not (directory / "ascend_edit.json").exists():
+        raise FileExistsError(f"{directory} exists and is not a converted model: refusing to replace it")
+    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        model.config.to_json_file(tmp / "config.json")
+        meta = {"format_version": FORMAT_VERSION, "target": dataclasses.asdict(target),
+                "plan": plan_entries(model.edit_plan)}
+        (tmp / "ascend_edit.json").write_text(json.dumps(meta, indent=2))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
+        swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # this call's own temporary directory
+        raise
     return directory
+
+
+def swap_in(new: Path, directory: Path) -> None:
+    """Put the finished directory `new` at `directory`; a previous `directory` is renamed aside first and
+    removed only once the new one is in place (a crash leaves one of the two complete under a known name).
+    The caller has decided that the previous `directory` may be replaced."""
+    aside = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    if directory.exists():
+        os.replace(directory, aside)
+    os.replace(new, directory)
+    fsync_dir(directory.parent)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def _target_config(raw: dict) -> TargetConfig:
@@ -66,6 +94,7 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     meta_file = directory / "ascend_edit.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{directory} is not a converted model: no ascend_edit.json")
+    verify_manifest(directory)
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
@@ -73,7 +102,7 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target = dataclasses.replace(_target_config(meta["target"]), init="random")
-    plan = [LayerPlan(i, kind) for i, kind in meta["plan"]]
+    plan = [LayerPlan(*entry) for entry in meta["plan"]]
     edit_model(model, plan, target)
     unwrap_targets(model)
     model.to_empty(device="cpu")
@@ -90,6 +119,11 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     fresh_rotary_buffers(model)
     model.edit_plan = plan
     return model.eval()
+
+
+def plan_entries(plan) -> list[list]:
+    """The plan as JSON: [layer, kind], plus the layer's latent rank where a budget chose it."""
+    return [[e.layer_idx, e.kind] + ([e.kv_lora_rank] if e.kv_lora_rank is not None else []) for e in plan]
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
@@ -120,8 +154,9 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
     The plan stored with the weights must match the model's.
     """
     directory = Path(directory)
+    verify_manifest(directory)
     meta = json.loads((directory / "ascend_edit.json").read_text())
-    own_plan = [[e.layer_idx, e.kind] for e in model.edit_plan]
+    own_plan = plan_entries(model.edit_plan)
     if meta["plan"] != own_plan:
         raise ValueError(f"{directory}: its layer plan differs from this run's plan")
     own = model.state_dict()

@@ -13,12 +13,16 @@ Three formats, tried in this order (`native="auto"`):
 
 `native="always"` refuses (ValueError listing why) instead of falling back to `auto_map`;
 `native="never"` always writes `auto_map`. Nothing is moved into place before it has been loaded back
-from disk with `AutoModelForCausalLM.from_pretrained` and its logits compared with the model it came
-from (and, for MLA, its cache checked to hold latents) — an export that would not load back is refused.
+from disk with `from_pretrained` and its logits compared with the model it came from (and, for MLA,
+its cache checked to hold latents) — an export that would not load back is refused. That check never
+runs code from the checkpoint: native formats load with stock transformers classes, `auto_map` with
+the package's own classes (of which the shipped files are a copy). A non-finite weight is refused
+before anything is written, and an existing non-empty output directory is replaced only when asked.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 import uuid
@@ -27,8 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, PreTrainedModel
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers import AutoModelForCausalLM, DeepseekV3Config, PreTrainedModel
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention,
     DeepseekV3ForCausalLM,
@@ -39,9 +42,11 @@ from ascend_edit.attention.edited import EditedAttention
 from ascend_edit.attention.gate_swa import GateSWAAttention
 from ascend_edit.attention.mla import MLAAttention
 from ascend_edit.eval.kv import measured_cache_bytes
-from ascend_edit.hf.bundle import CAUSAL_LM_CLASS, MODELING_FILE, write_modeling_code
-from ascend_edit.models.checkpoint import cast_parameters, converted_state_dict, fresh_rotary_buffers
+from ascend_edit.hf.bundle import CAUSAL_LM_CLASS, CONFIG_CLASS, MODEL_TYPE, write_modeling_code
+from ascend_edit.hf.modeling import AscendEditCausalLMMixin
+from ascend_edit.models.checkpoint import cast_parameters, converted_state_dict, fresh_rotary_buffers, swap_in
 from ascend_edit.models.surgery import decoder_layers
+from ascend_edit.train.checkpoint_io import first_non_finite, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,9 @@ def conversion_spec(model: nn.Module) -> dict:
         raise ExportError(f"{type(model).__name__} has no edit_plan: not a converted model "
                           "(build it with models.surgery.edit_model or models.checkpoint.load_converted)")
     attns = [_converted_attention(layer) for layer in decoder_layers(model)]
-    mla = {_mla_shape(a) for a in attns if isinstance(a, MLAAttention)}
+    # Latent ranks may differ per layer (budget-aware plans); every other MLA dim is shared.
+    ranks = [a.kv_lora_rank if isinstance(a, MLAAttention) else None for a in attns]
+    mla = {_mla_shape(a)[1:] for a in attns if isinstance(a, MLAAttention)}
     swa = {(a.window, a.sink_tokens, a.gate) for a in attns if isinstance(a, GateSWAAttention) and a.is_sliding}
     gates = {(a.sink_tokens, a.gate) for a in attns if isinstance(a, GateSWAAttention)}
     if len(mla) > 1 or len(swa) > 1 or len(gates) > 1:
@@ -92,7 +99,9 @@ def conversion_spec(model: nn.Module) -> dict:
     spec: dict = {"plan": [entry.kind for entry in plan]}
     if mla:
         keys = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank", "latent_norm")
-        spec["mla"] = dict(zip(keys, mla.pop()))
+        spec["mla"] = dict(zip(keys, (max(r for r in ranks if r is not None), *mla.pop())))
+        if len({r for r in ranks if r is not None}) > 1:
+            spec["kv_lora_ranks"] = ranks  # per layer (None where not MLA); hf/modeling.py reads it
     if gates:
         (sink_tokens, gate), window = gates.pop(), (swa.pop()[0] if swa else 0)
         spec["gate_swa"] = {"window": window, "sink_tokens": sink_tokens, "gate": gate}
@@ -179,6 +188,8 @@ def _deepseek_v3_blockers(model: nn.Module, spec: dict) -> list[str]:
         return reasons + ["no MLA layer"]
     if not spec["mla"]["latent_norm"]:
         reasons.append("target.mla.latent_norm=false: deepseek_v3 always applies an RMSNorm to the latent")
+    if "kv_lora_ranks" in spec:
+        reasons.append("budget-aware latent ranks differ per layer; deepseek_v3 has one kv_lora_rank for all layers")
     attns = [_converted_attention(layer) for layer in decoder_layers(model)]
     mla = next(a for a in attns if isinstance(a, MLAAttention))
     norms = [m for m in (getattr(mla, "kv_a_layernorm", None), getattr(mla, "q_a_layernorm", None))
@@ -321,8 +332,7 @@ def _write(model: nn.Module, spec: dict, fmt: str, directory: Path) -> PreTraine
         config, model_cls = teacher_config(base, spec), type(model)
     else:
         auto_map = write_modeling_code(directory, type(base), type(model))
-        model_cls = get_class_from_dynamic_module(f"{MODELING_FILE.removesuffix('.py')}.{CAUSAL_LM_CLASS}",
-                                                  str(directory))
+        model_cls = package_auto_map_class(type(base), type(model))
         fields = {k: v for k, v in base.to_dict().items()
                   if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
         config = model_cls.config_class(**fields, ascend_edit=spec, auto_map=auto_map)
@@ -333,6 +343,14 @@ def _write(model: nn.Module, spec: dict, fmt: str, directory: Path) -> PreTraine
     exported = _assigned(model_cls, config, state)
     exported.save_pretrained(directory)
     return exported
+
+
+def package_auto_map_class(config_cls: type, causal_lm_cls: type) -> type[PreTrainedModel]:
+    """The `auto_map` model class built from the package's own modules: what `modeling_ascend_edit.py`
+    defines (ascend_edit.hf.bundle), without loading the files written into a checkpoint."""
+    config_class = type(CONFIG_CLASS, (config_cls,), {"model_type": MODEL_TYPE, "__module__": __name__})
+    return type(CAUSAL_LM_CLASS, (AscendEditCausalLMMixin, causal_lm_cls),
+                {"config_class": config_class, "__module__": __name__})
 
 
 def _assigned(model_cls, config, state: dict[str, torch.Tensor]) -> PreTrainedModel:
@@ -359,10 +377,14 @@ def probe_length(spec: dict, max_positions: int, minimum: int = 32) -> int:
 
 @torch.no_grad()
 def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed: int = 0) -> tuple[float, float]:
-    """Reload `directory` as users will and compare logits with `model` (fp32); returns (max rel diff, cache
-    bytes per token). Raises ExportError when they disagree or an MLA cache holds more than latents."""
-    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                    trust_remote_code=fmt == "auto_map").eval()
+    """Reload `directory` from disk and compare logits with `model` (fp32); returns (max rel diff, cache
+    bytes per token). Raises ExportError when they disagree or an MLA cache holds more than latents.
+    No code from `directory` runs: `auto_map` is reloaded with the package's own classes."""
+    if fmt == "auto_map":
+        loader = package_auto_map_class(type(model.config), type(model))
+    else:
+        loader = AutoModelForCausalLM
+    reloaded = loader.from_pretrained(directory, dtype=torch.float32).eval()
     reference_dtype = next(model.parameters()).dtype
     cast_parameters(model, torch.float32)
     try:
@@ -381,8 +403,9 @@ def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed:
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     if "mla" in spec:
         mla = spec["mla"]
-        expected = {(2, 1, length, mla["kv_lora_rank"]), (2, 1, length, mla["qk_rope_head_dim"])}
+        ranks = spec.get("kv_lora_ranks") or [mla["kv_lora_rank"]] * len(spec["plan"])
         for idx, (kind, layer) in enumerate(zip(spec["plan"], cache.layers)):
+            expected = {(2, 1, length, ranks[idx]), (2, 1, length, mla["qk_rope_head_dim"])}
             held = {tuple(layer.keys.shape), tuple(layer.values.shape)}
             if kind == "mla" and held != expected:
                 raise ExportError(f"layer {idx} of the reloaded {fmt} model caches {sorted(held)}, not the latent "
@@ -391,18 +414,26 @@ def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed:
 
 
 def export_converted(model: nn.Module, directory: Path, *, tokenizer=None, native: str = "auto",
-                     dtype: torch.dtype | None = None, verify: bool = True) -> ExportResult:
+                     dtype: torch.dtype | None = None, verify: bool = True, overwrite: bool = False) -> ExportResult:
     """Write `model` (a converted model: see `conversion_spec`) as an HF checkpoint into `directory`.
 
     The checkpoint is written to a sibling temporary directory, loaded back and checked (`verify`), and
-    only then moved to `directory`, replacing what was there. The model's parameters are cast to `dtype`
-    (default: their own) in place first, so that it is exactly what the checkpoint holds, and its rotary
-    buffers are recomputed in fp32, as `from_pretrained` computes them.
+    only then moved to `directory`. A non-empty `directory` is refused unless `overwrite`; then it is
+    renamed aside, the new one renamed in, and the old one removed. The model's parameters are cast to
+    `dtype` (default: their own) in place first, so that it is exactly what the checkpoint holds, and its
+    rotary buffers are recomputed in fp32, as `from_pretrained` computes them. A NaN/inf weight is refused
+    before anything is written.
     """
     directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise ExportError(f"export.output={directory} exists and is not empty: choose a new directory, or set "
+                          "export.overwrite=true to replace it")
     spec = conversion_spec(model)
     dtype = dtype or next(model.parameters()).dtype
     cast_parameters(model, dtype)
+    bad = first_non_finite(converted_state_dict(model).items())
+    if bad is not None:
+        raise ExportError(f"refusing to export: weight {bad} holds NaN or inf (in {dtype})")
     fresh_rotary_buffers(model)
     fmt, blockers = choose_format(model, native, spec)
     tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -412,11 +443,10 @@ def export_converted(model: nn.Module, directory: Path, *, tokenizer=None, nativ
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         diff, per_token = verify_export(model, tmp, fmt, spec) if verify else (None, None)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        fsync_tree(tmp)
+        swap_in(tmp, directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # this call's own temporary directory
         raise
     notes = _deepseek_v3_notes(spec, exported.config) if fmt == "deepseek_v3" else []
     if fmt == "auto_map":
@@ -426,8 +456,12 @@ def export_converted(model: nn.Module, directory: Path, *, tokenizer=None, nativ
     return ExportResult(directory, fmt, blockers, diff, per_token, notes)
 
 
-def load_exported(directory: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load an exported checkpoint the way a user would (remote code only when the config asks for it)."""
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
-    remote = bool(getattr(config, "auto_map", None))
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=remote).eval()
+def load_exported(directory: Path, dtype: torch.dtype = torch.float32, *,
+                  trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load an exported checkpoint the way a user would. An `auto_map` checkpoint runs the Python files it
+    ships, so it loads only when the caller asks for that with `trust_remote_code=True`."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ExportError(f"{directory} ships its own modeling code (auto_map): load it with "
+                          "trust_remote_code=True if you trust that code")
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code).eval()

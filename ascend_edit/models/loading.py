@@ -1,15 +1,33 @@
-"""Load the teacher: a local HF checkpoint (safetensors or GGUF), the bundled real SmolLM2, or a config."""
+"""Load the teacher: a local HF checkpoint (safetensors or GGUF), the bundled real SmolLM2, or a config.
+
+Nothing is ever downloaded (`local_files_only=True`). The files of a local checkpoint are checked
+before any weight is read (`check_model_files`), and its config can be read alone (`teacher_config`),
+so a bad `model.*` value or a damaged file is one line naming the key, not a traceback from deep
+inside transformers.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ascend_edit.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+class ModelInputError(ValueError):
+    """The teacher's files are missing, truncated or unreadable; the message names the config key."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+GGUF_MAGIC = b"GGUF"
 
 # model_type -> what the surgery knows how to convert (all use q/k/v/o_proj + RoPE position embeddings)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
@@ -36,6 +54,132 @@ def build_from_config(arch: str, overrides: dict, dtype: torch.dtype = torch.flo
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_safetensors(file: Path, key: str) -> None:
+    """A safetensors file must hold its whole header and every byte its header points at."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ModelInputError(f"{key}: {file.name} is truncated ({size:,} bytes, shorter than its "
+                                      f"{header_len:,}-byte header)")
+            header = json.loads(handle.read(header_len))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelInputError(f"{key}: {file.name} is not a safetensors file ({_first_line(err)})") from None
+    end = 8 + header_len + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size < end:
+        raise ModelInputError(f"{key}: {file.name} is truncated ({size:,} bytes, its header needs {end:,})")
+
+
+def check_gguf(file: Path, key: str) -> None:
+    """A GGUF file must start with the GGUF magic and hold every tensor its header lists."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelInputError(f"{key} is not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r})")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(file)
+    except (ValueError, IndexError, struct.error, OSError) as err:
+        # The reader maps the file and cuts it into arrays; an array the file ends in the middle of comes
+        # out short, and numpy refuses its shape. Any other failure is damage we cannot name better.
+        message = _first_line(err)
+        cut_short = "reshape" in message or "size must be a divisor" in message or isinstance(err, IndexError)
+        problem = "is truncated: its data ends early" if cut_short else "is damaged"
+        raise ModelInputError(f"{key} {problem} ({size:,} bytes; GGUF reader: {message})") from None
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if size < end:
+        raise ModelInputError(f"{key} is truncated ({size:,} bytes, its tensors need {end:,})")
+
+
+def check_model_files(cfg: ModelConfig, verify_gguf: bool = True) -> None:
+    """model.source=hf: the directory, its config, weights and (if given) GGUF file exist and are whole.
+
+    Cheap: reads headers only. `verify_gguf` also walks the GGUF tensor table (seconds for large files).
+    """
+    if cfg.source != "hf":
+        return
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise ModelInputError(f"model.path={cfg.path} does not exist (nothing is downloaded: give a local directory)")
+    if path.is_file():
+        hint = (f"; for a GGUF file give model.path={path.parent} model.gguf_file={path.name}"
+                if path.suffix == ".gguf" else "")
+        raise ModelInputError(f"model.path={cfg.path} is a file, not a checkpoint directory{hint}")
+    if cfg.gguf_file:
+        gguf = path / cfg.gguf_file
+        if not gguf.is_file():
+            present = sorted(p.name for p in path.glob("*.gguf"))
+            raise ModelInputError(f"model.gguf_file={cfg.gguf_file} is not a file in model.path={cfg.path} "
+                                  f"(nothing is downloaded; GGUF files there: {present or 'none'})")
+        if verify_gguf:
+            check_gguf(gguf, f"model.gguf_file={cfg.gguf_file}")
+        return
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; for a GGUF checkpoint add model.gguf_file={ggufs[0]}" if ggufs else ""
+        raise ModelInputError(f"model.path={cfg.path} has no config.json: not a Hugging Face checkpoint{hint}")
+    weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        raise ModelInputError(f"model.path={cfg.path} has a config.json but no weights (expected one of "
+                              f"{', '.join(WEIGHT_FILES)}; nothing is downloaded)")
+    if weights[0] == "model.safetensors":
+        check_safetensors(path / "model.safetensors", f"model.path={cfg.path}")
+    elif weights[0].endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads((path / weights[0]).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ModelInputError(f"model.path={cfg.path}: {weights[0]} is not a valid weight index "
+                                  f"({_first_line(err)})") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelInputError(f"model.path={cfg.path}: {weights[0]} lists shards that are missing: {missing}")
+        for shard in shards:
+            if shard.endswith(".safetensors"):
+                check_safetensors(path / shard, f"model.path={cfg.path}")
+
+
+def teacher_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The teacher's Hugging Face config without its weights (checks the files of a local checkpoint)."""
+    if cfg.source == "config":
+        if cfg.arch not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model.arch={cfg.arch!r} is not one of {list(SUPPORTED_MODEL_TYPES)}")
+        try:
+            return AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
+        except Exception as err:  # transformers' config validation has its own error classes
+            raise ModelInputError(f"model.overrides: {' '.join(str(err).split())}") from err
+    if cfg.source == "smollm2":
+        from ascend_edit.assets import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    check_model_files(cfg, verify_gguf=False)  # AutoConfig reads a GGUF's tensor table anyway
+    path = Path(cfg.path).expanduser()
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for one bad file
+        if cfg.gguf_file:
+            check_gguf(path / cfg.gguf_file, f"model.gguf_file={cfg.gguf_file}")  # names a truncated file
+        key = f"model.gguf_file={cfg.gguf_file}" if cfg.gguf_file else f"model.path={cfg.path}"
+        raise ModelInputError(f"{key}: the model config in {path / (cfg.gguf_file or 'config.json')} could not "
+                              f"be read: {_first_line(err)}") from err
+
+
+def check_teacher_type(config: PretrainedConfig) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(f"architecture '{model_type}' is not supported; "
+                                  f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
 def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, device: torch.device | str = "cpu"):
     """Returns (model on `device`, tokenizer or None). The model is in eval mode with gradients off."""
     dtype = TORCH_DTYPES[cfg.dtype]
@@ -48,12 +192,19 @@ def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, devic
 
         model, tokenizer = load_smollm2(dtype=dtype)
     else:
+        check_model_files(cfg)
         path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model.path {path} does not exist")
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        try:  # the tokenizer first: it is cheap, and a broken one should not cost a weight load
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+        except Exception as err:  # missing files: OSError; damaged ones: ValueError, JSON, tokenizers errors
+            raise ModelInputError(f"model.path={cfg.path}: its tokenizer could not be loaded: "
+                                  f"{_first_line(err)}") from err
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            raise ModelInputError(f"model.path={cfg.path}: the weights could not be loaded: "
+                                  f"{_first_line(err)}") from err
     check_supported(model)
     model.to(device)
     model.set_attn_implementation(attn)

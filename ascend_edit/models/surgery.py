@@ -6,6 +6,7 @@ model is a list, not branches in the model code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ LAYER_KINDS = ("keep", "identity", "mla", "swa", "full")  # swa/full: GateSWA sl
 class LayerPlan:
     layer_idx: int
     kind: str  # one of LAYER_KINDS
+    kv_lora_rank: int | None = None  # MLA: this layer's latent rank (budget-aware plans); None: the config's
 
     @property
     def converted(self) -> bool:
@@ -95,7 +97,8 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
     if entry.kind == "identity":
         target = copy.deepcopy(teacher_attn)
     elif entry.kind == "mla":
-        target = MLAAttention(geometry, cfg.mla, config=model_config)
+        mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
+        target = MLAAttention(geometry, mla, config=model_config)
     else:
         swa = cfg.gate_swa
         target = GateSWAAttention(
@@ -129,6 +132,12 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
     """Wrap every converted layer's attention in an EditedAttention (in place); returns the model."""
     layers = decoder_layers(model)
     validate_plan(plan, len(layers))
+    if cfg.kind == "mla" and cfg.mla.kv_budget is not None and all(e.kv_lora_rank is None for e in plan):
+        from ascend_edit.models.budget import mla_rank_allocation, plan_with_ranks
+
+        allocation = mla_rank_allocation(model, [e.layer_idx for e in plan if e.kind == "mla"], stats, cfg.mla)
+        plan = plan_with_ranks(plan, allocation.ranks)
+        log.info("KV budget %.3f of the teacher's: ranks %s", allocation.kv_fraction, list(allocation.ranks.values()))
     for entry, layer in zip(plan, layers):
         if not entry.converted:
             continue

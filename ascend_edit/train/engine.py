@@ -20,11 +20,11 @@ so evaluation, export and the next stage see an ordinary `nn.Module` with full w
 """
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import logging
+import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,28 +34,24 @@ from torch import nn
 
 from ascend_edit.config import EngineConfig, StageConfig
 from ascend_edit.device import DeviceInfo
+from ascend_edit.train.checkpoint_io import (  # noqa: F401  (CheckpointDir, read_trainable_weights: re-exported)
+    DEEPSPEED_DIR,
+    CheckpointDir,
+    barrier,
+    load_torch_engine,
+    rank_and_world,
+    read_trainable_weights,
+    require_finite,
+    save_torch_engine,
+    scan_deepspeed_pickles,
+    verify_manifest,
+)
+from ascend_edit.train.precision import Precision, deepspeed_param_dtype, frozen_dtype, hold_in_fp32, restore_dtypes
 from ascend_edit.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Process-group helpers (no-ops in one process)
-# ----------------------------------------------------------------------------------------------------
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,11 +85,16 @@ class TorchEngine:
     kind = "torch"
 
     def __init__(self, model: nn.Module, objective: Objective, params: list[nn.Parameter], stage: StageConfig,
-                 cfg: EngineConfig, accumulation: int):
+                 cfg: EngineConfig, accumulation: int, precision: Precision | None = None):
         if accumulation < 1:
             raise ValueError(f"accumulation={accumulation} must be >= 1")
         self.model, self.objective, self.params = model, objective, params
         self.cfg, self.accumulation = cfg, accumulation
+        # Without a precision policy the parameters train as they are (callers that manage dtypes themselves).
+        self.precision = precision or Precision(master_fp32=False)
+        # fp32 masters: the trainable weights are fp32 for the stage, the forward autocasts (precision.py).
+        self._held_dtypes = hold_in_fp32(params) if self.precision.master_fp32 else {}
+        self.scaler = self.precision.grad_scaler()
         self.optimizer = make_optimizer(params, stage)
         self.scheduler = make_scheduler(self.optimizer, stage)
 
@@ -106,46 +107,57 @@ class TorchEngine:
         return {"engine": self.kind, "world_size": 1}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.objective(self.model, batch)
+        with self.precision.forward_context():
+            return self.objective(self.model, batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
+        loss = loss / self.accumulation
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def micro_step(self) -> None:
         """Gradients accumulate until `step`."""
 
     def step(self) -> float:
         """Clip, update, advance the schedule; returns the global gradient norm before clipping."""
+        if self.scaler is not None:  # fp16: true gradients for the norm; skips the update on inf/nan
+            self.scaler.unscale_(self.optimizer)
         # An infinite bound measures the norm without clipping.
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
-        self.optimizer.step()
+        if not math.isfinite(norm):
+            # A NaN/inf gradient: no update, and neither the optimizer state nor the schedule moves.
+            # The caller sees the non-finite norm and counts the step as skipped.
+            if self.scaler is not None:
+                self.scaler.update()  # lower the fp16 loss scale (the inf was recorded by unscale_)
+            self.skip_step()
+            return norm
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def skip_step(self) -> bool:
+        """Drop this step's gradients without any update (a non-finite loss or gradient); True: withheld."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
     def save(self, directory: Path) -> None:
+        """Trainable weights (safetensors); optimizer, schedule and loss scale (safetensors + JSON).
+        Refuses non-finite values."""
         names = {id(p): name for name, p in self.model.named_parameters()}
-        state = {"params": {names[id(p)]: p.detach().cpu() for p in self.params},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        torch.save(state, Path(directory) / "engine.pt")
+        save_torch_engine(directory, {names[id(p)]: p for p in self.params}, self.optimizer, self.scheduler,
+                          self.scaler)
 
     def load(self, directory: Path) -> None:
-        path = Path(directory) / "engine.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{directory} holds no TorchEngine state (engine.pt)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        own = dict(self.model.named_parameters())
-        missing = sorted(set(state["params"]) - set(own))
-        if missing:
-            raise ValueError(f"{directory}: checkpoint parameters {missing[:5]} do not exist in this model")
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                own[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_torch_engine(directory, dict(self.model.named_parameters()), self.optimizer, self.scheduler,
+                          self.scaler)
 
     def close(self) -> None:
-        """Nothing to release: the model never left PyTorch's hands."""
+        """The model never left PyTorch's hands; the trainable weights go back to the model's dtype."""
+        restore_dtypes(self.params, self._held_dtypes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,7 +224,8 @@ class DeepSpeedEngine:
     kind = "deepspeed"
 
     def __init__(self, model: nn.Module, objective: Objective, params: list[nn.Parameter], stage: StageConfig,
-                 cfg: EngineConfig, accumulation: int, micro_batch: int, world_size: int, device: DeviceInfo):
+                 cfg: EngineConfig, accumulation: int, micro_batch: int, world_size: int, device: DeviceInfo,
+                 precision: Precision | None = None):
         if device.type == "npu":
             os.environ.setdefault("DS_ACCELERATOR", "npu")
         import deepspeed
@@ -220,8 +233,11 @@ class DeepSpeedEngine:
         self.model, self.params, self.cfg, self.world_size = model, params, cfg, world_size
         self._unrecorded_norm: float | None = None
         optimizer = make_optimizer(params, stage)
+        # DeepSpeed's bf16/fp16 mode keeps the fp32 masters: the module stays in the compute dtype.
+        param_dtype = params[0].dtype if precision is None else deepspeed_param_dtype(precision, params,
+                                                                                      frozen_dtype(model))
         config = deepspeed_config(cfg, micro_batch=micro_batch, accumulation=accumulation, world_size=world_size,
-                                  param_dtype=params[0].dtype)
+                                  param_dtype=param_dtype)
         # The schedule is built on DeepSpeed's optimizer (a callable), so it drives the wrapped param groups.
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_ObjectiveModule(model, objective), model_parameters=params, optimizer=optimizer,
@@ -245,7 +261,38 @@ class DeepSpeedEngine:
             # Without ZeRO, DeepSpeed clips fp32 gradients without recording their norm; measure it here,
             # where the gradients are whole and already averaged over ranks.
             self._unrecorded_norm = _grad_norm(self.params)
-        self.engine.step()  # DeepSpeed counts micro-batches and updates only at the accumulation boundary
+            if self._unrecorded_norm is not None and not math.isfinite(self._unrecorded_norm):
+                self._step_without_update()
+                return
+        # DeepSpeed counts micro-batches and updates only at the accumulation boundary. ZeRO 1-3 skip a
+        # step whose gradient norm is NaN/inf themselves (overflow check), schedule included.
+        self.engine.step()
+
+    def _step_without_update(self) -> None:
+        """ZeRO-0 has no overflow check (ZeRO 1-3 skip such a step themselves). DeepSpeed's step must still
+        run, so its micro-batch bookkeeping stays right, and it needs gradients to clip: it runs on zeroed
+        gradients, then the weights, optimizer state and schedule are put back as they were. Copies of the
+        trainable weights and their optimizer state are held meanwhile (ZeRO-0 replicates them anyway)."""
+        weights = [p.detach().clone() for p in self.params]
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        schedule = self.scheduler.state_dict()
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+        self.engine.step()
+        with torch.no_grad():
+            for p, saved in zip(self.params, weights):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(schedule)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    def skip_step(self) -> bool:
+        """A non-finite loss. The update already ran in the last `micro_step` unless DeepSpeed skipped it
+        for a non-finite gradient norm (as a NaN/inf loss almost always gives): True when it was skipped.
+        DeepSpeed exposes no way to discard partitioned gradients that are finite."""
+        return not math.isfinite(self.step())
 
     def step(self) -> float:
         """The update already happened in the last `micro_step`; returns its global norm before clipping."""
@@ -255,15 +302,22 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan")
 
     def save(self, directory: Path) -> None:
+        # Never checkpoint a non-finite weight: this rank's trainable parameters (its ZeRO-3 partition).
+        require_finite(((f"trainable[{i}]", getattr(p, "ds_tensor", p).detach()) for i, p in enumerate(self.params)),
+                       f"a checkpoint in {directory}")
         # Every rank writes its partition. Frozen weights are not saved: they come from the teacher.
-        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False,
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_DIR, save_latest=False,
                                     exclude_frozen_parameters=True)
 
     def load(self, directory: Path) -> None:
-        if not (Path(directory) / "deepspeed").is_dir():
+        if not (Path(directory) / DEEPSPEED_DIR).is_dir():
             raise FileNotFoundError(f"{directory} holds no DeepSpeed state (deepspeed/)")
+        # DeepSpeed unpickles its files (weights_only=False): before handing them over, check they are the
+        # files this run wrote (manifest) and name no code beyond DeepSpeed's own checkpoint types.
+        verify_manifest(directory)
+        scan_deepspeed_pickles(directory)
         # Not strict: the checkpoint holds the trainable weights only.
-        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
@@ -312,113 +366,12 @@ def _unpartition(model: nn.Module) -> None:
 
 
 def make_engine(model: nn.Module, objective: Objective, params: list[nn.Parameter], stage: StageConfig,
-                cfg: EngineConfig, *, accumulation: int, micro_batch: int, world_size: int, device: DeviceInfo):
-    """The engine `cfg.kind` names, for one stage of training."""
+                cfg: EngineConfig, *, accumulation: int, micro_batch: int, world_size: int, device: DeviceInfo,
+                precision: Precision | None = None):
+    """The engine `cfg.kind` names, for one stage of training (`precision`: see train/precision.py)."""
     if cfg.kind == "deepspeed":
-        return DeepSpeedEngine(model, objective, params, stage, cfg, accumulation, micro_batch, world_size, device)
+        return DeepSpeedEngine(model, objective, params, stage, cfg, accumulation, micro_batch, world_size, device,
+                               precision)
     if world_size > 1:
         raise ValueError("engine=torch runs in one process; use engine=zero0..zero3 under a launcher")
-    return TorchEngine(model, objective, params, stage, cfg, accumulation)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoint directories
-# ----------------------------------------------------------------------------------------------------
-
-
-class CheckpointDir:
-    """Atomic, rotating checkpoints under `root`, one directory per (stage, step): `step-<stage>-<step>/`.
-
-    A checkpoint is written into `step-<stage>-<step>.tmp/` by every rank and renamed by rank 0 once all
-    ranks are done, so a directory without `.tmp` is always complete; a leftover `.tmp` (a run killed
-    mid-save) is ignored and overwritten. Only the newest `keep_last` checkpoints of a stage are kept.
-    Multi-node runs need `root` on a filesystem all nodes share.
-
-    Contents: `trainer_state.json` (rank 0: step, sampler, history, what wrote it), `rank-<r>.pt` (each
-    rank's RNG state) and the engine's own files (`engine.pt` or `deepspeed/`).
-    """
-
-    STATE_FILE = "trainer_state.json"
-
-    def __init__(self, root: Path, keep_last: int):
-        if keep_last < 1:
-            raise ValueError(f"keep_last={keep_last} must be >= 1 (the newest checkpoint is what resume reads)")
-        self.root, self.keep_last = Path(root), keep_last
-
-    @staticmethod
-    def _parse(path: Path) -> tuple[str, int] | None:
-        parts = path.name.split("-")
-        if len(parts) != 3 or parts[0] != "step" or not parts[2].isdigit() or not path.is_dir():
-            return None  # includes `*.tmp`: its step part is not a number
-        return parts[1], int(parts[2])
-
-    def complete(self, stage: str) -> list[Path]:
-        """This stage's finished checkpoints, oldest first."""
-        if not self.root.exists():
-            return []
-        found = [(parsed[1], p) for p in self.root.iterdir() if (parsed := self._parse(p)) and parsed[0] == stage]
-        return [p for _, p in sorted(found)]
-
-    def latest(self, stage: str) -> Path | None:
-        done = self.complete(stage)
-        return done[-1] if done else None
-
-    def save(self, engine, stage: str, step: int, state: dict, rank_state: dict) -> Path:
-        """Write a checkpoint (every rank calls this); returns its final path."""
-        if "-" in stage or not stage:
-            raise ValueError(f"stage name {stage!r} must be non-empty and contain no '-'")
-        rank, _ = rank_and_world()
-        final, tmp = self.root / f"step-{stage}-{step}", self.root / f"step-{stage}-{step}.tmp"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        engine.save(tmp)
-        torch.save(rank_state, tmp / f"rank-{rank}.pt")
-        if rank == 0:
-            meta = {"stage": stage, "step": step, **engine.describe(), **state}
-            (tmp / self.STATE_FILE).write_text(json.dumps(meta, indent=1))
-        barrier()
-        if rank == 0:
-            if final.exists():  # the same step written again (a rerun): the new one wins
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in self.complete(stage)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
-
-    def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Restore `engine` from checkpoint `path`; returns (rank 0's state, this rank's state)."""
-        path = Path(path)
-        state_file = path / self.STATE_FILE
-        if not state_file.exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint: no {self.STATE_FILE}")
-        state = json.loads(state_file.read_text())
-        wanted = engine.describe()
-        written = {key: state.get(key) for key in wanted}
-        if written != wanted:
-            raise ValueError(f"{path} was written by {written} and cannot be resumed by {wanted}: resume with the "
-                             "same engine, ZeRO stage and number of processes, or set engine.resume=false")
-        rank, _ = rank_and_world()
-        rank_file = path / f"rank-{rank}.pt"
-        if not rank_file.exists():
-            raise FileNotFoundError(f"{path} has no state for rank {rank} ({rank_file.name})")
-        engine.load(path)
-        return state, torch.load(rank_file, map_location="cpu", weights_only=False)
-
-
-def read_trainable_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 trainable weights of a stage checkpoint, by the model's parameter names, whatever
-    engine and ZeRO stage wrote it (DeepSpeed partitions are consolidated on the CPU, one process)."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "engine.pt").exists():
-        return torch.load(checkpoint / "engine.pt", map_location="cpu", weights_only=False)["params"]
-    if (checkpoint / "deepspeed").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed",
-                                                         exclude_frozen_parameters=True)
-        # The engine wraps the model in _ObjectiveModule, whose attribute is `model`.
-        return {name.removeprefix("model."): tensor for name, tensor in state.items()}
-    raise FileNotFoundError(f"{checkpoint} holds no engine weights (engine.pt or deepspeed/)")
+    return TorchEngine(model, objective, params, stage, cfg, accumulation, precision)

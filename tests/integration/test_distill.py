@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ascend_edit.tasks.convert import frozen_teacher
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -43,6 +41,7 @@ from ascend_edit.models.surgery import (
     set_mode,
     set_trainable,
 )
+from ascend_edit.tasks.convert import frozen_teacher
 from ascend_edit.train.engine import Objective, TorchEngine
 from ascend_edit.train.loop import StageRun, train_stage
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ascend_edit.kernels import registry
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -31,13 +32,13 @@ from ascend_edit.config import (
 from ascend_edit.device import seed_everything
 from ascend_edit.hf import kernels as bundled_kernels
 from ascend_edit.hf.bundle import MODELING_FILE, BundleError, bundled_modules
-from ascend_edit.kernels import registry
 from ascend_edit.models import export as export_module
 from ascend_edit.models.checkpoint import save_converted
 from ascend_edit.models.export import ExportError, export_converted, load_exported
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
 from ascend_edit.tasks import export as export_task
+from ascend_edit.train.checkpoint_io import write_manifest
 from ascend_edit.train.engine import TorchEngine
 from tests.conftest import tiny_model
 from tests.helpers.tiny_checkpoint import char_tokenizer, synthetic_corpus
@@ -150,7 +151,7 @@ def test_auto_map_round_trip(arch: str, target: TargetConfig, reason: str, tmp_p
     assert config["ascend_edit"]["plan"] == [e.kind for e in model.edit_plan]
     assert MODELING_FILE in python_files(tmp_path / "hf")
 
-    reloaded = load_exported(tmp_path / "hf")
+    reloaded = load_exported(tmp_path / "hf", trust_remote_code=True)
     assert type(reloaded).__name__ == "AscendEditForCausalLM"
     assert_same_model(model, reloaded, new_tokens=2 * WINDOW)  # decode runs well past the window
 
@@ -162,8 +163,8 @@ def test_auto_map_keeps_the_latent_and_bounded_window_caches(tmp_path: Path):
     export_converted(swa, tmp_path / "swa")
     ids = prompt(length=30)
     with torch.no_grad():
-        mla_cache = load_exported(tmp_path / "mla")(input_ids=ids, use_cache=True).cache
-        swa_cache = load_exported(tmp_path / "swa")(input_ids=ids, use_cache=True).cache
+        mla_cache = load_exported(tmp_path / "mla", trust_remote_code=True)(input_ids=ids, use_cache=True).cache
+        swa_cache = load_exported(tmp_path / "swa", trust_remote_code=True)(input_ids=ids, use_cache=True).cache
     for layer in mla_cache.layers:
         assert tuple(layer.keys.shape) == (2, 1, 30, MLA_DEEPSEEK.kv_lora_rank)
     # the checkpoint's own copy of the class: compare by name
@@ -246,7 +247,7 @@ def test_native_always_refuses_gated_swa(tmp_path: Path):
 def test_native_never_writes_auto_map_for_a_deepseek_expressible_model(tmp_path: Path):
     model = converted("llama", TargetConfig(kind="mla", mla=MLA_DEEPSEEK))
     assert export_converted(model, tmp_path / "hf", native="never").format == "auto_map"
-    assert_same_model(model, load_exported(tmp_path / "hf"), new_tokens=4)
+    assert_same_model(model, load_exported(tmp_path / "hf", trust_remote_code=True), new_tokens=4)
 
 
 def test_an_export_that_does_not_reproduce_the_model_is_refused(tmp_path: Path, monkeypatch):
@@ -269,7 +270,7 @@ def test_a_model_without_a_plan_is_refused(tmp_path: Path):
 def test_bundled_registry_serves_the_registry_op_names():
     assert bundled_kernels.SLIDING_WINDOW_ATTENTION == registry.SLIDING_WINDOW_ATTENTION
     assert bundled_kernels.MLA_ABSORBED_ATTENTION == registry.MLA_ABSORBED_ATTENTION
-    assert set(bundled_kernels._PORTABLE) == set(registry.ops())
+    assert set(bundled_kernels._PORTABLE) == set(registry.ATTENTION_OPS)
 
 
 def test_bundle_rewrites_package_imports_and_drops_annotation_only_ones():
@@ -337,6 +338,7 @@ def test_task_exports_a_torch_engine_stage_checkpoint(tmp_path: Path):
     checkpoint = run_dir / "checkpoints" / "step-layerwise-3"
     checkpoint.mkdir(parents=True)
     TorchEngine(model, lambda m, b: (None, {}), params, StageConfig(), EngineConfig(), accumulation=1).save(checkpoint)
+    write_manifest(checkpoint)  # as CheckpointDir does after the engine's files
 
     export_cfg = to_typed(compose_raw([f"output_dir={tmp_path / 'out'}", "task=export",
                                          f"export.checkpoint={checkpoint}"]))

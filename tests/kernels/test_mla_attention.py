@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-
 from ascend_edit.kernels import reference
 from ascend_edit.kernels.triton import mla_decode
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 FP32_TOL = {"atol": 2e-5, "rtol": 2e-5}
 

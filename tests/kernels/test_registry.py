@@ -5,18 +5,21 @@ import logging
 import sys
 
 import pytest
-
 from ascend_edit.kernels import (
     MLA_ABSORBED_ATTENTION,
     SLIDING_WINDOW_ATTENTION,
     KernelUnavailableError,
     available_backends,
+    flex,
+    fused_reference,
     ops,
+    reference,
     registry,
     resolve,
+    sdpa,
 )
-from ascend_edit.kernels import flex, reference, sdpa
-from ascend_edit.kernels.npu import fusion_attention
+from ascend_edit.kernels.npu import fused_ops, fusion_attention, infer_attention
+from ascend_edit.kernels.registry import RMS_NORM, ROTARY_EMBEDDING, SWIGLU
 from ascend_edit.kernels.triton import mla_decode
 
 
@@ -42,7 +45,14 @@ def packages(monkeypatch: pytest.MonkeyPatch):
         (MLA_ABSORBED_ATTENTION, "cuda", False, ("triton",), mla_decode.mla_absorbed_attention),
         (MLA_ABSORBED_ATTENTION, "cuda", True, ("triton",), reference.mla_absorbed_attention),
         (MLA_ABSORBED_ATTENTION, "cuda", False, (), reference.mla_absorbed_attention),
-        (MLA_ABSORBED_ATTENTION, "npu", False, ("torch_npu",), reference.mla_absorbed_attention),
+        (MLA_ABSORBED_ATTENTION, "npu", False, ("torch_npu",), infer_attention.mla_absorbed_attention),
+        (MLA_ABSORBED_ATTENTION, "npu", True, ("torch_npu",), reference.mla_absorbed_attention),
+        (RMS_NORM, "npu", True, ("torch_npu",), fused_ops.rms_norm),
+        (ROTARY_EMBEDDING, "npu", True, ("torch_npu", "mindspeed"), fused_ops.rotary_embedding),
+        (SWIGLU, "npu", True, ("torch_npu",), fused_ops.swiglu),
+        (RMS_NORM, "cpu", True, ("torch_npu",), fused_reference.rms_norm),
+        (ROTARY_EMBEDDING, "cuda", True, ("torch_npu", "mindspeed"), fused_reference.rotary_embedding),
+        (SWIGLU, "cuda", False, (), fused_reference.swiglu),
     ],
 )
 def test_auto_choice(op, device_type, needs_grad, installed, expected, packages) -> None:
@@ -60,7 +70,7 @@ def test_explicit_backend_overrides_auto() -> None:
 
 
 def test_unknown_op_lists_valid_ops() -> None:
-    expected = "unknown attention op 'swa'.*'sliding_window_attention'.*'mla_absorbed_attention'"
+    expected = "unknown kernel op 'swa'.*'sliding_window_attention'.*'mla_absorbed_attention'"
     with pytest.raises(ValueError, match=expected):
         resolve("swa", device_type="cpu", needs_grad=False)
 
@@ -79,6 +89,11 @@ def test_unknown_backend_lists_valid_backends() -> None:
         (SLIDING_WINDOW_ATTENTION, "flex", "cpu", True, (), "runs only on cuda"),
         (SLIDING_WINDOW_ATTENTION, "npu", "cpu", True, ("torch_npu",), "runs only on npu"),
         (SLIDING_WINDOW_ATTENTION, "auto", "npu", True, (), "'torch_npu' is not installed"),
+        (MLA_ABSORBED_ATTENTION, "npu", "npu", True, ("torch_npu",), "forward-only"),
+        (ROTARY_EMBEDDING, "mindspeed", "npu", True, ("torch_npu",), "'mindspeed' is not installed"),
+        (RMS_NORM, "npu", "cuda", True, ("torch_npu",), "runs only on npu"),
+        (SLIDING_WINDOW_ATTENTION, "triton", "cuda", True, (), "'triton' is not installed"),
+        (SLIDING_WINDOW_ATTENTION, "triton", "cpu", True, ("triton",), "runs only on cuda"),
     ],
 )
 def test_backend_unavailable_here_is_a_clear_error(op, backend, device_type, needs_grad, installed, message, packages):
@@ -89,13 +104,15 @@ def test_backend_unavailable_here_is_a_clear_error(op, backend, device_type, nee
 
 def test_available_backends(packages) -> None:
     packages()  # no optional package installed
-    assert ops() == (SLIDING_WINDOW_ATTENTION, MLA_ABSORBED_ATTENTION)
-    assert available_backends(SLIDING_WINDOW_ATTENTION) == ("eager", "sdpa", "flex", "npu")
-    assert available_backends(MLA_ABSORBED_ATTENTION) == ("eager", "triton")
+    assert ops() == (SLIDING_WINDOW_ATTENTION, MLA_ABSORBED_ATTENTION, RMS_NORM, ROTARY_EMBEDDING, SWIGLU)
+    assert available_backends(SLIDING_WINDOW_ATTENTION) == ("eager", "sdpa", "flex", "npu", "triton")
+    assert available_backends(MLA_ABSORBED_ATTENTION) == ("eager", "triton", "npu")
+    assert available_backends(ROTARY_EMBEDDING) == ("eager", "npu", "mindspeed")
+    assert available_backends(ROTARY_EMBEDDING, "npu") == ("eager",)  # neither package installed
     assert available_backends(SLIDING_WINDOW_ATTENTION, "cpu") == ("eager", "sdpa")
     assert available_backends(SLIDING_WINDOW_ATTENTION, "cuda") == ("eager", "sdpa", "flex")
     assert available_backends(MLA_ABSORBED_ATTENTION, "cuda") == ("eager",)
-    with pytest.raises(ValueError, match="unknown attention op"):
+    with pytest.raises(ValueError, match="unknown kernel op"):
         available_backends("nope")
 
 
@@ -107,8 +124,8 @@ def test_choice_is_logged_once_per_op_and_backend(caplog: pytest.LogCaptureFixtu
         resolve(MLA_ABSORBED_ATTENTION, device_type="cpu", needs_grad=True)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [
-        "attention kernel: sliding_window_attention -> sdpa (device=cpu, needs_grad=True)",
-        "attention kernel: mla_absorbed_attention -> eager (device=cpu, needs_grad=True)",
+        "kernel: sliding_window_attention -> sdpa (device=cpu, needs_grad=True)",
+        "kernel: mla_absorbed_attention -> eager (device=cpu, needs_grad=True)",
     ]
 
 
@@ -116,4 +133,6 @@ def test_resolving_imports_neither_torch_npu_nor_triton_for_cpu_backends(monkeyp
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
     resolve(SLIDING_WINDOW_ATTENTION, device_type="cpu", needs_grad=True)
     resolve(MLA_ABSORBED_ATTENTION, device_type="cpu", needs_grad=True)
-    assert "torch_npu" not in sys.modules
+    for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU):
+        resolve(op, device_type="cpu", needs_grad=True)
+    assert "torch_npu" not in sys.modules and "mindspeed" not in sys.modules

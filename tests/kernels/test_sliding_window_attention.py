@@ -1,24 +1,24 @@
 """Numerics of op A (sliding-window attention) for every backend against the eager reference.
 
 The eager reference itself is checked against a loop written straight from the contract. The
-NPU adapter runs on CPU against ``FusionAttentionStandIn`` -- a test double of torch_npu's
-*documented* ``npu_fusion_attention`` contract, not Ascend hardware (see its docstring).
+NPU adapter runs on CPU against ``NpuStandIn`` (``tests/kernels/npu_standin.py``) -- a test double
+of torch_npu's *documented* contracts, not Ascend hardware (see its docstring).
 """
 from __future__ import annotations
 
 import math
 import sys
-import types
 import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
-
 from ascend_edit.kernels import flex as flex_backend
 from ascend_edit.kernels import reference, sdpa
 from ascend_edit.kernels.masks import TensorKeyedCache, dense_visibility
 from ascend_edit.kernels.npu import fusion_attention as npu_backend
+
+from .npu_standin import NpuStandIn
 
 # fp32 everywhere on CPU: the backends differ only in summation order.
 FP32_TOL = {"atol": 2e-5, "rtol": 2e-5}
@@ -292,185 +292,31 @@ def test_tensor_keyed_cache_misses_after_the_tensor_is_freed() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class FusionAttentionStandIn:
-    """TEST DOUBLE of ``torch_npu.npu_fusion_attention`` / ``npu_fusion_attention_grad``.
-
-    Plain PyTorch written from the documented contract (torch_npu API reference; Huawei's
-    golden model of the op in msprobe). It is NOT Ascend hardware and proves nothing about the
-    real kernel's numerics -- only that the adapter speaks the documented contract:
-
-    * layouts BNSD and TND (``actual_seq_qlen`` / ``actual_seq_kvlen`` cumulative);
-      ``head_num`` = query heads, key/value heads must divide it (GQA);
-    * ``atten_mask`` bool, True = masked out; shapes SS / 11SS / B1SS / BNSS;
-    * sparse_mode 0: the given mask, further limited to the band ``-pre <= j - i <= next``
-      (pre/next ignored without a mask); 1: the given full mask; 2 / 3: causal aligned
-      top-left / bottom-right; 4: band ``-pre <= j - i <= next``. Modes 2-4 demand the
-      compressed 2048 x 2048 ``triu(1)`` mask. Band with Sq != Skv is refused: the sources
-      we read do not pin down its alignment, and the adapter never asks for it;
-    * a fully masked row yields NaN (the worst case -- the adapter must never send one);
-    * ``keep_prob`` < 1 drops probabilities (forward only); returns the documented 7-tuple with
-      ``softmax_max`` / ``softmax_sum`` as fp32 ``[B, N, S, 8]`` / ``[T, N, 8]``.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-
-    def as_module(self) -> types.ModuleType:
-        module = types.ModuleType("torch_npu")
-        module.npu_fusion_attention = self.npu_fusion_attention
-        module.npu_fusion_attention_grad = self.npu_fusion_attention_grad
-        return module
-
-    # -- the two documented entry points ----------------------------------------------------
-    def npu_fusion_attention(
-        self, query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
-        scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0,
-        prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
-        sync=False,
-    ):  # fmt: skip
-        self.calls.append(
-            {"layout": input_layout, "sparse_mode": sparse_mode, "pre_tockens": pre_tockens,
-             "next_tockens": next_tockens, "atten_mask": atten_mask, "actual_seq_qlen": actual_seq_qlen,
-             "head_num": head_num, "scale": scale}
-        )  # fmt: skip
-        assert pse is None and padding_mask is None and prefix is None, "not covered by the stand-in"
-        out, row_max, row_sum = self._attention(
-            query, key, value, head_num, input_layout, atten_mask, scale, keep_prob,
-            pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen, sparse_mode,
-        )  # fmt: skip
-        return out, row_max, row_sum, query.new_empty(0), 0, 0, 0
-
-    def npu_fusion_attention_grad(
-        self, query, key, value, dy, head_num, input_layout, *, pse=None, padding_mask=None, atten_mask=None,
-        softmax_max=None, softmax_sum=None, softmax_in=None, attention_in=None, scale_value=1.0,
-        keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, seed=0, offset=0,
-        numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-        gen_mask_parallel=True, sync=False,
-    ):  # fmt: skip
-        assert keep_prob == 1.0, "the stand-in's backward covers keep_prob == 1 only"
-        assert softmax_max is not None and softmax_sum is not None and attention_in is not None
-        # Written out by hand: a custom op's kernel runs below autograd, so autograd.grad is unavailable.
-        dq, dk, dv = self._per_layout(
-            self._grad_bnsd, (query, key, value, dy), input_layout, actual_seq_qlen, actual_seq_kvlen,
-            head_num=head_num, atten_mask=atten_mask, scale=scale_value, pre=pre_tockens, nxt=next_tockens,
-            mode=sparse_mode,
-        )  # fmt: skip
-        return dq, dk, dv, query.new_empty(0)
-
-    # -- the documented semantics -----------------------------------------------------------
-    def _attention(self, q, k, v, head_num, layout, atten_mask, scale, keep_prob, pre, nxt, cum_q, cum_kv, mode):
-        return self._per_layout(
-            self._attention_bnsd, (q, k, v), layout, cum_q, cum_kv, head_num=head_num, atten_mask=atten_mask,
-            scale=scale, keep_prob=keep_prob, pre=pre, nxt=nxt, mode=mode,
-        )  # fmt: skip
-
-    @staticmethod
-    def _per_layout(fn, tensors, layout, cum_q, cum_kv, **kwargs):
-        """Run ``fn`` on BNSD views of ``tensors`` (q-like first, then k-like) for ``layout``."""
-        q_like, kv_like = tensors[:1] + tensors[3:], tensors[1:3]
-        if layout == "TND":
-            assert cum_q is not None and cum_kv is not None, "TND needs actual_seq_qlen / actual_seq_kvlen"
-            assert cum_q[-1] == tensors[0].shape[0] and cum_kv[-1] == tensors[1].shape[0]
-            pieces = []
-            for q0, q1, k0, k1 in zip([0, *cum_q[:-1]], cum_q, [0, *cum_kv[:-1]], cum_kv):
-                # one sequence as BNSD with batch 1: masks apply per sequence
-                seq = [x[q0:q1].transpose(0, 1)[None] for x in q_like[:1]]
-                seq += [x[k0:k1].transpose(0, 1)[None] for x in kv_like]
-                seq += [x[q0:q1].transpose(0, 1)[None] for x in q_like[1:]]
-                pieces.append([r[0].transpose(0, 1) for r in fn(*seq, **kwargs)])
-            return tuple(torch.cat(parts) for parts in zip(*pieces))
-        assert layout == "BNSD", f"layout {layout} not covered by the stand-in"
-        return fn(*tensors, **kwargs)
-
-    def _probs(self, q, k, head_num, atten_mask, scale, pre, nxt, mode):
-        """Softmax probabilities [b, n1, s1, s2] in fp32 (NaN rows where everything is masked)."""
-        n1, s1, n2, s2 = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-        assert head_num == n1, f"head_num {head_num} != query heads {n1}"
-        assert n1 % n2 == 0, "key/value heads must divide query heads"
-        masked = self._masked(atten_mask, mode, pre, nxt, s1, s2, q.device)  # True = masked out
-        k = k.repeat_interleave(n1 // n2, dim=1)
-        scores = torch.einsum("bnsd,bntd->bnst", q.float(), k.float()) * scale
-        if masked is not None:
-            scores = scores.masked_fill(masked, float("-inf"))
-        return scores, torch.softmax(scores, dim=-1)  # a fully masked row gives NaN, as feared of hardware
-
-    def _attention_bnsd(self, q, k, v, *, head_num, atten_mask, scale, keep_prob, pre, nxt, mode):
-        b, n1, s1, _ = q.shape
-        scores, probs = self._probs(q, k, head_num, atten_mask, scale, pre, nxt, mode)
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_sum = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
-        if keep_prob < 1.0:
-            probs = torch.nn.functional.dropout(probs, p=1.0 - keep_prob)
-        v = v.repeat_interleave(n1 // v.shape[1], dim=1)
-        out = torch.einsum("bnst,bntd->bnsd", probs, v.float()).to(q.dtype)
-        return out, row_max.expand(b, n1, s1, 8).contiguous(), row_sum.expand(b, n1, s1, 8).contiguous()
-
-    def _grad_bnsd(self, q, k, v, dy, *, head_num, atten_mask, scale, pre, nxt, mode):
-        n1, n2 = q.shape[1], k.shape[1]
-        group = n1 // n2
-        _, probs = self._probs(q, k, head_num, atten_mask, scale, pre, nxt, mode)
-        k_rep = k.repeat_interleave(group, dim=1).float()
-        v_rep = v.repeat_interleave(group, dim=1).float()
-        dy = dy.float()
-        d_probs = torch.einsum("bnsd,bntd->bnst", dy, v_rep)
-        d_scores = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True))
-        dq = torch.einsum("bnst,bntd->bnsd", d_scores, k_rep) * scale
-        dk = torch.einsum("bnst,bnsd->bntd", d_scores, q.float()) * scale
-        dv = torch.einsum("bnst,bnsd->bntd", probs, dy)
-        b, _, t, _ = k.shape
-        dk = dk.reshape(b, n2, group, t, -1).sum(dim=2)  # GQA: a KV head collects its query heads
-        dv = dv.reshape(b, n2, group, t, -1).sum(dim=2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-    @staticmethod
-    def _masked(atten_mask, mode, pre, nxt, s1, s2, device):
-        i = torch.arange(s1, device=device)[:, None]
-        j = torch.arange(s2, device=device)[None, :]
-        band_out = (j - i > nxt) | (i - j > pre)
-        if mode in (2, 3, 4):
-            assert atten_mask is not None and atten_mask.dtype == torch.bool
-            expected = torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=device), diagonal=1)
-            assert torch.equal(atten_mask, expected), "modes 2-4 take the compressed 2048x2048 triu(1) mask"
-            if mode == 2:
-                return j > i
-            if mode == 3:
-                return j - i > s2 - s1
-            if s1 != s2:
-                raise NotImplementedError("band alignment for Sq != Skv is not covered by the stand-in")
-            return band_out
-        if atten_mask is None:
-            return None  # documented: no mask -> pre/next ignored
-        assert atten_mask.dtype == torch.bool, "atten_mask must be bool (True = masked out)"
-        assert atten_mask.dim() in (2, 4) and atten_mask.shape[-2:] == (s1, s2), tuple(atten_mask.shape)
-        return atten_mask if mode == 1 else atten_mask | band_out
-
-
 @pytest.fixture
-def npu_stand_in(monkeypatch: pytest.MonkeyPatch) -> FusionAttentionStandIn:
-    stand_in = FusionAttentionStandIn()
-    monkeypatch.setitem(sys.modules, "torch_npu", stand_in.as_module())
-    return stand_in
+def npu_stand_in(monkeypatch: pytest.MonkeyPatch) -> NpuStandIn:
+    """torch_npu replaced by the labelled stand-in of ``tests/kernels/npu_standin.py`` (not hardware)."""
+    return NpuStandIn().install(monkeypatch)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_npu_adapter_with_stand_in_matches_reference_fwd_bwd(
-    case: SwaCase, npu_stand_in: FusionAttentionStandIn
+    case: SwaCase, npu_stand_in: NpuStandIn
 ) -> None:
     _assert_matches_reference(npu_backend.sliding_window_attention, make_inputs(case), grad=True, tol=FP32_TOL)
     assert npu_stand_in.calls, "the adapter must go through torch_npu.npu_fusion_attention"
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 7])
-def test_npu_band_uses_pre_tockens_window_minus_one(window: int, npu_stand_in: FusionAttentionStandIn) -> None:
+def test_npu_band_uses_pre_tockens_window_minus_one(window: int, npu_stand_in: NpuStandIn) -> None:
     inp = make_inputs(SwaCase("band", window=window))
     _assert_matches_reference(npu_backend.sliding_window_attention, inp, grad=False, tol=FP32_TOL)
     call = npu_stand_in.calls[-1]
     assert (call["layout"], call["sparse_mode"]) == ("BNSD", 4)
-    assert (call["pre_tockens"], call["next_tockens"]) == (window - 1, 0)
+    assert (call["pre_tokens"], call["next_tokens"]) == (window - 1, 0)
     assert call["atten_mask"].shape == (2048, 2048)
 
 
-def test_npu_stand_in_detects_the_off_by_one(npu_stand_in: FusionAttentionStandIn) -> None:
+def test_npu_stand_in_detects_the_off_by_one(npu_stand_in: NpuStandIn) -> None:
     """``pre_tockens = window`` (the classic slip) lets each query see one token too many."""
     window = 3
     inp = make_inputs(SwaCase("slip", window=window, hk=4))
@@ -495,7 +341,7 @@ def test_npu_stand_in_detects_the_off_by_one(npu_stand_in: FusionAttentionStandI
         (SwaCase("window-covers-all", window=12), ("BNSD", 3, None)),
         (SwaCase("band", window=5), ("BNSD", 4, None)),
         (SwaCase("sinks-inside-window", window=12, sink_tokens=4), ("BNSD", 3, None)),
-        (SwaCase("sinks-outside-window", window=5, sink_tokens=4), ("BNSD", 0, None)),
+        (SwaCase("sinks-outside-window", window=5, sink_tokens=4), ("BNSD", 4, None)),
         (SwaCase("packed", layout="packed", window=3), ("TND", 4, (5, 12, 19, 24))),
         (SwaCase("packed-causal", layout="packed"), ("TND", 3, (5, 12, 19, 24))),
         (SwaCase("decode", layout="decode", s=1, t=20, window=4), ("BNSD", 0, None)),
@@ -515,6 +361,7 @@ def test_npu_plan_choice(case: SwaCase, expected: tuple) -> None:
     )
     assert (plan.layout, plan.sparse_mode, plan.actual_seq_len) == expected
     assert (plan.atten_mask is None) == (plan.sparse_mode != 0)
+    assert (plan.sink_pass is not None) == (case.name == "sinks-outside-window")
 
 
 def test_npu_plan_is_cached_per_position_tensors() -> None:
@@ -524,7 +371,7 @@ def test_npu_plan_is_cached_per_position_tensors() -> None:
     assert npu_backend.plan_fusion_attention(pos.clone(), pos.clone(), window=3, sink_tokens=0) is not plan
 
 
-def test_npu_custom_op_passes_opcheck(npu_stand_in: FusionAttentionStandIn) -> None:
+def test_npu_custom_op_passes_opcheck(npu_stand_in: NpuStandIn) -> None:
     """Schema, fake impl, autograd registration and AOT dispatch of ``ascend_edit::npu_swa``."""
     inp = make_inputs(SwaCase("opcheck", window=3))
     q, k, v = (inp[n].requires_grad_(True) for n in ("q", "k", "v"))

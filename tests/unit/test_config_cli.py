@@ -24,8 +24,8 @@ def compose_typed(overrides: list[str]):
 GROUPS = {
     "model": ["smollm2", "hf", "qwen3_tiny", "qwen3_moe_tiny", "llama_tiny", "qwen3_0p6b_shape",
               "qwen3_1p7b_shape", "qwen3_8b_shape"],
-    "target": ["mla", "mla_small", "gate_swa", "identity"],
-    "data": ["shakespeare", "files", "synthetic"],
+    "target": ["mla", "mla_small", "mla_budget", "gate_swa", "identity"],
+    "data": ["shakespeare", "files", "synthetic", "mix"],
     "engine": ["torch", "zero0", "zero1", "zero2", "zero3", "zero3_offload"],
     "device": ["auto", "cpu", "cuda", "npu"],
 }
@@ -74,7 +74,7 @@ def test_wrong_type_fails_with_its_name():
 
 
 def test_npu_without_torch_npu_is_one_line():
-    proc = cli("model=qwen3_tiny", "device=npu", "data=files", "data.path=/nonexistent")
+    proc = cli("model=qwen3_tiny", "target=gate_swa", "device=npu", "data=synthetic")
     err = _one_line_error(proc)
     assert proc.returncode == 2
     assert err.strip().count("\n") == 0 and "device=npu needs torch_npu" in err

@@ -285,7 +285,8 @@ def test_leftover_tmp_dir_is_ignored_and_overwritten(tmp_path):
 def test_checkpoint_contents_and_load(tmp_path):
     checkpoints = CheckpointDir(tmp_path, keep_last=1)
     path = checkpoints.save(RecordingEngine(), "a", 7, {"sampler": {"epoch": 1}}, {"rng": [1, 2]})
-    assert sorted(p.name for p in path.iterdir()) == ["rank-0.pt", "trainer_state.json", "weights.bin"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rank-0.json", "rank-0.safetensors",
+                                                      "trainer_state.json", "weights.bin"]
     engine = RecordingEngine()
     state, rank_state = checkpoints.load(engine, path)
     assert engine.loaded == path

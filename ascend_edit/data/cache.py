@@ -1,0 +1,227 @@
+"""Tokenize once into a memory-mapped cache of packed sequences; every later run (and rank) maps it.
+
+Layout of one cache (`<cache_root>/<key>/`), Megatron-style raw arrays plus a JSON manifest:
+
+    train.input_ids.bin   int32 [N, seq_len]   token ids
+    train.position_ids.bin int32 [N, seq_len]  positions, restarting per document (see packing.py)
+    train.doc_start.bin   uint8 [N, seq_len]   1 where a document starts (gives labels and loss_mask)
+    eval.*.bin            the same for the held-out documents
+    meta.json             shapes, counts and what the key was made of — written last
+
+The key hashes the data's identity (paths, sizes, modification times, format options), the tokenizer
+(its name and a digest of its vocabulary) and the packing settings, so a change to any of them builds a
+new cache and nothing stale is read. Packing streams: documents are tokenized in batches (the Rust
+tokenizer encodes a batch in parallel) and full rows are appended to the files as they fill, so a corpus
+larger than memory packs with bounded memory. Held-out documents are chosen by a seeded hash of their
+index (streaming, no global shuffle). Only rank 0 builds; other ranks wait and map the same files, and
+the sampler hands each rank its own rows, so a rank reads (pages in) only its shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ascend_edit.data.packing import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+FIELDS = {"input_ids": np.int32, "position_ids": np.int32, "doc_start": np.uint8}
+MANIFEST = "meta.json"
+TOKENIZE_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class PackingKey:
+    """Everything the cached arrays depend on."""
+
+    data: dict  # identity of the source: see `source_identity`
+    tokenizer: str  # see `tokenizer_identity`
+    seq_len: int
+    eval_fraction: float
+    seed: int
+    append_eos: bool = True
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def source_identity(path: str | Path, **options) -> dict:
+    """Paths, sizes and modification times of every file under `path`, plus the reading options."""
+    path = Path(path).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {"files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files], **options}
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """Name plus a digest of the vocabulary and special tokens (two tokenizers with one name differ)."""
+    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
+    extra = [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    digest = hashlib.sha256(json.dumps([vocab, extra]).encode()).hexdigest()[:16]
+    return f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}:{digest}"
+
+
+def _is_eval(index: int, fraction: float, seed: int) -> bool:
+    """Seeded, streaming hold-out choice of document `index`."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+class _RowWriter:
+    """Appends packed rows of one split to its .bin files; keeps only the unfinished row in memory."""
+
+    def __init__(self, directory: Path, split: str, seq_len: int):
+        self.seq_len, self.rows, self.dropped = seq_len, 0, 0
+        # open for the whole build (rows are appended as they fill); closed by `close`
+        self.files = {name: open(directory / f"{split}.{name}.bin", "wb") for name in FIELDS}  # noqa: SIM115
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.start: list[int] = []
+        self.documents = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.documents += 1
+        self.ids += ids
+        self.pos += range(len(ids))
+        self.start += [1] + [0] * (len(ids) - 1)
+        while len(self.ids) >= self.seq_len:
+            self._flush_row()
+
+    def _flush_row(self) -> None:
+        n = self.seq_len
+        ids, pos, start = self.ids[:n], np.asarray(self.pos[:n]), np.asarray(self.start[:n])
+        del self.ids[:n], self.pos[:n], self.start[:n]
+        if not start[0]:  # a document carried over from the previous row restarts at position 0
+            first = int(np.argmax(start)) if start.any() else n
+            pos[:first] -= pos[0]
+        for name, values in (("input_ids", ids), ("position_ids", pos), ("doc_start", start)):
+            self.files[name].write(np.asarray(values, dtype=FIELDS[name]).tobytes())
+        self.rows += 1
+
+    def close(self) -> dict:
+        self.dropped = len(self.ids)
+        for f in self.files.values():
+            f.close()
+        return {"rows": self.rows, "documents": self.documents, "dropped_tokens": self.dropped}
+
+
+def _tokenized(documents: Iterable[str], tokenizer, append_eos: bool) -> Iterator[list[int]]:
+    eos = getattr(tokenizer, "eos_token_id", None) if append_eos else None
+    batch: list[str] = []
+
+    def encode(texts):
+        for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]:
+            ids = list(ids)
+            if ids and eos is not None and ids[-1] != eos:
+                ids.append(eos)
+            if ids:
+                yield ids
+
+    for text in documents:
+        if text.strip():
+            batch.append(text)
+        if len(batch) == TOKENIZE_BATCH:
+            yield from encode(batch)
+            batch = []
+    if batch:
+        yield from encode(batch)
+
+
+def build_cache(directory: Path, documents: Iterable[str], tokenizer, key: PackingKey) -> dict:
+    """Tokenize and pack `documents` into `directory` (written to a temporary sibling, then renamed)."""
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        writers = {split: _RowWriter(tmp, split, key.seq_len) for split in ("train", "eval")}
+        for index, ids in enumerate(_tokenized(documents, tokenizer, key.append_eos)):
+            split = "eval" if key.eval_fraction and _is_eval(index, key.eval_fraction, key.seed) else "train"
+            writers[split].add(ids)
+        meta = {"key": asdict(key), "seq_len": key.seq_len, **{s: w.close() for s, w in writers.items()}}
+        if meta["train"]["rows"] == 0:
+            raise ValueError(f"too little data to pack one train sequence of seq_len={key.seq_len}")
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))  # last: a cache without it is incomplete
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the temporary directory this call created
+        raise
+    return meta
+
+
+class MappedPackedDataset(torch.utils.data.Dataset):
+    """Packed sequences read from the memory-mapped cache; items match `PackedDataset`'s."""
+
+    def __init__(self, directory: Path, split: str, rows: int, seq_len: int, num_documents: int = 0):
+        self.arrays = {name: np.memmap(directory / f"{split}.{name}.bin", dtype=dtype, mode="r",
+                                       shape=(rows, seq_len)) for name, dtype in FIELDS.items()}
+        self.num_documents, self._seq_len = num_documents, seq_len
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    def __len__(self) -> int:
+        return self.arrays["input_ids"].shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(self.arrays["input_ids"][index].astype(np.int64))
+        start = torch.from_numpy(self.arrays["doc_start"][index].astype(bool))
+        loss_mask = torch.zeros_like(start)
+        loss_mask[:-1] = ~start[1:]
+        return {"input_ids": ids,
+                "position_ids": torch.from_numpy(self.arrays["position_ids"][index].astype(np.int64)),
+                "labels": ids.masked_fill(start, IGNORE_INDEX), "loss_mask": loss_mask}
+
+
+def cached_train_eval(cache_root: str | Path, key: PackingKey, documents: Callable[[], Iterable[str]], tokenizer,
+                      rank: int = 0, barrier: Callable[[], None] = lambda: None):
+    """(train, eval or None) from the cache for `key`, building it first (rank 0 only) when absent.
+
+    `documents` is called only when the cache is built, so a reused cache reads no text and runs no
+    tokenizer.
+    """
+    directory = Path(cache_root).expanduser() / key.digest()
+    if rank == 0 and not (directory / MANIFEST).exists():
+        log.info("tokenizing into %s", directory)
+        build_cache(directory, documents(), tokenizer, key)
+    barrier()
+    if not (directory / MANIFEST).exists():
+        raise FileNotFoundError(f"data cache {directory} is incomplete: rank 0 did not finish building it")
+    meta = json.loads((directory / MANIFEST).read_text())
+    train = MappedPackedDataset(directory, "train", meta["train"]["rows"], meta["seq_len"], meta["train"]["documents"])
+    held_out = None
+    if meta["eval"]["rows"]:
+        held_out = MappedPackedDataset(directory, "eval", meta["eval"]["rows"], meta["seq_len"],
+                                       meta["eval"]["documents"])
+    return train, held_out
+
+
+def load_cached(cfg, tokenizer, seed: int):
+    """`data.source=files` with `data.cache_dir`: (train, eval) from the cache, built on first use.
+    `cfg` is the DataConfig."""
+    from itertools import islice
+
+    from ascend_edit.data.sources import iter_documents
+    from ascend_edit.train.engine import barrier, rank_and_world
+
+    if not Path(cfg.path).expanduser().exists():
+        raise FileNotFoundError(f"data.path={cfg.path} does not exist")
+    options = {"format": cfg.format, "text_field": cfg.text_field, "split_on_blank_lines": cfg.split_on_blank_lines,
+               "max_documents": cfg.max_documents}
+    key = PackingKey(data=source_identity(cfg.path, **options), tokenizer=tokenizer_identity(tokenizer),
+                     seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)
+
+    def documents():
+        docs = iter_documents(cfg.path, format=cfg.format, text_field=cfg.text_field,
+                              split_on_blank_lines=cfg.split_on_blank_lines)
+        return islice(docs, cfg.max_documents) if cfg.max_documents else docs
+
+    rank, _ = rank_and_world()
+    return cached_train_eval(cfg.cache_dir, key, documents, tokenizer, rank=rank, barrier=barrier)

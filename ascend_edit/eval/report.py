@@ -1,0 +1,293 @@
+"""A run's report to look at: `report.md` with PNG plots, rebuilt from what the run left on disk.
+
+Reads `report.json` (stage results, KV, tokens), `eval.json` (the held-out suite), `metrics.jsonl`
+(per-step training metrics), `run_info.json` (wall time, device) and `.hydra/config.yaml`; any of them
+may be missing (an `ascend-edit eval` output has only eval.json). Plots use matplotlib's Agg backend.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOTS = "plots"
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    metrics = []
+    if (run_dir / "metrics.jsonl").is_file():
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = run_dir / ".hydra" / "config.yaml"
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    return {"dir": run_dir, "report": _load_json(run_dir / "report.json"), "eval": _load_json(run_dir / "eval.json"),
+            "info": _load_json(run_dir / "run_info.json"), "metrics": metrics,
+            "config": config.read_text() if config.is_file() else "",
+            "overrides": overrides.read_text() if overrides.is_file() else ""}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layerwise(metrics: list[dict], path: Path) -> bool:
+    rows = [m for m in metrics if m.get("stage") == "layerwise"]
+    layers = sorted({k for m in rows for k in m if k.startswith("layer/")}, key=lambda k: int(k.split("/")[1]))
+    if not rows or not layers:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, key in enumerate(layers):
+        ax.plot([m["step"] for m in rows], [m[key] for m in rows], color=cmap(i / max(1, len(layers) - 1)),
+                lw=0.9, label=key if len(layers) <= 8 else None)
+    ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], color="black", lw=2, label="mean")
+    ax.set(xlabel="step", ylabel="activation loss", title="Stage 1: per-layer loss (dark = early layers)",
+           yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_model_level(metrics: list[dict], path: Path) -> bool:
+    rows = [m for m in metrics if m.get("stage") == "model_level"]
+    if not rows:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["step"] for m in rows], [m.get("kd", m["loss"]) for m in rows], label="KD (KL to teacher)")
+    if any("loss" in m and "kd" in m and m["loss"] != m["kd"] for m in rows):
+        ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], label="total loss", alpha=0.7)
+    ax.set(xlabel="step", ylabel="nats/token", title="Stage 2: KL to the teacher (training batches)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_quality(results: dict, path: Path) -> bool:
+    quality = results.get("quality") or {}
+    if not any(quality.values()):
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for domain, per_context in quality.items():
+        contexts = sorted(per_context, key=int)
+        x = [int(c) for c in contexts]
+        axes[0].plot(x, [per_context[c]["ppl_ratio"] for c in contexts], marker="o", label=domain)
+        axes[1].plot(x, [per_context[c]["student"]["teacher_kl"] for c in contexts], marker="o", label=domain)
+    ticks = sorted({int(c) for per_context in quality.values() for c in per_context})
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
+    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0].set(xlabel="context (tokens)", ylabel="student ppl / teacher ppl",
+                title="Perplexity ratio per context")
+    axes[1].set(xlabel="context (tokens)", ylabel="nats/token", title="Teacher-KL per context")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_passkey(results: dict, path: Path) -> bool:
+    passkey = results.get("passkey")
+    if not passkey:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(passkey["contexts"]) + 2.8), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes[0], ("teacher", "student")):
+        image = ax.imshow(passkey[name], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
+        ax.set_yticks(range(len(passkey["contexts"])), [str(c) for c in passkey["contexts"]])
+        for i, row in enumerate(passkey[name]):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="needle depth", ylabel="context (tokens)", title=f"Passkey accuracy (%): {name}")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_kv(report: dict, path: Path) -> bool:
+    kv = report.get("kv")
+    if not kv:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    values = [kv["teacher_bytes_per_token"], kv["converted_bytes_per_token"]]
+    bars = ax.bar(["teacher", "converted"], values, color=["#888888", "#2a7ab0"])
+    ax.bar_label(bars, [f"{v:,.0f}" for v in values])
+    ax.set(ylabel="bytes per token (16-bit)",
+           title=f"KV cache at {kv['context']:,} tokens: {kv['reduction_pct']:.1f} % less")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_overview(plots: Path, path: Path) -> bool:
+    """The report's plots on one page (the picture the README links)."""
+    names = [n for n in ("quality", "passkey", "layerwise", "model_level", "kv") if (plots / f"{n}.png").is_file()]
+    if not names:
+        return False
+    plt = _pyplot()
+    import matplotlib.image as mpimg
+
+    rows = (len(names) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(16, 4.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        ax.imshow(mpimg.imread(plots / f"{name}.png"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def quality_table(results: dict) -> list[str]:
+    lines = ["| domain | context | sequences | teacher ppl | student ppl | ratio | teacher-KL | top-1 agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for domain, per_context in (results.get("quality") or {}).items():
+        for context in sorted(per_context, key=int):
+            m = per_context[context]
+            lines.append(f"| {domain} | {int(context):,} | {m['sequences']} | {m['teacher']['ppl']:.2f} | "
+                         f"{m['student']['ppl']:.2f} | {m['ppl_ratio']:.3f}× | {m['student']['teacher_kl']:.4f} | "
+                         f"{100 * m['student']['top1_agreement']:.1f} % |")
+    return lines
+
+
+def passkey_table(passkey: dict) -> list[str]:
+    depths = passkey["depths"]
+    lines = ["| model | context | " + " | ".join(f"depth {d:g}" for d in depths) + " |",
+             "|---|---:|" + "---:|" * len(depths)]
+    for name in ("teacher", "student"):
+        for context, row in zip(passkey["contexts"], passkey[name]):
+            lines.append(f"| {name} | {context:,} | " + " | ".join(f"{100 * v:.0f} %" for v in row) + " |")
+    return lines
+
+
+def render(run_dir: Path) -> Path:
+    """Write `report.md` and `plots/*.png` into `run_dir`; returns the report's path."""
+    run = load_run(run_dir)
+    run_dir = Path(run_dir)
+    plots = run_dir / PLOTS
+    plots.mkdir(exist_ok=True)
+    report, results, info = run["report"], run["eval"], run["info"]
+    made = {name: fn(arg, plots / f"{name}.png") for name, fn, arg in (
+        ("layerwise", plot_layerwise, run["metrics"]), ("model_level", plot_model_level, run["metrics"]),
+        ("quality", plot_quality, results), ("passkey", plot_passkey, results), ("kv", plot_kv, report))}
+    plot_overview(plots, plots / "overview.png")
+    lines = [f"# Run report: {run_dir.name}", ""]
+    if info or report:
+        lines += ["| | |", "|---|---|"]
+        lines.append(f"| device | {info.get('device', '-')} {info.get('device_name', '')} |")
+        lines.append(f"| wall time | {_fmt_seconds(info.get('wall_seconds'))} |")
+        for stage, seconds in (report.get("train_seconds") or {}).items():
+            tokens = (report.get("throughput") or {}).get(stage, {}).get("tokens", 0)
+            lines.append(f"| {stage} | {tokens:,} tokens in {_fmt_seconds(seconds)} |")
+        if "peak_memory_gib" in report:
+            lines.append(f"| peak device memory | {report['peak_memory_gib']:.2f} GiB |")
+        if results.get("seconds") is not None:
+            lines.append(f"| held-out suite | {_fmt_seconds(results['seconds'])} |")
+        lines.append("")
+    if report.get("results"):
+        lines += ["## Quality along the conversion (training-domain eval batches)", "",
+                  "| model | perplexity | teacher-KL | top-1 agreement |", "|---|---:|---:|---:|"]
+        for name, m in report["results"].items():
+            lines.append(f"| {name} | {m['ppl']:.2f} | {m['teacher_kl']:.4f} | {100 * m['top1_agreement']:.1f} % |")
+        lines.append("")
+    if results.get("quality"):
+        lines += ["## Held-out suite per domain and context", ""]
+        lines += [f"* **{name}**: {text}" for name, text in results.get("domains", {}).items()]
+        if results.get("skipped_contexts"):
+            lines.append(f"* skipped (beyond the model's {results['max_positions']} positions): "
+                         f"{results['skipped_contexts']}")
+        lines += [""] + quality_table(results) + [""]
+        if made["quality"]:
+            lines += [f"![quality per context]({PLOTS}/quality.png)", ""]
+    if results.get("passkey"):
+        pk = results["passkey"]
+        note = (f"{pk['trials']} samples per cell, filler: {pk['filler']}, seed {pk['seed']}; a sample counts when "
+                "every answer token is the model's top-1.")
+        lines += ["## Passkey retrieval", "", note, "", *passkey_table(pk), ""]
+        if made["passkey"]:
+            lines += [f"![passkey heat-map]({PLOTS}/passkey.png)", ""]
+    if report.get("kv"):
+        kv = report["kv"]
+        text = (f"{kv['teacher_bytes_per_token']:,.0f} → {kv['converted_bytes_per_token']:,.0f} "
+                f"bytes per token at {kv['context']:,} tokens (16-bit), {kv['reduction_pct']:.1f} % less; "
+                f"{kv['teacher_total_bytes'] / 2**20:,.1f} → {kv['converted_total_bytes'] / 2**20:,.1f} MiB "
+                "per sequence.")
+        lines += ["## KV cache", "", text, ""]
+        if made["kv"]:
+            lines += [f"![KV bytes]({PLOTS}/kv.png)", ""]
+    if made["layerwise"] or made["model_level"]:
+        lines += ["## Training curves", ""]
+        lines += [f"![stage 1]({PLOTS}/layerwise.png)", ""] if made["layerwise"] else []
+        lines += [f"![stage 2]({PLOTS}/model_level.png)", ""] if made["model_level"] else []
+    if (run_dir / "tensorboard").is_dir():
+        lines += [f"TensorBoard: `tensorboard --logdir {run_dir / 'tensorboard'}`", ""]
+    if run["config"]:
+        lines += ["## Config", "", "Overrides:", "", "```yaml", run["overrides"].strip(), "```", "",
+                  "<details><summary>composed config</summary>", "", "```yaml", run["config"].strip(), "```", "",
+                  "</details>", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def summary_row(run_dir: Path) -> dict:
+    """One run's headline numbers for the comparison table."""
+    run = load_run(run_dir)
+    report, results = run["report"], run["eval"]
+    row = {"run": str(run_dir), "kv_reduction_pct": (report.get("kv") or {}).get("reduction_pct"),
+           "tokens": sum(t.get("tokens", 0) for t in (report.get("throughput") or {}).values()) or None,
+           "wall_seconds": run["info"].get("wall_seconds")}
+    for domain, per_context in (results.get("quality") or {}).items():
+        for context, m in per_context.items():
+            row[f"{domain}@{context}"] = (m["ppl_ratio"], m["student"]["teacher_kl"])
+    if results.get("passkey"):
+        grid = results["passkey"]["student"]
+        row["passkey"] = sum(map(sum, grid)) / sum(len(r) for r in grid)
+    return row
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """A markdown table: one row per run; ppl ratio (KL) per domain@context, passkey, KV saving, tokens, time."""
+    rows = [summary_row(d) for d in run_dirs]
+    cells = sorted({k for r in rows for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    header = ["run", *[f"{c} ppl× (KL)" for c in cells], "passkey", "KV saved", "train tokens", "wall time"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in rows:
+        values = [r["run"]]
+        values += [f"{r[c][0]:.3f} ({r[c][1]:.3f})" if c in r else "-" for c in cells]
+        values.append(f"{100 * r['passkey']:.0f} %" if r.get("passkey") is not None else "-")
+        values.append(f"{r['kv_reduction_pct']:.1f} %" if r["kv_reduction_pct"] is not None else "-")
+        values.append(f"{r['tokens']:,}" if r["tokens"] else "-")
+        values.append(_fmt_seconds(r["wall_seconds"]))
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""The held-out evaluation suite: quality per context length and domain, and passkey retrieval.
+
+Run on any pair of logit functions (teacher, student): the two paths of an edited model at the end of
+a conversion, or a teacher and a converted / exported model side by side (`ascend-edit eval`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ascend_edit.config import EvalConfig
+from ascend_edit.data.heldout import check_disjoint, out_of_domain_documents
+from ascend_edit.eval.long_context import token_stream, window_batches, windows
+from ascend_edit.eval.metrics import LogitsFn, compare
+from ascend_edit.eval.passkey import accuracy_grid, make_grid
+
+log = logging.getLogger(__name__)
+
+DESCRIPTIONS = {
+    "in_domain": "held-out documents of the training data (never trained on)",
+    "python_docs": "Python Language Reference prose from the standard library's pydoc_data (out of domain)",
+}
+
+
+@dataclass
+class HeldOut:
+    name: str
+    description: str
+    documents: list[str]
+
+
+def held_out_sets(cfg: EvalConfig, run_split: tuple[list[str], list[str]] | None) -> dict[str, HeldOut]:
+    """The evaluation texts named in `cfg.domains` (and the passkey filler), each checked to share no
+    document or passage with the run's training documents `run_split[0]`."""
+    train = run_split[0] if run_split else []
+    sets = {}
+    for name in dict.fromkeys([*cfg.domains, cfg.passkey_filler]):
+        if name == "in_domain":
+            if run_split is None or not run_split[1]:
+                log.warning("eval: no in-domain held-out text for this run's data; skipped")
+                continue
+            documents = run_split[1]
+        else:
+            documents = out_of_domain_documents(name)
+            check_disjoint(documents, train, name)
+        sets[name] = HeldOut(name, DESCRIPTIONS[name], documents)
+    return sets
+
+
+def run_suite(teacher: LogitsFn, student: LogitsFn, tokenizer, cfg: EvalConfig, sets: dict[str, HeldOut],
+              max_positions: int | None, device: torch.device | str = "cpu") -> dict:
+    """Perplexity, teacher-KL and top-1 agreement per domain and context; passkey accuracy per context x depth."""
+    started = time.perf_counter()
+    def fits(context: int) -> bool:
+        return max_positions is None or context <= max_positions
+
+    contexts = sorted({c for c in cfg.contexts if fits(c)})
+    skipped = sorted({c for c in [*cfg.contexts, *cfg.passkey_contexts] if not fits(c)})
+    if skipped:
+        log.info("eval: contexts %s exceed the model's %s positions; skipped", skipped, max_positions)
+    results: dict = {"max_positions": max_positions, "skipped_contexts": skipped, "domains": {}, "quality": {}}
+    for name, held in sets.items():
+        if name not in cfg.domains:
+            continue
+        results["domains"][name] = held.description
+        stream = token_stream(held.documents, tokenizer, max(contexts, default=0) * cfg.sequences)
+        per_context = {}
+        for context in contexts:
+            ids = windows(stream, context, cfg.sequences)
+            if len(ids) == 0:
+                log.warning("eval: %s has fewer than %d tokens; context skipped", name, context)
+                continue
+            metrics = compare(teacher, student, window_batches(ids, cfg.batch_tokens, device))
+            metrics["sequences"] = len(ids)
+            metrics["ppl_ratio"] = metrics["student"]["ppl"] / metrics["teacher"]["ppl"]
+            per_context[str(context)] = metrics
+        results["quality"][name] = per_context
+    passkey_contexts = sorted({c for c in cfg.passkey_contexts if fits(c)})
+    if cfg.passkey_trials and passkey_contexts and cfg.passkey_filler in sets:
+        filler = token_stream(sets[cfg.passkey_filler].documents, tokenizer, 4 * max(passkey_contexts))
+        samples = make_grid(tokenizer, filler, passkey_contexts, list(cfg.passkey_depths), cfg.passkey_trials,
+                            seed=cfg.seed)
+        grids = accuracy_grid({"teacher": teacher, "student": student}, samples, passkey_contexts,
+                              list(cfg.passkey_depths), device)
+        results["passkey"] = {"contexts": passkey_contexts, "depths": list(cfg.passkey_depths),
+                              "trials": cfg.passkey_trials, "filler": cfg.passkey_filler, "seed": cfg.seed, **grids}
+    results["seconds"] = time.perf_counter() - started
+    return results

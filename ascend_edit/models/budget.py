@@ -1,0 +1,165 @@
+"""Budget-aware conversion: share a KV-cache budget across layers by what each layer needs.
+
+MLA (`target.mla.kv_budget`): a layer's latent of rank c keeps the first c singular values of its
+whitened keys and values (attention/init.py `latent_spectrum`; the warm start keeps exactly those).
+Each layer's energy is normalised to 1, so the loss of a layer is the fraction of its activation
+energy it drops. Sharing a fixed number of latent dimensions to minimise the summed loss is a separable
+problem with non-increasing gains (squared singular values are sorted), so greedy water-filling — give
+the next `rank_multiple` dimensions to the layer that keeps the most energy with them — is optimal
+(exactly so for `rank_multiple=1`).
+
+Bytes: an MLA layer caches `kv_lora_rank + qk_rope_head_dim` values per token; the teacher caches
+`2 * num_kv_heads * head_dim`. A budget given as a fraction of the teacher's KV bytes over the converted
+layers becomes a whole number of latent dimensions; the allocation spends exactly that many and never
+gives a layer more than the teacher's KV width (nor more than the latent can use).
+
+GateSWA (`full_layers_for_budget`): which layers keep full attention at a given context length, most
+sensitive first (models/sensitivity.py), as many as the budget pays for.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ascend_edit.attention.geometry import read_geometry
+from ascend_edit.attention.init import LayerStats, latent_spectrum
+
+ALLOCATIONS = ("spectrum", "uniform")
+
+
+@dataclass(frozen=True)
+class RankAllocation:
+    """Per-layer latent ranks chosen for a budget, with what they keep."""
+
+    ranks: dict[int, int]  # layer -> kv_lora_rank
+    retained: dict[int, float]  # layer -> fraction of its whitened K/V energy the latent keeps
+    values_per_token: int  # cached values per token over the converted layers (latent + rope)
+    teacher_values_per_token: int
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.values_per_token / self.teacher_values_per_token
+
+
+def budget_latent_dims(kv_fraction: float, teacher_widths: Sequence[int], rope_dim: int, rank_multiple: int = 1
+                       ) -> int:
+    """Latent dimensions (summed over layers) that `kv_fraction` of the teacher's KV values per token pays
+    for, after every layer's RoPE key; rounded down to a multiple of `rank_multiple`."""
+    if not 0 < kv_fraction <= 1:
+        raise ValueError(f"target.mla.kv_budget={kv_fraction} must be in (0, 1] (a fraction of the teacher's KV bytes)")
+    values = math.floor(kv_fraction * sum(teacher_widths) + 1e-9)
+    latent = values - rope_dim * len(teacher_widths)
+    latent -= latent % rank_multiple
+    if latent < rank_multiple * len(teacher_widths):
+        raise ValueError(f"target.mla.kv_budget={kv_fraction}: {values} values per token cannot hold a RoPE key of "
+                         f"{rope_dim} plus a latent of at least {rank_multiple} in each of {len(teacher_widths)} layers")
+    return latent
+
+
+def allocate_ranks(spectra: Mapping[int, torch.Tensor], total: int, max_rank: Mapping[int, int],
+                   rank_multiple: int = 1, allocation: str = "spectrum") -> dict[int, int]:
+    """Share `total` latent dimensions across layers; returns {layer: rank}, summing to `total` exactly.
+
+    Every layer gets at least `rank_multiple` and at most `max_rank[layer]` (rounded down to the
+    multiple). `spectrum`: greedy water-filling on each layer's normalised squared singular values;
+    `uniform`: the same rank everywhere (the remainder, in multiples, to the first layers).
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"target.mla.allocation={allocation!r} is not one of {ALLOCATIONS}")
+    m = rank_multiple
+    if m < 1 or total % m:
+        raise ValueError(f"latent budget {total} is not a multiple of rank_multiple={m}")
+    layers = sorted(spectra)
+    caps = {i: max_rank[i] - max_rank[i] % m for i in layers}
+    if any(caps[i] < m for i in layers):
+        raise ValueError(f"a layer's largest rank is below rank_multiple={m}: {caps}")
+    if not m * len(layers) <= total <= sum(caps.values()):
+        raise ValueError(f"a latent budget of {total} dimensions cannot be met with ranks between {m} and the "
+                         f"layers' widths (at most {sum(caps.values())} in all)")
+    ranks = {i: m for i in layers}
+    left = total - m * len(layers)
+    if allocation == "uniform":
+        while left:
+            for i in layers:
+                if left and ranks[i] < caps[i]:
+                    ranks[i] += m
+                    left -= m
+        return ranks
+    energy = {i: spectra[i].double().pow(2) / spectra[i].double().pow(2).sum().clamp_min(1e-30) for i in layers}
+
+    def gain(i: int) -> float:  # energy the next m dimensions of layer i keep
+        return float(energy[i][ranks[i]: ranks[i] + m].sum())
+
+    heap = [(-gain(i), i) for i in layers if ranks[i] < caps[i]]
+    heapq.heapify(heap)
+    while left:
+        _, i = heapq.heappop(heap)
+        ranks[i] += m
+        left -= m
+        if ranks[i] < caps[i]:
+            heapq.heappush(heap, (-gain(i), i))
+    return ranks
+
+
+def teacher_kv_width(geometry) -> int:
+    """Values per token the teacher caches in one layer (keys and values of every KV head)."""
+    return 2 * geometry.num_kv_heads * geometry.head_dim
+
+
+def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[int, LayerStats] | None,
+                        mla_cfg) -> RankAllocation:
+    """Ranks for the MLA layers `layers` of a teacher `model` under `mla_cfg.kv_budget`."""
+    from ascend_edit.models.surgery import decoder_layers
+
+    blocks = decoder_layers(model)
+    geometries = {i: read_geometry(blocks[i].self_attn, model.config) for i in layers}
+    widths = {i: teacher_kv_width(g) for i, g in geometries.items()}
+    rope = mla_cfg.qk_rope_head_dim
+    total = budget_latent_dims(mla_cfg.kv_budget, list(widths.values()), rope, mla_cfg.rank_multiple)
+    spectra = {i: latent_spectrum(blocks[i].self_attn, geometries[i], (stats or {}).get(i), mla_cfg).cpu()
+               for i in layers}
+    # A latent wider than the keys and values it compresses adds nothing, and none may cache more
+    # than the teacher did.
+    max_rank = {i: min(len(spectra[i]), widths[i] - rope) for i in layers}
+    ranks = allocate_ranks(spectra, total, max_rank, mla_cfg.rank_multiple, mla_cfg.allocation)
+    retained = {}
+    for i in layers:
+        energy = spectra[i].double().pow(2)
+        retained[i] = float(energy[: ranks[i]].sum() / energy.sum().clamp_min(1e-30))
+    return RankAllocation(ranks, retained, total + rope * len(layers), sum(widths.values()))
+
+
+def plan_with_ranks(plan: list, ranks: Mapping[int, int]) -> list:
+    """The plan with each MLA layer's own `kv_lora_rank`."""
+    return [replace(entry, kv_lora_rank=ranks[entry.layer_idx]) if entry.layer_idx in ranks else entry
+            for entry in plan]
+
+
+def full_layers_for_budget(sensitivity: Sequence[float], kv_fraction: float, context: int, window: int,
+                           sink_tokens: int, layers: Sequence[int] | None = None) -> list[int]:
+    """GateSWA: the layers that keep full attention under `kv_fraction` of the teacher's KV at `context`.
+
+    A sliding layer holds `window - 1 + sink_tokens` tokens, a full one `context`; layers are promoted
+    to full in order of sensitivity (largest first) while the budget pays for it.
+    """
+    if not 0 < kv_fraction <= 1:
+        raise ValueError(f"kv budget {kv_fraction} must be in (0, 1]")
+    layers = list(range(len(sensitivity))) if layers is None else list(layers)
+    swa_tokens = min(context, window - 1 + sink_tokens)
+    budget = kv_fraction * context * len(layers)
+    spent = swa_tokens * len(layers)
+    if spent > budget + 1e-9:
+        raise ValueError(f"even all-sliding layers hold {swa_tokens} of {context} tokens each, more than the "
+                         f"budget of {kv_fraction:.3f} of the teacher's KV")
+    full = []
+    for i in sorted(layers, key=lambda k: (-sensitivity[k], k)):
+        if spent + context - swa_tokens > budget + 1e-9:
+            break
+        full.append(i)
+        spent += context - swa_tokens
+    return sorted(full)

@@ -1,0 +1,117 @@
+"""Fused decoder-layer ops (RMSNorm, RoPE, SwiGLU) by module swapping, chosen once per run.
+
+On Ascend, ``torch.compile`` is off, so the norms, rotary embeddings and gated MLP activations of
+every teacher and student layer would run as chains of small eager ops. :func:`install_fused_ops`
+resolves one kernel per op through the registry (``ascend_edit.kernels``: ``rms_norm``,
+``rotary_embedding``, ``swiglu``; each with an eager reference) and
+
+* replaces every RMSNorm module (Llama / Qwen2 / Qwen3 incl. Qwen3's per-head ``q_norm`` /
+  ``k_norm``, DeepSeek-V3's latent norms) by :class:`FusedRMSNorm`, which *shares* the original
+  ``weight`` parameter -- state-dict keys, checkpoints and exports are unchanged;
+* replaces every gated SiLU MLP (``gate_proj`` / ``up_proj`` / ``down_proj``) by
+  :class:`FusedSwiGLUMLP`, which keeps the same three ``Linear`` children;
+* hands the rotary kernel to ``ascend_edit.attention.rope`` (``set_rope_kernel``), the one function
+  the converted attention targets (GateSWA, MLA's decoupled rope part) apply RoPE with.
+
+Nothing is monkey-patched: modules are swapped by ``setattr`` on their parent, as the attention
+targets are. The teacher's own attention classes call transformers' module-level rotary function
+inside their ``forward``; changing that would mean patching transformers, so the teacher keeps
+eager RoPE (it runs without backward, where the fused op gains least).
+
+``enabled="auto"`` swaps only on NPU; on CPU / CUDA the model is left as it is (CUDA fuses these
+ops by regional ``torch.compile``). Every backend can be overridden by name in the config.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ascend_edit.config import FusedOpsConfig
+from ascend_edit.kernels.registry import RMS_NORM, ROTARY_EMBEDDING, SWIGLU, backend_name, resolve
+
+log = logging.getLogger(__name__)
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm through a registry kernel; shares the replaced module's ``weight``."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, kernel: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+        self.kernel = kernel
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.kernel(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, kernel={self.kernel.__module__}"
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with the replaced MLP's own Linear children."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
+                 kernel: Callable[..., torch.Tensor]):  # fmt: skip
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.kernel(self.gate_proj(x), self.up_proj(x)))
+
+
+def _rms_eps(module: nn.Module) -> float | None:
+    """The epsilon of an RMSNorm module, or None when ``module`` is not one we can swap."""
+    if not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or getattr(module, "bias", None) is not None:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return float(eps) if eps is not None else None
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    names = ("gate_proj", "up_proj", "down_proj")
+    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+        return False
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def install_fused_ops(model: nn.Module, cfg: FusedOpsConfig, *, device_type: str) -> dict[str, str]:
+    """Swap in the fused ops for ``device_type``; returns ``{op: backend}`` (empty: nothing changed)."""
+    cfg.check()
+    if cfg.enabled == "off" or (cfg.enabled == "auto" and device_type != "npu"):
+        log.info("fused decoder ops: off on %s (enabled=%s); layers keep their own modules", device_type, cfg.enabled)
+        return {}
+    chosen: dict[str, str] = {}
+    kernels: dict[str, Callable[..., torch.Tensor]] = {}
+    for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU):
+        kernels[op] = resolve(op, getattr(cfg, op), device_type=device_type, needs_grad=True)
+        chosen[op] = backend_name(op, getattr(cfg, op), device_type=device_type, needs_grad=True)
+
+    norms = [(n, m, eps) for n, m in model.named_modules() if (eps := _rms_eps(m)) is not None]
+    for name, module, eps in norms:
+        _swap(model, name, FusedRMSNorm(module.weight, eps, kernels[RMS_NORM]))
+    mlps = [(n, m) for n, m in model.named_modules() if _is_swiglu_mlp(m)]
+    for name, module in mlps:
+        _swap(model, name, FusedSwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, kernels[SWIGLU]))
+
+    from ascend_edit.attention import rope
+
+    rope.set_rope_kernel(kernels[ROTARY_EMBEDDING])
+    log.info(
+        "fused decoder ops on %s: rms_norm -> %s (%d modules), swiglu -> %s (%d MLPs), rotary_embedding -> %s",
+        device_type, chosen[RMS_NORM], len(norms), chosen[SWIGLU], len(mlps), chosen[ROTARY_EMBEDDING],
+    )  # fmt: skip
+    return chosen
+

@@ -1,0 +1,131 @@
+"""Greedy decoding through a transformers `StaticCache` with the decode step run as one fixed-shape graph.
+
+`generate(..., cache_implementation="static")` compiles its decode step only on CUDA; this loop does the
+same on any device, and is what the decode benchmark and the CPU tests drive:
+
+* the prompt is prefilled eagerly (the bounded cache layers of converted models install themselves then);
+* every decode step calls the model with fixed shapes — one token per row, its position, and a padding
+  mask over all `max_cache_len` slots (future slots are hidden by causality) — so the step is one graph;
+* `mode` picks how the step runs: "eager"; "compile" (`torch.compile(fullgraph=True)`, mode
+  "reduce-overhead" on CUDA — CUDA graphs — and "default" elsewhere); "cuda_graph" (the eager step
+  captured with `torch.cuda.CUDAGraph` after two eager steps — autotuning must not run inside a capture —
+  and replayed: no compile time, the same launch savings as CUDA graphs under compile).
+
+Works for any decoder-only transformers model: the teacher, the in-repo converted model, exported ones.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import StaticCache
+
+MODES = ("eager", "compile", "cuda_graph")
+EAGER_STEPS_BEFORE_CAPTURE = 2
+
+
+class StaticDecoder:
+    def __init__(self, model: torch.nn.Module, batch: int, max_cache_len: int, *, mode: str = "compile",
+                 compile_mode: str | None = None, backend: str = "inductor"):
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        self.model = model
+        self.batch = batch
+        self.max_cache_len = max_cache_len
+        self.mode = mode
+        self.device = next(model.parameters()).device
+        if mode == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError("mode='cuda_graph' needs a CUDA device")
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.mask = torch.ones(batch, max_cache_len, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self._step: Callable[[], torch.Tensor] = self._eager_step
+        if mode == "compile":
+            compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+            self._compiled = torch.compile(self._forward, fullgraph=True, mode=compile_mode, backend=backend)
+            self._step = self._compiled_step
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_out: torch.Tensor | None = None
+        self._eager_steps = 0
+        self._stream = torch.cuda.Stream(self.device) if mode == "cuda_graph" else None
+
+    # ----------------------------------------------------------------------------------------------
+    def _forward(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=token, position_ids=position, attention_mask=mask, cache=self.cache,
+                         use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _eager_step(self) -> torch.Tensor:
+        return self._forward(self.token, self.position, self.mask)
+
+    def _compiled_step(self) -> torch.Tensor:
+        return self._compiled(self.token, self.position, self.mask).clone()  # graph outputs are reused
+
+    def _graph_step(self) -> torch.Tensor:
+        self._graph.replay()
+        return self._graph_out.clone()
+
+    def capture(self) -> None:
+        """mode='cuda_graph': record one decode step (it runs: the cache advances by one token)."""
+        side = self._stream
+        side.wait_stream(torch.cuda.current_stream())
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(self._graph, stream=side):
+            self._graph_out = self._forward(self.token, self.position, self.mask)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph.replay()  # the capture itself does not run the work
+        self._step = self._graph_step
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                chunk: int | None = None) -> torch.Tensor:
+        """Feed the (left-padded) prompt eagerly; returns the first greedy token [b, 1]."""
+        b, n = input_ids.shape
+        if b != self.batch or n >= self.max_cache_len:
+            raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit batch {self.batch} and "
+                             f"max_cache_len {self.max_cache_len}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        self.mask[:, :n] = mask
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate: padding gets position 1
+        chunk = chunk or n
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            out = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
+                             attention_mask=self.mask[:, :end], cache=self.cache, use_cache=True,
+                             logits_to_keep=1)
+        self.position.copy_(positions[:, -1:] + 1)
+        self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        return self.token.clone()
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One decode step: feeds the last token, returns the next one [b, 1]."""
+        if self.mode == "cuda_graph" and self._graph is None and self._eager_steps >= EAGER_STEPS_BEFORE_CAPTURE:
+            self.capture()
+            nxt = self._graph_out.clone()
+        elif self.mode == "cuda_graph" and self._graph is None:
+            # Kernel autotuning and library workspaces happen outside the capture, on the capture's stream.
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                nxt = self._eager_step()
+            torch.cuda.current_stream().wait_stream(self._stream)
+            self._eager_steps += 1
+        else:
+            nxt = self._step()
+        self.token.copy_(nxt)
+        self.position.add_(1)
+        return nxt
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 16) -> torch.Tensor:
+        """Prompt followed by `max_new_tokens` greedy tokens (no stopping), like `generate(do_sample=False)`."""
+        if input_ids.shape[1] + max_new_tokens > self.max_cache_len:
+            raise ValueError(f"{input_ids.shape[1]} + {max_new_tokens} tokens exceed max_cache_len "
+                             f"{self.max_cache_len}")
+        tokens = [self.prefill(input_ids, attention_mask)]
+        for _ in range(max_new_tokens - 1):
+            tokens.append(self.step())
+        return torch.cat([input_ids, *tokens], dim=1)

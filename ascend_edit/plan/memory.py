@@ -1,0 +1,281 @@
+"""Per-rank memory and throughput model of one distillation stage (what `ascend-edit plan` prints).
+
+Everything here is arithmetic on shapes and counts; no tensor is allocated. The inputs are the model's
+shape (`ModelShape`, read from an HF config), the parameter counts of the edited model (counted on the
+meta device by the task) and the run settings (`RunSettings`).
+
+Memory parts (bytes per rank):
+* frozen weights   — teacher attentions + every shared weight, in the model dtype; ZeRO-3 partitions them.
+* target weights   — torch engine: fp32 (they are the master copy); DeepSpeed: the module dtype.
+* fp32 masters     — DeepSpeed bf16/fp16 only (inside its optimizer; ZeRO >= 1 partitions them).
+* optimizer states — AdamW exp_avg + exp_avg_sq, fp32 (ZeRO >= 1 partitions; offload moves them off).
+* gradients        — of the targets: fp32 (torch engine) or the module dtype (DeepSpeed; ZeRO >= 2 partitions).
+* activations      — what backward keeps, per token and layer, from the layer's shapes (see `_layer_bytes`),
+                     with and without activation checkpointing, plus one layer of transient working memory.
+* KD loss chunk    — stage 2: a few fp32 [chunk, vocab] tensors, and the student hidden-state gradient the
+                     chunked loss stores in forward.
+* comm buffers     — DeepSpeed buckets (reduce / all-gather) and, under ZeRO-3, gathered layer weights.
+
+Activation bytes are an eager-PyTorch model of what autograd saves (bf16 tensors, fp32 norm inputs,
+flash-style attention that keeps q, k, v, output and the log-sum-exp). Regional compilation saves less
+(fused SiLU·mul and norms), so on a compiled run this is an upper estimate. The GPU benchmark
+(benchmarks/mission_scale.py) prints the prediction beside the measured peak.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+FP32 = 4
+# DeepSpeed's default bucket sizes (elements): reduce_bucket_size and allgather_bucket_size.
+DS_BUCKET_ELEMENTS = 500_000_000
+ADAM_STATES = 2  # exp_avg, exp_avg_sq
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    intermediate: int  # dense MLP width (unused by MoE layers)
+    experts: int = 0  # 0 = dense
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelShape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                   head_dim=head_dim, vocab=config.vocab_size, intermediate=config.intermediate_size,
+                   experts=getattr(config, "num_experts", 0) or 0,
+                   experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
+                   expert_intermediate=getattr(config, "moe_intermediate_size", 0) or 0)
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    """The converted attention's shape: MLA dims, or GateSWA's window and gate."""
+
+    kind: str  # mla | gate_swa | identity
+    converted_layers: int
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    window: int = 0  # gate_swa: sliding window (0 = full attention)
+    swa_layers: int = 0  # gate_swa: how many converted layers slide
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    frozen: int  # every parameter that is not trained (teacher attentions, shared weights)
+    target: int  # trainable target parameters
+    largest_layer: int  # parameters of the largest decoder layer (ZeRO-3 gathers one at a time)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    stage: str  # layerwise | model_level
+    seq_len: int
+    micro_batch: int
+    engine: str = "torch"  # torch | deepspeed
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    world_size: int = 1
+    weight_bytes: int = 2  # bytes per frozen weight (model.dtype)
+    checkpoint_every: int = 0  # 0 = no activation checkpointing; k = every k-th layer (1 = all)
+    kd_chunk: int = 512  # distill.model_level.chunk_size
+
+
+@dataclass
+class Plan:
+    parts: dict[str, float]  # bytes per rank, by part (the configured checkpointing policy)
+    activations_without_ckpt: float
+    activations_with_ckpt: float  # every layer checkpointed
+    per_sequence: float  # bytes each extra sequence of micro-batch adds
+    flops_per_token: float  # model FLOPs (no recompute) of one training token
+    recompute_flops_per_token: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def largest_micro_batch(self, usable_bytes: float, micro_batch: int) -> int:
+        """Largest micro-batch whose total fits `usable_bytes` (0: not even one sequence)."""
+        fixed = self.total - micro_batch * self.per_sequence
+        return max(0, int((usable_bytes - fixed) // self.per_sequence))
+
+    def tokens_per_s(self, peak_flops: float, efficiency: float) -> float:
+        return peak_flops * efficiency / (self.flops_per_token + self.recompute_flops_per_token)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations: bytes autograd keeps per token of one layer (b = bytes of an activation, bf16 = 2)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _norm_bytes(h: int, b: int) -> int:
+    """RMSNorm in eager: the fp32 upcast input and the normalised output the next matmul saves."""
+    return FP32 * h + b * h
+
+
+def _attention_core_bytes(heads: int, kv_heads: int, d_qk: int, d_v: int, b: int) -> int:
+    """Flash-style attention: q, k, v (after RoPE), output, log-sum-exp (fp32 per head)."""
+    return b * (heads * d_qk + kv_heads * d_qk + kv_heads * d_v + heads * d_v) + FP32 * heads
+
+
+def teacher_attention_bytes(m: ModelShape, b: int) -> int:
+    """GQA with per-head q/k RMSNorm (Qwen3): projections, norm upcasts, RoPE, core, o_proj input."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    projections = b * (q + 2 * kv)  # q, k, v projection outputs
+    qk_norms = FP32 * (q + kv)
+    return projections + qk_norms + _attention_core_bytes(m.heads, m.kv_heads, m.head_dim, m.head_dim, b) + b * q
+
+
+def target_attention_bytes(m: ModelShape, t: TargetShape, b: int) -> int:
+    if t.kind == "mla":
+        h, dqk, dv = m.heads, t.qk_nope_head_dim + t.qk_rope_head_dim, t.v_head_dim
+        kv_b = b * h * (t.qk_nope_head_dim + dv)  # decompressed keys and values (v is a view of it)
+        q_k = 2 * b * h * dqk  # q and k after the RoPE concatenation
+        out = 2 * b * h * dv  # attention output and the o_proj input (heads transposed back)
+        latent = FP32 * t.kv_lora_rank + b * t.kv_lora_rank + 2 * b * t.qk_rope_head_dim  # latent norm, rope key
+        return kv_b + q_k + out + latent + FP32 * h  # + log-sum-exp
+    base = teacher_attention_bytes(m, b)
+    if t.kind == "gate_swa":
+        # head-wise gate: its logits and sigmoid, and the gated output kept for o_proj
+        return base + 2 * b * m.heads + b * m.heads * m.head_dim
+    return base
+
+
+def mlp_bytes(m: ModelShape, b: int) -> int:
+    if not m.moe:
+        return 3 * b * m.intermediate  # gate out (SiLU input), SiLU out and up out (the product is recomputed)
+    k, e = m.experts_per_token, m.expert_intermediate
+    router = FP32 * m.experts  # routing probabilities
+    # grouped experts: each of the k copies of a token keeps its gathered input, its gate/up output and
+    # the product fed to down_proj; plus its routing weight and int64 indices
+    return router + k * (b * (m.hidden + 3 * e) + b + 3 * 8)
+
+
+def layer_bytes(m: ModelShape, t: TargetShape, b: int, stage: str) -> int:
+    """Bytes per token one decoder layer keeps for backward in `stage`."""
+    if stage == "layerwise":
+        # Only the target attention trains; the teacher path runs without gradients. The target's output
+        # stays for the layer's loss until the summed loss is backpropagated (measured on the CPU: the
+        # loss keeps little else).
+        return target_attention_bytes(m, t, b) + b * m.hidden
+    return _norm_bytes(m.hidden, b) * 2 + target_attention_bytes(m, t, b) + mlp_bytes(m, b)
+
+
+def activation_bytes(m: ModelShape, t: TargetShape, s: RunSettings, checkpoint_every: int) -> float:
+    """Activations of one micro-batch, with every `checkpoint_every`-th layer checkpointed (0 = none)."""
+    tokens = s.micro_batch * s.seq_len
+    b = 2  # activations are bf16 under autocast
+    per_layer = layer_bytes(m, t, b, s.stage)
+    if s.stage == "layerwise" or checkpoint_every == 0:
+        kept = m.layers * per_layer
+    else:
+        checkpointed = len(range(0, m.layers, checkpoint_every))
+        # A checkpointed layer keeps its input; backward recomputes one layer at a time.
+        kept = checkpointed * b * m.hidden + (m.layers - checkpointed) * per_layer + per_layer
+    transient = b * (4 * m.hidden + 3 * max(m.intermediate if not m.moe else m.experts_per_token
+                                            * m.expert_intermediate, m.hidden))
+    head = _norm_bytes(m.hidden, b) if s.stage == "model_level" else 0
+    return tokens * (kept + transient + head)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs per token
+# ----------------------------------------------------------------------------------------------------
+
+
+def _attention_context(seq_len: int, window: int) -> float:
+    """Mean number of keys a causal query attends to (with an optional sliding window)."""
+    if window <= 0 or window >= seq_len:
+        return (seq_len + 1) / 2
+    return window - window * (window - 1) / (2 * seq_len)
+
+
+def flops_per_token(m: ModelShape, t: TargetShape, target_params: int, stage: str, seq_len: int,
+                    checkpoint_every: int) -> tuple[float, float]:
+    """(model FLOPs of one training token, extra FLOPs of activation recomputation)."""
+    h = m.hidden
+    teacher_attn = h * m.heads * m.head_dim * 2 + 2 * h * m.kv_heads * m.head_dim
+    mlp = 3 * h * m.intermediate if not m.moe else m.experts_per_token * 3 * h * m.expert_intermediate + h * m.experts
+    full_ctx = _attention_context(seq_len, 0)
+    teacher_core = 2 * m.heads * (2 * m.head_dim) * full_ctx  # QK^T and AV per layer
+    if t.kind == "mla":
+        target_core = 2 * m.heads * (t.qk_nope_head_dim + t.qk_rope_head_dim + t.v_head_dim) * full_ctx
+    else:
+        slide = _attention_context(seq_len, t.window) if t.window else full_ctx
+        mean_ctx = (t.swa_layers * slide + (t.converted_layers - t.swa_layers) * full_ctx) / max(t.converted_layers, 1)
+        target_core = 2 * m.heads * (2 * m.head_dim) * mean_ctx
+    target_per_layer = target_params / max(t.converted_layers, 1)
+    teacher_fwd = m.layers * (2 * (teacher_attn + mlp) + teacher_core)
+    if stage == "layerwise":
+        # the targets' forward and backward (2x forward) on the teacher's hidden states
+        return teacher_fwd + t.converted_layers * 3 * (2 * target_per_layer + target_core), 0.0
+    head = 2 * h * m.vocab
+    student_fwd = m.layers * (2 * mlp) + t.converted_layers * (2 * target_per_layer + target_core) + head
+    # backward: input gradients through everything (= one forward) + weight gradients of the targets
+    backward = student_fwd + t.converted_layers * (2 * target_per_layer + target_core)
+    model_flops = teacher_fwd + head + student_fwd + backward
+    recomputed = len(range(0, m.layers, checkpoint_every)) if checkpoint_every else 0
+    recompute = (student_fwd - head) * recomputed / m.layers
+    return model_flops, recompute
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------
+
+
+def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSettings) -> Plan:
+    w, world, z = s.weight_bytes, s.world_size, s.zero_stage
+    ds = s.engine == "deepspeed"
+    notes = []
+    frozen = counts.frozen * w / (world if ds and z == 3 else 1)
+    if ds and s.offload_params:
+        frozen, notes = 0.0, notes + ["offload_params: frozen and target weights live in host memory"]
+    if ds:
+        target_weights = counts.target * w / (world if z == 3 else 1) * (0 if s.offload_params else 1)
+        masters = 0.0 if w == FP32 else counts.target * FP32 / (world if z >= 1 else 1)
+        gradients = counts.target * w / (world if z >= 2 else 1)
+    else:
+        # the fp32 master copy itself (train/precision.py), plus the bf16 copies autocast makes of it and
+        # keeps for backward
+        target_weights = counts.target * (FP32 + (w if w < FP32 else 0))
+        masters = 0.0
+        gradients = counts.target * FP32
+    optimizer = counts.target * FP32 * ADAM_STATES / (world if ds and z >= 1 else 1)
+    if ds and s.offload_optimizer:
+        masters, optimizer = 0.0, 0.0
+        notes.append("offload_optimizer: fp32 masters and AdamW states live in host memory")
+    act_none = activation_bytes(m, t, s, 0)
+    act_all = activation_bytes(m, t, s, 1)
+    act = activation_bytes(m, t, s, s.checkpoint_every)
+    kd = 0.0
+    if s.stage == "model_level":
+        # ~3.5 fp32 [chunk, vocab] tensors + the student hidden-state gradient stored in forward
+        kd = 3.5 * FP32 * min(s.kd_chunk, s.micro_batch * s.seq_len) * m.vocab + 2 * s.micro_batch * s.seq_len * m.hidden
+    comm = 0.0
+    if ds and z >= 1:
+        comm += min(DS_BUCKET_ELEMENTS, counts.target) * w * (2 if z <= 2 else 1)
+    if ds and z == 3:
+        comm += 2 * counts.largest_layer * w  # the gathered layer and the prefetched next one
+    parts = {"frozen weights": frozen, "target weights": target_weights, "fp32 masters": masters,
+             "optimizer states": optimizer, "gradients": gradients, "activations": act, "KD loss chunk": kd,
+             "comm buffers": comm}
+    per_sequence = (act + (2 * s.seq_len * m.hidden if s.stage == "model_level" else 0)) / s.micro_batch
+    model_flops, recompute = flops_per_token(m, t, counts.target, s.stage, s.seq_len, s.checkpoint_every)
+    return Plan(parts, act_none, act_all, per_sequence, model_flops, recompute, notes)

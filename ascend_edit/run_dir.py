@@ -1,0 +1,41 @@
+"""A run directory no other run shares: `<root>/<date>/<time to the millisecond>[-<n>]`, created exclusively.
+
+Hydra's stock `runs/${now:%Y-%m-%d}/${now:%H-%M-%S}` gives two runs started in the same second one
+directory (interleaved metrics, one config lost). `conf/config.yaml` instead asks the resolver
+registered here, which creates the directory with `os.mkdir` (which fails if it exists, atomically, also
+across machines on a shared file system) and on a collision tries `-1`, `-2`, ... Hydra then finds the
+directory in place and writes `.hydra/` into it as usual.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+RESOLVER = "unique_run_dir"
+MAX_SUFFIX = 10_000
+
+
+def make_unique_run_dir(root: str, now: datetime | None = None) -> str:
+    """Create and return a new directory under `root` named by the date and the time of `now`."""
+    now = now or datetime.now()
+    parent = Path(root) / now.strftime("%Y-%m-%d")
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = f"{now.strftime('%H-%M-%S')}.{now.microsecond // 1000:03d}"
+    for n in range(MAX_SUFFIX):
+        candidate = parent / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise OSError(f"no free run directory name under {parent} after {MAX_SUFFIX} tries")
+
+
+def register_run_dir_resolver() -> None:
+    # use_cache: Hydra resolves `hydra.run.dir` of one config once; a cached value guarantees that a
+    # second read of the same config returns the directory already made instead of a new one.
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, make_unique_run_dir, use_cache=True)

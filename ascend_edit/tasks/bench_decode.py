@@ -1,0 +1,604 @@
+"""`ascend-edit bench_decode`: decode speed, concurrency and prefill, teacher vs converted, measured honestly.
+
+    python -m ascend_edit.tasks.bench_decode --model qwen3_8b_shape --out DIR      # full control
+    ascend-edit bench_decode model=qwen3_8b_shape target=mla                        # grid from bench_kv.*
+
+What is measured, and how:
+
+* **Each model in a fresh process** (`teacher` = the stock transformers model; `mla`, `gate_swa` = the
+  converted models with the teacher attention removed, as exported). `--rounds 2` runs the processes a
+  second time in reverse order and pools the repeats. Random weights are built directly on the device.
+* **Decode step**: greedy decoding through a transformers `StaticCache` (`models.static_decode`), the step
+  replayed as one graph (`--path cuda_graph`: the eager step captured once as a CUDA graph, no compile
+  time; `compile`: `torch.compile(mode="reduce-overhead")`; `eager`). Every model runs the same path.
+  The cache holds `context` tokens of random states (filled directly, not prefilled: step time does not
+  depend on the values). Warm-up steps (capture / compile / autotune) are excluded; then `repeats` x
+  `steps` timed steps with device events; the cell reports the median over repeats of the mean step time
+  and the spread (min-max over repeats). tokens/s per sequence = 1000 / ms; total = batch x that.
+* **Floor**: bytes a step must read (weights without the input embedding table + every cache buffer the
+  step attends over) / the device's measured copy bandwidth (2 x bytes of a large `copy_` per second).
+* **The anchor**: the stock teacher with its own static cache under `torch.compile(mode="reduce-overhead")`
+  at `--compile-cells` (in every process, so converted models get the same treatment there).
+* **Largest batch that fits** at each context, by exact accounting: free device memory after the model is
+  built, minus 1 GiB, over (cache bytes per sequence, computed from the allocated buffers' shapes, + the
+  decode step's measured workspace per sequence); then verified by allocating that batch and running two
+  eager steps (`--no-verify` skips it). CPU runs take the budget from `--memory-budget-gib`.
+* **Prefill**: one batch-1 prompt of each `--prefill-contexts` length through the static cache, timed on
+  the second of two runs.
+
+Output: `decode.csv`, `prefill.csv`, `max_batch.csv`, `summary.json`, per-process logs in `logs/`, and a
+short table printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("teacher", "mla", "gate_swa")
+PATHS = ("cuda_graph", "compile", "eager")
+RESERVE_BYTES = 1 << 30  # allocator rounding, library workspaces
+
+
+@dataclass
+class Settings:
+    model: dict  # ModelConfig fields
+    targets: dict  # kind -> TargetConfig fields (init forced to random)
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    device: str = "auto"
+    contexts: list[int] = field(default_factory=lambda: [1024, 8192, 32768])
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    steps: int = 32
+    repeats: int = 5
+    warmup: int = 3
+    path: str = "cuda_graph"
+    compile_cells: list[list[int]] = field(default_factory=lambda: [[1, 8192]])
+    compile_kinds: list[str] = field(default_factory=lambda: list(KINDS))  # models the compile cells run for
+    prefill_contexts: list[int] = field(default_factory=lambda: [8192, 32768])
+    max_batch: bool = True
+    verify: bool = True
+    memory_budget_gib: float | None = None  # instead of the device's free memory (CPU runs)
+    rounds: int = 1
+    seed: int = 1234
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building the models
+# ----------------------------------------------------------------------------------------------------
+def _configs(settings: Settings, kind: str):
+    from ascend_edit.config import GateSWAConfig, MLAConfig, ModelConfig, TargetConfig
+
+    model_cfg = ModelConfig(**settings.model)
+    if kind == "teacher":
+        return model_cfg, None
+    fields = dict(settings.targets[kind])
+    fields["mla"], fields["gate_swa"] = MLAConfig(**fields["mla"]), GateSWAConfig(**fields["gate_swa"])
+    return model_cfg, TargetConfig(**{**fields, "init": "random"})
+
+
+def build_model(settings: Settings, kind: str, device: torch.device) -> torch.nn.Module:
+    """The stock teacher, or the converted model with only its target attention (as an export holds it)."""
+    from ascend_edit.attention.edited import EditedAttention
+    from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
+    from ascend_edit.models.surgery import build_plan, decoder_layers, edit_model
+
+    model_cfg, target = _configs(settings, kind)
+    model, _ = load_teacher(model_cfg, device=device)
+    if target is not None:
+        with torch.device(device):
+            edit_model(model, build_plan(model.config.num_hidden_layers, target), target)
+        for layer in decoder_layers(model):
+            if isinstance(layer.self_attn, EditedAttention):
+                layer.self_attn = layer.self_attn.target
+        model.to(TORCH_DTYPES[model_cfg.dtype])
+    model.eval().requires_grad_(False)
+    gc.collect()
+    _empty_cache(device)
+    return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decode step reads: all but the input embedding table (one row per token)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def cache_bytes(cache) -> tuple[int, int, int]:
+    """(all buffer bytes, bytes of layers that grow with max length, bytes of fixed-size rings)."""
+    from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
+
+    growing = fixed = 0
+    for layer in cache.layers:
+        size = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values, getattr(layer, "positions", None))
+                   if isinstance(t, torch.Tensor))
+        if isinstance(layer, StaticSinkWindowLayer):
+            fixed += size
+        else:
+            growing += size
+    return growing + fixed, growing, fixed
+
+
+def fill_cache(decoder, context: int, generator: torch.Generator | None = None) -> None:
+    """Make `decoder`'s static cache hold `context` tokens of random states, without running a prefill."""
+    from transformers.cache_utils import StaticLayer
+
+    from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
+
+    decoder.prefill(torch.zeros(decoder.batch, 1, dtype=torch.long, device=decoder.device))  # lays out every layer
+    for layer in decoder.cache.layers:
+        layer.keys.normal_(generator=generator)
+        layer.values.normal_(generator=generator)
+        if isinstance(layer, StaticSinkWindowLayer):
+            layer.assume_filled(context)
+        elif isinstance(layer, StaticLayer):
+            layer.cumulative_length.fill_(context)
+    decoder.mask.fill_(1)
+    decoder.position.fill_(context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Timer:
+    """Elapsed milliseconds on the device's timeline (CUDA events) or the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = 1e3 * (time.perf_counter() - self.t0)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second moved by a large device copy (read + write), best of 10."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(10):
+        with Timer(device) as t:
+            dst.copy_(src)
+        best = min(best, t.ms)
+    del src, dst
+    return 2 * n / (best / 1e3)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# ----------------------------------------------------------------------------------------------------
+# One process: one model
+# ----------------------------------------------------------------------------------------------------
+def measure_decode(model, settings: Settings, device, batch: int, context: int, path: str, bandwidth: float) -> dict:
+    from ascend_edit.models.static_decode import EAGER_STEPS_BEFORE_CAPTURE, StaticDecoder
+
+    cell = {"batch": batch, "context": context, "path": path, "status": "ok"}
+    decoder = None
+    try:
+        max_len = context + max(settings.warmup, 3) + settings.repeats * settings.steps + 2
+        decoder = StaticDecoder(model, batch, max_len, mode=path)
+        fill_cache(decoder, context, torch.Generator(device=device).manual_seed(settings.seed))
+        total, growing, fixed = cache_bytes(decoder.cache)
+        _sync(device)
+        # Workspace = what decoding needs beyond weights and cache (activations, graph pools), per sequence.
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warmup = max(settings.warmup, EAGER_STEPS_BEFORE_CAPTURE + 1) if path != "eager" else settings.warmup
+        for _ in range(warmup):  # autotune, then capture / compile (compile: warm-up and recording runs)
+            decoder.step()
+        _sync(device)
+        per_step = []
+        for _ in range(settings.repeats):
+            with Timer(device) as t:
+                for _ in range(settings.steps):
+                    decoder.step()
+            per_step.append(t.ms / settings.steps)
+        ms = statistics.median(per_step)
+        floor_ms = 1e3 * (weight_bytes(model) + total) / bandwidth
+        cell.update(repeats_ms=per_step, ms=ms, ms_min=min(per_step), ms_max=max(per_step), tok_s_seq=1e3 / ms, tok_s_total=batch * 1e3 / ms,
+                    floor_ms=floor_ms, x_floor=ms / floor_ms, cache_gib=total / 2**30,
+                    cache_per_token_seq=growing / (batch * max_len), ring_per_seq=fixed / batch, max_len=max_len)
+        if device.type == "cuda":
+            cell["workspace_per_seq"] = max(torch.cuda.max_memory_allocated(device) - before, 0) / batch
+            cell["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        cell["status"] = "oom" if _is_oom(err) else f"error: {str(err).splitlines()[0][:160]}"
+        log.warning("decode %s: %s", cell, err)
+    finally:
+        del decoder
+        if path == "compile":
+            torch.compiler.reset()
+        gc.collect()
+        _empty_cache(device)
+    log.info("decode %s", cell)
+    return cell
+
+
+def measure_prefill(model, device, context: int, seed: int) -> dict:
+    from ascend_edit.models.static_decode import StaticDecoder
+
+    row = {"context": context, "status": "ok"}
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
+        ids = ids.to(device)
+        times = []
+        for _ in range(2):  # the first run compiles / autotunes attention kernels
+            decoder = StaticDecoder(model, 1, context + 2, mode="eager")
+            _sync(device)
+            with Timer(device) as t:
+                decoder.prefill(ids)
+            times.append(t.ms / 1e3)
+            del decoder
+            gc.collect()
+            _empty_cache(device)
+        row["seconds"] = times[-1]
+        row["tok_s"] = context / times[-1]
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        row["status"] = "oom" if _is_oom(err) else f"error: {str(err).splitlines()[0][:160]}"
+    log.info("prefill %s", row)
+    return row
+
+
+def max_batch_rows(model, settings: Settings, device, cells: list[dict]) -> list[dict]:
+    """Largest batch per context by exact accounting of free memory, then verified by trying it."""
+    from ascend_edit.models.static_decode import StaticDecoder
+
+    ok = [c for c in cells if c["status"] == "ok"]
+    if not ok:
+        return []
+    per_token = max(c["cache_per_token_seq"] for c in ok)
+    ring = max(c["ring_per_seq"] for c in ok)
+    # Per-sequence workspace from the largest batch measured (at batch 1 fixed costs would dominate it).
+    largest = max(c["batch"] for c in ok)
+    workspace = max((c.get("workspace_per_seq", 0.0) for c in ok if c["batch"] == largest), default=0.0)
+    gc.collect()
+    _empty_cache(device)
+    if settings.memory_budget_gib is not None:
+        free = settings.memory_budget_gib * 2**30
+    elif device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        return []
+    rows = []
+    for context in settings.contexts:
+        max_len = context + max(settings.warmup, 3) + settings.repeats * settings.steps + 2
+        per_seq = per_token * max_len + ring + workspace
+        batch = max(int((free - RESERVE_BYTES) // per_seq), 0) if free > RESERVE_BYTES else int(free // per_seq)
+        row = {"context": context, "max_batch": batch, "method": "accounted", "per_seq_mib": per_seq / 2**20,
+               "free_gib": free / 2**30, "verified": ""}
+        if settings.verify and batch > 0 and device.type == "cuda" and settings.memory_budget_gib is None:
+            decoder = None
+            try:
+                decoder = StaticDecoder(model, batch, max_len, mode="eager")
+                fill_cache(decoder, context)
+                decoder.step()
+                decoder.step()
+                _sync(device)
+                row["verified"] = "ran"
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                row["verified"] = "oom" if _is_oom(err) else "error"
+            finally:
+                del decoder
+                gc.collect()
+                _empty_cache(device)
+        rows.append(row)
+        log.info("max batch %s", row)
+    return rows
+
+
+def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -> dict:
+    from ascend_edit.device import resolve_device, seed_everything
+
+    info = resolve_device(settings.device)
+    device = info.torch_device
+    seed_everything(settings.seed)
+    started = time.perf_counter()
+    model = build_model(settings, kind, device)
+    build_s = time.perf_counter() - started
+    bandwidth = copy_bandwidth(device)
+    result = {"kind": kind, "device": info.name, "build_s": build_s, "bandwidth_gb_s": bandwidth / 1e9,
+              "weight_gib": weight_bytes(model) / 2**30, "dtype": str(next(model.parameters()).dtype),
+              "decode": [], "prefill": [], "max_batch": []}
+    path = settings.path if device.type == "cuda" or settings.path != "cuda_graph" else "eager"
+    result["path"] = path
+
+    def save() -> None:  # after every measurement: a run cut short still leaves what it measured
+        result["wall_s"] = time.perf_counter() - started
+        if result_path is not None:
+            result_path.write_text(json.dumps(result, indent=1))
+
+    for batch in settings.batches:
+        for context in settings.contexts:
+            result["decode"].append({"kind": kind, **measure_decode(model, settings, device, batch, context,
+                                                                    path, bandwidth)})
+            save()
+    if path != "compile" and kind in settings.compile_kinds:
+        for batch, context in settings.compile_cells:
+            result["decode"].append({"kind": kind, **measure_decode(model, settings, device, batch, context,
+                                                                    "compile", bandwidth)})
+            save()
+    for context in settings.prefill_contexts:
+        result["prefill"].append({"kind": kind, **measure_prefill(model, device, context, settings.seed)})
+        save()
+    if settings.max_batch:
+        grid = [c for c in result["decode"] if c["path"] == path]
+        result["max_batch"] = [{"kind": kind, **row} for row in max_batch_rows(model, settings, device, grid)]
+    result["complete"] = True
+    save()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Orchestration: a fresh process per model, results merged
+# ----------------------------------------------------------------------------------------------------
+def run_all(settings: Settings, out_dir: Path, timeout_s: int = 3600) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "logs").mkdir(exist_ok=True)
+    spec = out_dir / "settings.json"
+    spec.write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    results: dict[str, list[dict]] = {kind: [] for kind in settings.kinds}
+    for round_idx in range(settings.rounds):
+        order = settings.kinds if round_idx % 2 == 0 else list(reversed(settings.kinds))
+        for kind in order:
+            result_file = out_dir / f"result-{kind}-{round_idx}.json"
+            log_file = out_dir / "logs" / f"{kind}-{round_idx}.log"
+            cmd = [sys.executable, "-m", "ascend_edit.tasks.bench_decode", "--worker", kind, "--settings", str(spec),
+                   "--result", str(result_file)]
+            with open(log_file, "w") as handle:
+                try:
+                    rc = subprocess.run(cmd, check=False, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+            if rc != 0:
+                tail = log_file.read_text().strip().splitlines()[-3:]
+                print(f"bench_decode: {kind} process failed ({rc}); see {log_file}: {' | '.join(tail)}",
+                      file=sys.stderr)
+            if result_file.exists():  # complete, or what it measured before failing
+                results[kind].append(json.loads(result_file.read_text()))
+    summary = merge(results)
+    write_outputs(summary, out_dir)
+    print_table(summary)
+    failed = [kind for kind, runs in results.items()
+              if len(runs) < settings.rounds or not all(r.get("complete") for r in runs)]
+    if failed:
+        raise SystemExit(f"bench_decode: the process of {', '.join(failed)} failed; see {out_dir / 'logs'}")
+    return summary
+
+
+def merge(results: dict[str, list[dict]]) -> dict:
+    """Pool the rounds of each model: a cell's repeats from every process (median / min / max)."""
+    decode, prefill, max_batch, meta = [], [], [], {}
+    for kind, runs in results.items():
+        if not runs:
+            continue
+        meta[kind] = {k: runs[0][k] for k in ("device", "bandwidth_gb_s", "weight_gib", "dtype", "build_s")}
+        meta[kind]["wall_s"] = [r["wall_s"] for r in runs]
+        for i, cell in enumerate(runs[0]["decode"]):
+            same = [r["decode"][i] for r in runs if i < len(r["decode"]) and r["decode"][i]["status"] == "ok"]
+            pooled = dict(cell)
+            if len(same) > 1:
+                repeats = [ms for c in same for ms in c["repeats_ms"]]
+                pooled.update(ms=statistics.median(repeats), ms_min=min(repeats), ms_max=max(repeats),
+                              repeats_ms=repeats)
+                pooled["tok_s_seq"] = 1e3 / pooled["ms"]
+                pooled["tok_s_total"] = pooled["batch"] * pooled["tok_s_seq"]
+                pooled["x_floor"] = pooled["ms"] / pooled["floor_ms"]
+            decode.append(pooled)
+        prefill += runs[0]["prefill"]
+        max_batch += runs[0]["max_batch"]
+    return {"models": meta, "decode": decode, "prefill": prefill, "max_batch": max_batch}
+
+
+DECODE_FIELDS = ["kind", "batch", "context", "path", "status", "ms", "ms_min", "ms_max", "tok_s_seq", "tok_s_total",
+                 "floor_ms", "x_floor", "cache_gib", "peak_gib"]
+
+
+def write_outputs(summary: dict, out_dir: Path) -> None:
+    for name, rows, fields in (("decode.csv", summary["decode"], DECODE_FIELDS),
+                               ("prefill.csv", summary["prefill"], ["kind", "context", "status", "seconds", "tok_s"]),
+                               ("max_batch.csv", summary["max_batch"],
+                                ["kind", "context", "max_batch", "method", "verified", "per_seq_mib", "free_gib"])):
+        with open(out_dir / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def print_table(summary: dict) -> None:
+    """Short table: per cell each model's ms/step (spread), x floor, total tok/s and speed-up over the teacher."""
+    cells = {(c["kind"], c["batch"], c["context"], c["path"]): c for c in summary["decode"]}
+    keys = sorted({(c["batch"], c["context"], c["path"]) for c in summary["decode"]}, key=lambda k: (k[2], k[0], k[1]))
+    kinds = list(summary["models"])
+    lines = ["", "decode step: median ms [min-max over repeats] (x floor) total tok/s; speed-up vs teacher"]
+    for key in keys:
+        parts = []
+        base = cells.get(("teacher", *key))
+        for kind in kinds:
+            c = cells.get((kind, *key))
+            if c is None:
+                continue
+            if c["status"] != "ok":
+                parts.append(f"{kind} {c['status']}")
+                continue
+            text = (f"{kind} {c['ms']:.2f} [{c['ms_min']:.2f}-{c['ms_max']:.2f}] (x{c['x_floor']:.2f} of "
+                    f"{c['floor_ms']:.2f}) {c['tok_s_total']:,.0f}")
+            if kind != "teacher" and base is not None and base["status"] == "ok":
+                text += f" {base['ms'] / c['ms']:.2f}x"
+            parts.append(text)
+        lines.append(f"b{key[0]:<3} ctx{key[1]:>6} {key[2]:<10} | " + " | ".join(parts))
+    if summary["max_batch"]:
+        lines.append("largest batch (exact accounting of free memory; verified = two steps ran at that batch):")
+        by_ctx: dict[int, list[str]] = {}
+        for row in summary["max_batch"]:
+            by_ctx.setdefault(row["context"], []).append(f"{row['kind']} {row['max_batch']}"
+                                                        f"{' (' + row['verified'] + ')' if row['verified'] else ''}")
+        lines += [f"  ctx{ctx:>6}: " + ", ".join(parts) for ctx, parts in sorted(by_ctx.items())]
+    if summary["prefill"]:
+        lines.append("prefill, batch 1 (s): " + ", ".join(
+            f"{r['kind']}@{r['context']} {_fmt(r.get('seconds'), '.3f')}" for r in summary["prefill"]))
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------
+def _compose(model: str, target: str, extra: list[str] | None = None):
+    from hydra import compose, initialize_config_module
+
+    from ascend_edit.config import register_configs, to_typed
+
+    register_configs()
+    with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+        return to_typed(compose(config_name="config", overrides=[f"model={model}", f"target={target}",
+                                                                  "output_dir=.", *(extra or [])]))
+
+
+def settings_from_root(cfg) -> Settings:
+    """The `ascend-edit bench_decode` task: teacher vs `target.kind`, grid and steps from `bench_kv.*`."""
+    bench = cfg.bench_kv
+    return Settings(model=dataclasses.asdict(cfg.model), targets={cfg.target.kind: dataclasses.asdict(cfg.target)},
+                    kinds=["teacher", cfg.target.kind], device=cfg.device.type, contexts=list(bench.contexts),
+                    batches=list(bench.batch_sizes), steps=bench.decode_tokens, warmup=max(bench.warmup_tokens, 2),
+                    path="cuda_graph" if cfg.device.type in ("cuda", "auto") else "eager",
+                    compile_cells=[[min(bench.batch_sizes), min(bench.contexts)]] if cfg.device.type == "cuda" else [],
+                    prefill_contexts=[c for c in bench.contexts if c >= 8192][:2], seed=cfg.device.seed)
+
+
+def run(cfg) -> dict:
+    if cfg.target.kind not in KINDS:
+        raise ValueError(f"target.kind={cfg.target.kind}: bench_decode compares the teacher with mla or gate_swa")
+    if cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity:
+        raise ValueError("bench_decode needs a fixed plan: give target.gate_swa.full_layers or full_every")
+    return run_all(settings_from_root(cfg), Path(cfg.output_dir) / "bench_decode")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ascend_edit.tasks.bench_decode", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen3_8b_shape", help="conf/model entry (random weights)")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "npu"))
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--steps", type=int, default=32, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--path", default="cuda_graph", choices=PATHS)
+    p.add_argument("--compile-cells", nargs="*", default=["1x8192"], help="BATCHxCONTEXT cells also run compiled")
+    p.add_argument("--compile-kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                   help="models the compile cells run for (the teacher alone is the anchor)")
+    p.add_argument("--prefill-contexts", nargs="*", type=int, default=[8192, 32768])
+    p.add_argument("--no-max-batch", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="do not try the accounted largest batch")
+    p.add_argument("--memory-budget-gib", type=float, default=None)
+    p.add_argument("--rounds", type=int, default=1, help="process rounds; odd rounds reverse the order")
+    p.add_argument("--target-override", nargs="*", default=[], help="Hydra overrides for the targets, "
+                   "e.g. target.gate_swa.window=2048")
+    p.add_argument("--process-timeout", type=int, default=3600, help="seconds per model process")
+    p.add_argument("--out", default="bench_decode_out")
+    p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _positive_ints(name: str, values: list[int]) -> None:
+    if not values or any(v <= 0 for v in values):
+        raise SystemExit(f"bench_decode: error: --{name} needs positive integers, got {values}")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    for name in ("contexts", "batches"):
+        _positive_ints(name, getattr(args, name))
+    _positive_ints("steps / --repeats", [args.steps, args.repeats])
+    cells = []
+    for cell in args.compile_cells:
+        try:
+            batch, context = (int(x) for x in cell.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"bench_decode: error: --compile-cells entry {cell!r} is not BATCHxCONTEXT") from None
+        cells.append([batch, context])
+    targets, model = {}, None
+    for kind in args.kinds:
+        if kind == "teacher":
+            continue
+        cfg = _compose(args.model, kind, args.target_override)
+        targets[kind], model = dataclasses.asdict(cfg.target), dataclasses.asdict(cfg.model)
+    if model is None:
+        model = dataclasses.asdict(_compose(args.model, "mla").model)
+    return Settings(model=model, targets=targets, kinds=args.kinds, device=args.device, contexts=args.contexts,
+                    batches=args.batches, steps=args.steps, repeats=args.repeats, warmup=args.warmup, path=args.path,
+                    compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=args.prefill_contexts, max_batch=not args.no_max_batch,
+                    verify=not args.no_verify, memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    if args.worker:
+        settings = Settings(**json.loads(Path(args.settings).read_text()))
+        run_worker(settings, args.worker, Path(args.result))
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ascend_edit.config import ConfigError
+
+    try:
+        settings = settings_from_args(args)
+    except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as err:  # one line naming the key
+        raise SystemExit(f"bench_decode: error: {str(err).splitlines()[0]}") from None
+    run_all(settings, Path(args.out), timeout_s=args.process_timeout)
+
+
+if __name__ == "__main__":
+    main()

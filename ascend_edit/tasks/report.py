@@ -1,0 +1,70 @@
+"""`ascend-edit report RUN_DIR [RUN_DIR ...]`: rebuild each run's report.md and compare the runs in one table.
+
+The table (markdown) goes to stdout and to `--output` (default `runs/compare.md` next to the first run's
+parent when several runs are given). Also the end of every conversion (`finish_run`): the held-out suite,
+`run_info.json` and the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ascend_edit.config import RootConfig
+from ascend_edit.eval.report import compare_runs, render
+
+log = logging.getLogger(__name__)
+
+
+def write_report(run_dir: Path) -> Path:
+    path = render(run_dir)
+    log.info("report: %s", path)
+    return path
+
+
+def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device, wall_seconds: float) -> None:
+    """End of a conversion (main rank): held-out suite -> eval.json, run_info.json, report.md + plots."""
+    from ascend_edit.tasks.eval import suite_after_conversion
+
+    suite_seconds = 0.0
+    if cfg.eval.suite:
+        suite_seconds = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device).get("seconds", 0.0)
+    name = ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device.torch_device)
+    elif device.type == "cpu":
+        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    info = {"wall_seconds": wall_seconds + suite_seconds, "suite_seconds": suite_seconds, "device": device.type,
+            "device_name": name, "torch": torch.__version__}
+    (Path(out_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+    print(f"report: {write_report(out_dir)}")
+
+
+def run(cfg: RootConfig) -> dict:
+    """`ascend-edit report eval.checkpoint=RUN_DIR` (the Hydra form): rebuild one run's report."""
+    if not cfg.eval.checkpoint:
+        raise ValueError("usage: ascend-edit report RUN_DIR [RUN_DIR ...]")
+    return {"report": str(write_report(Path(cfg.eval.checkpoint)))}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ascend-edit report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with report.json or eval.json)")
+    parser.add_argument("--output", type=Path, help="where to write the comparison table (markdown)")
+    args = parser.parse_args(argv)
+    for run_dir in args.runs:
+        if not ((run_dir / "report.json").is_file() or (run_dir / "eval.json").is_file()):
+            print(f"ascend-edit: error: {run_dir} is not a run directory (no report.json or eval.json)", file=sys.stderr)
+            return 2
+        print(f"report: {write_report(run_dir)}")
+    table = compare_runs(args.runs)
+    print(table)
+    output = args.output or (args.runs[0] / "compare.md" if len(args.runs) == 1 else args.runs[0].parent / "compare.md")
+    output.write_text(table)
+    print(f"comparison: {output}")
+    return 0

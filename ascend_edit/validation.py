@@ -1,0 +1,138 @@
+"""Checks that need more than one config value, the launcher's world size, the file system or the
+teacher's config: all run before any weight is loaded, each failing with one line naming the full key.
+
+Single-value checks live in the dataclasses of `ascend_edit.config`; these come after them.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ascend_edit.config import ConfigError, MLAConfig, RootConfig, StageConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_BYTES_PER_VALUE = 2  # the 16-bit cache of inference, as in the KV tables of `inspect` and the report
+TRAINING_TASKS = ("convert", "ablation")
+SHAPE_TASKS = ("inspect", "bench_kv", "plan")  # build the edited model from shapes; train nothing
+
+
+def stages_to_run(cfg: RootConfig) -> list[StageConfig]:
+    distill = cfg.distill
+    if cfg.task == "ablation":  # runs both stages whatever distill.stage says
+        return [distill.layerwise, distill.model_level]
+    wanted = {"layerwise": ["layerwise"], "model_level": ["model_level"], "both": ["layerwise", "model_level"],
+              "none": []}[distill.stage]
+    return [getattr(distill, name) for name in wanted]
+
+
+def check_batches(stage: StageConfig, world_size: int) -> None:
+    """The global batch splits evenly over the processes, and each slice into micro-batches."""
+    p = stage.key_prefix
+    if stage.batch_size % world_size:
+        raise ConfigError(f"{p}.batch_size={stage.batch_size} is not divisible by the world size {world_size}")
+    local = stage.batch_size // world_size
+    if stage.micro_batch_size and local % stage.micro_batch_size:
+        raise ConfigError(f"{p}.micro_batch_size={stage.micro_batch_size} does not divide the per-process batch "
+                          f"{local} ({p}.batch_size={stage.batch_size} over {world_size} processes)")
+
+
+def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
+    """Batches against the world size, and the data / init paths a training task reads."""
+    for stage in stages_to_run(cfg):
+        check_batches(stage, world_size)
+    if cfg.task == "ablation" and cfg.distill.layerwise.batch_size != cfg.distill.model_level.batch_size:
+        raise ConfigError("ablation needs distill.layerwise.batch_size == distill.model_level.batch_size "
+                          "so that equal steps mean equal tokens")
+    if cfg.data.source != "synthetic" and cfg.model.source == "config":
+        raise ConfigError(f"data.source={cfg.data.source} needs a tokenizer, and model.source=config (random "
+                          "weights) has none: use data.source=synthetic or a model with a tokenizer")
+    if cfg.data.source == "files" and not Path(cfg.data.path).expanduser().exists():
+        raise ConfigError(f"data.path={cfg.data.path}: data path does not exist")
+    if cfg.distill.init_from and not Path(cfg.distill.init_from).expanduser().is_dir():
+        raise ConfigError(f"distill.init_from={cfg.distill.init_from} is not a directory")
+
+
+def teacher_kv_values(config) -> int:
+    """Cached values per token and layer of the teacher's attention: keys + values of its KV heads."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * kv_heads * head_dim
+
+
+def check_mla_cache(mla: MLAConfig, config) -> str | None:
+    """The MLA cache per token and layer (latent + RoPE key) must not be larger than the teacher's.
+
+    Returns the problem as a line (None when it fits); the caller refuses or warns.
+    """
+    if mla.kv_budget is not None:  # per-layer ranks from a budget of at most the teacher's bytes
+        return None
+    teacher = teacher_kv_values(config) * CACHE_BYTES_PER_VALUE
+    converted = (mla.kv_lora_rank + mla.qk_rope_head_dim) * CACHE_BYTES_PER_VALUE
+    if converted <= teacher or mla.allow_larger_cache:
+        return None
+    limit = teacher // CACHE_BYTES_PER_VALUE - mla.qk_rope_head_dim
+    return (f"target.mla.kv_lora_rank={mla.kv_lora_rank} gives an MLA cache of {converted:,} B per token and layer "
+            f"({mla.kv_lora_rank} latent + {mla.qk_rope_head_dim} rope values, 16-bit), larger than the "
+            f"teacher's {teacher:,} B; use target.mla.kv_lora_rank <= {limit} (and/or a smaller "
+            f"target.mla.qk_rope_head_dim), or set target.mla.allow_larger_cache=true")
+
+
+def _layer_range(key: str, values, num_layers: int) -> None:
+    bad = [v for v in values or [] if v >= num_layers]
+    if bad:
+        raise ConfigError(f"{key}={list(values)}: {bad} out of range, the teacher has {num_layers} layers "
+                          f"(0..{num_layers - 1})")
+
+
+def check_attn_implementation(name: str) -> None:
+    if "/" in name:  # a kernel from the Hugging Face kernels hub: resolved by transformers at load
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in valid:
+        raise ConfigError(f"model.attn_implementation={name!r} is not one of {valid}")
+
+
+def check_against_teacher(cfg: RootConfig, config) -> None:
+    """Layer indices, top-k and the MLA cache size against the teacher's config (no weights needed)."""
+    from ascend_edit.models.loading import check_teacher_type
+
+    check_teacher_type(config)
+    num_layers = config.num_hidden_layers
+    target = cfg.target
+    _layer_range("target.layers", target.layers, num_layers)
+    if target.kind == "gate_swa":
+        swa = target.gate_swa
+        _layer_range("target.gate_swa.full_layers", swa.full_layers, num_layers)
+        for key in ("full_every", "full_by_sensitivity"):
+            if getattr(swa, key) > num_layers:
+                raise ConfigError(f"target.gate_swa.{key}={getattr(swa, key)} must be <= the teacher's "
+                                  f"{num_layers} layers")
+    ml = cfg.distill.model_level
+    converted = set(range(num_layers)) if target.layers is None else set(target.layers)
+    outside = [i for i in ml.feature_layers if i not in converted]
+    if outside:
+        raise ConfigError(f"distill.model_level.feature_layers={list(ml.feature_layers)}: {outside} are not "
+                          f"converted layers (target.layers={target.layers})")
+    if ml.top_k is not None and ml.top_k > config.vocab_size:
+        raise ConfigError(f"distill.model_level.top_k={ml.top_k} must be <= the vocabulary size {config.vocab_size}")
+    if target.kind == "mla":
+        problem = check_mla_cache(target.mla, config)
+        if problem and cfg.task in TRAINING_TASKS:
+            raise ConfigError(problem)
+        if problem:
+            log.warning("%s", problem)
+
+
+def check_before_load(cfg: RootConfig, world_size: int = 1) -> None:
+    """Everything a task can know to be wrong before it loads the teacher's weights."""
+    if cfg.task not in TRAINING_TASKS + SHAPE_TASKS:
+        return
+    from ascend_edit.models.loading import teacher_config
+
+    check_attn_implementation(cfg.model.attn_implementation)
+    if cfg.task in TRAINING_TASKS:
+        check_run_inputs(cfg, world_size)
+    check_against_teacher(cfg, teacher_config(cfg.model))

@@ -1,0 +1,52 @@
+"""The decode benchmark end to end on a tiny config (CPU): a fresh process per model, CSVs, table last."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+TINY_TARGETS = ["target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8", "target.mla.kv_lora_rank=16",
+                "target.mla.v_head_dim=16", "target.gate_swa.window=16", "target.gate_swa.sink_tokens=2"]
+
+
+def read(path):
+    return list(csv.DictReader(path.open()))
+
+
+def test_bench_decode_measures_every_model_in_its_own_process(tmp_path):
+    out = tmp_path / "bench"
+    args = [sys.executable, "-m", "ascend_edit.tasks.bench_decode", "--model", "qwen3_tiny", "--device", "cpu",
+            "--contexts", "16", "48", "--batches", "1", "2", "--steps", "2", "--repeats", "2", "--warmup", "1",
+            "--path", "eager", "--compile-cells", "--prefill-contexts", "48", "--memory-budget-gib", "0.01",
+            "--out", str(out), "--target-override", *TINY_TARGETS]
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decode step" in proc.stdout and "largest batch" in proc.stdout
+    for kind in ("teacher", "mla", "gate_swa"):
+        assert (out / "logs" / f"{kind}-0.log").exists()
+    decode = read(out / "decode.csv")
+    assert len(decode) == 3 * 2 * 2  # three models, two batches, two contexts
+    for row in decode:
+        assert row["status"] == "ok", row
+        assert float(row["tok_s_total"]) > 0 and float(row["floor_ms"]) > 0
+        assert float(row["ms_min"]) <= float(row["ms"]) <= float(row["ms_max"])
+    cache = {(r["kind"], int(r["batch"]), int(r["context"])): float(r["cache_gib"]) for r in decode}
+    for kind in ("mla", "gate_swa"):  # smaller caches than the teacher's at the longest context
+        assert cache[(kind, 2, 48)] < cache[("teacher", 2, 48)]
+    largest = {(r["kind"], int(r["context"])): int(r["max_batch"]) for r in read(out / "max_batch.csv")}
+    for kind in ("mla", "gate_swa"):
+        assert largest[(kind, 48)] > largest[("teacher", 48)]
+    prefill = read(out / "prefill.csv")
+    assert {r["kind"] for r in prefill} == {"teacher", "mla", "gate_swa"}
+    assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in prefill)
+
+
+def test_bench_decode_subcommand_compares_the_teacher_with_the_configured_target(tmp_path):
+    args = [sys.executable, "-m", "ascend_edit.cli", "bench_decode", "model=qwen3_tiny", "target=gate_swa",
+            *TINY_TARGETS, "device=cpu", "bench_kv.contexts=[24]", "bench_kv.batch_sizes=[1]",
+            "bench_kv.decode_tokens=2", "bench_kv.warmup_tokens=1", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read(tmp_path / "bench_decode" / "decode.csv")
+    assert {r["kind"] for r in rows} == {"teacher", "gate_swa"}
+    assert all(r["status"] == "ok" for r in rows)

@@ -1,0 +1,48 @@
+"""End of a conversion: the held-out suite, report.md with plots and TensorBoard events; then
+`ascend-edit eval` on the run directory gives the same numbers, and `ascend-edit report` compares runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.test_convert_cli import checked, run_cli, tiny_convert_overrides
+
+pytestmark = pytest.mark.usefixtures("few_cpu_threads")
+
+SMALL_EVAL = ["eval.contexts=[64,128,100000]", "eval.sequences=2", "eval.passkey_contexts=[160]",
+              "eval.passkey_depths=[0,1]", "eval.passkey_trials=1", "distill.layerwise.steps=3",
+              "distill.model_level.steps=3", "distill.layerwise.warmup_steps=1", "distill.model_level.warmup_steps=1"]
+
+
+def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    checked(run_cli(run_dir, tiny_convert_overrides(trained_teacher) + SMALL_EVAL))
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert set(results["quality"]) == {"in_domain", "python_docs"}
+    assert set(results["quality"]["in_domain"]) == {"64", "128"} and results["skipped_contexts"] == [100000]
+    assert results["passkey"]["contexts"] == [160] and len(results["passkey"]["student"][0]) == 2
+    report = (run_dir / "report.md").read_text()
+    for plot in ("layerwise", "model_level", "quality", "passkey", "kv"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 5000
+    assert "| in_domain | 128 |" in report
+    if pytest.importorskip("tensorboard"):
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    eval_dir = tmp_path / "eval"
+    checked(run_cli(eval_dir, ["eval", f"eval.checkpoint={run_dir}", *SMALL_EVAL[:5]]))
+    again = json.loads((eval_dir / "eval.json").read_text())
+    for domain, per_context in results["quality"].items():
+        for context, metrics in per_context.items():
+            assert again["quality"][domain][context]["student"]["ppl"] == pytest.approx(metrics["student"]["ppl"],
+                                                                                        rel=1e-4)
+    assert again["passkey"]["student"] == results["passkey"]["student"]
+
+    table = checked(run_cli(tmp_path / "unused", ["report", str(run_dir), str(eval_dir)])).stdout
+    assert "in_domain@128 ppl× (KL)" in table and str(run_dir) in table
+
+
+def test_eval_names_a_missing_checkpoint_in_one_line(tmp_path):
+    result = run_cli(tmp_path / "eval", ["eval", f"eval.checkpoint={tmp_path / 'nope'}"])
+    assert result.returncode == 2
+    assert "eval.checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,161 @@
+"""Bad model inputs are one line naming the key, before any weight is read; no traceback reaches the user."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ascend_edit.config import ModelConfig
+from ascend_edit.models.loading import ModelInputError, check_model_files, load_teacher, teacher_config
+
+TINY_CONFIG = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64}
+
+
+def hf_dir(path: Path, weights: bool = True) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    if weights:
+        save_file({"w": torch.ones(64, 64), "b": torch.zeros(64)}, str(path / "model.safetensors"))
+    return path
+
+
+def gguf_file(path: Path) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("a", np.ones((64, 64), dtype=np.float32))
+    writer.add_tensor("b", np.ones((32,), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def hf(path: Path, gguf: str | None = None) -> ModelConfig:
+    return ModelConfig(source="hf", path=str(path), gguf_file=gguf)
+
+
+def refused(cfg: ModelConfig, *fragments: str) -> str:
+    with pytest.raises(ModelInputError) as err:
+        check_model_files(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_a_whole_checkpoint_passes(tmp_path):
+    check_model_files(hf(hf_dir(tmp_path / "m")))
+    check_model_files(hf(tmp_path, gguf=gguf_file(tmp_path / "ok.gguf").name))
+
+
+def test_missing_path_and_file_as_path(tmp_path):
+    refused(hf(tmp_path / "nope"), f"model.path={tmp_path / 'nope'} does not exist", "nothing is downloaded")
+    weights = hf_dir(tmp_path / "m") / "model.safetensors"
+    refused(hf(weights), "is a file, not a checkpoint directory")
+    gguf = gguf_file(tmp_path / "x.gguf")
+    refused(hf(gguf), f"model.path={tmp_path} model.gguf_file=x.gguf")  # says how to give a GGUF
+
+
+def test_config_only_and_no_config(tmp_path):
+    refused(hf(hf_dir(tmp_path / "c", weights=False)), "has a config.json but no weights")
+    (tmp_path / "g").mkdir()
+    gguf_file(tmp_path / "g" / "m.gguf")
+    refused(hf(tmp_path / "g"), "has no config.json", "model.gguf_file=m.gguf")
+
+
+def test_truncated_safetensors_and_shard_index(tmp_path):
+    weights = hf_dir(tmp_path / "m") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    refused(hf(tmp_path / "m"), "model.safetensors is truncated")
+    weights.write_bytes(b"\xff" * 4)
+    refused(hf(tmp_path / "m"), "is not a safetensors file")
+    sharded = hf_dir(tmp_path / "s", weights=False)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "part-1.safetensors"}}))
+    refused(hf(sharded), "lists shards that are missing: ['part-1.safetensors']")
+
+
+def test_gguf_missing_truncated_or_foreign(tmp_path):
+    good = gguf_file(tmp_path / "good.gguf")
+    refused(hf(tmp_path, gguf="missing.gguf"), "model.gguf_file=missing.gguf is not a file in", "nothing is downloaded",
+            "good.gguf")
+    data = good.read_bytes()
+    for cut in (10, 200, len(data) - 100):
+        (tmp_path / "cut.gguf").write_bytes(data[:-cut])
+        refused(hf(tmp_path, gguf="cut.gguf"), "model.gguf_file=cut.gguf is truncated")
+    (tmp_path / "zip.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
+    refused(hf(tmp_path, gguf="zip.gguf"), "is not a GGUF file")
+
+
+def test_teacher_config_names_a_broken_config(tmp_path):
+    directory = hf_dir(tmp_path / "m")
+    assert teacher_config(hf(directory)).num_hidden_layers == 2  # read without weights
+    (directory / "config.json").write_text('{"model_type": ')
+    with pytest.raises(ModelInputError, match="model.path=.*: the model config in .*config.json could not be read"):
+        teacher_config(hf(directory))
+    with pytest.raises(ModelInputError, match="model.overrides"):
+        teacher_config(ModelConfig(source="config", arch="qwen3", overrides={"num_attention_heads": "many"}))
+
+
+def test_unreadable_tokenizer_is_named_before_weights_load(tmp_path):
+    directory = hf_dir(tmp_path / "m")
+    (directory / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ModelInputError, match="its tokenizer could not be loaded"):
+        load_teacher(hf(directory))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# through the command line: one line, exit code 2, no traceback (a few fast cases; the full table is
+# benchmarks/reliability_faults.py -> docs/reliability.md)
+
+
+def cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("ASCEND_EDIT_DEBUG", "HYDRA_FULL_ERROR")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd, check=False)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ascend-edit: error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+TINY = ["experiment=tiny"]
+
+
+def test_cli_bad_values_are_one_line(tmp_path):
+    one_line_error(cli(*TINY, "engine.grad_clip=-1", cwd=tmp_path), "engine.grad_clip=-1.0 must be")
+    one_line_error(cli(*TINY, "distill.model_level.warmup_steps=-2", cwd=tmp_path), "distill.model_level.warmup_steps")
+
+
+def test_cli_model_inputs_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    config_only = hf_dir(tmp_path / "config-only", weights=False)
+    args = ["model=hf", f"model.path={config_only}", "target=mla_small", "target.mla.kv_lora_rank=32",
+            "target.mla.qk_rope_head_dim=8", "data=synthetic", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    one_line_error(cli(*args, cwd=tmp_path), "model.path=", "has a config.json but no weights")
+    debug = cli(*args, "--debug", cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ModelInputError" in debug.stderr
+
+
+def test_cli_larger_mla_cache_is_refused_before_loading(tmp_path):
+    line = one_line_error(cli(*TINY, "target.mla.kv_lora_rank=512", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path),
+                          "target.mla.kv_lora_rank=512", "1,040 B", "128 B", "allow_larger_cache")
+    assert "teacher" in line

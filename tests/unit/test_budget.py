@@ -1,0 +1,146 @@
+"""Budget-aware conversion: per-layer MLA ranks meet the byte budget exactly, never exceed the teacher's
+KV width, beat uniform ranks on retained energy, and survive save / reload / export."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ascend_edit.config import ConfigError, MLAConfig, TargetConfig
+from ascend_edit.eval.kv import kv_table
+from ascend_edit.models.budget import (
+    allocate_ranks,
+    budget_latent_dims,
+    full_layers_for_budget,
+    mla_rank_allocation,
+)
+from ascend_edit.models.checkpoint import load_converted, save_converted
+from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model
+from tests.conftest import tiny_model
+
+MLA = {"kv_lora_rank": 32, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 16, "latent_norm": False}
+
+
+def spectra_of(*decays: float, width: int = 48) -> dict[int, torch.Tensor]:
+    return {i: torch.tensor([decay**k for k in range(width)]) for i, decay in enumerate(decays)}
+
+
+@pytest.mark.parametrize("allocation", ["spectrum", "uniform"])
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_allocation_spends_the_budget_exactly_within_each_layers_width(allocation, multiple):
+    generator = torch.Generator().manual_seed(0)
+    spectra = {i: torch.rand(40, generator=generator).sort(descending=True).values for i in range(7)}
+    max_rank = {i: 24 + 3 * i for i in range(7)}  # a teacher KV width per layer (minus the RoPE key)
+    for total in range(7 * multiple, sum(m - m % multiple for m in max_rank.values()) + 1, multiple):
+        ranks = allocate_ranks(spectra, total, max_rank, multiple, allocation)
+        assert sum(ranks.values()) == total
+        assert all(multiple <= ranks[i] <= max_rank[i] and ranks[i] % multiple == 0 for i in ranks)
+
+
+def test_allocation_refuses_a_budget_it_cannot_meet():
+    spectra = spectra_of(0.9, 0.5)
+    with pytest.raises(ValueError, match="cannot be met"):
+        allocate_ranks(spectra, 200, {0: 48, 1: 48})
+    with pytest.raises(ValueError, match="multiple"):
+        allocate_ranks(spectra, 30, {0: 48, 1: 48}, rank_multiple=8)
+
+
+def test_water_filling_is_optimal_on_a_small_case():
+    """Greedy equals exhaustive search for the kept normalised energy (3 layers, every rank split)."""
+    spectra = {0: torch.tensor([5.0, 1.0, 0.5, 0.1]), 1: torch.tensor([2.0, 1.9, 1.8, 0.2]),
+               2: torch.tensor([1.0, 0.9, 0.2, 0.1])}
+    energy = {i: s.pow(2) / s.pow(2).sum() for i, s in spectra.items()}
+    for total in range(3, 13):
+        ranks = allocate_ranks(spectra, total, {i: 4 for i in spectra})
+        kept = sum(float(energy[i][: ranks[i]].sum()) for i in spectra)
+        best = max(sum(float(energy[i][: r].sum()) for i, r in enumerate(split))
+                   for split in itertools.product(range(1, 5), repeat=3) if sum(split) == total)
+        assert kept == pytest.approx(best, abs=1e-9)
+
+
+def test_a_layer_with_a_flat_spectrum_gets_more_rank():
+    ranks = allocate_ranks(spectra_of(0.5, 0.98), total=48, max_rank={0: 48, 1: 48})
+    assert ranks[1] > ranks[0]
+
+
+def test_budget_in_bytes_is_a_fraction_of_the_teachers():
+    widths = [64] * 4  # e.g. 2 KV heads x 16 dims x (K and V)
+    latent = budget_latent_dims(0.25, widths, rope_dim=4)
+    assert latent + 4 * len(widths) == 64  # exactly 25 % of 256 values per token
+    assert budget_latent_dims(0.3, widths, rope_dim=4, rank_multiple=8) == 56  # floor(76.8)=76 -> 60 -> 56
+    with pytest.raises(ValueError, match="kv_budget"):
+        budget_latent_dims(0.01, widths, rope_dim=4)
+    with pytest.raises(ValueError, match="kv_budget"):
+        budget_latent_dims(1.5, widths, rope_dim=4)
+
+
+def converted(kv_budget: float, allocation: str = "spectrum", seed: int = 0):
+    model = tiny_model("llama", seed=seed)
+    with torch.no_grad():  # layer 0's keys and values read only 4 directions of the input: it needs less rank
+        attn = model.model.layers[0].self_attn
+        for proj in (attn.k_proj, attn.v_proj):
+            proj.weight[:, 4:] = 0
+    batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))}]
+    stats = collect_layer_stats(model, batches)
+    target = TargetConfig(kind="mla", init="warm", mla=MLAConfig(**MLA, kv_budget=kv_budget, allocation=allocation,
+                                                                 rank_multiple=4))
+    plan = build_plan(model.config.num_hidden_layers, target)
+    allocation_info = mla_rank_allocation(model, [e.layer_idx for e in plan], stats, target.mla)
+    edit_model(model, plan, target, stats)
+    return model, target, allocation_info
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.125, 0.4])
+def test_budget_aware_model_caches_exactly_the_budgeted_bytes(fraction):
+    model, _, allocation = converted(fraction)
+    ranks = [e.kv_lora_rank for e in model.edit_plan]
+    teacher_width = 2 * 2 * 16  # tiny model: 2 KV heads of 16 dims
+    assert all(r is not None and r + MLA["qk_rope_head_dim"] <= teacher_width for r in ranks)
+    kv = kv_table(model, context=64, bytes_per_value=2)
+    assert kv["converted_bytes_per_token"] == 2 * allocation.values_per_token
+    assert allocation.values_per_token <= fraction * 4 * teacher_width
+    # within one rank step of the fraction asked for (the budget is rounded down to a multiple of 4)
+    assert allocation.values_per_token > fraction * 4 * teacher_width - 4
+
+
+def test_spectrum_keeps_at_least_the_energy_of_uniform_at_the_same_bytes():
+    _, _, spectrum = converted(0.25, "spectrum")
+    _, _, uniform = converted(0.25, "uniform")
+    assert spectrum.values_per_token == uniform.values_per_token
+    assert len(set(uniform.ranks.values())) == 1
+    assert sum(spectrum.retained.values()) >= sum(uniform.retained.values()) - 1e-12
+
+
+def test_per_layer_ranks_survive_save_reload_and_export(tmp_path):
+    from ascend_edit.models.export import conversion_spec, export_converted, native_blockers
+
+    model, target, allocation = converted(0.25)
+    assert len(set(allocation.ranks.values())) > 1 and allocation.ranks[0] == min(allocation.ranks.values())
+    save_converted(model, target, tmp_path / "ok")
+    reloaded = load_converted(tmp_path / "ok")
+    assert [e.kv_lora_rank for e in reloaded.edit_plan] == list(allocation.ranks.values())
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    spec = conversion_spec(reloaded)
+    assert spec["kv_lora_ranks"] == list(allocation.ranks.values())
+    assert any("differ per layer" in r for r in native_blockers(reloaded, spec)["deepseek_v3"])
+    exported = export_converted(reloaded, tmp_path / "hf", native="auto")  # auto_map, reloaded and checked
+    assert exported.format == "auto_map"
+
+
+def test_budget_config_is_validated():
+    with pytest.raises(ConfigError, match="kv_budget"):
+        MLAConfig(kv_budget=0.0)
+    with pytest.raises(ConfigError, match="allocation"):
+        MLAConfig(kv_budget=0.25, allocation="random")
+
+
+def test_gate_swa_full_layers_follow_sensitivity_within_the_budget():
+    sensitivity = [0.1, 0.9, 0.3, 0.8, 0.05, 0.2]
+    # context 1024, window 64 + 4 sinks (67 tokens): 25 % of 6 x 1024 pays for one full layer
+    assert full_layers_for_budget(sensitivity, 0.25, 1024, 64, 4) == [1]
+    assert full_layers_for_budget(sensitivity, 0.4, 1024, 64, 4) == [1, 3]
+    with pytest.raises(ValueError, match="all-sliding"):
+        full_layers_for_budget(sensitivity, 0.01, 1024, 64, 4)

@@ -1,0 +1,94 @@
+"""report.md and its plots render from what a run leaves on disk; runs compare in one table; TensorBoard events."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ascend_edit.cli import main
+from ascend_edit.eval.report import render
+from ascend_edit.eval.tensorboard import TrainingBoard
+
+
+def fake_run(run_dir: Path, ratio: float = 1.05) -> Path:
+    run_dir.mkdir(parents=True)
+    metrics = [{"stage": "layerwise", "step": s, "loss": 1.0 / s, "layer/0": 1.2 / s, "layer/1": 0.8 / s}
+               for s in range(1, 6)]
+    metrics += [{"stage": "model_level", "step": s, "loss": 0.5 / s, "kd": 0.5 / s} for s in range(1, 6)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    point = {"ppl": 10.0, "teacher_kl": 0.1, "top1_agreement": 0.8, "tokens": 100}
+    (run_dir / "report.json").write_text(json.dumps({
+        "results": {"teacher": point, "after_model_level": point}, "train_seconds": {"layerwise": 3.0},
+        "throughput": {"layerwise": {"tokens": 1000}},
+        "kv": {"context": 8192, "teacher_bytes_per_token": 100.0, "converted_bytes_per_token": 40.0,
+               "teacher_total_bytes": 819200, "converted_total_bytes": 327680, "reduction_pct": 60.0}}))
+    quality = {c: {"teacher": {"ppl": 10.0, "tokens": 99}, "sequences": 2, "ppl_ratio": ratio,
+                   "student": {"ppl": 10.0 * ratio, "teacher_kl": 0.05, "top1_agreement": 0.9, "tokens": 99}}
+               for c in ("256", "1024")}
+    (run_dir / "eval.json").write_text(json.dumps({
+        "domains": {"in_domain": "d", "python_docs": "p"}, "quality": {"in_domain": quality, "python_docs": quality},
+        "skipped_contexts": [], "max_positions": 2048, "seconds": 1.0,
+        "passkey": {"contexts": [256, 1024], "depths": [0.0, 0.5, 1.0], "trials": 2, "filler": "python_docs",
+                    "seed": 0, "teacher": [[1, 1, 0.5], [1, 0.5, 0]], "student": [[1, 0.5, 0.5], [0.5, 0, 0]]}}))
+    (run_dir / "run_info.json").write_text(json.dumps({"wall_seconds": 75.0, "device": "cpu", "device_name": "x"}))
+    return run_dir
+
+
+def test_report_renders_every_section_with_plots(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    text = render(run_dir).read_text()
+    for plot in ("layerwise", "model_level", "quality", "passkey", "kv"):
+        png = run_dir / "plots" / f"{plot}.png"
+        assert png.stat().st_size > 5000, plot  # a real picture, not an empty canvas
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{plot}.png" in text
+    assert "| python_docs | 1,024 | 2 | 10.00 | 10.50 | 1.050× | 0.0500 | 90.0 % |" in text
+    assert "| student | 1,024 | 50 % | 0 % | 0 % |" in text
+    assert "1 min 15 s" in text and "60.0 % less" in text
+
+
+def test_report_of_an_eval_only_directory(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    for name in ("metrics.jsonl", "report.json", "run_info.json"):
+        (run_dir / name).unlink()
+    text = render(run_dir).read_text()
+    assert "Passkey" in text and "Training curves" not in text
+    assert not (run_dir / "plots" / "layerwise.png").exists()
+
+
+def test_report_command_compares_runs(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", 1.05), fake_run(tmp_path / "b", 1.5)
+    assert main(["report", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert (a / "report.md").is_file() and (b / "report.md").is_file()
+    table = (tmp_path / "compare.md").read_text()
+    assert table in out
+    assert "in_domain@1024 ppl× (KL)" in table and "1.500 (0.050)" in table and "| 60.0 % |" in table
+
+
+def test_report_command_refuses_a_directory_that_is_no_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    board = TrainingBoard(tmp_path / "tb")
+    for step in range(1, 4):
+        board.log("layerwise", step, {"loss": 1.0 / step, "layer/0": 0.5, "skipped": False, "grad_norm": float("nan")})
+    board.close()
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["layerwise/layer/0", "layerwise/loss"]
+    assert [e.step for e in acc.Scalars("layerwise/loss")] == [1, 2, 3]
+
+
+def test_no_board_is_a_no_op(tmp_path):
+    board = TrainingBoard(None)
+    board.log("layerwise", 1, {"loss": 1.0})
+    board.close()

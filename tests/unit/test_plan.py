@@ -1,0 +1,106 @@
+"""`ascend-edit plan`: memory parts of a tiny config against hand-computed numbers, and the task end to end."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from ascend_edit.config import register_configs, to_typed
+from ascend_edit.plan.memory import (
+    GIB,
+    ModelShape,
+    ParamCounts,
+    RunSettings,
+    TargetShape,
+    layer_bytes,
+    plan_stage,
+)
+from ascend_edit.tasks.plan import plan_run
+
+# qwen3_tiny: hidden 64, MLP 128, 4 layers, 4 heads / 2 KV heads of 16, vocab 256
+TINY = ModelShape(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=256, intermediate=128)
+# MLA: latent 32, rope 8, nope 8, v 16 (conf/experiment/tiny.yaml)
+MLA = TargetShape(kind="mla", converted_layers=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                  v_head_dim=16)
+# per layer: q_proj 64x(4*16) + kv_a 64x(32+8) + latent norm 32 + kv_b 32x(4*(8+16)) + o_proj (4*16)x64
+TARGET_PER_LAYER = 64 * 64 + 64 * 40 + 32 + 32 * 96 + 64 * 64
+TARGET = 4 * TARGET_PER_LAYER
+# embeddings 256x64, lm_head 256x64 (untied), per layer: q 64x64, k 64x32, v 64x32, o 64x64, q/k norm 16+16,
+# MLP 3x64x128, two norms 2x64; final norm 64
+FROZEN = 2 * 256 * 64 + 4 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+
+def overrides(*extra):
+    return ["experiment=tiny", "data=synthetic", "data.seq_len=32", "distill.model_level.micro_batch_size=2",
+            "distill.layerwise.micro_batch_size=2", "model.dtype=bf16", "target.mla.latent_norm=true", *extra]
+
+
+def compose_cfg(extra=()):
+    register_configs()
+    with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+        return to_typed(compose(config_name="config", overrides=[*overrides(*extra), "output_dir=."]))
+
+
+def test_parts_of_the_torch_engine_by_hand():
+    run = RunSettings(stage="model_level", seq_len=32, micro_batch=2, weight_bytes=2, kd_chunk=16)
+    plan = plan_stage(TINY, MLA, ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=1), run)
+    parts = plan.parts
+    assert parts["frozen weights"] == FROZEN * 2  # bf16
+    assert parts["target weights"] == TARGET * (4 + 2)  # fp32 master copy itself + autocast's bf16 copy
+    assert parts["fp32 masters"] == 0
+    assert parts["optimizer states"] == TARGET * 8  # AdamW: two fp32 states
+    assert parts["gradients"] == TARGET * 4
+    assert parts["comm buffers"] == 0
+    assert parts["KD loss chunk"] == 3.5 * 4 * 16 * 256 + 2 * 2 * 32 * 64
+    # one layer, stage 2, per token (bf16 activations): two norms (fp32 input + bf16 output each);
+    # MLA: kv_b output 4*(8+16), q and k 4*16 each, output and o_proj input 4*16 each, latent norm fp32 32
+    # + bf16 32, rope key 2x8, log-sum-exp 4 heads fp32; MLP: 3 x 128
+    mla = 2 * 96 + 2 * 2 * 64 + 2 * 2 * 64 + 4 * 32 + 2 * 32 + 2 * 2 * 8 + 4 * 4
+    per_layer = 2 * (4 * 64 + 2 * 64) + mla + 2 * 3 * 128
+    assert layer_bytes(TINY, MLA, 2, "model_level") == per_layer
+    transient = 2 * (4 * 64 + 3 * 128)
+    final_norm = 4 * 64 + 2 * 64
+    assert plan.activations_without_ckpt == 2 * 32 * (4 * per_layer + transient + final_norm)
+    # every layer checkpointed: each keeps its bf16 input; one layer is recomputed at a time
+    assert plan.activations_with_ckpt == 2 * 32 * (4 * 2 * 64 + per_layer + transient + final_norm)
+
+
+def test_zero_partitions_what_each_stage_says():
+    counts = ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=5000)
+    base = {"stage": "model_level", "seq_len": 32, "micro_batch": 2, "engine": "deepspeed", "world_size": 4,
+            "weight_bytes": 2}
+    z2 = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=2, **base)).parts
+    assert z2["frozen weights"] == FROZEN * 2  # replicated below ZeRO-3
+    assert z2["target weights"] == TARGET * 2  # DeepSpeed holds the module in bf16 ...
+    assert z2["fp32 masters"] == TARGET * 4 / 4  # ... and partitioned fp32 masters in its optimizer
+    assert z2["optimizer states"] == TARGET * 8 / 4
+    assert z2["gradients"] == TARGET * 2 / 4
+    z3 = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=3, **base)).parts
+    assert z3["frozen weights"] == FROZEN * 2 / 4
+    assert z3["comm buffers"] == TARGET * 2 + 2 * 5000 * 2  # reduce bucket + gathered and prefetched layer
+    off = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=3, offload_optimizer=True, **base)).parts
+    assert off["optimizer states"] == 0 and off["fp32 masters"] == 0
+
+
+def test_largest_micro_batch_is_the_last_that_fits():
+    run = RunSettings(stage="model_level", seq_len=32, micro_batch=2, weight_bytes=2, kd_chunk=16)
+    plan = plan_stage(TINY, MLA, ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=1), run)
+    fixed = plan.total - 2 * plan.per_sequence
+    budget = fixed + 7.5 * plan.per_sequence
+    assert plan.largest_micro_batch(budget, 2) == 7
+
+
+def test_plan_task_counts_the_meta_model_like_the_hand():
+    cfg = compose_cfg()
+    layerwise, model_level = plan_run(cfg)
+    assert model_level["parts_gib"]["target weights"] * GIB == pytest.approx(TARGET * 6)
+    assert model_level["parts_gib"]["frozen weights"] * GIB == pytest.approx(FROZEN * 2)
+    assert layerwise["stage"] == "layerwise" and layerwise["parts_gib"]["KD loss chunk"] == 0
+    assert model_level["fits"] and model_level["largest_micro_batch"] > 2
+    assert model_level["tokens_per_s_per_device"] > 0
+
+
+def test_cluster_multiplies_devices_and_partitions():
+    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "engine=zero3", "distill.model_level.batch_size=32"])
+    _, model_level = plan_run(cfg)
+    assert model_level["world_size"] == 16
+    assert model_level["parts_gib"]["frozen weights"] * GIB == pytest.approx(FROZEN * 2 / 16)

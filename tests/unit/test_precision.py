@@ -1,0 +1,96 @@
+"""Training precision: fp32 master copies of the trainable weights, bf16 forward under autocast,
+fp16 loss scaling, and the one-line refusals of contradictory settings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ascend_edit.config import EngineConfig, StageConfig
+from ascend_edit.train.engine import TorchEngine
+from ascend_edit.train.precision import Precision, frozen_dtype, resolve_precision
+
+# A step this small is far below one bf16 ulp of a weight of 1.0 (2**-7 = 0.0078), but well above an
+# fp32 ulp (2**-23): only an fp32 master can record it.
+TINY_LR = 1e-4
+
+
+class FrozenThenTrainable(nn.Module):
+    """A frozen bf16 'teacher' layer feeding a trainable layer (held in the model's bf16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(8, 8, bias=False)
+        self.trainable = nn.Linear(8, 8, bias=False)
+        nn.init.ones_(self.trainable.weight)  # 1.0: bf16 ulp 2**-7
+        self.to(torch.bfloat16)
+        self.frozen.requires_grad_(False)
+        self.seen_dtype: torch.dtype | None = None
+
+    def forward(self, x):
+        hidden = self.frozen(x)
+        out = self.trainable(hidden)
+        self.seen_dtype = out.dtype  # the dtype the matmul ran in
+        return out
+
+
+def objective(model, batch):
+    loss = model(batch["x"]).float().pow(2).mean()
+    return loss, {"loss": float(loss.detach())}
+
+
+def one_step(precision: Precision | None) -> tuple[FrozenThenTrainable, TorchEngine]:
+    torch.manual_seed(0)
+    model = FrozenThenTrainable()
+    params = [model.trainable.weight]
+    # sign-only update of AdamW: |delta| = lr on every weight (no warm-up, no decay)
+    stage = StageConfig(steps=10, lr=TINY_LR, warmup_steps=0, min_lr_ratio=1.0, batch_size=1)
+    engine = TorchEngine(model, objective, params, stage, EngineConfig(grad_clip=0.0), accumulation=1,
+                         precision=precision)
+    loss, _ = engine.forward({"x": torch.randn(4, 8, dtype=torch.bfloat16)})
+    engine.backward(loss)
+    engine.step()
+    return model, engine
+
+
+def test_fp32_master_records_an_update_that_bf16_rounds_away():
+    model, engine = one_step(Precision(compute=torch.bfloat16, device_type="cpu"))
+    weight = model.trainable.weight
+    assert weight.dtype == torch.float32  # the master copy, held for the stage
+    assert model.frozen.weight.dtype == torch.bfloat16  # frozen weights are never copied
+    assert model.seen_dtype == torch.bfloat16  # the forward ran in bf16 under autocast
+    delta = (weight.detach() - 1.0).abs()
+    assert torch.all(delta > TINY_LR / 2) and torch.all(delta < TINY_LR * 2)  # the update is there, in fp32
+    # The same update applied to a bf16 weight is rounded away entirely.
+    assert torch.equal(weight.detach().bfloat16(), torch.ones_like(weight, dtype=torch.bfloat16))
+    engine.close()  # after the stage the model holds its own dtype again (eval / export need one dtype)
+    assert weight.dtype == torch.bfloat16
+
+
+def test_bf16_only_update_loses_the_step():
+    """The failure mode the masters prevent: AdamW on bf16 parameters leaves them unchanged."""
+    model, _ = one_step(None)  # no policy: the parameters train as they are, in bf16
+    assert model.trainable.weight.dtype == torch.bfloat16
+    assert torch.equal(model.trainable.weight.detach(), torch.ones(8, 8, dtype=torch.bfloat16))
+
+
+def test_fp16_uses_a_grad_scaler():
+    precision = Precision(compute=torch.float16, device_type="cpu")
+    assert precision.loss_scaling and precision.grad_scaler() is not None
+    assert Precision(compute=torch.bfloat16).grad_scaler() is None
+
+
+def test_resolve_precision_auto_and_refusals():
+    assert resolve_precision("auto", "cuda", torch.bfloat16).compute == torch.bfloat16
+    assert resolve_precision("auto", "cpu", torch.float32).compute == torch.float32
+    assert resolve_precision("auto", "cpu", torch.bfloat16).compute == torch.bfloat16
+    assert resolve_precision("bf16", "cpu", torch.float32).autocast
+    with pytest.raises(ValueError, match="device.dtype=fp16 is not supported on the CPU"):
+        resolve_precision("fp16", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="wider than the frozen weights"):
+        resolve_precision("fp32", "cuda", torch.bfloat16)
+
+
+def test_frozen_dtype_reads_the_frozen_weights():
+    model = FrozenThenTrainable()
+    assert frozen_dtype(model) == torch.bfloat16

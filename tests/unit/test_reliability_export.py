@@ -1,0 +1,160 @@
+"""Reliability of converted directories and exports (issue 9): manifests, no non-finite weights, no
+destroyed data, no code from a checkpoint run without being asked. Tiny random models on the CPU."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ascend_edit.config import ExportConfig, MLAConfig, RootConfig, TargetConfig
+from ascend_edit.models.checkpoint import load_converted, load_converted_weights, save_converted
+from ascend_edit.models.export import ExportError, export_converted, load_exported
+from ascend_edit.models.surgery import build_plan, edit_model
+from ascend_edit.tasks import export as export_task
+from ascend_edit.train.checkpoint_io import MANIFEST, CheckpointIntegrityError, NonFiniteTensorError
+from tests.conftest import tiny_model
+
+MLA = TargetConfig(kind="mla", mla=MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                             v_head_dim=16, latent_norm=True))
+MLA_NO_NORM = TargetConfig(kind="mla", mla=MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                                     v_head_dim=16, latent_norm=False))  # exports as auto_map
+
+
+def converted(target: TargetConfig = MLA) -> torch.nn.Module:
+    model = tiny_model("qwen3")
+    edit_model(model, build_plan(model.config.num_hidden_layers, target), target)
+    return model.eval()
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp" in p.name or ".old" in p.name)
+
+
+# ---------------------------------------------------------------------------------------------- converted/
+
+
+def test_converted_dir_carries_a_manifest_verified_on_load(tmp_path):
+    save_converted(converted(), MLA, tmp_path / "converted")
+    files = json.loads((tmp_path / "converted" / MANIFEST).read_text())["files"]
+    assert {"config.json", "ascend_edit.json", "model.safetensors"} <= set(files)
+    load_converted(tmp_path / "converted")  # intact: loads
+
+    data = bytearray((tmp_path / "converted" / "model.safetensors").read_bytes())
+    data[-4] ^= 0x01  # a finite bit flip
+    (tmp_path / "converted" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors does not match its sha256"):
+        load_converted(tmp_path / "converted")
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors"):
+        load_converted_weights(converted(), tmp_path / "converted")
+
+
+def test_converted_model_with_a_nan_weight_is_never_written(tmp_path):
+    model = converted()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if ".target." in n).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteTensorError, match="holds NaN or inf"):
+        save_converted(model, MLA, tmp_path / "converted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_converted_swaps_an_old_converted_dir_and_refuses_anything_else(tmp_path):
+    save_converted(converted(), MLA, tmp_path / "converted")
+    (tmp_path / "converted" / "stale.txt").write_text("from the old one")
+    save_converted(converted(), MLA, tmp_path / "converted")
+    assert not (tmp_path / "converted" / "stale.txt").exists()
+    assert leftovers(tmp_path) == []
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.txt").write_text("irreplaceable")
+    with pytest.raises(FileExistsError, match="not a converted model"):
+        save_converted(converted(), MLA, other)
+    assert snapshot(other) == {"thesis.txt": b"irreplaceable"}
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_onto_a_non_empty_dir_leaves_every_file_in_place(tmp_path):
+    out = tmp_path / "hf"
+    (out / "sub").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = snapshot(out)
+    with pytest.raises(ExportError, match="export.output=.*is not empty.*export.overwrite=true"):
+        export_converted(converted(), out)
+    assert snapshot(out) == before
+    assert leftovers(tmp_path) == []
+
+    result = export_converted(converted(), out, overwrite=True)  # asked for: replaced as a whole
+    assert result.format == "deepseek_v3" and not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_export_of_a_nan_weight_is_refused_before_writing(tmp_path):
+    model = converted()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = float("inf")
+    with pytest.raises(ExportError, match="embed_tokens.weight holds NaN or inf"):
+        export_converted(model, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _export_cfg(checkpoint: Path, output: Path, overwrite: bool) -> RootConfig:
+    return RootConfig(task="export", output_dir=str(output.parent),
+                      export=ExportConfig(checkpoint=str(checkpoint), output=str(output), overwrite=overwrite))
+
+
+@pytest.mark.parametrize("where", ["source", "run_dir", "parent_of_run", "inside_source"])
+def test_export_never_overwrites_its_source_or_a_directory_holding_it(tmp_path, where):
+    run_dir = tmp_path / "runs" / "run"
+    save_converted(converted(), MLA, run_dir / "converted")
+    before = snapshot(tmp_path / "runs")
+    output = {"source": run_dir / "converted", "run_dir": run_dir, "parent_of_run": tmp_path / "runs",
+              "inside_source": run_dir / "converted" / "hf"}[where]
+    with pytest.raises(ValueError, match="export.output="):
+        export_task.run(_export_cfg(run_dir, output, overwrite=True))
+    assert snapshot(tmp_path / "runs") == before
+
+
+def test_export_task_writes_next_to_the_output_and_reports_no_leftovers(tmp_path):
+    run_dir = tmp_path / "run"
+    save_converted(converted(), MLA, run_dir / "converted")
+    report = export_task.run(_export_cfg(run_dir, tmp_path / "out" / "hf", overwrite=False))
+    assert report["format"] == "deepseek_v3" and (tmp_path / "out" / "hf" / "model.safetensors").exists()
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_export_task_refuses_a_damaged_source_naming_the_file(tmp_path):
+    run_dir = tmp_path / "run"
+    save_converted(converted(), MLA, run_dir / "converted")
+    (run_dir / "converted" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors is 9 bytes"):
+        export_task.run(_export_cfg(run_dir, tmp_path / "out" / "hf", overwrite=False))
+    assert not (tmp_path / "out" / "hf").exists()
+
+
+# ---------------------------------------------------------------------------------------------- remote code
+
+
+def test_auto_map_self_check_runs_no_code_from_the_checkpoint(tmp_path):
+    """The verification reloads the export with the package's classes: no module from the directory is
+    imported (transformers would import it as `transformers_modules.*`)."""
+    before = {name for name in sys.modules if "modeling_ascend_edit" in name}
+    result = export_converted(converted(MLA_NO_NORM), tmp_path / "hf")
+    assert result.format == "auto_map" and result.max_rel_logit_diff is not None
+    assert {name for name in sys.modules if "modeling_ascend_edit" in name} == before
+
+
+def test_loading_an_auto_map_export_needs_explicit_trust(tmp_path):
+    export_converted(converted(MLA_NO_NORM), tmp_path / "hf")
+    with pytest.raises(ExportError, match="trust_remote_code=True"):
+        load_exported(tmp_path / "hf")

@@ -1,0 +1,147 @@
+"""Every config value is checked before a model is loaded, with one message naming the full key."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from transformers import AutoConfig
+
+from ascend_edit.config import (
+    ConfigError,
+    LayerwiseConfig,
+    MLAConfig,
+    ModelLevelConfig,
+    StageConfig,
+    register_configs,
+    to_typed,
+)
+from ascend_edit.validation import check_against_teacher, check_batches, check_mla_cache, teacher_kv_values
+
+
+def compose_typed(overrides: list[str]):
+    register_configs()
+    with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+        return to_typed(compose(config_name="config", overrides=["output_dir=.", *overrides]))
+
+
+# (override, text the error must contain: the full key with the bad value, or the broken rule)
+BAD_VALUES = [
+    ("engine.grad_clip=-1", "engine.grad_clip=-1.0 must be a finite number >= 0"),
+    ("engine.grad_clip=inf", "engine.grad_clip=inf"),
+    ("engine.checkpoint_every=-1", "engine.checkpoint_every=-1 must be >= 0"),
+    ("engine.keep_last=0", "engine.keep_last=0 must be >= 1"),
+    ("engine.zero_stage=2", "engine.zero_stage=2 needs engine.kind=deepspeed"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+    ("eval.context=0", "eval.context=0"),
+    ("eval.generate_tokens=-1", "eval.generate_tokens=-1"),
+    ("device.threads=-1", "device.threads=-1 must be >= 0"),
+    ("device.seed=-1", "device.seed=-1"),
+    ("distill.layerwise.warmup_steps=-1", "distill.layerwise.warmup_steps=-1"),
+    ("distill.model_level.warmup_steps=500", "distill.model_level.warmup_steps=500 must be <= distill.model_level.steps"),
+    ("distill.layerwise.min_lr_ratio=1.5", "distill.layerwise.min_lr_ratio=1.5 must be in [0.0, 1.0]"),
+    ("distill.model_level.min_lr_ratio=-0.1", "distill.model_level.min_lr_ratio=-0.1"),
+    ("distill.layerwise.lr=0", "distill.layerwise.lr=0.0 must be a finite number > 0"),
+    ("distill.model_level.lr=nan", "distill.model_level.lr=nan"),
+    ("distill.layerwise.steps=-1", "distill.layerwise.steps=-1"),
+    ("distill.model_level.batch_size=0", "distill.model_level.batch_size=0"),
+    ("distill.layerwise.micro_batch_size=-2", "distill.layerwise.micro_batch_size=-2"),
+    ("distill.model_level.micro_batch_size=16",
+     "distill.model_level.micro_batch_size=16 must be <= distill.model_level.batch_size=8"),
+    ("distill.model_level.weight_decay=-1", "distill.model_level.weight_decay=-1.0"),
+    ("distill.model_level.trainable=everything", "distill.model_level.trainable='everything'"),
+    ("distill.model_level.chunk_size=0", "distill.model_level.chunk_size=0"),
+    ("distill.model_level.top_k=0", "distill.model_level.top_k=0"),
+    ("distill.model_level.temperature=0", "distill.model_level.temperature=0.0"),
+    ("distill.model_level.feature_weight=-1", "distill.model_level.feature_weight=-1.0"),
+    ("distill.model_level.ce_weight=-1", "distill.model_level.ce_weight=-1.0"),
+    ("distill.model_level.feature_layers=[-1]", "distill.model_level.feature_layers=[-1]"),
+    ("distill.log_every=-1", "distill.log_every=-1"),
+    ("distill.init_from=/x", "distill.init_from='/x' is only read with distill.stage=model_level"),
+    ("data.seq_len=1", "data.seq_len=1 must be >= 2"),
+    ("data.eval_sequences=0", "data.eval_sequences=0"),
+    ("data.max_documents=0", "data.max_documents=0"),
+    ("data.synthetic_sequences=0", "data.synthetic_sequences=0"),
+    ("target.layers=[]", "target.layers=[] must name at least one layer"),
+    ("target.layers=[1,1]", "target.layers=[1, 1] lists a layer twice"),
+    ("target.calibration_batches=0", "target.calibration_batches=0: target.init=warm"),
+    ("target.mla.kv_lora_rank=0", "target.mla.kv_lora_rank=0"),
+    ("target.gate_swa.full_every=-1", "target.gate_swa.full_every=-1"),
+    ("target.gate_swa.full_layers=[-3]", "target.gate_swa.full_layers=[-3]"),
+    ("model.gguf_file=x.gguf", "model.gguf_file='x.gguf' is only read with model.source=hf"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_value_names_its_full_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose_typed([override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_and_stage_boundaries_are_accepted():
+    cfg = compose_typed(["engine.grad_clip=0", "distill.layerwise.steps=0", "distill.model_level.warmup_steps=200",
+                         "distill.model_level.min_lr_ratio=1", "distill.model_level.micro_batch_size=8"])
+    assert cfg.engine.grad_clip == 0 and cfg.distill.layerwise.steps == 0
+
+
+def test_stage_errors_name_the_stage():
+    # StageConfig is shared by both stages: each subclass names its own prefix.
+    with pytest.raises(ConfigError, match=r"^distill\.layerwise\.lr="):
+        LayerwiseConfig(lr=-1)
+    with pytest.raises(ConfigError, match=r"^distill\.model_level\.lr="):
+        ModelLevelConfig(lr=-1)
+    with pytest.raises(ConfigError, match=r"^distill\.model_level\.warmup_steps=20 must be <= "):
+        ModelLevelConfig(steps=10, warmup_steps=20)
+    StageConfig(steps=8, warmup_steps=2)  # the base class stays usable on its own
+
+
+@pytest.mark.parametrize(("batch", "micro", "world", "message"), [
+    (6, 0, 4, "distill.layerwise.batch_size=6 is not divisible by the world size 4"),
+    (8, 3, 1, "distill.layerwise.micro_batch_size=3 does not divide the per-process batch 8"),
+    (8, 4, 4, "distill.layerwise.micro_batch_size=4 does not divide the per-process batch 2"),
+])
+def test_batch_geometry_against_the_world_size(batch, micro, world, message):
+    with pytest.raises(ConfigError, match=message):
+        check_batches(LayerwiseConfig(steps=4, warmup_steps=1, batch_size=batch, micro_batch_size=micro), world)
+    check_batches(LayerwiseConfig(steps=4, warmup_steps=1, batch_size=8, micro_batch_size=2), 2)
+
+
+def tiny_qwen3():
+    # 2 KV heads x head_dim 16: keys + values = 64 values = 128 B per token and layer at 16 bits.
+    return AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+
+
+def test_mla_cache_larger_than_the_teacher_is_refused_with_both_byte_figures():
+    config = tiny_qwen3()
+    assert teacher_kv_values(config) == 64
+    problem = check_mla_cache(MLAConfig(kv_lora_rank=64, qk_rope_head_dim=8), config)
+    assert problem and "target.mla.kv_lora_rank=64" in problem
+    assert "144 B" in problem and "128 B" in problem and "kv_lora_rank <= 56" in problem
+    assert check_mla_cache(MLAConfig(kv_lora_rank=56, qk_rope_head_dim=8), config) is None  # equal: allowed
+    assert check_mla_cache(MLAConfig(kv_lora_rank=64, qk_rope_head_dim=8, allow_larger_cache=True), config) is None
+
+
+def test_checks_against_the_teacher_config():
+    config = tiny_qwen3()
+    base = ["model=qwen3_tiny", "target.mla.kv_lora_rank=32", "target.mla.qk_rope_head_dim=8",
+            "target.mla.qk_nope_head_dim=8", "target.mla.v_head_dim=16"]
+    check_against_teacher(compose_typed(base), config)  # fits: no error
+    cases = [
+        (["target.mla.kv_lora_rank=512"], "target.mla.kv_lora_rank=512 gives an MLA cache of 1,040 B"),
+        (["target.layers=[0,4]"], "target.layers=[0, 4]: [4] out of range, the teacher has 4 layers"),
+        (["distill.model_level.top_k=300"], "distill.model_level.top_k=300 must be <= the vocabulary size 256"),
+        (["target.layers=[0,1]", "distill.model_level.feature_layers=[2]"], "[2] are not converted layers"),
+        (["target=gate_swa", "target.gate_swa.full_every=0", "target.gate_swa.full_layers=[9]"],
+         "target.gate_swa.full_layers=[9]"),
+        (["target=gate_swa", "target.gate_swa.full_every=5"], "target.gate_swa.full_every=5 must be <="),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            check_against_teacher(compose_typed([*base, *overrides]), config)
+
+
+def test_larger_mla_cache_only_warns_for_inspect(caplog):
+    cfg = compose_typed(["task=inspect", "model=qwen3_tiny", "target.mla.kv_lora_rank=512"])
+    check_against_teacher(cfg, tiny_qwen3())  # inspect shows the numbers; it trains nothing
+    assert "larger than the teacher's" in caplog.text
