@@ -119,6 +119,8 @@ class ModelConfig:
                               f"(model.source={self.source})")
         if not self.attn_implementation:
             raise ConfigError("model.attn_implementation must not be empty (e.g. sdpa or eager)")
+        if isinstance(self.fused_ops, dict):  # rebuilt from JSON (bench workers, saved run configs)
+            self.fused_ops = FusedOpsConfig(**self.fused_ops)
         self.fused_ops.check()
 
 
