@@ -401,7 +401,6 @@ class EngineConfig:
 class EvalConfig:
     context: int = 8192  # context length for the KV-cache table
     batch_size: int = 4
-    generate_tokens: int = 32  # tokens generated for the sample in the report
     # Held-out suite (`ascend-edit eval`, and the end of every conversion; docs/evaluation.md).
     suite: bool = True  # run it at the end of a conversion
     checkpoint: Optional[str] = None  # `ascend-edit eval`: run dir, converted dir or exported HF dir
@@ -432,7 +431,6 @@ class EvalConfig:
         _choice("eval.passkey_filler", self.passkey_filler, ("in_domain", "python_docs"))
         _positive("eval.context", self.context)
         _positive("eval.batch_size", self.batch_size)
-        _positive("eval.generate_tokens", self.generate_tokens, allow_zero=True)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ascend_edit.attention.cache_layers import SinkWindowLayer
 from ascend_edit.attention.edited import EditedAttention
 from ascend_edit.attention.gate_swa import GateSWAAttention
 from ascend_edit.attention.mla import MLAAttention
@@ -67,16 +66,6 @@ def measured_cache_bytes(cache: Cache) -> int:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def metadata_bytes(cache: Cache) -> int:
-    """Bytes of bookkeeping tensors (positions / indices of bounded layers)."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, SinkWindowLayer) and layer.positions is not None:
-            total += layer.positions.numel() * layer.positions.element_size()
-            total += layer.indices.numel() * layer.indices.element_size()
     return total
 
 

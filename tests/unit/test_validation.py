@@ -32,7 +32,6 @@ BAD_VALUES = [
     ("engine.zero_stage=2", "engine.zero_stage=2 needs engine.kind=deepspeed"),
     ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
     ("eval.context=0", "eval.context=0"),
-    ("eval.generate_tokens=-1", "eval.generate_tokens=-1"),
     ("device.threads=-1", "device.threads=-1 must be >= 0"),
     ("device.seed=-1", "device.seed=-1"),
     ("distill.layerwise.warmup_steps=-1", "distill.layerwise.warmup_steps=-1"),
