@@ -331,12 +331,9 @@ def read_trainable_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         return load_file(str(checkpoint / TRAINABLE_FILE))
     if (checkpoint / DEEPSPEED_DIR).is_dir():
         scan_deepspeed_pickles(checkpoint)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from ascend_edit.train.engine import consolidated_zero_weights  # engine.py owns deepspeed
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_DIR,
-                                                         exclude_frozen_parameters=True)
-        # The engine wraps the model in _ObjectiveModule, whose attribute is `model`.
-        return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+        return consolidated_zero_weights(checkpoint)
     raise FileNotFoundError(f"{checkpoint} holds no engine weights ({TRAINABLE_FILE} or {DEEPSPEED_DIR}/)")
 
 

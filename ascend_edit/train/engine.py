@@ -375,3 +375,14 @@ def make_engine(model: nn.Module, objective: Objective, params: list[nn.Paramete
     if world_size > 1:
         raise ValueError("engine=torch runs in one process; use engine=zero0..zero3 under a launcher")
     return TorchEngine(model, objective, params, stage, cfg, accumulation, precision)
+
+
+def consolidated_zero_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 trainable weights of a DeepSpeed stage checkpoint (any ZeRO stage), consolidated on the
+    CPU in one process, by the model's parameter names. The caller verifies and scans the files first."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_DIR,
+                                                     exclude_frozen_parameters=True)
+    # The engine wraps the model in _ObjectiveModule, whose attribute is `model`.
+    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
