@@ -22,7 +22,9 @@ CORE = [
 EXTRAS = {
     # hydra-submitit-launcher (pure Python, small): the Slurm launcher config and the docs' sweep
     # commands that use it compose in tests.
-    "test": ["pytest>=8", "pyarrow>=15", "datasets>=3", "hydra-submitit-launcher==1.2.0", "ruff>=0.6"],
+    # mypy pinned (a new release can add errors to unchanged code); types-tqdm: tqdm ships no types.
+    "test": ["pytest>=8", "pyarrow>=15", "datasets>=3", "hydra-submitit-launcher==1.2.0", "ruff>=0.6",
+             "mypy==2.4.1", "types-tqdm==4.70.0.20261106"],
     # torch_npu needs the CANN toolkit; installing it on a machine without CANN breaks `import torch`.
     "npu": ["torch_npu==2.13.0"],
     # MindSpeed's fused ops (only its rotary op is used, behind the kernel registry); installed from source

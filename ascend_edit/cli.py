@@ -131,7 +131,7 @@ def _precheck(argv: list[str]) -> str | None:
     except ConfigError as err:
         return str(err)
     except Exception as err:  # Hydra's composition errors wrap OmegaConf's, which name the key
-        cause = err
+        cause: BaseException = err
         while cause.__cause__ is not None:
             cause = cause.__cause__
         message = str(cause).splitlines()[0] if str(cause) else str(err).splitlines()[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -140,7 +140,7 @@ class MLAConfig:
     # shared across layers from calibration spectra (allocation=spectrum) or evenly (uniform); overrides
     # kv_lora_rank layer by layer. null: kv_lora_rank in every layer.
     kv_budget: Optional[float] = None
-    allocation: str = "spectrum"  # spectrum | uniform
+    allocation: str = "spectrum"  # spectrum | uniform | sensitivity (measured per-layer output error)
     rank_multiple: int = 8  # every layer's rank is a multiple of this
 
     def __post_init__(self):
@@ -149,7 +149,7 @@ class MLAConfig:
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise ConfigError(f"target.mla.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
                               "teacher's KV bytes per token) or null")
-        _choice("target.mla.allocation", self.allocation, ("spectrum", "uniform"))
+        _choice("target.mla.allocation", self.allocation, ("spectrum", "uniform", "sensitivity"))
         _positive("target.mla.rank_multiple", self.rank_multiple)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"target.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
@@ -543,7 +543,8 @@ def register_configs() -> None:
 def to_typed(cfg: DictConfig) -> RootConfig:
     """Build the dataclasses (running every `__post_init__` check) from a composed config."""
     try:
-        return OmegaConf.to_object(cfg)
+        # the composed config has RootConfig's schema (config_store), so this builds a RootConfig
+        return cast(RootConfig, OmegaConf.to_object(cfg))
     except ConfigError:
         raise
     except Exception as err:  # OmegaConf validation errors: keep their message, drop the wall

@@ -47,7 +47,8 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     if cfg.data.source != "synthetic" and cfg.model.source == "config":
         raise ConfigError(f"data.source={cfg.data.source} needs a tokenizer, and model.source=config (random "
                           "weights) has none: use data.source=synthetic or a model with a tokenizer")
-    if cfg.data.source == "files" and not Path(cfg.data.path).expanduser().exists():
+    data_path = cfg.data.path or ""  # DataConfig requires it with source=files
+    if cfg.data.source == "files" and not Path(data_path).expanduser().exists():
         raise ConfigError(f"data.path={cfg.data.path}: data path does not exist")
     if cfg.distill.init_from and not Path(cfg.distill.init_from).expanduser().is_dir():
         raise ConfigError(f"distill.init_from={cfg.distill.init_from} is not a directory")

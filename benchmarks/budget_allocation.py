@@ -1,12 +1,13 @@
 """Budget-aware vs uniform MLA ranks at the same KV bytes: retained energy and warm-start quality.
 
 For each KV budget (a fraction of the teacher's KV bytes per token) and each allocation (uniform: one
-rank everywhere; spectrum: water-filling on each layer's whitened K/V spectrum, models/budget.py), prints
+rank everywhere; spectrum: water-filling on each layer's whitened K/V spectrum; sensitivity: the same with
+each layer's energy weighted by its measured output KL, models/budget.py), prints
 the per-layer ranks, the mean fraction of K/V energy the latents keep and, with `--eval`, held-out
 perplexity and teacher-KL of the warm start in domain and out of domain (python_docs). No training.
 
     python benchmarks/budget_allocation.py experiment=smollm2_mla target=mla_budget [overrides] \
-        [--budgets 0.25 0.125] [--eval]
+        [--budgets 0.25 0.125] [--allocations uniform spectrum sensitivity] [--eval]
 """
 from __future__ import annotations
 
@@ -20,21 +21,24 @@ import torch
 from hydra import compose, initialize_config_module
 
 from ascend_edit.config import register_configs, to_typed
+from ascend_edit.data.batches import batches_of
 from ascend_edit.data.heldout import python_docs_documents
+from ascend_edit.data.loading import load_data
 from ascend_edit.data.packing import pack_documents
 from ascend_edit.device import resolve_device, seed_everything
 from ascend_edit.eval.kv import kv_table
 from ascend_edit.eval.metrics import evaluate
-from ascend_edit.models.budget import mla_rank_allocation
+from ascend_edit.models.budget import mla_rank_allocation, plan_with_ranks, sensitivity_allocation
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model
-from ascend_edit.tasks.convert import batches_of, load_data
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
     parser.add_argument("--eval", action="store_true", help="also evaluate each warm start (slower)")
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "spectrum", "sensitivity"],
+                        choices=["uniform", "spectrum", "sensitivity"])
     parser.add_argument("--ood-sequences", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args, overrides = parser.parse_known_args()
@@ -60,16 +64,20 @@ def main() -> None:
     results = []
     layers = list(range(teacher.config.num_hidden_layers))
     for budget in args.budgets:
-        for allocation in ("uniform", "spectrum"):
+        for allocation in args.allocations:
             mla = dataclasses.replace(cfg.target.mla, kv_budget=budget, allocation=allocation)
-            chosen = mla_rank_allocation(teacher, layers, stats, mla)
+            if allocation == "sensitivity":  # measured output error per layer and candidate rank
+                chosen = sensitivity_allocation(teacher, layers, stats, dataclasses.replace(cfg.target, mla=mla),
+                                                calibration[:1])
+            else:
+                chosen = mla_rank_allocation(teacher, layers, stats, mla)
             row = {"budget": budget, "allocation": allocation, "ranks": list(chosen.ranks.values()),
                    "kv_fraction": chosen.kv_fraction, "mean_energy_kept": sum(chosen.retained.values()) / len(layers),
                    "min_energy_kept": min(chosen.retained.values())}
             if args.eval:
                 model = copy.deepcopy(teacher)
                 target = dataclasses.replace(cfg.target, mla=mla)
-                edit_model(model, build_plan(len(layers), target), target, stats)
+                edit_model(model, plan_with_ranks(build_plan(len(layers), target), chosen.ranks), target, stats)
                 row["bytes_per_token"] = kv_table(model, 2048)["converted_bytes_per_token"]
                 for name, batches in held_out.items():
                     metrics = evaluate(model, batches)
@@ -78,10 +86,10 @@ def main() -> None:
                 del model
             results.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'budget':>7} {'alloc':>9} {'KV frac':>8} {'energy':>7} {'min':>6}"
+    print(f"\n{'budget':>7} {'alloc':>11} {'KV frac':>8} {'energy':>7} {'min':>6}"
           + ("  ID ×   ID KL  OOD ×  OOD KL" if args.eval else ""))
     for r in results:
-        line = (f"{r['budget']:7.3f} {r['allocation']:>9} {r['kv_fraction']:8.4f} {r['mean_energy_kept']:7.3f}"
+        line = (f"{r['budget']:7.3f} {r['allocation']:>11} {r['kv_fraction']:8.4f} {r['mean_energy_kept']:7.3f}"
                 f" {r['min_energy_kept']:6.3f}")
         if args.eval:
             line += (f" {r['in_domain']['ratio']:6.3f} {r['in_domain']['teacher_kl']:6.3f}"

@@ -21,15 +21,17 @@ import torch
 from hydra import compose, initialize_config_module
 
 from ascend_edit.config import register_configs, to_typed
+from ascend_edit.data.batches import batches_of
 from ascend_edit.data.heldout import python_docs_documents
+from ascend_edit.data.loading import load_data
 from ascend_edit.data.packing import pack_documents
 from ascend_edit.device import resolve_device, seed_everything
 from ascend_edit.distill.layerwise import LayerwiseObjective
-from ascend_edit.distill.model_level import ModelLevelObjective
+from ascend_edit.distill.model_level import model_level_objective
 from ascend_edit.eval.metrics import evaluate
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model
-from ascend_edit.tasks.convert import batches_of, load_data, run_stage
+from ascend_edit.train.stage import run_stage, stage_settings
 
 
 def main() -> None:
@@ -80,16 +82,16 @@ def main() -> None:
         rank, world_size, is_main = 0, 1, True
 
     ckpt = Path(cfg.output_dir) / "checkpoints"
+    settings = stage_settings(cfg)
     if cfg.distill.stage in ("layerwise", "both") and cfg.distill.layerwise.steps:
         lw = cfg.distill.layerwise
-        _, seconds["layerwise"] = run_stage("layerwise", model, LayerwiseObjective(lw.loss, lw.match), lw, cfg,
+        _, seconds["layerwise"] = run_stage("layerwise", model, LayerwiseObjective(lw.loss, lw.match), lw, settings,
                                             train_set, device, Env, ckpt)
         measure("after_layerwise")
     if cfg.distill.stage in ("model_level", "both") and cfg.distill.model_level.steps:
         ml = cfg.distill.model_level
-        objective = ModelLevelObjective(ml.kl, ml.temperature, ml.top_k, ml.chunk_size, ml.feature_weight,
-                                        list(ml.feature_layers), ml.ce_weight, teacher=None)
-        _, seconds["model_level"] = run_stage("model_level", model, objective, ml, cfg, train_set, device, Env, ckpt)
+        _, seconds["model_level"] = run_stage("model_level", model, model_level_objective(model, ml), ml, settings,
+                                              train_set, device, Env, ckpt)
         measure("after_model_level")
 
     teacher = rows["teacher"]

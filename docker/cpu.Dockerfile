@@ -10,6 +10,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
 # DeepSpeed compiles its CPU communication op (shm_comm) at first use: ZeRO runs need a C++ compiler.
+# Unpinned on purpose: the compiler version is the base image's Debian release's.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 # PyPI's Linux x86_64 torch wheel is the CUDA build (several GB of CUDA libraries); the CPU
@@ -20,6 +22,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /
 # pip prefers 2.13.0+cpu there over a plain 2.13.0 on the index.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_FIND_LINKS=
+# torch is pinned (==2.13.0); hadolint misreads the optional --find-links expansion as a package.
+# hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_INDEX_URL}" ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
         torch==2.13.0 \
     && python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"

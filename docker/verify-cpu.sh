@@ -4,7 +4,11 @@
 # debootstrap root filesystem (pulling base images is not possible there), the torch CPU wheel
 # already on this machine's disk mounted into the build. Prints the test summary.
 #
-#   docker/verify-cpu.sh                 # from the repository root; run as root
+# The build context is a snapshot of a commit (`git archive`, HEAD by default), not the working
+# tree: the result is reproducible and names the commit it tested, and uncommitted edits in the
+# checkout (work in progress) do not end up in the image.
+#
+#   docker/verify-cpu.sh                 # run as root
 #   REBUILD_BASE=1 docker/verify-cpu.sh  # rebuild the base image too
 #
 # Environment (all optional):
@@ -14,6 +18,7 @@
 #   DEBIAN_MIRROR  debootstrap mirror                         (default http://deb.debian.org/debian)
 #   WHEELS_DIR     directory holding torch-2.13.0+cpu-*.whl  (default: found via pip's find-links)
 #   PYTEST_ARGS    what the suite runs with                   (default: -m "not slow" -q)
+#   SOURCE_REF     the commit the image is built from         (default HEAD)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -22,6 +27,7 @@ BASE_IMAGE=${BASE_IMAGE:-localhost/ascend-edit-base:bookworm}
 IMAGE=${IMAGE:-localhost/ascend-edit:cpu}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PYTEST_ARGS=${PYTEST_ARGS:-}
+SOURCE_REF=${SOURCE_REF:-HEAD}
 [ -n "$PYTEST_ARGS" ] || PYTEST_ARGS='-m "not slow" -q'
 # The 2-core machines are shared: builds and tests run at the lowest priority.
 NICE=(nice -n 19)
@@ -86,15 +92,27 @@ if [ -n "${REBUILD_BASE:-}" ] || ! "${PODMAN[@]}" image exists "$BASE_IMAGE"; th
 fi
 "${PODMAN[@]}" run --rm --network=host "${ULIMITS[@]}" "$BASE_IMAGE" python --version
 
-step "image $IMAGE from docker/cpu.Dockerfile"
+step "source snapshot: $SOURCE_REF"
+commit=$(git rev-parse --verify "$SOURCE_REF^{commit}") || die "SOURCE_REF=$SOURCE_REF is not a commit"
+git log -1 --format='%H %cd %s' --date=iso-strict "$commit"
+changed=$(git status --porcelain --untracked-files=no | wc -l)
+[ "$changed" = 0 ] || echo "note: $changed tracked file(s) differ from the working tree's HEAD; only the commit is built"
+mkdir -p "$WORK_DIR" && touch "$WORK_DIR/.made-by-verify-cpu"
+# A fresh directory of this run's own, removed when the script exits.
+context=$(mktemp -d "$WORK_DIR/context.XXXXXX")
+trap 'rm -rf "$context"' EXIT
+git archive --format=tar "$commit" | tar -x -C "$context"
+
+step "image $IMAGE from docker/cpu.Dockerfile at ${commit:0:12}"
 # The wheel directory is mounted for RUN steps only (no layer holds it); pip's index is PyPI, which
 # this machine reaches, while download.pytorch.org (the Dockerfile's default torch index) is not.
 "${NICE[@]}" "${PODMAN[@]}" build --isolation=chroot "${ULIMITS[@]}" --network=host \
-    -f docker/cpu.Dockerfile --ignorefile docker/cpu.Dockerfile.dockerignore -t "$IMAGE" \
+    -f "$context/docker/cpu.Dockerfile" --ignorefile "$context/docker/cpu.Dockerfile.dockerignore" \
+    -t "$IMAGE" --label org.opencontainers.image.revision="$commit" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" \
     --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
     --build-arg TORCH_FIND_LINKS=/wheels -v "$WHEELS_DIR:/wheels:ro" \
-    .
+    "$context"
 
 step "tests inside $IMAGE: pip install -e '.[test]' && python -m pytest $PYTEST_ARGS"
 log=$WORK_DIR/pytest.log
@@ -105,7 +123,7 @@ set +e
 status=${PIPESTATUS[0]}
 set -e
 
-step "summary ($(date -u '+%Y-%m-%d %H:%M UTC'), exit $status)"
+step "summary ($(date -u '+%Y-%m-%d %H:%M UTC'), commit ${commit:0:12}, exit $status)"
 grep -E '^(FAILED|ERROR) ' "$log" || true
 tail -n 1 "$log"
 exit "$status"

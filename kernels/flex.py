@@ -15,6 +15,7 @@ is where the speed-up over a dense SDPA mask comes from.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -114,5 +115,6 @@ def sliding_window_attention(
     block_mask = sliding_window_block_mask(
         q_pos, k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg
     )
-    kernel = _flex_kernel() if compiled else flex_attention
+    # flex_attention's decorator leaves it untyped to mypy; without return_lse / return_aux it returns a Tensor
+    kernel = _flex_kernel() if compiled else cast(Callable[..., torch.Tensor], flex_attention)
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -5,8 +5,10 @@ Three ops, each in the form the decoder layers already compute them:
 * :func:`rms_norm` -- ``weight * (x * rsqrt(mean(x^2) + eps))``, normalised in fp32, as the
   Hugging Face RMSNorm modules (Llama, Qwen2/3 incl. Qwen3's per-head q/k norms, DeepSeek-V3).
 * :func:`rotary_embedding` -- rotate-half RoPE of ``x [b, h, s, d]`` with ``cos`` / ``sin``
-  ``[b, s, d]`` (broadcast over heads), as ``ascend_edit.attention.rope.apply_rope``; MLA's
-  decoupled rope part is the same op on its ``[b, h, s, r]`` / ``[b, 1, s, r]`` slices.
+  ``[b, s, d]`` (broadcast over heads), as ``ascend_edit.attention.rope.apply_rope`` and transformers'
+  ``apply_rotary_pos_emb`` (the teacher's, in ``models/fused_attention.py``), in the same operation
+  order, so swapping it in is exact; MLA's decoupled rope part is the same op on its
+  ``[b, h, s, r]`` / ``[b, 1, s, r]`` slices.
 * :func:`swiglu` -- ``silu(gate) * up``, the gated MLP activation.
 
 The NPU backends (:mod:`.npu.fused_ops`) are tested against these.

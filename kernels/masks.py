@@ -88,7 +88,8 @@ class TensorKeyedCache(Generic[V]):
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._max_entries = max_entries
-        self._entries: OrderedDict[Hashable, tuple[list[weakref.ref | None], list[int], V]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[list[weakref.ref[torch.Tensor] | None], list[int], V]] = (
+            OrderedDict())
 
     def get_or_build(
         self,
@@ -113,7 +114,7 @@ class TensorKeyedCache(Generic[V]):
 
     @staticmethod
     def _still_valid(
-        entry: tuple[list[weakref.ref | None], list[int], object], tensors: Sequence[torch.Tensor | None]
+        entry: tuple[list[weakref.ref[torch.Tensor] | None], list[int], object], tensors: Sequence[torch.Tensor | None]
     ) -> bool:
         refs, versions, _ = entry
         for ref, version, tensor in zip(refs, versions, tensors):

@@ -7,7 +7,7 @@ call it. ``backend="auto"`` picks by device and by whether a gradient is needed:
 op                             device                      auto choice
 =============================  ==========================  ========================
 ``sliding_window_attention``   npu                         ``npu``
-                               cuda                        ``flex``
+                               cuda                        ``triton`` (``flex`` without Triton)
                                cpu / other                 ``sdpa``
 ``mla_absorbed_attention``     cuda, no grad (decode)      ``triton``
                                npu, no grad (decode)       ``npu``
@@ -20,8 +20,9 @@ op                             device                      auto choice
 
 On CUDA the fused decoder-layer ops stay eager: regional ``torch.compile`` fuses them there.
 
-``triton`` (sliding window + sinks, forward and backward) is chosen by name. ``flex`` serves CUDA training and prefill alike (the block mask skips out-of-window blocks in
-both passes); any backend can be named explicitly to override the choice. Each backend module
+``triton`` (sliding window + sinks, forward and backward) serves CUDA training and prefill and hands
+the layouts it does not cover to ``flex`` (whose block mask skips out-of-window blocks in both
+passes); any backend can be named explicitly to override the choice. Each backend module
 is imported only when first resolved, so ``torch_npu`` and ``triton`` stay unimported unless used.
 """
 from __future__ import annotations
@@ -88,8 +89,8 @@ _REGISTRY: dict[str, dict[str, _Backend]] = {
             device_types=frozenset({"npu"}),
             requires_package="torch_npu",
         ),
-        # Plain self-attention layouts in the Triton kernel, the rest through flex; named explicitly
-        # until benchmarks/attention_kernels.py shows it ahead of flex on the target GPU.
+        # Plain self-attention layouts in the Triton kernel, the rest through flex (the CUDA default
+        # when Triton is installed: benchmarks/swa_sweep.py measured it ahead of flex on an H200).
         "triton": _Backend(
             ".triton.sliding_window",
             "sliding_window_attention",
@@ -189,7 +190,10 @@ def _backends_of(op: str) -> dict[str, _Backend]:
 
 def _auto_choice(op: str, device_type: str, needs_grad: bool) -> str:
     if op == SLIDING_WINDOW_ATTENTION:
-        return {"npu": "npu", "cuda": "flex"}.get(device_type, "sdpa")
+        # The Triton kernel is 1.55x flex forward + backward on an H200 (docs/benchmarks.md) and hands
+        # layouts it does not cover to flex itself; flex remains the choice where Triton is missing.
+        cuda = "triton" if _has_package("triton") else "flex"
+        return {"npu": "npu", "cuda": cuda}.get(device_type, "sdpa")
     if op in FUSED_LAYER_OPS:
         return "npu" if device_type == "npu" else "eager"
     if device_type == "cuda" and not needs_grad and _has_package("triton"):

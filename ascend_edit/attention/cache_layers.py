@@ -16,6 +16,11 @@ from the config (which knows nothing of converted layers), installed by `sink_wi
 """
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
@@ -106,12 +111,45 @@ class SinkWindowLayer(DynamicLayer):
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
 
 
+T = TypeVar("T")
+
+
+def _same_tensors(refs: list[weakref.ref[torch.Tensor] | None], versions: list[int],
+                  tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether `tensors` are the very objects `refs` point to, unmodified since (`versions`)."""
+    for ref, version, tensor in zip(refs, versions, tensors):
+        if tensor is None or ref is None:
+            if tensor is not None or ref is not None:
+                return False
+        elif ref() is not tensor or tensor._version != version:
+            return False
+    return True
+
+
+@dataclass
+class RingWrite:
+    """Where one forward's new tokens go in a ring, from `StaticSinkWindowLayer.plan_write`.
+
+    Decode (`tail` is None): `slots` [b, 1] is each row's slot and `slot_positions` [b, 1] the position
+    stored there. Prefill: `slots` [n] are the window slots of the new tokens `tail` (the last n <= window)
+    and `slot_positions` [b, n] their positions; `sink_columns` / `sink_found` [b, sinks] say which new
+    token, if any, holds sink position p of each row.
+    """
+
+    slots: torch.Tensor
+    slot_positions: torch.Tensor
+    tail: slice | None = None
+    sink_columns: torch.Tensor | None = None
+    sink_found: torch.Tensor | None = None
+
+
 class StaticSinkWindowLayer(StaticLayer):
     """A preallocated ring buffer for sliding-window attention with sink tokens (static caches).
 
     Slots ``[0, sink_tokens)`` hold each row's sink tokens (slot = position), slots
     ``[sink_tokens, sink_tokens + window)`` the last `window` tokens fed (slot = stream index mod
-    window) and the last slot is a scratch slot that absorbs the writes of tokens that are not sinks.
+    window); the last slot stays empty (position -1): sinks are now gathered into their slots rather
+    than scattered with every other token sent to a scratch slot, and the layout is kept as it was.
     `positions` [b, slots] holds each slot's position, -1 for an empty slot, a padding token or a
     window slot whose token lives in a sink slot, so attention masks by position alone and sees
     every visible key exactly once. Storage never moves after the first write.
@@ -122,6 +160,11 @@ class StaticSinkWindowLayer(StaticLayer):
 
     Reported as a full layer of `max_cache_len` tokens: transformers then builds full-length masks that
     the full-attention layers use as they are; this layer reads only its rows' padding from them.
+
+    Every ring of one cache with the same window and sinks sees the same tokens, so its bookkeeping
+    (slots, positions, the mask) is the same in all of them: the lowest-indexed one, the group's
+    `leader`, plans each forward once and the others take its plan (`shared_plan`), so a decode step
+    costs each further ring two scatters of its states, not the whole bookkeeping again.
     """
 
     is_sliding = False
@@ -132,6 +175,9 @@ class StaticSinkWindowLayer(StaticLayer):
         self.sink_tokens = sink_tokens
         self.num_slots = sink_tokens + window + 1
         self.positions: torch.Tensor | None = None
+        self.holds_tokens = False  # Python-side: a prefill into an empty ring need not attend over it
+        self.leader: StaticSinkWindowLayer = self
+        self._plan: tuple[list[weakref.ref[torch.Tensor] | None], list[int], object] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -153,36 +199,79 @@ class StaticSinkWindowLayer(StaticLayer):
         """Store new states [b, hk, s, d] with their positions [b, s]; `real` [b, s] is False for padding."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        s = key_states.shape[-2]
+        self.apply_write(key_states, value_states, self.plan_write(positions, real))
+
+    def plan_write(self, positions: torch.Tensor, real: torch.Tensor) -> RingWrite:
+        """Where tokens with `positions` [b, s] (`real` False for padding) go; reads the ring, changes nothing."""
+        s = positions.shape[-1]
         stream = self.cumulative_length + torch.arange(s, device=self.device)  # stream index of each new token
         positions = positions.to(torch.long)
         is_sink = real & (positions < self.sink_tokens)
         if s == 1:
-            # Decode: one scatter per buffer. A sink skips its window slot, whose old token is `window`
-            # steps back and never a sink itself (sinks never enter window slots): invisible either way.
+            # Decode: a sink skips its window slot, whose old token is `window` steps back and never a sink
+            # itself (sinks never enter window slots): invisible either way.
             slot = torch.where(is_sink, positions, self.sink_tokens + stream % self.window)  # [b, 1]
-            index = slot[:, None, :, None]
-            self.keys.scatter_(2, index.expand_as(key_states), key_states)
-            self.values.scatter_(2, index.expand_as(value_states), value_states)
-            self.positions.scatter_(1, slot, torch.where(real, positions, -1))
-            self.cumulative_length.add_(1)
-            return
+            return RingWrite(slot, torch.where(real, positions, -1))
         # Window slots: only the last `window` new tokens can still be seen by a later query.
         tail = slice(max(s - self.window, 0), s)
         slots = self.sink_tokens + stream[tail] % self.window
-        self.keys.index_copy_(2, slots, key_states[:, :, tail])
-        self.values.index_copy_(2, slots, value_states[:, :, tail])
-        window_pos = torch.where(real & ~is_sink, positions, -1)
-        self.positions.index_copy_(1, slots, window_pos[:, tail])
-        if self.sink_tokens:
-            # Sinks go to slot = position; every other token writes the scratch slot (its position stays -1).
-            scratch = self.num_slots - 1
-            target = torch.where(is_sink, positions, scratch)  # [b, s]
-            head_index = target[:, None, :, None]
-            self.keys.scatter_(2, head_index.expand_as(key_states), key_states)
-            self.values.scatter_(2, head_index.expand_as(value_states), value_states)
-            self.positions.scatter_(1, target, torch.where(is_sink, positions, -1))
-        self.cumulative_length.add_(s)
+        window_pos = torch.where(real & ~is_sink, positions, -1)[:, tail]
+        if not self.sink_tokens:
+            return RingWrite(slots, window_pos, tail)
+        # Sink p of a row is the real token at position p (positions of a row's real tokens are distinct):
+        # a [b, s, sinks] match, not a scatter of every new token (which would all collide on one slot).
+        match = is_sink[:, :, None] & (positions[:, :, None] == torch.arange(self.sink_tokens, device=self.device))
+        return RingWrite(slots, window_pos, tail, match.to(torch.uint8).argmax(dim=1), match.any(dim=1))
+
+    def apply_write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: RingWrite) -> None:
+        """Store new states [b, hk, s, d] where `plan` (of this ring or its leader) puts them; in place."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.holds_tokens:
+            self.holds_tokens = True
+        keys, values, positions = self.keys, self.values, self.positions
+        assert keys is not None and values is not None and positions is not None  # allocated above
+        if plan.tail is None:  # decode: one scatter per buffer
+            index = plan.slots[:, None, :, None]
+            keys.scatter_(2, index.expand_as(key_states), key_states)
+            values.scatter_(2, index.expand_as(value_states), value_states)
+            positions.scatter_(1, plan.slots, plan.slot_positions)
+            self.cumulative_length.add_(1)
+            return
+        keys.index_copy_(2, plan.slots, key_states[:, :, plan.tail])
+        values.index_copy_(2, plan.slots, value_states[:, :, plan.tail])
+        positions.index_copy_(1, plan.slots, plan.slot_positions)
+        if plan.sink_columns is not None and plan.sink_found is not None:
+            sinks = self.sink_tokens
+            found = plan.sink_found[:, None, :, None]
+            for buffer, states in ((keys, key_states), (values, value_states)):
+                b, h, _, d = states.shape
+                picked = states.gather(2, plan.sink_columns[:, None, :, None].expand(b, h, sinks, d))
+                buffer[:, :, :sinks] = torch.where(found, picked, buffer[:, :, :sinks])
+            sink_pos = torch.arange(sinks, device=self.device).expand_as(plan.sink_found)
+            positions[:, :sinks] = torch.where(plan.sink_found, sink_pos, positions[:, :sinks])
+        self.cumulative_length.add_(key_states.shape[-2])
+
+    def shared_plan(self, key: tuple[torch.Tensor | None, ...], build: Callable[[], T]) -> T:
+        """`build()` once per forward for the ring's whole group (see the class docstring).
+
+        The leader builds on every call and keeps the result with `key` (the forward's position ids and
+        mask: identity and in-place version); a ring of the same group later in the same forward gets it
+        back. Compiled graphs build in every layer (no Python state inside a trace; the compiler fuses the
+        few elementwise ops instead); a CUDA-graph capture of the eager step records the shared plan.
+        """
+        if torch.compiler.is_compiling() or key[0] is None:
+            return build()
+        leader = self.leader
+        if leader is self:
+            value = build()
+            self._plan = ([None if t is None else weakref.ref(t) for t in key],
+                          [-1 if t is None else t._version for t in key], value)
+            return value
+        held = leader._plan
+        if held is not None and _same_tensors(held[0], held[1], key):
+            return cast(T, held[2])
+        return build()
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Generic Cache API (no padding information): positions are stream indices; returns the ring."""
@@ -203,11 +292,14 @@ class StaticSinkWindowLayer(StaticLayer):
         sinks = min(self.sink_tokens, length)
         self.positions[:, :sinks] = torch.arange(sinks, device=self.device)
         self.cumulative_length.fill_(length)
+        self.holds_tokens = length > 0
 
     def reset(self) -> None:
         super().reset()
         if self.positions is not None:
             self.positions.fill_(-1)
+        self.holds_tokens = False
+        self._plan = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("StaticSinkWindowLayer cannot be cropped: evicted tokens are gone")
@@ -235,6 +327,9 @@ def sink_window_layer(cache: Cache, layer_idx: int, window: int,
         raise RuntimeError(f"cache layer {layer_idx} already holds unbounded states")
     if isinstance(layer, StaticLayer):
         layer = StaticSinkWindowLayer(layer.max_cache_len, window, sink_tokens)
+        # Layers install in forward order: the first ring of the same shape leads the group.
+        layer.leader = next((other for other in cache.layers[:layer_idx] if isinstance(other, StaticSinkWindowLayer)
+                             and (other.window, other.sink_tokens) == (window, sink_tokens)), layer)
     else:
         layer = SinkWindowLayer(window, sink_tokens)
     cache.layers[layer_idx] = layer

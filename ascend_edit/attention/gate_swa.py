@@ -79,6 +79,7 @@ class GateSWAAttention(nn.Module):
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
         if self.q_norm is not None:
+            assert self.k_norm is not None  # given together (Qwen3's per-head q/k norms)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
@@ -116,7 +117,7 @@ class GateSWAAttention(nn.Module):
             q_pos = position_ids.expand(b, s)
             layer = sink_window_layer(cache, self.layer_idx, self.window, self.sink_tokens)
             if isinstance(layer, StaticSinkWindowLayer):
-                return self._ring_attention(layer, q, k, v, q_pos, given)
+                return self._ring_attention(layer, q, k, v, q_pos, given, position_ids)
             k, v, k_pos, k_index = layer.update_window(k, v, q_pos)
             if q.device.type == "npu" and (given is None or (s == 1 and bool(given.all()))):
                 # Decode without padding: positions say everything, and the NPU kernel runs it through the
@@ -134,37 +135,61 @@ class GateSWAAttention(nn.Module):
         out, _ = sdpa_attention_forward(self, q, k, v, to_sdpa_mask(visible), dropout=0.0, scaling=self.scaling)
         return out
 
-    def _ring_attention(self, layer: StaticSinkWindowLayer, q, k, v, q_pos, given):
-        """Attention through a static ring cache: fixed shapes, masks from positions, no host sync."""
-        b, _, s, _ = q.shape
+    def _ring_attention(self, layer: StaticSinkWindowLayer, q, k, v, q_pos, given, position_ids):
+        """Attention through a static ring cache: fixed shapes, masks from positions, no host sync.
+
+        The bookkeeping (slots, positions, the mask) is planned once per forward by the ring's group leader
+        and shared with the group's other rings (`StaticSinkWindowLayer.shared_plan`); each ring then
+        only writes its states and attends.
+        """
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
-        # Padding tokens are the ones transformers' mask hides even from themselves (column = stream index).
-        stream = layer.cumulative_length + torch.arange(s, device=q.device)
-        if given is None:
-            real = torch.ones_like(q_pos, dtype=torch.bool)
-        else:
-            columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
-            real = given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
-        if s == 1:
+        plan = layer.shared_plan((position_ids, given), lambda: self._ring_plan(layer, q_pos, given))
+        ring_keys, ring_values = layer.keys, layer.values
+        assert ring_keys is not None and ring_values is not None  # allocated above
+        if q.shape[2] == 1:
             # Decode: the overwritten slot held the token `window` steps back, out of the query's sight.
             # SDPA over the sinks + window slots only, with a mask from their positions.
-            layer.write(k, v, q_pos, real)
-            visible = visible_by_position(q_pos, layer.positions, window=self.window, sink_tokens=self.sink_tokens)
-            out, _ = sdpa_attention_forward(self, q, layer.keys, layer.values, to_sdpa_mask(visible), dropout=0.0,
+            write, mask = plan
+            layer.apply_write(k, v, write)
+            out, _ = sdpa_attention_forward(self, q, ring_keys, ring_values, mask, dropout=0.0,
                                             scaling=self.scaling)
             return out
-        # Prefill (eager): the ring's keys plus the new ones through the registry's sliding-window kernel
-        # (flex on CUDA skips out-of-window blocks); padding queries and keys get position -1.
-        new_pos = torch.where(real, q_pos, -1)
-        keys, values = torch.cat([layer.keys, k], dim=-2), torch.cat([layer.values, v], dim=-2)
-        k_pos = torch.cat([layer.positions, new_pos], dim=-1)
+        # Prefill (eager): the ring's keys (unless it is empty) plus the new ones through the registry's
+        # sliding-window kernel (flex on CUDA skips out-of-window blocks); padding gets position -1. The
+        # position tensors are the group's shared ones, so the kernel's block mask is built once per forward.
+        write, new_pos, k_pos = plan
+        keys, values = k, v
+        if k_pos is not new_pos:
+            keys, values = torch.cat([ring_keys, k], dim=-2), torch.cat([ring_values, v], dim=-2)
         kernel = resolve(SLIDING_WINDOW_ATTENTION, self.kernel_backend, device_type=q.device.type,
                          needs_grad=torch.is_grad_enabled())
         out = kernel(q, keys, values, q_pos=new_pos, k_pos=k_pos, window=self.window, sink_tokens=self.sink_tokens,
                      scale=self.scaling)
-        layer.write(k, v, q_pos, real)
+        layer.apply_write(k, v, write)
         return out.transpose(1, 2)
+
+    def _ring_plan(self, layer: StaticSinkWindowLayer, q_pos: torch.Tensor, given: torch.Tensor | None):
+        """Decode: (write plan, SDPA mask over the ring after the write). Prefill: (write plan, query
+        positions with -1 for padding, key positions: the ring's then the new ones, or the new ones alone
+        when the ring is empty)."""
+        b, s = q_pos.shape
+        # Padding tokens are the ones transformers' mask hides even from themselves (column = stream index).
+        if given is None:
+            real = torch.ones_like(q_pos, dtype=torch.bool)
+        else:
+            stream = layer.cumulative_length + torch.arange(s, device=q_pos.device)
+            columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
+            real = given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
+        write = layer.plan_write(q_pos, real)
+        assert layer.positions is not None  # the ring is initialized before planning
+        if s == 1:
+            after = layer.positions.scatter(1, write.slots, write.slot_positions)  # the ring's positions after it
+            visible = visible_by_position(q_pos, after, window=self.window, sink_tokens=self.sink_tokens)
+            return write, to_sdpa_mask(visible)
+        new_pos = torch.where(real, q_pos, -1)
+        k_pos = torch.cat([layer.positions, new_pos], dim=-1) if layer.holds_tokens else new_pos
+        return write, new_pos, k_pos
 
     def _apply_gate(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """out: [b, s, h, d]; the gate reads the layer input, as the output projection's filter."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -38,21 +39,24 @@ def read_geometry(attn: nn.Module, config) -> AttentionGeometry:
             f"unsupported attention module {type(attn).__name__}: it has no separate "
             f"{', '.join(missing)} projections (supported: Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE layouts)"
         )
+    # checked above (nn.Module's typing cannot know a submodule's class)
+    q_proj, k_proj, o_proj = (cast(nn.Linear, getattr(attn, name)) for name in ("q_proj", "k_proj", "o_proj"))
+    layer_idx = cast(int, attn.layer_idx)  # every supported teacher attention knows its layer
     head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    num_heads = attn.q_proj.out_features // head_dim
-    num_kv_heads = attn.k_proj.out_features // head_dim
+    num_heads = q_proj.out_features // head_dim
+    num_kv_heads = k_proj.out_features // head_dim
     if num_heads % num_kv_heads:
-        raise ValueError(f"layer {attn.layer_idx}: {num_heads} query heads do not group over {num_kv_heads} KV heads")
+        raise ValueError(f"layer {layer_idx}: {num_heads} query heads do not group over {num_kv_heads} KV heads")
     q_norm = getattr(attn, "q_norm", None)
     return AttentionGeometry(
-        layer_idx=attn.layer_idx,
-        hidden_size=attn.q_proj.in_features,
+        layer_idx=layer_idx,
+        hidden_size=q_proj.in_features,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         scaling=float(getattr(attn, "scaling", head_dim**-0.5)),
-        qkv_bias=attn.q_proj.bias is not None,
-        o_bias=attn.o_proj.bias is not None,
+        qkv_bias=q_proj.bias is not None,
+        o_bias=o_proj.bias is not None,
         has_qk_norm=q_norm is not None,
         rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
     )

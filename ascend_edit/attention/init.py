@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 from torch import nn
 
 from ascend_edit.attention.geometry import AttentionGeometry
 from ascend_edit.attention.rope import rope_dims
+
+if TYPE_CHECKING:
+    from ascend_edit.attention.gate_swa import GateSWAAttention
+    from ascend_edit.attention.mla import MLAAttention
 
 
 @dataclass
@@ -38,12 +43,12 @@ def init_random(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(sub.weight, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
-        elif hasattr(sub, "weight") and sub.weight is not None and sub.weight.dim() == 1:
-            nn.init.ones_(sub.weight)
+        elif isinstance(weight := getattr(sub, "weight", None), torch.Tensor) and weight.dim() == 1:
+            nn.init.ones_(weight)
 
 
 @torch.no_grad()
-def init_gate_swa_from_teacher(target: nn.Module, teacher: nn.Module) -> None:
+def init_gate_swa_from_teacher(target: GateSWAAttention, teacher: nn.Module) -> None:
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         getattr(target, name).load_state_dict(getattr(teacher, name).state_dict())
     for name in ("q_norm", "k_norm"):
@@ -63,7 +68,7 @@ def _matrix_sqrt(cov: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: AttentionGeometry,
+def init_mla_from_teacher(target: MLAAttention, teacher: nn.Module, geometry: AttentionGeometry,
                           stats: LayerStats | None) -> dict[str, float]:
     """Warm-start an MLAAttention from a GQA teacher. Returns fit diagnostics.
 
@@ -115,26 +120,40 @@ def init_mla_from_teacher(target: nn.Module, teacher: nn.Module, geometry: Atten
     if target.kv_a_proj_with_mqa.bias is not None:
         target.kv_a_proj_with_mqa.bias.copy_(torch.cat([down[:, D], shared_k_rope_bias]).to(dtype))
     if has_norm:
-        target.kv_a_layernorm.weight.fill_(1.0)  # the typical RMS is folded into kv_b_proj above
+        target.get_parameter("kv_a_layernorm.weight").fill_(1.0)  # the typical RMS is folded into kv_b_proj above
     q = torch.cat([q_nope, q_rope], dim=1).reshape(H * (n + r), D).to(dtype)
     if target.q_lora_rank is None:
         target.q_proj.weight.copy_(q)
     else:
         _low_rank_query(target, q, cov_half)
-    wo = teacher.o_proj.weight.to(**f64).view(D, H, d)
+    teacher_o = _projection(teacher, "o_proj")
+    wo = teacher_o.weight.to(**f64).view(D, H, d)
     wo = torch.einsum("Dhd,hvd->Dhv", wo, torch.stack(out_maps)[group_of_head])
     target.o_proj.weight.copy_(wo.reshape(D, H * v).to(dtype))
     if target.o_proj.bias is not None:
-        bias = teacher.o_proj.bias if teacher.o_proj.bias is not None else torch.zeros(D, device=f64["device"])
+        bias = teacher_o.bias if teacher_o.bias is not None else torch.zeros(D, device=f64["device"])
         target.o_proj.bias.copy_(bias.to(dtype))
     return {"latent_energy_kept": energy_kept, "latent_rms": latent_rms}
+
+
+class _Float64(TypedDict):
+    """Keyword arguments that place a tensor in float64 on the teacher's device."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _projection(attn: nn.Module, name: str) -> nn.Linear:
+    """A teacher projection by name: read_geometry has checked it is an nn.Linear (nn.Module's typing
+    cannot know a submodule's class)."""
+    return cast(nn.Linear, getattr(attn, name))
 
 
 @dataclass
 class _LinearMaps:
     """The teacher attention's projections as float64 linear maps, with the calibration whitening."""
 
-    f64: dict
+    f64: _Float64
     cov: torch.Tensor
     cov_half: torch.Tensor
     wq: torch.Tensor  # [H, d, D], scaled for the target's softmax scale
@@ -151,20 +170,21 @@ def _linear_maps(teacher: nn.Module, g: AttentionGeometry, stats: LayerStats | N
                  rope_dim: int) -> _LinearMaps:
     H, G, d, D = g.num_heads, g.num_kv_heads, g.head_dim, g.hidden_size
     # Work on the weights' device (SVDs of real-size layers are far faster on an accelerator).
-    f64 = {"dtype": torch.float64, "device": teacher.q_proj.weight.device}
+    q_proj, k_proj, v_proj = (_projection(teacher, name) for name in ("q_proj", "k_proj", "v_proj"))
+    f64: _Float64 = {"dtype": torch.float64, "device": q_proj.weight.device}
     cov = stats.input_cov.to(**f64) if stats is not None else torch.eye(D, **f64)
     cov_half = _matrix_sqrt(cov)
 
     # Linear stand-ins for the teacher's projections; Qwen3's q/k RMSNorm becomes its weight divided
     # by the mean RMS seen on calibration data (exact up to each token's deviation from that mean).
-    wq = teacher.q_proj.weight.to(**f64).view(H, d, D)
-    wk = teacher.k_proj.weight.to(**f64).view(G, d, D)
-    wv = teacher.v_proj.weight.to(**f64).view(G, d, D)
-    bk = teacher.k_proj.bias.to(**f64).view(G, d) if teacher.k_proj.bias is not None else torch.zeros(G, d, **f64)
-    bv = teacher.v_proj.bias.to(**f64).view(G, d) if teacher.v_proj.bias is not None else torch.zeros(G, d, **f64)
+    wq = q_proj.weight.to(**f64).view(H, d, D)
+    wk = k_proj.weight.to(**f64).view(G, d, D)
+    wv = v_proj.weight.to(**f64).view(G, d, D)
+    bk = k_proj.bias.to(**f64).view(G, d) if k_proj.bias is not None else torch.zeros(G, d, **f64)
+    bv = v_proj.bias.to(**f64).view(G, d) if v_proj.bias is not None else torch.zeros(G, d, **f64)
     if g.has_qk_norm:
-        q_scale = teacher.q_norm.weight.to(**f64) / (stats.q_rms if stats else 1.0)
-        k_scale = teacher.k_norm.weight.to(**f64) / (stats.k_rms if stats else 1.0)
+        q_scale = teacher.get_parameter("q_norm.weight").to(**f64) / (stats.q_rms if stats else 1.0)
+        k_scale = teacher.get_parameter("k_norm.weight").to(**f64) / (stats.k_rms if stats else 1.0)
         wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
     rope_idx, nope_idx = (idx.to(f64["device"]) for idx in rope_dims(d, rope_dim))
     group_of_head = torch.arange(H, device=f64["device"]) // (H // G)
@@ -217,11 +237,12 @@ def latent_spectrum(teacher: nn.Module, geometry: AttentionGeometry, stats: Laye
     return torch.linalg.svdvals(rows[:, : geometry.hidden_size] @ maps.cov_half)
 
 
-def _low_rank_query(target: nn.Module, q: torch.Tensor, cov_half: torch.Tensor) -> None:
+def _low_rank_query(target: MLAAttention, q: torch.Tensor, cov_half: torch.Tensor) -> None:
     """q ≈ q_b (norm(q_a x)): whitened SVD of the full query map, rank q_lora_rank."""
     f64 = q.to(torch.float64)
     u, s, _ = torch.linalg.svd(f64 @ cov_half, full_matrices=False)
     k = target.q_lora_rank
+    assert k is not None, "only a low-rank query (target.mla.q_lora_rank set) is fitted here"
     down = u[:, :k].T @ f64  # [k, D]
     target.q_a_proj.weight.copy_(down.to(q.dtype))
     if target.q_a_proj.bias is not None:

@@ -33,6 +33,7 @@ from ascend_edit.attention.geometry import AttentionGeometry
 from ascend_edit.attention.masks import as_bool_mask
 from ascend_edit.attention.rope import apply_rope, leading_rope
 from ascend_edit.config import MLAConfig
+from ascend_edit.kernels.masks import TensorKeyedCache
 from ascend_edit.kernels.registry import MLA_ABSORBED_ATTENTION, SLIDING_WINDOW_ATTENTION, resolve
 
 PATHS = ("auto", "naive", "absorbed")
@@ -95,7 +96,8 @@ class MLAAttention(nn.Module):
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     # ----------------------------------------------------------------------------------------------
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask=None,
+                cache=None, **kwargs):
         b, s, _ = hidden_states.shape
         if cache is not None and not torch.compiler.is_compiling():
             self._kernel(hidden_states.device.type, False)  # the decode kernel, resolved before any compiled step
@@ -103,13 +105,18 @@ class MLAAttention(nn.Module):
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         latent, k_rope = self.compress_kv(hidden_states)
 
-        cos, sin = leading_rope(*position_embeddings, self.qk_rope_head_dim)
+        cos, sin = _per_forward(position_embeddings, ("rope", self.qk_rope_head_dim),
+                                lambda: leading_rope(*position_embeddings, self.qk_rope_head_dim))
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope, cos, sin)
         # Cache slot (= index in the stream of tokens fed) of each query: an int for dynamic caches, a
-        # device tensor for static ones (read before the update, which advances it in place).
+        # device tensor for static ones (read before the update, which advances it in place). Every layer of
+        # a forward reads the same value (the cache's layers advance together): derived once per forward,
+        # keyed also by the length's in-place version, which every update advances.
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        q_slot = past + torch.arange(s, device=hidden_states.device)
+        state = past._version if isinstance(past, torch.Tensor) else past
+        q_slot = _per_forward((attention_mask, position_embeddings[0]), ("q_slot", s, state),
+                              lambda: past + torch.arange(s, device=hidden_states.device))
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
@@ -166,11 +173,29 @@ class MLAAttention(nn.Module):
         t = latent.shape[2]
         if q_slot is None:  # a cache holding exactly the keys seen so far
             q_slot = torch.arange(t - s, t, device=latent.device)
-        k_pos = torch.arange(t, device=latent.device).expand(b, t)
         given = as_bool_mask(attention_mask)
-        if given is not None:
-            k_pos = torch.where(given[:, 0, :, :t].any(dim=-2), k_pos, -1)
+        k_pos = _per_forward((attention_mask,), ("k_pos", b, t), lambda: _key_slots(given, b, t, latent.device))
         kernel = self._kernel(latent.device.type, torch.is_grad_enabled())
         out_latent = kernel(q_latent, q_rope, latent[:, 0], k_rope[:, 0], q_pos=q_slot.expand(b, s), k_pos=k_pos,
                             scale=self.scaling)
         return torch.einsum("bhsc,hvc->bshv", out_latent, w_uv)
+
+
+# Every layer of one forward gets the same rotary tables and mask objects: what the layers derive from them
+# alone (the rotary part's tables, the key slots) is built once per forward in eager runs and CUDA-graph
+# captures, instead of as a few extra kernels in every layer of every decode step.
+_PER_FORWARD: TensorKeyedCache = TensorKeyedCache(max_entries=8)
+
+
+def _per_forward(tensors, params, build):
+    if torch.compiler.is_compiling() or all(t is None for t in tensors):  # a trace fuses these ops anyway
+        return build()
+    return _PER_FORWARD.get_or_build(tensors, params, build)
+
+
+def _key_slots(given: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:
+    """Slot index of each key [b, t], -1 where no query of the forward may see it (padding, empty slots)."""
+    k_pos = torch.arange(t, device=device).expand(b, t)
+    if given is None:
+        return k_pos
+    return torch.where(given[:, 0, :, :t].any(dim=-2), k_pos, -1)

@@ -7,9 +7,12 @@ Optional terms: cosine feature matching on chosen layers (weak), cross-entropy o
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from ascend_edit.config import ModelLevelConfig
 from ascend_edit.distill.chunked_kd import ce_loss, kd_logits_loss
 from ascend_edit.distill.losses import feature_cosine_loss
 from ascend_edit.models.surgery import edited_attentions, set_mode
@@ -64,3 +67,18 @@ class ModelLevelObjective:
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
+
+def frozen_teacher(model: nn.Module, stage: ModelLevelConfig) -> nn.Module | None:
+    """A separate frozen teacher when stage 2 trains shared weights (norms or all): otherwise the
+    teacher pass would run on weights that move. Costs one extra copy of the model."""
+    if stage.trainable == "target":
+        return None
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    set_mode(teacher, "teacher")
+    return teacher
+
+
+def model_level_objective(model: nn.Module, stage: ModelLevelConfig) -> ModelLevelObjective:
+    """Stage 2's objective for `model` as `stage` configures it (with a frozen teacher copy where needed)."""
+    return ModelLevelObjective(stage.kl, stage.temperature, stage.top_k, stage.chunk_size, stage.feature_weight,
+                               list(stage.feature_layers), stage.ce_weight, teacher=frozen_teacher(model, stage))

@@ -6,6 +6,7 @@ holds after `generate`, so tests can check one against the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ def _attention_kv(attn: nn.Module, layer_idx: int) -> LayerKV:
         if attn.is_sliding:
             return LayerKV(layer_idx, "swa", per_token, attn.window - 1 + attn.sink_tokens)
         return LayerKV(layer_idx, "gqa", per_token, None)
-    head_dim = attn.head_dim
-    num_kv = attn.k_proj.out_features // head_dim
+    # a teacher attention (read_geometry's layouts); nn.Module's typing cannot know its attributes
+    head_dim = cast(int, attn.head_dim)
+    num_kv = cast(nn.Linear, attn.k_proj).out_features // head_dim
     return LayerKV(layer_idx, "gqa", 2 * num_kv * head_dim, None)
 
 
@@ -48,7 +50,7 @@ def kv_layout(model: nn.Module, which: str = "student") -> list[LayerKV]:
     """Per-layer cache layout of the teacher or of the converted (student) model."""
     layouts = []
     for idx, layer in enumerate(decoder_layers(model)):
-        attn = layer.self_attn
+        attn = cast(nn.Module, layer.self_attn)
         if isinstance(attn, EditedAttention):
             attn = attn.teacher if which == "teacher" else attn.target
         layouts.append(_attention_kv(attn, idx))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,7 +74,8 @@ def run_suite(teacher: LogitsFn, student: LogitsFn, tokenizer, cfg: EvalConfig, 
             if len(ids) == 0:
                 log.warning("eval: %s has fewer than %d tokens; context skipped", name, context)
                 continue
-            metrics = compare(teacher, student, window_batches(ids, cfg.batch_tokens, device))
+            # per-model metrics, plus this context's counts and ratio
+            metrics: dict[str, Any] = compare(teacher, student, window_batches(ids, cfg.batch_tokens, device))
             metrics["sequences"] = len(ids)
             metrics["ppl_ratio"] = metrics["student"]["ppl"] / metrics["teacher"]["ppl"]
             per_context[str(context)] = metrics

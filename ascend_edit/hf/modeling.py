@@ -1,8 +1,9 @@
 """Modeling code shipped inside exported checkpoints that stock transformers cannot express (`auto_map`).
 
 An exported model is the teacher's own architecture (its transformers class, loaded from transformers)
-with the attention of the converted layers replaced by the package's targets — exactly what
-`models.surgery` does in the framework. The checkpoint's `config.json` carries the per-layer plan:
+with the attention of the converted layers replaced by the package's targets, built by the same
+`converted_attention` that `models.surgery` uses in the framework. The checkpoint's `config.json`
+carries the per-layer plan:
 
     "ascend_edit": {"plan": ["mla", "mla", "keep", ...],          # one entry per decoder layer
                     "mla": {...MLAConfig fields...},
@@ -30,21 +31,21 @@ TEACHER_LAYOUT_KINDS = ("keep", "identity")
 CONVERTED_KINDS = ("mla", "swa", "full")
 
 
-def converted_attention(kind: str, teacher_attn: nn.Module, config, spec: dict) -> nn.Module:
-    """The target module for one plan entry, shaped from the architecture's attention it replaces."""
+def converted_attention(kind: str, teacher_attn: nn.Module, config, mla=None, gate_swa=None) -> nn.Module:
+    """The target module for one converted plan entry, shaped from the architecture's attention it replaces.
+
+    The one builder of targets: model surgery passes the run's `MLAConfig` / `GateSWAConfig`, exported
+    checkpoints the same fields from `config.ascend_edit`; `mla.kv_lora_rank` is this layer's latent rank.
+    """
     geometry = read_geometry(teacher_attn, config)
     if kind == "mla":
-        mla = dict(spec["mla"])
-        if spec.get("kv_lora_ranks"):  # budget-aware: each layer its own latent rank
-            mla["kv_lora_rank"] = spec["kv_lora_ranks"][geometry.layer_idx]
-        return MLAAttention(geometry, SimpleNamespace(**mla), config=config)
+        return MLAAttention(geometry, mla, config=config)
     if kind in ("swa", "full"):
-        swa = spec["gate_swa"]
         return GateSWAAttention(
             geometry,
-            window=swa["window"] if kind == "swa" else 0,
-            sink_tokens=swa["sink_tokens"],
-            gate=swa["gate"],
+            window=gate_swa.window if kind == "swa" else 0,
+            sink_tokens=gate_swa.sink_tokens,
+            gate=gate_swa.gate,
             config=config,
             q_norm=getattr(teacher_attn, "q_norm", None),
             k_norm=getattr(teacher_attn, "k_norm", None),
@@ -60,10 +61,18 @@ def install_converted_attention(model: nn.Module, config) -> None:
     layers = model.model.layers
     if len(spec["plan"]) != len(layers):
         raise ValueError(f"the plan has {len(spec['plan'])} entries for {len(layers)} decoder layers")
-    for layer, kind in zip(layers, spec["plan"]):
+    for idx, (layer, kind) in enumerate(zip(layers, spec["plan"])):
         if kind in TEACHER_LAYOUT_KINDS:
             continue
-        layer.self_attn = converted_attention(kind, layer.self_attn, config, spec)
+        mla = gate_swa = None
+        if kind == "mla":
+            mla = dict(spec["mla"])
+            if spec.get("kv_lora_ranks"):  # budget-aware: each layer its own latent rank
+                mla["kv_lora_rank"] = spec["kv_lora_ranks"][idx]
+            mla = SimpleNamespace(**mla)
+        elif kind in ("swa", "full"):
+            gate_swa = SimpleNamespace(**spec["gate_swa"])
+        layer.self_attn = converted_attention(kind, layer.self_attn, config, mla=mla, gate_swa=gate_swa)
 
 
 class AscendEditCausalLMMixin:

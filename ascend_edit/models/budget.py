@@ -8,6 +8,14 @@ problem with non-increasing gains (squared singular values are sorted), so greed
 the next `rank_multiple` dimensions to the layer that keeps the most energy with them — is optimal
 (exactly so for `rank_multiple=1`).
 
+Energy alone treats every layer alike, but an early layer's error passes through every later layer and
+some layers barely move the output. `allocation=sensitivity` weights each layer's dropped energy by how
+much it moves the final next-token distribution: models/sensitivity.py measures the KL to the teacher
+when only that layer is a warm-started MLA of a few candidate ranks; fitting KL_i(r) = a_i + w_i *
+dropped_i(r) (least squares; a_i is the rank-independent part, e.g. the shared RoPE key) gives the
+weight w_i, and the greedy step then gives the next dimensions to the largest w_i * energy gain — still
+non-increasing per layer, so still optimal for the fitted model.
+
 Bytes: an MLA layer caches `kv_lora_rank + qk_rope_head_dim` values per token; the teacher caches
 `2 * num_kv_heads * head_dim`. A budget given as a fraction of the teacher's KV bytes over the converted
 layers becomes a whole number of latent dimensions; the allocation spends exactly that many and never
@@ -29,7 +37,7 @@ from torch import nn
 from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.init import LayerStats, latent_spectrum
 
-ALLOCATIONS = ("spectrum", "uniform")
+ALLOCATIONS = ("spectrum", "uniform", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,8 @@ class RankAllocation:
     retained: dict[int, float]  # layer -> fraction of its whitened K/V energy the latent keeps
     values_per_token: int  # cached values per token over the converted layers (latent + rope)
     teacher_values_per_token: int
+    weights: dict[int, float] | None = None  # allocation=sensitivity: KL per unit of dropped energy
+    measured: dict[int, dict[int, float]] | None = None  # allocation=sensitivity: {layer: {rank: KL}}
 
     @property
     def kv_fraction(self) -> float:
@@ -62,15 +72,20 @@ def budget_latent_dims(kv_fraction: float, teacher_widths: Sequence[int], rope_d
 
 
 def allocate_ranks(spectra: Mapping[int, torch.Tensor], total: int, max_rank: Mapping[int, int],
-                   rank_multiple: int = 1, allocation: str = "spectrum") -> dict[int, int]:
+                   rank_multiple: int = 1, allocation: str = "spectrum",
+                   weights: Mapping[int, float] | None = None) -> dict[int, int]:
     """Share `total` latent dimensions across layers; returns {layer: rank}, summing to `total` exactly.
 
     Every layer gets at least `rank_multiple` and at most `max_rank[layer]` (rounded down to the
     multiple). `spectrum`: greedy water-filling on each layer's normalised squared singular values;
+    `sensitivity`: the same with each layer's energy scaled by `weights[layer]` (sensitivity_weights);
     `uniform`: the same rank everywhere (the remainder, in multiples, to the first layers).
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"target.mla.allocation={allocation!r} is not one of {ALLOCATIONS}")
+    if allocation == "sensitivity" and (weights is None or any(i not in weights for i in spectra)):
+        raise ValueError("target.mla.allocation=sensitivity needs a measured weight for every layer "
+                         "(models/sensitivity.py mla_sensitivity, then sensitivity_weights)")
     m = rank_multiple
     if m < 1 or total % m:
         raise ValueError(f"latent budget {total} is not a multiple of rank_multiple={m}")
@@ -91,6 +106,8 @@ def allocate_ranks(spectra: Mapping[int, torch.Tensor], total: int, max_rank: Ma
                     left -= m
         return ranks
     energy = {i: spectra[i].double().pow(2) / spectra[i].double().pow(2).sum().clamp_min(1e-30) for i in layers}
+    if allocation == "sensitivity":
+        energy = {i: energy[i] * weights[i] for i in layers}
 
     def gain(i: int) -> float:  # energy the next m dimensions of layer i keep
         return float(energy[i][ranks[i]: ranks[i] + m].sum())
@@ -106,14 +123,55 @@ def allocate_ranks(spectra: Mapping[int, torch.Tensor], total: int, max_rank: Ma
     return ranks
 
 
+def retained_energy(spectrum: torch.Tensor, rank: int) -> float:
+    """Fraction of a layer's whitened K/V energy a latent of `rank` keeps."""
+    energy = spectrum.double().pow(2)
+    return float(energy[:rank].sum() / energy.sum().clamp_min(1e-30))
+
+
+def sensitivity_weights(spectra: Mapping[int, torch.Tensor], measured: Mapping[int, Mapping[int, float]],
+                        floor: float = 1e-3) -> dict[int, float]:
+    """Per-layer KL per unit of dropped whitened energy, fitted to measured {layer: {rank: KL}}.
+
+    Least squares of KL_i(r) = a_i + w_i * dropped_i(r) over the measured ranks (one rank: a_i = 0). A
+    layer whose output error does not grow as it drops energy gets a small positive weight (`floor`
+    times the largest), so ties still follow the spectrum and no layer is starved by noise.
+    """
+    weights = {}
+    for i, curve in measured.items():
+        drops = torch.tensor([1.0 - retained_energy(spectra[i], r) for r in curve], dtype=torch.float64)
+        kls = torch.tensor(list(curve.values()), dtype=torch.float64)
+        if len(curve) == 1:
+            w = float(kls[0] / drops[0].clamp_min(1e-12))
+        else:
+            dx, dy = drops - drops.mean(), kls - kls.mean()
+            w = float((dx * dy).sum() / (dx * dx).sum().clamp_min(1e-24))
+        weights[i] = w if math.isfinite(w) else 0.0
+    largest = max([w for w in weights.values() if w > 0], default=1.0)
+    return {i: max(w, floor * largest) for i, w in weights.items()}
+
+
+def candidate_ranks(total: int, num_layers: int, max_rank: int, rank_multiple: int) -> list[int]:
+    """Ranks at which to measure sensitivity: half, one and two times the uniform rank of the budget
+    (where the allocation moves), as multiples of `rank_multiple` within [rank_multiple, max_rank]."""
+    m = rank_multiple
+    uniform = max(m, total // num_layers - (total // num_layers) % m)
+    picks = {min(max(m, r - r % m), max_rank - max_rank % m) for r in (uniform // 2, uniform, 2 * uniform)}
+    return sorted(picks)
+
+
 def teacher_kv_width(geometry) -> int:
     """Values per token the teacher caches in one layer (keys and values of every KV head)."""
     return 2 * geometry.num_kv_heads * geometry.head_dim
 
 
 def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[int, LayerStats] | None,
-                        mla_cfg) -> RankAllocation:
-    """Ranks for the MLA layers `layers` of a teacher `model` under `mla_cfg.kv_budget`."""
+                        mla_cfg, measured: Mapping[int, Mapping[int, float]] | None = None) -> RankAllocation:
+    """Ranks for the MLA layers `layers` of a teacher `model` under `mla_cfg.kv_budget`.
+
+    `measured` ({layer: {rank: KL}}, models/sensitivity.py) is needed by `allocation=sensitivity` only;
+    `sensitivity_allocation` measures it and calls this.
+    """
     from ascend_edit.models.surgery import decoder_layers
 
     blocks = decoder_layers(model)
@@ -126,12 +184,34 @@ def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[
     # A latent wider than the keys and values it compresses adds nothing, and none may cache more
     # than the teacher did.
     max_rank = {i: min(len(spectra[i]), widths[i] - rope) for i in layers}
-    ranks = allocate_ranks(spectra, total, max_rank, mla_cfg.rank_multiple, mla_cfg.allocation)
-    retained = {}
-    for i in layers:
-        energy = spectra[i].double().pow(2)
-        retained[i] = float(energy[: ranks[i]].sum() / energy.sum().clamp_min(1e-30))
-    return RankAllocation(ranks, retained, total + rope * len(layers), sum(widths.values()))
+    weights = None
+    if mla_cfg.allocation == "sensitivity":
+        if measured is None:
+            raise ValueError("target.mla.allocation=sensitivity measures each layer's output error on calibration "
+                             "data: build the plan with models.budget.sensitivity_allocation (the convert task "
+                             "does), not from the spectrum alone")
+        weights = sensitivity_weights(spectra, {i: measured[i] for i in layers})
+    ranks = allocate_ranks(spectra, total, max_rank, mla_cfg.rank_multiple, mla_cfg.allocation, weights)
+    retained = {i: retained_energy(spectra[i], ranks[i]) for i in layers}
+    return RankAllocation(ranks, retained, total + rope * len(layers), sum(widths.values()), weights,
+                          {i: dict(measured[i]) for i in layers} if measured is not None else None)
+
+
+def sensitivity_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[int, LayerStats],
+                           target_cfg, batches: list[dict], ranks: Sequence[int] | None = None) -> RankAllocation:
+    """Measure each layer's output error at a few candidate ranks (models/sensitivity.py) on the
+    calibration `batches`, then share `target_cfg.mla.kv_budget` by sensitivity-weighted energy."""
+    from ascend_edit.models.sensitivity import mla_sensitivity
+    from ascend_edit.models.surgery import decoder_layers
+
+    mla = target_cfg.mla
+    blocks = decoder_layers(model)
+    widths = [teacher_kv_width(read_geometry(blocks[i].self_attn, model.config)) for i in layers]
+    total = budget_latent_dims(mla.kv_budget, widths, mla.qk_rope_head_dim, mla.rank_multiple)
+    if ranks is None:
+        ranks = candidate_ranks(total, len(layers), min(widths) - mla.qk_rope_head_dim, mla.rank_multiple)
+    measured = mla_sensitivity(model, target_cfg, stats, batches, ranks, layers)
+    return mla_rank_allocation(model, layers, stats, replace(mla, allocation="sensitivity"), measured)
 
 
 def plan_with_ranks(plan: list, ranks: Mapping[int, int]) -> list:
@@ -163,3 +243,16 @@ def full_layers_for_budget(sensitivity: Sequence[float], kv_fraction: float, con
         full.append(i)
         spent += context - swa_tokens
     return sorted(full)
+
+
+def gate_swa_for_budget(model: nn.Module, target_cfg, batches: list[dict], kv_fraction: float, context: int):
+    """(GateSWA config with explicit `full_layers`, per-layer sensitivity): the layers whose sliding moves the
+    output most on `batches` (models/sensitivity.py) stay full, as many as `kv_fraction` of the teacher's KV
+    at `context` tokens pays for. An explicit list exports natively (layer_types) and needs no data to rebuild.
+    `batches` should be as long as `context` or the window barely changes what a layer sees."""
+    from ascend_edit.models.sensitivity import swa_sensitivity
+
+    swa = replace(target_cfg.gate_swa, full_layers=[], full_every=0, full_by_sensitivity=0)
+    scores = swa_sensitivity(model, replace(target_cfg, kind="gate_swa", init="warm", gate_swa=swa), batches)
+    full = full_layers_for_budget(scores, kv_fraction, context, swa.window, swa.sink_tokens)
+    return replace(swa, full_layers=full), scores

@@ -19,8 +19,10 @@ def shape_only_teacher(cfg: ModelConfig):
         return model
     dtype = TORCH_DTYPES[cfg.dtype]
     if cfg.source == "config":
+        assert cfg.arch is not None  # ModelConfig requires it with source=config
         model = build_from_config(cfg.arch, cfg.overrides, dtype, device="meta")
     else:
+        assert cfg.path is not None  # ModelConfig requires it with source=hf
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model.path {path} does not exist")

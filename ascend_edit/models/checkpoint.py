@@ -20,10 +20,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
-from ascend_edit.models.surgery import LayerPlan, edit_model, unwrap_targets
+from ascend_edit.models.surgery import edit_model, plan_entries, plan_from_entries, unwrap_targets
 from ascend_edit.train.checkpoint_io import fsync_dir, require_finite, verify_manifest, write_manifest
 
 FORMAT_VERSION = 1
+CONVERTED_MARKER = "ascend_edit.json"  # names a converted-model directory; holds target config and plan
+RUN_CANDIDATES = ("converted", "stage-layerwise")  # converted models inside a run directory, preferred first
 
 
 def converted_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,7 +50,7 @@ def save_converted(model: nn.Module, target: TargetConfig, directory: Path, toke
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in converted_state_dict(model).items()}
     require_finite(state.items(), f"the converted model to {directory}")
-    if directory.exists() and any(directory.iterdir()) and not (directory / "ascend_edit.json").exists():
+    if directory.exists() and any(directory.iterdir()) and not (directory / CONVERTED_MARKER).exists():
         raise FileExistsError(f"{directory} exists and is not a converted model: refusing to replace it")
     tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -56,7 +58,7 @@ def save_converted(model: nn.Module, target: TargetConfig, directory: Path, toke
         model.config.to_json_file(tmp / "config.json")
         meta = {"format_version": FORMAT_VERSION, "target": dataclasses.asdict(target),
                 "plan": plan_entries(model.edit_plan)}
-        (tmp / "ascend_edit.json").write_text(json.dumps(meta, indent=2))
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -91,7 +93,7 @@ def _target_config(raw: dict) -> TargetConfig:
 def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a converted model from `save_converted` output; returns it with targets in place."""
     directory = Path(directory)
-    meta_file = directory / "ascend_edit.json"
+    meta_file = directory / CONVERTED_MARKER
     if not meta_file.exists():
         raise FileNotFoundError(f"{directory} is not a converted model: no ascend_edit.json")
     verify_manifest(directory)
@@ -102,7 +104,7 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target = dataclasses.replace(_target_config(meta["target"]), init="random")
-    plan = [LayerPlan(*entry) for entry in meta["plan"]]
+    plan = plan_from_entries(meta["plan"])
     edit_model(model, plan, target)
     unwrap_targets(model)
     model.to_empty(device="cpu")
@@ -119,11 +121,6 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     fresh_rotary_buffers(model)
     model.edit_plan = plan
     return model.eval()
-
-
-def plan_entries(plan) -> list[list]:
-    """The plan as JSON: [layer, kind], plus the layer's latent rank where a budget chose it."""
-    return [[e.layer_idx, e.kind] + ([e.kv_lora_rank] if e.kv_lora_rank is not None else []) for e in plan]
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
@@ -155,7 +152,7 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
     """
     directory = Path(directory)
     verify_manifest(directory)
-    meta = json.loads((directory / "ascend_edit.json").read_text())
+    meta = json.loads((directory / CONVERTED_MARKER).read_text())
     own_plan = plan_entries(model.edit_plan)
     if meta["plan"] != own_plan:
         raise ValueError(f"{directory}: its layer plan differs from this run's plan")

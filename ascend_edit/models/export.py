@@ -26,12 +26,14 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DeepseekV3Config, PreTrainedModel
+from transformers import AutoModelForCausalLM, DeepseekV3Config, PretrainedConfig, PreTrainedModel
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention,
     DeepseekV3ForCausalLM,
@@ -77,7 +79,7 @@ class ExportResult:
 # What the converted model is made of
 # ------------------------------------------------------------------------------------------------
 def _converted_attention(layer: nn.Module) -> nn.Module:
-    attn = layer.self_attn
+    attn = cast(nn.Module, layer.self_attn)
     return attn.target if isinstance(attn, EditedAttention) else attn
 
 
@@ -176,7 +178,7 @@ def _deepseek_v3_state(state: dict[str, torch.Tensor], spec: dict) -> dict[str, 
     return out
 
 
-def _deepseek_v3_blockers(model: nn.Module, spec: dict) -> list[str]:
+def _deepseek_v3_blockers(model: PreTrainedModel, spec: dict) -> list[str]:
     base, reasons = model.config, []
     if any(kind != "mla" for kind in spec["plan"]):
         reasons.append("deepseek_v3 needs MLA in every layer; the plan is "
@@ -211,8 +213,8 @@ def _deepseek_v3_blockers(model: nn.Module, spec: dict) -> list[str]:
     return reasons
 
 
-def _rope_blockers(model: nn.Module, config: DeepseekV3Config, rope_dim: int) -> list[str]:
-    rope_type = config.rope_parameters.get("rope_type", "default")
+def _rope_blockers(model: PreTrainedModel, config: DeepseekV3Config, rope_dim: int) -> list[str]:
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type == "dynamic":
         return ["rope_type=dynamic rescales frequencies by the rotary width at run time: not expressible"]
     teacher = model.model.rotary_emb
@@ -253,7 +255,7 @@ def _deepseek_v3_notes(spec: dict, config: DeepseekV3Config) -> list[str]:
     mla, notes = spec["mla"], []
     if config.attention_bias:
         notes.append("attention biases: vLLM's DeepSeek MLA has no q/kv_a/o biases; vLLM cannot load this")
-    if config.rope_parameters.get("rope_type", "default") != "default":
+    if (config.rope_parameters or {}).get("rope_type", "default") != "default":
         notes.append("non-default rope_type: vLLM's DeepSeek model reinterprets it as deepseek_yarn")
     if (mla["kv_lora_rank"], mla["qk_rope_head_dim"]) != (512, 64):
         notes.append(f"kv_lora_rank={mla['kv_lora_rank']}, qk_rope_head_dim={mla['qk_rope_head_dim']}: the fused MLA "
@@ -277,11 +279,11 @@ def teacher_config(base, spec: dict):
     return config
 
 
-def _teacher_blockers(model: nn.Module, spec: dict) -> list[str]:
+def _teacher_blockers(model: PreTrainedModel, spec: dict) -> list[str]:
     base, reasons = model.config, []
     if "mla" in spec:
         return ["MLA layers have no place in the teacher's attention layout"]
-    swa = spec.get("gate_swa")
+    swa = spec.get("gate_swa") or {}
     if swa and swa["gate"] != "none":
         reasons.append(f"gate={swa['gate']}: the teacher architecture has no attention output gate")
     sliding = "swa" in spec["plan"]
@@ -298,7 +300,7 @@ def _teacher_blockers(model: nn.Module, spec: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Choice, writing, verification
 # ------------------------------------------------------------------------------------------------
-def native_blockers(model: nn.Module, spec: dict | None = None) -> dict[str, list[str]]:
+def native_blockers(model: PreTrainedModel, spec: dict | None = None) -> dict[str, list[str]]:
     """For the native format that fits the plan, why it cannot express this model (empty list: it can)."""
     spec = spec or conversion_spec(model)
     if "mla" in spec:
@@ -306,7 +308,7 @@ def native_blockers(model: nn.Module, spec: dict | None = None) -> dict[str, lis
     return {"teacher": _teacher_blockers(model, spec)}
 
 
-def choose_format(model: nn.Module, native: str = "auto", spec: dict | None = None) -> tuple[str, dict]:
+def choose_format(model: PreTrainedModel, native: str = "auto", spec: dict | None = None) -> tuple[str, dict]:
     """(format, blockers): a native format when it expresses the model and `native` allows it."""
     if native not in NATIVE_MODES:
         raise ExportError(f"native={native!r} is not one of {list(NATIVE_MODES)}")
@@ -321,9 +323,11 @@ def choose_format(model: nn.Module, native: str = "auto", spec: dict | None = No
     return "auto_map", blockers
 
 
-def _write(model: nn.Module, spec: dict, fmt: str, directory: Path) -> PreTrainedModel:
+def _write(model: PreTrainedModel, spec: dict, fmt: str, directory: Path) -> PreTrainedModel:
     base = model.config
     state = {k: v.detach().to("cpu") for k, v in converted_state_dict(model).items()}
+    config: PretrainedConfig
+    model_cls: type[PreTrainedModel]
     if fmt == "deepseek_v3":
         bias = "model.layers.0.self_attn.kv_a_proj_with_mqa.bias" in state
         config, model_cls = deepseek_v3_config(base, spec, bias), DeepseekV3ForCausalLM
@@ -335,7 +339,9 @@ def _write(model: nn.Module, spec: dict, fmt: str, directory: Path) -> PreTraine
         model_cls = package_auto_map_class(type(base), type(model))
         fields = {k: v for k, v in base.to_dict().items()
                   if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
-        config = model_cls.config_class(**fields, ascend_edit=spec, auto_map=auto_map)
+        # the teacher's config class (subclassed by package_auto_map_class), which keeps extra fields
+        config_class = cast(Callable[..., PretrainedConfig], model_cls.config_class)
+        config = config_class(**fields, ascend_edit=spec, auto_map=auto_map)
         config.architectures = [CAUSAL_LM_CLASS]
     config = copy.deepcopy(config)
     config.dtype = next(model.parameters()).dtype
@@ -376,10 +382,11 @@ def probe_length(spec: dict, max_positions: int, minimum: int = 32) -> int:
 
 
 @torch.no_grad()
-def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed: int = 0) -> tuple[float, float]:
+def verify_export(model: PreTrainedModel, directory: Path, fmt: str, spec: dict, seed: int = 0) -> tuple[float, float]:
     """Reload `directory` from disk and compare logits with `model` (fp32); returns (max rel diff, cache
     bytes per token). Raises ExportError when they disagree or an MLA cache holds more than latents.
     No code from `directory` runs: `auto_map` is reloaded with the package's own classes."""
+    loader: type[PreTrainedModel] | type[AutoModelForCausalLM]
     if fmt == "auto_map":
         loader = package_auto_map_class(type(model.config), type(model))
     else:
@@ -413,7 +420,7 @@ def verify_export(model: nn.Module, directory: Path, fmt: str, spec: dict, seed:
     return diff, measured_cache_bytes(cache) / (2 * length)
 
 
-def export_converted(model: nn.Module, directory: Path, *, tokenizer=None, native: str = "auto",
+def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None, native: str = "auto",
                      dtype: torch.dtype | None = None, verify: bool = True, overwrite: bool = False) -> ExportResult:
     """Write `model` (a converted model: see `conversion_spec`) as an HF checkpoint into `directory`.
 
@@ -448,7 +455,7 @@ def export_converted(model: nn.Module, directory: Path, *, tokenizer=None, nativ
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # this call's own temporary directory
         raise
-    notes = _deepseek_v3_notes(spec, exported.config) if fmt == "deepseek_v3" else []
+    notes = _deepseek_v3_notes(spec, cast(DeepseekV3Config, exported.config)) if fmt == "deepseek_v3" else []
     if fmt == "auto_map":
         notes.append("auto_map: load with trust_remote_code=True; vLLM / vllm-ascend have no implementation of "
                      "this architecture (serve it through transformers)")

@@ -10,13 +10,15 @@ resolves one kernel per op through the registry (``ascend_edit.kernels``: ``rms_
   ``weight`` parameter -- state-dict keys, checkpoints and exports are unchanged;
 * replaces every gated SiLU MLP (``gate_proj`` / ``up_proj`` / ``down_proj``) by
   :class:`FusedSwiGLUMLP`, which keeps the same three ``Linear`` children;
+* replaces every stock Llama-family attention (the teacher's, inside ``EditedAttention`` or in
+  kept layers) by :class:`~ascend_edit.models.fused_attention.FusedRotaryAttention`, which shares its
+  children and applies the teacher's RoPE with the rotary kernel before calling transformers'
+  attention interface;
 * hands the rotary kernel to ``ascend_edit.attention.rope`` (``set_rope_kernel``), the one function
   the converted attention targets (GateSWA, MLA's decoupled rope part) apply RoPE with.
 
 Nothing is monkey-patched: modules are swapped by ``setattr`` on their parent, as the attention
-targets are. The teacher's own attention classes call transformers' module-level rotary function
-inside their ``forward``; changing that would mean patching transformers, so the teacher keeps
-eager RoPE (it runs without backward, where the fused op gains least).
+targets are; no transformers class or function is changed.
 
 ``enabled="auto"`` swaps only on NPU; on CPU / CUDA the model is left as it is (CUDA fuses these
 ops by regional ``torch.compile``). Every backend can be overridden by name in the config.
@@ -31,6 +33,7 @@ from torch import nn
 
 from ascend_edit.config import FusedOpsConfig
 from ascend_edit.kernels.registry import RMS_NORM, ROTARY_EMBEDDING, SWIGLU, backend_name, resolve
+from ascend_edit.models.fused_attention import SUPPORTED, FusedRotaryAttention, swappable
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +109,24 @@ def install_fused_ops(model: nn.Module, cfg: FusedOpsConfig, *, device_type: str
     for name, module in mlps:
         _swap(model, name, FusedSwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, kernels[SWIGLU]))
 
+    # After the norms: a Qwen3 attention takes its (now fused) q_norm / k_norm along as children.
+    attentions = [(n, m) for n, m in model.named_modules() if swappable(m)]
+    for name, module in attentions:
+        _swap(model, name, FusedRotaryAttention(module, kernels[ROTARY_EMBEDDING]))
+    kept = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in SUPPORTED
+                   and not isinstance(m, FusedRotaryAttention)})  # fmt: skip
+    if kept:
+        log.warning("fused decoder ops: %s modules carry hooks or their own forward; they keep eager RoPE",
+                    ", ".join(kept))
+
     from ascend_edit.attention import rope
 
     rope.set_rope_kernel(kernels[ROTARY_EMBEDDING])
     log.info(
-        "fused decoder ops on %s: rms_norm -> %s (%d modules), swiglu -> %s (%d MLPs), rotary_embedding -> %s",
+        "fused decoder ops on %s: rms_norm -> %s (%d modules), swiglu -> %s (%d MLPs), rotary_embedding -> %s "
+        "(%d teacher attentions + the converted targets)",
         device_type, chosen[RMS_NORM], len(norms), chosen[SWIGLU], len(mlps), chosen[ROTARY_EMBEDDING],
+        len(attentions),
     )  # fmt: skip
     return chosen
 

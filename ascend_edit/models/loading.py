@@ -106,6 +106,7 @@ def check_model_files(cfg: ModelConfig, verify_gguf: bool = True) -> None:
     """
     if cfg.source != "hf":
         return
+    assert cfg.path is not None  # ModelConfig requires it with source=hf
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise ModelInputError(f"model.path={cfg.path} does not exist (nothing is downloaded: give a local directory)")
@@ -161,6 +162,7 @@ def teacher_config(cfg: ModelConfig) -> PretrainedConfig:
         gguf = smollm2_gguf()
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     check_model_files(cfg, verify_gguf=False)  # AutoConfig reads a GGUF's tensor table anyway
+    assert cfg.path is not None  # ModelConfig requires it with source=hf
     path = Path(cfg.path).expanduser()
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     try:
@@ -186,6 +188,7 @@ def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, devic
     attn = attn_implementation or cfg.attn_implementation
     tokenizer = None
     if cfg.source == "config":
+        assert cfg.arch is not None  # ModelConfig requires it with source=config
         model = build_from_config(cfg.arch, cfg.overrides, dtype, device)
     elif cfg.source == "smollm2":
         from ascend_edit.assets import load_smollm2
@@ -193,6 +196,7 @@ def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, devic
         model, tokenizer = load_smollm2(dtype=dtype)
     else:
         check_model_files(cfg)
+        assert cfg.path is not None  # ModelConfig requires it with source=hf
         path = Path(cfg.path).expanduser()
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         try:  # the tokenizer first: it is cheap, and a broken one should not cost a weight load
@@ -206,7 +210,8 @@ def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, devic
             raise ModelInputError(f"model.path={cfg.path}: the weights could not be loaded: "
                                   f"{_first_line(err)}") from err
     check_supported(model)
-    model.to(device)
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which types it as unbound
+    model.to(device)  # type: ignore[arg-type]
     model.set_attn_implementation(attn)
     model.eval().requires_grad_(False)
     log.info("teacher: %s, %d layers, %.1fM parameters", model.config.model_type,

@@ -1,32 +1,37 @@
-"""Per-layer sensitivity to sliding-window attention, for choosing which layers stay full.
+"""Per-layer sensitivity of the converted model's output to each layer's conversion.
 
-Each layer in turn runs its sliding-window target (warm-started, so the only change is the
-window) while every other layer runs the teacher; the KL to the teacher on calibration batches is
-that layer's sensitivity. Layers are restored to the teacher afterwards.
+One layer at a time runs its warm-started target while every other layer runs the teacher; the KL of the
+final next-token distribution to the teacher's, on calibration batches, is that layer's sensitivity.
+Layers are restored to the teacher afterwards.
+
+* `swa_sensitivity`: the layer slides (GateSWA), for choosing which layers stay full.
+* `mla_sensitivity`: the layer is an MLA of latent rank r, for a few candidate r: the output error each
+  layer's rank costs, which models/budget.py turns into a per-layer weight for sharing a KV budget (an
+  early layer's error passes through every later layer; the K/V spectrum alone cannot see that).
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from ascend_edit.config import TargetConfig
 from ascend_edit.models.surgery import build_plan, decoder_layers, edit_model, edited_attentions, set_mode
 
 
 @torch.no_grad()
-def swa_sensitivity(model: nn.Module, cfg: TargetConfig, batches: list[dict]) -> list[float]:
-    num_layers = model.config.num_hidden_layers
-    all_sliding = dataclasses.replace(cfg, init="warm", gate_swa=dataclasses.replace(
-        cfg.gate_swa, full_by_sensitivity=0, full_every=0, full_layers=[]))
-    edit_model(model, build_plan(num_layers, all_sliding), all_sliding)
+def _kl_of_each_layer(model: nn.Module, batches: list[dict]) -> dict[int, float]:
+    """{layer: summed batch-mean KL(teacher || model with only that layer's target)} of an edited model;
+    restores the untouched teacher attentions afterwards."""
     modules = {m.layer_idx: m for m in edited_attentions(model)}
-    scores = [0.0] * num_layers
+    scores = dict.fromkeys(modules, 0.0)
     try:
         for batch in batches:
-            kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            kwargs = dict(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
             set_mode(model, "teacher")
             reference = F.log_softmax(model(**kwargs).logits.float(), -1)
             for idx, module in modules.items():
@@ -38,3 +43,36 @@ def swa_sensitivity(model: nn.Module, cfg: TargetConfig, batches: list[dict]) ->
         for layer in decoder_layers(model):  # back to the untouched teacher
             layer.self_attn = layer.self_attn.teacher if hasattr(layer.self_attn, "teacher") else layer.self_attn
     return scores
+
+
+@torch.no_grad()
+def swa_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dict]) -> list[float]:
+    """KL when each layer alone slides (window and sinks of `cfg.gate_swa`); one value per layer."""
+    num_layers = model.config.num_hidden_layers
+    all_sliding = dataclasses.replace(cfg, init="warm", gate_swa=dataclasses.replace(
+        cfg.gate_swa, full_by_sensitivity=0, full_every=0, full_layers=[]))
+    edit_model(model, build_plan(num_layers, all_sliding), all_sliding)
+    scores = _kl_of_each_layer(model, batches)
+    return [scores.get(i, 0.0) for i in range(num_layers)]
+
+
+@torch.no_grad()
+def mla_sensitivity(model: PreTrainedModel, cfg: TargetConfig, stats: Mapping, batches: list[dict],
+                    ranks: Sequence[int], layers: Sequence[int] | None = None) -> dict[int, dict[int, float]]:
+    """{layer: {rank: KL}} when each layer alone is a warm-started MLA of latent `rank` (others: teacher).
+
+    A rank above a layer's largest useful rank (`max_rank`, see models/budget.py) is still built — the
+    warm start then keeps every direction — so callers pass candidate ranks within the layers' widths.
+    """
+    num_layers = model.config.num_hidden_layers
+    layers = list(range(num_layers)) if layers is None else list(layers)
+    curves: dict[int, dict[int, float]] = {i: {} for i in layers}
+    for rank in sorted(set(ranks)):
+        one_rank = dataclasses.replace(cfg, init="warm", layers=layers, mla=dataclasses.replace(
+            cfg.mla, kv_lora_rank=rank, kv_budget=None))
+        edit_model(model, build_plan(num_layers, one_rank), one_rank, dict(stats))
+        for idx, kl in _kl_of_each_layer(model, batches).items():
+            curves[idx][rank] = kl
+    if hasattr(model, "edit_plan"):
+        del model.edit_plan  # the model is the untouched teacher again
+    return curves

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ascend_edit.attention.edited import MODES, EditedAttention
-from ascend_edit.attention.gate_swa import GateSWAAttention
 from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.init import (
     LayerStats,
@@ -23,8 +22,8 @@ from ascend_edit.attention.init import (
     init_mla_from_teacher,
     init_random,
 )
-from ascend_edit.attention.mla import MLAAttention
 from ascend_edit.config import TargetConfig
+from ascend_edit.hf.modeling import converted_attention
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,16 @@ class LayerPlan:
     @property
     def converted(self) -> bool:
         return self.kind != "keep"
+
+
+def plan_entries(plan: Iterable[LayerPlan]) -> list[list]:
+    """The plan as JSON: [layer, kind], plus the layer's latent rank where a budget chose it."""
+    return [[e.layer_idx, e.kind] + ([e.kv_lora_rank] if e.kv_lora_rank is not None else []) for e in plan]
+
+
+def plan_from_entries(entries: Iterable[list]) -> list[LayerPlan]:
+    """The plan `plan_entries` wrote."""
+    return [LayerPlan(*entry) for entry in entries]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -93,23 +102,12 @@ def validate_plan(plan: list[LayerPlan], num_layers: int) -> None:
 
 
 def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, model_config) -> nn.Module:
-    geometry = read_geometry(teacher_attn, model_config)
     if entry.kind == "identity":
+        read_geometry(teacher_attn, model_config)  # refuses an attention layout the package cannot convert
         target = copy.deepcopy(teacher_attn)
-    elif entry.kind == "mla":
-        mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
-        target = MLAAttention(geometry, mla, config=model_config)
     else:
-        swa = cfg.gate_swa
-        target = GateSWAAttention(
-            geometry,
-            window=swa.window if entry.kind == "swa" else 0,
-            sink_tokens=swa.sink_tokens,
-            gate=swa.gate,
-            config=model_config,
-            q_norm=getattr(teacher_attn, "q_norm", None),
-            k_norm=getattr(teacher_attn, "k_norm", None),
-        )
+        mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
+        target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=cfg.gate_swa)
     ref = teacher_attn.q_proj.weight
     return target.to(device=ref.device, dtype=ref.dtype)
 

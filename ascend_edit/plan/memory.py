@@ -243,7 +243,7 @@ def flops_per_token(m: ModelShape, t: TargetShape, target_params: int, stage: st
 def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSettings) -> Plan:
     w, world, z = s.weight_bytes, s.world_size, s.zero_stage
     ds = s.engine == "deepspeed"
-    notes = []
+    notes: list[str] = []
     frozen = counts.frozen * w / (world if ds and z == 3 else 1)
     if ds and s.offload_params:
         frozen, notes = 0.0, notes + ["offload_params: frozen and target weights live in host memory"]

@@ -18,9 +18,10 @@ from rich.table import Table
 from ascend_edit import distributed
 from ascend_edit.config import RootConfig
 from ascend_edit.distill.layerwise import LayerwiseObjective
-from ascend_edit.distill.model_level import ModelLevelObjective
+from ascend_edit.distill.model_level import model_level_objective
 from ascend_edit.eval.metrics import evaluate
-from ascend_edit.tasks.convert import frozen_teacher, prepare, run_stage
+from ascend_edit.train.prepare import prepare
+from ascend_edit.train.stage import run_stage, stage_settings
 
 
 def run(cfg: RootConfig) -> dict:
@@ -33,23 +34,24 @@ def run(cfg: RootConfig) -> dict:
                          "so that equal steps mean equal tokens")
     p = prepared
     start = copy.deepcopy(p.model)
-    model_level = ModelLevelObjective(ml.kl, ml.temperature, ml.top_k, ml.chunk_size, ml.feature_weight,
-                                      list(ml.feature_layers), ml.ce_weight, teacher=frozen_teacher(p.model, ml))
+    model_level = model_level_objective(p.model, ml)
+    settings = stage_settings(cfg)
     rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher"), 0.0),
             "init only": (evaluate(p.model, p.eval_batches), 0.0)}
 
     stage2_only = copy.deepcopy(start)
     long_ml = dataclasses.replace(ml, steps=lw.steps + ml.steps)
-    _, seconds = run_stage("model_level", stage2_only, model_level, long_ml, cfg, p.train_set, p.device, p.env,
+    _, seconds = run_stage("model_level", stage2_only, model_level, long_ml, settings, p.train_set, p.device, p.env,
                            p.out_dir / "ablation-stage2-only")
     rows["stage 2 only"] = (evaluate(stage2_only, p.eval_batches), seconds)
     del stage2_only
 
     both = start
     stage1 = LayerwiseObjective(lw.loss, lw.match)
-    _, s1 = run_stage("layerwise", both, stage1, lw, cfg, p.train_set, p.device, p.env, p.out_dir / "ablation-stage1+2")
+    _, s1 = run_stage("layerwise", both, stage1, lw, settings, p.train_set, p.device, p.env,
+                      p.out_dir / "ablation-stage1+2")
     after_stage1 = evaluate(both, p.eval_batches)
-    _, s2 = run_stage("model_level", both, model_level, ml, cfg, p.train_set, p.device, p.env,
+    _, s2 = run_stage("model_level", both, model_level, ml, settings, p.train_set, p.device, p.env,
                       p.out_dir / "ablation-stage1+2")
     rows["stage 1 only (midpoint)"] = (after_stage1, s1)
     rows["stage 1 + stage 2"] = (evaluate(both, p.eval_batches), s1 + s2)

@@ -23,11 +23,18 @@ What is measured, and how:
   built, minus 1 GiB, over (cache bytes per sequence, computed from the allocated buffers' shapes, + the
   decode step's measured workspace per sequence); then verified by allocating that batch and running two
   eager steps (`--no-verify` skips it). CPU runs take the budget from `--memory-budget-gib`.
-* **Prefill**: one batch-1 prompt of each `--prefill-contexts` length through the static cache, timed on
-  the second of two runs.
+* **Prefill**: one batch-1 prompt of each `--prefill-contexts` length through the static cache (eager),
+  one untimed run (kernel compile / autotune) then `--prefill-repeats` timed ones, each with a fresh
+  cache: median and spread (min-max).
+* **Where a step's time goes** (`--profile-cells BATCHxCONTEXT`): the eager decode step under
+  `torch.profiler` (a few steps after warm-up). Written per model: `profile-<model>-b<B>-c<C>.txt` (top
+  kernels by device time) and, in the summary, device kernels per step, their summed time per step split
+  into GEMM / attention / everything else. Set beside the CUDA-graph step time of the same cell (which
+  has no launch gaps), it says whether the step is kernel work — large GEMMs below bandwidth, or many
+  small fixed-cost kernels — or host launch overhead. On CPU the ops' own times stand in for kernels.
 
-Output: `decode.csv`, `prefill.csv`, `max_batch.csv`, `summary.json`, per-process logs in `logs/`, and a
-short table printed last.
+Output: `decode.csv`, `prefill.csv`, `max_batch.csv`, `profile.csv`, `summary.json`, per-process logs in
+`logs/`, and a short table printed last.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,6 +78,9 @@ class Settings:
     compile_cells: list[list[int]] = field(default_factory=lambda: [[1, 8192]])
     compile_kinds: list[str] = field(default_factory=lambda: list(KINDS))  # models the compile cells run for
     prefill_contexts: list[int] = field(default_factory=lambda: [8192, 32768])
+    prefill_repeats: int = 3
+    profile_cells: list[list[int]] = field(default_factory=list)  # [batch, context]: profile the eager step
+    profile_steps: int = 5
     max_batch: bool = True
     verify: bool = True
     memory_budget_gib: float | None = None  # instead of the device's free memory (CPU runs)
@@ -258,7 +269,7 @@ def measure_decode(model, settings: Settings, device, batch: int, context: int, 
     return cell
 
 
-def measure_prefill(model, device, context: int, seed: int) -> dict:
+def measure_prefill(model, device, context: int, seed: int, repeats: int = 3) -> dict:
     from ascend_edit.models.static_decode import StaticDecoder
 
     row = {"context": context, "status": "ok"}
@@ -266,20 +277,101 @@ def measure_prefill(model, device, context: int, seed: int) -> dict:
         ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
         ids = ids.to(device)
         times = []
-        for _ in range(2):  # the first run compiles / autotunes attention kernels
+        for run in range(1 + repeats):  # the first run compiles / autotunes attention kernels: not timed
             decoder = StaticDecoder(model, 1, context + 2, mode="eager")
             _sync(device)
             with Timer(device) as t:
                 decoder.prefill(ids)
-            times.append(t.ms / 1e3)
+            if run:
+                times.append(t.ms / 1e3)
             del decoder
             gc.collect()
             _empty_cache(device)
-        row["seconds"] = times[-1]
-        row["tok_s"] = context / times[-1]
+        row.update(seconds=statistics.median(times), seconds_min=min(times), seconds_max=max(times),
+                   repeats_s=times, tok_s=context / statistics.median(times))
     except (torch.OutOfMemoryError, RuntimeError) as err:
         row["status"] = "oom" if _is_oom(err) else f"error: {str(err).splitlines()[0][:160]}"
     log.info("prefill %s", row)
+    return row
+
+
+GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm")
+ATTENTION_MARKERS = ("attention", "attn", "flash", "fmha", "sdpa", "mla", "flex", "_fwd_kernel")
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    if any(m in lowered for m in ATTENTION_MARKERS):
+        return "attention"
+    if any(m in lowered for m in GEMM_MARKERS):
+        return "gemm"
+    return "other"
+
+
+def profile_step(model, settings: Settings, device, batch: int, context: int, out_file: Path | None) -> dict:
+    """The eager decode step under torch.profiler: device kernels per step and their time, by class."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ascend_edit.models.static_decode import StaticDecoder
+
+    row: dict[str, Any] = {"batch": batch, "context": context, "status": "ok", "steps": settings.profile_steps}
+    decoder = None
+    try:
+        max_len = context + settings.warmup + settings.profile_steps + 3
+        decoder = StaticDecoder(model, batch, max_len, mode="eager")
+        fill_cache(decoder, context, torch.Generator(device=device).manual_seed(settings.seed))
+        for _ in range(max(settings.warmup, 2)):
+            decoder.step()
+        _sync(device)
+        on_device = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+        with profile(activities=activities) as prof:
+            with Timer(device) as t:
+                for _ in range(settings.profile_steps):
+                    decoder.step()
+            _sync(device)
+        steps = settings.profile_steps
+        if on_device:  # device kernels (and copies) only: the events that carry device time
+            averages = prof.key_averages()
+            kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernels = kernels or [e for e in averages if e.self_device_time_total > 0]  # older event layouts
+            time_of = lambda e: e.self_device_time_total  # noqa: E731 - microseconds over all steps
+        else:  # CPU: leaf aten ops' own time stands in for kernels
+            kernels = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+            time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+        kernels.sort(key=time_of, reverse=True)
+        by_class = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+        count_by_class = {"gemm": 0, "attention": 0, "other": 0}
+        for e in kernels:
+            by_class[kernel_class(e.key)] += time_of(e) / 1e3 / steps
+            count_by_class[kernel_class(e.key)] += e.count / steps
+        row.update(eager_step_ms=t.ms / steps, kernels_per_step=sum(e.count for e in kernels) / steps,
+                   kernel_ms_per_step=sum(by_class.values()), gemm_ms=by_class["gemm"],
+                   attention_ms=by_class["attention"], other_ms=by_class["other"],
+                   gemm_kernels=count_by_class["gemm"], attention_kernels=count_by_class["attention"],
+                   other_kernels=count_by_class["other"],
+                   top=[{"name": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": time_of(e) / 1e3 / steps,
+                         "class": kernel_class(e.key)} for e in kernels[:30]])
+        if out_file is not None:
+            lines = [f"eager decode step, batch {batch}, context {context}, {steps} steps profiled "
+                     f"({'device kernels' if on_device else 'CPU aten ops, own time'}), per step:",
+                     f"step {row['eager_step_ms']:.3f} ms wall; {row['kernels_per_step']:.0f} kernels, "
+                     f"{row['kernel_ms_per_step']:.3f} ms summed: GEMM {row['gemm_ms']:.3f} ms "
+                     f"({row['gemm_kernels']:.0f}), attention {row['attention_ms']:.3f} ms "
+                     f"({row['attention_kernels']:.0f}), other {row['other_ms']:.3f} ms ({row['other_kernels']:.0f})",
+                     "", f"{'ms/step':>9} {'calls/step':>10} {'class':>9}  kernel"]
+            lines += [f"{k['ms_per_step']:9.4f} {k['calls_per_step']:10.1f} {k['class']:>9}  {k['name']}"
+                      for k in row["top"]]
+            out_file.write_text("\n".join(lines) + "\n")
+            row["file"] = out_file.name
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        row["status"] = "oom" if _is_oom(err) else f"error: {str(err).splitlines()[0][:160]}"
+        log.warning("profile %s: %s", row, err)
+    finally:
+        del decoder
+        gc.collect()
+        _empty_cache(device)
+    log.info("profile %s", {k: v for k, v in row.items() if k != "top"})
     return row
 
 
@@ -340,9 +432,9 @@ def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -
     model = build_model(settings, kind, device)
     build_s = time.perf_counter() - started
     bandwidth = copy_bandwidth(device)
-    result = {"kind": kind, "device": info.name, "build_s": build_s, "bandwidth_gb_s": bandwidth / 1e9,
+    result: dict[str, Any] = {"kind": kind, "device": info.name, "build_s": build_s, "bandwidth_gb_s": bandwidth / 1e9,
               "weight_gib": weight_bytes(model) / 2**30, "dtype": str(next(model.parameters()).dtype),
-              "decode": [], "prefill": [], "max_batch": []}
+              "decode": [], "prefill": [], "max_batch": [], "profile": []}
     path = settings.path if device.type == "cuda" or settings.path != "cuda_graph" else "eager"
     result["path"] = path
 
@@ -361,8 +453,13 @@ def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -
             result["decode"].append({"kind": kind, **measure_decode(model, settings, device, batch, context,
                                                                     "compile", bandwidth)})
             save()
+    for batch, context in settings.profile_cells:
+        out_file = result_path.parent / f"profile-{kind}-b{batch}-c{context}.txt" if result_path is not None else None
+        result["profile"].append({"kind": kind, **profile_step(model, settings, device, batch, context, out_file)})
+        save()
     for context in settings.prefill_contexts:
-        result["prefill"].append({"kind": kind, **measure_prefill(model, device, context, settings.seed)})
+        result["prefill"].append({"kind": kind, **measure_prefill(model, device, context, settings.seed,
+                                                                  settings.prefill_repeats)})
         save()
     if settings.max_batch:
         grid = [c for c in result["decode"] if c["path"] == path]
@@ -390,7 +487,7 @@ def run_all(settings: Settings, out_dir: Path, timeout_s: int = 3600) -> dict:
                    "--result", str(result_file)]
             with open(log_file, "w") as handle:
                 try:
-                    rc = subprocess.run(cmd, check=False, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s,
+                    rc: int | str = subprocess.run(cmd, check=False, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
                 except subprocess.TimeoutExpired:
                     rc = "timeout"
@@ -412,7 +509,7 @@ def run_all(settings: Settings, out_dir: Path, timeout_s: int = 3600) -> dict:
 
 def merge(results: dict[str, list[dict]]) -> dict:
     """Pool the rounds of each model: a cell's repeats from every process (median / min / max)."""
-    decode, prefill, max_batch, meta = [], [], [], {}
+    decode, prefill, max_batch, profiles, meta = [], [], [], [], {}
     for kind, runs in results.items():
         if not runs:
             continue
@@ -429,18 +526,33 @@ def merge(results: dict[str, list[dict]]) -> dict:
                 pooled["tok_s_total"] = pooled["batch"] * pooled["tok_s_seq"]
                 pooled["x_floor"] = pooled["ms"] / pooled["floor_ms"]
             decode.append(pooled)
-        prefill += runs[0]["prefill"]
+        # Prefill: every round's timed runs pooled, as the decode repeats.
+        for i, row in enumerate(runs[0]["prefill"]):
+            same = [r["prefill"][i] for r in runs if i < len(r["prefill"]) and r["prefill"][i]["status"] == "ok"]
+            pooled = dict(row)
+            if len(same) > 1:
+                times = [x for c in same for x in c.get("repeats_s", [c["seconds"]])]
+                pooled.update(seconds=statistics.median(times), seconds_min=min(times), seconds_max=max(times),
+                              repeats_s=times, tok_s=row["context"] / statistics.median(times))
+            prefill.append(pooled)
         max_batch += runs[0]["max_batch"]
-    return {"models": meta, "decode": decode, "prefill": prefill, "max_batch": max_batch}
+        profiles += runs[0].get("profile", [])
+    return {"models": meta, "decode": decode, "prefill": prefill, "max_batch": max_batch, "profile": profiles}
 
 
 DECODE_FIELDS = ["kind", "batch", "context", "path", "status", "ms", "ms_min", "ms_max", "tok_s_seq", "tok_s_total",
                  "floor_ms", "x_floor", "cache_gib", "peak_gib"]
 
 
+PROFILE_FIELDS = ["kind", "batch", "context", "status", "eager_step_ms", "kernels_per_step", "kernel_ms_per_step",
+                  "gemm_ms", "gemm_kernels", "attention_ms", "attention_kernels", "other_ms", "other_kernels", "file"]
+
+
 def write_outputs(summary: dict, out_dir: Path) -> None:
     for name, rows, fields in (("decode.csv", summary["decode"], DECODE_FIELDS),
-                               ("prefill.csv", summary["prefill"], ["kind", "context", "status", "seconds", "tok_s"]),
+                               ("prefill.csv", summary["prefill"],
+                                ["kind", "context", "status", "seconds", "seconds_min", "seconds_max", "tok_s"]),
+                               ("profile.csv", summary.get("profile", []), PROFILE_FIELDS),
                                ("max_batch.csv", summary["max_batch"],
                                 ["kind", "context", "max_batch", "method", "verified", "per_seq_mib", "free_gib"])):
         with open(out_dir / name, "w", newline="") as handle:
@@ -483,9 +595,28 @@ def print_table(summary: dict) -> None:
             by_ctx.setdefault(row["context"], []).append(f"{row['kind']} {row['max_batch']}"
                                                         f"{' (' + row['verified'] + ')' if row['verified'] else ''}")
         lines += [f"  ctx{ctx:>6}: " + ", ".join(parts) for ctx, parts in sorted(by_ctx.items())]
+    graph_ms = {(c["kind"], c["batch"], c["context"]): c["ms"] for c in summary["decode"]
+                if c["status"] == "ok" and c["path"] != "eager"}
+    for row in summary.get("profile", []):
+        if row == summary["profile"][0]:
+            lines.append("eager step profiled, per step: wall ms | kernels, summed kernel ms = GEMM + attention + "
+                         "other (kernel counts) | graph-path step ms of the cell")
+        if row["status"] != "ok":
+            lines.append(f"  {row['kind']} b{row['batch']} ctx{row['context']}: {row['status']}")
+            continue
+        graph = graph_ms.get((row["kind"], row["batch"], row["context"]))
+        lines.append(f"  {row['kind']:<8} b{row['batch']} ctx{row['context']:>6}: {row['eager_step_ms']:.2f} | "
+                     f"{row['kernels_per_step']:.0f}, {row['kernel_ms_per_step']:.2f} = {row['gemm_ms']:.2f} + "
+                     f"{row['attention_ms']:.2f} + {row['other_ms']:.2f} ({row['gemm_kernels']:.0f} / "
+                     f"{row['attention_kernels']:.0f} / {row['other_kernels']:.0f}) | {_fmt(graph, '.2f')}")
     if summary["prefill"]:
-        lines.append("prefill, batch 1 (s): " + ", ".join(
-            f"{r['kind']}@{r['context']} {_fmt(r.get('seconds'), '.3f')}" for r in summary["prefill"]))
+        lines.append("prefill, batch 1, s: median [min-max] over repeats")
+        by_ctx = {}
+        for r in summary["prefill"]:
+            text = (f"{r['kind']} {_fmt(r.get('seconds'), '.3f')} [{_fmt(r.get('seconds_min'), '.3f')}-"
+                    f"{_fmt(r.get('seconds_max'), '.3f')}]" if r["status"] == "ok" else f"{r['kind']} {r['status']}")
+            by_ctx.setdefault(r["context"], []).append(text)
+        lines += [f"  ctx{ctx:>6}: " + " | ".join(parts) for ctx, parts in sorted(by_ctx.items())]
     print("\n".join(lines))
 
 
@@ -537,6 +668,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-kinds", nargs="+", default=list(KINDS), choices=KINDS,
                    help="models the compile cells run for (the teacher alone is the anchor)")
     p.add_argument("--prefill-contexts", nargs="*", type=int, default=[8192, 32768])
+    p.add_argument("--prefill-repeats", type=int, default=3, help="timed prefill runs after an untimed one")
+    p.add_argument("--profile-cells", nargs="*", default=[], help="BATCHxCONTEXT cells whose eager decode step "
+                   "is profiled (top kernels written per model)")
+    p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--no-max-batch", action="store_true")
     p.add_argument("--no-verify", action="store_true", help="do not try the accounted largest batch")
     p.add_argument("--memory-budget-gib", type=float, default=None)
@@ -559,14 +694,9 @@ def _positive_ints(name: str, values: list[int]) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     for name in ("contexts", "batches"):
         _positive_ints(name, getattr(args, name))
-    _positive_ints("steps / --repeats", [args.steps, args.repeats])
-    cells = []
-    for cell in args.compile_cells:
-        try:
-            batch, context = (int(x) for x in cell.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"bench_decode: error: --compile-cells entry {cell!r} is not BATCHxCONTEXT") from None
-        cells.append([batch, context])
+    _positive_ints("steps / --repeats / --prefill-repeats / --profile-steps",
+                   [args.steps, args.repeats, args.prefill_repeats, args.profile_steps])
+    cells, profile_cells = _cells("compile-cells", args.compile_cells), _cells("profile-cells", args.profile_cells)
     targets, model = {}, None
     for kind in args.kinds:
         if kind == "teacher":
@@ -577,8 +707,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         model = dataclasses.asdict(_compose(args.model, "mla").model)
     return Settings(model=model, targets=targets, kinds=args.kinds, device=args.device, contexts=args.contexts,
                     batches=args.batches, steps=args.steps, repeats=args.repeats, warmup=args.warmup, path=args.path,
-                    compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=args.prefill_contexts, max_batch=not args.no_max_batch,
-                    verify=not args.no_verify, memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
+                    compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=args.prefill_contexts,
+                    prefill_repeats=args.prefill_repeats, profile_cells=profile_cells, profile_steps=args.profile_steps,
+                    max_batch=not args.no_max_batch, verify=not args.no_verify,
+                    memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
+
+
+def _cells(option: str, entries: list[str]) -> list[list[int]]:
+    cells = []
+    for cell in entries:
+        try:
+            batch, context = (int(x) for x in cell.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"bench_decode: error: --{option} entry {cell!r} is not BATCHxCONTEXT") from None
+        if batch <= 0 or context <= 0:
+            raise SystemExit(f"bench_decode: error: --{option} entry {cell!r} needs positive integers")
+        cells.append([batch, context])
+    return cells
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,11 +5,16 @@ the converted model are measured on the same weights, card and process: `set_mod
 them. Weights are random (target init is forced to `random`): speed and memory do not depend on them,
 and real-shape configs (`model=qwen3_0p6b_shape`, `model=qwen3_8b_shape`) need no download.
 
-For every batch size and context: a fresh transformers cache, a chunked prefill of `context` random
-tokens (`prefill_chunk` at a time, logits for the last position only), `warmup_tokens` untimed greedy
-decode steps, then `decode_tokens` timed ones. Reported per cell: KV bytes per token measured from the
-tensors the cache holds after the prefill, prefill seconds, decode milliseconds per step and decode
-tokens/s (batch / median step time), and peak device memory. A cell that runs out of memory is recorded as
+For every batch size and context: a fresh transformers `StaticCache` of `context` + the decode steps
+(preallocated, fixed size: the bounded ring for sliding layers, latent + RoPE key for MLA) driven by
+`models.static_decode.StaticDecoder`, the same loop as `bench_decode` — on CUDA the decode step is
+captured once as a CUDA graph and replayed, elsewhere it runs eagerly. A chunked prefill of `context`
+random tokens (`prefill_chunk` at a time, logits for the last position only), `warmup_tokens` untimed
+greedy decode steps (at least three on CUDA: two eager ones, then the capture), then `decode_tokens`
+timed ones. Reported per cell: KV bytes per token the cache holds for `context` tokens (a growing
+layer's share of its preallocated buffers, a ring whole), prefill seconds, decode milliseconds per step
+and decode tokens/s (batch / median step time), and peak device memory. For fresh processes per model,
+repeats with spread, the floor and the largest batch that fits, use `bench_decode`. A cell that runs out of memory is recorded as
 `oom` and the run goes on. Output: a rich table, `bench_kv.csv` and `bench_kv.png` in the run directory.
 """
 from __future__ import annotations
@@ -26,8 +31,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import DynamicCache
 
+from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
 from ascend_edit.config import BenchKVConfig, RootConfig
 from ascend_edit.device import (
     DeviceInfo,
@@ -37,8 +42,9 @@ from ascend_edit.device import (
     seed_everything,
     synchronize,
 )
-from ascend_edit.eval.kv import kv_layout, measured_cache_bytes, total_bytes
+from ascend_edit.eval.kv import kv_layout, total_bytes
 from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
+from ascend_edit.models.static_decode import EAGER_STEPS_BEFORE_CAPTURE, StaticDecoder
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
 
 log = logging.getLogger(__name__)
@@ -86,33 +92,48 @@ class StepClock:
         return [a.elapsed_time(b) for a, b in pairs]
 
 
+def held_cache_bytes(cache, context: int, max_len: int) -> int:
+    """Key/value (or latent/rope) bytes a static cache holds for `context` tokens: a growing layer's share
+    `context / max_len` of its preallocated buffers, a fixed-size ring whole (metadata excluded)."""
+    total = 0.0
+    for layer in cache.layers:
+        size = sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor))
+        total += size if isinstance(layer, StaticSinkWindowLayer) else size * context / max_len
+    return round(total)
+
+
+def decode_path(device: DeviceInfo) -> str:
+    """How the decode step runs: replayed as a CUDA graph on CUDA (as `bench_decode`), eagerly elsewhere."""
+    return "cuda_graph" if device.type == "cuda" else "eager"
+
+
 @torch.no_grad()
 def measure(model: torch.nn.Module, device: DeviceInfo, batch: int, context: int, bench: BenchKVConfig,
             generator: torch.Generator) -> dict:
-    """Prefill `context` random tokens in chunks, then time greedy decode steps with the cache.
+    """Prefill `context` random tokens in chunks into a static cache, then time greedy decode steps.
 
-    The step time is the median over the timed steps: decode through transformers is launch-bound at these
-    sizes, and the median keeps a stray host-side pause from counting as decode cost.
+    The step time is the median over the timed steps, which keeps a stray host-side pause from counting as
+    decode cost.
     """
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device.torch_device)
-    cache = DynamicCache(config=model.config)
+    path = decode_path(device)
+    warmup = max(bench.warmup_tokens, EAGER_STEPS_BEFORE_CAPTURE + 1) if path == "cuda_graph" else bench.warmup_tokens
+    max_len = context + warmup + bench.decode_tokens + 2
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=generator).to(device.torch_device)
+    decoder = StaticDecoder(model, batch, max_len, mode=path)
     reset_peak_memory(device)
     synchronize(device)
     started = time.perf_counter()
-    for start in range(0, context, bench.prefill_chunk):
-        out = model(input_ids=ids[:, start:start + bench.prefill_chunk], cache=cache, use_cache=True,
-                    logits_to_keep=1)
+    decoder.prefill(ids, chunk=bench.prefill_chunk)
     synchronize(device)
     prefill_s = time.perf_counter() - started
-    kv_bytes = measured_cache_bytes(cache)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    kv_bytes = held_cache_bytes(decoder.cache, context, max_len)
+    for _ in range(warmup):  # kernel selection, autotuning; on CUDA the capture
+        decoder.step()
     clock = StepClock(device)
-    for step in range(bench.warmup_tokens + bench.decode_tokens):
-        if step >= bench.warmup_tokens:
-            clock.mark()
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(bench.decode_tokens):
+        clock.mark()
+        decoder.step()
     clock.mark()
     synchronize(device)
     steps_ms = clock.intervals_ms()
@@ -167,7 +188,8 @@ def run(cfg: RootConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = (f"{model.config.model_type} {model.config.num_hidden_layers}L h{model.config.hidden_size} "
-             f"-> {target.kind}, {TORCH_DTYPES[cfg.model.dtype]}, {device.name}")
+             f"-> {target.kind}, {TORCH_DTYPES[cfg.model.dtype]}, {device.name}, static cache, "
+             f"{decode_path(device)} decode step")
     write_csv(cells, out_dir / CSV_FILE)
     plot(cells, out_dir / PLOT_FILE, title)
     print_table(Console(), cells, title)

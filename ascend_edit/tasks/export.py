@@ -6,7 +6,7 @@
 * a run directory — its `converted/`, else its `stage-layerwise/`;
 * a stage checkpoint of the torch engine, `checkpoints/step-<stage>-<n>/` (`trainable.safetensors`): the
   model is rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, and the trained weights
-  that checkpoint holds are loaded on top.
+  that checkpoint holds are loaded on top (train/rebuild.py).
 A DeepSpeed stage checkpoint (`deepspeed/` inside, any ZeRO stage) is consolidated to full fp32
 weights on the CPU through train/checkpoint_io.py before export. Every source's manifest is verified
 before it is read (a damaged source is refused, naming the file).
@@ -16,31 +16,25 @@ refused unless `export.overwrite=true`, and the source itself or a directory hol
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from ascend_edit.config import RootConfig, to_typed
-from ascend_edit.device import seed_everything
-from ascend_edit.models.checkpoint import load_converted
+from ascend_edit.config import RootConfig
+from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES, load_converted
 from ascend_edit.models.export import ExportResult, export_converted
-from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
-from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, set_mode
-from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, read_trainable_weights, verify_manifest
+from ascend_edit.models.loading import TORCH_DTYPES
+from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, verify_manifest
+from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
 
 log = logging.getLogger(__name__)
 
-CONVERTED_MARKER = "ascend_edit.json"
-RUN_CANDIDATES = ("converted", "stage-layerwise")  # inside a run directory, in order of preference
 ENGINE_WEIGHTS = TRAINABLE_FILE
 OLD_PICKLED_ENGINE = "engine.pt"  # written by earlier versions: a pickle, never loaded
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -82,50 +76,6 @@ def stored_dtype_of(safetensors_file: Path) -> torch.dtype:
             if dtype is not None:
                 return dtype
     return torch.float32
-
-
-def _run_config(run_dir: Path) -> RootConfig:
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.exists():
-        raise FileNotFoundError(f"{saved} is missing: a stage checkpoint is rebuilt from its run's saved config")
-    raw = OmegaConf.load(saved)
-    raw.output_dir = str(run_dir)  # saved as an interpolation into Hydra's runtime, unset here
-    return to_typed(OmegaConf.merge(OmegaConf.structured(RootConfig), raw))
-
-
-def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:
-    if cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity:
-        # The plan came from sensitivities measured on data: take it from the run's saved output.
-        for name in RUN_CANDIDATES:
-            meta = run_dir / name / CONVERTED_MARKER
-            if meta.exists():
-                return [LayerPlan(i, kind) for i, kind in json.loads(meta.read_text())["plan"]]
-        raise NotImplementedError("this run chose its full layers by measured sensitivity and has saved no "
-                                  f"converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
-    return build_plan(num_layers, cfg.target)
-
-
-def rebuild_from_engine_checkpoint(checkpoint: Path):
-    """(edited model in student mode, tokenizer) with the weights of a torch-engine stage checkpoint."""
-    checkpoint = Path(checkpoint)
-    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step-<stage>-<n>
-    cfg = _run_config(run_dir)
-    seed_everything(cfg.device.seed)  # as the convert task did before building the teacher (config source)
-    model, tokenizer = load_teacher(cfg.model)
-    plan = _run_plan(cfg, run_dir, model.config.num_hidden_layers)
-    edit_model(model, plan, dataclasses.replace(cfg.target, init="random"))
-    trained = read_trainable_weights(checkpoint)  # torch engine or any ZeRO stage, consolidated
-    own = dict(model.named_parameters())
-    unknown = sorted(set(trained) - set(own))
-    if unknown:
-        raise ValueError(f"{checkpoint}: weights {unknown[:4]} do not exist in the model its run config builds")
-    if not any(".self_attn.target." in name for name in trained):
-        raise ValueError(f"{checkpoint}: holds no target weights")
-    with torch.no_grad():
-        for name, value in trained.items():
-            own[name].copy_(value)
-    set_mode(model, "student")
-    return model.eval(), tokenizer
 
 
 def load_source(source: ExportSource, dtype: torch.dtype | None):

@@ -16,8 +16,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +59,19 @@ def enable(model: nn.Module, cfg: CheckpointingConfig) -> bool:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"engine.activation_checkpointing={cfg.policy}: {type(model).__name__} does not support "
                          "activation checkpointing")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                          every_n_layers=n)
+    hf_model = cast("PreTrainedModel", model)  # it says it supports checkpointing: a transformers model
+    hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                             every_n_layers=n)
     # The helper also makes the embedding output require grad (needed by reentrant checkpoints only);
     # non-reentrant checkpoints do not need it, and it would make backward run down to the embeddings.
-    model.disable_input_require_grads()
+    hf_model.disable_input_require_grads()
     log.info("activation checkpointing: every %d layer(s)", n)
     return True
 
 
 def disable(model: nn.Module) -> None:
     if getattr(model, "supports_gradient_checkpointing", False):
-        model.activation_checkpointing_disable()
+        cast("PreTrainedModel", model).activation_checkpointing_disable()
 
 
 @contextlib.contextmanager

@@ -8,10 +8,14 @@ backward). MoE blocks are left alone: their routing is data dependent.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
 from ascend_edit.models.surgery import decoder_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ def apply_experts_implementation(mode: str, model: nn.Module) -> str | None:
     if not any(_is_moe(getattr(layer, "mlp", layer)) for layer in decoder_layers(model)):
         return None
     if mode != "auto":
-        model.set_experts_implementation(mode)
+        cast("PreTrainedModel", model).set_experts_implementation(mode)  # a transformers MoE model (above)
     chosen = getattr(model.config, "_experts_implementation", None) or "eager"
     log.info("MoE experts implementation: %s", chosen)
     return chosen

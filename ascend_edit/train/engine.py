@@ -16,7 +16,8 @@ objective are wrapped as one module), so a weight the objective reads directly â
 chunked KD loss â€” is found by DeepSpeed's external-parameter discovery and gathered for the forward
 and the backward; an extra `GatheredParameters` there would fight that bookkeeping (DeepSpeed refuses
 to free a parameter its hooks hold). `close()` gathers every parameter for good and removes the hooks,
-so evaluation, export and the next stage see an ordinary `nn.Module` with full weights on every rank.
+so evaluation, export and the next stage see an ordinary `nn.Module` with full weights on every rank
+(gathered through the public `GatheredParameters`, then registered as new plain parameters).
 """
 from __future__ import annotations
 
@@ -325,9 +326,10 @@ class DeepSpeedEngine:
         """Remove DeepSpeed's hooks; under ZeRO-3 first make every parameter whole again on every rank."""
         if self.engine is None:  # closed already
             return
-        if self.cfg.zero_stage == 3:
-            _unpartition(self.model)
+        full = _gathered_parameters(self.model) if self.cfg.zero_stage == 3 else None
         self.engine.destroy()
+        if full is not None:
+            _replace_parameters(self.model, full)
         self.engine = self.optimizer = self.scheduler = None
 
 
@@ -339,30 +341,34 @@ def _grad_norm(params: list[nn.Parameter]) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def _unpartition(model: nn.Module) -> None:
-    """Replace each ZeRO-3 partitioned parameter of `model` by a plain full copy (ties kept).
+def _gathered_parameters(model: nn.Module) -> dict[int, nn.Parameter]:
+    """A plain, whole copy of every parameter of a ZeRO-3 model, by the id of the parameter it copies.
 
-    One module's parameters are gathered at a time. The full model was resident on every rank before
-    the stage (teacher loading, calibration, warm start), so this needs no more memory than that did.
-    External-parameter registrations DeepSpeed made on the model's modules point at the old
-    parameters and are dropped (a next ZeRO-3 engine discovers the new ones again).
+    Gathered through DeepSpeed's public `GatheredParameters`, one module's parameters at a time. The full
+    model was resident on every rank before the stage (teacher loading, calibration, warm start), so the
+    copies need no more memory than that did.
     """
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
 
-    replaced: dict[int, nn.Parameter] = {}
+    full: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if hasattr(module, "ds_external_parameters"):
-            for _, stale in list(module.ds_external_parameters()):
-                unregister_external_parameter(module, stale)
-        own = [(name, p) for name, p in module.named_parameters(recurse=False) if hasattr(p, "ds_id")]
-        fresh = [p for _, p in own if id(p) not in replaced]
+        fresh = [p for p in module.parameters(recurse=False) if id(p) not in full]
         if fresh:
             with deepspeed.zero.GatheredParameters(fresh, modifier_rank=None):
                 for p in fresh:
-                    replaced[id(p)] = nn.Parameter(p.data.detach().clone(), requires_grad=p.requires_grad)
-        for name, p in own:
-            setattr(module, name, replaced[id(p)])
+                    full[id(p)] = nn.Parameter(p.data.detach().clone(), requires_grad=p.requires_grad)
+    return full
+
+
+def _replace_parameters(model: nn.Module, full: dict[int, nn.Parameter]) -> None:
+    """Register the whole copies in place of the partitioned parameters they were gathered from (a tied
+    parameter gets its one copy in every module that holds it). The partitioned ones, with DeepSpeed's
+    bookkeeping on them, are dropped with the engine; a next ZeRO-3 engine partitions the copies afresh.
+    DeepSpeed's external-parameter registrations (the LM head the KD loss reads) sit on the engine's own
+    `_ObjectiveModule`, the module running when the objective reads it, and go with the engine too."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, full[id(p)])
 
 
 def make_engine(model: nn.Module, objective: Objective, params: list[nn.Parameter], stage: StageConfig,

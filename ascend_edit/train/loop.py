@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ascend_edit.data.batches import collate
 from ascend_edit.data.sampler import ResumableDistributedSampler
 from ascend_edit.device import rng_state, set_rng_state
 from ascend_edit.eval.tensorboard import training_board
@@ -90,12 +91,6 @@ class StageRun:
     @property
     def skipped_steps(self) -> list[int]:
         return [row["step"] for row in self.history if row.get("skipped")]
-
-
-def collate(dataset, indices: list[int], device: torch.device) -> dict:
-    """Stack dataset items into one batch of tensors on `device`."""
-    items = [dataset[i] for i in indices]
-    return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
 
 
 def _step_batches(run: StageRun) -> Iterator[list[dict]]:

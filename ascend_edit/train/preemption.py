@@ -12,7 +12,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Self
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is Python 3.11+
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ class PreemptionFlag:
 
     def __init__(self):
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     @property
     def requested(self) -> bool:

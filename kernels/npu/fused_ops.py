@@ -8,9 +8,12 @@ first and, where they are not met, computes the eager reference instead and logs
 * ``npu_rms_norm(x, gamma, epsilon)`` -> ``(y, rstd)``: gamma must have x's dtype (cast here);
   fp16 / bf16 / fp32; 1-8 dims.
 * ``npu_rotary_mul(x, r1, r2)`` (rotate-half mode) and MindSpeed's
-  ``npu_rotary_position_embedding(x, cos, sin, mode=0)``: 4-D x in BNSD with cos / sin as B1SD;
-  D even and < 896; B and N < 1000; and (older releases) not B * N > 8 * S in BNSD -- which single-
-  token decode with many heads hits, so decode falls back.
+  ``npu_rotary_position_embedding(x, cos, sin, mode=0)``: 4-D x in layout BNSD, BSND or SBND with
+  cos / sin broadcast as B1SD / BS1D / SB1D; D even and < 896; B and N < 1000; B * N <= 1024 when
+  cos / sin need a gradient; and (older releases) not B * N > 8 * S in BNSD. The project's q / k are
+  ``proj(x).view(b, s, h, d).transpose(1, 2)`` -- BSND storage seen as BNSD -- so such views go to the
+  op as BSND with BS1D cos / sin (no copy, and the BNSD-only B * N > 8 * S limit, which single-token
+  decode would hit, does not apply); a contiguous BNSD tensor goes as BNSD with B1SD cos / sin.
 * ``npu_swiglu(x, dim=-1)`` = ``silu(first half) * second half``: takes the gate and up halves as one
   contiguous tensor, so the adapter concatenates them (one write of the MLP activation; the fused
   kernel saves the separate silu output and its backward bookkeeping).
@@ -29,6 +32,7 @@ __all__ = ["rms_norm", "rotary_embedding", "rotary_embedding_mindspeed", "rotary
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROTARY_MAX_HEAD_DIM = 896  # exclusive
 ROTARY_MAX_BATCH_HEADS = 1000  # exclusive, each of B and N
+ROTARY_MAX_GRAD_BATCH_HEADS = 1024  # B * N, when cos / sin need a gradient
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,6 +40,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         log_once(f"rms:{x.dtype}:{x.dim()}", "npu_rms_norm: eager fallback for dtype %s, %d dims", x.dtype, x.dim())
         return rms_norm_reference(x, weight, eps)
     return import_torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+
+
+def _as_bsnd(x: torch.Tensor) -> bool:
+    """Whether ``x [b, h, s, d]`` is a transposed view of contiguous ``[b, s, h, d]`` storage."""
+    return x.dim() == 4 and x.transpose(1, 2).is_contiguous()
 
 
 def rotary_unfit_reason(x: torch.Tensor, cos: torch.Tensor) -> str | None:
@@ -49,7 +58,9 @@ def rotary_unfit_reason(x: torch.Tensor, cos: torch.Tensor) -> str | None:
         return f"head dim {d} (must be even and < {ROTARY_MAX_HEAD_DIM})"
     if b >= ROTARY_MAX_BATCH_HEADS or h >= ROTARY_MAX_BATCH_HEADS:
         return f"batch {b} / heads {h} (each must be < {ROTARY_MAX_BATCH_HEADS})"
-    if b * h > 8 * s:
+    if cos.requires_grad and b * h > ROTARY_MAX_GRAD_BATCH_HEADS:
+        return f"B*N = {b * h} > {ROTARY_MAX_GRAD_BATCH_HEADS} with a gradient for cos / sin"
+    if not _as_bsnd(x) and b * h > 8 * s:
         return f"B*N = {b * h} > 8*S = {8 * s} in layout BNSD"
     return None
 
@@ -59,8 +70,10 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused, name: 
     if reason is not None:
         log_once(f"{name}:{reason}", "%s: eager fallback because of %s", name, reason)
         return rotary_reference(x, cos, sin)
-    # BNSD input with cos / sin as B1SD (one of the documented broadcast layouts), same dtype as x.
-    return fused(x, cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the ops take cos / sin in x's dtype
+    if _as_bsnd(x):  # BSND input with BS1D cos / sin: the storage as it is, no copy
+        return fused(x.transpose(1, 2), cos.unsqueeze(2), sin.unsqueeze(2)).transpose(1, 2)
+    return fused(x.contiguous(), cos.unsqueeze(1), sin.unsqueeze(1))  # BNSD with B1SD cos / sin
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

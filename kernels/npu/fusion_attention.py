@@ -151,7 +151,7 @@ def _build_plan(q_pos, k_pos, window, sink_tokens, q_seg, k_seg) -> FusionAttent
         if sink_tokens == 0 or facts["no_sinks"]:
             return FusionAttentionPlan(*band, actual_seq_len=cum)
         if facts["starts_at_zero"]:
-            sink_pass = _tnd_sink_pass(cum, window, sink_tokens, q_pos.device) if packed else (
+            sink_pass = _tnd_sink_pass(cum, window, sink_tokens, q_pos.device) if cum is not None else (
                 SinkPass(num_sinks=min(sink_tokens, s)))
             if sink_pass is None:  # no document longer than the window: the band is everything
                 return FusionAttentionPlan(*band, actual_seq_len=cum)
@@ -384,11 +384,17 @@ npu_swa.register_autograd(_backward, setup_context=_setup_context)
 
 def _rows(x: torch.Tensor, layout: str, window: int, q_index: torch.Tensor | None) -> torch.Tensor:
     """The sink pass's query rows of a query-shaped tensor (out, dy, statistics)."""
-    return x[:, :, window:] if layout == "BNSD" else x.index_select(0, q_index)
+    if layout == "BNSD":
+        return x[:, :, window:]
+    assert q_index is not None, "the TND layout's sink pass selects rows by index"
+    return x.index_select(0, q_index)
 
 
 def _keys(x: torch.Tensor, layout: str, num_sinks: int, k_index: torch.Tensor | None) -> torch.Tensor:
-    return x[:, :, :num_sinks] if layout == "BNSD" else x.index_select(0, k_index)
+    if layout == "BNSD":
+        return x[:, :, :num_sinks]
+    assert k_index is not None, "the TND layout's sink pass selects keys by index"
+    return x.index_select(0, k_index)
 
 
 def _put_rows(full: torch.Tensor, rows: torch.Tensor, layout: str, window: int, q_index, *, add: bool):

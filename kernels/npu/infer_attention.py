@@ -171,7 +171,7 @@ def mla_absorbed_attention(
         kv_lengths = _valid_prefix_lengths(q_pos, k_pos)
         if kv_lengths is None:
             reason = "positions are not a causal cache prefix (0..L-1 then empty slots, queries the newest)"
-    if reason is not None:
+    if reason is not None or kv_lengths is None:  # kv_lengths is None exactly when there is a reason
         log_once(f"mla:{reason}", "npu MLA decode: eager fallback because of %s", reason, level=logging.WARNING)
         return mla_reference(q_latent, q_rope, latent, k_rope, q_pos=q_pos, k_pos=k_pos, scale=scale)
     kv = latent[:, None].contiguous()  # [b, 1, t, c]: key and value are the same latent tensor

@@ -1,4 +1,4 @@
-"""Op B (absorbed MLA attention) for decode: a split-K ("flash-decoding") Triton kernel.
+"""Op B (absorbed MLA attention) for decode: split-K ("flash-decoding") Triton kernels.
 
 **Forward only.** Decode is inference; there is no backward, and calling the op on inputs that
 require grad while grad mode is on raises. The registry picks this backend only when no
@@ -6,25 +6,44 @@ gradient is needed; training uses the eager reference (or the naive, non-absorbe
 
 Why a kernel: the absorbed form reads the whole latent cache (``[b, t, c + r]``) once per step
 and is memory-bound. The eager reference materialises fp32 scores and probabilities for every
-head and reads the cache several times; this kernel reads each latent tile once for a block of
-query rows (all heads of a batch share the latent) and keeps scores in registers.
+head and reads the cache several times; these kernels read each latent tile once for a block of
+query rows (all heads of a batch share the latent) and keep scores on chip.
 
-Algorithm (per batch element):
+Algorithm (per batch element): query rows ``m = s_idx * h + h_idx`` (all heads and the few query
+positions) are tiled; the key axis ``t`` is cut into ``num_splits`` chunks so that short queries
+over long contexts still fill the GPU. Each program loops over its chunk in ``BLOCK_T`` tiles:
+``scores = q_latent . latent + q_rope . k_rope`` (scaled into the log2 domain), masked by
+positions (``0 <= k_pos <= q_pos``), an online softmax, and ``acc += p @ latent`` -- the same
+tile serves as key and value. Each chunk stores its output normalised by its own softmax sum (in
+the input dtype for 16-bit inputs, so the partials cost half the traffic of fp32), plus its
+``(max, sum)``; a combine kernel merges the chunks with the usual log-sum-exp weights. Rows with
+no visible key produce zeros.
 
-1. Query rows ``m = s_idx * h + h_idx`` (all heads and the few query positions) are tiled by
-   ``BLOCK_M``; the key axis ``t`` is cut into ``num_splits`` chunks so that short queries over
-   long contexts still fill the GPU. Each program loops over its chunk in ``BLOCK_T`` tiles:
-   ``scores = q_latent @ latent_tile^T + q_rope @ k_rope_tile^T`` (scaled into the log2
-   domain), masked by positions (``0 <= k_pos <= q_pos``), an online softmax, and
-   ``acc += p @ latent_tile`` -- the same tile serves as key and value.
-2. A combine kernel merges the per-chunk ``(acc, max, sum)`` with the usual log-sum-exp
-   rescaling. Rows with no visible key produce zeros.
+Two formulations of the split pass (:class:`DecodeConfig`, ``kernel=``):
 
-Status (H100, bf16, B=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): 0.34 ms at 32
-heads, 6x faster than the eager reference but about 3x off the ~0.1 ms needed to read the cache
-once; 0.57 ms at 128 heads, where four 32-row blocks each stream the latent (through L2). Not
-yet tried: 64-row warpgroup tiles with the output dim split across warpgroups, fp8/bf16
-partials, a persistent grid.
+* ``"rows"``: query rows on the matmul's M side, ``[BLOCK_M, c] @ [c, BLOCK_T]``. With 32 heads
+  M is 32, below the 64 rows a Hopper warpgroup MMA (wgmma) needs, so it runs on the older
+  ``mma.sync`` path and reloads the whole query block from shared memory for every tile.
+* ``"keys"`` (swap-AB): cache rows on the M side, ``scores^T = latent [BLOCK_T, c] @ q^T [c, BLOCK_H]``
+  and ``acc^T [c, BLOCK_H] += latent^T @ p^T``. M is ``BLOCK_T`` and ``c`` = 512, so with
+  ``BLOCK_T = 64`` both matmuls use wgmma with both operands in shared memory whatever the head
+  count; the heads are the N side (16..128). ``V_SPLIT = 2`` gives each of two programs half of
+  ``c`` to accumulate (both still read the whole tile for the scores, the second read mostly
+  from L2 as the pair is launched side by side): half the accumulator registers, the same
+  shared memory.
+
+Status (H200, bf16, B=32, H=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): the ``rows``
+kernel with BLOCK_T 64, 8 warps, 3 stages took 0.230 ms, 31 % of the device copy bandwidth
+(per-call events, so including the host's launch gap). That is ~7 us per 64-row tile per SM
+where the copy rate allows ~2 us; not profiled, the likely costs are mma.sync on 32 rows and the
+whole query block re-read from shared memory for every tile. ``benchmarks/mla_decode_sweep.py`` times every
+candidate configuration in one run and prints the fastest; :data:`DEFAULT_CONFIG` is the
+production choice. What the compiler makes of each candidate for sm_90 (checked with ptxas on a
+CPU machine, not timed): ``rows`` with ``block_m=64, pad_rows=True`` and 32-row tiles uses wgmma
+for both matmuls with three stages in 185 KB; ``keys`` with 64-row tiles uses wgmma for both but
+only two stages fit (Triton then fetches the next tile after computing this one, so there is no
+load/compute overlap inside a program); ``keys`` with 32-row tiles runs the scores on mma.sync
+and ``p @ latent`` on wgmma with up to four stages.
 
 Triton is imported here and nowhere else; this module is imported lazily by the registry. On a
 machine without Triton the custom op and its fake impl still register, so graphs that contain
@@ -32,9 +51,9 @@ machine without Triton the custom op and its fake impl still register, so graphs
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 
 import torch
 
@@ -47,37 +66,106 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
 
-__all__ = ["mla_absorbed_attention", "mla_decode", "triton_available", "tuned_config"]
+__all__ = ["DEFAULT_CONFIG", "DecodeConfig", "mla_absorbed_attention", "mla_decode", "triton_available", "tuned_config"]
 
 # Splits shorter than this would cost more in partial-result traffic than they win in occupancy.
 _MIN_SPLIT_LEN = 64
 _LOG2E = 1.4426950408889634
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch choices of the split pass; every choice computes the same result.
+
+    ``block_m`` is the number of query rows per program (rows: the M side, 16..64; keys: the N
+    side, 16..128); it shrinks to fit small head counts unless ``pad_rows``. ``num_splits=None`` lets the cost model
+    in :func:`_num_splits` choose; an explicit count is used as given (capped by the context).
+    """
+
+    kernel: str = "rows"  # "rows" | "keys"
+    block_t: int = 64
+    block_m: int = 32
+    v_split: int = 1  # keys only: programs sharing one row block, each accumulating c / v_split
+    num_warps: int = 8
+    num_stages: int = 3
+    num_splits: int | None = None
+    prefetch: bool = False  # keys only: fetch the next tile into registers (use num_stages=1)
+    pad_rows: bool = False  # keep block_m even above the row count (rows: 64 rows reach wgmma)
+    # Programs resident per SM (shared memory / registers allow it): the split cost model fills
+    # sm_count x this many slots per wave. 2 for configurations under half an SM's shared memory.
+    programs_per_sm: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("rows", "keys"):
+            raise ValueError(f"DecodeConfig.kernel must be 'rows' or 'keys'; got {self.kernel!r}")
+        if self.kernel == "rows" and self.prefetch:
+            raise ValueError("DecodeConfig.prefetch applies to kernel='keys' only")
+        if self.v_split not in (1, 2) or (self.kernel == "rows" and self.v_split != 1):
+            raise ValueError(f"DecodeConfig.v_split must be 1 (rows) or 1/2 (keys); got {self.v_split}")
+        for name in ("block_t", "block_m"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"DecodeConfig.{name} must be a power of two >= 16; got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"DecodeConfig: num_warps must be 1..16, a power of two, and num_stages >= 1; "
+                             f"got {self.num_warps}, {self.num_stages}")  # fmt: skip
+        if self.programs_per_sm < 1:
+            raise ValueError(f"DecodeConfig.programs_per_sm must be >= 1; got {self.programs_per_sm}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"DecodeConfig.num_splits must be None (cost model) or >= 1; got {self.num_splits}")
+
+    def label(self) -> str:
+        split = "auto" if self.num_splits is None else str(self.num_splits)
+        vs = (f" v{self.v_split}" + (" prefetch" if self.prefetch else "")) if self.kernel == "keys" else ""
+        vs += " pad" if self.pad_rows else ""
+        return (f"{self.kernel} M{self.block_m} T{self.block_t}{vs} w{self.num_warps} s{self.num_stages} "
+                f"splits={split}")  # fmt: skip
+
+
+# The production choice: ONE line to change after a sweep (benchmarks/mla_decode_sweep.py prints
+# the constructor call of the fastest variant on its "BEST:" line). Chosen on an H200 (2026-12-02,
+# B=32 H=32 ctx 8192 c=512 r=64 bf16): 4 warps and 2 stages use 115 KB of shared memory, so two
+# programs share an SM; with 8 splits (what the cost model picks for two per SM) the kernel time
+# was 0.1147 ms = 62 % of the copy bandwidth, against 0.1295 ms for the former autotuner's choice
+# (8 warps, 3 stages, one per SM). A fixed configuration keeps autotuning's noise out of decode.
+DEFAULT_CONFIG = DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2)
+# fp32 inputs (tests, debugging) take twice the shared memory per tile: the bf16 choices above can
+# exceed the 227 KB an sm_90 program may use. This one needs 113 KB and spills nothing (ptxas).
+FP32_CONFIG = DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=2)
+
+
 def triton_available() -> bool:
     return triton is not None
 
 
-def _block_m(rows: int) -> int:
-    """Query rows per program: tl.dot needs >= 16; 32 rows share each latent tile."""
-    return 16 if rows <= 16 else 32
+def _block_m(config: DecodeConfig, rows: int) -> int:
+    """Query rows per program: tl.dot needs >= 16 on each side; no more than the rows there are
+    unless the config pads (idle rows cost MMA work, not memory traffic)."""
+    if config.pad_rows:
+        return config.block_m
+    return max(16, min(config.block_m, _next_pow2(rows)))
 
 
-def tuned_config(c: int, r: int, rows: int) -> str | None:
-    """The autotuner's choice for latent dim ``c``, rope dim ``r`` and ``rows`` = heads x query
-    length (for benchmark reports); None before the first call with those sizes."""
-    if triton is None:
-        return None
-    for key, config in _mla_decode_split_kernel_tuned.cache.items():
-        if tuple(key[:3]) == (c, r, _block_m(rows)):
-            return str(config)
-    return None
+def _next_pow2(n: int) -> int:
+    """Plain Python: triton.next_power_of_2 goes through Triton's JIT call path (about 8 us a call on
+    a CPU here; six calls made up a third of the launch's host time), and decode pays host time
+    before every step."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def tuned_config(c: int, r: int, rows: int, config: DecodeConfig | None = None) -> str:
+    """The configuration the decode op launches for 16-bit inputs and ``rows`` = heads x query
+    length (for benchmark reports). ``c`` and ``r`` are accepted for the callers' sake; the choice
+    does not depend on them."""
+    del c, r
+    config = config or DEFAULT_CONFIG
+    return dataclasses.replace(config, block_m=_block_m(config, rows)).label()
 
 
 if triton is not None:
 
     @triton.jit
-    def _mla_decode_split_kernel(
+    def _mla_decode_rows_kernel(
         q_lat_ptr, q_rope_ptr, lat_ptr, k_rope_ptr, q_pos_ptr, k_pos_ptr,
         acc_ptr, max_ptr, sum_ptr,
         stride_qlb, stride_qlh, stride_qls, stride_qlc,
@@ -123,9 +211,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
 
         t_begin = pid_split * SPLIT_LEN
-        for tile in range(0, tl.cdiv(SPLIT_LEN, BLOCK_T)):  # only the last split runs past T
-            offs_t = t_begin + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_ok = offs_t < T
+        t_end = tl.minimum(t_begin + SPLIT_LEN, T)  # a tile may overhang the split: mask, not double-count
+        for start in range(0, SPLIT_LEN, BLOCK_T):
+            offs_t = t_begin + start + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < t_end
             k_pos = tl.load(k_pos_ptr + pid_b * stride_kpb + offs_t * stride_kpt, mask=t_ok, other=-1)
             lat = tl.load(
                 lat_ptr + pid_b * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :] * stride_lc,
@@ -149,23 +238,152 @@ if triton is not None:
             run_max = new_max
 
         part = (pid_b * M + rows) * NUM_SPLITS + pid_split  # partials: [B, M, NUM_SPLITS(, C)]
-        tl.store(acc_ptr + part[:, None] * C + offs_c[None, :], acc, mask=row_ok[:, None] & c_ok[None, :])
+        # Partials are stored normalised (acc / sum, bounded like the output) in the partial buffer's
+        # dtype: 16-bit for 16-bit inputs halves that traffic. Rows with nothing visible store 0.
+        acc = acc / tl.where(run_sum > 0, run_sum, 1.0)[:, None]
+        tl.store(
+            acc_ptr + part[:, None] * C + offs_c[None, :], acc.to(acc_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & c_ok[None, :],
+        )  # fmt: skip
         tl.store(max_ptr + part, run_max, mask=row_ok)
         tl.store(sum_ptr + part, run_sum, mask=row_ok)
 
-    # Measured on an H100 (docs/benchmarks.md): autotuning BLOCK_M in {16, 32, 64} as well
-    # never chose 16 or 64 and made the tuner's pick noisier, so BLOCK_M follows the row count.
-    _mla_decode_split_kernel_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 16}, num_warps=4, num_stages=4),
-        ],
-        key=["C", "R", "BLOCK_M"],  # Triton adds the tensor dtypes to the key
-    )(_mla_decode_split_kernel)
+    @triton.jit
+    def _mla_keys_tile(
+        lat_base, k_rope_base, k_pos_base, t0, t_end, offs_own, offs_other, own_ok, other_ok, offs_r, r_ok,
+        stride_lt, stride_lc, stride_krt, stride_krr, stride_kpt,
+        BLOCK_T: tl.constexpr, EVEN_C: tl.constexpr, V_SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        """One cache tile from row ``t0``: positions (-1 past ``t_end``), the own latent columns,
+        the other half's columns (V_SPLIT == 2; else the own tile again, unused) and k_rope."""
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < t_end
+        k_pos = tl.load(k_pos_base + offs_t * stride_kpt, mask=t_ok, other=-1)
+        if EVEN_C:
+            own_mask = t_ok[:, None]
+            other_mask = t_ok[:, None]
+        else:
+            own_mask = t_ok[:, None] & own_ok[None, :]
+            other_mask = t_ok[:, None] & other_ok[None, :]
+        rows_base = lat_base + offs_t[:, None] * stride_lt
+        lat = tl.load(rows_base + offs_own[None, :] * stride_lc, mask=own_mask, other=0.0)  # key and value
+        lat_other = lat
+        if V_SPLIT == 2:
+            lat_other = tl.load(rows_base + offs_other[None, :] * stride_lc, mask=other_mask, other=0.0)  # key only
+        k_rope = tl.load(
+            k_rope_base + offs_t[:, None] * stride_krt + offs_r[None, :] * stride_krr,
+            mask=t_ok[:, None] & r_ok[None, :], other=0.0,
+        )  # [BLOCK_T, BLOCK_R]
+        return k_pos, lat, lat_other, k_rope
+
+    @triton.jit
+    def _mla_decode_keys_kernel(
+        q_lat_ptr, q_rope_ptr, lat_ptr, k_rope_ptr, q_pos_ptr, k_pos_ptr,
+        acc_ptr, max_ptr, sum_ptr,
+        stride_qlb, stride_qlh, stride_qls, stride_qlc,
+        stride_qrb, stride_qrh, stride_qrs, stride_qrr,
+        stride_lb, stride_lt, stride_lc,
+        stride_krb, stride_krt, stride_krr,
+        stride_qpb, stride_qps, stride_kpb, stride_kpt,
+        H, M, T, SPLIT_LEN, NUM_SPLITS, qk_scale_log2,
+        C: tl.constexpr, R: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_R: tl.constexpr,
+        V_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # Transposed ("swap-AB") tiles: cache rows are the M side of both matmuls, so M >= 64
+        # whatever the head count and Hopper's wgmma applies; queries are the N side.
+        pid_0 = tl.program_id(0)  # fastest: the programs that read the same latent tile run together
+        pid_m = pid_0 // V_SPLIT
+        pid_v = pid_0 % V_SPLIT
+        pid_split = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        EVEN_C: tl.constexpr = BLOCK_CV * V_SPLIT == C  # no column masks: 16-byte vector loads
+
+        rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)  # query row = s_idx * H + h_idx
+        row_ok = rows < M
+        h_idx = rows % H
+        s_idx = rows // H
+        # Columns this program accumulates ("own"); with V_SPLIT == 2 the other half of the
+        # latent still enters the scores.
+        offs_own = pid_v * BLOCK_CV + tl.arange(0, BLOCK_CV)
+        offs_other = (1 - pid_v) * BLOCK_CV + tl.arange(0, BLOCK_CV)
+        own_ok = offs_own < C
+        other_ok = offs_other < C
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+
+        q_base = q_lat_ptr + pid_b * stride_qlb + h_idx[None, :] * stride_qlh + s_idx[None, :] * stride_qls
+        q_own = tl.load(q_base + offs_own[:, None] * stride_qlc, mask=own_ok[:, None] & row_ok[None, :], other=0.0)
+        q_other = q_own  # unused unless V_SPLIT == 2
+        if V_SPLIT == 2:
+            q_other = tl.load(
+                q_base + offs_other[:, None] * stride_qlc, mask=other_ok[:, None] & row_ok[None, :], other=0.0
+            )  # [BLOCK_CV, BLOCK_H]
+        q_rope = tl.load(
+            q_rope_ptr + pid_b * stride_qrb + h_idx[None, :] * stride_qrh + s_idx[None, :] * stride_qrs
+            + offs_r[:, None] * stride_qrr,
+            mask=r_ok[:, None] & row_ok[None, :], other=0.0,
+        )  # [BLOCK_R, BLOCK_H]
+        q_pos = tl.load(q_pos_ptr + pid_b * stride_qpb + s_idx * stride_qps, mask=row_ok, other=-1)
+
+        run_max = tl.full([BLOCK_H], -1.0e30, tl.float32)  # finite: fully masked tiles stay NaN-free
+        run_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_CV, BLOCK_H], tl.float32)  # out^T for the own columns
+
+        lat_base = lat_ptr + pid_b * stride_lb
+        k_rope_base = k_rope_ptr + pid_b * stride_krb
+        k_pos_base = k_pos_ptr + pid_b * stride_kpb
+        t_begin = pid_split * SPLIT_LEN
+        t_end = tl.minimum(t_begin + SPLIT_LEN, T)
+        if PREFETCH:  # the first tile; each iteration then fetches the next before computing
+            k_pos_nx, lat_nx, other_nx, k_rope_nx = _mla_keys_tile(
+                lat_base, k_rope_base, k_pos_base, t_begin, t_end, offs_own, offs_other, own_ok, other_ok,
+                offs_r, r_ok, stride_lt, stride_lc, stride_krt, stride_krr, stride_kpt,
+                BLOCK_T, EVEN_C, V_SPLIT,
+            )  # fmt: skip
+        for start in range(0, SPLIT_LEN, BLOCK_T):  # tiles past t_end are fully masked
+            if PREFETCH:
+                k_pos, lat, lat_other, k_rope = k_pos_nx, lat_nx, other_nx, k_rope_nx
+            else:
+                k_pos, lat, lat_other, k_rope = _mla_keys_tile(
+                    lat_base, k_rope_base, k_pos_base, t_begin + start, t_end, offs_own, offs_other, own_ok,
+                    other_ok, offs_r, r_ok, stride_lt, stride_lc, stride_krt, stride_krr, stride_kpt,
+                    BLOCK_T, EVEN_C, V_SPLIT,
+                )  # fmt: skip
+            scores = tl.dot(lat, q_own, input_precision=INPUT_PRECISION)  # [BLOCK_T, BLOCK_H]
+            scores += tl.dot(k_rope, q_rope, input_precision=INPUT_PRECISION)
+            if V_SPLIT == 2:
+                scores += tl.dot(lat_other, q_other, input_precision=INPUT_PRECISION)
+            if PREFETCH:
+                # Register double buffering: the next tile's loads are issued once this tile sits in
+                # shared memory for the matmuls, and waited for only in the next iteration, so they
+                # stream while this tile is computed. Triton's own pipelining needs one shared-memory
+                # buffer per stage, and three 64-row tiles (plus q) do not fit in 227 KB.
+                k_pos_nx, lat_nx, other_nx, k_rope_nx = _mla_keys_tile(
+                    lat_base, k_rope_base, k_pos_base, t_begin + start + BLOCK_T, t_end, offs_own, offs_other,
+                    own_ok, other_ok, offs_r, r_ok, stride_lt, stride_lc, stride_krt, stride_krr, stride_kpt,
+                    BLOCK_T, EVEN_C, V_SPLIT,
+                )  # fmt: skip
+            scores = scores * qk_scale_log2
+            visible = (k_pos[:, None] >= 0) & (k_pos[:, None] <= q_pos[None, :])
+            scores = tl.where(visible, scores, float("-inf"))
+
+            new_max = tl.maximum(run_max, tl.max(scores, 0))
+            rescale = tl.exp2(run_max - new_max)
+            p = tl.exp2(scores - new_max[None, :])
+            run_sum = run_sum * rescale + tl.sum(p, 0)
+            acc = acc * rescale[None, :] + tl.dot(tl.trans(lat), p.to(lat.dtype), input_precision=INPUT_PRECISION)
+            run_max = new_max
+
+        part = (pid_b * M + rows) * NUM_SPLITS + pid_split  # partials: [B, M, NUM_SPLITS(, C)]
+        acc = acc / tl.where(run_sum > 0, run_sum, 1.0)[None, :]  # normalised partials, as in the rows kernel
+        tl.store(
+            acc_ptr + part[None, :] * C + offs_own[:, None], acc.to(acc_ptr.dtype.element_ty),
+            mask=own_ok[:, None] & row_ok[None, :],
+        )  # fmt: skip
+        stats_ok = row_ok & (pid_v == 0)  # every column half computes the same statistics
+        tl.store(max_ptr + part, run_max, mask=stats_ok)
+        tl.store(sum_ptr + part, run_sum, mask=stats_ok)
 
     @triton.jit
     def _mla_decode_combine_kernel(
@@ -183,10 +401,11 @@ if triton is not None:
         part = (pid_b * M + row) * NUM_SPLITS + offs_s
         split_max = tl.load(max_ptr + part, mask=s_ok, other=float("-inf"))
         split_sum = tl.load(sum_ptr + part, mask=s_ok, other=0.0)
-        weight = tl.exp2(split_max - tl.max(split_max, 0))  # padding splits: exp2(-inf) == 0
-        total = tl.sum(weight * split_sum, 0)
+        # Each split's share of the softmax mass; its partial is already divided by its own sum.
+        weight = tl.exp2(split_max - tl.max(split_max, 0)) * split_sum  # padding splits: exp2(-inf) == 0
+        total = tl.sum(weight, 0)
         acc = tl.load(acc_ptr + part[:, None] * C + offs_c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+        out = tl.sum(acc.to(tl.float32) * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
         out = tl.where(total > 0, out, 0.0)  # no visible key at all -> zeros
         h_idx = row % H
         s_idx = row // H
@@ -206,14 +425,14 @@ def _num_splits(
 ) -> tuple[int, int]:
     """``(num_splits, split_len)`` minimising a small cost model of the split pass.
 
-    Programs run in waves of one per SM (the fp32 accumulator of a 32-row block fills most of
-    an SM's registers); each program streams ``split_len`` cache rows and, when the key axis is
-    split, writes fp32 partials that the combine pass reads back. More splits fill the GPU
-    better but add partial traffic and a wave-quantisation tail.
+    Programs run in waves of one per SM (most configurations fill an SM's registers or shared
+    memory); each program streams ``split_len`` cache rows and, when the key axis is split,
+    writes partials (counted as fp32 here) that the combine pass reads back. More splits fill
+    the GPU better but add partial traffic and a wave-quantisation tail.
     """
     best: tuple[float, int, int] | None = None
     for wanted in _SPLIT_CANDIDATES:
-        split_len = math.ceil(math.ceil(kv_len / wanted) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
+        split_len = _split_len(kv_len, wanted)
         splits = math.ceil(kv_len / split_len)
         waves = math.ceil(programs_per_split * splits / sm_count)
         partial_bytes = 2 * block_m * c * 4 if splits > 1 else 0
@@ -226,6 +445,17 @@ def _num_splits(
     return best[1], best[2]
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int | None) -> int:
+    """Cached: decode calls this every step, and the host time before the launch counts in latency."""
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_len(kv_len: int, wanted_splits: int) -> int:
+    return math.ceil(math.ceil(kv_len / wanted_splits) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
+
+
 def _launch(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -235,57 +465,69 @@ def _launch(
     k_pos: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Run both passes. ``num_splits`` overrides the cost model (for tuning experiments)."""
+    """Run both passes with ``config`` (default :data:`DEFAULT_CONFIG`, :data:`FP32_CONFIG` for fp32
+    inputs; the sweep script passes others). ``num_splits`` overrides the config's split count."""
     if triton is None:
         raise RuntimeError("the 'triton' MLA decode backend needs Triton (pip install 'ascend_edit[gpu]')")
+    if config is None:
+        config = FP32_CONFIG if q_latent.element_size() > 2 else DEFAULT_CONFIG
+    if num_splits is not None:
+        config = dataclasses.replace(config, num_splits=num_splits)
     b, h, s, c = q_latent.shape
     r, t = q_rope.shape[-1], latent.shape[1]
     out = torch.empty((b, h, s, c), dtype=q_latent.dtype, device=q_latent.device)
     if t == 0 or b == 0 or h * s == 0:
         return out.zero_()
     rows = h * s
-    block_m = _block_m(rows)
-    row_blocks = triton.cdiv(rows, block_m)
-    sm_count = (
-        torch.cuda.get_device_properties(q_latent.device).multi_processor_count
-        if q_latent.device.type == "cuda"
-        else 4  # Triton's CPU interpreter
-    )
-    row_bytes = (c + r) * latent.element_size()
-    if num_splits is None:
-        num_splits, split_len = _num_splits(b * row_blocks, block_m, t, row_bytes, c, sm_count)
+    block_m = _block_m(config, rows)
+    v_split = config.v_split if config.kernel == "keys" else 1
+    row_blocks = -(-rows // block_m)
+    if config.num_splits is None:
+        sm_count = _sm_count(q_latent.device.index) if q_latent.device.type == "cuda" else 4  # 4: interpreter
+        row_bytes = (c + r) * latent.element_size()
+        num_splits, split_len = _num_splits(b * row_blocks * v_split, block_m, t, row_bytes, c,
+                                            sm_count * config.programs_per_sm)
     else:
-        split_len = math.ceil(math.ceil(t / num_splits) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
+        split_len = _split_len(t, config.num_splits)
         num_splits = math.ceil(t / split_len)
-    partial_acc = torch.empty((b, rows, num_splits, c), dtype=torch.float32, device=out.device)
+    # 16-bit partials for 16-bit inputs: the partial outputs are normalised, so bf16/fp16 keeps
+    # them to the output's own precision while halving the split pass's extra traffic.
+    partial_dtype = q_latent.dtype if q_latent.element_size() == 2 else torch.float32
+    partial_acc = torch.empty((b, rows, num_splits, c), dtype=partial_dtype, device=out.device)
     partial_max = torch.empty((b, rows, num_splits), dtype=torch.float32, device=out.device)
     partial_sum = torch.empty_like(partial_max)
 
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # CPU interpreter cannot benchmark configs
-    split_kernel = _mla_decode_split_kernel if interpreting else _mla_decode_split_kernel_tuned
-    fixed = {"BLOCK_T": 32} if interpreting else {}
-    split_kernel[(row_blocks, num_splits, b)](
+    common = (
         q_latent, q_rope, latent, k_rope, q_pos, k_pos,
         partial_acc, partial_max, partial_sum,
         *q_latent.stride(), *q_rope.stride(), *latent.stride(), *k_rope.stride(),
         *q_pos.stride(), *k_pos.stride(),
         h, rows, t, split_len, num_splits, scale * _LOG2E,
-        C=c,
-        R=r,
-        BLOCK_M=block_m,
-        BLOCK_C=triton.next_power_of_2(c),
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
-        INPUT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        **fixed,
     )  # fmt: skip
+    block_r = max(16, _next_pow2(r))
+    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.kernel == "rows":
+        _mla_decode_rows_kernel[(row_blocks, num_splits, b)](
+            *common, C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=_next_pow2(c),
+            BLOCK_R=block_r, INPUT_PRECISION=precision, **launch,
+        )  # fmt: skip
+    else:
+        _mla_decode_keys_kernel[(row_blocks * v_split, num_splits, b)](
+            *common, C=c, R=r, BLOCK_H=block_m, BLOCK_T=config.block_t,
+            BLOCK_CV=_next_pow2(-(-c // v_split)), BLOCK_R=block_r, V_SPLIT=v_split,
+            PREFETCH=config.prefetch,
+            INPUT_PRECISION=precision, **launch,
+        )  # fmt: skip
     _mla_decode_combine_kernel[(rows, b)](
         partial_acc, partial_max, partial_sum, out,
         *out.stride(),
         h, rows, num_splits,
         C=c,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        BLOCK_C=triton.next_power_of_2(c),
+        BLOCK_S=_next_pow2(num_splits),
+        BLOCK_C=_next_pow2(c),
     )  # fmt: skip
     return out
 

@@ -20,6 +20,7 @@ def test_bench_kv_writes_table_csv_and_plot(tmp_path, target):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / PLOT_FILE).stat().st_size > 0
+    assert "static" in proc.stdout  # the table's title names the cache: preallocated, as bench_decode's
     rows = list(csv.DictReader((tmp_path / CSV_FILE).open()))
     assert len(rows) == 4  # teacher and converted at two contexts
     by = {(r["model"], int(r["context"])): r for r in rows}

@@ -17,7 +17,8 @@ def test_bench_decode_measures_every_model_in_its_own_process(tmp_path):
     out = tmp_path / "bench"
     args = [sys.executable, "-m", "ascend_edit.tasks.bench_decode", "--model", "qwen3_tiny", "--device", "cpu",
             "--contexts", "16", "48", "--batches", "1", "2", "--steps", "2", "--repeats", "2", "--warmup", "1",
-            "--path", "eager", "--compile-cells", "--prefill-contexts", "48", "--memory-budget-gib", "0.01",
+            "--path", "eager", "--compile-cells", "--prefill-contexts", "48", "--prefill-repeats", "2",
+            "--profile-cells", "1x16", "--profile-steps", "2", "--memory-budget-gib", "0.01",
             "--out", str(out), "--target-override", *TINY_TARGETS]
     proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,7 +39,17 @@ def test_bench_decode_measures_every_model_in_its_own_process(tmp_path):
         assert largest[(kind, 48)] > largest[("teacher", 48)]
     prefill = read(out / "prefill.csv")
     assert {r["kind"] for r in prefill} == {"teacher", "mla", "gate_swa"}
-    assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in prefill)
+    for row in prefill:  # median of the timed repeats, with their spread
+        assert row["status"] == "ok"
+        assert 0 < float(row["seconds_min"]) <= float(row["seconds"]) <= float(row["seconds_max"])
+    profile = read(out / "profile.csv")
+    assert {r["kind"] for r in profile} == {"teacher", "mla", "gate_swa"}
+    for row in profile:  # the eager step's ops by class, and the top list written per model
+        assert row["status"] == "ok" and float(row["kernels_per_step"]) > 0
+        assert float(row["gemm_ms"]) + float(row["attention_ms"]) + float(row["other_ms"]) > 0
+        assert (out / row["file"]).read_text().count("\n") > 3
+    table = proc.stdout[proc.stdout.rindex("decode step"):]  # the table is printed last
+    assert "eager step profiled" in table and table.rstrip().splitlines()[-1].lstrip().startswith("ctx")
 
 
 def test_bench_decode_subcommand_compares_the_teacher_with_the_configured_target(tmp_path):

@@ -30,7 +30,7 @@ from ascend_edit.config import (
 )
 from ascend_edit.data import PackedDataset, ResumableDistributedSampler, build_train_eval, load_documents
 from ascend_edit.distill.layerwise import LayerwiseObjective
-from ascend_edit.distill.model_level import ModelLevelObjective
+from ascend_edit.distill.model_level import ModelLevelObjective, frozen_teacher
 from ascend_edit.eval.metrics import evaluate
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import (
@@ -41,7 +41,6 @@ from ascend_edit.models.surgery import (
     set_mode,
     set_trainable,
 )
-from ascend_edit.tasks.convert import frozen_teacher
 from ascend_edit.train.engine import Objective, TorchEngine
 from ascend_edit.train.loop import StageRun, train_stage
 
@@ -284,7 +283,7 @@ def test_stage2_distils_against_the_original_teacher(policy: str, mla_warm_model
     model = copy.deepcopy(model)
     original, _ = load_teacher(ModelConfig(source="hf", path=str(trained_teacher)))
     stage = ModelLevelConfig(steps=10, lr=3e-3, warmup_steps=0, batch_size=BATCH_SIZE, trainable=policy)
-    # With shared weights training, the pipeline keeps a separate frozen teacher (tasks.convert).
+    # With shared weights training, the pipeline keeps a separate frozen teacher (distill.model_level).
     objective = ModelLevelObjective("forward", temperature=1.0, teacher=frozen_teacher(model, stage))
     run_stage(model, objective, stage, train, "model_level")
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def smollm2():
     from ascend_edit.assets import load_smollm2, shakespeare_dir
     from ascend_edit.data import build_train_eval, load_documents
-    from ascend_edit.tasks.convert import batches_of
+    from ascend_edit.data.batches import batches_of
 
     model, tokenizer = load_smollm2()
     docs = load_documents(shakespeare_dir(), format="text", max_documents=8)

@@ -167,7 +167,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(teacher, finished, tmp_p
 def test_deepspeed_stage_checkpoint_exports_the_converted_weights(finished, engine):
     """A ZeRO-3 stage checkpoint (partitions of 2 ranks) is consolidated by one process for export:
     the final stage-2 checkpoint holds exactly the weights the run wrote to converted/."""
-    from ascend_edit.tasks.export import rebuild_from_engine_checkpoint
+    from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
 
     run_dir = finished(engine)
     final = sorted((run_dir / "checkpoints").glob("step-model_level-*"), key=lambda p: int(p.name.split("-")[-1]))

@@ -79,11 +79,17 @@ class NpuStandIn:
         scores = (q . k + q_rope . k_rope) * scale.
 
     ``npu_rms_norm(x, gamma, epsilon)`` -> ``(y, rstd)``: gamma's dtype must equal x's; rstd fp32.
-    ``npu_rotary_mul(x, r1, r2, rotary_mode="half")``: 4-D x / r1 / r2, r1 / r2 broadcastable to x,
-      D even and < 896, every dim of r1 either 1 or x's; ``half`` and ``interleave`` modes.
+    ``npu_rotary_mul(x, r1, r2, rotary_mode="half")`` (torch_npu API reference, A2 / A3 constraints,
+      plus the older releases' BNSD limit): 4-D x / r1 / r2 of x's dtype (fp16 / bf16 / fp32); x in
+      layout BNSD, BSND or SBND, told apart by r1's shape, which must be one of the documented
+      broadcasts (BNSD: 11SD, B1SD, BNSD; BSND: 1S1D, BS1D, BSND; SBND: S11D, SB1D, SBND); r1 / r2
+      within [-1, 1]; D even and < 896; B, N < 1000; B * N <= 1024 when r1 / r2 need a gradient; in
+      BNSD not B * N > 8 * S (older releases). Strictest reading where the docs are silent: x
+      contiguous (the docs name layouts, not strides). ``half`` and ``interleave`` modes.
     ``npu_swiglu(x, dim=-1)``: x contiguous, size along ``dim`` even; ``silu(A) * B``.
-    MindSpeed ``npu_rotary_position_embedding(x, cos, sin, mode=0)``: as ``npu_rotary_mul`` with
-      mode 0 = half, 1 = interleave, and B, N < 1000 for layout BNSD.
+    MindSpeed ``npu_rotary_position_embedding(x, cos, sin, mode=0)`` (MindSpeed docs/ops): the same
+      layouts, broadcasts and limits (its D limit, < 2000, is looser; the stand-in keeps 896),
+      mode 0 = half, 1 = interleave.
     """
 
     def __init__(self) -> None:
@@ -333,7 +339,6 @@ class NpuStandIn:
         self.calls.append({"op": "npu_rotary_position_embedding", "shape": tuple(x.shape),
                            "r_shape": tuple(cos.shape), "mode": mode})
         self._check_rotary(x, cos, sin)
-        assert x.shape[0] < 1000 and x.shape[1] < 1000, "B, N < 1000"
         return _rotate(x, cos, sin, interleaved={0: False, 1: True}[mode])
 
     def npu_swiglu(self, x, dim=-1):
@@ -346,11 +351,19 @@ class NpuStandIn:
     @staticmethod
     def _check_rotary(x, r1, r2) -> None:
         assert x.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, "rotary ops take 4-D tensors"
-        assert r1.shape == r2.shape and r1.dtype == r2.dtype == x.dtype
-        assert all(rs in (1, xs) for rs, xs in zip(r1.shape, x.shape)), f"{tuple(r1.shape)} vs {tuple(x.shape)}"
-        assert r1.shape[-1] == x.shape[-1], "cos / sin cover the whole head dim"
+        assert x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        assert r1.shape == r2.shape and r1.dtype == r2.dtype == x.dtype, "cos / sin: one shape, x's dtype"
+        assert x.is_contiguous(), "strictest reading: a contiguous x in one of the documented layouts"
+        layouts = rotary_layouts(tuple(x.shape), tuple(r1.shape))
+        assert layouts, f"cos / sin {tuple(r1.shape)} is no documented broadcast for x {tuple(x.shape)}"
         d = x.shape[-1]
         assert d % 2 == 0 and d < 896, f"head dim {d} must be even and < 896"
+        assert bool((r1.abs() <= 1).all()) and bool((r2.abs() <= 1).all()), "cos / sin must lie in [-1, 1]"
+        grad = r1.requires_grad or r2.requires_grad
+        problems = {name: _rotary_limit_problem(name, b, n, s, grad) for name, (b, n, s) in layouts.items()}
+        # cos / sin of x's full shape fit several layouts; which reading the kernel takes is not
+        # documented and the result is the same elementwise, so one reading within the limits suffices.
+        assert any(p is None for p in problems.values()), f"rotary limits: {problems}"
 
     # -- recording --------------------------------------------------------------------------
     def _record(self, op, q, k, v, heads, layout, atten_mask, sparse_mode, pre, nxt, cum_q, cum_kv, scale,
@@ -372,3 +385,24 @@ def _rotate(x, cos, sin, *, interleaved: bool):
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotary_layouts(x_shape: tuple, r_shape: tuple) -> dict[str, tuple[int, int, int]]:
+    """The documented layouts of the rotary ops ``r_shape`` fits, each with x's (B, N, S) read in it."""
+    a, b, c, d = x_shape
+    documented = {
+        "BNSD": ([(1, 1, c, d), (a, 1, c, d), (a, b, c, d)], (a, b, c)),
+        "BSND": ([(1, b, 1, d), (a, b, 1, d), (a, b, c, d)], (a, c, b)),
+        "SBND": ([(a, 1, 1, d), (a, b, 1, d), (a, b, c, d)], (b, c, a)),
+    }
+    return {name: bns for name, (shapes, bns) in documented.items() if r_shape in shapes}
+
+
+def _rotary_limit_problem(layout: str, b: int, n: int, s: int, grad: bool) -> str | None:
+    if b >= 1000 or n >= 1000:
+        return "B, N < 1000"
+    if grad and b * n > 1024:
+        return "B*N <= 1024 when cos / sin need a gradient"
+    if layout == "BNSD" and b * n > 8 * s:
+        return "layout BNSD: B*N > 8*S is not supported (older releases)"
+    return None

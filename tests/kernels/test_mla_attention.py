@@ -1,7 +1,11 @@
 """Op B (absorbed MLA attention): the eager reference, the Triton decode kernel and its custom op."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +172,94 @@ def test_triton_mla_decode_custom_op_opcheck_and_compile() -> None:
     compiled = torch.compile(lambda *a: torch.ops.ascend_edit.mla_decode(*a) * 2.0, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args), torch.ops.ascend_edit.mla_decode(*args) * 2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations of the Triton kernel (DecodeConfig; benchmarks/mla_decode_sweep.py)
+# ---------------------------------------------------------------------------------------------
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DecodeConfig = mla_decode.DecodeConfig
+
+# One of each kind the sweep times, plus tiles that overhang their split (block_t > split_len).
+LAUNCH_CONFIGS = [
+    mla_decode.DEFAULT_CONFIG,
+    DecodeConfig(kernel="rows", block_t=32, block_m=16, num_warps=4, num_stages=4),
+    DecodeConfig(kernel="rows", block_t=32, block_m=64, pad_rows=True, num_warps=8, num_stages=3, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=128, block_m=32, num_warps=4, num_stages=2, num_splits=3),
+    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=4),
+    DecodeConfig(kernel="keys", block_t=64, block_m=16, num_warps=8, num_stages=2, num_splits=3),
+    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2),
+    DecodeConfig(kernel="keys", block_t=64, block_m=32, prefetch=True, num_warps=8, num_stages=1, num_splits=3),
+    DecodeConfig(kernel="keys", block_t=128, block_m=64, num_warps=8, num_stages=1, num_splits=3),  # 184 KB
+]
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or (INTERPRET and mla_decode.triton_available())),
+    reason="needs a CUDA GPU, or Triton with TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("config", LAUNCH_CONFIGS, ids=lambda c: c.label().replace(" ", "-"))
+def test_every_launch_config_matches_reference(config: DecodeConfig) -> None:
+    """Every configuration computes the same attention: s=2 query positions, empty cache slots and
+    a query row with no visible key, row counts that are not multiples of the block."""
+    if torch.cuda.is_available():  # real sizes: 16-byte vector loads, no column masks
+        inp = make_mla_inputs(2, 16, 2, 512, 64, 700, dtype=torch.bfloat16, device="cuda",
+                              empty_slots=True, no_visible_row=True)  # fmt: skip
+    else:  # Triton's interpreter computes through numpy, which has no bf16
+        inp = make_mla_inputs(2, 10, 2, 64, 16, 150, dtype=torch.float16, empty_slots=True, no_visible_row=True)
+    args = (inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"])
+    with torch.no_grad():
+        out = mla_decode._launch(*args, config=config)
+    fp32_inp = dict(inp, **{n: inp[n].float() for n in ("q_latent", "q_rope", "latent", "k_rope")})
+    expected = _call(reference.mla_absorbed_attention, fp32_inp)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    assert torch.count_nonzero(out[-1, :, 0]) == 0  # the row with no visible key
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kernel": "cols"}, "kernel"),
+        ({"kernel": "rows", "v_split": 2}, "v_split"),
+        ({"kernel": "keys", "v_split": 4}, "v_split"),
+        ({"kernel": "rows", "prefetch": True}, "prefetch"),
+        ({"block_t": 48}, "block_t"),
+        ({"block_m": 8}, "block_m"),
+        ({"num_warps": 6}, "num_warps"),
+        ({"num_stages": 0}, "num_stages"),
+        ({"num_splits": 0}, "num_splits"),
+        ({"programs_per_sm": 0}, "programs_per_sm"),
+    ],
+)
+def test_decode_config_rejects_bad_choices(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(**fields)
+
+
+@pytest.mark.parametrize("kv_len", [1, 63, 64, 300, 4099, 8192])
+@pytest.mark.parametrize("wanted", [1, 3, 4, 32])
+def test_splits_cover_the_context_without_empty_splits(kv_len: int, wanted: int) -> None:
+    split_len = mla_decode._split_len(kv_len, wanted)
+    splits = math.ceil(kv_len / split_len)
+    assert split_len % mla_decode._MIN_SPLIT_LEN == 0
+    assert splits <= wanted and splits * split_len >= kv_len and (splits - 1) * split_len < kv_len
+
+
+def test_split_cost_model_fills_every_resident_program_slot() -> None:
+    # B=32 programs per split over 8,192 rows of 1,152 bytes on 132 SMs: one program per SM fits 4
+    # splits in a wave, two per SM fit 8 (shorter splits in the same single wave).
+    assert mla_decode._num_splits(32, 32, 8192, 1152, 512, 132) == (4, 2048)
+    assert mla_decode._num_splits(32, 32, 8192, 1152, 512, 2 * 132) == (8, 1024)
+
+
+def test_sweep_best_line_is_a_config_that_can_be_pasted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep prints ``DEFAULT_CONFIG = DecodeConfig(...)``; that text must build the same config."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mla_decode_sweep.py"
+    spec = importlib.util.spec_from_file_location("mla_decode_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mla_decode_sweep", sweep)  # dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    for config in [*sweep.KERNEL_CONFIGS, DecodeConfig(kernel="keys", v_split=2, num_splits=8, prefetch=True)]:
+        assert eval(sweep.config_call(config), {"DecodeConfig": DecodeConfig}) == config  # noqa: S307 - own text

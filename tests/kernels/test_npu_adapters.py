@@ -261,38 +261,77 @@ def test_rms_norm_adapter(dtype, weight_dtype, stand_in: NpuStandIn) -> None:
     torch.testing.assert_close(gw.float(), rw.float(), atol=5e-2, rtol=5e-2)
 
 
-def _rope_inputs(b=2, h=4, s=6, d=16, dtype=torch.float32):
+@pytest.mark.parametrize(
+    "x", [torch.randn(*[1] * 8, 16), torch.randn(2, 16, dtype=torch.float64)], ids=["9-dims", "fp64"]
+)
+def test_rms_norm_outside_the_contract_falls_back_to_eager(x, stand_in: NpuStandIn) -> None:
+    w = 1 + 0.1 * torch.randn(16, dtype=x.dtype)
+    torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-6), fused_reference.rms_norm(x, w, 1e-6))
+    assert stand_in.calls == []
+
+
+def test_rms_norm_stand_in_refuses_a_gamma_of_another_dtype(stand_in: NpuStandIn) -> None:
+    """Why the adapter casts the weight: the documented op takes gamma in x's dtype."""
+    import torch_npu  # the stand-in
+
+    with pytest.raises(AssertionError, match="gamma dtype"):
+        torch_npu.npu_rms_norm(torch.randn(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-6)
+
+
+def _rope_inputs(b=2, h=4, s=6, d=16, dtype=torch.float32, storage="bnsd"):
+    """x [b, h, s, d] stored as BNSD, or (storage="bsnd") the projection layout ``[b, s, h, d].transpose(1, 2)``."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b, h, s, d, generator=gen).to(dtype).requires_grad_(True)
+    if storage == "bnsd":
+        x = torch.randn(b, h, s, d, generator=gen).to(dtype).requires_grad_(True)
+    else:
+        x = torch.randn(b, s, h, d, generator=gen).to(dtype).requires_grad_(True).transpose(1, 2)
     freqs = torch.arange(s)[:, None] * (10000 ** (-torch.arange(d // 2) / (d // 2)))[None]
     emb = torch.cat([freqs, freqs], dim=-1).expand(b, s, d)
     return x, emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# (shape, storage) -> (x shape the op gets, cos / sin shape): the documented layout for each input.
+ROPE_CASES = {
+    "heads-bnsd": ((2, 4, 6, 16), "bnsd", (2, 4, 6, 16), (2, 1, 6, 16)),  # BNSD, B1SD
+    "heads-bsnd-view": ((2, 4, 6, 16), "bsnd", (2, 6, 4, 16), (2, 6, 1, 16)),  # BSND, BS1D: no copy
+    "mla-k-rope": ((2, 1, 6, 8), "bnsd", (2, 6, 1, 8), (2, 6, 1, 8)),  # one head: BNSD storage is BSND too
+    "wide": ((1, 32, 6, 64), "bsnd", (1, 6, 32, 64), (1, 6, 1, 64)),
+    "decode-many-heads": ((4, 8, 1, 16), "bsnd", (4, 1, 8, 16), (4, 1, 1, 16)),  # BNSD would need B*N <= 8*S
+}
+
+
 @pytest.mark.parametrize("backend", ["npu", "mindspeed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 4, 6, 16), (2, 1, 6, 8), (1, 32, 6, 64)], ids=["heads", "mla-k-rope", "wide"])
-def test_rotary_adapters(backend, dtype, shape, stand_in: NpuStandIn) -> None:
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rotary_adapters(backend, dtype, case, stand_in: NpuStandIn) -> None:
     fused = fused_ops.rotary_embedding if backend == "npu" else fused_ops.rotary_embedding_mindspeed
-    b, h, s, d = shape
-    x, cos, sin = _rope_inputs(b, h, s, d, dtype)
+    shape, storage, sent, r_shape = ROPE_CASES[case]
+    x, cos, sin = _rope_inputs(*shape, dtype=dtype, storage=storage)
     out = fused(x, cos, sin)
     ref = fused_reference.rotary_embedding(x, cos, sin)
+    assert out.shape == x.shape and out.dtype == dtype
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     torch.testing.assert_close(out.float(), ref.float(), **tol)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0], **tol)
     expected = "npu_rotary_mul" if backend == "npu" else "npu_rotary_position_embedding"
     assert stand_in.ops_called() == [expected]
-    assert stand_in.calls[0]["r_shape"] == (b, 1, s, d)  # B1SD cos / sin for BNSD input
+    assert (stand_in.calls[0]["shape"], stand_in.calls[0]["r_shape"]) == (sent, r_shape)
 
 
 @pytest.mark.parametrize(
-    ("shape", "reason"),
-    [((1, 2, 4, 896), "head dim 896"), ((1, 2, 4, 14 * 64 + 2), "head dim"), ((4, 8, 1, 16), "B*N = 32 > 8*S")],
-    ids=["d-896", "d-too-wide", "decode-many-heads"],
+    ("shape", "storage", "grad_cos", "reason"),
+    [
+        ((1, 2, 4, 896), "bnsd", False, "head dim 896"),
+        ((1, 2, 4, 14 * 64 + 2), "bnsd", False, "head dim"),
+        ((4, 8, 2, 16), "bnsd", False, "B*N = 32 > 8*S = 16 in layout BNSD"),
+        ((2, 600, 2, 16), "bsnd", True, "B*N = 1200 > 1024 with a gradient for cos / sin"),
+        ((1, 1000, 2, 16), "bsnd", False, "heads 1000"),
+    ],
+    ids=["d-896", "d-too-wide", "bnsd-many-heads", "cos-grad-many-heads", "n-1000"],
 )
-def test_rotary_constraints_fall_back_to_eager(shape, reason, stand_in: NpuStandIn, caplog) -> None:
-    x, cos, sin = _rope_inputs(*shape)
+def test_rotary_constraints_fall_back_to_eager(shape, storage, grad_cos, reason, stand_in: NpuStandIn) -> None:
+    x, cos, sin = _rope_inputs(*shape, storage=storage)
+    cos.requires_grad_(grad_cos)
     assert reason in fused_ops.rotary_unfit_reason(x, cos)
     out = fused_ops.rotary_embedding(x, cos, sin)
     torch.testing.assert_close(out, fused_reference.rotary_embedding(x, cos, sin))
@@ -300,12 +339,25 @@ def test_rotary_constraints_fall_back_to_eager(shape, reason, stand_in: NpuStand
 
 
 def test_rotary_stand_in_refuses_what_the_docs_forbid(stand_in: NpuStandIn) -> None:
-    """The adapter's constraint check exists because the documented op refuses these shapes."""
+    """The adapter's constraint checks exist because the documented op refuses these inputs."""
     import torch_npu  # the stand-in
 
-    x, cos, sin = _rope_inputs(1, 2, 4, 896)
+    def call(x, r):
+        return torch_npu.npu_rotary_mul(x, r, r)
+
+    x = torch.randn(1, 2, 4, 16)
     with pytest.raises(AssertionError, match="< 896"):
-        torch_npu.npu_rotary_mul(x, cos[:, None], sin[:, None])
+        call(torch.randn(1, 2, 4, 896), torch.ones(1, 1, 4, 896))
+    with pytest.raises(AssertionError, match="no documented broadcast"):
+        call(torch.randn(2, 2, 4, 16), torch.ones(1, 1, 1, 16))
+    with pytest.raises(AssertionError, match=r"\[-1, 1\]"):
+        call(x, torch.full((1, 1, 4, 16), 2.0))
+    with pytest.raises(AssertionError, match="contiguous"):
+        call(torch.randn(1, 4, 2, 16).transpose(1, 2), torch.ones(1, 1, 4, 16))
+    with pytest.raises(AssertionError, match="B\\*N > 8\\*S"):
+        call(torch.randn(4, 8, 2, 16), torch.ones(4, 1, 2, 16))
+    with pytest.raises(AssertionError, match="dtype"):
+        call(x, torch.ones(1, 1, 4, 16, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

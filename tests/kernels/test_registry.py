@@ -60,6 +60,15 @@ def test_auto_choice(op, device_type, needs_grad, installed, expected, packages)
     assert resolve(op, device_type=device_type, needs_grad=needs_grad) is expected
 
 
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_cuda_sliding_window_prefers_triton_when_installed(needs_grad, packages) -> None:
+    # By name only: importing the Triton module needs Triton, which CPU machines lack.
+    packages("triton")
+    assert registry._auto_choice(SLIDING_WINDOW_ATTENTION, "cuda", needs_grad) == "triton"
+    packages()
+    assert registry._auto_choice(SLIDING_WINDOW_ATTENTION, "cuda", needs_grad) == "flex"
+
+
 def test_explicit_backend_overrides_auto() -> None:
     assert resolve(SLIDING_WINDOW_ATTENTION, "eager", device_type="cpu", needs_grad=True) is (
         reference.sliding_window_attention

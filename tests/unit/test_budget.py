@@ -2,6 +2,7 @@
 KV width, beat uniform ranks on retained energy, and survive save / reload / export."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -12,8 +13,12 @@ from ascend_edit.eval.kv import kv_table
 from ascend_edit.models.budget import (
     allocate_ranks,
     budget_latent_dims,
+    candidate_ranks,
     full_layers_for_budget,
     mla_rank_allocation,
+    retained_energy,
+    sensitivity_allocation,
+    sensitivity_weights,
 )
 from ascend_edit.models.checkpoint import load_converted, save_converted
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model
@@ -26,14 +31,15 @@ def spectra_of(*decays: float, width: int = 48) -> dict[int, torch.Tensor]:
     return {i: torch.tensor([decay**k for k in range(width)]) for i, decay in enumerate(decays)}
 
 
-@pytest.mark.parametrize("allocation", ["spectrum", "uniform"])
+@pytest.mark.parametrize("allocation", ["spectrum", "uniform", "sensitivity"])
 @pytest.mark.parametrize("multiple", [1, 4, 8])
 def test_allocation_spends_the_budget_exactly_within_each_layers_width(allocation, multiple):
     generator = torch.Generator().manual_seed(0)
     spectra = {i: torch.rand(40, generator=generator).sort(descending=True).values for i in range(7)}
     max_rank = {i: 24 + 3 * i for i in range(7)}  # a teacher KV width per layer (minus the RoPE key)
+    weights = {i: float(w) for i, w in enumerate(torch.rand(7, generator=generator) * 10)}
     for total in range(7 * multiple, sum(m - m % multiple for m in max_rank.values()) + 1, multiple):
-        ranks = allocate_ranks(spectra, total, max_rank, multiple, allocation)
+        ranks = allocate_ranks(spectra, total, max_rank, multiple, allocation, weights)
         assert sum(ranks.values()) == total
         assert all(multiple <= ranks[i] <= max_rank[i] and ranks[i] % multiple == 0 for i in ranks)
 
@@ -144,3 +150,83 @@ def test_gate_swa_full_layers_follow_sensitivity_within_the_budget():
     assert full_layers_for_budget(sensitivity, 0.4, 1024, 64, 4) == [1, 3]
     with pytest.raises(ValueError, match="all-sliding"):
         full_layers_for_budget(sensitivity, 0.01, 1024, 64, 4)
+
+
+def test_sensitive_layers_get_more_rank_than_the_spectrum_alone_gives_them():
+    spectra = spectra_of(0.9, 0.9, 0.9)  # identical spectra: energy alone splits evenly
+    even = allocate_ranks(spectra, 48, {i: 48 for i in spectra}, 4, "spectrum")
+    weighted = allocate_ranks(spectra, 48, {i: 48 for i in spectra}, 4, "sensitivity", {0: 10.0, 1: 1.0, 2: 1.0})
+    assert max(even.values()) - min(even.values()) <= 4
+    assert weighted[0] > even[0] and weighted[0] > weighted[1] and sum(weighted.values()) == 48
+    with pytest.raises(ValueError, match="sensitivity"):
+        allocate_ranks(spectra, 48, {i: 48 for i in spectra}, 4, "sensitivity")
+
+
+def test_sensitivity_weight_is_the_slope_of_kl_in_dropped_energy():
+    spectra = spectra_of(0.8, 0.95)
+    measured = {i: {r: 0.3 + (2.0 if i == 0 else 0.5) * (1 - retained_energy(spectra[i], r)) for r in (4, 8, 16)}
+                for i in spectra}
+    weights = sensitivity_weights(spectra, measured)
+    assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(0.5)
+    flat = sensitivity_weights(spectra, {0: {4: 0.5, 8: 0.5}, 1: {4: 0.9, 8: 0.1}})
+    assert 0 < flat[0] < flat[1]  # an insensitive layer keeps a small positive weight
+
+
+def test_candidate_ranks_bracket_the_uniform_rank_within_the_width():
+    assert candidate_ranks(30 * 64, 30, 352, 8) == [32, 64, 128]
+    assert candidate_ranks(30 * 16, 30, 352, 8) == [8, 16, 32]
+    assert candidate_ranks(4 * 32, 4, 40, 8) == [16, 32, 40]
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.125])
+def test_measured_sensitivity_allocation_meets_the_budget_and_leaves_the_teacher_untouched(fraction):
+    model = tiny_model("llama", seed=0)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))}]
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    stats = collect_layer_stats(model, batches)
+    target = TargetConfig(kind="mla", init="warm", mla=MLAConfig(**MLA, kv_budget=fraction,
+                                                                 allocation="sensitivity", rank_multiple=4))
+    layers = list(range(model.config.num_hidden_layers))
+    chosen = sensitivity_allocation(model, layers, stats, target, batches)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # measured, then restored
+    teacher_width = 2 * 2 * 16
+    assert all(r + MLA["qk_rope_head_dim"] <= teacher_width and r % 4 == 0 for r in chosen.ranks.values())
+    uniform = mla_rank_allocation(model, layers, stats, MLAConfig(**MLA, kv_budget=fraction, allocation="uniform",
+                                                                  rank_multiple=4))
+    assert chosen.values_per_token == uniform.values_per_token  # the same bytes, spent exactly
+    assert set(chosen.measured) == set(layers) and all(len(c) >= 2 for c in chosen.measured.values())
+    assert all(w > 0 for w in chosen.weights.values())
+    with pytest.raises(ValueError, match="sensitivity"):  # never silently from the spectrum alone
+        mla_rank_allocation(model, layers, stats, target.mla)
+    plan = [dataclasses.replace(e, kv_lora_rank=chosen.ranks[e.layer_idx])
+            for e in build_plan(len(layers), target)]
+    edit_model(model, plan, target, stats)
+    kv = kv_table(model, context=64, bytes_per_value=2)
+    assert kv["converted_bytes_per_token"] == 2 * chosen.values_per_token
+
+
+def test_gate_swa_full_layers_are_measured_and_written_as_an_explicit_list():
+    from ascend_edit.config import GateSWAConfig
+    from ascend_edit.models.budget import gate_swa_for_budget
+
+    model = tiny_model("llama", seed=0)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))}]
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    target = TargetConfig(kind="gate_swa", init="warm", gate_swa=GateSWAConfig(window=4, sink_tokens=1, full_every=2))
+    swa, scores = gate_swa_for_budget(model, target, batches, kv_fraction=0.5, context=32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # measured, then restored
+    layers = model.config.num_hidden_layers
+    assert swa.full_layers == full_layers_for_budget(scores, 0.5, 32, 4, 1)
+    assert swa.full_every == 0 and swa.full_by_sensitivity == 0
+    # what the budget pays for: every full layer costs 32 - 4 tokens more than a sliding one (4 = 3 + 1 sink)
+    assert len(swa.full_layers) == int((0.5 * 32 * layers - 4 * layers) // 28)
+    ranked = sorted(range(layers), key=lambda i: (-scores[i], i))
+    assert swa.full_layers == sorted(ranked[: len(swa.full_layers)])
+    plan = build_plan(layers, dataclasses.replace(target, gate_swa=swa))
+    assert [e.layer_idx for e in plan if e.kind == "full"] == swa.full_layers

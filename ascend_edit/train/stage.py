@@ -1,0 +1,108 @@
+"""One distillation stage end to end: batch geometry, engine, sampler, resume, training, final checkpoint.
+
+`run_stage` takes the stage's own `StageConfig` and the run-wide `StageSettings` (engine, precision,
+seed, logging, the config snapshot checkpoints are compared against), never the root config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ascend_edit.config import EngineConfig, RootConfig, StageConfig
+from ascend_edit.data.sampler import ResumableDistributedSampler
+from ascend_edit.device import DeviceInfo
+from ascend_edit.distributed import DistEnv
+from ascend_edit.models.surgery import set_trainable
+from ascend_edit.train.activation_checkpointing import checkpointing_config, set_activation_checkpointing
+from ascend_edit.train.checkpoint_io import CheckpointDir
+from ascend_edit.train.engine import Objective, make_engine
+from ascend_edit.train.loop import StageRun, flatten_config, resume, save_checkpoint, train_stage
+from ascend_edit.train.precision import frozen_dtype, resolve_precision
+from ascend_edit.train.preemption import Preempted, PreemptionFlag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What running a stage needs besides its own `StageConfig`; the same for every stage of a run."""
+
+    engine: EngineConfig
+    dtype: str  # device.dtype: the training precision policy (train/precision.py)
+    seed: int  # device.seed: the sampler's shuffling
+    log_every: int  # distill.log_every
+    metrics_log: Path  # JSON lines, one per optimizer step
+    run_config: dict[str, Any]  # the run's resolved config, flat: saved with checkpoints, compared on resume
+
+
+def stage_settings(cfg: RootConfig) -> StageSettings:
+    """The run-wide stage settings of a run's config."""
+    return StageSettings(engine=cfg.engine, dtype=cfg.device.dtype, seed=cfg.device.seed,
+                         log_every=cfg.distill.log_every, metrics_log=Path(cfg.output_dir) / "metrics.jsonl",
+                         run_config=flatten_config(dataclasses.asdict(cfg)))
+
+
+def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
+    """(micro batch per process, accumulation steps) for a stage's global batch of `stage.batch_size`.
+
+    Each process takes a contiguous `batch_size / world` slice of every global batch and cuts it into
+    micro-batches of `micro_batch_size` (default: the whole slice, no accumulation).
+    """
+    if world < 1:
+        raise ValueError(f"world size {world} must be >= 1")
+    if stage.batch_size % world:
+        raise ValueError(f"batch_size={stage.batch_size} is not divisible by the world size {world}")
+    local = stage.batch_size // world
+    micro = stage.micro_batch_size or local
+    if micro < 1 or local % micro:
+        raise ValueError(f"micro_batch_size={micro} does not divide the per-process batch {local} "
+                         f"(batch_size={stage.batch_size} over {world} processes)")
+    return micro, local // micro
+
+
+def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageConfig, settings: StageSettings,
+              train_set: Dataset, device: DeviceInfo, env: DistEnv, ckpt_dir: Path) -> tuple[list[dict], float]:
+    """Train one stage (resuming from its newest intact checkpoint if asked); returns (history, seconds).
+
+    `seconds` is the stage's training time over the whole run, the part before a resume included. The
+    model comes back a plain module with full weights on every rank, whatever the engine. SIGTERM /
+    SIGINT during the stage checkpoint it and exit with 75 (train/preemption.py).
+    """
+    set_trainable(model, stage.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro, accumulation = stage_geometry(stage, env.world_size)
+    engine_cfg = settings.engine
+    # Stage 2 recomputes the configured decoder layers; stage 1 keeps none (train/activation_checkpointing.py).
+    set_activation_checkpointing(model, checkpointing_config(engine_cfg), active=name == "model_level")
+    engine = make_engine(model, objective, params, stage, engine_cfg, accumulation=accumulation, micro_batch=micro,
+                         world_size=env.world_size, device=device,
+                         precision=resolve_precision(settings.dtype, device.type, frozen_dtype(model)))
+    sampler = ResumableDistributedSampler(len(train_set), stage.batch_size, env.rank, env.world_size,
+                                          seed=settings.seed)
+    run = StageRun(name, stage.steps, accumulation, sampler, train_set, device.torch_device,
+                   log_every=settings.log_every, checkpoint_every=engine_cfg.checkpoint_every,
+                   checkpoints=CheckpointDir(ckpt_dir, engine_cfg.keep_last), is_main=env.is_main,
+                   metrics_log=settings.metrics_log, max_consecutive_skips=engine_cfg.max_consecutive_skips,
+                   config=settings.run_config)
+    start = resume(engine, run) if engine_cfg.resume else 0
+    with PreemptionFlag() as run.preemption:
+        try:
+            history = train_stage(engine, run, start_step=start)
+        except Preempted as stop:
+            if env.is_main:
+                print(f"ascend-edit: {stop}", file=sys.stderr)
+            raise
+        if start < stage.steps:
+            save_checkpoint(engine, run, stage.steps)
+    if run.skipped_steps:
+        log.warning("%s: %d optimizer steps skipped for a non-finite loss or gradient: %s", name,
+                    len(run.skipped_steps), run.skipped_steps[:20])
+    engine.close()
+    return history, run.elapsed_s
