@@ -89,7 +89,11 @@ def _extract_tar(archive: Path, destination: Path) -> None:
     """
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
-            tar.extractall(destination, filter="data")
+            try:
+                tar.extractall(destination, filter="data")
+            except tarfile.FilterError as err:  # the same one-line error as the hand-written rule below
+                raise AssetFetchError(f"{archive.name}: refusing archive member {err.tarinfo.name!r} "
+                                      "(a link, device or path outside the destination)") from err
             return
         root = Path(destination).resolve()
         for member in tar.getmembers():

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import pickle  # only for its exception type: nothing here unpickles
+import pickletools  # reads opcodes; executes nothing
 import shutil
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -354,6 +356,52 @@ DEEPSPEED_GLOBALS = frozenset({
 })
 
 
+# Python < 3.11.4 pickles an Enum member as `getattr(EnumClass, "member")`, so `builtins.getattr` shows
+# up beside `ZeroStageEnum` there. It is accepted only in exactly that shape (see `_only_member_lookups`).
+GETATTR = "builtins.getattr"
+_GETATTR_GLOBALS = frozenset({GETATTR, "__builtin__.getattr"})  # protocol 2 writes the Python 2 name
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"})
+
+
+def _only_member_lookups(pickle_bytes: bytes, allowed_classes: frozenset[str]) -> bool:
+    """True if every use of `builtins.getattr` in a protocol-2 pickle (what `torch.save` writes) is
+    `getattr(<allowed class>, "<public identifier>")` called at once: GLOBAL getattr, the class (GLOBAL
+    or a memo reference to it), one string, TUPLE2, REDUCE, with memo stores in between ignored."""
+    memo: dict[Any, tuple[str, Any]] = {}  # memo index -> the op whose result is stored there
+    significant: list[tuple[str, Any]] = []  # ops other than memo stores; memo loads resolved
+    for op, arg, _ in pickletools.genops(pickle_bytes):
+        name = op.name
+        if name in ("MEMOIZE", "STACK_GLOBAL"):
+            return False  # protocol 4+: not what torch.save writes; refuse rather than half-parse
+        if name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            if significant:
+                memo[arg] = significant[-1]
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            significant.append(memo.get(arg, (name, arg)))
+        elif name == "GLOBAL":
+            significant.append((name, str(arg).replace(" ", ".")))
+        else:
+            significant.append((name, arg))
+    for i, (name, arg) in enumerate(significant):
+        if name != "GLOBAL" or arg not in _GETATTR_GLOBALS:
+            continue
+        shape = significant[i + 1:i + 5]
+        if len(shape) < 4:
+            return False
+        (cls_op, cls), (str_op, member), (tuple_op, _), (reduce_op, _) = shape
+        if not (cls_op == "GLOBAL" and cls in allowed_classes and str_op in _STRING_OPS
+                and tuple_op == "TUPLE2" and reduce_op == "REDUCE"):
+            return False
+        if not (isinstance(member, str) and member.isidentifier() and not member.startswith("_")):
+            return False
+    return True
+
+
+def _archive_pickles(path: Path) -> list[bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+
+
 def deepspeed_pickle_problem(checkpoint: Path) -> str | None:
     """Why DeepSpeed must not unpickle this checkpoint's files (one phrase naming the file), or None.
 
@@ -370,6 +418,8 @@ def deepspeed_pickle_problem(checkpoint: Path) -> str | None:
         except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):  # not a torch zip archive
             return f"{name} is not a torch checkpoint archive"
         unknown = sorted(unsafe - DEEPSPEED_GLOBALS)
+        if GETATTR in unknown and all(_only_member_lookups(data, DEEPSPEED_GLOBALS) for data in _archive_pickles(path)):
+            unknown.remove(GETATTR)
         if unknown:
             return f"{name} names code outside DeepSpeed's checkpoint types ({', '.join(unknown[:3])})"
     return None

@@ -155,7 +155,8 @@ def test_unpack_refuses_members_that_escape_the_destination(tmp_path):
         info = tarfile.TarInfo("../escaped.txt")
         info.size = 1
         sdist.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(tarfile.TarError):
+    # One error type on every Python: tarfile's "data" filter (>= 3.11.4) and the fallback rule alike.
+    with pytest.raises(AssetFetchError, match=r"refusing archive member '\.\./escaped\.txt'"):
         unpack_archive(archive, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists()
     with pytest.raises(AssetFetchError, match="don't know how to unpack"):

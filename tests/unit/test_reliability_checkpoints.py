@@ -417,3 +417,35 @@ def test_deepspeed_pickle_naming_foreign_code_is_passed_over_even_with_a_valid_m
     assert any("step-a-2" in r.getMessage() and "names code outside DeepSpeed's checkpoint types (io.open)" in r.getMessage()
                for r in caplog.records)
     assert not marker.exists()
+
+
+class _MemberLookup:
+    """Pickles as `getattr(owner, member)`: how Python < 3.11.4 writes an Enum member."""
+
+    def __init__(self, owner, member: str):
+        self.owner, self.member = owner, member
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.member)
+
+
+class AllowedOwner:
+    weights = 3
+
+
+def test_getattr_is_accepted_only_as_a_public_member_lookup_on_an_allowed_class():
+    import collections
+    import pickle
+
+    from ascend_edit.train.checkpoint_io import _only_member_lookups
+
+    allowed = frozenset({f"{__name__}.AllowedOwner"})
+    member = pickle.dumps({"stage": _MemberLookup(AllowedOwner, "weights"), "x": [1, 2]}, protocol=2)
+    twice = pickle.dumps([_MemberLookup(AllowedOwner, "weights")] * 2 + [_MemberLookup(AllowedOwner, "weights")],
+                         protocol=2)  # the second lookup reaches getattr and the class through the memo
+    assert _only_member_lookups(member, allowed)
+    assert _only_member_lookups(twice, allowed)
+    assert not _only_member_lookups(pickle.dumps(_MemberLookup(AllowedOwner, "__class__"), protocol=2), allowed)
+    assert not _only_member_lookups(
+        pickle.dumps(_MemberLookup(collections.OrderedDict, "fromkeys"), protocol=2), allowed)
+    assert not _only_member_lookups(pickle.dumps(_MemberLookup(AllowedOwner, "weights"), protocol=4), allowed)
