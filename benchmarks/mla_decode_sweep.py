@@ -79,6 +79,16 @@ KERNEL_CONFIGS: tuple[DecodeConfig, ...] = (
     DecodeConfig(kernel="keys", block_t=64, block_m=64, num_warps=8, num_stages=2),  # 230 KB
 )
 SPLITS: tuple[int | None, ...] = (None, 4, 8, 16)  # None: the module's cost model
+# --refine: around the shipped configuration (two programs per SM won the first sweep), smaller tiles
+# that may let three share an SM, and split counts near 8.
+REFINE_CONFIGS: tuple[DecodeConfig, ...] = (
+    mla_decode.DEFAULT_CONFIG,
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=2, programs_per_sm=3),
+    DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=4, programs_per_sm=3),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=3, programs_per_sm=1),
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=2, num_stages=3, programs_per_sm=2),
+)
+REFINE_SPLITS: tuple[int | None, ...] = (None, 8, 12, 16)
 
 
 @dataclasses.dataclass
@@ -193,6 +203,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-2, help="max abs diff to the eager reference")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new variants after this")
     parser.add_argument("--out", help="write all results as JSON here")
+    parser.add_argument("--refine", action="store_true", help="only the configurations near the shipped one")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -208,7 +219,7 @@ def main() -> None:
         configs, splits = KERNEL_CONFIGS, (3,)  # 3 splits: uneven last split, partials combined
     else:
         b, t, c, r, dtype, heads_list = 32, 8192, 512, 64, torch.bfloat16, args.heads or [32, 128]
-        configs, splits = KERNEL_CONFIGS, SPLITS
+        configs, splits = (REFINE_CONFIGS, REFINE_SPLITS) if args.refine else (KERNEL_CONFIGS, SPLITS)
     variants = [dataclasses.replace(cfg, num_splits=n) for cfg in configs for n in splits]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"

@@ -172,13 +172,13 @@ class Runner:
     def __init__(self, args, cfg, out: Path):
         import torch
 
+        from ascend_edit.data.batches import batches_of
         from ascend_edit.data.heldout import run_documents
+        from ascend_edit.data.loading import load_data
         from ascend_edit.device import resolve_device, seed_everything
         from ascend_edit.eval.suite import held_out_sets
         from ascend_edit.models.loading import load_teacher
         from ascend_edit.models.surgery import collect_layer_stats
-        from ascend_edit.data.batches import batches_of
-        from ascend_edit.data.loading import load_data
 
         self.args, self.cfg, self.out = args, cfg, out
         self.steps = plan_steps(args)

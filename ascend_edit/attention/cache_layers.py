@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -53,6 +53,8 @@ class SinkWindowLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self.positions = positions.new_empty(positions.shape[0], 0)
             self.indices = positions.new_empty(0)
+        assert self.keys is not None and self.values is not None  # allocated on the first update
+        assert self.positions is not None and self.indices is not None
         new_len = key_states.shape[-2]
         new_indices = torch.arange(
             self.cumulative_length, self.cumulative_length + new_len, device=positions.device
@@ -285,6 +287,7 @@ class StaticSinkWindowLayer(StaticLayer):
     def assume_filled(self, length: int) -> None:
         """Benchmarks: make the ring describe a prompt of `length` tokens (positions 0..length-1) without
         running it; the stored states are left as they are. Needs an initialized layer."""
+        assert self.positions is not None, "assume_filled needs an initialized layer"
         stream = torch.arange(max(length - self.window, 0), length, device=self.device)
         self.positions.fill_(-1)
         slots = self.sink_tokens + stream % self.window
@@ -306,6 +309,7 @@ class StaticSinkWindowLayer(StaticLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
+            assert self.keys is not None and self.values is not None and self.positions is not None
             for tensor in (self.keys, self.values, self.positions):
                 tensor.copy_(tensor.index_select(0, beam_idx.to(self.device)))
 
@@ -323,6 +327,7 @@ def sink_window_layer(cache: Cache, layer_idx: int, window: int,
     layer = cache.layers[layer_idx]
     if isinstance(layer, (SinkWindowLayer, StaticSinkWindowLayer)):
         return layer
+    assert isinstance(layer, CacheLayerMixin)  # an attention layer's slot (not a linear-attention or dummy one)
     if layer.is_initialized and int(layer.get_seq_length()) > 0:  # once per generation, before any compiled step
         raise RuntimeError(f"cache layer {layer_idx} already holds unbounded states")
     if isinstance(layer, StaticLayer):

@@ -1,7 +1,18 @@
 """Batches of tensors from a packed dataset: the train loop's micro-batches and fixed evaluation sets."""
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class PackedSequences(Protocol):
+    """A training or held-out set as the loop reads it: its length and one packed sequence by index
+    (PackedDataset, MixedDataset, MappedPackedDataset)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
 
 
 def collate(dataset, indices: list[int], device: torch.device) -> dict:

@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,8 @@ def build_cache(directory: Path, documents: Iterable[str], tokenizer, key: Packi
         for index, ids in enumerate(_tokenized(documents, tokenizer, key.append_eos)):
             split = "eval" if key.eval_fraction and _is_eval(index, key.eval_fraction, key.seed) else "train"
             writers[split].add(ids)
-        meta = {"key": asdict(key), "seq_len": key.seq_len, **{s: w.close() for s, w in writers.items()}}
+        splits = {s: w.close() for s, w in writers.items()}
+        meta: dict[str, Any] = {"key": asdict(key), "seq_len": key.seq_len, **splits}
         if meta["train"]["rows"] == 0:
             raise ValueError(f"too little data to pack one train sequence of seq_len={key.seq_len}")
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))  # last: a cache without it is incomplete

@@ -1,11 +1,13 @@
 """A run's training and held-out sets from its `data.*` config: synthetic ids, files, Shakespeare or a mix."""
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ascend_edit.config import DataConfig
 from ascend_edit.data.packing import build_train_eval, pack_token_documents
-from ascend_edit.data.sources import load_documents
+from ascend_edit.data.sources import SourceFormat, load_documents
 
 
 def synthetic_data(cfg: DataConfig, vocab_size: int, seed: int):
@@ -42,6 +44,8 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
 
         documents = load_documents(shakespeare_dir(), format="text", max_documents=cfg.max_documents)
     else:
-        documents = load_documents(cfg.path, format=cfg.format, text_field=cfg.text_field,
+        assert cfg.path is not None  # DataConfig requires it with source=files
+        source_format = cast(SourceFormat, cfg.format)  # one of them: checked by DataConfig
+        documents = load_documents(cfg.path, format=source_format, text_field=cfg.text_field,
                                    split_on_blank_lines=cfg.split_on_blank_lines, max_documents=cfg.max_documents)
     return build_train_eval(documents, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)

@@ -37,12 +37,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset
 
 from ascend_edit.data.packing import PackedDataset, pack_documents, split_documents
-from ascend_edit.data.sources import load_documents
+from ascend_edit.data.sources import SourceFormat, load_documents
 
 NAMED_SOURCES = ("shakespeare", "wiki", "news", "files")
 
@@ -153,7 +154,8 @@ def source_documents(spec: SourceSpec) -> list[str]:
     elif spec.name == "files":
         if not spec.path:
             raise ValueError("data.mix: a source named 'files' needs a path")
-        documents = load_documents(spec.path, format=spec.format, text_field=spec.text_field,
+        source_format = cast(SourceFormat, spec.format)  # one of them: checked by MixSourceConfig
+        documents = load_documents(spec.path, format=source_format, text_field=spec.text_field,
                                    split_on_blank_lines=spec.split_on_blank_lines)
     else:
         raise ValueError(f"data.mix: unknown source {spec.name!r}; choose from {list(NAMED_SOURCES)}")

@@ -156,7 +156,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     """``loss_scale * sum over chunks of objective(hidden[chunk])``, with its gradients computed in forward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         hidden: Tensor,  # [N, H], rows that count
         weight: Tensor,  # [V, H]
@@ -193,7 +193,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)

@@ -14,11 +14,12 @@ What is matched (`match`):
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
 
-from ascend_edit.distill.losses import activation_loss
+from ascend_edit.distill.losses import ActivationLossKind, activation_loss
 from ascend_edit.models.surgery import decoder_layers, edited_attentions, set_mode
 
 MATCHES = ("attention", "block")
@@ -44,7 +45,7 @@ def _layer_inputs(model: nn.Module, layer_ids: set[int]):
 
 def _block_output(layer: nn.Module, residual: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
     hidden = residual + attention_out
-    mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
+    mlp_out = layer.get_submodule("mlp")(layer.get_submodule("post_attention_layernorm")(hidden))
     if isinstance(mlp_out, tuple):  # some MoE blocks also return router logits
         mlp_out = mlp_out[0]
     return hidden + mlp_out
@@ -56,7 +57,8 @@ class LayerwiseObjective:
     def __init__(self, loss: str = "nmse", match: str = "attention"):
         if match not in MATCHES:
             raise ValueError(f"match={match!r} is not one of {MATCHES}")
-        self.loss, self.match = loss, match
+        self.match = match
+        self.loss = cast(ActivationLossKind, loss)  # one of ACTIVATION_LOSS_KINDS: checked by LayerwiseConfig
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         set_mode(model, "both")
@@ -65,10 +67,12 @@ class LayerwiseObjective:
             raise RuntimeError("stage 1 needs at least one converted layer")
         wanted = {m.layer_idx for m in modules} if self.match == "block" else set()
         with _layer_inputs(model, wanted) as residuals:
-            model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            model.get_submodule("model")(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                         use_cache=False)
         layers = decoder_layers(model)
         losses, metrics = [], {}
         for module in modules:
+            assert module.pair is not None  # set by the forward above ("both" mode)
             student, teacher = module.pair
             module.pair = None  # drop the references: the graph lives on through `losses`
             if self.match == "block":

@@ -8,12 +8,14 @@ Optional terms: cosine feature matching on chosen layers (weak), cross-entropy o
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ascend_edit.config import ModelLevelConfig
-from ascend_edit.distill.chunked_kd import ce_loss, kd_logits_loss
+from ascend_edit.distill.chunked_kd import KDKind, ce_loss, kd_logits_loss
 from ascend_edit.distill.losses import feature_cosine_loss
 from ascend_edit.models.surgery import edited_attentions, set_mode
 
@@ -29,8 +31,8 @@ class ModelLevelObjective:
         self.feature_weight, self.feature_layers, self.ce_weight = feature_weight, feature_layers or [], ce_weight
 
     def _hidden(self, model: nn.Module, batch: dict, want_states: bool):
-        out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                          output_hidden_states=want_states)
+        out = model.get_submodule("model")(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                           use_cache=False, output_hidden_states=want_states)
         states = None
         if want_states:  # hidden_states[i + 1] is the output of layer i
             layers = self.feature_layers or sorted(m.layer_idx for m in edited_attentions(model))
@@ -45,12 +47,13 @@ class ModelLevelObjective:
             teacher_hidden, teacher_states = self._hidden(teacher, batch, want_states)
         set_mode(model, "student")
         student_hidden, student_states = self._hidden(model, batch, want_states)
-        weight = model.get_output_embeddings().weight
+        weight = _lm_head_weight(model)
         # fp32 master norms (trainable=target+norms) give an fp32 hidden state under autocast: match the head.
         student_hidden = student_hidden.to(weight.dtype)
-        teacher_weight = None if self.teacher is None else self.teacher.get_output_embeddings().weight
+        teacher_weight = None if self.teacher is None else _lm_head_weight(self.teacher)
         mask = batch["loss_mask"]
-        kd = kd_logits_loss(student_hidden, teacher_hidden, weight, kind=self.kl, temperature=self.temperature,
+        kind = cast(KDKind, self.kl)  # one of KD_KINDS: checked by ModelLevelConfig
+        kd = kd_logits_loss(student_hidden, teacher_hidden, weight, kind=kind, temperature=self.temperature,
                             top_k=self.top_k, chunk_size=self.chunk_size, mask=mask,
                             teacher_lm_head_weight=teacher_weight)
         loss, metrics = kd, {"kd": float(kd.detach())}
@@ -66,6 +69,11 @@ class ModelLevelObjective:
             metrics["ce"] = float(ce.detach())
         metrics["loss"] = float(loss.detach())
         return loss, metrics
+
+
+def _lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """The output embedding of a transformers CausalLM (nn.Module's typing cannot know it is one)."""
+    return cast(PreTrainedModel, model).get_output_embeddings().weight
 
 
 def frozen_teacher(model: nn.Module, stage: ModelLevelConfig) -> nn.Module | None:

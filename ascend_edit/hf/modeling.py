@@ -18,6 +18,7 @@ transformers.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import cast
 
 from torch import nn
 
@@ -58,21 +59,23 @@ def install_converted_attention(model: nn.Module, config) -> None:
     spec = getattr(config, "ascend_edit", None)
     if not isinstance(spec, dict) or "plan" not in spec:
         raise ValueError("config has no 'ascend_edit' entry with a layer plan: not an ascend_edit export")
-    layers = model.model.layers
+    layers = cast(nn.ModuleList, model.get_submodule("model.layers"))  # a decoder-only transformers model
     if len(spec["plan"]) != len(layers):
         raise ValueError(f"the plan has {len(spec['plan'])} entries for {len(layers)} decoder layers")
     for idx, (layer, kind) in enumerate(zip(layers, spec["plan"])):
         if kind in TEACHER_LAYOUT_KINDS:
             continue
-        mla = gate_swa = None
+        mla: SimpleNamespace | None = None
+        gate_swa: SimpleNamespace | None = None
         if kind == "mla":
-            mla = dict(spec["mla"])
+            fields = dict(spec["mla"])
             if spec.get("kv_lora_ranks"):  # budget-aware: each layer its own latent rank
-                mla["kv_lora_rank"] = spec["kv_lora_ranks"][idx]
-            mla = SimpleNamespace(**mla)
+                fields["kv_lora_rank"] = spec["kv_lora_ranks"][idx]
+            mla = SimpleNamespace(**fields)
         elif kind in ("swa", "full"):
             gate_swa = SimpleNamespace(**spec["gate_swa"])
-        layer.self_attn = converted_attention(kind, layer.self_attn, config, mla=mla, gate_swa=gate_swa)
+        teacher_attn = cast(nn.Module, layer.self_attn)
+        layer.self_attn = converted_attention(kind, teacher_attn, config, mla=mla, gate_swa=gate_swa)
 
 
 class AscendEditCausalLMMixin:
@@ -83,5 +86,6 @@ class AscendEditCausalLMMixin:
     """
 
     def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        install_converted_attention(self, config)
+        # the next class in the MRO is the teacher's CausalLM (see above), which takes the config
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        install_converted_attention(cast(nn.Module, self), config)

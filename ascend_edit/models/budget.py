@@ -30,9 +30,11 @@ import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.init import LayerStats, latent_spectrum
@@ -107,6 +109,7 @@ def allocate_ranks(spectra: Mapping[int, torch.Tensor], total: int, max_rank: Ma
         return ranks
     energy = {i: spectra[i].double().pow(2) / spectra[i].double().pow(2).sum().clamp_min(1e-30) for i in layers}
     if allocation == "sensitivity":
+        assert weights is not None  # checked above
         energy = {i: energy[i] * weights[i] for i in layers}
 
     def gain(i: int) -> float:  # energy the next m dimensions of layer i keep
@@ -175,11 +178,12 @@ def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[
     from ascend_edit.models.surgery import decoder_layers
 
     blocks = decoder_layers(model)
-    geometries = {i: read_geometry(blocks[i].self_attn, model.config) for i in layers}
+    attns = {i: cast(nn.Module, blocks[i].self_attn) for i in layers}
+    geometries = {i: read_geometry(attns[i], model.config) for i in layers}
     widths = {i: teacher_kv_width(g) for i, g in geometries.items()}
     rope = mla_cfg.qk_rope_head_dim
     total = budget_latent_dims(mla_cfg.kv_budget, list(widths.values()), rope, mla_cfg.rank_multiple)
-    spectra = {i: latent_spectrum(blocks[i].self_attn, geometries[i], (stats or {}).get(i), mla_cfg).cpu()
+    spectra = {i: latent_spectrum(attns[i], geometries[i], (stats or {}).get(i), mla_cfg).cpu()
                for i in layers}
     # A latent wider than the keys and values it compresses adds nothing, and none may cache more
     # than the teacher did.
@@ -197,7 +201,7 @@ def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[
                           {i: dict(measured[i]) for i in layers} if measured is not None else None)
 
 
-def sensitivity_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[int, LayerStats],
+def sensitivity_allocation(model: PreTrainedModel, layers: Sequence[int], stats: Mapping[int, LayerStats],
                            target_cfg, batches: list[dict], ranks: Sequence[int] | None = None) -> RankAllocation:
     """Measure each layer's output error at a few candidate ranks (models/sensitivity.py) on the
     calibration `batches`, then share `target_cfg.mla.kv_budget` by sensitivity-weighted energy."""
@@ -206,7 +210,7 @@ def sensitivity_allocation(model: nn.Module, layers: Sequence[int], stats: Mappi
 
     mla = target_cfg.mla
     blocks = decoder_layers(model)
-    widths = [teacher_kv_width(read_geometry(blocks[i].self_attn, model.config)) for i in layers]
+    widths = [teacher_kv_width(read_geometry(cast(nn.Module, blocks[i].self_attn), model.config)) for i in layers]
     total = budget_latent_dims(mla.kv_budget, widths, mla.qk_rope_head_dim, mla.rank_multiple)
     if ranks is None:
         ranks = candidate_ranks(total, len(layers), min(widths) - mla.qk_rope_head_dim, mla.rank_multiple)
@@ -245,7 +249,7 @@ def full_layers_for_budget(sensitivity: Sequence[float], kv_fraction: float, con
     return sorted(full)
 
 
-def gate_swa_for_budget(model: nn.Module, target_cfg, batches: list[dict], kv_fraction: float, context: int):
+def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict], kv_fraction: float, context: int):
     """(GateSWA config with explicit `full_layers`, per-layer sensitivity): the layers whose sliding moves the
     output most on `batches` (models/sensitivity.py) stay full, as many as `kv_fraction` of the teacher's KV
     at `context` tokens pays for. An explicit list exports natively (layer_types) and needs no data to rebuild.

@@ -13,14 +13,15 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
-from ascend_edit.models.surgery import edit_model, plan_entries, plan_from_entries, unwrap_targets
+from ascend_edit.models.surgery import LayerPlan, edit_model, plan_entries, plan_from_entries, unwrap_targets
 from ascend_edit.train.checkpoint_io import fsync_dir, require_finite, verify_manifest, write_manifest
 
 FORMAT_VERSION = 1
@@ -55,9 +56,9 @@ def save_converted(model: nn.Module, target: TargetConfig, directory: Path, toke
     tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        model.config.to_json_file(tmp / "config.json")
+        cast(PretrainedConfig, model.config).to_json_file(tmp / "config.json")  # a transformers model's
         meta = {"format_version": FORMAT_VERSION, "target": dataclasses.asdict(target),
-                "plan": plan_entries(model.edit_plan)}
+                "plan": plan_entries(cast(list[LayerPlan], model.edit_plan))}  # set by edit_model
         (tmp / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -153,7 +154,7 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
     directory = Path(directory)
     verify_manifest(directory)
     meta = json.loads((directory / CONVERTED_MARKER).read_text())
-    own_plan = plan_entries(model.edit_plan)
+    own_plan = plan_entries(cast(list[LayerPlan], model.edit_plan))  # set by edit_model
     if meta["plan"] != own_plan:
         raise ValueError(f"{directory}: its layer plan differs from this run's plan")
     own = model.state_dict()

@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers import StaticCache
+from transformers import PreTrainedModel, StaticCache
 
 MODES = ("eager", "compile", "cuda_graph")
 EAGER_STEPS_BEFORE_CAPTURE = 2
 
 
 class StaticDecoder:
-    def __init__(self, model: torch.nn.Module, batch: int, max_cache_len: int, *, mode: str = "compile",
+    def __init__(self, model: PreTrainedModel, batch: int, max_cache_len: int, *, mode: str = "compile",
                  compile_mode: str | None = None, backend: str = "inductor"):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
@@ -63,12 +63,14 @@ class StaticDecoder:
         return self._compiled(self.token, self.position, self.mask).clone()  # graph outputs are reused
 
     def _graph_step(self) -> torch.Tensor:
+        assert self._graph is not None and self._graph_out is not None  # set by capture()
         self._graph.replay()
         return self._graph_out.clone()
 
     def capture(self) -> None:
         """mode='cuda_graph': record one decode step (it runs: the cache advances by one token)."""
         side = self._stream
+        assert side is not None, "capture() is for mode='cuda_graph'"
         side.wait_stream(torch.cuda.current_stream())
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side), torch.cuda.graph(self._graph, stream=side):
@@ -104,13 +106,16 @@ class StaticDecoder:
         """One decode step: feeds the last token, returns the next one [b, 1]."""
         if self.mode == "cuda_graph" and self._graph is None and self._eager_steps >= EAGER_STEPS_BEFORE_CAPTURE:
             self.capture()
+            assert self._graph_out is not None  # set by capture()
             nxt = self._graph_out.clone()
         elif self.mode == "cuda_graph" and self._graph is None:
             # Kernel autotuning and library workspaces happen outside the capture, on the capture's stream.
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
+            side = self._stream
+            assert side is not None  # made in __init__ for mode='cuda_graph'
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
                 nxt = self._eager_step()
-            torch.cuda.current_stream().wait_stream(self._stream)
+            torch.cuda.current_stream().wait_stream(side)
             self._eager_steps += 1
         else:
             nxt = self._step()

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -24,6 +25,10 @@ from ascend_edit.attention.init import (
 )
 from ascend_edit.config import TargetConfig
 from ascend_edit.hf.modeling import converted_attention
+
+if TYPE_CHECKING:
+    from ascend_edit.attention.gate_swa import GateSWAAttention
+    from ascend_edit.attention.mla import MLAAttention
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,7 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
     else:
         mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
         target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=cfg.gate_swa)
-    ref = teacher_attn.q_proj.weight
+    ref = cast(nn.Linear, teacher_attn.q_proj).weight  # read_geometry has checked it is an nn.Linear
     return target.to(device=ref.device, dtype=ref.dtype)
 
 
@@ -120,8 +125,10 @@ def initialise_target(target: nn.Module, entry: LayerPlan, teacher_attn: nn.Modu
         init_random(target)
         return {}
     if entry.kind == "mla":
-        return init_mla_from_teacher(target, teacher_attn, read_geometry(teacher_attn, model_config), stats)
-    init_gate_swa_from_teacher(target, teacher_attn)
+        # make_target built the module of the entry's kind
+        mla = cast("MLAAttention", target)
+        return init_mla_from_teacher(mla, teacher_attn, read_geometry(teacher_attn, model_config), stats)
+    init_gate_swa_from_teacher(cast("GateSWAAttention", target), teacher_attn)
     return {}
 
 
@@ -139,7 +146,7 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
     for entry, layer in zip(plan, layers):
         if not entry.converted:
             continue
-        teacher_attn = layer.self_attn
+        teacher_attn = cast(nn.Module, layer.self_attn)
         if isinstance(teacher_attn, EditedAttention):
             raise ValueError(f"layer {entry.layer_idx} is already edited")
         target = make_target(entry, teacher_attn, cfg, model.config)
@@ -148,7 +155,8 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
         if info:
             log.debug("layer %d init: %s", entry.layer_idx, info)
         layer.self_attn = EditedAttention(teacher_attn, target, entry.layer_idx)
-    model.edit_plan = plan  # kept on the model for accounting and export
+    # kept on the model for accounting and export (nn.Module's __setattr__ is typed for tensors and modules only)
+    model.edit_plan = plan  # type: ignore[assignment]
     set_mode(model, "student")
     return model
 
@@ -222,15 +230,16 @@ def collect_layer_stats(model: nn.Module, batches: Iterable[dict], layers: Itera
             acc["n"] += x.shape[0]
             if getattr(attn, "q_norm", None) is not None:
                 d = attn.head_dim
-                q = attn.q_proj(x.to(attn.q_proj.weight.dtype)).view(x.shape[0], -1, d).double()
-                k = attn.k_proj(x.to(attn.k_proj.weight.dtype)).view(x.shape[0], -1, d).double()
+                q_proj, k_proj = cast(nn.Linear, attn.q_proj), cast(nn.Linear, attn.k_proj)  # read_geometry's layouts
+                q = q_proj(x.to(q_proj.weight.dtype)).view(x.shape[0], -1, d).double()
+                k = k_proj(x.to(k_proj.weight.dtype)).view(x.shape[0], -1, d).double()
                 acc["q"] += q.pow(2).mean(-1).sqrt().sum() / q.shape[1]
                 acc["k"] += k.pow(2).mean(-1).sqrt().sum() / k.shape[1]
 
         return hook
 
     for idx, layer in enumerate(all_layers):
-        attn = layer.self_attn
+        attn = cast(nn.Module, layer.self_attn)
         attn = attn.teacher if isinstance(attn, EditedAttention) else attn
         if idx in wanted:
             handles.append(attn.register_forward_pre_hook(hook_for(idx, attn), with_kwargs=True))

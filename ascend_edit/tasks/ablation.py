@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -57,7 +58,7 @@ def run(cfg: RootConfig) -> dict:
     rows["stage 1 + stage 2"] = (evaluate(both, p.eval_batches), s1 + s2)
 
     tokens = (lw.steps + ml.steps) * ml.batch_size * cfg.data.seq_len
-    report = {name: {**metrics, "train_seconds": sec} for name, (metrics, sec) in rows.items()}
+    report: dict[str, Any] = {name: {**metrics, "train_seconds": sec} for name, (metrics, sec) in rows.items()}
     report["train_tokens_per_variant"] = tokens
     if p.env.is_main:
         table = Table(title=f"Ablation at {tokens:,} training tokens per trained variant")

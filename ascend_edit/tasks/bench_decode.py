@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _configs(settings: Settings, kind: str):
     return model_cfg, TargetConfig(**{**fields, "init": "random"})
 
 
-def build_model(settings: Settings, kind: str, device: torch.device) -> torch.nn.Module:
+def build_model(settings: Settings, kind: str, device: torch.device) -> PreTrainedModel:
     """The stock teacher, or the converted model with only its target attention (as an export holds it)."""
     from ascend_edit.attention.edited import EditedAttention
     from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
@@ -123,9 +124,9 @@ def build_model(settings: Settings, kind: str, device: torch.device) -> torch.nn
     return model
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
+def weight_bytes(model: PreTrainedModel) -> int:
     """Bytes of the weights a decode step reads: all but the input embedding table (one row per token)."""
-    embedding = model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings().get_parameter("weight")
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embedding
     total = sum(p.numel() * p.element_size() for p in model.parameters())

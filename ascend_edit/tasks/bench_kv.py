@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import PreTrainedModel
 
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
 from ascend_edit.config import BenchKVConfig, RootConfig
@@ -109,7 +110,7 @@ def decode_path(device: DeviceInfo) -> str:
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, device: DeviceInfo, batch: int, context: int, bench: BenchKVConfig,
+def measure(model: PreTrainedModel, device: DeviceInfo, batch: int, context: int, bench: BenchKVConfig,
             generator: torch.Generator) -> dict:
     """Prefill `context` random tokens in chunks into a static cache, then time greedy decode steps.
 
@@ -147,7 +148,7 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def run_cells(model: torch.nn.Module, device: DeviceInfo, bench: BenchKVConfig, bytes_per_value: int,
+def run_cells(model: PreTrainedModel, device: DeviceInfo, bench: BenchKVConfig, bytes_per_value: int,
               seed: int) -> list[Cell]:
     layouts = {"teacher": kv_layout(model, "teacher"), "converted": kv_layout(model, "student")}
     cells = []

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
@@ -53,10 +53,12 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     if not saved.is_file():
         return cfg
     raw = OmegaConf.load(saved)
+    assert isinstance(raw, DictConfig)  # Hydra saves the composed config as a mapping
     raw.pop("output_dir", None)
     raw.pop("eval", None)
     merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw,
                              {"eval": OmegaConf.structured(cfg.eval), "output_dir": cfg.output_dir, "task": "eval"})
+    assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
     return to_typed(merged)
 
 

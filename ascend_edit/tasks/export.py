@@ -113,6 +113,7 @@ def check_output(output: Path, protected: list[Path], overwrite: bool) -> None:
 
 def run(cfg: RootConfig) -> dict:
     source = resolve_source(cfg.export.checkpoint)
+    assert cfg.export.checkpoint is not None  # resolve_source refuses a missing one
     output = Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf"
     check_output(output, [Path(cfg.export.checkpoint), source.path], cfg.export.overwrite)
     requested = None if cfg.export.dtype == "auto" else TORCH_DTYPES[cfg.export.dtype]

@@ -28,7 +28,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ class TorchEngine:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return cast(float, self.scheduler.get_last_lr()[0])  # make_optimizer's lr is a float, not a tensor
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint of this engine can be resumed by (compared on load)."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ascend_edit.data.batches import collate
+from ascend_edit.data.batches import PackedSequences, collate
 from ascend_edit.data.sampler import ResumableDistributedSampler
 from ascend_edit.device import rng_state, set_rng_state
 from ascend_edit.eval.tensorboard import training_board
@@ -65,7 +65,7 @@ class StageRun:
     steps: int  # optimizer steps of the whole stage (a resumed run does the rest)
     accumulation: int  # micro-batches per optimizer step on each rank
     sampler: ResumableDistributedSampler  # global batch = one optimizer step
-    dataset: torch.utils.data.Dataset
+    dataset: PackedSequences
     device: torch.device
     log_every: int = 10
     checkpoint_every: int = 0  # optimizer steps; 0 = none inside the stage
@@ -165,7 +165,8 @@ def train_stage(engine, run: StageRun, start_step: int = 0) -> list[dict]:
                          totals["loss"], lr, tok_s, f" ({len(run.skipped_steps)} skipped)" if run.skipped_steps else "")
             if preempt:
                 path = save_checkpoint(engine, run, step + 1)
-                raise Preempted(f"{run.name}: stopped on {run.preemption.signal_name or 'a signal'} after step "
+                signal_name = run.preemption.signal_name if run.preemption is not None else None
+                raise Preempted(f"{run.name}: stopped on {signal_name or 'a signal'} after step "
                                 f"{step + 1}; checkpoint {path}; run the same command again to resume")
             if run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 and step + 1 < run.steps:
                 save_checkpoint(engine, run, step + 1)
@@ -226,7 +227,9 @@ def resume(engine, run: StageRun) -> int:
     A damaged newer checkpoint is logged by name and passed over; a changed config is refused
     (`check_config_change`) before anything is loaded.
     """
-    latest = run.checkpoints.newest_intact(run.name) if run.checkpoints is not None else None
+    if run.checkpoints is None:
+        return 0
+    latest = run.checkpoints.newest_intact(run.name)
     if latest is None:
         return 0
     saved = json.loads((latest / run.checkpoints.STATE_FILE).read_text())

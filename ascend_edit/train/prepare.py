@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from ascend_edit import distributed
 from ascend_edit.config import RootConfig
-from ascend_edit.data.batches import batches_of
+from ascend_edit.data.batches import PackedSequences, batches_of
 from ascend_edit.data.loading import load_data
 from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
 from ascend_edit.distributed import DistEnv
@@ -30,7 +29,7 @@ class Prepared:
     env: DistEnv
     model: nn.Module
     tokenizer: Any  # the teacher's tokenizer; None for a teacher built from a config alone
-    train_set: Dataset
+    train_set: PackedSequences
     eval_batches: list[dict]
     plan: list[LayerPlan]
     out_dir: Path

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ascend_edit.config import RootConfig, to_typed
 from ascend_edit.device import seed_everything
@@ -26,7 +26,9 @@ def _run_config(run_dir: Path) -> RootConfig:
         raise FileNotFoundError(f"{saved} is missing: a stage checkpoint is rebuilt from its run's saved config")
     raw = OmegaConf.load(saved)
     raw.output_dir = str(run_dir)  # saved as an interpolation into Hydra's runtime, unset here
-    return to_typed(OmegaConf.merge(OmegaConf.structured(RootConfig), raw))
+    merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw)
+    assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
+    return to_typed(merged)
 
 
 def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
 
 from ascend_edit.config import EngineConfig, RootConfig, StageConfig
+from ascend_edit.data.batches import PackedSequences
 from ascend_edit.data.sampler import ResumableDistributedSampler
 from ascend_edit.device import DeviceInfo
 from ascend_edit.distributed import DistEnv
@@ -68,7 +68,8 @@ def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
 
 
 def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageConfig, settings: StageSettings,
-              train_set: Dataset, device: DeviceInfo, env: DistEnv, ckpt_dir: Path) -> tuple[list[dict], float]:
+              train_set: PackedSequences, device: DeviceInfo, env: DistEnv, ckpt_dir: Path
+              ) -> tuple[list[dict], float]:
     """Train one stage (resuming from its newest intact checkpoint if asked); returns (history, seconds).
 
     `seconds` is the stage's training time over the whole run, the part before a resume included. The
