@@ -61,6 +61,7 @@ build() {  # build <base image> <log>: docker/npu.Dockerfile of the checkout, th
         --label org.opencontainers.image.revision="$commit" \
         --build-arg BASE_IMAGE="$1" \
         --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
+        --build-arg MINDSPEED_REF="" \
         --build-arg TORCH_FIND_LINKS=/wheels -v "$WHEELS_DIR:/wheels:ro" \
         "$scratch/context" 2>&1 | tee "$2"
     return "${PIPESTATUS[0]}"

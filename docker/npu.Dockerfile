@@ -1,4 +1,4 @@
-# Ascend NPU image: CANN toolkit + torch + torch_npu (+ MindSpeed on request) + ascend_edit.
+# Ascend NPU image: CANN toolkit + torch + torch_npu + MindSpeed (from source) + ascend_edit.
 # Build from the repo root:
 #   docker build -f docker/npu.Dockerfile -t ascend-edit:npu .
 # NOT built or run on Ascend hardware by this project yet; see docker/README.md.
@@ -21,9 +21,10 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # A directory of wheels already on disk, mounted for the build (hosts without the CPU index):
 # pip prefers torch-${TORCH_VERSION}+cpu there over a plain ${TORCH_VERSION} on the index.
 ARG TORCH_FIND_LINKS=""
-# MindSpeed from source, off unless a ref is given. 26.2.0_core_r0.12.1 is the MindSpeed branch
-# released with TorchNPU 26.2.0 / CANN 9.2.0 (its table lists torch 2.10 as tested; torch 2.13 is not).
-ARG MINDSPEED_REF=""
+# MindSpeed from source: 26.2.0_core_r0.12.1 is the MindSpeed branch released with TorchNPU 26.2.0 /
+# CANN 9.2.0 (its table lists torch 2.10 as tested; torch 2.13 is not). MINDSPEED_REF="" leaves it out;
+# the project works the same without it (docs/npu.md).
+ARG MINDSPEED_REF=26.2.0_core_r0.12.1
 ARG MINDSPEED_REPO=https://gitcode.com/Ascend/MindSpeed.git
 
 ENV PIP_NO_CACHE_DIR=1 \

@@ -21,9 +21,6 @@ ALLOWED = {
     ("ascend_edit/attention/cache_layers.py", "torch._dynamo.mark_static_address"):
         "fixed cache addresses for compiled / CUDA-graph decode: torch.compiler has no public equivalent "
         "(torch 2.13), and transformers' own static cache layers mark their tensors the same way",
-    ("benchmarks/mla_decode_sweep.py", "torch.cuda._sleep"):
-        "a device-side delay queued before a timed call, so host launch time stays out of the CUDA-event "
-        "timing; torch.cuda has no public spin kernel",
 }
 
 
