@@ -166,6 +166,10 @@ class GateSWAConfig:
     full_layers: list[int] = field(default_factory=list)
     full_every: int = 0  # every k-th layer (layer k-1, 2k-1, ...) stays full; 0 = off
     full_by_sensitivity: int = 0  # keep the N most sensitive layers full (measured on calibration data)
+    # ... or as many of the most sensitive layers as a KV budget pays for: a fraction of the teacher's KV
+    # at kv_budget_context tokens (models/budget.py full_layers_for_budget); the choice is saved as full_layers.
+    kv_budget: Optional[float] = None
+    kv_budget_context: int = 4096
 
     def __post_init__(self):
         _positive("target.gate_swa.window", self.window)
@@ -174,10 +178,15 @@ class GateSWAConfig:
         _indices("target.gate_swa.full_layers", self.full_layers)
         _positive("target.gate_swa.full_every", self.full_every, allow_zero=True)
         _positive("target.gate_swa.full_by_sensitivity", self.full_by_sensitivity, allow_zero=True)
-        chosen = [bool(self.full_layers), self.full_every > 0, self.full_by_sensitivity > 0]
+        _positive("target.gate_swa.kv_budget_context", self.kv_budget_context)
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise ConfigError(f"target.gate_swa.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
+                              "teacher's KV cache)")
+        chosen = [bool(self.full_layers), self.full_every > 0, self.full_by_sensitivity > 0,
+                  self.kv_budget is not None]
         if sum(chosen) > 1:
             raise ConfigError(
-                "target.gate_swa: give only one of full_layers, full_every, full_by_sensitivity"
+                "target.gate_swa: give only one of full_layers, full_every, full_by_sensitivity, kv_budget"
             )
 
 
@@ -198,8 +207,10 @@ class TargetConfig:
         if self.init == "warm" and self.kind != "identity" and self.calibration_batches == 0:
             raise ConfigError("target.calibration_batches=0: target.init=warm fits the targets to real layer "
                               "inputs and needs >= 1 batch (or use target.init=random)")
-        if self.kind == "gate_swa" and self.gate_swa.full_by_sensitivity and self.calibration_batches == 0:
-            raise ConfigError("target.calibration_batches=0: target.gate_swa.full_by_sensitivity measures "
+        measured = self.gate_swa.full_by_sensitivity or self.gate_swa.kv_budget is not None
+        if self.kind == "gate_swa" and measured and self.calibration_batches == 0:
+            key = "full_by_sensitivity" if self.gate_swa.full_by_sensitivity else "kv_budget"
+            raise ConfigError(f"target.calibration_batches=0: target.gate_swa.{key} measures "
                               "layers on calibration data and needs >= 1 batch")
 
 

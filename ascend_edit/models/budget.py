@@ -256,7 +256,7 @@ def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict],
     `batches` should be as long as `context` or the window barely changes what a layer sees."""
     from ascend_edit.models.sensitivity import swa_sensitivity
 
-    swa = replace(target_cfg.gate_swa, full_layers=[], full_every=0, full_by_sensitivity=0)
+    swa = replace(target_cfg.gate_swa, full_layers=[], full_every=0, full_by_sensitivity=0, kv_budget=None)
     scores = swa_sensitivity(model, replace(target_cfg, kind="gate_swa", init="warm", gate_swa=swa), batches)
     full = full_layers_for_budget(scores, kv_fraction, context, swa.window, swa.sink_tokens)
     return replace(swa, full_layers=full), scores

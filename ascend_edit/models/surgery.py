@@ -72,6 +72,9 @@ def full_layer_choice(num_layers: int, cfg, sensitivity: list[float] | None = No
         return set(cfg.full_layers)
     if cfg.full_every:
         return set(range(cfg.full_every - 1, num_layers, cfg.full_every))
+    if getattr(cfg, "kv_budget", None) is not None:  # chosen on data in train/prepare.py, then saved as full_layers
+        raise ValueError("target.gate_swa.kv_budget: the full layers are measured on calibration data by a "
+                         "conversion run; give target.gate_swa.full_layers (from that run's plan) here")
     if cfg.full_by_sensitivity:
         if sensitivity is None:
             raise ValueError("target.gate_swa.full_by_sensitivity needs measured layer sensitivities")

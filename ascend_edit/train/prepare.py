@@ -1,15 +1,17 @@
 """What every task that trains starts from: device and processes, teacher, data, plan and edited model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ascend_edit import distributed
-from ascend_edit.config import RootConfig
+from ascend_edit.config import ConfigError, RootConfig, TargetConfig
 from ascend_edit.data.batches import PackedSequences, batches_of
 from ascend_edit.data.loading import load_data
 from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
@@ -19,6 +21,8 @@ from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.sensitivity import swa_sensitivity
 from ascend_edit.models.surgery import LayerPlan, build_plan, collect_layer_stats, edit_model
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,9 +59,12 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     calibration = batches_of(train_set, range(min(cfg.target.calibration_batches * cfg.eval.batch_size,
                                                   len(train_set))), cfg.eval.batch_size, device.torch_device)
     sensitivity = None
-    if cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity:
-        sensitivity = swa_sensitivity(model, cfg.target, calibration[:1])
-    plan = build_plan(model.config.num_hidden_layers, cfg.target, sensitivity)
+    target = cfg.target
+    if target.kind == "gate_swa" and target.gate_swa.full_by_sensitivity:
+        sensitivity = swa_sensitivity(model, target, calibration[:1])
+    if target.kind == "gate_swa" and target.gate_swa.kv_budget is not None:
+        target = gate_swa_target_for_budget(model, target, calibration[:1])
+    plan = build_plan(model.config.num_hidden_layers, target, sensitivity)
     stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
     if cfg.target.kind == "mla" and cfg.target.mla.kv_budget and cfg.target.mla.allocation == "sensitivity":
         from ascend_edit.models.budget import plan_with_ranks, sensitivity_allocation  # measured per-layer ranks
@@ -65,9 +72,25 @@ def prepare(cfg: RootConfig) -> Prepared | None:
         layers = [e.layer_idx for e in plan if e.kind == "mla"]
         stats = stats or collect_layer_stats(model, calibration)
         plan = plan_with_ranks(plan, sensitivity_allocation(model, layers, stats, cfg.target, calibration[:1]).ranks)
-    edit_model(model, plan, cfg.target, stats)
+    edit_model(model, plan, target, stats)
     # Teacher and student share every non-attention module, so one swap serves both (NPU only by default).
     install_fused_ops(model, cfg.model.fused_ops, device_type=device.type)
     apply_experts_implementation(cfg.engine.experts_implementation, model)
     apply_compile(compile_mode(cfg.engine.compile, device.type, model), model)
     return Prepared(device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
+
+
+def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, batches: list[dict]) -> TargetConfig:
+    """`target` with `gate_swa.full_layers` chosen by measured sensitivity under `gate_swa.kv_budget`."""
+    from ascend_edit.models.budget import gate_swa_for_budget
+
+    swa = target.gate_swa
+    assert swa.kv_budget is not None
+    try:
+        chosen, _ = gate_swa_for_budget(cast(PreTrainedModel, model), target, batches, swa.kv_budget,
+                                        swa.kv_budget_context)
+    except ValueError as err:  # a budget below what all-sliding layers hold
+        raise ConfigError(f"target.gate_swa.kv_budget={swa.kv_budget}: {err}") from err
+    log.info("gate_swa: full layers %s under %.1f %% of the teacher's KV at %d tokens", chosen.full_layers,
+             100 * swa.kv_budget, swa.kv_budget_context)
+    return replace(target, gate_swa=chosen)

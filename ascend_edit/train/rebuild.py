@@ -33,7 +33,9 @@ def _run_config(run_dir: Path) -> RootConfig:
 
 def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:
     measured_ranks = cfg.target.kind == "mla" and cfg.target.mla.kv_budget and cfg.target.mla.allocation == "sensitivity"
-    if (cfg.target.kind == "gate_swa" and cfg.target.gate_swa.full_by_sensitivity) or measured_ranks:
+    swa = cfg.target.gate_swa
+    measured_full = cfg.target.kind == "gate_swa" and (swa.full_by_sensitivity or swa.kv_budget is not None)
+    if measured_full or measured_ranks:
         # The plan came from sensitivities measured on data: take it from the run's saved output.
         for name in RUN_CANDIDATES:
             meta = run_dir / name / CONVERTED_MARKER

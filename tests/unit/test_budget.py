@@ -230,3 +230,29 @@ def test_gate_swa_full_layers_are_measured_and_written_as_an_explicit_list():
     assert swa.full_layers == sorted(ranked[: len(swa.full_layers)])
     plan = build_plan(layers, dataclasses.replace(target, gate_swa=swa))
     assert [e.layer_idx for e in plan if e.kind == "full"] == swa.full_layers
+
+
+def test_gate_swa_kv_budget_is_validated_and_chosen_once_on_data():
+    from ascend_edit.config import ConfigError, GateSWAConfig
+    from ascend_edit.train.prepare import gate_swa_target_for_budget
+
+    with pytest.raises(ConfigError, match=r"target\.gate_swa\.kv_budget=1\.5 must be in \(0, 1\]"):
+        GateSWAConfig(kv_budget=1.5)
+    with pytest.raises(ConfigError, match="give only one of full_layers, full_every, full_by_sensitivity, kv_budget"):
+        GateSWAConfig(kv_budget=0.5, full_every=2)
+    with pytest.raises(ConfigError, match=r"calibration_batches=0: target\.gate_swa\.kv_budget"):
+        TargetConfig(kind="gate_swa", init="random", calibration_batches=0, gate_swa=GateSWAConfig(kv_budget=0.5))
+    budgeted = TargetConfig(kind="gate_swa", gate_swa=GateSWAConfig(window=4, sink_tokens=1, kv_budget=0.5,
+                                                                    kv_budget_context=32))
+    with pytest.raises(ValueError, match="measured on calibration data"):  # never silently all-sliding
+        build_plan(4, budgeted)
+
+    model = tiny_model("llama", seed=0)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))}]
+    chosen = gate_swa_target_for_budget(model, budgeted, batches)
+    layers = model.config.num_hidden_layers
+    assert chosen.gate_swa.kv_budget is None and chosen.gate_swa.window == 4
+    assert len(chosen.gate_swa.full_layers) == int((0.5 * 32 * layers - 4 * layers) // 28)
+    too_small = dataclasses.replace(budgeted, gate_swa=dataclasses.replace(budgeted.gate_swa, kv_budget=0.05))
+    with pytest.raises(ConfigError, match=r"^target\.gate_swa\.kv_budget=0\.05: even all-sliding layers"):
+        gate_swa_target_for_budget(model, too_small, batches)
