@@ -23,7 +23,7 @@ from ascend_edit.attention.init import (
     init_mla_from_teacher,
     init_random,
 )
-from ascend_edit.config import TargetConfig
+from ascend_edit.config import GateSWAConfig, TargetConfig
 from ascend_edit.hf.modeling import converted_attention
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def full_layer_choice(num_layers: int, cfg, sensitivity: list[float] | None = None) -> set[int]:
+def full_layer_choice(num_layers: int, cfg: GateSWAConfig, sensitivity: list[float] | None = None) -> set[int]:
     """Which GateSWA layers keep full attention: explicit list, every k-th, or the most sensitive."""
     if cfg.full_layers:
         bad = [i for i in cfg.full_layers if not 0 <= i < num_layers]
@@ -72,7 +72,7 @@ def full_layer_choice(num_layers: int, cfg, sensitivity: list[float] | None = No
         return set(cfg.full_layers)
     if cfg.full_every:
         return set(range(cfg.full_every - 1, num_layers, cfg.full_every))
-    if getattr(cfg, "kv_budget", None) is not None:  # chosen on data in train/prepare.py, then saved as full_layers
+    if cfg.kv_budget is not None:  # chosen on data in train/prepare.py, then saved as full_layers
         raise ValueError("target.gate_swa.kv_budget: the full layers are measured on calibration data by a "
                          "conversion run; give target.gate_swa.full_layers (from that run's plan) here")
     if cfg.full_by_sensitivity:
