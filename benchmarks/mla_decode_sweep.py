@@ -18,9 +18,15 @@ Measurements
     a variant counts only if it is finite and below ``--tol`` (1e-2 in bf16).
 
 A variant that fails to compile or launch (e.g. too much shared memory) is listed with its error.
-``--budget-s`` caps the whole run: variants not reached in time are listed as skipped.
+``--budget-s`` caps the whole run: variants not reached in time are listed as skipped. ``--set``
+picks the candidate list (``full``, ``refine`` = ``--refine``, ``pipeline``: TMA loads, the fused
+combine, register caps). ``--isolate`` runs each configuration after the first in its own process
+(after compiling all of them in parallel processes), so a fault that poisons the CUDA context --
+an illegal memory access -- costs only that configuration's rows. The last lines printed are a
+short table of the fastest correct variants.
 
     python benchmarks/mla_decode_sweep.py --out sweep.json                      # one H200: < 4 min
+    python benchmarks/mla_decode_sweep.py --set pipeline --isolate --heads 32 --budget-s 180 --out p.json
     TRITON_INTERPRET=1 python benchmarks/mla_decode_sweep.py --device cpu --tiny  # CPU: numerics only
 
 The CPU run goes through Triton's interpreter (numpy; it cannot compute in bf16, so ``--tiny``
@@ -37,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from ascend_edit.kernels import reference
@@ -89,6 +96,53 @@ REFINE_CONFIGS: tuple[DecodeConfig, ...] = (
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=2, num_stages=3, programs_per_sm=2),
 )
 REFINE_SPLITS: tuple[int | None, ...] = (None, 8, 12, 16)
+# --set pipeline: attacks on the ~40 us between the shipped 0.114 ms and the copy floor (0.071 ms).
+# The shipped kernel holds one 64-row tile per program (one shared-memory buffer at 2 stages), spends
+# its 128 threads on 76 cp.async address computations per tile, and its mma.sync layout (warps side
+# by side on the key axis) re-reads the whole 32 KB query block from shared memory in every warp for
+# every tile; a second launch merges the splits. Candidates: TMA bulk copies (no per-thread address
+# work; the pipeliner waits on mbarriers), more tiles in flight per SM (smaller tiles with more
+# stages at two programs per SM, or 8 warps capped at 128 registers so two fit), the swap-AB
+# ("keys") kernel fed by TMA (p @ latent on wgmma, operands straight from shared memory), and the
+# combine fused into the split pass. Notes: ptxas for sm_90 on a CPU (bf16, H=32): shared memory /
+# registers / stack bytes; "2/SM" where two programs fit in 228 KB and 64K registers. Ordered by
+# promise: --budget-s cuts the tail.
+PIPELINE_CONFIGS: tuple[DecodeConfig, ...] = (
+    mla_decode.DEFAULT_CONFIG,  # the baseline, measured in the same run: 112.5 KB, 255 regs, 0 stack; 2/SM
+    # TMA, same tiles as the baseline: 112.5 KB, 255 regs, 856 B stack; 2/SM
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2, tma=True),
+    # swap-AB with TMA, 32-row tiles, two in flight: 110.5 KB, 255 regs, 0 stack, wgmma for p @ latent; 2/SM
+    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, tma=True),
+    # TMA, 32-row tiles, two in flight: 110.5 KB, 255 regs, 232 B stack; 2/SM
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, tma=True),
+    # the combine fused into the split pass (atomic arrival counter), with and without TMA
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2, tma=True,
+                 fuse_combine=True),  # fmt: skip
+    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, tma=True,
+                 fuse_combine=True),  # fmt: skip
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2,
+                 fuse_combine=True),  # fmt: skip
+    # 8 warps capped at 128 registers (two programs per SM): keys 110.5 KB, 72 B stack; rows 112.5 / 110.5 KB,
+    # 504 / 360 B stack
+    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=8, num_stages=3, programs_per_sm=2, tma=True,
+                 maxnreg=128),  # fmt: skip
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=2, programs_per_sm=2, tma=True,
+                 maxnreg=128),  # fmt: skip
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=3, programs_per_sm=2, tma=True,
+                 maxnreg=128),  # fmt: skip
+    # 16-row tiles, four in flight: 109.6 KB, 255 regs, 96 B stack; 2/SM
+    DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=5, programs_per_sm=2, tma=True),
+    # one program per SM, deeper: keys T64 184.5 KB (wgmma for both), keys T32 s4 146.8 KB, rows 185 / 146.8 KB
+    DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True),
+    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=4, tma=True),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=2, programs_per_sm=2, maxnreg=128),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=3, tma=True),
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=4, tma=True),
+)
+# 16 splits would compile every kernel twice (a count divisible by 16 is a separate specialisation)
+PIPELINE_SPLITS: tuple[int | None, ...] = (None, 4, 8, 12)
+CONFIG_SETS = {"full": (KERNEL_CONFIGS, SPLITS), "refine": (REFINE_CONFIGS, REFINE_SPLITS),
+               "pipeline": (PIPELINE_CONFIGS, PIPELINE_SPLITS)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -165,14 +219,20 @@ def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, iters: int) -
 
 
 def make_inputs(b: int, heads: int, t: int, c: int, r: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Decode inputs: one new token per sequence at the end of a fully visible ``t``-token cache."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Decode inputs: one new token per sequence at the end of a fully visible ``t``-token cache.
+    Drawn on ``device`` (seeded, so isolated child processes see the same values): 150 M draws on
+    the host would cost each child seconds."""
+    gen = torch.Generator(device=device).manual_seed(0)
     k_pos = torch.arange(t, device=device).repeat(b, 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
     return {
-        "q_latent": torch.randn(b, heads, 1, c, generator=gen).to(device, dtype),
-        "q_rope": torch.randn(b, heads, 1, r, generator=gen).to(device, dtype),
-        "latent": torch.randn(b, t, c, generator=gen).to(device, dtype),
-        "k_rope": torch.randn(b, t, r, generator=gen).to(device, dtype),
+        "q_latent": randn(b, heads, 1, c),
+        "q_rope": randn(b, heads, 1, r),
+        "latent": randn(b, t, c),
+        "k_rope": randn(b, t, r),
         "q_pos": k_pos[:, -1:].contiguous(),
         "k_pos": k_pos,
         "scale": 1.0 / math.sqrt(128 + r),  # DeepSeek-V3: scale of the qk_nope + qk_rope head dim
@@ -204,7 +264,7 @@ def run_variant(
     return result
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
@@ -214,8 +274,86 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-2, help="max abs diff to the eager reference")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new variants after this")
     parser.add_argument("--out", help="write all results as JSON here")
-    parser.add_argument("--refine", action="store_true", help="only the configurations near the shipped one")
+    parser.add_argument("--set", choices=sorted(CONFIG_SETS), default="full", help="which candidate list to sweep")
+    parser.add_argument("--refine", action="store_true", help="same as --set refine")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run every configuration after the first in its own process, so one that faults "
+                             "(an illegal memory access poisons the CUDA context) loses only its own rows")  # fmt: skip
+    # internal: one isolated configuration (--isolate starts these)
+    parser.add_argument("--child-config", help=argparse.SUPPRESS)
+    parser.add_argument("--child-splits", help=argparse.SUPPRESS)
+    parser.add_argument("--copy-gbps", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _config_json(config: DecodeConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+def _result_from_json(data: dict) -> Result:
+    fields: dict[str, Any] = {k: (math.nan if v is None and k in ("ms", "wall_ms", "gbps", "pct_copy", "max_diff")
+                                  else v) for k, v in data.items() if k != "config"}  # fmt: skip
+    return Result(config=DecodeConfig(**data["config"]), **fields)
+
+
+def _child_cmd(config: DecodeConfig, splits: tuple[int | None, ...], heads: int, args: argparse.Namespace,
+               copy_gbps: float, out: str) -> list[str]:  # fmt: skip
+    return [sys.executable, __file__, "--device", args.device, "--heads", str(heads), "--iters", str(args.iters),
+            "--warmup", str(args.warmup), "--tol", str(args.tol), "--out", out, "--copy-gbps", str(copy_gbps),
+            "--child-config", _config_json(config), "--child-splits", json.dumps(list(splits)),
+            *(["--tiny"] if args.tiny else [])]  # fmt: skip
+
+
+def precompile(jobs: list[tuple[DecodeConfig, tuple[int | None, ...], int]], args: argparse.Namespace,
+               timeout_s: float) -> None:  # fmt: skip
+    """Compile the isolated configurations in parallel child processes (one launch per split count
+    fills Triton's on-disk cache), so the timed children, run one at a time, do not compile. A child
+    that faults here costs nothing: its timed run reports the error."""
+    import subprocess  # noqa: PLC0415 - only the isolating parent needs it
+
+    began = time.perf_counter()
+    procs = [subprocess.Popen([*_child_cmd(cfg, splits, heads, args, math.nan, "/dev/null"), "--compile-only"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for cfg, splits, heads in jobs]  # fmt: skip
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - began)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    print(f"precompiled {len(jobs)} isolated configuration(s) in {time.perf_counter() - began:.0f} s", flush=True)
+
+
+def run_isolated(config: DecodeConfig, splits: tuple[int | None, ...], heads: int, args: argparse.Namespace,
+                 copy_gbps: float, timeout_s: float) -> list[Result]:  # fmt: skip
+    """Time ``config`` at every split count in a child process; a crash there becomes an error row."""
+    import subprocess  # noqa: PLC0415 - only the isolating parent needs it
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="mla_sweep_") as tmp:
+        out = f"{tmp}/child.json"
+        cmd = _child_cmd(config, splits, heads, args, copy_gbps, out)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+            error = "" if proc.returncode == 0 else f"child rc={proc.returncode}: " + (
+                (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:160])  # fmt: skip
+        except subprocess.TimeoutExpired:
+            error = f"child timed out after {timeout_s:.0f} s"
+        try:
+            with open(out) as handle:
+                return [_result_from_json(x) for x in json.load(handle)]
+        except (OSError, ValueError):
+            first = dataclasses.replace(config, num_splits=splits[0])
+            label = mla_decode.tuned_config(0, 0, heads, first)
+            return [Result(heads, first, label, error=error or "child wrote no results")]
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
+    if args.refine:
+        args.set = "refine"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu --tiny with TRITON_INTERPRET=1)")
@@ -225,24 +363,46 @@ def main() -> None:
         parser.error("Triton is not installed (pip install 'ascend_edit[gpu]')")
     began = time.perf_counter()
 
+    splits: tuple[int | None, ...]
     if args.tiny:  # c, r powers of two as in the real model; fp16: the interpreter has no bf16
         b, t, c, r, dtype, heads_list = 2, 150, 64, 16, torch.float16, args.heads or [3, 20]
-        configs, splits = KERNEL_CONFIGS, (3,)  # 3 splits: uneven last split, partials combined
+        configs, splits = CONFIG_SETS[args.set][0], (3,)  # 3 splits: uneven last split, partials combined
     else:
         b, t, c, r, dtype, heads_list = 32, 8192, 512, 64, torch.bfloat16, args.heads or [32, 128]
-        configs, splits = (REFINE_CONFIGS, REFINE_SPLITS) if args.refine else (KERNEL_CONFIGS, SPLITS)
-    variants = [dataclasses.replace(cfg, num_splits=n) for cfg in configs for n in splits]
+        configs, splits = CONFIG_SETS[args.set]
+    if args.child_config:  # one configuration, for an isolating parent: results as a JSON list
+        configs, splits = (DecodeConfig(**json.loads(args.child_config)),), tuple(json.loads(args.child_splits))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     import triton  # noqa: PLC0415 - present: checked above
 
-    print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
-    copy_gbps = copy_bandwidth(device, 2 << 30, args.warmup, args.iters) if device.type == "cuda" else math.nan
-    print(f"device copy: {copy_gbps:.0f} GB/s (read + write)" if device.type == "cuda" else "CPU: correctness only",
-          flush=True)  # fmt: skip
+    if args.compile_only:  # fill Triton's disk cache for a later timed run of the same variants
+        inp = make_inputs(b, heads_list[0], t, c, r, dtype, device)
+        call = (inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"])
+        for n in splits:
+            with torch.no_grad():
+                mla_decode._launch(*call, config=dataclasses.replace(configs[0], num_splits=n))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return
+    if args.child_config:
+        copy_gbps = args.copy_gbps if args.copy_gbps is not None else math.nan
+    else:
+        if args.isolate and len(configs) > 1 and device.type == "cuda":  # the first one too: cached for it
+            precompile([(cfg, splits, heads) for heads in heads_list for cfg in configs], args,
+                       timeout_s=min(120.0, 0.5 * args.budget_s))  # fmt: skip
+        print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+        copy_gbps = copy_bandwidth(device, 2 << 30, args.warmup, args.iters) if device.type == "cuda" else math.nan
+        print(f"device copy: {copy_gbps:.0f} GB/s (read + write)" if device.type == "cuda" else
+              "CPU: correctness only", flush=True)  # fmt: skip
 
     results: list[Result] = []
     for heads in heads_list:
+        # The first head count (the goal row) may use 70 % of the budget, the others share the rest.
+        index = heads_list.index(heads)
+        share = 1.0 if len(heads_list) == 1 else 0.7 + 0.3 * index / (len(heads_list) - 1)
+        deadline = args.budget_s * share
+        in_process = configs if not args.isolate else configs[:1]
         inp = make_inputs(b, heads, t, c, r, dtype, device)
         cache_bytes = sum(inp[n].numel() * inp[n].element_size() for n in ("latent", "k_rope"))
         fp32 = {n: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in inp.items()}
@@ -251,30 +411,51 @@ def main() -> None:
                 fp32["q_latent"], fp32["q_rope"], fp32["latent"], fp32["k_rope"],
                 q_pos=inp["q_pos"], k_pos=inp["k_pos"], scale=inp["scale"],
             ).float()  # fmt: skip
-        goal = f"; 70 % of copy = {cache_bytes / (0.7 * copy_gbps * 1e9) * 1e3:.4f} ms" if device.type == "cuda" else ""
-        print(f"B={b} H={heads} ctx={t} c={c} r={r} {dtype}: cache {cache_bytes / 1e6:.1f} MB{goal}", flush=True)
-        # The first head count (the goal row) may use 70 % of the budget, the others share the rest.
-        index = heads_list.index(heads)
-        share = 1.0 if len(heads_list) == 1 else 0.7 + 0.3 * index / (len(heads_list) - 1)
-        deadline = args.budget_s * share
+        del fp32
+        if not args.child_config:
+            goal = f"; 70 % of copy = {cache_bytes / (0.7 * copy_gbps * 1e9) * 1e3:.4f} ms" if device.type == "cuda" else ""
+            print(f"B={b} H={heads} ctx={t} c={c} r={r} {dtype}: cache {cache_bytes / 1e6:.1f} MB{goal}", flush=True)
         seen: set[str] = set()
-        for config in variants:
-            effective = mla_decode.tuned_config(c, r, heads, config)  # the block actually launched
-            if effective in seen:
-                continue  # e.g. a 64-row block that shrinks to 32 rows for 32 heads
-            seen.add(effective)
-            if time.perf_counter() - began > deadline:
-                results.append(Result(heads, config, effective, error="skipped: --budget-s reached"))
+        for config in configs:
+            variants = [dataclasses.replace(config, num_splits=n) for n in splits]
+            fresh = []
+            for variant in variants:
+                effective = mla_decode.tuned_config(c, r, heads, variant)  # the block actually launched
+                if effective not in seen:  # e.g. a 64-row block that shrinks to 32 rows for 32 heads
+                    seen.add(effective)
+                    fresh.append((variant, effective))
+            if not fresh:
                 continue
-            res = run_variant(inp, expected, Result(heads, config, effective), args, cache_bytes, copy_gbps)
-            results.append(res)
-            print(res.row(), flush=True)
-        del inp, expected, fp32
+            left = deadline - (time.perf_counter() - began)
+            if left <= 0:
+                results.extend(Result(heads, v, e, error="skipped: --budget-s reached") for v, e in fresh)
+                continue
+            if config in in_process:
+                batch = []
+                for variant, effective in fresh:
+                    batch.append(run_variant(inp, expected, Result(heads, variant, effective), args, cache_bytes,
+                                             copy_gbps))  # fmt: skip
+                    if args.child_config and args.out:  # written as it goes: a later fault keeps these rows
+                        with open(args.out, "w") as handle:
+                            json.dump([x.to_json() for x in results + batch], handle)
+            else:
+                batch = run_isolated(config, tuple(v.num_splits for v, _ in fresh), heads, args, copy_gbps,
+                                     timeout_s=min(60.0, left + 20.0))  # fmt: skip
+            results.extend(batch)
+            if not args.child_config:
+                for res in batch:
+                    print(res.row(), flush=True)
+        del inp, expected
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if args.child_config:
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump([x.to_json() for x in results], handle)
+        return
     meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "copy_gbps": copy_gbps,
-            "shape": {"b": b, "t": t, "c": c, "r": r, "dtype": str(dtype)}}  # fmt: skip
+            "set": args.set, "shape": {"b": b, "t": t, "c": c, "r": r, "dtype": str(dtype)}}  # fmt: skip
     sys.exit(report(results, heads_list, copy_gbps, timed=device.type == "cuda", meta=meta, out=args.out))
 
 
@@ -288,7 +469,7 @@ def report(
     for res in order:
         print(res.row())
 
-    summary: dict[str, object] = {}
+    summary: dict[str, dict[str, Any]] = {}
     for heads in heads_list:
         good = [x for x in results if x.heads == heads and x.ok]
         if not good:
@@ -309,9 +490,9 @@ def report(
     primary = summary.get(str(heads_list[0]))
     for heads in heads_list[1:]:  # what the production choice would cost at the other head counts
         if str(heads) in summary and timed:
-            best = summary[str(heads)]
+            other = summary[str(heads)]
             print(
-                f"best at H={heads}: {best['label']} {best['ms'] or 0:.4f} ms ({best['pct_copy'] or 0:.1f} % of copy)"
+                f"best at H={heads}: {other['label']} {other['ms'] or 0:.4f} ms ({other['pct_copy'] or 0:.1f} % of copy)"
             )
         same = [x for x in results if x.heads == heads and primary and x.ok and x.label and
                 dataclasses.asdict(x.config) == primary["config"]]  # fmt: skip
@@ -322,7 +503,7 @@ def report(
         print("BEST: none (no variant was correct)")
         return 1
     if not timed:
-        ran = [x for x in results if not x.error]
+        ran = [x for x in results if not x.error.startswith("skipped")]  # failures count as not correct
         print(f"BEST: n/a on CPU (correctness only): {sum(x.ok for x in ran)}/{len(ran)} variants correct")
         return 0 if all(x.ok for x in ran) else 1
     print(f"BEST: H={heads_list[0]} {primary['label']}: {primary['ms'] or 0:.4f} ms kernel / "
@@ -331,7 +512,19 @@ def report(
     if primary["config"]["num_splits"] is not None:
         print("note: the best uses a fixed split count; as DEFAULT_CONFIG it applies to every batch size and "
               "context (the cost model, num_splits=None, adapts)")  # fmt: skip
+    print_short_table(results, heads_list[0], copy_gbps)
     return 0
+
+
+def print_short_table(results: list[Result], heads: int, copy_gbps: float, top: int = 10) -> None:
+    """The last lines of the run: the fastest correct variants at the goal's head count."""
+    good = sorted((x for x in results if x.heads == heads and x.ok and math.isfinite(x.ms)), key=lambda x: x.ms)
+    failed = [x for x in results if x.heads == heads and not x.ok]
+    print(f"\nTop {min(top, len(good))} at H={heads} (copy {copy_gbps:.0f} GB/s; goal 70 % of copy; "
+          f"{len(failed)} variant(s) failed, wrong or skipped: see above)")  # fmt: skip
+    print("| kernel ms | % of copy | variant |\n|---:|---:|---|")
+    for res in good[:top]:
+        print(f"| {res.ms:.4f} | {res.pct_copy:.1f} | {res.label} |")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,27 @@ Two formulations of the split pass (:class:`DecodeConfig`, ``kernel=``):
   from L2 as the pair is launched side by side): half the accumulator registers, the same
   shared memory.
 
-Status (H200, bf16, B=32, H=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): the ``rows``
-kernel with BLOCK_T 64, 8 warps, 3 stages took 0.230 ms, 31 % of the device copy bandwidth
-(per-call events, so including the host's launch gap). That is ~7 us per 64-row tile per SM
-where the copy rate allows ~2 us; not profiled, the likely costs are mma.sync on 32 rows and the
-whole query block re-read from shared memory for every tile. ``benchmarks/mla_decode_sweep.py`` times every
+Options of both formulations (flags of the same kernels, so the numerics tests cover them):
+
+* ``tma``: latent and k_rope tiles arrive through TMA tensor descriptors (host-side
+  ``TensorDescriptor``; sm_90+, 16-byte aligned base and strides, else pointer loads are used):
+  one bulk copy per tile instead of per-thread ``cp.async`` address arithmetic, and Triton's
+  pipeliner waits on mbarriers. Tiles are not masked at the split's end: rows of the next split
+  arrive as cache data and ``k_pos = -1`` gives them ``p = 0``, as for empty slots (the cache must
+  hold finite values there, as it must for empty slots already); rows past ``t`` arrive as zeros.
+* ``fuse_combine``: no combine launch. After storing its partial, each split program bumps an
+  arrival counter for its (batch, row block) with an acq_rel atomic (after a CTA barrier, so all
+  its threads' stores are published); the program that arrives last merges the partials (``.cg``
+  loads, from L2) and writes the output. The counters are zeroed per call (a memset).
+* ``maxnreg``: a register cap for ptxas, so two 8-warp programs can share an SM.
+
+Status (H200, bf16, B=32, H=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): the shipped
+``rows`` configuration takes 0.1144 ms of GPU time, 62.4 % of the device copy bandwidth. Read from
+its sm_90 code (ptxas on a CPU): one shared-memory tile buffer per program at two stages (two
+programs per SM give the only overlap), 76 ``cp.async`` per thread per tile, and an mma.sync layout
+with the four warps side by side on the key axis, so every warp re-reads the whole 32 KB query block
+from shared memory for every tile. ``tma``, ``fuse_combine`` and ``maxnreg`` were added against
+those costs; ``benchmarks/mla_decode_sweep.py --set pipeline --isolate`` times them. ``benchmarks/mla_decode_sweep.py`` times every
 candidate configuration in one run and prints the fastest; :data:`DEFAULT_CONFIG` is the
 production choice. What the compiler makes of each candidate for sm_90 (checked with ptxas on a
 CPU machine, not timed): ``rows`` with ``block_m=64, pad_rows=True`` and 32-row tiles uses wgmma
@@ -62,9 +78,11 @@ from ..reference import check_mla_inputs
 try:  # Triton is an optional dependency ("gpu" extra)
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
+    TensorDescriptor = None
 
 __all__ = ["DEFAULT_CONFIG", "DecodeConfig", "mla_absorbed_attention", "mla_decode", "triton_available", "tuned_config"]
 
@@ -94,12 +112,25 @@ class DecodeConfig:
     # Programs resident per SM (shared memory / registers allow it): the split cost model fills
     # sm_count x this many slots per wave. 2 for configurations under half an SM's shared memory.
     programs_per_sm: int = 1
+    # Load the latent and k_rope tiles through TMA tensor descriptors (asynchronous bulk
+    # copies into shared memory, pipelined with mbarriers instead of per-thread cp.async address
+    # arithmetic). Falls back to pointer loads where the cache's strides or base are not 16-byte
+    # aligned (a TMA requirement).
+    tma: bool = False
+    # The last split program of each (batch, row block) to finish merges the partials
+    # (an atomic counter orders them), so there is no second kernel launch.
+    fuse_combine: bool = False
+    # Register cap per thread passed to ptxas (None: up to 255). 128 lets two 8-warp programs share
+    # an SM's 64K registers (they otherwise take 255 and run one per SM), at the risk of spills.
+    maxnreg: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in ("rows", "keys"):
             raise ValueError(f"DecodeConfig.kernel must be 'rows' or 'keys'; got {self.kernel!r}")
         if self.kernel == "rows" and self.prefetch:
             raise ValueError("DecodeConfig.prefetch applies to kernel='keys' only")
+        if self.prefetch and (self.tma or self.fuse_combine):
+            raise ValueError("DecodeConfig.prefetch cannot be combined with tma or fuse_combine")
         if self.v_split not in (1, 2) or (self.kernel == "rows" and self.v_split != 1):
             raise ValueError(f"DecodeConfig.v_split must be 1 (rows) or 1/2 (keys); got {self.v_split}")
         for name in ("block_t", "block_m"):
@@ -109,6 +140,8 @@ class DecodeConfig:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"DecodeConfig: num_warps must be 1..16, a power of two, and num_stages >= 1; "
                              f"got {self.num_warps}, {self.num_stages}")  # fmt: skip
+        if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"DecodeConfig.maxnreg must be None or 24..255; got {self.maxnreg}")
         if self.programs_per_sm < 1:
             raise ValueError(f"DecodeConfig.programs_per_sm must be >= 1; got {self.programs_per_sm}")
         if self.num_splits is not None and self.num_splits < 1:
@@ -118,6 +151,9 @@ class DecodeConfig:
         split = "auto" if self.num_splits is None else str(self.num_splits)
         vs = (f" v{self.v_split}" + (" prefetch" if self.prefetch else "")) if self.kernel == "keys" else ""
         vs += " pad" if self.pad_rows else ""
+        vs += " tma" if self.tma else ""
+        vs += " fused" if self.fuse_combine else ""
+        vs += f" r{self.maxnreg}" if self.maxnreg else ""
         return (f"{self.kernel} M{self.block_m} T{self.block_t}{vs} w{self.num_warps} s{self.num_stages} "
                 f"splits={split}")  # fmt: skip
 
@@ -174,9 +210,11 @@ if triton is not None:
         stride_krb, stride_krt, stride_krr,
         stride_qpb, stride_qps, stride_kpb, stride_kpt,
         H, M, T, SPLIT_LEN, NUM_SPLITS, qk_scale_log2,
+        lat_desc, k_rope_desc,  # TMA descriptors of latent / k_rope ([b, t, c] / [b, t, r]) or None
+        counter_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_oc,  # FUSE_COMBINE only
         C: tl.constexpr, R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, FUSE_COMBINE: tl.constexpr,
     ):  # fmt: skip
         # C and R are compile-time: with C == BLOCK_C the column masks fold away and the latent
         # rows load as 16-byte vectors (a runtime bound would force element-wise loads).
@@ -216,14 +254,21 @@ if triton is not None:
             offs_t = t_begin + start + tl.arange(0, BLOCK_T)
             t_ok = offs_t < t_end
             k_pos = tl.load(k_pos_ptr + pid_b * stride_kpb + offs_t * stride_kpt, mask=t_ok, other=-1)
-            lat = tl.load(
-                lat_ptr + pid_b * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :] * stride_lc,
-                mask=t_ok[:, None] & c_ok[None, :], other=0.0,
-            )  # [BLOCK_T, BLOCK_C]: key (with k_rope) and value at once
-            k_rope = tl.load(
-                k_rope_ptr + pid_b * stride_krb + offs_t[:, None] * stride_krt + offs_r[None, :] * stride_krr,
-                mask=t_ok[:, None] & r_ok[None, :], other=0.0,
-            )  # [BLOCK_T, BLOCK_R]
+            if USE_TMA:
+                # Whole-tile bulk copies; rows past T (and columns past C, R) arrive as zeros. Rows
+                # of the next split (t_end <= t < T) arrive as cache data: k_pos = -1 there gives
+                # them p = 0, as for empty slots inside a split.
+                lat = lat_desc.load([pid_b, t_begin + start, 0]).reshape(BLOCK_T, BLOCK_C)
+                k_rope = k_rope_desc.load([pid_b, t_begin + start, 0]).reshape(BLOCK_T, BLOCK_R)
+            else:
+                lat = tl.load(
+                    lat_ptr + pid_b * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :] * stride_lc,
+                    mask=t_ok[:, None] & c_ok[None, :], other=0.0,
+                )  # [BLOCK_T, BLOCK_C]: key (with k_rope) and value at once
+                k_rope = tl.load(
+                    k_rope_ptr + pid_b * stride_krb + offs_t[:, None] * stride_krt + offs_r[None, :] * stride_krr,
+                    mask=t_ok[:, None] & r_ok[None, :], other=0.0,
+                )  # [BLOCK_T, BLOCK_R]
             scores = tl.dot(q_lat, tl.trans(lat), input_precision=INPUT_PRECISION)
             scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=INPUT_PRECISION)
             scores = scores * qk_scale_log2
@@ -247,6 +292,48 @@ if triton is not None:
         )  # fmt: skip
         tl.store(max_ptr + part, run_max, mask=row_ok)
         tl.store(sum_ptr + part, run_sum, mask=row_ok)
+        if FUSE_COMBINE:
+            # Every thread's partial stores are issued before the barrier; the counter's acq_rel
+            # atomic then publishes them (release) to the program that sees the last count and
+            # orders its reads after them (acquire).
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + pid_b * tl.num_programs(0) + pid_m, 1, sem="acq_rel", scope="gpu")
+            if done == NUM_SPLITS - 1:
+                _mla_merge_splits(
+                    acc_ptr, max_ptr, sum_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_oc,
+                    pid_b, rows, row_ok, h_idx, s_idx, offs_c, c_ok, M, NUM_SPLITS, C, BLOCK_M, BLOCK_C,
+                )  # fmt: skip
+
+    @triton.jit
+    def _mla_merge_splits(
+        acc_ptr, max_ptr, sum_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_oc,
+        pid_b, rows, row_ok, h_idx, s_idx, offs_c, c_ok, M, NUM_SPLITS,
+        C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """The combine for one block of rows, inside the split pass: an online log-sum-exp merge over
+        the splits' normalised partials. ``.cg`` loads read L2, where the other programs' stores are."""
+        part0 = (pid_b * M + rows) * NUM_SPLITS
+        mask_rc = row_ok[:, None] & c_ok[None, :]
+        g_max = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite, as in the split pass
+        total = tl.zeros([BLOCK_M], tl.float32)
+        out = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for split in range(0, NUM_SPLITS):
+            part = part0 + split
+            split_max = tl.load(max_ptr + part, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
+            split_sum = tl.load(sum_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg")
+            acc = tl.load(acc_ptr + part[:, None] * C + offs_c[None, :], mask=mask_rc, other=0.0, cache_modifier=".cg")
+            new_max = tl.maximum(g_max, split_max)
+            rescale = tl.exp2(g_max - new_max)
+            weight = tl.exp2(split_max - new_max) * split_sum  # the split's share of the softmax mass
+            out = out * rescale[:, None] + acc.to(tl.float32) * weight[:, None]
+            total = total * rescale + weight
+            g_max = new_max
+        out = out / tl.where(total > 0, total, 1.0)[:, None]  # no visible key at all -> zeros
+        tl.store(
+            out_ptr + pid_b * stride_ob + h_idx[:, None] * stride_oh + s_idx[:, None] * stride_os
+            + offs_c[None, :] * stride_oc,
+            out.to(out_ptr.dtype.element_ty), mask=mask_rc,
+        )  # fmt: skip
 
     @triton.jit
     def _mla_keys_tile(
@@ -286,9 +373,12 @@ if triton is not None:
         stride_krb, stride_krt, stride_krr,
         stride_qpb, stride_qps, stride_kpb, stride_kpt,
         H, M, T, SPLIT_LEN, NUM_SPLITS, qk_scale_log2,
+        lat_desc, k_rope_desc,  # TMA descriptors (blocks [1, BLOCK_T, BLOCK_CV] / [1, BLOCK_T, BLOCK_R]) or None
+        counter_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_oc,  # FUSE_COMBINE only
         C: tl.constexpr, R: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_R: tl.constexpr,
         V_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        USE_TMA: tl.constexpr, FUSE_COMBINE: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         # Transposed ("swap-AB") tiles: cache rows are the M side of both matmuls, so M >= 64
         # whatever the head count and Hopper's wgmma applies; queries are the N side.
@@ -344,6 +434,15 @@ if triton is not None:
         for start in range(0, SPLIT_LEN, BLOCK_T):  # tiles past t_end are fully masked
             if PREFETCH:
                 k_pos, lat, lat_other, k_rope = k_pos_nx, lat_nx, other_nx, k_rope_nx
+            elif USE_TMA:  # bulk copies; past T zeros, past t_end cache rows that k_pos = -1 masks
+                t0 = t_begin + start
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                k_pos = tl.load(k_pos_base + offs_t * stride_kpt, mask=offs_t < t_end, other=-1)
+                lat = lat_desc.load([pid_b, t0, pid_v * BLOCK_CV]).reshape(BLOCK_T, BLOCK_CV)
+                lat_other = lat
+                if V_SPLIT == 2:
+                    lat_other = lat_desc.load([pid_b, t0, (1 - pid_v) * BLOCK_CV]).reshape(BLOCK_T, BLOCK_CV)
+                k_rope = k_rope_desc.load([pid_b, t0, 0]).reshape(BLOCK_T, BLOCK_R)
             else:
                 k_pos, lat, lat_other, k_rope = _mla_keys_tile(
                     lat_base, k_rope_base, k_pos_base, t_begin + start, t_end, offs_own, offs_other, own_ok,
@@ -384,6 +483,16 @@ if triton is not None:
         stats_ok = row_ok & (pid_v == 0)  # every column half computes the same statistics
         tl.store(max_ptr + part, run_max, mask=stats_ok)
         tl.store(sum_ptr + part, run_sum, mask=stats_ok)
+        if FUSE_COMBINE:  # as in the rows kernel; both column halves of every split must have arrived
+            tl.debug_barrier()
+            counter = counter_ptr + pid_b * (tl.num_programs(0) // V_SPLIT) + pid_m
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == NUM_SPLITS * V_SPLIT - 1:
+                offs_c = tl.arange(0, BLOCK_C)
+                _mla_merge_splits(
+                    acc_ptr, max_ptr, sum_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_oc,
+                    pid_b, rows, row_ok, h_idx, s_idx, offs_c, offs_c < C, M, NUM_SPLITS, C, BLOCK_H, BLOCK_C,
+                )  # fmt: skip
 
     @triton.jit
     def _mla_decode_combine_kernel(
@@ -456,6 +565,13 @@ def _split_len(kv_len: int, wanted_splits: int) -> int:
     return math.ceil(math.ceil(kv_len / wanted_splits) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
 
 
+def _tma_ok(x: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte aligned strides except a unit innermost one."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+            and x.dim() == 3)  # fmt: skip
+
+
 def _launch(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -498,6 +614,10 @@ def _launch(
     partial_acc = torch.empty((b, rows, num_splits, c), dtype=partial_dtype, device=out.device)
     partial_max = torch.empty((b, rows, num_splits), dtype=torch.float32, device=out.device)
     partial_sum = torch.empty_like(partial_max)
+    fuse = config.fuse_combine
+    # One arrival counter per (batch, row block), zeroed per call (a memset); unfused launches pass an
+    # existing buffer in its place (never read) rather than pay for an allocation and a memset.
+    counter = torch.zeros((b * row_blocks,), dtype=torch.int32, device=out.device) if fuse else partial_sum
 
     common = (
         q_latent, q_rope, latent, k_rope, q_pos, k_pos,
@@ -509,18 +629,32 @@ def _launch(
     block_r = max(16, _next_pow2(r))
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        launch["maxnreg"] = config.maxnreg
+    block_c = _next_pow2(c)
+    block_cv = _next_pow2(-(-c // v_split))  # the columns one program loads (keys: accumulates)
+    lat_desc = k_rope_desc = None
+    if config.tma and _tma_ok(latent) and _tma_ok(k_rope):
+        lat_desc = TensorDescriptor(latent, list(latent.shape), list(latent.stride()), [1, config.block_t, block_cv])
+        k_rope_desc = TensorDescriptor(k_rope, list(k_rope.shape), list(k_rope.stride()), [1, config.block_t, block_r])
     if config.kernel == "rows":
         _mla_decode_rows_kernel[(row_blocks, num_splits, b)](
-            *common, C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=_next_pow2(c),
-            BLOCK_R=block_r, INPUT_PRECISION=precision, **launch,
+            *common, lat_desc, k_rope_desc, counter, out, *out.stride(),
+            C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=block_c,
+            BLOCK_R=block_r, INPUT_PRECISION=precision, USE_TMA=lat_desc is not None, FUSE_COMBINE=fuse, **launch,
         )  # fmt: skip
+        if fuse:
+            return out
     else:
         _mla_decode_keys_kernel[(row_blocks * v_split, num_splits, b)](
-            *common, C=c, R=r, BLOCK_H=block_m, BLOCK_T=config.block_t,
-            BLOCK_CV=_next_pow2(-(-c // v_split)), BLOCK_R=block_r, V_SPLIT=v_split,
-            PREFETCH=config.prefetch,
-            INPUT_PRECISION=precision, **launch,
+            *common, lat_desc, k_rope_desc, counter, out, *out.stride(),
+            C=c, R=r, BLOCK_H=block_m, BLOCK_T=config.block_t,
+            BLOCK_CV=block_cv, BLOCK_R=block_r, V_SPLIT=v_split,
+            PREFETCH=config.prefetch, INPUT_PRECISION=precision,
+            USE_TMA=lat_desc is not None, FUSE_COMBINE=fuse, BLOCK_C=block_c, **launch,
         )  # fmt: skip
+        if fuse:
+            return out
     _mla_decode_combine_kernel[(rows, b)](
         partial_acc, partial_max, partial_sum, out,
         *out.stride(),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -192,6 +193,21 @@ LAUNCH_CONFIGS = [
     DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2),
     DecodeConfig(kernel="keys", block_t=64, block_m=32, prefetch=True, num_warps=8, num_stages=1, num_splits=3),
     DecodeConfig(kernel="keys", block_t=128, block_m=64, num_warps=8, num_stages=1, num_splits=3),  # 184 KB
+    # TMA tensor-descriptor loads, the combine fused into the split pass, and both together
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, fuse_combine=True, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=32, block_m=16, num_warps=4, num_stages=3, tma=True, fuse_combine=True),
+    DecodeConfig(kernel="rows", block_t=128, block_m=32, num_warps=4, num_stages=2, tma=True, fuse_combine=True,
+                 num_splits=3),  # tiles overhanging into the next split: cache rows, masked by k_pos  # fmt: skip
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, fuse_combine=True, num_splits=1),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=2, tma=True, maxnreg=128),
+    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3, tma=True, num_splits=3),
+    DecodeConfig(kernel="keys", block_t=32, block_m=16, num_warps=4, num_stages=3, tma=True, fuse_combine=True),
+    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2, tma=True,
+                 fuse_combine=True, num_splits=3),  # fmt: skip
+    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2, fuse_combine=True),
+    DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True),
+    DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=5, tma=True, num_splits=3),
 ]
 
 
@@ -225,6 +241,9 @@ def test_every_launch_config_matches_reference(config: DecodeConfig) -> None:
         ({"kernel": "rows", "v_split": 2}, "v_split"),
         ({"kernel": "keys", "v_split": 4}, "v_split"),
         ({"kernel": "rows", "prefetch": True}, "prefetch"),
+        ({"kernel": "keys", "prefetch": True, "tma": True}, "tma"),
+        ({"kernel": "keys", "prefetch": True, "fuse_combine": True}, "fuse_combine"),
+        ({"maxnreg": 16}, "maxnreg"),
         ({"block_t": 48}, "block_t"),
         ({"block_m": 8}, "block_m"),
         ({"num_warps": 6}, "num_warps"),
@@ -261,5 +280,22 @@ def test_sweep_best_line_is_a_config_that_can_be_pasted(monkeypatch: pytest.Monk
     sweep = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "mla_decode_sweep", sweep)  # dataclasses look their module up
     spec.loader.exec_module(sweep)
-    for config in [*sweep.KERNEL_CONFIGS, DecodeConfig(kernel="keys", v_split=2, num_splits=8, prefetch=True)]:
+    extra = DecodeConfig(kernel="keys", v_split=2, num_splits=8, prefetch=True)
+    for config in [*sweep.KERNEL_CONFIGS, *sweep.REFINE_CONFIGS, *sweep.PIPELINE_CONFIGS, extra]:
         assert eval(sweep.config_call(config), {"DecodeConfig": DecodeConfig}) == config  # noqa: S307 - own text
+
+
+def test_sweep_child_results_survive_the_json_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--isolate passes each configuration to a child process and reads its rows back as JSON."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mla_decode_sweep.py"
+    spec = importlib.util.spec_from_file_location("mla_decode_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mla_decode_sweep", sweep)
+    spec.loader.exec_module(sweep)
+    config = DecodeConfig(kernel="rows", tma=True, fuse_combine=True, maxnreg=128, num_splits=8, programs_per_sm=2)
+    assert DecodeConfig(**json.loads(sweep._config_json(config))) == config
+    timed = sweep.Result(32, config, "rows M32", ms=0.1, wall_ms=0.2, gbps=3000.0, pct_copy=70.5, max_diff=1e-3, ok=True)
+    assert sweep._result_from_json(json.loads(json.dumps(timed.to_json()))) == timed
+    failed = sweep.Result(32, config, "rows M32", error="failed: RuntimeError: illegal memory access")
+    back = sweep._result_from_json(json.loads(json.dumps(failed.to_json())))
+    assert back.error == failed.error and back.config == config and math.isnan(back.ms) and not back.ok
