@@ -142,10 +142,17 @@ class MLAConfig:
     kv_budget: Optional[float] = None
     allocation: str = "spectrum"  # spectrum | uniform | sensitivity (measured per-layer output error)
     rank_multiple: int = 8  # every layer's rank is a multiple of this
+    # Warm start: the whitening covariance C of the calibration inputs is shrunk toward a scaled identity,
+    # (1 - a) C + a (tr C / d) I, so directions the calibration text barely excites keep some weight
+    # (0: whiten by C as measured; 1: plain weight SVD). docs/results.md has the sweep.
+    whitening_shrinkage: float = 0.0
 
     def __post_init__(self):
         for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
             _positive(f"target.mla.{key}", getattr(self, key))
+        if not 0 <= self.whitening_shrinkage <= 1:
+            raise ConfigError(f"target.mla.whitening_shrinkage={self.whitening_shrinkage} must be in [0, 1] "
+                              "(0: whiten by the calibration covariance, 1: unwhitened SVD)")
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise ConfigError(f"target.mla.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
                               "teacher's KV bytes per token) or null")
@@ -239,8 +246,10 @@ class MixSourceConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # files | shakespeare | mix | synthetic (random ids: throughput runs only)
-    path: Optional[str] = None  # required with source=files
+    # files | shakespeare | mix | synthetic (random ids: throughput runs only) | indexed (a Megatron/MindSpeed
+    # tokenized .bin/.idx pair, data/indexed.py)
+    source: str = "shakespeare"
+    path: Optional[str] = None  # required with source=files; source=indexed: the .bin/.idx prefix
     format: str = "auto"  # auto | text | jsonl | parquet | hf_dataset
     text_field: str = "text"
     split_on_blank_lines: bool = False  # text files: one document per blank-line-separated block
@@ -250,12 +259,13 @@ class DataConfig:
     max_documents: Optional[int] = None
     synthetic_sequences: int = 256  # data.source=synthetic: packed training sequences to generate
     # data.source=files: tokenize once into a memory-mapped cache under this directory (data/cache.py);
-    # None keeps the corpus tokenized in memory on every rank
+    # None keeps the corpus tokenized in memory on every rank. data.source=indexed: the split's per-document
+    # offsets are written here once and memory-mapped (data/indexed.py); None builds them on every rank
     cache_dir: Optional[str] = None
     mix: list[MixSourceConfig] = field(default_factory=list)  # data.source=mix: sources and weights
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("files", "shakespeare", "mix", "synthetic"))
+        _choice("data.source", self.source, ("files", "shakespeare", "mix", "synthetic", "indexed"))
         if self.source == "mix" and not any(m.weight > 0 for m in self.mix):
             raise ConfigError("data.mix needs at least one source with weight > 0 when data.source=mix")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))
@@ -269,8 +279,8 @@ class DataConfig:
         _positive("data.synthetic_sequences", self.synthetic_sequences)
         if not self.text_field:
             raise ConfigError("data.text_field must not be empty")
-        if self.source == "files" and not self.path:
-            raise ConfigError("data.path is required when data.source=files")
+        if self.source in ("files", "indexed") and not self.path:
+            raise ConfigError(f"data.path is required when data.source={self.source}")
 
 
 @dataclass

@@ -44,12 +44,16 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     if cfg.task == "ablation" and cfg.distill.layerwise.batch_size != cfg.distill.model_level.batch_size:
         raise ConfigError("ablation needs distill.layerwise.batch_size == distill.model_level.batch_size "
                           "so that equal steps mean equal tokens")
-    if cfg.data.source != "synthetic" and cfg.model.source == "config":
+    if cfg.data.source not in ("synthetic", "indexed") and cfg.model.source == "config":
         raise ConfigError(f"data.source={cfg.data.source} needs a tokenizer, and model.source=config (random "
                           "weights) has none: use data.source=synthetic or a model with a tokenizer")
     data_path = cfg.data.path or ""  # DataConfig requires it with source=files
     if cfg.data.source == "files" and not Path(data_path).expanduser().exists():
         raise ConfigError(f"data.path={cfg.data.path}: data path does not exist")
+    if cfg.data.source == "indexed":  # the .bin/.idx pair exists and its index header is whole
+        from ascend_edit.data.indexed import open_indexed
+
+        open_indexed(data_path)
     if cfg.distill.init_from and not Path(cfg.distill.init_from).expanduser().is_dir():
         raise ConfigError(f"distill.init_from={cfg.distill.init_from} is not a directory")
 

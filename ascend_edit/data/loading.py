@@ -1,4 +1,5 @@
-"""A run's training and held-out sets from its `data.*` config: synthetic ids, files, Shakespeare or a mix."""
+"""A run's training and held-out sets from its `data.*` config: synthetic ids, files, Shakespeare, a mix or a
+Megatron/MindSpeed indexed corpus."""
 from __future__ import annotations
 
 from typing import cast
@@ -28,6 +29,13 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
     """(train set, held-out set) of packed sequences, split by document."""
     if cfg.source == "synthetic":
         return synthetic_data(cfg, vocab_size, seed)
+    if cfg.source == "indexed":  # already tokenized (Megatron/MindSpeed .bin/.idx): no tokenizer needed
+        from ascend_edit.data.indexed import indexed_train_eval
+        from ascend_edit.train.engine import barrier, rank_and_world
+
+        assert cfg.path is not None  # DataConfig requires it with source=indexed
+        return indexed_train_eval(cfg.path, cfg.seq_len, cfg.eval_fraction, seed, vocab_size,
+                                  cache_dir=cfg.cache_dir, rank=rank_and_world()[0], barrier=barrier)
     if tokenizer is None:
         raise ValueError("this teacher has no tokenizer (model.source=config): use a model with one, "
                          "or feed token ids directly through the Python API")

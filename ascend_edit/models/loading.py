@@ -32,6 +32,7 @@ GGUF_MAGIC = b"GGUF"
 # model_type -> what the surgery knows how to convert (all use q/k/v/o_proj + RoPE position embeddings)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTITIONED_SOURCES = ("hf", "config")  # built by from_pretrained / from_config, which honour zero.Init
 
 
 def check_supported(model: PreTrainedModel) -> None:
@@ -182,14 +183,46 @@ def check_teacher_type(config: PretrainedConfig) -> None:
                                   f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, device: torch.device | str = "cpu"):
-    """Returns (model on `device`, tokenizer or None). The model is in eval mode with gradients off."""
-    dtype = TORCH_DTYPES[cfg.dtype]
-    attn = attn_implementation or cfg.attn_implementation
+def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, device: torch.device | str = "cpu",
+                 zero3: dict | None = None):
+    """Returns (model on `device`, tokenizer or None). The model is in eval mode with gradients off.
+
+    `zero3`: a DeepSpeed ZeRO-3 config (models/zero3.py `zero3_init_config`): the model is built under
+    `deepspeed.zero.Init`, each rank holding only its partition from the first weight read (model.source
+    hf or config; DeepSpeed places the partitions on the accelerator it runs on).
+    """
+    if zero3 is not None:
+        if cfg.source not in PARTITIONED_SOURCES:
+            raise ValueError(f"model.source={cfg.source}: a partitioned (ZeRO-3) load needs model.source "
+                             f"one of {list(PARTITIONED_SOURCES)}")
+        from ascend_edit.models.zero3 import partitioned_construction
+
+        with partitioned_construction(zero3):
+            model, tokenizer = _build_teacher(cfg, dtype=TORCH_DTYPES[cfg.dtype], device=None)
+    else:
+        model, tokenizer = _build_teacher(cfg, dtype=TORCH_DTYPES[cfg.dtype], device=device)
+    check_supported(model)
+    if zero3 is None:
+        model.to(device)
+    model.set_attn_implementation(attn_implementation or cfg.attn_implementation)
+    model.eval().requires_grad_(False)
+    log.info("teacher: %s, %d layers, %.1fM parameters%s", model.config.model_type,
+             model.config.num_hidden_layers, sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+             / 1e6, " (ZeRO-3 partitioned)" if zero3 is not None else "")
+    return model, tokenizer
+
+
+def _build_teacher(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None):
+    """(model, tokenizer or None) from `cfg`; a config-built model is made on `device` (None: where
+    zero.Init puts it)."""
     tokenizer = None
     if cfg.source == "config":
         assert cfg.arch is not None  # ModelConfig requires it with source=config
-        model = build_from_config(cfg.arch, cfg.overrides, dtype, device)
+        if device is None:  # under zero.Init: DeepSpeed allocates the partitions
+            config = AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = build_from_config(cfg.arch, cfg.overrides, dtype, device)
     elif cfg.source == "smollm2":
         from ascend_edit.assets import load_smollm2
 
@@ -209,11 +242,4 @@ def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, devic
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise ModelInputError(f"model.path={cfg.path}: the weights could not be loaded: "
                                   f"{_first_line(err)}") from err
-    check_supported(model)
-    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which types it as unbound
-    model.to(device)  # type: ignore[arg-type]
-    model.set_attn_implementation(attn)
-    model.eval().requires_grad_(False)
-    log.info("teacher: %s, %d layers, %.1fM parameters", model.config.model_type,
-             model.config.num_hidden_layers, sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tokenizer

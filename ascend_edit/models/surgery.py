@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -121,7 +122,7 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
 
 
 def initialise_target(target: nn.Module, entry: LayerPlan, teacher_attn: nn.Module, init: str,
-                      model_config, stats: LayerStats | None) -> dict:
+                      model_config, stats: LayerStats | None, whitening_shrinkage: float = 0.0) -> dict:
     if entry.kind == "identity":
         return {}
     if init == "random":
@@ -130,14 +131,19 @@ def initialise_target(target: nn.Module, entry: LayerPlan, teacher_attn: nn.Modu
     if entry.kind == "mla":
         # make_target built the module of the entry's kind
         mla = cast("MLAAttention", target)
-        return init_mla_from_teacher(mla, teacher_attn, read_geometry(teacher_attn, model_config), stats)
+        return init_mla_from_teacher(mla, teacher_attn, read_geometry(teacher_attn, model_config), stats,
+                                     whitening_shrinkage)
     init_gate_swa_from_teacher(cast("GateSWAAttention", target), teacher_attn)
     return {}
 
 
 def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
-               stats: dict[int, LayerStats] | None = None) -> nn.Module:
-    """Wrap every converted layer's attention in an EditedAttention (in place); returns the model."""
+               stats: dict[int, LayerStats] | None = None,
+               gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> nn.Module:
+    """Wrap every converted layer's attention in an EditedAttention (in place); returns the model.
+
+    `gather(attention)`: a context that makes one teacher attention's weights whole while its target is built
+    and warm-started (a ZeRO-3 partitioned teacher: models/zero3.py `gathered`)."""
     layers = decoder_layers(model)
     validate_plan(plan, len(layers))
     if cfg.kind == "mla" and cfg.mla.kv_budget is not None and all(e.kv_lora_rank is None for e in plan):
@@ -152,9 +158,10 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
         teacher_attn = cast(nn.Module, layer.self_attn)
         if isinstance(teacher_attn, EditedAttention):
             raise ValueError(f"layer {entry.layer_idx} is already edited")
-        target = make_target(entry, teacher_attn, cfg, model.config)
-        info = initialise_target(target, entry, teacher_attn, cfg.init, model.config,
-                                 (stats or {}).get(entry.layer_idx))
+        with gather(teacher_attn) if gather is not None else nullcontext():
+            target = make_target(entry, teacher_attn, cfg, model.config)
+            info = initialise_target(target, entry, teacher_attn, cfg.init, model.config,
+                                     (stats or {}).get(entry.layer_idx), cfg.mla.whitening_shrinkage)
         if info:
             log.debug("layer %d init: %s", entry.layer_idx, info)
         layer.self_attn = EditedAttention(teacher_attn, target, entry.layer_idx)

@@ -231,6 +231,11 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "npu")
         import deepspeed
 
+        from ascend_edit.models.zero3 import release_gathered_forward
+
+        # A teacher loaded partitioned (train/prepare.py) was gathered module by module for its forwards so
+        # far; from here DeepSpeed's own hooks own its parameters.
+        release_gathered_forward(model)
         self.model, self.params, self.cfg, self.world_size = model, params, cfg, world_size
         self._unrecorded_norm: float | None = None
         optimizer = make_optimizer(params, stage)

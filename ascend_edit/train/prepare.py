@@ -17,7 +17,7 @@ from ascend_edit.data.loading import load_data
 from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
 from ascend_edit.distributed import DistEnv
 from ascend_edit.models.fused_layers import install_fused_ops
-from ascend_edit.models.loading import load_teacher
+from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
 from ascend_edit.models.sensitivity import swa_sensitivity
 from ascend_edit.models.surgery import LayerPlan, build_plan, collect_layer_stats, edit_model
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
@@ -52,7 +52,12 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_teacher(cfg.model, device=device.torch_device)
+    zero3 = partitioned_teacher_config(cfg)
+    model, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=zero3)
+    if zero3 is not None:  # calibration and the first evaluations gather one module at a time
+        from ascend_edit.models.zero3 import install_gathered_forward
+
+        install_gathered_forward(model)
     train_set, eval_set = load_data(cfg.data, tokenizer, cfg.device.seed, model.config.vocab_size)
     eval_batches = batches_of(eval_set, range(min(cfg.data.eval_sequences, len(eval_set))), cfg.eval.batch_size,
                               device.torch_device)
@@ -72,12 +77,39 @@ def prepare(cfg: RootConfig) -> Prepared | None:
         layers = [e.layer_idx for e in plan if e.kind == "mla"]
         stats = stats or collect_layer_stats(model, calibration)
         plan = plan_with_ranks(plan, sensitivity_allocation(model, layers, stats, cfg.target, calibration[:1]).ranks)
-    edit_model(model, plan, target, stats)
+    if zero3 is not None:  # one teacher attention whole at a time while its target is built and warm-started
+        from ascend_edit.models.zero3 import gathered
+
+        edit_model(model, plan, target, stats, gather=gathered)
+    else:
+        edit_model(model, plan, target, stats)
     # Teacher and student share every non-attention module, so one swap serves both (NPU only by default).
     install_fused_ops(model, cfg.model.fused_ops, device_type=device.type)
     apply_experts_implementation(cfg.engine.experts_implementation, model)
     apply_compile(compile_mode(cfg.engine.compile, device.type, model), model)
     return Prepared(device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
+
+
+def partitioned_teacher_config(cfg: RootConfig) -> dict | None:
+    """The ZeRO-3 config to build the teacher partitioned with (models/zero3.py), or None to load it whole.
+
+    Partitioned when the run's first engine is DeepSpeed ZeRO-3 and everything before it touches the teacher
+    one layer at a time: calibration forwards and per-layer surgery (MLA or GateSWA with fixed ranks and
+    full layers). Choices that read every layer's weights at once (KV budgets, sensitivity-chosen layers),
+    identity targets (a deep copy of the attention) and runs whose first step loads saved weights into the
+    model (stage 2 alone) load it whole, as before; so do tasks other than `convert`.
+    """
+    engine, target, distill = cfg.engine, cfg.target, cfg.distill
+    whole_layers_at_once = (target.kind == "identity" or target.mla.kv_budget is not None
+                            or (target.kind == "gate_swa" and (target.gate_swa.full_by_sensitivity > 0
+                                                               or target.gate_swa.kv_budget is not None)))
+    first_engine_takes_it = distill.stage in ("layerwise", "both") and distill.layerwise.steps > 0
+    if (cfg.task != "convert" or engine.kind != "deepspeed" or engine.zero_stage != 3
+            or cfg.model.source not in PARTITIONED_SOURCES or whole_layers_at_once or not first_engine_takes_it):
+        return None
+    from ascend_edit.models.zero3 import zero3_init_config
+
+    return zero3_init_config(TORCH_DTYPES[cfg.model.dtype], offload_params=engine.offload_params)
 
 
 def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, batches: list[dict]) -> TargetConfig:

@@ -1,0 +1,124 @@
+"""ZeRO-3 from the first weight on: the teacher is built partitioned and made whole one piece at a time.
+
+Under `engine.zero_stage=3` no rank should ever hold the whole teacher (Qwen3-30B-A3B in bf16 is 61 GB; a
+910B has 64 GB). Three public mechanisms, nothing patched:
+
+* `partitioned_construction` — while open, transformers' own ZeRO-3 integration (`HfDeepSpeedConfig`) is on,
+  so `from_pretrained` builds the model under `deepspeed.zero.Init` and loads each checkpoint tensor straight
+  into its partitions, and `from_config` initialises it partitioned. Closed again at once, so a model built
+  later (export verification, evaluation) is an ordinary one.
+* `gathered(module)` — `deepspeed.zero.GatheredParameters` over one module's parameters, read-only
+  (`modifier_rank=None`): the conversion surgery makes one attention whole while it builds and warm-starts
+  that layer's target.
+* `GatheredForward` — forward hooks that gather each module's own parameters for its forward and partition
+  them again after it, for the no-grad forwards that run before a DeepSpeed engine exists (calibration
+  statistics, the teacher's evaluation). The DeepSpeed engine removes them (`release_gathered_forward`)
+  before it installs its own hooks, which then own the partitioned parameters.
+
+The targets built by the surgery are ordinary parameters (attention only: small next to the experts);
+`deepspeed.initialize` partitions them with the rest.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+GATHERED_FORWARD_ATTR = "zero3_gathered_forward"
+
+
+def zero3_init_config(dtype: torch.dtype, offload_params: bool = False) -> dict[str, Any]:
+    """The parts of a DeepSpeed config that `zero.Init` reads: stage 3, parameter offload, parameter dtype
+    (DeepSpeed casts to bf16/fp16 when those are enabled, so they follow the teacher's dtype)."""
+    zero: dict[str, Any] = {"stage": 3}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
+            "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+
+
+@contextmanager
+def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Models built inside are built under `deepspeed.zero.Init` (transformers' ZeRO-3 integration)."""
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # transformers holds only a weak reference: the object must live while models are built
+    config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose values live in DeepSpeed's partitions (not in `param.data`)."""
+    full = getattr(param, "ds_numel", None)
+    return full is not None and param.numel() < full
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def gathered(module: nn.Module) -> AbstractContextManager:
+    """Every parameter of `module` whole on every rank inside the context (read-only)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+class GatheredForward:
+    """Forward hooks on every module with parameters of its own: gathered for its forward, partitioned after.
+    For no-grad forwards only (a backward would find the gathered values released)."""
+
+    def __init__(self, model: nn.Module):
+        self.handles: list[Any] = []
+        self.open: dict[int, AbstractContextManager] = {}
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_numel")]
+            if own:
+                self.handles.append(module.register_forward_pre_hook(self._gather(own)))
+                self.handles.append(module.register_forward_hook(self._release))
+
+    def _gather(self, params: list[nn.Parameter]):
+        import deepspeed
+
+        # Collectives and parameter swaps: kept out of any compiled region (engine.compile) around the module.
+        @torch.compiler.disable
+        def hook(module, args):
+            context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            context.__enter__()
+            self.open[id(module)] = context
+
+        return hook
+
+    @torch.compiler.disable
+    def _release(self, module, args, output):
+        context = self.open.pop(id(module), None)
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for context in self.open.values():
+            context.__exit__(None, None, None)
+        self.open.clear()
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def install_gathered_forward(model: nn.Module) -> GatheredForward:
+    hooks = GatheredForward(model)
+    object.__setattr__(model, GATHERED_FORWARD_ATTR, hooks)  # not a module or tensor: kept off nn.Module's books
+    return hooks
+
+
+def release_gathered_forward(model: nn.Module) -> None:
+    """Remove the hooks of `install_gathered_forward` (before a DeepSpeed engine takes the model)."""
+    hooks = model.__dict__.pop(GATHERED_FORWARD_ATTR, None)
+    if hooks is not None:
+        hooks.remove()
