@@ -20,8 +20,8 @@ from typing import cast
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from .contract import sliding_window_contract
 from .masks import TensorKeyedCache, visible
-from .reference import check_sliding_window_inputs
 
 __all__ = ["sliding_window_attention", "sliding_window_block_mask"]
 
@@ -90,6 +90,7 @@ def sliding_window_block_mask(
     return _BLOCK_MASKS.get_or_build((q_pos, k_pos, q_seg, k_seg), (window, sink_tokens, b, s, t), build)
 
 
+@sliding_window_contract
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,9 +110,6 @@ def sliding_window_attention(
     ``compiled=False`` runs flex's unfused reference path (forward only on CPU); it exists for
     tests of the mask logic on machines without a GPU.
     """
-    check_sliding_window_inputs(
-        q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg
-    )
     block_mask = sliding_window_block_mask(
         q_pos, k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg
     )

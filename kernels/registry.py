@@ -24,6 +24,8 @@ On CUDA the fused decoder-layer ops stay eager: regional ``torch.compile`` fuses
 the layouts it does not cover to ``flex`` (whose block mask skips out-of-window blocks in both
 passes); any backend can be named explicitly to override the choice. Each backend module
 is imported only when first resolved, so ``torch_npu`` and ``triton`` stay unimported unless used.
+Each attention backend's entry point checks its inputs with its op's decorator from ``contract.py``,
+so a bad call gets the same message whichever backend was chosen.
 """
 from __future__ import annotations
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .contract import sliding_window_contract
 from .masks import dense_visibility
-from .reference import check_sliding_window_inputs
 
 __all__ = ["sliding_window_attention"]
 
 
+@sliding_window_contract
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -30,9 +31,6 @@ def sliding_window_attention(
     k_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Op A via SDPA (contract in ``kernels/reference.py``). Returns ``[b, h, s, dv]``."""
-    check_sliding_window_inputs(
-        q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg
-    )
     vis = dense_visibility(q_pos, k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg)
     # A row with no visible key would make SDPA's softmax NaN (forward and backward). Let such
     # rows see key 0 instead -- a finite, throw-away result -- and zero them afterwards; the

@@ -11,17 +11,17 @@ from ascend_edit.data.packing import (
     tokenize_documents,
 )
 from ascend_edit.data.sampler import ResumableDistributedSampler
-from ascend_edit.data.sources import SourceFormat, detect_format, iter_documents, load_documents
+from ascend_edit.data.sources import DocumentSource, SourceFormat, detect_format, load_documents
 
 __all__ = [
     "IGNORE_INDEX",
     "ContinuedPositions",
+    "DocumentSource",
     "PackedDataset",
     "ResumableDistributedSampler",
     "SourceFormat",
     "build_train_eval",
     "detect_format",
-    "iter_documents",
     "load_documents",
     "pack_documents",
     "pack_token_documents",

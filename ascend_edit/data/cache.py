@@ -208,22 +208,16 @@ def cached_train_eval(cache_root: str | Path, key: PackingKey, documents: Callab
 def load_cached(cfg, tokenizer, seed: int):
     """`data.source=files` with `data.cache_dir`: (train, eval) from the cache, built on first use.
     `cfg` is the DataConfig."""
-    from itertools import islice
-
-    from ascend_edit.data.sources import iter_documents
+    from ascend_edit.data.loading import text_source
     from ascend_edit.train.engine import barrier, rank_and_world
 
     if not Path(cfg.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={cfg.path} does not exist")
-    options = {"format": cfg.format, "text_field": cfg.text_field, "split_on_blank_lines": cfg.split_on_blank_lines,
-               "max_documents": cfg.max_documents}
-    key = PackingKey(data=source_identity(cfg.path, **options), tokenizer=tokenizer_identity(tokenizer),
+    source = text_source(cfg)
+    options = {"format": source.format, "text_field": source.text_field,
+               "split_on_blank_lines": source.split_on_blank_lines, "max_documents": source.max_documents}
+    key = PackingKey(data=source_identity(source.path, **options), tokenizer=tokenizer_identity(tokenizer),
                      seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)
 
-    def documents():
-        docs = iter_documents(cfg.path, format=cfg.format, text_field=cfg.text_field,
-                              split_on_blank_lines=cfg.split_on_blank_lines)
-        return islice(docs, cfg.max_documents) if cfg.max_documents else docs
-
     rank, _ = rank_and_world()
-    return cached_train_eval(cfg.cache_dir, key, documents, tokenizer, rank=rank, barrier=barrier)
+    return cached_train_eval(cfg.cache_dir, key, lambda: source, tokenizer, rank=rank, barrier=barrier)

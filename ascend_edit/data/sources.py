@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 SourceFormat = Literal["auto", "text", "jsonl", "parquet", "hf_dataset"]
 
@@ -29,68 +30,76 @@ _FORMATS = ("auto", "text", "jsonl", "parquet", "hf_dataset")
 _BLANK_LINE_RUN = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
-def load_documents(
-    path: str | Path,
-    format: SourceFormat = "auto",
-    text_field: str = "text",
-    split_on_blank_lines: bool = False,
-    max_documents: int | None = None,
-    split: str | None = None,
-) -> list[str]:
-    """Read the documents under ``path``.
+@dataclass(frozen=True)
+class DocumentSource:
+    """One local source of documents: where they are and how a file is cut into them.
 
-    Args:
+    The one description that the readers (:meth:`load`, iteration) and the tokenized cache's key share.
+
+    Attributes:
         path: a file, a directory of files of one format, or a ``save_to_disk`` dataset directory.
         format: ``"auto"`` detects it from the file extension or the directory contents;
             otherwise one of ``"text"``, ``"jsonl"``, ``"parquet"``, ``"hf_dataset"``.
         text_field: the field / column holding the text (jsonl, parquet, hf_dataset).
         split_on_blank_lines: for text files, make each blank-line-separated passage a
             document; by default each file is one document.
-        max_documents: stop after this many (non-empty) documents.
         split: for a saved ``DatasetDict``, which split to read (needed when it has several).
+        max_documents: stop after this many (non-empty) documents.
 
-    Returns:
-        The non-empty documents, files taken in sorted path order. Whitespace-only documents
-        are dropped; the text of the others is kept as it is.
+    Documents are the non-empty ones, files taken in sorted path order. Whitespace-only documents
+    are dropped; the text of the others is kept as it is.
 
-    Raises:
+    Raises (when read):
         FileNotFoundError: ``path`` does not exist.
         ValueError: unknown or undetectable format, a missing field, unreadable content,
-            or no documents at all.
+            or (:meth:`load`) no documents at all.
     """
-    if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
-    documents = list(islice(iter_documents(path, format, text_field, split_on_blank_lines, split), max_documents))
-    if not documents:
-        raise ValueError(f"no non-empty documents found in {path} (format={format!r})")
-    return documents
+
+    path: Path
+    format: SourceFormat = "auto"
+    text_field: str = "text"
+    split_on_blank_lines: bool = False
+    split: str | None = None
+    max_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"max_documents must be >= 1 or None, got {self.max_documents}")
+
+    def __iter__(self) -> Iterator[str]:
+        """Lazily yield the documents (a corpus larger than memory streams)."""
+        return islice(self._all_documents(), self.max_documents)
+
+    def load(self) -> list[str]:
+        """All the documents in memory; a source with none is an error."""
+        documents = list(self)
+        if not documents:
+            raise ValueError(f"no non-empty documents found in {self.path} (format={self.format!r})")
+        return documents
+
+    def _all_documents(self) -> Iterator[str]:
+        if not self.path.exists():
+            raise FileNotFoundError(f"data path does not exist: {self.path}")
+        if self.format not in _FORMATS:
+            raise ValueError(f"unknown data format {self.format!r}; expected one of {_FORMATS}")
+        resolved = detect_format(self.path) if self.format == "auto" else self.format
+
+        if resolved == "hf_dataset":
+            yield from _iter_hf_dataset(self.path, self.text_field, self.split)
+            return
+        for file in _files_of_format(self.path, resolved):
+            if resolved == "text":
+                yield from _iter_text_file(file, self.split_on_blank_lines)
+            elif resolved == "jsonl":
+                yield from _iter_jsonl_file(file, self.text_field)
+            else:
+                yield from _iter_parquet_file(file, self.text_field)
 
 
-def iter_documents(
-    path: str | Path,
-    format: SourceFormat = "auto",
-    text_field: str = "text",
-    split_on_blank_lines: bool = False,
-    split: str | None = None,
-) -> Iterator[str]:
-    """Lazily yield the non-empty documents under ``path`` (see :func:`load_documents`)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data path does not exist: {path}")
-    if format not in _FORMATS:
-        raise ValueError(f"unknown data format {format!r}; expected one of {_FORMATS}")
-    resolved = detect_format(path) if format == "auto" else format
-
-    if resolved == "hf_dataset":
-        yield from _iter_hf_dataset(path, text_field, split)
-        return
-    for file in _files_of_format(path, resolved):
-        if resolved == "text":
-            yield from _iter_text_file(file, split_on_blank_lines)
-        elif resolved == "jsonl":
-            yield from _iter_jsonl_file(file, text_field)
-        else:
-            yield from _iter_parquet_file(file, text_field)
+def load_documents(path: str | Path, **options: Any) -> list[str]:
+    """The documents under ``path``; ``options`` are the other fields of :class:`DocumentSource`."""
+    return DocumentSource(Path(path), **options).load()
 
 
 def detect_format(path: Path) -> str:

@@ -7,7 +7,10 @@ may be missing (an `ascend-edit eval` output has only eval.json). Plots use matp
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 PLOTS = "plots"
 
@@ -38,24 +41,35 @@ def _pyplot():
     return plt
 
 
+@contextmanager
+def _figure(path: Path, *, dpi: int = 110, tight: bool = True, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """``(fig, axes)`` of ``plt.subplots(**subplots)``; the figure is saved to ``path`` at the end of the
+    block (after ``tight_layout`` unless ``tight=False``) and closed either way."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        if tight:
+            fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def plot_layerwise(metrics: list[dict], path: Path) -> bool:
     rows = [m for m in metrics if m.get("stage") == "layerwise"]
     layers = sorted({k for m in rows for k in m if k.startswith("layer/")}, key=lambda k: int(k.split("/")[1]))
     if not rows or not layers:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    cmap = plt.get_cmap("viridis")
-    for i, key in enumerate(layers):
-        ax.plot([m["step"] for m in rows], [m[key] for m in rows], color=cmap(i / max(1, len(layers) - 1)),
-                lw=0.9, label=key if len(layers) <= 8 else None)
-    ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], color="black", lw=2, label="mean")
-    ax.set(xlabel="step", ylabel="activation loss", title="Stage 1: per-layer loss (dark = early layers)",
-           yscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, figsize=(7, 4)) as (_, ax):
+        cmap = _pyplot().get_cmap("viridis")
+        for i, key in enumerate(layers):
+            ax.plot([m["step"] for m in rows], [m[key] for m in rows], color=cmap(i / max(1, len(layers) - 1)),
+                    lw=0.9, label=key if len(layers) <= 8 else None)
+        ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], color="black", lw=2, label="mean")
+        ax.set(xlabel="step", ylabel="activation loss", title="Stage 1: per-layer loss (dark = early layers)",
+               yscale="log")
+        ax.legend(fontsize=7)
     return True
 
 
@@ -63,16 +77,12 @@ def plot_model_level(metrics: list[dict], path: Path) -> bool:
     rows = [m for m in metrics if m.get("stage") == "model_level"]
     if not rows:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["step"] for m in rows], [m.get("kd", m["loss"]) for m in rows], label="KD (KL to teacher)")
-    if any("loss" in m and "kd" in m and m["loss"] != m["kd"] for m in rows):
-        ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], label="total loss", alpha=0.7)
-    ax.set(xlabel="step", ylabel="nats/token", title="Stage 2: KL to the teacher (training batches)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, figsize=(7, 4)) as (_, ax):
+        ax.plot([m["step"] for m in rows], [m.get("kd", m["loss"]) for m in rows], label="KD (KL to teacher)")
+        if any("loss" in m and "kd" in m and m["loss"] != m["kd"] for m in rows):
+            ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], label="total loss", alpha=0.7)
+        ax.set(xlabel="step", ylabel="nats/token", title="Stage 2: KL to the teacher (training batches)")
+        ax.legend()
     return True
 
 
@@ -80,27 +90,23 @@ def plot_quality(results: dict, path: Path) -> bool:
     quality = results.get("quality") or {}
     if not any(quality.values()):
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for domain, per_context in quality.items():
-        contexts = sorted(per_context, key=int)
-        x = [int(c) for c in contexts]
-        axes[0].plot(x, [per_context[c]["ppl_ratio"] for c in contexts], marker="o", label=domain)
-        axes[1].plot(x, [per_context[c]["student"]["teacher_kl"] for c in contexts], marker="o", label=domain)
-    ticks = sorted({int(c) for per_context in quality.values() for c in per_context})
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
-        ax.minorticks_off()
-    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
-    axes[0].set(xlabel="context (tokens)", ylabel="student ppl / teacher ppl",
-                title="Perplexity ratio per context")
-    axes[1].set(xlabel="context (tokens)", ylabel="nats/token", title="Teacher-KL per context")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, ncols=2, figsize=(10, 4)) as (_, axes):
+        for domain, per_context in quality.items():
+            contexts = sorted(per_context, key=int)
+            x = [int(c) for c in contexts]
+            axes[0].plot(x, [per_context[c]["ppl_ratio"] for c in contexts], marker="o", label=domain)
+            axes[1].plot(x, [per_context[c]["student"]["teacher_kl"] for c in contexts], marker="o", label=domain)
+        ticks = sorted({int(c) for per_context in quality.values() for c in per_context})
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+            ax.minorticks_off()
+        axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[0].set(xlabel="context (tokens)", ylabel="student ppl / teacher ppl",
+                    title="Perplexity ratio per context")
+        axes[1].set(xlabel="context (tokens)", ylabel="nats/token", title="Teacher-KL per context")
+        for ax in axes:
+            ax.legend()
     return True
 
 
@@ -108,20 +114,17 @@ def plot_passkey(results: dict, path: Path) -> bool:
     passkey = results.get("passkey")
     if not passkey:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(passkey["contexts"]) + 2.8), squeeze=False,
-                             layout="constrained")
-    for ax, name in zip(axes[0], ("teacher", "student")):
-        image = ax.imshow(passkey[name], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
-        ax.set_yticks(range(len(passkey["contexts"])), [str(c) for c in passkey["contexts"]])
-        for i, row in enumerate(passkey[name]):
-            for j, value in enumerate(row):
-                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
-        ax.set(xlabel="needle depth", ylabel="context (tokens)", title=f"Passkey accuracy (%): {name}")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    size = (10, 0.5 * len(passkey["contexts"]) + 2.8)
+    with _figure(path, tight=False, ncols=2, figsize=size, squeeze=False, layout="constrained") as (fig, axes):
+        for ax, name in zip(axes[0], ("teacher", "student")):
+            image = ax.imshow(passkey[name], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
+            ax.set_yticks(range(len(passkey["contexts"])), [str(c) for c in passkey["contexts"]])
+            for i, row in enumerate(passkey[name]):
+                for j, value in enumerate(row):
+                    ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+            ax.set(xlabel="needle depth", ylabel="context (tokens)", title=f"Passkey accuracy (%): {name}")
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     return True
 
 
@@ -129,16 +132,12 @@ def plot_kv(report: dict, path: Path) -> bool:
     kv = report.get("kv")
     if not kv:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    values = [kv["teacher_bytes_per_token"], kv["converted_bytes_per_token"]]
-    bars = ax.bar(["teacher", "converted"], values, color=["#888888", "#2a7ab0"])
-    ax.bar_label(bars, [f"{v:,.0f}" for v in values])
-    ax.set(ylabel="bytes per token (16-bit)",
-           title=f"KV cache at {kv['context']:,} tokens: {kv['reduction_pct']:.1f} % less")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, figsize=(5, 3.2)) as (_, ax):
+        values = [kv["teacher_bytes_per_token"], kv["converted_bytes_per_token"]]
+        bars = ax.bar(["teacher", "converted"], values, color=["#888888", "#2a7ab0"])
+        ax.bar_label(bars, [f"{v:,.0f}" for v in values])
+        ax.set(ylabel="bytes per token (16-bit)",
+               title=f"KV cache at {kv['context']:,} tokens: {kv['reduction_pct']:.1f} % less")
     return True
 
 
@@ -147,18 +146,14 @@ def plot_overview(plots: Path, path: Path) -> bool:
     names = [n for n in ("quality", "passkey", "layerwise", "model_level", "kv") if (plots / f"{n}.png").is_file()]
     if not names:
         return False
-    plt = _pyplot()
     import matplotlib.image as mpimg
 
     rows = (len(names) + 1) // 2
-    fig, axes = plt.subplots(rows, 2, figsize=(16, 4.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, name in zip(axes.flat, names):
-        ax.imshow(mpimg.imread(plots / f"{name}.png"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with _figure(path, dpi=100, nrows=rows, ncols=2, figsize=(16, 4.6 * rows), squeeze=False) as (_, axes):
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, name in zip(axes.flat, names):
+            ax.imshow(mpimg.imread(plots / f"{name}.png"))
     return True
 
 

@@ -51,8 +51,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..contract import sliding_window_contract
 from ..masks import TensorKeyedCache, dense_visibility
-from ..reference import check_sliding_window_inputs
 from ._torch_npu import import_torch_npu, log_once
 
 __all__ = [
@@ -255,8 +255,17 @@ def _tnd_sink_pass(cum: tuple[int, ...], window: int, sink_tokens: int, device: 
 # --------------------------------------------------------------------------------------------
 
 
-def _mask_for(sparse_mode: int, atten_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return atten_mask if sparse_mode == SPARSE_EXPLICIT else compressed_causal_mask(device)
+def _pass_options(q, atten_mask, sparse_mode, pre, nxt, seq_q, seq_kv) -> dict[str, Any]:
+    """The keyword arguments ``npu_fusion_attention`` and its grad share: which keys a pass sees, no dropout."""
+    return {
+        "atten_mask": atten_mask if sparse_mode == SPARSE_EXPLICIT else compressed_causal_mask(q.device),
+        "keep_prob": 1.0,
+        "pre_tockens": pre,
+        "next_tockens": nxt,
+        "actual_seq_qlen": seq_q,
+        "actual_seq_kvlen": seq_kv,
+        "sparse_mode": sparse_mode,
+    }
 
 
 def _fa_forward(q, k, v, atten_mask, scale, layout, sparse_mode, pre, nxt, seq_q, seq_kv):
@@ -267,14 +276,8 @@ def _fa_forward(q, k, v, atten_mask, scale, layout, sparse_mode, pre, nxt, seq_q
         v,
         q.shape[1],  # head_num: N is dim 1 in both BNSD and TND
         layout,
-        atten_mask=_mask_for(sparse_mode, atten_mask, q.device),
         scale=scale,
-        keep_prob=1.0,
-        pre_tockens=pre,
-        next_tockens=nxt,
-        actual_seq_qlen=seq_q,
-        actual_seq_kvlen=seq_kv,
-        sparse_mode=sparse_mode,
+        **_pass_options(q, atten_mask, sparse_mode, pre, nxt, seq_q, seq_kv),
     )
     return outputs[0], outputs[1], outputs[2]
 
@@ -289,17 +292,11 @@ def _fa_backward(dy, q, k, v, out, softmax_max, softmax_sum, atten_mask, scale, 
         dy,
         q.shape[1],
         layout,
-        atten_mask=_mask_for(sparse_mode, atten_mask, q.device),
         softmax_max=softmax_max,
         softmax_sum=softmax_sum,
         attention_in=out,
         scale_value=scale,
-        keep_prob=1.0,
-        pre_tockens=pre,
-        next_tockens=nxt,
-        actual_seq_qlen=seq_q,
-        actual_seq_kvlen=seq_kv,
-        sparse_mode=sparse_mode,
+        **_pass_options(q, atten_mask, sparse_mode, pre, nxt, seq_q, seq_kv),
     )
     return grads[0], grads[1], grads[2]
 
@@ -539,6 +536,7 @@ def _pad_head_dims(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     return q, k, v, dv
 
 
+@sliding_window_contract
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -553,9 +551,6 @@ def sliding_window_attention(
     k_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Op A via ``npu_fusion_attention`` (contract in ``kernels/reference.py``). Returns ``[b, h, s, dv]``."""
-    check_sliding_window_inputs(
-        q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg
-    )
     b, h, s, _ = q.shape
     t = k.shape[2]
     if s < t and s <= DECODE_MAX_QUERIES and q_seg is None and not _needs_grad(q, k, v):

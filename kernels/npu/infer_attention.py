@@ -31,8 +31,8 @@ import logging
 
 import torch
 
+from ..contract import mla_contract, sliding_window_contract
 from ..masks import dense_visibility
-from ..reference import check_mla_inputs, check_sliding_window_inputs
 from ..reference import mla_absorbed_attention as mla_reference
 from ._torch_npu import import_torch_npu, log_once
 from .fusion_attention import SPARSE_CAUSAL, UNLIMITED_TOKENS, compressed_causal_mask
@@ -67,6 +67,7 @@ def _infer(query, key, value, *, atten_mask=None, actual_seq_lengths_kv=None, qu
     return out
 
 
+@sliding_window_contract
 def sliding_window_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,7 +80,6 @@ def sliding_window_decode(
     scale: float,
 ) -> torch.Tensor:
     """Op A (no segments, no grad) through the fused inference op. Returns ``[b, h, s, dv]``."""
-    check_sliding_window_inputs(q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, sink_tokens=sink_tokens)
     t, hk = k.shape[2], k.shape[1]
     q = q.contiguous()
     keys = _compact_keys(q_pos, k_pos, window, sink_tokens)
@@ -152,6 +152,7 @@ def mla_fused_infer_unfit_reason(q_latent, q_rope, latent, k_rope) -> str | None
     return None
 
 
+@mla_contract
 def mla_absorbed_attention(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -163,7 +164,6 @@ def mla_absorbed_attention(
     scale: float,
 ) -> torch.Tensor:
     """Op B through the fused inference op's MLA mode; logged eager fallback where it does not fit."""
-    check_mla_inputs(q_latent, q_rope, latent, k_rope, q_pos=q_pos, k_pos=k_pos)
     reason = mla_fused_infer_unfit_reason(q_latent, q_rope, latent, k_rope)
     s, t = q_latent.shape[2], latent.shape[1]
     kv_lengths = None

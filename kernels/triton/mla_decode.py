@@ -73,7 +73,7 @@ import math
 
 import torch
 
-from ..reference import check_mla_inputs
+from ..contract import mla_contract
 
 try:  # Triton is an optional dependency ("gpu" extra)
     import triton
@@ -693,6 +693,7 @@ def _mla_decode_fake(
     return q_latent.new_empty(q_latent.shape)
 
 
+@mla_contract
 def mla_absorbed_attention(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -708,7 +709,6 @@ def mla_absorbed_attention(
     Best for short queries (decode, ``s`` of a few tokens) over long caches; any ``s`` is
     correct. Raises ``RuntimeError`` if a gradient could be needed.
     """
-    check_mla_inputs(q_latent, q_rope, latent, k_rope, q_pos=q_pos, k_pos=k_pos)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q_latent, q_rope, latent, k_rope)):
         raise RuntimeError(
             "the 'triton' MLA decode kernel is forward-only (decode is inference); run it under "

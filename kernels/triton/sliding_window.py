@@ -48,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import sliding_window_contract
 from ..masks import TensorKeyedCache
-from ..reference import check_sliding_window_inputs
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them the TMA configs fall back to pointer loads
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -143,6 +143,22 @@ def _visible(i, j, S, window, sinks, HAS_WINDOW: tl.constexpr, EVEN: tl.constexp
     if HAS_WINDOW:
         vis = vis & (((i - j) < window) | (j < sinks))
     return vis
+
+
+@triton.jit
+def _program_block(H, GROUP, ROWS: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """This program's (batch, head) slice ``bh`` of ``[b * H, S]``, the slice of ``[b * H // GROUP, S]``
+    its KV head is in (query head h reads KV head h // GROUP), and its block of ``ROWS`` rows (first
+    row, rows). The grid is (blocks, b * H), or (b * H, blocks) with ``HEADS_FIRST``."""
+    if HEADS_FIRST:
+        bh = tl.program_id(0)
+        pid = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+    kv_slice = (bh // H) * (H // GROUP) + (bh % H) // GROUP
+    row0 = pid * ROWS
+    return bh, kv_slice, row0, row0 + tl.arange(0, ROWS)
 
 
 @triton.jit
@@ -252,11 +268,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, kv_slice, start_n, offs_m, S, wind
 def _swa_fwd(Q, K, V, O, LSE, QD, KD, VD, H, GROUP, S, window, sinks, qk_scale,
              D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SINK_BN: tl.constexpr,
              HAS_WINDOW: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr, ONE_LOOP: tl.constexpr):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    kv_slice = (bh // H) * (H // GROUP) + (bh % H) // GROUP
-    m0 = pid_m * BM
-    offs_m = m0 + tl.arange(0, BM)
+    bh, kv_slice, m0, offs_m = _program_block(H, GROUP, BM, False)
     q = _tile(Q, QD, bh, m0, S, BM, D, TMA, EVEN)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -337,11 +349,7 @@ def _dq_tile(dq, q, do, lse, delta, K, V, KD, VD, kv_slice, start_n, offs_m, S, 
 def _swa_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, QD, KD, VD, DOD, H, GROUP, S, window, sinks, qk_scale, scale,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SINK_BN: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr, ONE_LOOP: tl.constexpr):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    kv_slice = (bh // H) * (H // GROUP) + (bh % H) // GROUP
-    m0 = pid_m * BM
-    offs_m = m0 + tl.arange(0, BM)
+    bh, kv_slice, m0, offs_m = _program_block(H, GROUP, BM, False)
     q = _tile(Q, QD, bh, m0, S, BM, D, TMA, EVEN)
     do = _tile(DO, DOD, bh, m0, S, BM, D, TMA, EVEN)
     # Rows past S: q = dO = 0 and lse = delta = 0, so p = 1 but ds = p * (0 - 0) = 0.
@@ -413,11 +421,8 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, DQA, bh, start_m, offs_
 def _swa_bwd_dkdv(Q, K, V, DO, DK, DV, DQA, LSE, DELTA, QD, KD, VD, DOD, H, GROUP, S, window, sinks, qk_scale,
                   scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   TMA: tl.constexpr, EVEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, ONE_LOOP: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(0)  # heads first: the long sink-block programs (pid_n 0) start in the first wave
-    pid_n = tl.program_id(1)
-    kv_slice = (bh // H) * (H // GROUP) + (bh % H) // GROUP
-    n0 = pid_n * BN
-    offs_n = n0 + tl.arange(0, BN)
+    # Heads first: the long sink-block programs (key block 0) start in the first wave.
+    bh, kv_slice, n0, offs_n = _program_block(H, GROUP, BN, True)
     k = _tile(K, KD, kv_slice, n0, S, BN, D, TMA, EVEN)
     v = _tile(V, VD, kv_slice, n0, S, BN, D, TMA, EVEN)
     dk = tl.zeros([BN, D], tl.float32)
@@ -589,6 +594,7 @@ def fits_triton_kernel(q, k, v, q_pos, k_pos, sink_tokens, q_seg) -> str | None:
     return None
 
 
+@sliding_window_contract
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -603,9 +609,6 @@ def sliding_window_attention(
     k_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Op A via the Triton kernel (contract in ``kernels/reference.py``); other layouts via ``flex``."""
-    check_sliding_window_inputs(
-        q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, sink_tokens=sink_tokens, q_seg=q_seg, k_seg=k_seg
-    )
     reason = fits_triton_kernel(q, k, v, q_pos, k_pos, sink_tokens, q_seg)
     if reason is not None:
         if reason not in _logged:
