@@ -6,10 +6,16 @@ same on any device, and is what the decode benchmark and the CPU tests drive:
 * the prompt is prefilled eagerly (the bounded cache layers of converted models install themselves then);
 * every decode step calls the model with fixed shapes — one token per row, its position, and a padding
   mask over all `max_cache_len` slots (future slots are hidden by causality) — so the step is one graph;
-* `mode` picks how the step runs: "eager"; "compile" (`torch.compile(fullgraph=True)`, mode
-  "reduce-overhead" on CUDA — CUDA graphs — and "default" elsewhere); "cuda_graph" (the eager step
-  captured with `torch.cuda.CUDAGraph` after two eager steps — autotuning must not run inside a capture —
-  and replayed: no compile time, the same launch savings as CUDA graphs under compile).
+* `mode` picks how the step runs: "eager"; "compile" (`torch.compile(fullgraph=True)`: inductor fuses the
+  step's small ops — norms, rotary, residuals, casts, cache bookkeeping — into a few generated kernels;
+  `compile_mode` "reduce-overhead" on CUDA — CUDA graphs — and "default" elsewhere; "max-autotune" also lets
+  inductor benchmark its own GEMM templates against the vendor library for the step's matmuls, and
+  "max-autotune-gemm" that alone, with CUDA graphs);
+  "cuda_graph" (the eager step captured with `torch.cuda.CUDAGraph` after two eager steps — autotuning must
+  not run inside a capture — and replayed: no compile time, the same launch savings, no fusion).
+* One decoder serves many prompts: `prefill` empties the cache in place first (`reset`), so its buffers
+  keep their addresses and a compiled step or captured graph is reused, not rebuilt — the step's graph
+  depends on the batch and `max_cache_len` only.
 
 Works for any decoder-only transformers model: the teacher, the in-repo converted model, exported ones.
 """
@@ -21,6 +27,11 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 
 MODES = ("eager", "compile", "cuda_graph")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "max-autotune-gemm")
+# "max-autotune-gemm": CUDA graphs plus inductor's GEMM autotuning alone (its Triton templates against the vendor
+# library for every matmul), without "max-autotune"'s coordinate-descent tuning of every fused kernel, which
+# costs compile time for kernels that take a microsecond or two at decode.
+GEMM_AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "triton.cudagraphs": True}
 EAGER_STEPS_BEFORE_CAPTURE = 2
 
 
@@ -29,6 +40,8 @@ class StaticDecoder:
                  compile_mode: str | None = None, backend: str = "inductor"):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r} is not one of {COMPILE_MODES}")
         self.model = model
         self.batch = batch
         self.max_cache_len = max_cache_len
@@ -41,9 +54,16 @@ class StaticDecoder:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._step: Callable[[], torch.Tensor] = self._eager_step
+        self._holds_tokens = False  # whether the cache was fed since the last reset
+        self.compile_mode: str | None = None
         if mode == "compile":
             compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
-            self._compiled = torch.compile(self._forward, fullgraph=True, mode=compile_mode, backend=backend)
+            self.compile_mode = compile_mode
+            if compile_mode == "max-autotune-gemm":
+                self._compiled = torch.compile(self._forward, fullgraph=True, backend=backend,
+                                               options=dict(GEMM_AUTOTUNE_OPTIONS))
+            else:
+                self._compiled = torch.compile(self._forward, fullgraph=True, mode=compile_mode, backend=backend)
             self._step = self._compiled_step
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: torch.Tensor | None = None
@@ -81,6 +101,15 @@ class StaticDecoder:
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the cache in place (same buffers: compiled steps and captured graphs stay valid)."""
+        self.cache.reset()
+        self.mask.fill_(1)
+        self.position.zero_()
+        self.token.zero_()
+        self._holds_tokens = False
+
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 chunk: int | None = None) -> torch.Tensor:
         """Feed the (left-padded) prompt eagerly; returns the first greedy token [b, 1]."""
@@ -88,6 +117,9 @@ class StaticDecoder:
         if b != self.batch or n >= self.max_cache_len:
             raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit batch {self.batch} and "
                              f"max_cache_len {self.max_cache_len}")
+        if self._holds_tokens:  # a new prompt: the previous one's states go, the buffers stay
+            self.reset()
+        self._holds_tokens = True
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         self.mask[:, :n] = mask
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate: padding gets position 1

@@ -18,7 +18,16 @@ What is measured, and how:
 * **Floor**: bytes a step must read (weights without the input embedding table + every cache buffer the
   step attends over) / the device's measured copy bandwidth (2 x bytes of a large `copy_` per second).
 * **The anchor**: the stock teacher with its own static cache under `torch.compile(mode="reduce-overhead")`
-  at `--compile-cells` (in every process, so converted models get the same treatment there).
+  at `--compile-cells` (in every process, so converted models get the same treatment there; an entry
+  `KIND:BxT` runs for that model only, e.g. `teacher:1x1024`). `--compile-mode max-autotune` lets inductor
+  also benchmark its Triton GEMM templates against cuBLAS for the step's matmuls.
+* **One compile per model and cache length**: the compiled step's graph depends on the batch and the
+  static cache length only, so every compiled cell (and compiled profile) of one batch and length reuses
+  one decoder, refilled in place; `--compile-cache largest` sizes one cache per batch for the largest
+  context, so a model compiles once per batch (the full-attention layers then read the whole longer cache
+  at shorter contexts: the cell's floor counts it, `cache_len` says it). Each compiled cell records its
+  compile + warm-up time and whether it reused an already compiled step; the timed steps (and a reused
+  step's warm-up) run under `torch.compiler.set_stance("fail_on_recompile")`, so a recompile fails the cell.
 * **Largest batch that fits** at each context, by exact accounting: free device memory after the model is
   built, minus 1 GiB, over (cache bytes per sequence, computed from the allocated buffers' shapes, + the
   decode step's measured workspace per sequence); then verified by allocating that batch and running two
@@ -26,8 +35,9 @@ What is measured, and how:
 * **Prefill**: one batch-1 prompt of each `--prefill-contexts` length through the static cache (eager),
   one untimed run (kernel compile / autotune) then `--prefill-repeats` timed ones, each with a fresh
   cache: median and spread (min-max).
-* **Where a step's time goes** (`--profile-cells BATCHxCONTEXT`): the eager decode step under
-  `torch.profiler` (a few steps after warm-up). Written per model: `profile-<model>-b<B>-c<C>.txt` (top
+* **Where a step's time goes** (`--profile-cells BATCHxCONTEXT`): the decode step under `torch.profiler` (a
+  few steps after warm-up): the eager step, or with `--profile-path compile` the compiled step of the cell
+  (the compile cells' decoder when they share its length). Written per model: `profile-<model>-b<B>-c<C>.txt` (top
   kernels by device time) and, in the summary, device kernels per step, their summed time per step split
   into GEMM / attention / everything else. Set beside the CUDA-graph step time of the same cell (which
   has no launch gaps), it says whether the step is kernel work — large GEMMs below bandwidth, or many
@@ -76,12 +86,16 @@ class Settings:
     repeats: int = 5
     warmup: int = 3
     path: str = "cuda_graph"
-    compile_cells: list[list[int]] = field(default_factory=lambda: [[1, 8192]])
+    compile_cells: list[list] = field(default_factory=lambda: [[1, 8192]])  # [batch, context(, kind)]
     compile_kinds: list[str] = field(default_factory=lambda: list(KINDS))  # models the compile cells run for
     prefill_contexts: list[int] = field(default_factory=lambda: [8192, 32768])
     prefill_repeats: int = 3
     profile_cells: list[list[int]] = field(default_factory=list)  # [batch, context]: profile the eager step
     profile_steps: int = 5
+    profile_path: str = "eager"  # or "compile": the compiled step (inductor's fused kernels)
+    compile_mode: str = "reduce-overhead"
+    compile_cache: str = "context"  # or "largest": one cache length per batch for every compiled cell
+    compile_backend: str = "inductor"  # "aot_eager" in tests: the same graph capture, no code generation
     max_batch: bool = True
     verify: bool = True
     memory_budget_gib: float | None = None  # instead of the device's free memory (CPU runs)
@@ -224,14 +238,76 @@ def _is_oom(err: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # One process: one model
 # ----------------------------------------------------------------------------------------------------
-def measure_decode(model, settings: Settings, device, batch: int, context: int, path: str, bandwidth: float) -> dict:
+def decode_len(settings: Settings, context: int) -> int:
+    """Static cache length for a cell: the context plus every step a measurement or a profile feeds."""
+    return context + max(settings.warmup, 3) + max(settings.repeats * settings.steps, settings.profile_steps) + 3
+
+
+class CompiledSteps:
+    """The compiled decoders of one process, one per (batch, cache length): compiled once, reused by every
+    compiled cell and compiled profile of that shape (each refills the cache in place)."""
+
+    def __init__(self, model, settings: Settings):
+        self.model, self.settings = model, settings
+        self.decoders: dict[tuple[int, int], Any] = {}
+        self.warm: set[tuple[int, int]] = set()  # decoders whose step has compiled (later cells must reuse it)
+        self.lengths: dict[int, int] = {}  # batch -> shared cache length (compile_cache="largest")
+
+    def plan(self, cells: list[tuple[int, int]]) -> None:
+        """With compile_cache="largest": one cache length per batch, for the largest context of its cells."""
+        if self.settings.compile_cache == "largest":
+            for batch, context in cells:
+                self.lengths[batch] = max(self.lengths.get(batch, 0), decode_len(self.settings, context))
+
+    def length(self, batch: int, context: int) -> int:
+        return self.lengths.get(batch, decode_len(self.settings, context))
+
+    def get(self, batch: int, context: int):
+        from ascend_edit.models.static_decode import StaticDecoder
+
+        key = (batch, self.length(batch, context))
+        if key not in self.decoders:
+            backend = self.settings.compile_backend
+            self.decoders[key] = StaticDecoder(self.model, batch, key[1], mode="compile", backend=backend,
+                                               compile_mode=self.settings.compile_mode if backend == "inductor" else None)
+        return self.decoders[key]
+
+    def is_warm(self, batch: int, context: int) -> bool:
+        return (batch, self.length(batch, context)) in self.warm
+
+    def mark_warm(self, batch: int, context: int) -> None:
+        self.warm.add((batch, self.length(batch, context)))
+
+    def drop(self, batch: int, context: int) -> None:
+        """Forget a decoder that failed (out of memory, compile error)."""
+        self.decoders.pop((batch, self.length(batch, context)), None)
+        self.warm.discard((batch, self.length(batch, context)))
+        gc.collect()
+
+    def close(self, device: torch.device) -> None:
+        self.decoders.clear()
+        torch.compiler.reset()
+        gc.collect()
+        _empty_cache(device)
+
+
+def measure_decode(model, settings: Settings, device, batch: int, context: int, path: str, bandwidth: float,
+                   compiled: CompiledSteps | None = None) -> dict:
     from ascend_edit.models.static_decode import EAGER_STEPS_BEFORE_CAPTURE, StaticDecoder
 
-    cell = {"batch": batch, "context": context, "path": path, "status": "ok"}
+    cell: dict[str, Any] = {"batch": batch, "context": context, "path": path, "status": "ok"}
     decoder = None
+    shared = path == "compile" and compiled is not None
     try:
-        max_len = context + max(settings.warmup, 3) + settings.repeats * settings.steps + 2
-        decoder = StaticDecoder(model, batch, max_len, mode=path)
+        if shared:
+            assert compiled is not None
+            cell["compile_mode"] = settings.compile_mode if settings.compile_backend == "inductor" else \
+                settings.compile_backend
+            reused, started = compiled.is_warm(batch, context), time.perf_counter()
+            decoder = compiled.get(batch, context)
+        else:
+            decoder = StaticDecoder(model, batch, decode_len(settings, context), mode=path)
+        max_len = decoder.max_cache_len
         fill_cache(decoder, context, torch.Generator(device=device).manual_seed(settings.seed))
         total, growing, fixed = cache_bytes(decoder.cache)
         _sync(device)
@@ -240,29 +316,41 @@ def measure_decode(model, settings: Settings, device, batch: int, context: int, 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         warmup = max(settings.warmup, EAGER_STEPS_BEFORE_CAPTURE + 1) if path != "eager" else settings.warmup
-        for _ in range(warmup):  # autotune, then capture / compile (compile: warm-up and recording runs)
-            decoder.step()
+        # A reused compiled step must not compile again: its warm-up runs under the public "fail_on_recompile"
+        # stance (a recompile raises and the cell records the error), and so do the timed steps of every cell.
+        with torch.compiler.set_stance("fail_on_recompile" if shared and reused else "default"):
+            for _ in range(warmup):  # autotune, then capture / compile (compile: warm-up and recording runs)
+                decoder.step()
         _sync(device)
+        if shared:
+            assert compiled is not None
+            compiled.mark_warm(batch, context)
+            cell.update(compile_s=time.perf_counter() - started, reused_compiled_step=reused)
         per_step = []
-        for _ in range(settings.repeats):
-            with Timer(device) as t:
-                for _ in range(settings.steps):
-                    decoder.step()
-            per_step.append(t.ms / settings.steps)
+        with torch.compiler.set_stance("fail_on_recompile" if shared else "default"):
+            for _ in range(settings.repeats):
+                with Timer(device) as t:
+                    for _ in range(settings.steps):
+                        decoder.step()
+                per_step.append(t.ms / settings.steps)
         ms = statistics.median(per_step)
         floor_ms = 1e3 * (weight_bytes(model) + total) / bandwidth
         cell.update(repeats_ms=per_step, ms=ms, ms_min=min(per_step), ms_max=max(per_step), tok_s_seq=1e3 / ms, tok_s_total=batch * 1e3 / ms,
                     floor_ms=floor_ms, x_floor=ms / floor_ms, cache_gib=total / 2**30,
-                    cache_per_token_seq=growing / (batch * max_len), ring_per_seq=fixed / batch, max_len=max_len)
+                    cache_per_token_seq=growing / (batch * max_len), ring_per_seq=fixed / batch, max_len=max_len,
+                    cache_len=max_len)
         if device.type == "cuda":
             cell["workspace_per_seq"] = max(torch.cuda.max_memory_allocated(device) - before, 0) / batch
             cell["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    except (torch.OutOfMemoryError, RuntimeError) as err:
+    except (torch.OutOfMemoryError, RuntimeError, AssertionError) as err:  # compile errors derive from these
         cell["status"] = "oom" if _is_oom(err) else f"error: {str(err).splitlines()[0][:160]}"
         log.warning("decode %s: %s", cell, err)
+        if shared:
+            assert compiled is not None
+            compiled.drop(batch, context)
     finally:
         del decoder
-        if path == "compile":
+        if path == "compile" and not shared:
             torch.compiler.reset()
         gc.collect()
         _empty_cache(device)
@@ -296,7 +384,8 @@ def measure_prefill(model, device, context: int, seed: int, repeats: int = 3) ->
     return row
 
 
-GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm")
+GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                "triton_tem_")  # inductor's GEMM templates (max-autotune)
 ATTENTION_MARKERS = ("attention", "attn", "flash", "fmha", "sdpa", "mla", "flex", "_fwd_kernel")
 
 
@@ -309,19 +398,28 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def profile_step(model, settings: Settings, device, batch: int, context: int, out_file: Path | None) -> dict:
-    """The eager decode step under torch.profiler: device kernels per step and their time, by class."""
+def profile_step(model, settings: Settings, device, batch: int, context: int, out_file: Path | None,
+                 compiled: CompiledSteps | None = None) -> dict:
+    """The decode step under torch.profiler: device kernels per step and their time, by class. The eager step,
+    or the compiled one (`compiled` given: the decoder the compiled cells of this shape use, or a new one).
+
+    On CPU the compiled step's generated C++ kernels appear only when inductor was told to record them
+    (`run_worker` does, before any compile); the ops it leaves to ATen (matmuls) appear as such."""
     from torch.profiler import ProfilerActivity, profile
 
     from ascend_edit.models.static_decode import StaticDecoder
 
-    row: dict[str, Any] = {"batch": batch, "context": context, "status": "ok", "steps": settings.profile_steps}
+    path = "compile" if compiled is not None else "eager"
+    row: dict[str, Any] = {"batch": batch, "context": context, "path": path, "status": "ok",
+                           "steps": settings.profile_steps}
     decoder = None
     try:
-        max_len = context + settings.warmup + settings.profile_steps + 3
-        decoder = StaticDecoder(model, batch, max_len, mode="eager")
+        if compiled is not None:
+            decoder = compiled.get(batch, context)
+        else:
+            decoder = StaticDecoder(model, batch, decode_len(settings, context), mode="eager")
         fill_cache(decoder, context, torch.Generator(device=device).manual_seed(settings.seed))
-        for _ in range(max(settings.warmup, 2)):
+        for _ in range(max(settings.warmup, 3 if compiled is not None else 2)):  # compiled: warm-up, record, replay
             decoder.step()
         _sync(device)
         on_device = device.type == "cuda"
@@ -337,8 +435,9 @@ def profile_step(model, settings: Settings, device, batch: int, context: int, ou
             kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
             kernels = kernels or [e for e in averages if e.self_device_time_total > 0]  # older event layouts
             time_of = lambda e: e.self_device_time_total  # noqa: E731 - microseconds over all steps
-        else:  # CPU: leaf aten ops' own time stands in for kernels
-            kernels = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+        else:  # CPU: leaf aten ops' and inductor's generated kernels' own time stands in for kernels
+            kernels = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 and
+                       (e.key.startswith("aten::") or "cpp_fused" in e.key)]
             time_of = lambda e: e.self_cpu_time_total  # noqa: E731
         kernels.sort(key=time_of, reverse=True)
         by_class = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
@@ -346,7 +445,7 @@ def profile_step(model, settings: Settings, device, batch: int, context: int, ou
         for e in kernels:
             by_class[kernel_class(e.key)] += time_of(e) / 1e3 / steps
             count_by_class[kernel_class(e.key)] += e.count / steps
-        row.update(eager_step_ms=t.ms / steps, kernels_per_step=sum(e.count for e in kernels) / steps,
+        row.update(step_ms=t.ms / steps, kernels_per_step=sum(e.count for e in kernels) / steps,
                    kernel_ms_per_step=sum(by_class.values()), gemm_ms=by_class["gemm"],
                    attention_ms=by_class["attention"], other_ms=by_class["other"],
                    gemm_kernels=count_by_class["gemm"], attention_kernels=count_by_class["attention"],
@@ -354,9 +453,9 @@ def profile_step(model, settings: Settings, device, batch: int, context: int, ou
                    top=[{"name": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": time_of(e) / 1e3 / steps,
                          "class": kernel_class(e.key)} for e in kernels[:30]])
         if out_file is not None:
-            lines = [f"eager decode step, batch {batch}, context {context}, {steps} steps profiled "
+            lines = [f"{path} decode step, batch {batch}, context {context}, {steps} steps profiled "
                      f"({'device kernels' if on_device else 'CPU aten ops, own time'}), per step:",
-                     f"step {row['eager_step_ms']:.3f} ms wall; {row['kernels_per_step']:.0f} kernels, "
+                     f"step {row['step_ms']:.3f} ms wall; {row['kernels_per_step']:.0f} kernels, "
                      f"{row['kernel_ms_per_step']:.3f} ms summed: GEMM {row['gemm_ms']:.3f} ms "
                      f"({row['gemm_kernels']:.0f}), attention {row['attention_ms']:.3f} ms "
                      f"({row['attention_kernels']:.0f}), other {row['other_ms']:.3f} ms ({row['other_kernels']:.0f})",
@@ -365,9 +464,11 @@ def profile_step(model, settings: Settings, device, batch: int, context: int, ou
                       for k in row["top"]]
             out_file.write_text("\n".join(lines) + "\n")
             row["file"] = out_file.name
-    except (torch.OutOfMemoryError, RuntimeError) as err:
+    except (torch.OutOfMemoryError, RuntimeError, AssertionError) as err:
         row["status"] = "oom" if _is_oom(err) else f"error: {str(err).splitlines()[0][:160]}"
         log.warning("profile %s: %s", row, err)
+        if compiled is not None:
+            compiled.drop(batch, context)
     finally:
         del decoder
         gc.collect()
@@ -438,6 +539,13 @@ def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -
               "decode": [], "prefill": [], "max_batch": [], "profile": []}
     path = settings.path if device.type == "cuda" or settings.path != "cuda_graph" else "eager"
     result["path"] = path
+    compile_cells = [(c[0], c[1]) for c in settings.compile_cells
+                     if (c[2:] == [kind]) or (not c[2:] and kind in settings.compile_kinds)] if path != "compile" else []
+    compiled = CompiledSteps(model, settings)
+    compiled.plan([(b, c) for b in settings.batches for c in settings.contexts] if path == "compile" else [])
+    compiled.plan(compile_cells)
+    if settings.profile_path == "compile":
+        compiled.plan([(b, c) for b, c in settings.profile_cells])
 
     def save() -> None:  # after every measurement: a run cut short still leaves what it measured
         result["wall_s"] = time.perf_counter() - started
@@ -447,17 +555,21 @@ def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -
     for batch in settings.batches:
         for context in settings.contexts:
             result["decode"].append({"kind": kind, **measure_decode(model, settings, device, batch, context,
-                                                                    path, bandwidth)})
+                                                                    path, bandwidth, compiled)})
             save()
-    if path != "compile" and kind in settings.compile_kinds:
-        for batch, context in settings.compile_cells:
-            result["decode"].append({"kind": kind, **measure_decode(model, settings, device, batch, context,
-                                                                    "compile", bandwidth)})
-            save()
-    for batch, context in settings.profile_cells:
-        out_file = result_path.parent / f"profile-{kind}-b{batch}-c{context}.txt" if result_path is not None else None
-        result["profile"].append({"kind": kind, **profile_step(model, settings, device, batch, context, out_file)})
+    for batch, context in compile_cells:
+        result["decode"].append({"kind": kind, **measure_decode(model, settings, device, batch, context,
+                                                                "compile", bandwidth, compiled)})
         save()
+    for batch, context in settings.profile_cells:
+        tag = "-compiled" if settings.profile_path == "compile" else ""
+        out_file = (result_path.parent / f"profile-{kind}{tag}-b{batch}-c{context}.txt"
+                    if result_path is not None else None)
+        by_compile = compiled if settings.profile_path == "compile" else None
+        result["profile"].append({"kind": kind, **profile_step(model, settings, device, batch, context, out_file,
+                                                               by_compile)})
+        save()
+    compiled.close(device)
     for context in settings.prefill_contexts:
         result["prefill"].append({"kind": kind, **measure_prefill(model, device, context, settings.seed,
                                                                   settings.prefill_repeats)})
@@ -542,10 +654,11 @@ def merge(results: dict[str, list[dict]]) -> dict:
 
 
 DECODE_FIELDS = ["kind", "batch", "context", "path", "status", "ms", "ms_min", "ms_max", "tok_s_seq", "tok_s_total",
-                 "floor_ms", "x_floor", "cache_gib", "peak_gib"]
+                 "floor_ms", "x_floor", "cache_gib", "peak_gib", "cache_len", "compile_mode", "compile_s",
+                 "reused_compiled_step"]
 
 
-PROFILE_FIELDS = ["kind", "batch", "context", "status", "eager_step_ms", "kernels_per_step", "kernel_ms_per_step",
+PROFILE_FIELDS = ["kind", "batch", "context", "path", "status", "step_ms", "kernels_per_step", "kernel_ms_per_step",
                   "gemm_ms", "gemm_kernels", "attention_ms", "attention_kernels", "other_ms", "other_kernels", "file"]
 
 
@@ -596,17 +709,19 @@ def print_table(summary: dict) -> None:
             by_ctx.setdefault(row["context"], []).append(f"{row['kind']} {row['max_batch']}"
                                                         f"{' (' + row['verified'] + ')' if row['verified'] else ''}")
         lines += [f"  ctx{ctx:>6}: " + ", ".join(parts) for ctx, parts in sorted(by_ctx.items())]
-    graph_ms = {(c["kind"], c["batch"], c["context"]): c["ms"] for c in summary["decode"]
+    graph_ms = {(c["kind"], c["batch"], c["context"], c["path"]): c["ms"] for c in summary["decode"]
                 if c["status"] == "ok" and c["path"] != "eager"}
     for row in summary.get("profile", []):
+        path = row.get("path", "eager")
         if row == summary["profile"][0]:
-            lines.append("eager step profiled, per step: wall ms | kernels, summed kernel ms = GEMM + attention + "
+            lines.append(f"{path} step profiled, per step: wall ms | kernels, summed kernel ms = GEMM + attention + "
                          "other (kernel counts) | graph-path step ms of the cell")
         if row["status"] != "ok":
             lines.append(f"  {row['kind']} b{row['batch']} ctx{row['context']}: {row['status']}")
             continue
-        graph = graph_ms.get((row["kind"], row["batch"], row["context"]))
-        lines.append(f"  {row['kind']:<8} b{row['batch']} ctx{row['context']:>6}: {row['eager_step_ms']:.2f} | "
+        cell = (row["kind"], row["batch"], row["context"])
+        graph = graph_ms.get((*cell, "compile")) if path == "compile" else graph_ms.get((*cell, "cuda_graph"))
+        lines.append(f"  {row['kind']:<8} b{row['batch']} ctx{row['context']:>6}: {row['step_ms']:.2f} | "
                      f"{row['kernels_per_step']:.0f}, {row['kernel_ms_per_step']:.2f} = {row['gemm_ms']:.2f} + "
                      f"{row['attention_ms']:.2f} + {row['other_ms']:.2f} ({row['gemm_kernels']:.0f} / "
                      f"{row['attention_kernels']:.0f} / {row['other_kernels']:.0f}) | {_fmt(graph, '.2f')}")
@@ -665,14 +780,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--path", default="cuda_graph", choices=PATHS)
-    p.add_argument("--compile-cells", nargs="*", default=["1x8192"], help="BATCHxCONTEXT cells also run compiled")
+    p.add_argument("--compile-cells", nargs="*", default=["1x8192"], help="BATCHxCONTEXT cells also run compiled; "
+                   "KIND:BATCHxCONTEXT for that model only (e.g. teacher:1x1024, the anchor)")
+    p.add_argument("--compile-mode", default="reduce-overhead", choices=("reduce-overhead", "max-autotune", "max-autotune-gemm"),
+                   help="torch.compile mode of compiled cells (max-autotune: inductor's GEMM templates too, and "
+                   "coordinate-descent tuning of every kernel; max-autotune-gemm: the GEMM autotuning alone)")
+    p.add_argument("--compile-cache", default="context", choices=("context", "largest"),
+                   help="compiled cells' cache: sized per context (a compile per length), or one per batch for "
+                   "the largest context (one compile per batch)")
     p.add_argument("--compile-kinds", nargs="+", default=list(KINDS), choices=KINDS,
                    help="models the compile cells run for (the teacher alone is the anchor)")
     p.add_argument("--prefill-contexts", nargs="*", type=int, default=[8192, 32768])
     p.add_argument("--prefill-repeats", type=int, default=3, help="timed prefill runs after an untimed one")
     p.add_argument("--profile-cells", nargs="*", default=[], help="BATCHxCONTEXT cells whose eager decode step "
                    "is profiled (top kernels written per model)")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
+                   help="aot_eager: the same graph capture without code generation (quick CPU checks)")
     p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-path", default="eager", choices=("eager", "compile"),
+                   help="profile the eager step, or the compiled one (reusing the compiled cells' compile)")
     p.add_argument("--no-max-batch", action="store_true")
     p.add_argument("--no-verify", action="store_true", help="do not try the accounted largest batch")
     p.add_argument("--memory-budget-gib", type=float, default=None)
@@ -697,7 +823,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         _positive_ints(name, getattr(args, name))
     _positive_ints("steps / --repeats / --prefill-repeats / --profile-steps",
                    [args.steps, args.repeats, args.prefill_repeats, args.profile_steps])
-    cells, profile_cells = _cells("compile-cells", args.compile_cells), _cells("profile-cells", args.profile_cells)
+    cells = _cells("compile-cells", args.compile_cells, with_kind=True)
+    profile_cells = _cells("profile-cells", args.profile_cells)
     targets, model = {}, None
     for kind in args.kinds:
         if kind == "teacher":
@@ -710,20 +837,29 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     batches=args.batches, steps=args.steps, repeats=args.repeats, warmup=args.warmup, path=args.path,
                     compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=args.prefill_contexts,
                     prefill_repeats=args.prefill_repeats, profile_cells=profile_cells, profile_steps=args.profile_steps,
+                    profile_path=args.profile_path, compile_mode=args.compile_mode, compile_cache=args.compile_cache,
+                    compile_backend=args.compile_backend,
                     max_batch=not args.no_max_batch, verify=not args.no_verify,
                     memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
 
 
-def _cells(option: str, entries: list[str]) -> list[list[int]]:
-    cells = []
+def _cells(option: str, entries: list[str], with_kind: bool = False) -> list[list]:
+    """BATCHxCONTEXT entries as [batch, context]; with `with_kind`, KIND:BATCHxCONTEXT as [batch, context, kind]."""
+    cells: list[list] = []
     for cell in entries:
+        kind, _, shape = cell.rpartition(":")
+        if kind and not with_kind:
+            raise SystemExit(f"bench_decode: error: --{option} entry {cell!r}: no KIND: prefix here (BATCHxCONTEXT)")
+        if kind and kind not in KINDS:
+            raise SystemExit(f"bench_decode: error: --{option} entry {cell!r}: {kind!r} is not one of {KINDS}")
         try:
-            batch, context = (int(x) for x in cell.lower().split("x"))
+            batch, context = (int(x) for x in shape.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"bench_decode: error: --{option} entry {cell!r} is not BATCHxCONTEXT") from None
+            raise SystemExit(f"bench_decode: error: --{option} entry {cell!r} is not "
+                             f"{'[KIND:]' if with_kind else ''}BATCHxCONTEXT") from None
         if batch <= 0 or context <= 0:
             raise SystemExit(f"bench_decode: error: --{option} entry {cell!r} needs positive integers")
-        cells.append([batch, context])
+        cells.append([batch, context, kind] if kind else [batch, context])
     return cells
 
 

@@ -5,6 +5,8 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 TINY_TARGETS = ["target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8", "target.mla.kv_lora_rank=16",
                 "target.mla.v_head_dim=16", "target.gate_swa.window=16", "target.gate_swa.sink_tokens=2"]
 
@@ -61,3 +63,39 @@ def test_bench_decode_subcommand_compares_the_teacher_with_the_configured_target
     rows = read(tmp_path / "bench_decode" / "decode.csv")
     assert {r["kind"] for r in rows} == {"teacher", "gate_swa"}
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_compiled_cells_share_one_compile_per_cache_length_and_profile_the_compiled_step(tmp_path):
+    """Compiled cells of one batch share one decoder (`--compile-cache largest`): the second context compiles
+    nothing; `KIND:BxT` runs a cell for that model alone (the teacher's anchor); the compiled step is profiled
+    with the same decoder. aot_eager stands in for inductor (the same graph capture, no code generation)."""
+    out = tmp_path / "bench"
+    args = [sys.executable, "-m", "ascend_edit.tasks.bench_decode", "--model", "qwen3_tiny", "--device", "cpu",
+            "--contexts", "16", "48", "--batches", "1", "--steps", "2", "--repeats", "2", "--warmup", "3",
+            "--path", "eager", "--compile-cells", "1x16", "1x48", "teacher:1x16", "--compile-kinds", "mla",
+            "gate_swa", "--compile-cache", "largest", "--compile-backend", "aot_eager", "--profile-cells", "1x48",
+            "--profile-path", "compile", "--profile-steps", "2", "--prefill-contexts", "--no-max-batch",
+            "--out", str(out), "--target-override", *TINY_TARGETS]
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = {(r["kind"], int(r["context"])): r for r in read(out / "decode.csv") if r["path"] == "compile"}
+    assert sorted(compiled) == [("gate_swa", 16), ("gate_swa", 48), ("mla", 16), ("mla", 48), ("teacher", 16)]
+    for (kind, context), row in compiled.items():
+        assert row["status"] == "ok", row
+        assert int(row["cache_len"]) == int(compiled[(kind, 16)]["cache_len"]) > 48  # one length per batch
+        # compiled once, then reused (warm-up and timed steps of a reused step run under "fail_on_recompile")
+        assert row["reused_compiled_step"] == ("False" if context == 16 else "True")
+    profile = read(out / "profile.csv")
+    assert {r["kind"] for r in profile} == {"teacher", "mla", "gate_swa"}
+    for row in profile:
+        assert row["path"] == "compile" and row["status"] == "ok" and float(row["kernels_per_step"]) > 0
+    assert "compile step profiled" in proc.stdout[proc.stdout.rindex("decode step"):]
+
+
+def test_compile_cells_take_an_optional_model():
+    from ascend_edit.tasks.bench_decode import _cells
+
+    assert _cells("compile-cells", ["1x16", "teacher:2X32"], with_kind=True) == [[1, 16], [2, 32, "teacher"]]
+    for bad, with_kind in (("student:1x16", True), ("teacher:1x16", False), ("1x", True)):
+        with pytest.raises(SystemExit, match="compile-cells"):
+            _cells("compile-cells", [bad], with_kind=with_kind)

@@ -85,6 +85,32 @@ def test_compiled_static_decode_equals_dynamic_generate(target):
     assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want)
 
 
+@pytest.mark.parametrize("target", ["mla", "gate_swa"])
+def test_one_compiled_decoder_serves_new_prompts_without_recompiling(target):
+    """The benchmark reuses one compiled step for every cell of a cache length: a second prompt (the cache
+    emptied in place by `prefill`) decodes exactly as the dynamic cache does, and nothing recompiles —
+    neither across steps nor across prompts (a recompile raises here)."""
+    model = converted(target)
+    _, mask = padded_prompts()
+    decoder = StaticDecoder(model, batch=3, max_cache_len=mask.shape[1] + NEW_TOKENS, mode="compile",
+                            backend="aot_eager")
+    buffers = None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            ids = torch.randint(3, 250, mask.shape, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                want = dynamic_generate(model, ids, mask)
+            assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want)
+            now = [layer.keys.data_ptr() for layer in decoder.cache.layers]
+            assert buffers is None or now == buffers  # emptied in place, never reallocated
+            buffers = now
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile_mode='fastest'"):
+        StaticDecoder(converted("mla"), batch=1, max_cache_len=8, mode="compile", compile_mode="fastest")
+
+
 def test_ring_storage_never_moves_after_the_first_step():
     model = converted("gate_swa")
     ids, mask = padded_prompts()
