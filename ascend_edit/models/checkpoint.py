@@ -1,9 +1,15 @@
 """Save and reload a converted model in the framework's own format.
 
 A directory holds the teacher's HF `config.json`, `ascend_edit.json` (target config and per-layer
-plan), `model.safetensors` (the converted model only: teacher attentions are not written), the
-tokenizer and `manifest.json` (every file's size and sha256, written last). `load_converted` verifies
-the manifest, rebuilds the same modules and loads the weights strictly.
+plan), the weights of the converted model only (teacher attentions are not written), the tokenizer and
+`manifest.json` (every file's size and sha256, written last). `load_converted` verifies the manifest,
+rebuilds the same modules and loads the weights strictly.
+
+Weights: `model.safetensors` when they fit one shard (`SHARD_BYTES`), else Hugging Face's sharded layout
+(`model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json`). A ZeRO-3 partitioned model is
+written by every rank together: one parameter at a time is gathered and copied to rank 0's host memory, and
+rank 0 writes each shard as it fills (models/zero3.py `gathered_tensors`), so no device ever holds more than
+its partitions and one whole tensor.
 """
 from __future__ import annotations
 
@@ -22,17 +28,29 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
 from ascend_edit.models.surgery import LayerPlan, edit_model, plan_entries, plan_from_entries, unwrap_targets
-from ascend_edit.train.checkpoint_io import fsync_dir, require_finite, verify_manifest, write_manifest
+from ascend_edit.train.checkpoint_io import (
+    NonFiniteTensorError,
+    first_non_finite,
+    from_rank0,
+    fsync_dir,
+    rank_and_world,
+    verify_manifest,
+    write_manifest,
+)
 
 FORMAT_VERSION = 1
 CONVERTED_MARKER = "ascend_edit.json"  # names a converted-model directory; holds target config and plan
 RUN_CANDIDATES = ("converted", "stage-layerwise")  # converted models inside a run directory, preferred first
+WEIGHTS_FILE = "model.safetensors"  # one shard
+WEIGHTS_INDEX = "model.safetensors.index.json"  # several: Hugging Face's sharded layout
+SHARD_BYTES = 5 << 30  # bytes of tensor data per shard (a shard is written once it holds this much)
 
 
-def converted_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The student's weights under the names of an unwrapped model (teacher attentions dropped)."""
+def converted_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The student's weights under the names of an unwrapped model (teacher attentions dropped).
+    `keep_vars`: the parameters themselves (ZeRO-3 ones included) rather than their values."""
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict(keep_vars=keep_vars).items():
         if ".self_attn.teacher." in name:
             continue
         state[name.replace(".self_attn.target.", ".self_attn.")] = tensor
@@ -41,18 +59,38 @@ def converted_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_converted(model: nn.Module, target: TargetConfig, directory: Path, tokenizer=None) -> Path:
+def save_converted(model: nn.Module, target: TargetConfig, directory: Path, tokenizer=None,
+                   shard_bytes: int = SHARD_BYTES) -> Path:
     """Write the converted model to `directory` (see the module docstring); returns `directory`.
 
     Refuses a non-finite weight before writing anything. The files go to a sibling temporary directory
     with its manifest; an existing `directory` must be a converted model (it is replaced: renamed aside,
     the new one renamed in, then the old one removed), anything else there is refused.
+
+    A model holding ZeRO-3 parameters is written collectively: every rank calls this, rank 0 writes (the
+    others return once their part of each gather is done; the caller's barrier orders later reads).
     """
+    from ascend_edit.models.zero3 import has_zero_params
+
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in converted_state_dict(model).items()}
-    require_finite(state.items(), f"the converted model to {directory}")
-    if directory.exists() and any(directory.iterdir()) and not (directory / CONVERTED_MARKER).exists():
+    named = list(converted_state_dict(model, keep_vars=True).items())
+    collective = has_zero_params(model)
+    writer = rank_and_world()[0] == 0 or not collective
+    if collective:
+        from ascend_edit.models.zero3 import first_non_finite_anywhere
+
+        bad = first_non_finite_anywhere(named)  # on each rank's partitions, no gather
+    else:
+        bad = first_non_finite((name, t.detach()) for name, t in named)
+    if bad is not None:
+        raise NonFiniteTensorError(f"refusing to write the converted model to {directory}: tensor {bad} holds NaN "
+                                   "or inf")
+    foreign = directory.exists() and any(directory.iterdir()) and not (directory / CONVERTED_MARKER).exists()
+    if from_rank0(foreign) if collective else foreign:  # every rank refuses together (no gather left waiting)
         raise FileExistsError(f"{directory} exists and is not a converted model: refusing to replace it")
+    if not writer:
+        _write_weights(named, None, shard_bytes)  # this rank's part of every gather
+        return directory
     tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -60,7 +98,7 @@ def save_converted(model: nn.Module, target: TargetConfig, directory: Path, toke
         meta = {"format_version": FORMAT_VERSION, "target": dataclasses.asdict(target),
                 "plan": plan_entries(cast(list[LayerPlan], model.edit_plan))}  # set by edit_model
         (tmp / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_weights(named, tmp, shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp)
@@ -69,6 +107,64 @@ def save_converted(model: nn.Module, target: TargetConfig, directory: Path, toke
         shutil.rmtree(tmp, ignore_errors=True)  # this call's own temporary directory
         raise
     return directory
+
+
+def _write_weights(named: list[tuple[str, torch.Tensor]], directory: Path | None,
+                   shard_bytes: int) -> None:
+    """`named` as safetensors shards in `directory` (None: a rank that only takes part in the gathers).
+    One shard: `model.safetensors`, byte for byte what one `save_file` of the whole state writes."""
+    from ascend_edit.models.zero3 import gathered_tensors
+
+    shards: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        assert directory is not None
+        save_file(current, str(directory / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+        shards.append(sorted(current))
+        current, size = {}, 0
+
+    for name, tensor in gathered_tensors(named, writer=directory is not None):
+        if tensor is None:
+            continue
+        current[name] = tensor
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+    if directory is None:
+        return
+    if current or not shards:
+        flush()
+    if len(shards) == 1:
+        os.replace(directory / "shard-00000.safetensors", directory / WEIGHTS_FILE)
+        return
+    weight_map = {}
+    for index, names in enumerate(shards):
+        final = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(directory / f"shard-{index:05d}.safetensors", directory / final)
+        weight_map.update(dict.fromkeys(names, final))
+    (directory / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                      indent=2))
+
+
+def converted_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a converted model's weights (one, or every shard of the index)."""
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX
+    if index.exists():
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [directory / WEIGHTS_FILE]
+
+
+def read_converted_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a converted model directory, whatever its sharding."""
+    state: dict[str, torch.Tensor] = {}
+    for path in converted_weight_files(directory):
+        state.update(load_file(str(path)))
+    return state
 
 
 def swap_in(new: Path, directory: Path) -> None:
@@ -109,7 +205,7 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     edit_model(model, plan, target)
     unwrap_targets(model)
     model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False,
+    missing, unexpected = model.load_state_dict(read_converted_weights(directory), strict=False,
                                                 assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -159,7 +255,7 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
         raise ValueError(f"{directory}: its layer plan differs from this run's plan")
     own = model.state_dict()
     renamed = {}
-    for name, tensor in load_file(str(directory / "model.safetensors")).items():
+    for name, tensor in read_converted_weights(directory).items():
         target_name = name.replace(".self_attn.", ".self_attn.target.")
         renamed[target_name if target_name in own else name] = tensor
     missing = [k for k in own if k not in renamed and ".self_attn.teacher." not in k and k != "lm_head.weight"

@@ -11,16 +11,22 @@ Under `engine.zero_stage=3` no rank should ever hold the whole teacher (Qwen3-30
   (`modifier_rank=None`): the conversion surgery makes one attention whole while it builds and warm-starts
   that layer's target.
 * `GatheredForward` — forward hooks that gather each module's own parameters for its forward and partition
-  them again after it, for the no-grad forwards that run before a DeepSpeed engine exists (calibration
-  statistics, the teacher's evaluation). The DeepSpeed engine removes them (`release_gathered_forward`)
-  before it installs its own hooks, which then own the partitioned parameters.
+  them again after it, for the no-grad forwards that run outside a DeepSpeed engine (calibration statistics,
+  the teacher's evaluation, and the evaluations between and after the stages: `DeepSpeedEngine.close`
+  leaves the model partitioned and installs them). Each DeepSpeed engine removes them
+  (`release_gathered_forward`) before it installs its own hooks, which then own the partitioned parameters.
+* `gathered_tensors` — one parameter whole at a time, copied to the CPU on the writing rank only: how a
+  partitioned model is written out (models/checkpoint.py `save_converted`).
+
+`GATHER_METER` records the largest number of values made whole at once by these helpers, so a run (and its
+tests) can show that nothing bigger than one module was ever materialised outside DeepSpeed's own hooks.
 
 The targets built by the surgery are ordinary parameters (attention only: small next to the experts);
 `deepspeed.initialize` partitions them with the rest.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -64,11 +70,80 @@ def full_numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+def is_zero_param(param: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 has taken over (partitioned, or persistent below its threshold)."""
+    return hasattr(param, "ds_id")
+
+
+def has_zero_params(model: nn.Module) -> bool:
+    return any(is_zero_param(p) for p in model.parameters())
+
+
+def resident_values(model: nn.Module) -> int:
+    """Parameter values this rank holds whole right now (each shared parameter once): partitions excluded."""
+    seen: dict[int, int] = {id(p): p.numel() for p in model.parameters()}
+    return sum(seen.values())
+
+
+class GatherMeter:
+    """The largest number of parameter values made whole at once through this module's helpers."""
+
+    def __init__(self) -> None:
+        self.largest = 0
+
+    def record(self, params: Iterable[torch.Tensor]) -> None:
+        self.largest = max(self.largest, sum(full_numel(p) for p in params if is_zero_param(p)))
+
+    def reset(self) -> None:
+        self.largest = 0
+
+
+GATHER_METER = GatherMeter()
+
+
 def gathered(module: nn.Module) -> AbstractContextManager:
     """Every parameter of `module` whole on every rank inside the context (read-only)."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    params = list(module.parameters())
+    GATHER_METER.record(params)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def gathered_tensors(named: Iterable[tuple[str, torch.Tensor]], writer: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, whole CPU copy) of each tensor, one at a time; `None` in place of the copy on a rank that does
+    not write. Every rank must iterate in the same order (each ZeRO-3 parameter is one all-gather). Plain
+    tensors (buffers, or a model that was never partitioned) are copied without any collective."""
+    for name, tensor in named:
+        if not is_zero_param(tensor):
+            yield name, tensor.detach().contiguous().cpu() if writer else None
+            continue
+        import deepspeed  # a ZeRO-3 parameter exists, so DeepSpeed is installed
+
+        GATHER_METER.record([tensor])
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            # a copy: the gathered values are released when the context closes
+            yield name, tensor.detach().to("cpu", copy=True).contiguous() if writer else None
+
+
+def first_non_finite_anywhere(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The first name whose values hold NaN/inf on any rank, checked on each rank's own partitions (no
+    gather); every rank gets the same answer."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    first = len(named)
+    for index, (_, tensor) in enumerate(named):
+        local = getattr(tensor, "ds_tensor", tensor).detach()
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+            first = index
+            break
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = get_accelerator().current_device_name() if dist.get_backend() != "gloo" else "cpu"
+        flag = torch.tensor([first], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        first = int(flag.item())
+    return named[first][0] if first < len(named) else None
 
 
 class GatheredForward:
@@ -90,6 +165,7 @@ class GatheredForward:
         # Collectives and parameter swaps: kept out of any compiled region (engine.compile) around the module.
         @torch.compiler.disable
         def hook(module, args):
+            GATHER_METER.record(params)
             context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
             context.__enter__()
             self.open[id(module)] = context

@@ -1,10 +1,19 @@
-"""`ascend-edit` (convert): teacher -> edited model -> stage 1 -> stage 2 -> converted checkpoint + report."""
+"""`ascend-edit` (convert): teacher -> edited model -> stage 1 -> stage 2 -> converted checkpoint + report.
+
+Under `engine.zero_stage=3` the model stays partitioned from the teacher's load to the written checkpoint:
+each stage's engine leaves it partitioned (`run_stage(keep_partitioned=True)`), evaluations gather one
+module at a time for its forward (every rank runs them), and `save_converted` gathers one tensor at a time
+to rank 0, which writes. `report.json` records what each rank held whole at the start of each stage and the
+largest number of values ever gathered at once (`zero3`).
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -17,18 +26,28 @@ from ascend_edit.eval.kv import kv_table
 from ascend_edit.eval.metrics import evaluate
 from ascend_edit.models.checkpoint import load_converted_weights, save_converted
 from ascend_edit.models.surgery import plan_entries
+from ascend_edit.models.zero3 import GATHER_METER, full_numel, has_zero_params
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
 
 
-def run(cfg: RootConfig) -> dict:
+def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
+    """The conversion. `partitioned_handoff` (default: under ZeRO-3) keeps the model partitioned between and
+    after the stages; False gathers it whole on every rank after each stage (the reference path in tests)."""
     started = time.perf_counter()
+    GATHER_METER.reset()
     prepared = prepare(cfg)
     if prepared is None:
         return {}
     device, env, model, tokenizer = prepared.device, prepared.env, prepared.model, prepared.tokenizer
     train_set, eval_batches, plan, out_dir = prepared.train_set, prepared.eval_batches, prepared.plan, prepared.out_dir
     console = Console()
+    if partitioned_handoff is None:
+        partitioned_handoff = cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3
+    held: dict[str, dict[str, int]] = {}  # per stage: what this rank holds whole when it starts
+
+    def collective() -> bool:  # every rank takes part in writing the model (it is partitioned)
+        return has_zero_params(model)
 
     results = {"teacher": evaluate(model, eval_batches, "teacher"), "after_init": evaluate(model, eval_batches)}
     console.print(f"teacher ppl {results['teacher']['ppl']:.2f} | after init ppl {results['after_init']['ppl']:.2f}"
@@ -39,10 +58,12 @@ def run(cfg: RootConfig) -> dict:
     stages = {"layerwise": ("layerwise", "both"), "model_level": ("model_level", "both")}
     if cfg.distill.stage in stages["layerwise"] and cfg.distill.layerwise.steps:
         objective = LayerwiseObjective(cfg.distill.layerwise.loss, cfg.distill.layerwise.match)
+        held["layerwise"] = whole_on_this_rank(model)
         histories["layerwise"], timings["layerwise"] = run_stage(
-            "layerwise", model, objective, cfg.distill.layerwise, settings, train_set, device, env, ckpt_dir)
+            "layerwise", model, objective, cfg.distill.layerwise, settings, train_set, device, env, ckpt_dir,
+            keep_partitioned=partitioned_handoff)
         results["after_layerwise"] = evaluate(model, eval_batches)
-        if env.is_main:  # the hand-off point for a stage 2 run as a separate job
+        if env.is_main or collective():  # the hand-off point for a stage 2 run as a separate job
             save_converted(model, cfg.target, out_dir / "stage-layerwise", tokenizer)
     elif cfg.distill.stage == "model_level":
         start = Path(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
@@ -56,8 +77,10 @@ def run(cfg: RootConfig) -> dict:
             console.print("stage 2 starts from the initialised targets (no stage-layerwise/ in the run dir)")
     if cfg.distill.stage in stages["model_level"] and cfg.distill.model_level.steps:
         ml = cfg.distill.model_level
+        held["model_level"] = whole_on_this_rank(model)
         histories["model_level"], timings["model_level"] = run_stage(
-            "model_level", model, model_level_objective(model, ml), ml, settings, train_set, device, env, ckpt_dir)
+            "model_level", model, model_level_objective(model, ml), ml, settings, train_set, device, env, ckpt_dir,
+            keep_partitioned=partitioned_handoff)
         results["after_model_level"] = evaluate(model, eval_batches)
 
     kv = kv_table(model, cfg.eval.context, bytes_per_value=2)
@@ -71,8 +94,16 @@ def run(cfg: RootConfig) -> dict:
               "histories": histories,
               "skipped_steps": {name: [row["step"] for row in rows if row.get("skipped")]
                                 for name, rows in histories.items()}}
-    if env.is_main:
+    if cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3:
+        report["zero3"] = {"stage_start": held, "end": whole_on_this_rank(model),
+                           "largest_gathered_values": GATHER_METER.largest}
+    partitioned = collective()
+    if env.is_main or partitioned:
         save_converted(model, cfg.target, out_dir / "converted", tokenizer)
+    if partitioned and cfg.eval.suite:  # the suite's forwards gather module by module: every rank runs them
+        suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main)
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite=False))
+    if env.is_main:
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
         print_results(console, results, kv)
         console.print(f"converted model: {out_dir / 'converted'}  report: {out_dir / 'report.json'}")
@@ -81,6 +112,33 @@ def run(cfg: RootConfig) -> dict:
         finish_run(model, tokenizer, cfg, out_dir, device, wall_seconds=time.perf_counter() - started)
     distributed.barrier()
     return report
+
+
+def whole_on_this_rank(model) -> dict[str, int]:
+    """Parameter values this rank holds whole (each shared parameter once), the largest single one, and the
+    model's full size: equal under plain PyTorch, the persistent small parameters only under ZeRO-3."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return {"values": sum(p.numel() for p in params), "largest": max(p.numel() for p in params),
+            "full_values": sum(full_numel(p) for p in params)}
+
+
+def suite_on_every_rank(model, tokenizer, cfg: RootConfig, out_dir: Path, device, is_main: bool) -> None:
+    """The held-out suite of `tasks/eval.suite_after_conversion` on a partitioned model: every rank runs the
+    same seeded forwards (each module gathered for its own), rank 0 writes eval.json."""
+    if tokenizer is None:
+        return
+    from ascend_edit.data.heldout import run_documents
+    from ascend_edit.eval.metrics import paired_logits
+    from ascend_edit.eval.suite import held_out_sets, run_suite
+    from ascend_edit.tasks.eval import write_results
+
+    sets = held_out_sets(cfg.eval, run_documents(cfg.data, cfg.device.seed))
+    teacher, student = paired_logits(model)
+    with torch.no_grad():
+        results = run_suite(teacher, student, tokenizer, cfg.eval, sets,
+                            getattr(model.config, "max_position_embeddings", None), device.torch_device)
+    if is_main:
+        write_results(results, out_dir)
 
 
 def stage_throughput(stage: StageConfig, seq_len: int, seconds: float, world_size: int) -> dict:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from ascend_edit.config import RootConfig
-from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES, load_converted
+from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES, converted_weight_files, load_converted
 from ascend_edit.models.export import ExportResult, export_converted
 from ascend_edit.models.loading import TORCH_DTYPES
 from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, verify_manifest
@@ -82,7 +82,7 @@ def load_source(source: ExportSource, dtype: torch.dtype | None):
     """(converted model, tokenizer or None, dtype to export in)."""
     if source.kind == "converted":
         verify_manifest(source.path)  # before reading even a header of it
-        dtype = dtype or stored_dtype_of(source.path / "model.safetensors")
+        dtype = dtype or stored_dtype_of(converted_weight_files(source.path)[0])  # one file or the first shard
         model = load_converted(source.path, dtype=dtype)
         has_tokenizer = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = AutoTokenizer.from_pretrained(source.path) if has_tokenizer else None

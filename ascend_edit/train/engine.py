@@ -15,9 +15,15 @@ by DeepSpeed's module hooks. The objective runs *inside* the DeepSpeed engine's 
 objective are wrapped as one module), so a weight the objective reads directly — the LM head in the
 chunked KD loss — is found by DeepSpeed's external-parameter discovery and gathered for the forward
 and the backward; an extra `GatheredParameters` there would fight that bookkeeping (DeepSpeed refuses
-to free a parameter its hooks hold). `close()` gathers every parameter for good and removes the hooks,
-so evaluation, export and the next stage see an ordinary `nn.Module` with full weights on every rank
-(gathered through the public `GatheredParameters`, then registered as new plain parameters).
+to free a parameter its hooks hold). `close()` removes the hooks and then either
+
+* keeps the model partitioned (`keep_partitioned=True`, what `ascend-edit convert` does): the parameters stay
+  ZeRO-3 parameters, each rank holding its partition, and `models/zero3.GatheredForward` hooks make each
+  module whole for its own no-grad forward only. The next stage's `deepspeed.initialize` takes them as they
+  are (DeepSpeed converts only parameters that are not ZeRO-3 parameters yet — the path of any model built
+  under `zero.Init`), and a partitioned model is written out one tensor at a time (`save_converted`); or
+* gathers every parameter for good, so the caller gets an ordinary `nn.Module` with full weights on every
+  rank (gathered through the public `GatheredParameters`, then registered as new plain parameters).
 """
 from __future__ import annotations
 
@@ -156,8 +162,9 @@ class TorchEngine:
         load_torch_engine(directory, dict(self.model.named_parameters()), self.optimizer, self.scheduler,
                           self.scaler)
 
-    def close(self) -> None:
-        """The model never left PyTorch's hands; the trainable weights go back to the model's dtype."""
+    def close(self, keep_partitioned: bool = False) -> None:
+        """The model never left PyTorch's hands; the trainable weights go back to the model's dtype.
+        (`keep_partitioned`: only ZeRO-3 partitions; accepted for the engines' common surface.)"""
         restore_dtypes(self.params, self._held_dtypes)
 
 
@@ -327,14 +334,21 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
-    def close(self) -> None:
-        """Remove DeepSpeed's hooks; under ZeRO-3 first make every parameter whole again on every rank."""
+    def close(self, keep_partitioned: bool = False) -> None:
+        """Remove DeepSpeed's hooks. Under ZeRO-3 either leave every parameter partitioned, gathered module by
+        module for no-grad forwards (`keep_partitioned`: every rank must then run the same forwards and
+        writes), or first make every parameter whole again on every rank."""
         if self.engine is None:  # closed already
             return
-        full = _gathered_parameters(self.model) if self.cfg.zero_stage == 3 else None
+        partitioned = self.cfg.zero_stage == 3
+        full = _gathered_parameters(self.model) if partitioned and not keep_partitioned else None
         self.engine.destroy()
         if full is not None:
             _replace_parameters(self.model, full)
+        elif partitioned:
+            from ascend_edit.models.zero3 import install_gathered_forward
+
+            install_gathered_forward(self.model)
         self.engine = self.optimizer = self.scheduler = None
 
 

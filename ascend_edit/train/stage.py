@@ -68,12 +68,14 @@ def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
 
 
 def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageConfig, settings: StageSettings,
-              train_set: PackedSequences, device: DeviceInfo, env: DistEnv, ckpt_dir: Path
-              ) -> tuple[list[dict], float]:
+              train_set: PackedSequences, device: DeviceInfo, env: DistEnv, ckpt_dir: Path,
+              keep_partitioned: bool = False) -> tuple[list[dict], float]:
     """Train one stage (resuming from its newest intact checkpoint if asked); returns (history, seconds).
 
     `seconds` is the stage's training time over the whole run, the part before a resume included. The
-    model comes back a plain module with full weights on every rank, whatever the engine. SIGTERM /
+    model comes back a plain module with full weights on every rank, whatever the engine — unless
+    `keep_partitioned` and the engine is ZeRO-3: then it stays partitioned, gathered module by module for
+    no-grad forwards, ready for the next stage's engine (train/engine.py `DeepSpeedEngine.close`). SIGTERM /
     SIGINT during the stage checkpoint it and exit with 75 (train/preemption.py).
     """
     set_trainable(model, stage.trainable)
@@ -105,5 +107,5 @@ def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageCon
     if run.skipped_steps:
         log.warning("%s: %d optimizer steps skipped for a non-finite loss or gradient: %s", name,
                     len(run.skipped_steps), run.skipped_steps[:20])
-    engine.close()
+    engine.close(keep_partitioned=keep_partitioned)
     return history, run.elapsed_s
