@@ -19,6 +19,16 @@ What is checked rather than trusted (a `BundleError` names the module):
 
 `SUBSTITUTES` swaps a module for a bundle-specific one with the same interface: the kernel registry
 (lazy, device-specific backends) becomes `ascend_edit.hf.kernels` (portable backends).
+
+Why not transformers' own `custom_object_save` / `register_for_auto_class` (checked against the pinned
+transformers 5.x source): it copies the file that defines the class plus the files named by its *relative*
+imports, resolved as siblings in the same directory (`<dir>/<name>.py`), and copies nothing an absolute
+import names. The modeling code here spans several sub-packages (`hf/`, `attention/`, `kernels/`) with
+absolute imports, and an annotation-only import of a config dataclass would drag in Hydra; saved that way, the
+checkpoint would ship one file that imports `ascend_edit` and fail to load where it is not installed. Turning
+every import into a same-directory relative one would mean flattening the package itself. What transformers
+does do is load the result: the flat files written here use exactly the sibling relative imports its
+remote-code loader follows, and `auto_map` is written as it expects.
 """
 from __future__ import annotations
 
