@@ -90,14 +90,21 @@ def _layer_range(key: str, values, num_layers: int) -> None:
                           f"(0..{num_layers - 1})")
 
 
-def check_attn_implementation(name: str) -> None:
-    if "/" in name:  # a kernel from the Hugging Face kernels hub: resolved by transformers at load
-        return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def check_attn_implementation(name: str, target_kind: str | None = None) -> None:
+    """A registered implementation (or a kernels-hub one, resolved by transformers at load) and, when the
+    run builds MLA / GateSWA targets (`target_kind`), one whose contract they fit."""
+    if "/" not in name:  # a kernel from the Hugging Face kernels hub: resolved by transformers at load
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
-    if name not in valid:
-        raise ConfigError(f"model.attn_implementation={name!r} is not one of {valid}")
+        valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if name not in valid:
+            raise ConfigError(f"model.attn_implementation={name!r} is not one of {valid}")
+    if target_kind in ("mla", "gate_swa"):
+        from ascend_edit.attention.interface import target_implementation_problem
+
+        problem = target_implementation_problem(name)
+        if problem:
+            raise ConfigError(problem)
 
 
 def check_against_teacher(cfg: RootConfig, config) -> None:
@@ -137,7 +144,7 @@ def check_before_load(cfg: RootConfig, world_size: int = 1) -> None:
         return
     from ascend_edit.models.loading import teacher_config
 
-    check_attn_implementation(cfg.model.attn_implementation)
+    check_attn_implementation(cfg.model.attn_implementation, cfg.target.kind)
     if cfg.task in TRAINING_TASKS:
         check_run_inputs(cfg, world_size)
     check_against_teacher(cfg, teacher_config(cfg.model))

@@ -19,10 +19,10 @@ import copy
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer, sink_window_layer
 from ascend_edit.attention.geometry import AttentionGeometry
+from ascend_edit.attention.interface import attention_function, dense_mask
 from ascend_edit.attention.masks import as_bool_mask, packed_segments, to_sdpa_mask, visible_by_position
 from ascend_edit.attention.rope import apply_rope
 from ascend_edit.kernels.masks import TensorKeyedCache
@@ -93,7 +93,7 @@ class GateSWAAttention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
-            out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+            out, _ = attention_function(self)(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
         return self.o_proj(self._apply_gate(out, hidden_states).reshape(b, s, -1)), None
 
     def _sliding_attention(self, q, k, v, attention_mask, cache, position_ids):
@@ -132,7 +132,8 @@ class GateSWAAttention(nn.Module):
             # transformers' mask covers every token fed so far (padding, packed documents): pick the
             # columns of the keys this layer still holds.
             visible = visible & given.index_select(-1, k_index).expand_as(visible)
-        out, _ = sdpa_attention_forward(self, q, k, v, to_sdpa_mask(visible), dropout=0.0, scaling=self.scaling)
+        mask = dense_mask(self, to_sdpa_mask(visible), q.dtype)
+        out, _ = attention_function(self)(self, q, k, v, mask, dropout=0.0, scaling=self.scaling)
         return out
 
     def _ring_attention(self, layer: StaticSinkWindowLayer, q, k, v, q_pos, given, position_ids):
@@ -149,11 +150,11 @@ class GateSWAAttention(nn.Module):
         assert ring_keys is not None and ring_values is not None  # allocated above
         if q.shape[2] == 1:
             # Decode: the overwritten slot held the token `window` steps back, out of the query's sight.
-            # SDPA over the sinks + window slots only, with a mask from their positions.
+            # Dense attention over the sinks + window slots only, with a mask from their positions.
             write, mask = plan
             layer.apply_write(k, v, write)
-            out, _ = sdpa_attention_forward(self, q, ring_keys, ring_values, mask, dropout=0.0,
-                                            scaling=self.scaling)
+            out, _ = attention_function(self)(self, q, ring_keys, ring_values, mask, dropout=0.0,
+                                              scaling=self.scaling)
             return out
         # Prefill (eager): the ring's keys (unless it is empty) plus the new ones through the registry's
         # sliding-window kernel (flex on CUDA skips out-of-window blocks); padding gets position -1. The
@@ -170,7 +171,7 @@ class GateSWAAttention(nn.Module):
         return out.transpose(1, 2)
 
     def _ring_plan(self, layer: StaticSinkWindowLayer, q_pos: torch.Tensor, given: torch.Tensor | None):
-        """Decode: (write plan, SDPA mask over the ring after the write). Prefill: (write plan, query
+        """Decode: (write plan, dense-attention mask over the ring after the write). Prefill: (write plan, query
         positions with -1 for padding, key positions: the ring's then the new ones, or the new ones alone
         when the ring is empty)."""
         b, s = q_pos.shape
@@ -182,11 +183,11 @@ class GateSWAAttention(nn.Module):
             columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
             real = given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
         write = layer.plan_write(q_pos, real)
-        assert layer.positions is not None  # the ring is initialized before planning
+        assert layer.positions is not None and layer.keys is not None  # the ring is initialized before planning
         if s == 1:
             after = layer.positions.scatter(1, write.slots, write.slot_positions)  # the ring's positions after it
             visible = visible_by_position(q_pos, after, window=self.window, sink_tokens=self.sink_tokens)
-            return write, to_sdpa_mask(visible)
+            return write, dense_mask(self, to_sdpa_mask(visible), layer.keys.dtype)
         new_pos = torch.where(real, q_pos, -1)
         k_pos = torch.cat([layer.positions, new_pos], dim=-1) if layer.holds_tokens else new_pos
         return write, new_pos, k_pos

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 from ascend_edit.attention.geometry import AttentionGeometry
+from ascend_edit.attention.interface import attention_function
 from ascend_edit.attention.masks import as_bool_mask
 from ascend_edit.attention.rope import apply_rope, leading_rope
 from ascend_edit.config import MLAConfig
@@ -156,7 +156,8 @@ class MLAAttention(nn.Module):
             pos = torch.arange(t, device=q.device).expand(b, t)
             out = kernel(q, k, v, q_pos=pos, k_pos=pos, window=0, sink_tokens=0, scale=self.scaling)
             return out.transpose(1, 2)
-        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+        # transformers' attention function for config._attn_implementation, with transformers' own mask
+        out, _ = attention_function(self)(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
         return out
 
     def absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, q_slot=None):
