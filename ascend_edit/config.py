@@ -142,10 +142,11 @@ class MLAConfig:
     kv_budget: Optional[float] = None
     allocation: str = "spectrum"  # spectrum | uniform | sensitivity (measured per-layer output error)
     rank_multiple: int = 8  # every layer's rank is a multiple of this
-    # Warm start: the whitening covariance C of the calibration inputs is shrunk toward a scaled identity,
-    # (1 - a) C + a (tr C / d) I, so directions the calibration text barely excites keep some weight
-    # (0: whiten by C as measured; 1: plain weight SVD). docs/results.md has the sweep.
+    # Warm start: the whitening covariance C of the calibration inputs is shrunk, (1 - a) C + a T, so the
+    # fit leans less on what only the calibration text shows (0: whiten by C as measured). T: identity =
+    # (tr C / d) I (a = 1: plain weight SVD) or diagonal = diag(C). docs/results.md has the sweep.
     whitening_shrinkage: float = 0.0
+    whitening_shrinkage_toward: str = "identity"  # identity: (tr C / d) I | diagonal: diag(C)
 
     def __post_init__(self):
         for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
@@ -153,6 +154,7 @@ class MLAConfig:
         if not 0 <= self.whitening_shrinkage <= 1:
             raise ConfigError(f"target.mla.whitening_shrinkage={self.whitening_shrinkage} must be in [0, 1] "
                               "(0: whiten by the calibration covariance, 1: unwhitened SVD)")
+        _choice("target.mla.whitening_shrinkage_toward", self.whitening_shrinkage_toward, ("identity", "diagonal"))
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise ConfigError(f"target.mla.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
                               "teacher's KV bytes per token) or null")

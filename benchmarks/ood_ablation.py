@@ -9,11 +9,22 @@ separate the two.
     python benchmarks/ood_ablation.py experiment=smollm2_mla [overrides ...] [--calibration mix]
 
 Prints one table; writes `ood_ablation.json` into `output_dir`.
+
+`--init-sweep` measures warm starts only (no training): one row per latent rank (`--ranks`), whitening
+shrinkage (`--shrinkage`, target.mla.whitening_shrinkage) and calibration size (`--calibration-batches`),
+all from one teacher load, in domain and on python_docs at the run's sequence length and, with
+`--long-context N`, on windows of N tokens (as the held-out suite cuts them). Writes `ood_init_sweep.json`.
+
+    python benchmarks/ood_ablation.py experiment=smollm2_mla --init-sweep --ranks 128 64 \
+        --shrinkage 0 0.01 0.05 0.2 1 --long-context 1024
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +39,8 @@ from ascend_edit.data.packing import pack_documents
 from ascend_edit.device import resolve_device, seed_everything
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
-from ascend_edit.eval.metrics import evaluate
+from ascend_edit.eval.long_context import token_stream, window_batches, windows
+from ascend_edit.eval.metrics import compare, evaluate, model_logits
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model
 from ascend_edit.train.stage import run_stage, stage_settings
@@ -39,6 +51,18 @@ def main() -> None:
     parser.add_argument("--calibration", default=None, help="data config to calibrate the warm start on, "
                         "e.g. mix or files:/path/to/texts (default: the training data)")
     parser.add_argument("--ood-sequences", type=int, default=16)
+    parser.add_argument("--init-sweep", action="store_true", help="warm starts only, one row per setting")
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="--init-sweep: latent ranks "
+                        "(default: target.mla.kv_lora_rank)")
+    parser.add_argument("--shrinkage", type=float, nargs="+", default=None, help="--init-sweep: whitening "
+                        "shrinkage values (default: target.mla.whitening_shrinkage)")
+    parser.add_argument("--shrink-toward", default=None, choices=("identity", "diagonal"), help="--init-sweep: "
+                        "target.mla.whitening_shrinkage_toward (default: the config's)")
+    parser.add_argument("--calibration-batches", type=int, nargs="+", default=None, help="--init-sweep: "
+                        "calibration batch counts (default: target.calibration_batches)")
+    parser.add_argument("--long-context", type=int, default=0, help="--init-sweep: also score windows of "
+                        "this many tokens (0: off)")
+    parser.add_argument("--long-sequences", type=int, default=2, help="--init-sweep: windows per domain")
     args, overrides = parser.parse_known_args()
     register_configs()
     with initialize_config_module("ascend_edit.conf", version_base="1.3"):
@@ -64,6 +88,13 @@ def main() -> None:
     ood_set = pack_documents(python_docs_documents(), tokenizer, cfg.data.seq_len)
     out_of_domain = batches_of(ood_set, range(min(args.ood_sequences, len(ood_set))), bs, dev)
     calibration = batches_of(calib_set, range(min(cfg.target.calibration_batches * bs, len(calib_set))), bs, dev)
+    if args.init_sweep:
+        long_sets = {}
+        if args.long_context:
+            long_sets = _long_windows(cfg, tokenizer, args.long_context, args.long_sequences, dev)
+        init_sweep(args, cfg, model, calib_set, {"in_domain": in_domain, "python_docs": out_of_domain}, long_sets,
+                   started)
+        return
     plan = build_plan(model.config.num_hidden_layers, cfg.target)
     stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
     edit_model(model, plan, cfg.target, stats)
@@ -105,6 +136,68 @@ def main() -> None:
               "train_data": repr(train_set)}
     (Path(cfg.output_dir) / "ood_ablation.json").write_text(json.dumps(report, indent=2))
     print(f"wall {report['wall_seconds']:.0f} s, process CPU {report['cpu_seconds']:.0f} s; train {seconds}")
+
+
+def _long_windows(cfg, tokenizer, context: int, count: int, device) -> dict[str, list[dict]]:
+    """Windows of `context` tokens of the run's held-out documents and of python_docs (the suite's cut)."""
+    from ascend_edit.data.heldout import run_documents
+
+    split = run_documents(cfg.data, cfg.device.seed)
+    texts = {"in_domain": split[1] if split else [], "python_docs": python_docs_documents()}
+    return {name: window_batches(windows(token_stream(docs, tokenizer, context * count), context, count),
+                                 cfg.eval.batch_tokens, device)
+            for name, docs in texts.items() if docs}
+
+
+def init_sweep(args, cfg, teacher, calib_set, short_sets: dict, long_sets: dict, started: float) -> None:
+    """Warm start only, per (calibration batches, rank, shrinkage): held-out metrics in and out of domain."""
+    bs, dev = cfg.eval.batch_size, next(teacher.parameters()).device
+    ranks = args.ranks or [cfg.target.mla.kv_lora_rank]
+    alphas = args.shrinkage if args.shrinkage is not None else [cfg.target.mla.whitening_shrinkage]
+    counts = args.calibration_batches or [cfg.target.calibration_batches]
+    sets = {**short_sets, **{f"{name}@{args.long_context}": b for name, b in long_sets.items()}}
+    plan = build_plan(teacher.config.num_hidden_layers, cfg.target)
+    # the teacher's logits once per batch (fp32, ~0.4 GB per 2K tokens), reused by every row
+    with torch.no_grad():
+        cached = {id(b): model_logits(teacher)(b) for batches in sets.values() for b in batches}
+
+    def cached_teacher(batch: dict) -> torch.Tensor:
+        return cached[id(batch)]
+
+    reference = {}
+    rows = []
+    for count in counts:
+        calibration = batches_of(calib_set, range(min(count * bs, len(calib_set))), bs, dev)
+        stats = collect_layer_stats(teacher, calibration)
+        for rank in ranks:
+            for alpha in alphas:
+                target = dataclasses.replace(cfg.target, calibration_batches=count, mla=dataclasses.replace(
+                    cfg.target.mla, kv_lora_rank=rank, whitening_shrinkage=alpha,
+                    whitening_shrinkage_toward=args.shrink_toward or cfg.target.mla.whitening_shrinkage_toward))
+                student = edit_model(copy.deepcopy(teacher), plan, target, stats)
+                row = {"calibration_sequences": count * bs, "kv_lora_rank": rank, "whitening_shrinkage": alpha,
+                       "toward": target.mla.whitening_shrinkage_toward}
+                for name, batches in sets.items():
+                    m = compare(cached_teacher, model_logits(student), batches)
+                    reference[name] = m["teacher"]
+                    row[name] = {**m["student"], "ppl_ratio": m["student"]["ppl"] / m["teacher"]["ppl"]}
+                rows.append(row)
+                print(_format_row(row, sets), flush=True)
+                del student
+    print("\nteacher ppl: " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in reference.items()))
+    print(f"{'calib seqs':>10} {'rank':>5} {'alpha':>6} " + " ".join(f"{k + ' ×':>16} {'KL':>6}" for k in sets))
+    for row in rows:
+        print(_format_row(row, sets))
+    report = {"teacher": reference, "rows": rows, "overrides": sys.argv[1:],
+              "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time()}
+    (Path(cfg.output_dir) / "ood_init_sweep.json").write_text(json.dumps(report, indent=2))
+    print(f"wall {report['wall_seconds']:.0f} s, process CPU {report['cpu_seconds']:.0f} s")
+
+
+def _format_row(row: dict, sets: dict) -> str:
+    cells = " ".join(f"{row[k]['ppl_ratio']:16.3f} {row[k]['teacher_kl']:6.3f}" for k in sets)
+    return (f"{row['calibration_sequences']:>10} {row['kv_lora_rank']:>5} {row['whitening_shrinkage']:>6g} "
+            + cells)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Warm starts:
 * MLA: a whitened joint SVD of the stacked key (position-free part) and value projections gives
   the latent down/up projections; the shared RoPE key takes, per kept frequency, the principal
   direction across KV heads. Whitening by the covariance of the layer's real inputs makes the
-  low-rank fit minimise the error on actual activations, not on weights.
+  low-rank fit minimise the error on actual activations, not on weights. `whitening_shrinkage` pulls
+  that covariance toward a scaled identity, so directions the calibration text barely excites (but
+  other text does) are not dropped for free.
 """
 from __future__ import annotations
 
@@ -60,6 +62,22 @@ def init_gate_swa_from_teacher(target: GateSWAAttention, teacher: nn.Module) -> 
         target.o_proj.weight.mul_(2.0)  # σ(0) = 1/2 on every head: undo it
 
 
+def shrink_covariance(cov: torch.Tensor, alpha: float, toward: str = "identity") -> torch.Tensor:
+    """(1 - alpha) C + alpha T, T = (tr C / d) I (`identity`: the same total energy spread over every
+    direction) or T = diag(C) (`diagonal`: each input dim keeps its own scale, only the correlations
+    measured on the calibration text are pulled toward zero).
+
+    alpha = 0 returns C itself (the whitening as measured); alpha = 1 with `identity` a scaled identity,
+    under which the whitened SVDs are plain weight SVDs."""
+    if alpha == 0:
+        return cov
+    if toward == "diagonal":
+        return (1 - alpha) * cov + alpha * torch.diag(torch.diagonal(cov))
+    d = cov.shape[0]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    return (1 - alpha) * cov + alpha * (torch.trace(cov) / d) * eye
+
+
 def _matrix_sqrt(cov: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
     """Symmetric square root of a covariance, damped relative to its mean eigenvalue."""
     evals, evecs = torch.linalg.eigh(cov)
@@ -69,8 +87,11 @@ def _matrix_sqrt(cov: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
 
 @torch.no_grad()
 def init_mla_from_teacher(target: MLAAttention, teacher: nn.Module, geometry: AttentionGeometry,
-                          stats: LayerStats | None) -> dict[str, float]:
+                          stats: LayerStats | None, whitening_shrinkage: float = 0.0,
+                          shrink_toward: str = "identity") -> dict[str, float]:
     """Warm-start an MLAAttention from a GQA teacher. Returns fit diagnostics.
+
+    `whitening_shrinkage`, `shrink_toward` (target.mla.whitening_shrinkage / _toward): see shrink_covariance.
 
     Shapes: H query heads, G KV heads, d teacher head dim, r rope, n nope, v value head dim, c latent.
     """
@@ -78,7 +99,7 @@ def init_mla_from_teacher(target: MLAAttention, teacher: nn.Module, geometry: At
     H, G, d = g.num_heads, g.num_kv_heads, g.head_dim
     r, n, v, c = target.qk_rope_head_dim, target.qk_nope_head_dim, target.v_head_dim, target.kv_lora_rank
     D = g.hidden_size
-    maps = _linear_maps(teacher, g, stats, target.scaling, r)
+    maps = _linear_maps(teacher, g, stats, target.scaling, r, whitening_shrinkage, shrink_toward)
     f64, cov, cov_half = maps.f64, maps.cov, maps.cov_half
     wq, wk, bk = maps.wq, maps.wk, maps.bk
     rope_idx, group_of_head = maps.rope_idx, maps.group_of_head
@@ -154,8 +175,8 @@ class _LinearMaps:
     """The teacher attention's projections as float64 linear maps, with the calibration whitening."""
 
     f64: _Float64
-    cov: torch.Tensor
-    cov_half: torch.Tensor
+    cov: torch.Tensor  # the calibration covariance as measured
+    cov_half: torch.Tensor  # square root of the (shrunk) covariance the fits whiten by
     wq: torch.Tensor  # [H, d, D], scaled for the target's softmax scale
     wk: torch.Tensor  # [G, d, D]
     wv: torch.Tensor  # [G, d, D]
@@ -167,13 +188,13 @@ class _LinearMaps:
 
 
 def _linear_maps(teacher: nn.Module, g: AttentionGeometry, stats: LayerStats | None, target_scaling: float,
-                 rope_dim: int) -> _LinearMaps:
+                 rope_dim: int, whitening_shrinkage: float = 0.0, shrink_toward: str = "identity") -> _LinearMaps:
     H, G, d, D = g.num_heads, g.num_kv_heads, g.head_dim, g.hidden_size
     # Work on the weights' device (SVDs of real-size layers are far faster on an accelerator).
     q_proj, k_proj, v_proj = (_projection(teacher, name) for name in ("q_proj", "k_proj", "v_proj"))
     f64: _Float64 = {"dtype": torch.float64, "device": q_proj.weight.device}
     cov = stats.input_cov.to(**f64) if stats is not None else torch.eye(D, **f64)
-    cov_half = _matrix_sqrt(cov)
+    cov_half = _matrix_sqrt(shrink_covariance(cov, whitening_shrinkage, shrink_toward))
 
     # Linear stand-ins for the teacher's projections; Qwen3's q/k RMSNorm becomes its weight divided
     # by the mean RMS seen on calibration data (exact up to each token's deviation from that mean).
@@ -232,7 +253,8 @@ def latent_spectrum(teacher: nn.Module, geometry: AttentionGeometry, stats: Laye
     budget across layers). `cfg` is the MLA config (rope, nope and value dims are read from it).
     """
     scaling = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-    maps = _linear_maps(teacher, geometry, stats, scaling, cfg.qk_rope_head_dim)
+    maps = _linear_maps(teacher, geometry, stats, scaling, cfg.qk_rope_head_dim, cfg.whitening_shrinkage,
+                        cfg.whitening_shrinkage_toward)
     rows, _, _ = _position_free_rows(maps, cfg.qk_nope_head_dim, cfg.v_head_dim)
     return torch.linalg.svdvals(rows[:, : geometry.hidden_size] @ maps.cov_half)
 

@@ -122,7 +122,8 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
 
 
 def initialise_target(target: nn.Module, entry: LayerPlan, teacher_attn: nn.Module, init: str,
-                      model_config, stats: LayerStats | None, whitening_shrinkage: float = 0.0) -> dict:
+                      model_config, stats: LayerStats | None, whitening_shrinkage: float = 0.0,
+                      shrink_toward: str = "identity") -> dict:
     if entry.kind == "identity":
         return {}
     if init == "random":
@@ -132,7 +133,7 @@ def initialise_target(target: nn.Module, entry: LayerPlan, teacher_attn: nn.Modu
         # make_target built the module of the entry's kind
         mla = cast("MLAAttention", target)
         return init_mla_from_teacher(mla, teacher_attn, read_geometry(teacher_attn, model_config), stats,
-                                     whitening_shrinkage)
+                                     whitening_shrinkage, shrink_toward)
     init_gate_swa_from_teacher(cast("GateSWAAttention", target), teacher_attn)
     return {}
 
@@ -161,7 +162,8 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
         with gather(teacher_attn) if gather is not None else nullcontext():
             target = make_target(entry, teacher_attn, cfg, model.config)
             info = initialise_target(target, entry, teacher_attn, cfg.init, model.config,
-                                     (stats or {}).get(entry.layer_idx), cfg.mla.whitening_shrinkage)
+                                     (stats or {}).get(entry.layer_idx), cfg.mla.whitening_shrinkage,
+                                 cfg.mla.whitening_shrinkage_toward)
         if info:
             log.debug("layer %d init: %s", entry.layer_idx, info)
         layer.self_attn = EditedAttention(teacher_attn, target, entry.layer_idx)
