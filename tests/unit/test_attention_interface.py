@@ -20,9 +20,10 @@ from ascend_edit.attention.gate_swa import GateSWAAttention
 from ascend_edit.attention.interface import attention_function, target_implementation_problem
 from ascend_edit.attention.mla import MLAAttention
 from ascend_edit.config import ConfigError, GateSWAConfig, MLAConfig, TargetConfig
-from ascend_edit.models.surgery import build_plan, edit_model
 from ascend_edit.validation import check_attn_implementation
-from tests.conftest import tiny_model
+from tests.helpers.converted import converted_tiny
+from tests.integration.test_decode_static import padded_prompts
+from tests.unit.test_decode_op_counts import one_thread  # noqa: F401  (autouse fixture: one CPU thread)
 
 WINDOW, SINKS = 6, 2
 MLA = MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)  # v dim != q/k dim
@@ -48,31 +49,13 @@ AttentionInterface.register(COUNTING, counting_attention)
 AttentionMaskInterface.register(COUNTING, sdpa_mask)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def converted(target: str, naive_mla: bool) -> torch.nn.Module:
-    model = tiny_model("qwen3")
-    cfg = TARGETS[target]
-    edit_model(model, build_plan(model.config.num_hidden_layers, cfg), cfg)
+    model = converted_tiny(TARGETS[target])
     if naive_mla:  # decode through the dense path too, not the absorbed kernel
         for module in model.modules():
             if isinstance(module, MLAAttention):
                 module.path = "naive"
     return model.eval()
-
-
-def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    return ids, mask
 
 
 def run(model, implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,9 +126,7 @@ def test_an_exported_checkpoints_targets_call_the_registered_function(target: st
     cfg = TARGETS[target]
     if target == "mla":  # with the latent norm it would export as native deepseek_v3, not through auto_map
         cfg = dataclasses.replace(cfg, mla=dataclasses.replace(MLA, latent_norm=False))
-    model = tiny_model("qwen3")
-    edit_model(model, build_plan(model.config.num_hidden_layers, cfg), cfg)
-    result = export_converted(model.eval(), tmp_path / "hf")
+    result = export_converted(converted_tiny(cfg), tmp_path / "hf")
     assert result.format == "auto_map"
     exported = load_exported(tmp_path / "hf", trust_remote_code=True)
     want = run(exported, "sdpa")

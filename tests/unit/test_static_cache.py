@@ -14,8 +14,7 @@ from transformers import StaticCache
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
 from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
 from ascend_edit.models.static_decode import StaticDecoder
-from ascend_edit.models.surgery import build_plan, edit_model
-from tests.conftest import tiny_model
+from tests.helpers.converted import converted_tiny
 
 WINDOW, SINKS = 6, 2
 TARGETS = {
@@ -38,10 +37,7 @@ def one_thread():
 
 
 def converted(target: str) -> torch.nn.Module:
-    model = tiny_model("qwen3")
-    cfg = TARGETS[target]
-    edit_model(model, build_plan(model.config.num_hidden_layers, cfg), cfg)
-    return model.eval()
+    return converted_tiny(TARGETS[target])
 
 
 def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
