@@ -65,6 +65,7 @@ def test_bench_decode_subcommand_compares_the_teacher_with_the_configured_target
     assert all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.slow  # ~45 s of compiling; tests/unit/test_static_cache.py covers the reuse of one compiled step
 def test_compiled_cells_share_one_compile_per_cache_length_and_profile_the_compiled_step(tmp_path):
     """Compiled cells of one batch share one decoder (`--compile-cache largest`): the second context compiles
     nothing; `KIND:BxT` runs a cell for that model alone (the teacher's anchor); the compiled step is profiled

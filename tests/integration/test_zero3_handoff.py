@@ -34,7 +34,8 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 moe_intermediate_size=512)
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["world1", "world2"])
+# One process runs in the default suite; two (the same checks across real partitions) carry the slow marker.
+@pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["world1", "world2"])
 def runs(request, teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp(f"handoff_world{request.param}")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
