@@ -103,11 +103,11 @@ GATHER_METER = GatherMeter()
 
 def gathered(module: nn.Module) -> AbstractContextManager:
     """Every parameter of `module` whole on every rank inside the context (read-only)."""
-    import deepspeed
+    from ascend_edit.train.engine import gather_whole
 
     params = list(module.parameters())
     GATHER_METER.record(params)
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return gather_whole(params)
 
 
 def gathered_tensors(named: Iterable[tuple[str, torch.Tensor]], writer: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
@@ -118,10 +118,10 @@ def gathered_tensors(named: Iterable[tuple[str, torch.Tensor]], writer: bool) ->
         if not is_zero_param(tensor):
             yield name, tensor.detach().contiguous().cpu() if writer else None
             continue
-        import deepspeed  # a ZeRO-3 parameter exists, so DeepSpeed is installed
+        from ascend_edit.train.engine import gather_whole  # a ZeRO-3 parameter exists: DeepSpeed is installed
 
         GATHER_METER.record([tensor])
-        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        with gather_whole([tensor]):
             # a copy: the gathered values are released when the context closes
             yield name, tensor.detach().to("cpu", copy=True).contiguous() if writer else None
 
@@ -130,7 +130,8 @@ def first_non_finite_anywhere(named: list[tuple[str, torch.Tensor]]) -> str | No
     """The first name whose values hold NaN/inf on any rank, checked on each rank's own partitions (no
     gather); every rank gets the same answer."""
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
+
+    from ascend_edit.train.engine import accelerator_device_name
 
     first = len(named)
     for index, (_, tensor) in enumerate(named):
@@ -139,7 +140,7 @@ def first_non_finite_anywhere(named: list[tuple[str, torch.Tensor]]) -> str | No
             first = index
             break
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = get_accelerator().current_device_name() if dist.get_backend() != "gloo" else "cpu"
+        device = accelerator_device_name() if dist.get_backend() != "gloo" else "cpu"
         flag = torch.tensor([first], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         first = int(flag.item())
@@ -160,13 +161,13 @@ class GatheredForward:
                 self.handles.append(module.register_forward_hook(self._release))
 
     def _gather(self, params: list[nn.Parameter]):
-        import deepspeed
+        from ascend_edit.train.engine import gather_whole
 
         # Collectives and parameter swaps: kept out of any compiled region (engine.compile) around the module.
         @torch.compiler.disable
         def hook(module, args):
             GATHER_METER.record(params)
-            context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            context = gather_whole(params)
             context.__enter__()
             self.open[id(module)] = context
 

@@ -360,6 +360,21 @@ def _grad_norm(params: list[nn.Parameter]) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
+def gather_whole(params: list[nn.Parameter] | list[torch.Tensor]):
+    """Context in which the ZeRO-3 parameters `params` are whole on every rank, read-only (DeepSpeed's public
+    `GatheredParameters`; this module is the one place that imports DeepSpeed)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def accelerator_device_name() -> str:
+    """The current rank's accelerator as DeepSpeed names it (where NCCL / HCCL collectives need their tensors)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
 def _gathered_parameters(model: nn.Module) -> dict[int, nn.Parameter]:
     """A plain, whole copy of every parameter of a ZeRO-3 model, by the id of the parameter it copies.
 
