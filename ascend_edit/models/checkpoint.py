@@ -10,10 +10,15 @@ Weights: `model.safetensors` when they fit one shard (`SHARD_BYTES`), else Huggi
 written by every rank together: one parameter at a time is gathered and copied to rank 0's host memory, and
 rank 0 writes each shard as it fills (models/zero3.py `gathered_tensors`), so no device ever holds more than
 its partitions and one whole tensor.
+
+Read back under ZeRO-3 (`load_converted(zero3=...)`, `load_converted_weights` into a partitioned model), each
+stored tensor is written into its partitions one at a time, names and shapes checked on the headers first;
+`gathered_converted` makes such a model whole on rank 0's host only (the separate `export` job).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -187,9 +192,21 @@ def _target_config(raw: dict) -> TargetConfig:
     return TargetConfig(**raw)
 
 
-def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a converted model from `save_converted` output; returns it with targets in place."""
+def load_converted(directory: Path, dtype: torch.dtype = torch.float32, zero3: dict | None = None) -> nn.Module:
+    """Rebuild a converted model from `save_converted` output; returns it with targets in place.
+
+    `zero3`: a `zero.Init` config (models/zero3.py `partitioned_load_config`): the model is built ZeRO-3
+    partitioned and each stored tensor is written into its partitions one at a time, so no rank ever holds
+    more than its partitions and one tensor (every rank of the job must call this; gradients off)."""
     directory = Path(directory)
+    config, target, plan = read_converted_meta(directory)
+    if zero3 is not None:
+        return _load_converted_partitioned(directory, config, target, plan, dtype, zero3)
+    return assemble_converted(directory, config, target, plan, read_converted_weights(directory), dtype)
+
+
+def read_converted_meta(directory: Path) -> tuple[PretrainedConfig, TargetConfig, list[LayerPlan]]:
+    """(HF config, target config with `init=random`, plan) of a converted directory, its manifest verified."""
     meta_file = directory / CONVERTED_MARKER
     if not meta_file.exists():
         raise FileNotFoundError(f"{directory} is not a converted model: no ascend_edit.json")
@@ -198,15 +215,19 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
     config = AutoConfig.from_pretrained(directory)
+    target = dataclasses.replace(_target_config(meta["target"]), init="random")
+    return config, target, plan_from_entries(meta["plan"])
+
+
+def assemble_converted(directory: Path, config: PretrainedConfig, target: TargetConfig, plan: list[LayerPlan],
+                       state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """An ordinary CPU model of the converted architecture holding exactly `state` (built on meta, assigned)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    target = dataclasses.replace(_target_config(meta["target"]), init="random")
-    plan = plan_from_entries(meta["plan"])
     edit_model(model, plan, target)
     unwrap_targets(model)
     model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(read_converted_weights(directory), strict=False,
-                                                assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         missing = [m for m in missing if m != "lm_head.weight"]
@@ -218,6 +239,70 @@ def load_converted(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     fresh_rotary_buffers(model)
     model.edit_plan = plan
     return model.eval()
+
+
+def _load_converted_partitioned(directory: Path, config: PretrainedConfig, target: TargetConfig,
+                                plan: list[LayerPlan], dtype: torch.dtype, zero3: dict) -> nn.Module:
+    """`load_converted` under ZeRO-3: the teacher architecture built under `zero.Init` (transformers' ZeRO-3
+    integration), the converted attentions built plain (one teacher attention gathered at a time, as in the
+    conversion) and partitioned at once, then the stored tensors written into the partitions one by one."""
+    from ascend_edit.models.zero3 import gathered, partition_remaining, partitioned_construction
+
+    with partitioned_construction(zero3):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    edit_model(model, plan, target, gather=gathered)
+    unwrap_targets(model)  # the teacher attentions' partitions go with them
+    partition_remaining(model, zero3)
+    model.requires_grad_(False)
+    own = {name: t for name, t in converted_state_dict(model, keep_vars=True).items() if "rotary_emb" not in name}
+    load_partitioned_weights(own, directory)
+    fresh_rotary_buffers(model)
+    model.edit_plan = plan
+    return model.eval()
+
+
+def load_partitioned_weights(own: dict[str, torch.Tensor], directory: Path) -> None:
+    """Write a converted directory's tensors into `own` (name -> parameter or buffer, ZeRO-3 ones included), one
+    tensor at a time in the files' order (the same on every rank). Every name and shape is checked against the
+    files' headers first, so a mismatch is refused on every rank alike before any collective."""
+    from safetensors import safe_open
+
+    from ascend_edit.models.zero3 import write_whole
+
+    files = converted_weight_files(directory)
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            stored.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    missing = [name for name in own if name not in stored]
+    unexpected = [name for name in stored if name not in own]
+    wrong = [f"{n} {stored[n]} vs {tuple(getattr(own[n], 'ds_shape', own[n].shape))}" for n in stored
+             if n in own and stored[n] != tuple(getattr(own[n], "ds_shape", own[n].shape))]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{directory}: weights do not match the plan (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatches {wrong[:3]})")
+    writer = rank_and_world()[0] == 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                write_whole(own[name], functools.partial(f.get_tensor, name), writer)
+
+
+def gathered_converted(model: nn.Module, directory: Path, dtype: torch.dtype) -> nn.Module | None:
+    """A ZeRO-3 partitioned converted model made whole on rank 0's host: one parameter at a time is gathered
+    and copied to rank 0's CPU memory (models/zero3.py `gathered_tensors`, as `save_converted` writes), then
+    assembled as `load_converted` assembles a directory's weights. Every rank calls this; rank 0 gets the
+    ordinary CPU model, the others None. `directory`: the converted directory `model` was loaded from."""
+    from ascend_edit.models.zero3 import gathered_tensors
+
+    writer = rank_and_world()[0] == 0
+    named = [(name, t) for name, t in converted_state_dict(model, keep_vars=True).items()
+             if "rotary_emb" not in name]
+    state = {name: tensor for name, tensor in gathered_tensors(named, writer) if tensor is not None}
+    if not writer:
+        return None
+    config, target, plan = read_converted_meta(Path(directory))
+    return assemble_converted(Path(directory), config, target, plan, state, dtype)
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
@@ -245,30 +330,67 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
     """Load `save_converted` weights into an *edited* model (targets under `.self_attn.target.`).
 
     This is the hand-off between stages run as separate jobs: stage 2 starts from stage 1's result.
-    The plan stored with the weights must match the model's.
+    The plan stored with the weights must match the model's. A model holding ZeRO-3 parameters (a teacher
+    loaded partitioned) takes them one tensor at a time into its partitions (`load_partitioned_weights`):
+    every rank calls this.
     """
+    from ascend_edit.models.zero3 import has_zero_params
+
     directory = Path(directory)
     verify_manifest(directory)
     meta = json.loads((directory / CONVERTED_MARKER).read_text())
     own_plan = plan_entries(cast(list[LayerPlan], model.edit_plan))  # set by edit_model
     if meta["plan"] != own_plan:
         raise ValueError(f"{directory}: its layer plan differs from this run's plan")
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
+    if has_zero_params(model):
+        _load_weights_partitioned(own, directory, meta["target"]["kind"])
+        return
     renamed = {}
     for name, tensor in read_converted_weights(directory).items():
         target_name = name.replace(".self_attn.", ".self_attn.target.")
         renamed[target_name if target_name in own else name] = tensor
-    missing = [k for k in own if k not in renamed and ".self_attn.teacher." not in k and k != "lm_head.weight"
-               and "rotary_emb" not in k]
-    if missing:
-        raise ValueError(f"{directory}: weights missing for {missing[:5]}")
-    unknown = [k for k in renamed if k not in own]
-    wrong_shape = [f"{k} {tuple(t.shape)} vs {tuple(own[k].shape)}" for k, t in renamed.items()
-                   if k in own and own[k].shape != t.shape]
-    if unknown or wrong_shape:
-        raise ValueError(f"{directory} does not match this run's target config "
-                         f"(stored target: {meta['target']['kind']}); unknown weights {unknown[:3]}, "
-                         f"shape mismatches {wrong_shape[:3]}")
+    _check_stage_weights(own, {k: tuple(t.shape) for k, t in renamed.items()}, directory, meta["target"]["kind"])
     with torch.no_grad():
         for name, tensor in renamed.items():
             own[name].copy_(tensor)
+
+
+def _check_stage_weights(own: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]], directory: Path,
+                         kind: str) -> None:
+    """Every student weight of `own` is stored, and nothing else, in its own (full, unpartitioned) shape."""
+    missing = [k for k in own if k not in stored and ".self_attn.teacher." not in k and k != "lm_head.weight"
+               and "rotary_emb" not in k]
+    if missing:
+        raise ValueError(f"{directory}: weights missing for {missing[:5]}")
+    unknown = [k for k in stored if k not in own]
+    wrong_shape = [f"{k} {shape} vs {tuple(getattr(own[k], 'ds_shape', own[k].shape))}" for k, shape in stored.items()
+                   if k in own and tuple(getattr(own[k], "ds_shape", own[k].shape)) != shape]
+    if unknown or wrong_shape:
+        raise ValueError(f"{directory} does not match this run's target config "
+                         f"(stored target: {kind}); unknown weights {unknown[:3]}, "
+                         f"shape mismatches {wrong_shape[:3]}")
+
+
+def _load_weights_partitioned(own: dict[str, torch.Tensor], directory: Path, kind: str) -> None:
+    """`load_converted_weights` for a model with ZeRO-3 parameters: names and shapes checked on the headers,
+    then one tensor at a time in the files' order (the same on every rank), rank 0 reading it."""
+    from safetensors import safe_open
+
+    from ascend_edit.models.zero3 import write_whole
+
+    def own_name(name: str) -> str:
+        target_name = name.replace(".self_attn.", ".self_attn.target.")
+        return target_name if target_name in own else name
+
+    files = converted_weight_files(directory)
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            stored.update({own_name(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    _check_stage_weights(own, stored, directory, kind)
+    writer = rank_and_world()[0] == 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                write_whole(own[own_name(name)], functools.partial(f.get_tensor, name), writer)

@@ -18,6 +18,12 @@ Under `engine.zero_stage=3` no rank should ever hold the whole teacher (Qwen3-30
 * `gathered_tensors` — one parameter whole at a time, copied to the CPU on the writing rank only: how a
   partitioned model is written out (models/checkpoint.py `save_converted`).
 
+* `partitioned_load_config` / `partition_remaining` / `write_whole` — a saved model rebuilt partitioned
+  (models/checkpoint.py `load_converted(zero3=...)`, `load_converted_weights`): the teacher's modules under
+  `zero.Init`, the converted attentions partitioned once built, then each stored tensor written into its
+  partitions one at a time (rank 0 reads it; `GatheredParameters(modifier_rank=0)` partitions it again). The
+  separate `eval` and `export` jobs and stage-2-only conversions under ZeRO-3 load this way.
+
 `GATHER_METER` records the largest number of values made whole at once by these helpers, so a run (and its
 tests) can show that nothing bigger than one module was ever materialised outside DeepSpeed's own hooks.
 
@@ -26,7 +32,7 @@ The targets built by the surgery are ordinary parameters (attention only: small 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -44,6 +50,14 @@ def zero3_init_config(dtype: torch.dtype, offload_params: bool = False) -> dict[
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
             "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+
+
+def partitioned_load_config(engine: Any, dtype: torch.dtype) -> dict[str, Any] | None:
+    """The `zero.Init` config to build a model partitioned with when the job's engine is ZeRO-3
+    (`engine.kind=deepspeed engine.zero_stage=3`, the keys the conversion decides by), else None."""
+    if engine.kind != "deepspeed" or engine.zero_stage != 3:
+        return None
+    return zero3_init_config(dtype, offload_params=engine.offload_params)
 
 
 @contextmanager
@@ -124,6 +138,42 @@ def gathered_tensors(named: Iterable[tuple[str, torch.Tensor]], writer: bool) ->
         with gather_whole([tensor]):
             # a copy: the gathered values are released when the context closes
             yield name, tensor.detach().to("cpu", copy=True).contiguous() if writer else None
+
+
+def partition_remaining(model: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Partition every parameter of `model` that is not a ZeRO-3 parameter yet (modules added after the
+    partitioned construction: the converted attentions); ZeRO-3 parameters are left as they are."""
+    from ascend_edit.train.engine import partition_parameters
+
+    partition_parameters(model, ds_config)
+
+
+def write_whole(param: torch.Tensor, value: Callable[[], torch.Tensor], writer: bool) -> None:
+    """Set `param` to the whole tensor `value()`. A ZeRO-3 parameter is gathered alone, the writing rank
+    (rank 0) copies `value()` in — only it reads the value — and DeepSpeed partitions it again on exit:
+    collective, every rank calls this for the same parameters in the same order. Any other tensor is
+    copied on every rank."""
+    with torch.no_grad():
+        if not is_zero_param(param):
+            param.copy_(value())
+            return
+        from ascend_edit.train.engine import gather_to_modify  # a ZeRO-3 parameter exists: DeepSpeed is installed
+
+        GATHER_METER.record([param])
+        with gather_to_modify([param]):
+            if writer:
+                param.data.copy_(value())
+
+
+def partition_sizes(model: nn.Module) -> list[dict[str, Any]]:
+    """Per parameter (each shared one once): its full size, the values this rank holds whole (`numel`, 0 when
+    partitioned) and the size of this rank's partition (`ds_tensor`), for checks and reports."""
+    rows = []
+    for name, p in model.named_parameters():
+        local = getattr(p, "ds_tensor", None)
+        rows.append({"name": name, "full": full_numel(p), "resident": p.numel(),
+                     "partition": int(local.numel()) if local is not None else None})
+    return rows
 
 
 def first_non_finite_anywhere(named: list[tuple[str, torch.Tensor]]) -> str | None:

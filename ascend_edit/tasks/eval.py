@@ -5,6 +5,10 @@ PATH is a run directory (its `converted/` model; the teacher and data come from 
 teacher is then `model=...` of this command). Writes `eval.json` and `report.md` into this command's
 output directory and prints the table. The same suite runs at the end of every conversion
 (`suite_after_conversion`).
+
+Under ZeRO-3 (`engine=zero3`, this command's engine, launched on every rank) neither model is ever whole on a
+rank: both are built partitioned and loaded tensor by tensor into the partitions (models/zero3.py), and each
+module is gathered only for its own forward. Rank 0 writes.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 
 
 def run_config(path: Path, cfg: RootConfig) -> RootConfig:
-    """The run's own config (teacher, data, seed) with this command's eval settings, if PATH is a run dir."""
+    """The run's own config (teacher, data, seed) with this command's eval and engine settings, if PATH is a run
+    dir."""
     saved = path / ".hydra" / "config.yaml"
     if not saved.is_file():
         return cfg
@@ -56,29 +61,42 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     assert isinstance(raw, DictConfig)  # Hydra saves the composed config as a mapping
     raw.pop("output_dir", None)
     raw.pop("eval", None)
+    raw.pop("engine", None)  # this job's engine decides how it loads (ZeRO-3: partitioned), not the run's
     merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw,
-                             {"eval": OmegaConf.structured(cfg.eval), "output_dir": cfg.output_dir, "task": "eval"})
+                             {"eval": OmegaConf.structured(cfg.eval), "engine": OmegaConf.structured(cfg.engine),
+                              "output_dir": cfg.output_dir, "task": "eval"})
     assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
     return to_typed(merged)
 
 
-def load_student(path: Path):
-    """(model, kind) from a run dir, a converted dir or an exported HF checkpoint."""
+def load_student(path: Path, zero3: dict | None = None):
+    """(model, kind) from a run dir, a converted dir or an exported HF checkpoint. `zero3`: a `zero.Init`
+    config — the model is built ZeRO-3 partitioned (every rank of the job calls this)."""
     from ascend_edit.models.checkpoint import load_converted
     from ascend_edit.models.export import load_exported
 
     if (path / "converted" / "ascend_edit.json").is_file():
-        return load_converted(path / "converted"), "run"
+        return load_converted(path / "converted", zero3=zero3), "run"
     if (path / "ascend_edit.json").is_file():
-        return load_converted(path), "converted"
+        return load_converted(path, zero3=zero3), "converted"
     if (path / "config.json").is_file():
-        return load_exported(path), "exported"
+        if zero3 is None:
+            return load_exported(path), "exported"
+        from ascend_edit.models.zero3 import partitioned_construction
+
+        with partitioned_construction(zero3):  # from_pretrained loads each tensor into its partitions
+            return load_exported(path).requires_grad_(False), "exported"
     raise FileNotFoundError(f"eval.checkpoint={path} is not a run directory (no converted/), a converted model "
                             "(no ascend_edit.json) nor an exported checkpoint (no config.json)")
 
 
 def run(cfg: RootConfig) -> dict:
-    from ascend_edit.models.loading import load_teacher
+    """The suite on student and teacher. Under ZeRO-3 (`engine=zero3`) both are loaded partitioned, every rank
+    runs the same forwards (each module gathered for its own, models/zero3.py `GatheredForward`) and rank 0
+    writes; otherwise one process holds both whole."""
+    from ascend_edit import distributed
+    from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
+    from ascend_edit.models.zero3 import install_gathered_forward, partitioned_load_config
     from ascend_edit.tasks.report import write_report
 
     if not cfg.eval.checkpoint:
@@ -87,21 +105,40 @@ def run(cfg: RootConfig) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"eval.checkpoint={path} does not exist")
     cfg = run_config(path, cfg)
-    device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
-    student, kind = load_student(path)
-    teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device)
+    env = distributed.discover()
+    device = resolve_device(cfg.device.type, local_rank=env.local_rank, dtype=cfg.device.dtype)
+    student_zero3 = partitioned_load_config(cfg.engine, torch.float32)  # the student is evaluated in fp32
+    teacher_zero3 = partitioned_load_config(cfg.engine, TORCH_DTYPES[cfg.model.dtype])
+    if student_zero3 is not None:
+        distributed.init_process_group(device.dist_backend, env)
+        if cfg.model.source not in PARTITIONED_SOURCES:
+            log.warning("eval: model.source=%s cannot be loaded partitioned; the teacher is loaded whole",
+                        cfg.model.source)
+            teacher_zero3 = None
+    student, kind = load_student(path, student_zero3)
+    teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=teacher_zero3)
     if tokenizer is None:
         raise ValueError("eval needs a tokenizer: the teacher (model=...) has none")
-    student.to(device.torch_device)
+    for model, partitioned in ((student, student_zero3), (teacher, teacher_zero3)):
+        if partitioned is not None:
+            install_gathered_forward(model)  # every rank runs every forward, one module whole at a time
+        else:
+            model.to(device.torch_device)
     split = run_documents(cfg.data, cfg.device.seed) if kind == "run" else None
     sets = held_out_sets(cfg.eval, split)
-    results = run_suite(model_logits(teacher.eval()), model_logits(student), tokenizer, cfg.eval, sets,
-                        _max_positions(student), device.torch_device)
+    with torch.no_grad():
+        results = run_suite(model_logits(teacher.eval()), model_logits(student), tokenizer, cfg.eval, sets,
+                            _max_positions(student), device.torch_device)
     results["checkpoint"] = str(path)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(results, out_dir)
-    write_report(out_dir)
+    if student_zero3 is not None:  # how this job held the models (the suite's numbers do not depend on it)
+        results["zero3_partitioned"] = {"student": True, "teacher": teacher_zero3 is not None}
+    if env.is_main:
+        out_dir = Path(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_results(results, out_dir)
+        write_report(out_dir)
+    if student_zero3 is not None:
+        distributed.barrier()  # every rank returns once rank 0 has written
     return results
 
 

@@ -11,12 +11,17 @@ A DeepSpeed stage checkpoint (`deepspeed/` inside, any ZeRO stage) is consolidat
 weights on the CPU through train/checkpoint_io.py before export. Every source's manifest is verified
 before it is read (a damaged source is refused, naming the file).
 
+Under ZeRO-3 (`engine=zero3`, the job launched on every rank) a converted directory is read partitioned — no
+rank's device holds more than its partitions and one tensor — and gathered to rank 0's host one tensor at a
+time; rank 0 writes and verifies the export on the CPU, as a one-process export does.
+
 The output is written next to `export.output` and renamed into place. A non-empty `export.output` is
 refused unless `export.overwrite=true`, and the source itself or a directory holding it is refused always.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,13 +116,53 @@ def check_output(output: Path, protected: list[Path], overwrite: bool) -> None:
                          "export.overwrite=true to replace it")
 
 
+def load_source_partitioned(source: ExportSource, dtype: torch.dtype | None,
+                            zero3_for: Callable[[torch.dtype], dict | None]):
+    """`load_source` for a converted directory under ZeRO-3, on every rank of the job: the model is loaded
+    partitioned (tensor by tensor into the partitions), then one parameter at a time is gathered and copied to
+    rank 0's host memory (as `save_converted` writes a partitioned model). (model, tokenizer, dtype) on rank 0,
+    (None, None, dtype) on the others."""
+    from ascend_edit.models.checkpoint import gathered_converted
+
+    verify_manifest(source.path)
+    dtype = dtype or stored_dtype_of(converted_weight_files(source.path)[0])
+    partitioned = load_converted(source.path, dtype=dtype, zero3=zero3_for(dtype))
+    model = gathered_converted(partitioned, source.path, dtype)
+    del partitioned
+    if model is None:
+        return None, None, dtype
+    has_tokenizer = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return model, AutoTokenizer.from_pretrained(source.path) if has_tokenizer else None, dtype
+
+
 def run(cfg: RootConfig) -> dict:
+    """Under ZeRO-3 (`engine=zero3`, launched on every rank) a converted directory is loaded partitioned and
+    gathered to rank 0 one tensor at a time (`load_source_partitioned`); rank 0 alone writes and verifies the
+    export, on the CPU as always. A stage checkpoint is rebuilt in one process (rank 0)."""
+    import functools
+
+    from ascend_edit import distributed
+    from ascend_edit.device import resolve_device
+    from ascend_edit.models.zero3 import partitioned_load_config
+
     source = resolve_source(cfg.export.checkpoint)
     assert cfg.export.checkpoint is not None  # resolve_source refuses a missing one
     output = Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf"
     check_output(output, [Path(cfg.export.checkpoint), source.path], cfg.export.overwrite)
     requested = None if cfg.export.dtype == "auto" else TORCH_DTYPES[cfg.export.dtype]
-    model, tokenizer, dtype = load_source(source, requested)
+    env = distributed.discover()
+    partitioned = partitioned_load_config(cfg.engine, torch.float32) is not None
+    if partitioned:
+        distributed.init_process_group(resolve_device(cfg.device.type, local_rank=env.local_rank).dist_backend, env)
+    if partitioned and source.kind == "converted":
+        model, tokenizer, dtype = load_source_partitioned(
+            source, requested, functools.partial(partitioned_load_config, cfg.engine))
+    elif env.is_main:
+        model, tokenizer, dtype = load_source(source, requested)
+    else:
+        model = None
+    if model is None:  # a rank that only took part in the gathers: rank 0 writes
+        return {"source": str(source.path), "directory": str(output), "rank": env.rank}
     result = export_converted(model, output, tokenizer=tokenizer, native=cfg.export.native, dtype=dtype,
                               verify=cfg.export.verify, overwrite=cfg.export.overwrite)
     print_result(Console(), source, result)

@@ -368,6 +368,22 @@ def gather_whole(params: list[nn.Parameter] | list[torch.Tensor]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def gather_to_modify(params: list[nn.Parameter] | list[torch.Tensor]):
+    """Context in which the ZeRO-3 parameters `params` are whole on every rank; what rank 0 writes into them is
+    partitioned again on exit (DeepSpeed's public `GatheredParameters` with `modifier_rank=0`)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def partition_parameters(module: nn.Module, ds_config: dict) -> None:
+    """Make every parameter of `module` that is not a ZeRO-3 parameter yet one, each rank keeping its partition
+    (DeepSpeed's public `zero.Init(module=...)`: as if the module had been built inside `zero.Init`)."""
+    import deepspeed
+
+    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+
+
 def accelerator_device_name() -> str:
     """The current rank's accelerator as DeepSpeed names it (where NCCL / HCCL collectives need their tensors)."""
     from deepspeed.accelerator import get_accelerator

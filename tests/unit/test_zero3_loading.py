@@ -62,7 +62,9 @@ def test_a_zero3_engine_takes_the_partitioned_model(result):
     (["engine=zero2"], False),  # ZeRO 1/2 keep frozen weights as replicas
     (["engine=zero3", "target=identity"], False),  # a deep copy of the whole attention
     (["engine=zero3", "target.mla.kv_budget=0.5"], False),  # reads every layer's weights at once
-    (["engine=zero3", "distill.stage=model_level"], False),  # loads saved weights into the model first
+    # stage 2 alone: its saved weights are written into the partitions one tensor at a time
+    (["engine=zero3", "distill.stage=model_level"], True),
+    (["engine=zero3", "distill.stage=model_level", "distill.model_level.steps=0"], False),  # no engine at all
 ])
 def test_which_runs_load_the_teacher_partitioned(overrides, partitioned):
     from ascend_edit.train.prepare import partitioned_teacher_config
