@@ -179,9 +179,18 @@ class GateSWAConfig:
     # at kv_budget_context tokens (models/budget.py full_layers_for_budget); the choice is saved as full_layers.
     kv_budget: Optional[float] = None
     kv_budget_context: int = 4096
+    # What ranks the layers for full_by_sensitivity / kv_budget (models/budget.py swa_layer_scores): `text` = KL on
+    # calibration text; `retrieval` = KL at the answer of synthetic pass-key probes built from calibration text
+    # (models/retrieval_probe.py); `both` = (1 - retrieval_weight) * text share + retrieval_weight * retrieval share.
+    selection: str = "text"
+    retrieval_weight: float = 0.5
+    retrieval_probes: int = 8  # probe sequences, each as long as a calibration sequence
 
     def __post_init__(self):
         _positive("target.gate_swa.window", self.window)
+        _choice("target.gate_swa.selection", self.selection, ("text", "retrieval", "both"))
+        _in_range("target.gate_swa.retrieval_weight", self.retrieval_weight, 0.0, 1.0)
+        _positive("target.gate_swa.retrieval_probes", self.retrieval_probes)
         _choice("target.gate_swa.gate", self.gate, ("none", "headwise", "elementwise"))
         _positive("target.gate_swa.sink_tokens", self.sink_tokens, allow_zero=True)
         _indices("target.gate_swa.full_layers", self.full_layers)

@@ -21,6 +21,10 @@ Conditions, in the order they run (the most wanted first, so a run cut short kee
     mla25_rand_s12     random-init target, stage 1+2
     mla25_rand_s2only  random-init target, stage 2 only for the same tokens
     mla25_spectrum / mla12_spectrum   warm start of the spectrum-only allocation, no training (reference)
+    gateswa_retrieval  as gateswa (same bytes), full layers chosen by the retrieval probe instead
+                       (target.gate_swa.selection=retrieval: KL at the answer of pass-key probes built from
+                       training text, models/retrieval_probe.py); run it with `--only gateswa,gateswa_retrieval`
+    gateswa_both       as gateswa, text and retrieval scores mixed half and half (selection=both)
 
 After each condition it writes `<out>/<condition>/result.json`, `<out>/results.json` and `<out>/results.md`
 (a run cut short keeps what it measured); the table with every issue-12 target marked met / missed is
@@ -50,7 +54,8 @@ import time
 from pathlib import Path
 
 CONDITIONS = ("mla25_uniform", "mla25_budget", "gateswa", "mla12_uniform", "mla12_budget", "mla25_warm_s2only",
-              "mla25_rand_s12", "mla25_rand_s2only", "mla25_spectrum", "mla12_spectrum")
+              "mla25_rand_s12", "mla25_rand_s2only", "mla25_spectrum", "mla12_spectrum", "gateswa_retrieval", "gateswa_both")
+GATE_SWA = ("gateswa", "gateswa_retrieval", "gateswa_both")  # same bytes, different choice of full layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Condition:
     init: str = "warm"
     stages: str = "both"  # both | model_level | none
     what: str = ""
+    selection: str = "text"  # gate_swa: what ranks the layers that stay full (target.gate_swa.selection)
 
 
 def conditions() -> dict[str, Condition]:
@@ -69,6 +75,10 @@ def conditions() -> dict[str, Condition]:
         Condition("mla25_uniform", "mla", 0.25, "uniform", what="MLA 25 % KV, uniform ranks, warm, stage 1+2"),
         Condition("mla25_budget", "mla", 0.25, "sensitivity", what="MLA 25 % KV, budget-aware ranks, warm, stage 1+2"),
         Condition("gateswa", "gate_swa", 0.25, what="GateSWA <= 25 % KV, full layers by sensitivity, stage 1+2"),
+        Condition("gateswa_retrieval", "gate_swa", 0.25, selection="retrieval",
+                  what="GateSWA <= 25 % KV, full layers by the retrieval probe, stage 1+2"),
+        Condition("gateswa_both", "gate_swa", 0.25, selection="both",
+                  what="GateSWA <= 25 % KV, full layers by text + retrieval (half each), stage 1+2"),
         Condition("mla12_uniform", "mla", 0.125, "uniform", what="MLA 12.5 % KV, uniform ranks, warm, stage 1+2"),
         Condition("mla12_budget", "mla", 0.125, "sensitivity", what="MLA 12.5 % KV, budget-aware ranks, warm, stage 1+2"),
         Condition("mla25_warm_s2only", "mla", 0.25, "uniform", stages="model_level",
@@ -142,6 +152,7 @@ def compose_config(args, overrides, out: Path):
     base = ["experiment=smollm2_mla", "target=mla_budget", "data=mix", f"device={args.device}", f"output_dir={out}",
             f"data.seq_len={ctx}", f"eval.batch_size={args.batch}",
             "target.calibration_batches=2" if args.tiny else "target.calibration_batches=4",
+            f"target.gate_swa.retrieval_probes={args.batch if args.tiny else 8}",  # probes: one batch when tiny
             f"distill.layerwise.batch_size={args.batch}", f"distill.layerwise.micro_batch_size={args.batch}",
             f"distill.model_level.batch_size={args.batch}", f"distill.model_level.micro_batch_size={args.batch}",
             f"distill.layerwise.warmup_steps={min(5, steps['stage1'] // 10)}",
@@ -215,11 +226,24 @@ class Runner:
         if c.kind == "mla":
             return dataclasses.replace(target, kind="mla", init=c.init, mla=dataclasses.replace(
                 target.mla, kv_budget=c.kv_budget, allocation=c.allocation))
-        swa = dataclasses.replace(target.gate_swa, window=self.args.window, sink_tokens=4, gate="headwise")
+        swa = dataclasses.replace(target.gate_swa, window=self.args.window, sink_tokens=4, gate="headwise",
+                                  selection=c.selection)
         probe = dataclasses.replace(target, kind="gate_swa", init=c.init, gate_swa=swa)
-        # which layers stay full: measured on --context-token calibration sequences, under the KV budget
+        # which layers stay full: measured on --context-token calibration sequences (training text; the
+        # retrieval probes are built from the same text), under the KV budget
+        measured: dict = {}
+        t0 = time.perf_counter()
         swa, details["swa_sensitivity"] = gate_swa_for_budget(copy.deepcopy(self.teacher), probe,
-                                                              self.calibration[:1], c.kv_budget, self.args.context)
+                                                              self.calibration[:1], c.kv_budget, self.args.context,
+                                                              self.tokenizer, measured)
+        details["selection_seconds"] = time.perf_counter() - t0
+        details["selection"] = c.selection
+        if c.selection != "text":  # does the teacher itself answer the probes? (they are not the eval's samples)
+            from ascend_edit.models.retrieval_probe import answers_retrieved, calibration_probes
+
+            probes = calibration_probes(self.calibration[:1], swa.retrieval_probes, self.tokenizer)
+            details["probe_teacher_retrieved"] = answers_retrieved(self.teacher, probes)
+        details.update({f"swa_{name}_kl": values for name, values in measured.items()})
         details["full_layers"] = swa.full_layers
         return dataclasses.replace(probe, gate_swa=swa)
 
@@ -352,7 +376,10 @@ def table(results: dict[str, dict], args, steps: dict) -> str:
         if "ranks" in r:
             lines.append(f"* {name} ranks: {r['ranks']}")
         if "full_layers" in r:
-            lines.append(f"* {name} full layers: {r['full_layers']} (window {args.window} + 4 sinks)")
+            probe = (f"; teacher answers {100 * r['probe_teacher_retrieved']:.0f} % of the retrieval probes"
+                     if "probe_teacher_retrieved" in r else "")
+            lines.append(f"* {name} full layers: {r['full_layers']} (window {args.window} + 4 sinks, "
+                         f"selection {r.get('selection', 'text')}{probe})")
     lines += ["", "| target (issue 12) | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(results)]
     return "\n".join(lines) + "\n"
@@ -380,19 +407,21 @@ def targets(results: dict[str, dict]) -> list[tuple[str, str, str]]:
         i = ratio(name, "in_domain")
         rows.append((f"MLA 12.5 % ({name}): in-domain ppl within 10 %", f"{i:.3f}×" if i else "—",
                      verdict(None if i is None else i <= 1.10)))
-    g = results.get("gateswa")
-    if g:
+    for name in [n for n in GATE_SWA if n in results] or [None]:
+        if name is None:
+            rows.append(("GateSWA targets", "—", "not run"))
+            break
+        g = results[name]
+        who = "GateSWA" if name == "gateswa" else f"GateSWA ({name})"  # the original rows keep their labels
         saving = 100 * (1 - g["kv_fraction"])
-        rows.append(("GateSWA: KV saving >= 75 % at the eval context", f"{saving:.1f} %", verdict(saving >= 75)))
+        rows.append((f"{who}: KV saving >= 75 % at the eval context", f"{saving:.1f} %", verdict(saving >= 75)))
         for domain in ("in_domain", "python_docs"):
-            v = ratio("gateswa", domain)
-            rows.append((f"GateSWA: {domain} ppl within 5 %", f"{v:.3f}×" if v else "—",
+            v = ratio(name, domain)
+            rows.append((f"{who}: {domain} ppl within 5 %", f"{v:.3f}×" if v else "—",
                          verdict(None if v is None else v <= 1.05)))
         s, t = passkey_points(g["final_suite"], "student"), passkey_points(g["final_suite"], "teacher")
-        rows.append(("GateSWA: passkey within 5 points of the teacher", "—" if s is None else f"{s:.0f} vs {t:.0f}",
+        rows.append((f"{who}: passkey within 5 points of the teacher", "—" if s is None else f"{s:.0f} vs {t:.0f}",
                      verdict(None if s is None else s >= t - 5)))
-    else:
-        rows.append(("GateSWA targets", "—", "not run"))
     for pct, uni, bud in (("25", "mla25_uniform", "mla25_budget"), ("12.5", "mla12_uniform", "mla12_budget")):
         u, b = ratio(uni, "in_domain"), ratio(bud, "in_domain")
         uo, bo = ratio(uni, "python_docs"), ratio(bud, "python_docs")

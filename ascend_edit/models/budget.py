@@ -22,7 +22,11 @@ layers becomes a whole number of latent dimensions; the allocation spends exactl
 gives a layer more than the teacher's KV width (nor more than the latent can use).
 
 GateSWA (`full_layers_for_budget`): which layers keep full attention at a given context length, most
-sensitive first (models/sensitivity.py), as many as the budget pays for.
+sensitive first (models/sensitivity.py), as many as the budget pays for. `swa_layer_scores` ranks the layers
+by `target.gate_swa.selection`: `text` (the KL on calibration text when the layer alone slides), `retrieval`
+(the KL at the answer of synthetic pass-key probes built from the same training text — the layers that
+fetch from far back, which text KL barely sees) or `both`: each score divided by its sum over the layers
+(a share, so neither unit dominates) and mixed as (1 - retrieval_weight) * text + retrieval_weight * retrieval.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.init import LayerStats, latent_spectrum
 
 ALLOCATIONS = ("spectrum", "uniform", "sensitivity")
+SELECTIONS = ("text", "retrieval", "both")
 
 
 @dataclass(frozen=True)
@@ -249,14 +254,64 @@ def full_layers_for_budget(sensitivity: Sequence[float], kv_fraction: float, con
     return sorted(full)
 
 
-def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict], kv_fraction: float, context: int):
-    """(GateSWA config with explicit `full_layers`, per-layer sensitivity): the layers whose sliding moves the
-    output most on `batches` (models/sensitivity.py) stay full, as many as `kv_fraction` of the teacher's KV
-    at `context` tokens pays for. An explicit list exports natively (layer_types) and needs no data to rebuild.
-    `batches` should be as long as `context` or the window barely changes what a layer sees."""
-    from ascend_edit.models.sensitivity import swa_sensitivity
+def combine_swa_scores(text: Sequence[float] | None, retrieval: Sequence[float] | None, selection: str,
+                       retrieval_weight: float = 0.5) -> list[float]:
+    """One score per layer for `selection` (text | retrieval | both) from the measured per-layer KLs.
 
+    `text` and `retrieval` are returned as measured; `both` mixes each score's share of its sum over the
+    layers, (1 - retrieval_weight) * text share + retrieval_weight * retrieval share."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"target.gate_swa.selection={selection!r} is not one of {list(SELECTIONS)}")
+    if not 0 <= retrieval_weight <= 1:
+        raise ValueError(f"target.gate_swa.retrieval_weight={retrieval_weight} must be in [0, 1]")
+    needed = {"text": (text,), "retrieval": (retrieval,), "both": (text, retrieval)}[selection]
+    if any(scores is None for scores in needed):
+        raise ValueError(f"target.gate_swa.selection={selection}: the {selection} scores were not measured")
+    if selection == "text":
+        return list(cast(Sequence[float], text))
+    if selection == "retrieval":
+        return list(cast(Sequence[float], retrieval))
+    t, r = cast(Sequence[float], text), cast(Sequence[float], retrieval)
+    if len(t) != len(r):
+        raise ValueError(f"text and retrieval scores cover different layers ({len(t)} vs {len(r)})")
+
+    def shares(scores: Sequence[float]) -> list[float]:
+        total = sum(max(s, 0.0) for s in scores)
+        return [max(s, 0.0) / total if total > 0 else 0.0 for s in scores]
+
+    return [(1 - retrieval_weight) * a + retrieval_weight * b for a, b in zip(shares(t), shares(r))]
+
+
+def swa_layer_scores(model: PreTrainedModel, target_cfg, batches: list[dict], tokenizer=None
+                     ) -> tuple[list[float], dict[str, list[float]]]:
+    """(score per layer by `target_cfg.gate_swa.selection`, {"text": ..., "retrieval": ...} as measured).
+
+    The retrieval probes are built from `batches`' own (training) text; `tokenizer` words them as pass-key
+    sentences (without one they are token-level copy probes)."""
+    from ascend_edit.models.sensitivity import retrieval_sensitivity, swa_sensitivity
+
+    swa = target_cfg.gate_swa
+    measured: dict[str, list[float]] = {}
+    if swa.selection in ("text", "both"):
+        measured["text"] = swa_sensitivity(model, target_cfg, batches)
+    if swa.selection in ("retrieval", "both"):
+        measured["retrieval"] = retrieval_sensitivity(model, target_cfg, batches, tokenizer)
+    scores = combine_swa_scores(measured.get("text"), measured.get("retrieval"), swa.selection, swa.retrieval_weight)
+    return scores, measured
+
+
+def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict], kv_fraction: float, context: int,
+                        tokenizer=None, measured: dict | None = None):
+    """(GateSWA config with explicit `full_layers`, per-layer score): the layers whose sliding moves the
+    output most on `batches` (models/sensitivity.py; what is scored: `gate_swa.selection`, see
+    `swa_layer_scores`) stay full, as many as `kv_fraction` of the teacher's KV at `context` tokens pays for.
+    An explicit list exports natively (layer_types) and needs no data to rebuild. `batches` should be as long
+    as `context` or the window barely changes what a layer sees. `measured`, if given, receives the text and
+    retrieval scores as measured."""
     swa = replace(target_cfg.gate_swa, full_layers=[], full_every=0, full_by_sensitivity=0, kv_budget=None)
-    scores = swa_sensitivity(model, replace(target_cfg, kind="gate_swa", init="warm", gate_swa=swa), batches)
+    scores, parts = swa_layer_scores(model, replace(target_cfg, kind="gate_swa", init="warm", gate_swa=swa), batches,
+                                     tokenizer)
+    if measured is not None:
+        measured.update(parts)
     full = full_layers_for_budget(scores, kv_fraction, context, swa.window, swa.sink_tokens)
     return replace(swa, full_layers=full), scores

@@ -4,7 +4,10 @@ One layer at a time runs its warm-started target while every other layer runs th
 final next-token distribution to the teacher's, on calibration batches, is that layer's sensitivity.
 Layers are restored to the teacher afterwards.
 
-* `swa_sensitivity`: the layer slides (GateSWA), for choosing which layers stay full.
+* `swa_sensitivity`: the layer slides (GateSWA), for choosing which layers stay full. On batches that carry a
+  `score_mask` (the pass-key probes of models/retrieval_probe.py) only the masked positions count — the
+  answer's prediction — so the score is how much sliding that layer alone breaks a long-range fetch
+  (`retrieval_sensitivity`).
 * `mla_sensitivity`: the layer is an MLA of latent rank r, for a few candidate r: the output error each
   layer's rank costs, which models/budget.py turns into a per-layer weight for sharing a KV budget (an
   early layer's error passes through every later layer; the K/V spectrum alone cannot see that).
@@ -26,7 +29,8 @@ from ascend_edit.models.surgery import build_plan, decoder_layers, edit_model, e
 @torch.no_grad()
 def _kl_of_each_layer(model: nn.Module, batches: list[dict]) -> dict[int, float]:
     """{layer: summed batch-mean KL(teacher || model with only that layer's target)} of an edited model;
-    restores the untouched teacher attentions afterwards."""
+    restores the untouched teacher attentions afterwards. A batch's `score_mask` ([batch, seq] bool) limits
+    the KL to those positions and averages it over them (nats per scored token)."""
     modules = {m.layer_idx: m for m in edited_attentions(model)}
     scores = dict.fromkeys(modules, 0.0)
     try:
@@ -37,12 +41,19 @@ def _kl_of_each_layer(model: nn.Module, batches: list[dict]) -> dict[int, float]
             for idx, module in modules.items():
                 module.mode = "student"
                 logp = F.log_softmax(model(**kwargs).logits.float(), -1)
-                scores[idx] += float(F.kl_div(logp, reference, log_target=True, reduction="batchmean"))
+                scores[idx] += _kl(logp, reference, batch.get("score_mask"))
                 module.mode = "teacher"
     finally:
         for layer in decoder_layers(model):  # back to the untouched teacher
             layer.self_attn = layer.self_attn.teacher if hasattr(layer.self_attn, "teacher") else layer.self_attn
     return scores
+
+
+def _kl(logp: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None) -> float:
+    if mask is None:
+        return float(F.kl_div(logp, reference, log_target=True, reduction="batchmean"))
+    per_token = F.kl_div(logp[mask], reference[mask], log_target=True, reduction="none").sum(-1)
+    return float(per_token.mean())
 
 
 @torch.no_grad()
@@ -53,7 +64,19 @@ def swa_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dic
         cfg.gate_swa, full_by_sensitivity=0, full_every=0, full_layers=[]))
     edit_model(model, build_plan(num_layers, all_sliding), all_sliding)
     scores = _kl_of_each_layer(model, batches)
+    del model.edit_plan  # the model is the untouched teacher again
     return [scores.get(i, 0.0) for i in range(num_layers)]
+
+
+@torch.no_grad()
+def retrieval_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dict], tokenizer=None,
+                          seed: int = 0) -> list[float]:
+    """KL at the answer tokens of `cfg.gate_swa.retrieval_probes` pass-key probes built from the calibration
+    `batches`' text (models/retrieval_probe.py) when each layer alone slides; one value per layer."""
+    from ascend_edit.models.retrieval_probe import calibration_probes
+
+    probes = calibration_probes(batches, cfg.gate_swa.retrieval_probes, tokenizer, seed)
+    return swa_sensitivity(model, cfg, probes)
 
 
 @torch.no_grad()

@@ -16,9 +16,9 @@ from ascend_edit.data.batches import PackedSequences, batches_of
 from ascend_edit.data.loading import load_data
 from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
 from ascend_edit.distributed import DistEnv
+from ascend_edit.models.budget import swa_layer_scores
 from ascend_edit.models.fused_layers import install_fused_ops
 from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
-from ascend_edit.models.sensitivity import swa_sensitivity
 from ascend_edit.models.surgery import LayerPlan, build_plan, collect_layer_stats, edit_model
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
 
@@ -66,9 +66,9 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     sensitivity = None
     target = cfg.target
     if target.kind == "gate_swa" and target.gate_swa.full_by_sensitivity:
-        sensitivity = swa_sensitivity(model, target, calibration[:1])
+        sensitivity, _ = swa_layer_scores(model, target, calibration[:1], tokenizer)  # gate_swa.selection
     if target.kind == "gate_swa" and target.gate_swa.kv_budget is not None:
-        target = gate_swa_target_for_budget(model, target, calibration[:1])
+        target = gate_swa_target_for_budget(model, target, calibration[:1], tokenizer)
     plan = build_plan(model.config.num_hidden_layers, target, sensitivity)
     stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
     if cfg.target.kind == "mla" and cfg.target.mla.kv_budget and cfg.target.mla.allocation == "sensitivity":
@@ -96,14 +96,15 @@ def partitioned_teacher_config(cfg: RootConfig) -> dict | None:
     Partitioned when the run's first engine is DeepSpeed ZeRO-3 and everything before it touches the teacher
     one layer at a time: calibration forwards and per-layer surgery (MLA or GateSWA with fixed ranks and
     full layers). Choices that read every layer's weights at once (KV budgets, sensitivity-chosen layers),
-    identity targets (a deep copy of the attention) and runs whose first step loads saved weights into the
-    model (stage 2 alone) load it whole, as before; so do tasks other than `convert`.
-    """
+    identity targets (a deep copy of the attention) load it whole, as before; so do tasks other than `convert`.
+    A stage-2-only run loads its saved weights into the partitions one tensor at a time
+    (models/checkpoint.py `load_converted_weights`)."""
     engine, target, distill = cfg.engine, cfg.target, cfg.distill
     whole_layers_at_once = (target.kind == "identity" or target.mla.kv_budget is not None
                             or (target.kind == "gate_swa" and (target.gate_swa.full_by_sensitivity > 0
                                                                or target.gate_swa.kv_budget is not None)))
-    first_engine_takes_it = distill.stage in ("layerwise", "both") and distill.layerwise.steps > 0
+    first_engine_takes_it = ((distill.stage in ("layerwise", "both") and distill.layerwise.steps > 0)
+                             or (distill.stage in ("model_level", "both") and distill.model_level.steps > 0))
     if (cfg.task != "convert" or engine.kind != "deepspeed" or engine.zero_stage != 3
             or cfg.model.source not in PARTITIONED_SOURCES or whole_layers_at_once or not first_engine_takes_it):
         return None
@@ -112,7 +113,8 @@ def partitioned_teacher_config(cfg: RootConfig) -> dict | None:
     return zero3_init_config(TORCH_DTYPES[cfg.model.dtype], offload_params=engine.offload_params)
 
 
-def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, batches: list[dict]) -> TargetConfig:
+def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, batches: list[dict],
+                               tokenizer=None) -> TargetConfig:
     """`target` with `gate_swa.full_layers` chosen by measured sensitivity under `gate_swa.kv_budget`."""
     from ascend_edit.models.budget import gate_swa_for_budget
 
@@ -120,7 +122,7 @@ def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, bat
     assert swa.kv_budget is not None
     try:
         chosen, _ = gate_swa_for_budget(cast(PreTrainedModel, model), target, batches, swa.kv_budget,
-                                        swa.kv_budget_context)
+                                        swa.kv_budget_context, tokenizer)
     except ValueError as err:  # a budget below what all-sliding layers hold
         raise ConfigError(f"target.gate_swa.kv_budget={swa.kv_budget}: {err}") from err
     log.info("gate_swa: full layers %s under %.1f %% of the teacher's KV at %d tokens", chosen.full_layers,
