@@ -43,6 +43,12 @@ What is measured, and how:
   has no launch gaps), it says whether the step is kernel work — large GEMMs below bandwidth, or many
   small fixed-cost kernels — or host launch overhead. On CPU the ops' own times stand in for kernels.
 
+* **Decode-only linear rewrites** (`models.decode_fusion`, for `--transform-kinds`, default the converted
+  models): `--fuse-projections` concatenates the linears that read one input; `--decode-linears gemv` runs
+  the linears through the GEMV kernel at <= 8 rows (configs tuned per weight shape at start-up against
+  torch's GEMM, which is kept where faster; decisions in the process log). Rows carry the label in
+  `linears` and the table shows it as `mla[gemv+fused]`; run once with and once without for an A/B.
+
 Output: `decode.csv`, `prefill.csv`, `max_batch.csv`, `profile.csv`, `summary.json`, per-process logs in
 `logs/`, and a short table printed last.
 """
@@ -96,6 +102,12 @@ class Settings:
     compile_mode: str = "reduce-overhead"
     compile_cache: str = "context"  # or "largest": one cache length per batch for every compiled cell
     compile_backend: str = "inductor"  # "aot_eager" in tests: the same graph capture, no code generation
+    # Decode-only linear rewrites (models.decode_fusion) for the models in `transform_kinds`: "gemv" runs
+    # every linear through the batch-1 GEMV kernel for <= 8 rows on CUDA; fuse_projections concatenates
+    # the linears that read one input. Rows carry the label ("cublas", "gemv", "+fused").
+    decode_linears: str = "cublas"
+    fuse_projections: bool = False
+    transform_kinds: list[str] = field(default_factory=lambda: ["mla", "gate_swa"])
     max_batch: bool = True
     verify: bool = True
     memory_budget_gib: float | None = None  # instead of the device's free memory (CPU runs)
@@ -133,9 +145,23 @@ def build_model(settings: Settings, kind: str, device: torch.device) -> PreTrain
                 layer.self_attn = layer.self_attn.target
         model.to(TORCH_DTYPES[model_cfg.dtype])
     model.eval().requires_grad_(False)
+    if kind in settings.transform_kinds:
+        from ascend_edit.models.decode_fusion import fuse_decode_projections, use_gemv_linears
+
+        if settings.fuse_projections:
+            fuse_decode_projections(model)
+        if settings.decode_linears == "gemv":  # tuned per weight shape for the decode batches (CUDA only)
+            use_gemv_linears(model, tune_rows=[b for b in settings.batches if b <= 8])
     gc.collect()
     _empty_cache(device)
     return model
+
+
+def linears_label(settings: Settings, kind: str) -> str:
+    """How the model's linears run: "cublas" (torch's GEMMs) or "gemv", "+fused" with fused projections."""
+    if kind not in settings.transform_kinds:
+        return "cublas"
+    return settings.decode_linears + ("+fused" if settings.fuse_projections else "")
 
 
 def weight_bytes(model: PreTrainedModel) -> int:
@@ -539,6 +565,7 @@ def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -
               "decode": [], "prefill": [], "max_batch": [], "profile": []}
     path = settings.path if device.type == "cuda" or settings.path != "cuda_graph" else "eager"
     result["path"] = path
+    result["linears"] = linears_label(settings, kind)
     compile_cells = [(c[0], c[1]) for c in settings.compile_cells
                      if (c[2:] == [kind]) or (not c[2:] and kind in settings.compile_kinds)] if path != "compile" else []
     compiled = CompiledSteps(model, settings)
@@ -549,6 +576,9 @@ def run_worker(settings: Settings, kind: str, result_path: Path | None = None) -
 
     def save() -> None:  # after every measurement: a run cut short still leaves what it measured
         result["wall_s"] = time.perf_counter() - started
+        for section in ("decode", "prefill", "max_batch", "profile"):
+            for row in result[section]:
+                row.setdefault("linears", result["linears"])
         if result_path is not None:
             result_path.write_text(json.dumps(result, indent=1))
 
@@ -655,11 +685,11 @@ def merge(results: dict[str, list[dict]]) -> dict:
 
 DECODE_FIELDS = ["kind", "batch", "context", "path", "status", "ms", "ms_min", "ms_max", "tok_s_seq", "tok_s_total",
                  "floor_ms", "x_floor", "cache_gib", "peak_gib", "cache_len", "compile_mode", "compile_s",
-                 "reused_compiled_step"]
+                 "reused_compiled_step", "linears"]
 
 
 PROFILE_FIELDS = ["kind", "batch", "context", "path", "status", "step_ms", "kernels_per_step", "kernel_ms_per_step",
-                  "gemm_ms", "gemm_kernels", "attention_ms", "attention_kernels", "other_ms", "other_kernels", "file"]
+                  "gemm_ms", "gemm_kernels", "attention_ms", "attention_kernels", "other_ms", "other_kernels", "file", "linears"]
 
 
 def write_outputs(summary: dict, out_dir: Path) -> None:
@@ -693,10 +723,11 @@ def print_table(summary: dict) -> None:
             c = cells.get((kind, *key))
             if c is None:
                 continue
+            name = kind if c.get("linears", "cublas") == "cublas" else f"{kind}[{c['linears']}]"
             if c["status"] != "ok":
-                parts.append(f"{kind} {c['status']}")
+                parts.append(f"{name} {c['status']}")
                 continue
-            text = (f"{kind} {c['ms']:.2f} [{c['ms_min']:.2f}-{c['ms_max']:.2f}] (x{c['x_floor']:.2f} of "
+            text = (f"{name} {c['ms']:.2f} [{c['ms_min']:.2f}-{c['ms_max']:.2f}] (x{c['x_floor']:.2f} of "
                     f"{c['floor_ms']:.2f}) {c['tok_s_total']:,.0f}")
             if kind != "teacher" and base is not None and base["status"] == "ok":
                 text += f" {base['ms'] / c['ms']:.2f}x"
@@ -721,7 +752,8 @@ def print_table(summary: dict) -> None:
             continue
         cell = (row["kind"], row["batch"], row["context"])
         graph = graph_ms.get((*cell, "compile")) if path == "compile" else graph_ms.get((*cell, "cuda_graph"))
-        lines.append(f"  {row['kind']:<8} b{row['batch']} ctx{row['context']:>6}: {row['step_ms']:.2f} | "
+        name = row["kind"] if row.get("linears", "cublas") == "cublas" else f"{row['kind']}[{row['linears']}]"
+        lines.append(f"  {name:<8} b{row['batch']} ctx{row['context']:>6}: {row['step_ms']:.2f} | "
                      f"{row['kernels_per_step']:.0f}, {row['kernel_ms_per_step']:.2f} = {row['gemm_ms']:.2f} + "
                      f"{row['attention_ms']:.2f} + {row['other_ms']:.2f} ({row['gemm_kernels']:.0f} / "
                      f"{row['attention_kernels']:.0f} / {row['other_kernels']:.0f}) | {_fmt(graph, '.2f')}")
@@ -799,6 +831,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--profile-path", default="eager", choices=("eager", "compile"),
                    help="profile the eager step, or the compiled one (reusing the compiled cells' compile)")
+    p.add_argument("--decode-linears", default="cublas", choices=("cublas", "gemv"),
+                   help="gemv: the GEMV kernel (kernels/triton/gemv.py) for every linear at <= 8 rows on CUDA, "
+                        "its config tuned per weight shape at start-up, torch's GEMM kept where that was faster "
+                        "(logged); decode only: prefill and other devices keep torch's GEMMs")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="concatenate the linears that read one input (MLA query + latent, q/k/v(+gate), MLP gate + up)")
+    p.add_argument("--transform-kinds", nargs="+", default=["mla", "gate_swa"], choices=KINDS,
+                   help="models the two options above apply to (add teacher for a transformed teacher)")
     p.add_argument("--no-max-batch", action="store_true")
     p.add_argument("--no-verify", action="store_true", help="do not try the accounted largest batch")
     p.add_argument("--memory-budget-gib", type=float, default=None)
@@ -838,7 +878,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=args.prefill_contexts,
                     prefill_repeats=args.prefill_repeats, profile_cells=profile_cells, profile_steps=args.profile_steps,
                     profile_path=args.profile_path, compile_mode=args.compile_mode, compile_cache=args.compile_cache,
-                    compile_backend=args.compile_backend,
+                    compile_backend=args.compile_backend, decode_linears=args.decode_linears,
+                    fuse_projections=args.fuse_projections, transform_kinds=args.transform_kinds,
                     max_batch=not args.no_max_batch, verify=not args.no_verify,
                     memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
 

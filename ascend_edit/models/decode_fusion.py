@@ -1,0 +1,268 @@
+"""Decode-only rewrites of a model's linear layers: fewer, larger GEMMs and a batch-1 GEMV kernel.
+
+At batch 1 a decode step is weight-bandwidth bound: every GEMM reads its whole weight for one row. Two
+opt-in transforms, for inference only (never in training or export: the fused modules change the
+state-dict layout), applied by swapping child modules on their parents (no class or function of
+transformers is changed):
+
+* :func:`fuse_decode_projections` — linears that read the *same input* in one forward become one linear
+  holding their concatenated weights (:class:`FusedInputLinear`); each original child is replaced by an
+  :class:`OutputSlice` that returns its columns of the fused output. Which siblings read the same input is
+  known per module family (:data:`GROUPS`): MLA's query projection and ``kv_a_proj_with_mqa``; GateSWA's
+  and the stock attentions' ``q/k/v_proj`` (+ GateSWA's output gate, which reads the layer input too);
+  a gated MLP's ``gate_proj`` + ``up_proj``. The fused module owns the only copy of the weights (the
+  originals are dropped); the slices hold no parameters.
+  One fused GEMM per group and forward: a forward pre-hook on the owning module runs the fused linear on
+  the module's input and primes the slices with the result; a forward hook releases it when the module
+  returns (a long prefill keeps nothing alive). Hooks trace into a compiled step like the forward itself
+  (the trace does not merge repeated identical GEMMs on its own: inference graphs get no CSE).
+* :func:`use_gemv_linears` — every linear (and every fused linear) runs ``ascend_edit::gemv``
+  (``kernels/triton/gemv.py``) when its input has at most ``MAX_ROWS`` rows on a device the kernel serves
+  (CUDA), without grad; otherwise ``F.linear`` (prefill, training, CPU). Weights are shared, not copied.
+  With ``tune_rows`` it first times the kernel's configs against ``F.linear`` per weight shape and keeps
+  ``F.linear`` where that is faster.
+
+Both keep greedy outputs equal to the untransformed model's up to fp32 summation order in the GEMMs
+(tested on CPU through ``StaticDecoder``, eager and compiled).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascend_edit.attention.gate_swa import GateSWAAttention
+from ascend_edit.attention.mla import MLAAttention
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GROUPS", "DecodeLinear", "FusedInputLinear", "OutputSlice", "fuse_decode_projections",
+           "use_gemv_linears", "decode_linear_label"]
+
+KERNEL_DEVICES = ("cuda",)
+MAX_ROWS = 8  # kernels/triton/gemv.py MAX_ROWS; a test checks they agree (that module imports Triton)
+
+
+def _is_mla(module: nn.Module) -> bool:
+    return isinstance(module, MLAAttention)
+
+
+def _is_gate_swa(module: nn.Module) -> bool:
+    return isinstance(module, GateSWAAttention)
+
+
+def _is_stock_attention(module: nn.Module) -> bool:
+    # transformers' Llama-family attentions (Llama, Qwen2, Qwen3, Mistral, ...) project hidden_states
+    # with q/k/v_proj; the project's own attentions are matched above.
+    return (type(module).__name__.endswith("Attention") and type(module).__module__.startswith("transformers.")
+            and all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")))
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    # Llama/Qwen MLPs: down_proj(act(gate_proj(x)) * up_proj(x)).
+    return (type(module).__name__.endswith("MLP")
+            and all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+# (which modules, the name of the fused child, the sibling linears that read the same input in forward)
+GROUPS = (
+    (_is_mla, "q_kv_a_proj", ("q_proj", "kv_a_proj_with_mqa")),
+    (_is_mla, "q_a_kv_a_proj", ("q_a_proj", "kv_a_proj_with_mqa")),
+    (_is_gate_swa, "qkv_gate_proj", ("q_proj", "k_proj", "v_proj", "gate_proj")),
+    (_is_stock_attention, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    (_is_gated_mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  kernel_devices: Sequence[str], torch_rows: frozenset[int] = frozenset()) -> torch.Tensor:
+    """The GEMV kernel for a few rows on a device it serves, without grad; F.linear otherwise, and for the
+    row counts in ``torch_rows`` (where tuning measured F.linear faster for this weight's shape)."""
+    rows = _rows(x)
+    if (kernel_devices and x.device.type in kernel_devices and not torch.is_grad_enabled()
+            and 0 < rows <= MAX_ROWS and rows not in torch_rows):
+        return torch.ops.ascend_edit.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class DecodeLinear(nn.Module):
+    """An ``nn.Linear``'s parameters (the same objects: tying and memory unchanged) behind
+    :func:`decode_linear`."""
+
+    def __init__(self, linear: nn.Linear, kernel_devices: Sequence[str] = KERNEL_DEVICES):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.kernel_devices = tuple(kernel_devices)
+        self.torch_rows: frozenset[int] = frozenset()  # set by use_gemv_linears(tune_rows=...)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias, self.kernel_devices, self.torch_rows)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel_devices={self.kernel_devices}"
+
+
+class FusedInputLinear(nn.Module):
+    """The concatenated weights of linears reading one input, and their biases when every member has one
+    (otherwise the members' own biases stay on their :class:`OutputSlice`: no zero padding is stored)."""
+
+    def __init__(self, linears: Sequence[nn.Linear]):
+        super().__init__()
+        first = linears[0]
+        if any(lin.in_features != first.in_features for lin in linears):
+            raise ValueError("fused linears must share in_features")
+        with torch.no_grad():
+            self.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+            all_bias = all(lin.bias is not None for lin in linears)
+            self.bias = (nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+                         if all_bias else None)
+        self.widths = tuple(lin.out_features for lin in linears)
+        self.offsets = tuple(sum(self.widths[:i]) for i in range(len(self.widths)))
+        self.kernel_devices: tuple[str, ...] = ()  # set by use_gemv_linears
+        self.torch_rows: frozenset[int] = frozenset()
+        # (input, fused output) of the current forward of the owning module, set by its forward pre-hook
+        # and cleared by its forward hook: the members' slices read it instead of recomputing.
+        self._primed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias, self.kernel_devices, self.torch_rows)
+
+    def output_for(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``'s columns of ``forward(x)``: the primed output when ``x`` is the primed input
+        (one GEMM for the whole group), else computed here (correct, not shared)."""
+        primed = self._primed
+        full = primed[1] if primed is not None and primed[0] is x else self(x)
+        start = self.offsets[index]
+        return full[..., start:start + self.widths[index]]
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, in_features={self.weight.shape[1]}, kernel_devices={self.kernel_devices}"
+
+
+class OutputSlice(nn.Module):
+    """Stands in for one fused member: its columns of the group's output. Holds no weight (the fused
+    module is registered once, on the parent), only the member's bias when the fused linear has none."""
+
+    def __init__(self, fused: FusedInputLinear, index: int, bias: nn.Parameter | None = None):
+        super().__init__()
+        self._fused = (fused,)  # a tuple: not a registered child, so the weights are owned once
+        self.index = index
+        self.in_features, self.out_features = fused.weight.shape[1], fused.widths[index]
+        # the member's own bias (the original parameter) where the fused linear carries none
+        self.bias = bias if fused.bias is None else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A view of this member's rows of the fused weight (for code that reads ``.weight``)."""
+        fused = self._fused[0]
+        start = fused.offsets[self.index]
+        return fused.weight[start:start + self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._fused[0].output_for(x, self.index)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"member {self.index} of the fused projection, out_features={self.out_features}"
+
+
+class _Prime:
+    """Forward pre-hook: the fused GEMM on the module's input (its first argument, or ``hidden_states``)."""
+
+    def __init__(self, fused: FusedInputLinear):
+        self.fused = fused
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        if isinstance(x, torch.Tensor):
+            self.fused._primed = (x, self.fused(x))
+
+
+class _Release:
+    def __init__(self, fused: FusedInputLinear):
+        self.fused = fused
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        self.fused._primed = None
+
+
+@torch.no_grad()
+def fuse_decode_projections(model: nn.Module) -> int:
+    """Fuse each :data:`GROUPS` group present on a module into one linear; returns the number fused.
+
+    Decode only: the state-dict layout changes, so never save, train or export the result."""
+    fused_count = 0
+    for module in list(model.modules()):
+        for matches, fused_name, members in GROUPS:
+            if not matches(module):
+                continue
+            linears = [getattr(module, n, None) for n in members]
+            present = [(n, lin) for n, lin in zip(members, linears, strict=True) if isinstance(lin, nn.Linear)]
+            if len(present) < 2 or present[0][0] != members[0]:
+                continue
+            if len({(lin.weight.dtype, lin.weight.device) for _, lin in present}) != 1:
+                continue  # mixed dtypes or devices: leave them
+            fused = FusedInputLinear([lin for _, lin in present])
+            setattr(module, fused_name, fused)
+            for index, (name, lin) in enumerate(present):
+                setattr(module, name, OutputSlice(fused, index, lin.bias))  # the original Linear is dropped
+            module.register_forward_pre_hook(_Prime(fused), with_kwargs=True)
+            module.register_forward_hook(_Release(fused), always_call=True)
+            fused_count += 1
+    log.info("decode fusion: %d groups of linears reading one input fused", fused_count)
+    return fused_count
+
+
+@torch.no_grad()
+def use_gemv_linears(model: nn.Module, kernel_devices: Sequence[str] = KERNEL_DEVICES,
+                     tune_rows: Sequence[int] = ()) -> int:
+    """Run every linear (fused ones included) through the GEMV kernel for inputs of at most ``MAX_ROWS``
+    rows on ``kernel_devices``; returns the number of modules switched. Parameters are shared, not copied.
+
+    ``tune_rows`` (CUDA): for each of these row counts and each distinct weight shape, time the kernel's
+    candidate configs against ``F.linear`` once (``gemv.tune``, outside any graph capture), use the fastest
+    config, and keep ``F.linear`` for the shapes where it was faster. Decisions are logged."""
+    from ascend_edit.kernels.triton import gemv  # registers ascend_edit::gemv (imports Triton if present)
+
+    devices = tuple(kernel_devices)
+    modules: list[DecodeLinear | FusedInputLinear] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                child = DecodeLinear(child, devices)
+                setattr(parent, name, child)
+            if isinstance(child, (DecodeLinear, FusedInputLinear)):
+                child.kernel_devices = devices
+                modules.append(child)
+    log.info("decode linears: %d modules run the gemv kernel for <= %d rows on %s", len(modules), MAX_ROWS,
+             ", ".join(devices))
+    rows_to_tune = sorted({r for r in tune_rows if 0 < r <= MAX_ROWS})
+    if not rows_to_tune or not modules or modules[0].weight.device.type != "cuda" or not gemv.triton_available():
+        return len(modules)
+    shapes = {(tuple(m.weight.shape), m.weight.dtype, m.weight.device) for m in modules}
+    for rows in rows_to_tune:
+        for (n, k), dtype, device in sorted(shapes, key=lambda s: s[0]):
+            config, kernel_ms, torch_ms = gemv.tune(rows, n, k, dtype, device)
+            gemv.set_config(rows, n, k, config)
+            if config is None:
+                for module in modules:
+                    if tuple(module.weight.shape) == (n, k):
+                        module.torch_rows = module.torch_rows | {rows}
+            log.info("gemv tuning: %d rows x [%d, %d]: kernel %.1f us (%s), F.linear %.1f us -> %s", rows, n, k,
+                     kernel_ms * 1e3, "-" if config is None else config.label(), torch_ms * 1e3,
+                     "F.linear" if config is None else "kernel")
+    return len(modules)
+
+
+def decode_linear_label(linears: str, fuse_projections: bool) -> str:
+    """The row label of a benchmark variant: ``cublas`` / ``gemv``, ``+fused`` when projections are fused."""
+    return linears + ("+fused" if fuse_projections else "")
