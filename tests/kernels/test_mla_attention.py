@@ -1,18 +1,17 @@
 """Op B (absorbed MLA attention): the eager reference, the Triton decode kernel and its custom op."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from ascend_edit.kernels import reference
 from ascend_edit.kernels.triton import mla_decode
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tests.helpers.scripts import benchmark_script
 
 FP32_TOL = {"atol": 2e-5, "rtol": 2e-5}
 
@@ -273,29 +272,21 @@ def test_split_cost_model_fills_every_resident_program_slot() -> None:
     assert mla_decode._num_splits(32, 32, 8192, 1152, 512, 2 * 132) == (8, 1024)
 
 
-def test_sweep_best_line_is_a_config_that_can_be_pasted(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_best_line_is_a_config_that_can_be_pasted() -> None:
     """The sweep prints ``DEFAULT_CONFIG = DecodeConfig(...)``; that text must build the same config."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mla_decode_sweep.py"
-    spec = importlib.util.spec_from_file_location("mla_decode_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "mla_decode_sweep", sweep)  # dataclasses look their module up
-    spec.loader.exec_module(sweep)
-    extra = DecodeConfig(kernel="keys", v_split=2, num_splits=8, prefetch=True)
-    for config in [*sweep.KERNEL_CONFIGS, *sweep.REFINE_CONFIGS, *sweep.PIPELINE_CONFIGS, extra]:
-        assert eval(sweep.config_call(config), {"DecodeConfig": DecodeConfig}) == config  # noqa: S307 - own text
+    with benchmark_script("mla_decode_sweep") as sweep:
+        extra = DecodeConfig(kernel="keys", v_split=2, num_splits=8, prefetch=True)
+        for config in [*sweep.KERNEL_CONFIGS, *sweep.REFINE_CONFIGS, *sweep.PIPELINE_CONFIGS, extra]:
+            assert eval(sweep.config_call(config), {"DecodeConfig": DecodeConfig}) == config  # noqa: S307 - own text
 
 
-def test_sweep_child_results_survive_the_json_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_child_results_survive_the_json_round_trip() -> None:
     """--isolate passes each configuration to a child process and reads its rows back as JSON."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mla_decode_sweep.py"
-    spec = importlib.util.spec_from_file_location("mla_decode_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "mla_decode_sweep", sweep)
-    spec.loader.exec_module(sweep)
-    config = DecodeConfig(kernel="rows", tma=True, fuse_combine=True, maxnreg=128, num_splits=8, programs_per_sm=2)
-    assert DecodeConfig(**json.loads(sweep._config_json(config))) == config
-    timed = sweep.Result(32, config, "rows M32", ms=0.1, wall_ms=0.2, gbps=3000.0, pct_copy=70.5, max_diff=1e-3, ok=True)
-    assert sweep._result_from_json(json.loads(json.dumps(timed.to_json()))) == timed
-    failed = sweep.Result(32, config, "rows M32", error="failed: RuntimeError: illegal memory access")
-    back = sweep._result_from_json(json.loads(json.dumps(failed.to_json())))
-    assert back.error == failed.error and back.config == config and math.isnan(back.ms) and not back.ok
+    with benchmark_script("mla_decode_sweep") as sweep:
+        config = DecodeConfig(kernel="rows", tma=True, fuse_combine=True, maxnreg=128, num_splits=8, programs_per_sm=2)
+        assert DecodeConfig(**json.loads(sweep._config_json(config))) == config
+        timed = sweep.Result(32, config, "rows M32", ms=0.1, wall_ms=0.2, gbps=3000.0, pct_copy=70.5, max_diff=1e-3, ok=True)
+        assert sweep._result_from_json(json.loads(json.dumps(timed.to_json()))) == timed
+        failed = sweep.Result(32, config, "rows M32", error="failed: RuntimeError: illegal memory access")
+        back = sweep._result_from_json(json.loads(json.dumps(failed.to_json())))
+        assert back.error == failed.error and back.config == config and math.isnan(back.ms) and not back.ok

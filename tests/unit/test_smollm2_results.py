@@ -2,23 +2,15 @@
 the measured numbers as they are (met, missed or not run) — no model, no data."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "smollm2_results.py"
+from tests.helpers.scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("smollm2_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("smollm2_results", "smollm2_results") as module:
+        yield module
 
 
 def suite(ratio_in: float, ratio_ood: float, passkey: tuple[list, list] | None = None) -> dict:
