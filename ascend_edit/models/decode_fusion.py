@@ -24,11 +24,18 @@ transformers is changed):
 
 Both keep greedy outputs equal to the untransformed model's up to fp32 summation order in the GEMMs
 (tested on CPU through ``StaticDecoder``, eager and compiled).
+
+:func:`prepare_for_decode` is the entry point for users: both transforms on any loaded decoder model
+(in-repo converted, an exported ``auto_map`` or native ``deepseek_v3`` checkpoint, a stock teacher), then
+transformers' ``generate(..., cache_implementation="static")`` as usual. It refuses a model in training
+mode or with parameters that require grad, and a model with fused projections refuses ``state_dict()``
+(hence ``save_pretrained`` and the project's export) with one line instead of writing a wrong layout.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,22 +43,39 @@ from torch import nn
 
 from ascend_edit.attention.gate_swa import GateSWAAttention
 from ascend_edit.attention.mla import MLAAttention
+from ascend_edit.hf.bundle import flat_file_stem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GROUPS", "DecodeLinear", "FusedInputLinear", "OutputSlice", "fuse_decode_projections",
-           "use_gemv_linears", "decode_linear_label"]
+__all__ = ["GROUPS", "DecodeLinear", "DecodeOnlyError", "DecodePreparation", "FusedInputLinear", "OutputSlice",
+           "choose_gemv", "decode_linear_label", "fuse_decode_projections", "prepare_for_decode", "use_gemv_linears"]
 
 KERNEL_DEVICES = ("cuda",)
 MAX_ROWS = 8  # kernels/triton/gemv.py MAX_ROWS; a test checks they agree (that module imports Triton)
 
 
+class DecodeOnlyError(RuntimeError):
+    """A decode-only transform met training, gradients or saving (the transformed layout is for decode)."""
+
+
+def _is_package_class(module: nn.Module, cls: type) -> bool:
+    """``cls``, or its copy shipped in an ``auto_map`` checkpoint: the same class name in the flat file that
+    ``ascend_edit.hf.bundle`` names after ``cls``'s module (loaded by transformers under its own package)."""
+    kind = type(module)
+    return isinstance(module, cls) or (kind.__name__ == cls.__name__
+                                       and kind.__module__.rsplit(".", 1)[-1] == flat_file_stem(cls.__module__))
+
+
 def _is_mla(module: nn.Module) -> bool:
-    return isinstance(module, MLAAttention)
+    # the package's MLA (in-repo or auto_map) or transformers' DeepseekV3Attention (a native deepseek_v3
+    # export): both project hidden_states with the query projection and kv_a_proj_with_mqa
+    return _is_package_class(module, MLAAttention) or (
+        type(module).__name__.endswith("Attention") and type(module).__module__.startswith("transformers.")
+        and isinstance(getattr(module, "kv_a_proj_with_mqa", None), nn.Linear))
 
 
 def _is_gate_swa(module: nn.Module) -> bool:
-    return isinstance(module, GateSWAAttention)
+    return _is_package_class(module, GateSWAAttention)
 
 
 def _is_stock_attention(module: nn.Module) -> bool:
@@ -132,6 +156,9 @@ class FusedInputLinear(nn.Module):
         # (input, fused output) of the current forward of the owning module, set by its forward pre-hook
         # and cleared by its forward hook: the members' slices read it instead of recomputing.
         self._primed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The members' weights live here under a new name: a state dict of this layout would save a model
+        # nothing can load (and transformers' save_pretrained would write it without complaint).
+        self.register_state_dict_pre_hook(_refuse_state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_linear(x, self.weight, self.bias, self.kernel_devices, self.torch_rows)
@@ -146,6 +173,13 @@ class FusedInputLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"widths={self.widths}, in_features={self.weight.shape[1]}, kernel_devices={self.kernel_devices}"
+
+
+def _refuse_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    raise DecodeOnlyError(
+        f"refusing to build a state dict: {prefix.rstrip('.') or 'the model'} holds projections fused for decode "
+        "(prepare_for_decode / fuse_decode_projections change the parameter layout), so save_pretrained or export "
+        "would write weights nothing can load; save the model before preparing it, or reload it from its checkpoint")
 
 
 class OutputSlice(nn.Module):
@@ -231,6 +265,13 @@ def use_gemv_linears(model: nn.Module, kernel_devices: Sequence[str] = KERNEL_DE
     ``tune_rows`` (CUDA): for each of these row counts and each distinct weight shape, time the kernel's
     candidate configs against ``F.linear`` once (``gemv.tune``, outside any graph capture), use the fastest
     config, and keep ``F.linear`` for the shapes where it was faster. Decisions are logged."""
+    return len(_switch_to_gemv(model, kernel_devices, tune_rows)[0])
+
+
+def _switch_to_gemv(model: nn.Module, kernel_devices: Sequence[str], tune_rows: Sequence[int]
+                    ) -> tuple[list[DecodeLinear | FusedInputLinear], list[tuple[int, int, int]]]:
+    """:func:`use_gemv_linears`; returns the switched modules and the ``(rows, out, in)`` shapes tuning kept
+    on ``F.linear``."""
     from ascend_edit.kernels.triton import gemv  # registers ascend_edit::gemv (imports Triton if present)
 
     devices = tuple(kernel_devices)
@@ -245,22 +286,91 @@ def use_gemv_linears(model: nn.Module, kernel_devices: Sequence[str] = KERNEL_DE
                 modules.append(child)
     log.info("decode linears: %d modules run the gemv kernel for <= %d rows on %s", len(modules), MAX_ROWS,
              ", ".join(devices))
+    kept: list[tuple[int, int, int]] = []
     rows_to_tune = sorted({r for r in tune_rows if 0 < r <= MAX_ROWS})
-    if not rows_to_tune or not modules or modules[0].weight.device.type != "cuda" or not gemv.triton_available():
-        return len(modules)
-    shapes = {(tuple(m.weight.shape), m.weight.dtype, m.weight.device) for m in modules}
+    if not rows_to_tune or not gemv.triton_available():
+        return modules, kept
+    # the kernel is timed on the device the weights live on, so only CUDA weights are tuned
+    shapes = {(tuple(m.weight.shape), m.weight.dtype, m.weight.device) for m in modules
+              if m.weight.device.type == "cuda"}
     for rows in rows_to_tune:
-        for (n, k), dtype, device in sorted(shapes, key=lambda s: s[0]):
+        for (n, k), dtype, device in sorted(shapes, key=lambda s: (s[0], str(s[1]), str(s[2]))):
             config, kernel_ms, torch_ms = gemv.tune(rows, n, k, dtype, device)
             gemv.set_config(rows, n, k, config)
             if config is None:
+                kept.append((rows, n, k))
                 for module in modules:
                     if tuple(module.weight.shape) == (n, k):
                         module.torch_rows = module.torch_rows | {rows}
             log.info("gemv tuning: %d rows x [%d, %d]: kernel %.1f us (%s), F.linear %.1f us -> %s", rows, n, k,
                      kernel_ms * 1e3, "-" if config is None else config.label(), torch_ms * 1e3,
                      "F.linear" if config is None else "kernel")
-    return len(modules)
+    return modules, sorted(set(kept))
+
+
+@dataclass(frozen=True)
+class DecodePreparation:
+    """What :func:`prepare_for_decode` changed."""
+
+    groups_fused: int  # groups of linears reading one input now computed by one GEMM
+    gemv_linears: int  # modules that run the GEMV kernel for <= MAX_ROWS rows on CUDA
+    cublas_shapes: tuple[tuple[int, int, int], ...]  # (rows, out, in) that tuning kept on F.linear (cuBLAS)
+    gemv_reason: str  # why the kernel is or is not used
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{r}x[{n}, {k}]" for r, n, k in self.cublas_shapes) or "none"
+        return (f"decode: {self.groups_fused} projection groups fused; gemv kernel on {self.gemv_linears} linears "
+                f"({self.gemv_reason}); shapes kept on cuBLAS after tuning: {kept}")
+
+
+def choose_gemv(gemv: bool | str, device_types: set[str], triton_available: bool) -> tuple[bool, str]:
+    """Whether :func:`prepare_for_decode` runs the GEMV kernel, and why. ``gemv``: ``"auto"`` (the kernel where
+    it can run: weights on CUDA and Triton importable), ``True`` (required: refused where it cannot run) or
+    ``False``. Raises ValueError for any other value and for ``True`` where the kernel cannot run."""
+    if gemv not in ("auto", True, False) or not isinstance(gemv, (bool, str)):
+        raise ValueError(f"prepare_for_decode: gemv={gemv!r} is not one of 'auto', True, False")
+    if gemv is False:
+        return False, "gemv=False"
+    blocker = ("the weights are not on CUDA (" + ", ".join(sorted(device_types)) + ")"
+               if "cuda" not in device_types else None if triton_available else "Triton is not installed")
+    if blocker is None:
+        return True, "CUDA, Triton available"
+    if gemv is True:
+        raise ValueError(f"prepare_for_decode: gemv=True but the kernel cannot run: {blocker}; use gemv='auto'")
+    return False, blocker
+
+
+def _check_inference_only(model: nn.Module) -> None:
+    training = next((name or "the model" for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise DecodeOnlyError(f"prepare_for_decode: {training} is in training mode; the decode transforms are "
+                              "inference-only: call model.eval().requires_grad_(False) first")
+    grad = next((name for name, p in model.named_parameters() if p.requires_grad), None)
+    if grad is not None:
+        raise DecodeOnlyError(f"prepare_for_decode: parameter {grad} requires grad; the decode transforms are "
+                              "inference-only (fused weights get no gradient): call model.requires_grad_(False) first")
+
+
+def prepare_for_decode(model: nn.Module, *, fuse: bool = True, gemv: bool | str = "auto",
+                       tune_rows: Sequence[int] = (1,)) -> DecodePreparation:
+    """Make ``model`` (any loaded decoder: converted in-repo, exported ``auto_map`` or native ``deepseek_v3``,
+    a stock teacher) decode faster, in place, for inference only; then call ``generate`` as usual.
+
+    ``fuse``: :func:`fuse_decode_projections`. ``gemv``: :func:`use_gemv_linears` on CUDA (see
+    :func:`choose_gemv`). ``tune_rows``: the batch sizes (rows per decode step, <= ``MAX_ROWS``) to tune the
+    kernel for against cuBLAS now, outside any graph capture. Refuses (:class:`DecodeOnlyError`) a model in
+    training mode or with parameters that require grad. Afterwards, when projections were fused, building
+    the state dict (``save_pretrained``, the project's export) is refused: save before preparing."""
+    _check_inference_only(model)
+    device_types = {p.device.type for p in model.parameters()}
+    from ascend_edit.kernels.triton import gemv as gemv_kernel
+
+    use_kernel, reason = choose_gemv(gemv, device_types, gemv_kernel.triton_available())
+    fused = fuse_decode_projections(model) if fuse else 0
+    modules, kept = _switch_to_gemv(model, KERNEL_DEVICES, tune_rows) if use_kernel else ([], [])
+    result = DecodePreparation(fused, len(modules), tuple(kept), reason)
+    log.info("%s", result.summary())
+    return result
 
 
 def decode_linear_label(linears: str, fuse_projections: bool) -> str:
