@@ -30,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
         for marker, available in DEVICE_MARKERS.items():
             if marker in item.keywords and not available():
                 item.add_marker(pytest.mark.skip(reason=f"needs a {marker} device"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: token-for-token comparisons of decode paths must not depend on how a
+    reduction was split across threads (tests use it through `pytest.mark.usefixtures`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

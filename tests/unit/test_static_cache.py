@@ -28,12 +28,7 @@ TARGETS = {
 NEW_TOKENS = 3 * WINDOW  # decode runs well past the window
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def converted(target: str) -> torch.nn.Module:
