@@ -132,8 +132,10 @@ def _same_tensors(refs: list[weakref.ref[torch.Tensor] | None], versions: list[i
 class RingWrite:
     """Where one forward's new tokens go in a ring, from `StaticSinkWindowLayer.plan_write`.
 
-    Decode (`tail` is None): `slots` [b, 1] is each row's slot and `slot_positions` [b, 1] the position
-    stored there. Prefill: `slots` [n] are the window slots of the new tokens `tail` (the last n <= window)
+    Decode (`tail` is None): `slots` [b, 1] is each row's slot, `slot_positions` [b, 1] the position
+    stored there and `positions_after` [b, slots] the ring's positions after the write (an elementwise select,
+    so a compiled step computes it in the kernel that builds the mask from it, where a scatter would be a
+    kernel of its own). Prefill: `slots` [n] are the window slots of the new tokens `tail` (the last n <= window)
     and `slot_positions` [b, n] their positions; `sink_columns` / `sink_found` [b, sinks] say which new
     token, if any, holds sink position p of each row.
     """
@@ -143,6 +145,7 @@ class RingWrite:
     tail: slice | None = None
     sink_columns: torch.Tensor | None = None
     sink_found: torch.Tensor | None = None
+    positions_after: torch.Tensor | None = None
 
 
 class StaticSinkWindowLayer(StaticLayer):
@@ -180,6 +183,7 @@ class StaticSinkWindowLayer(StaticLayer):
         self.holds_tokens = False  # Python-side: a prefill into an empty ring need not attend over it
         self.leader: StaticSinkWindowLayer = self
         self._plan: tuple[list[weakref.ref[torch.Tensor] | None], list[int], object] | None = None
+        self._traced_plan: tuple[tuple[torch.Tensor | None, ...], object] | None = None  # see shared_plan
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -213,7 +217,11 @@ class StaticSinkWindowLayer(StaticLayer):
             # Decode: a sink skips its window slot, whose old token is `window` steps back and never a sink
             # itself (sinks never enter window slots): invisible either way.
             slot = torch.where(is_sink, positions, self.sink_tokens + stream % self.window)  # [b, 1]
-            return RingWrite(slot, torch.where(real, positions, -1))
+            slot_positions = torch.where(real, positions, -1)
+            assert self.positions is not None  # the ring is initialized before planning
+            written = torch.arange(self.num_slots, device=self.device) == slot  # [b, slots], one True per row
+            after = torch.where(written, slot_positions, self.positions)
+            return RingWrite(slot, slot_positions, positions_after=after)
         # Window slots: only the last `window` new tokens can still be seen by a later query.
         tail = slice(max(s - self.window, 0), s)
         slots = self.sink_tokens + stream[tail] % self.window
@@ -233,11 +241,12 @@ class StaticSinkWindowLayer(StaticLayer):
             self.holds_tokens = True
         keys, values, positions = self.keys, self.values, self.positions
         assert keys is not None and values is not None and positions is not None  # allocated above
-        if plan.tail is None:  # decode: one scatter per buffer
+        if plan.tail is None:  # decode: one scatter per state buffer; the positions as the plan has them after
             index = plan.slots[:, None, :, None]
             keys.scatter_(2, index.expand_as(key_states), key_states)
             values.scatter_(2, index.expand_as(value_states), value_states)
-            positions.scatter_(1, plan.slots, plan.slot_positions)
+            assert plan.positions_after is not None  # every decode plan carries them
+            positions.copy_(plan.positions_after)
             self.cumulative_length.add_(1)
             return
         keys.index_copy_(2, plan.slots, key_states[:, :, plan.tail])
@@ -259,11 +268,17 @@ class StaticSinkWindowLayer(StaticLayer):
 
         The leader builds on every call and keeps the result with `key` (the forward's position ids and
         mask: identity and in-place version); a ring of the same group later in the same forward gets it
-        back. Compiled graphs build in every layer (no Python state inside a trace; the compiler fuses the
-        few elementwise ops instead); a CUDA-graph capture of the eager step records the shared plan.
+        back. A CUDA-graph capture of the eager step records the shared plan.
+
+        Under torch.compile (one trace of the whole step) the leader keeps its traced plan with the traced key
+        tensors, and a ring later in the same trace takes it when its key is the very same traced tensors: the
+        step's graph then holds one plan, not one per ring. A ring traced without its leader (a graph of its
+        own) finds no matching key and builds its own plan.
         """
-        if torch.compiler.is_compiling() or key[0] is None:
+        if key[0] is None:
             return build()
+        if torch.compiler.is_compiling():
+            return self._traced_shared_plan(key, build)
         leader = self.leader
         if leader is self:
             value = build()
@@ -273,6 +288,17 @@ class StaticSinkWindowLayer(StaticLayer):
         held = leader._plan
         if held is not None and _same_tensors(held[0], held[1], key):
             return cast(T, held[2])
+        return build()
+
+    def _traced_shared_plan(self, key: tuple[torch.Tensor | None, ...], build: Callable[[], T]) -> T:
+        leader = self.leader
+        if leader is self:
+            value = build()
+            self._traced_plan = (key, value)
+            return value
+        held = leader._traced_plan
+        if held is not None and len(held[0]) == len(key) and all(a is b for a, b in zip(held[0], key)):
+            return cast(T, held[1])
         return build()
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -303,6 +329,7 @@ class StaticSinkWindowLayer(StaticLayer):
             self.positions.fill_(-1)
         self.holds_tokens = False
         self._plan = None
+        self._traced_plan = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("StaticSinkWindowLayer cannot be cropped: evicted tokens are gone")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer, sink_window_layer
 from ascend_edit.attention.geometry import AttentionGeometry
@@ -29,6 +31,7 @@ from ascend_edit.kernels.masks import TensorKeyedCache
 from ascend_edit.kernels.registry import SLIDING_WINDOW_ATTENTION, resolve
 
 GATES = ("none", "headwise", "elementwise")
+MASK_ALIGN = 16  # elements: the row alignment CUDA's memory-efficient SDPA wants of an additive mask
 
 
 class GateSWAAttention(nn.Module):
@@ -93,7 +96,7 @@ class GateSWAAttention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
-            out, _ = attention_function(self)(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+            out = self._dense_attention(q, k, v, attention_mask)
         return self.o_proj(self._apply_gate(out, hidden_states).reshape(b, s, -1)), None
 
     def _sliding_attention(self, q, k, v, attention_mask, cache, position_ids):
@@ -153,9 +156,7 @@ class GateSWAAttention(nn.Module):
             # Dense attention over the sinks + window slots only, with a mask from their positions.
             write, mask = plan
             layer.apply_write(k, v, write)
-            out, _ = attention_function(self)(self, q, ring_keys, ring_values, mask, dropout=0.0,
-                                              scaling=self.scaling)
-            return out
+            return self._dense_attention(q, ring_keys, ring_values, mask)
         # Prefill (eager): the ring's keys (unless it is empty) plus the new ones through the registry's
         # sliding-window kernel (flex on CUDA skips out-of-window blocks); padding gets position -1. The
         # position tensors are the group's shared ones, so the kernel's block mask is built once per forward.
@@ -185,12 +186,40 @@ class GateSWAAttention(nn.Module):
         write = layer.plan_write(q_pos, real)
         assert layer.positions is not None and layer.keys is not None  # the ring is initialized before planning
         if s == 1:
-            after = layer.positions.scatter(1, write.slots, write.slot_positions)  # the ring's positions after it
-            visible = visible_by_position(q_pos, after, window=self.window, sink_tokens=self.sink_tokens)
-            return write, dense_mask(self, to_sdpa_mask(visible), layer.keys.dtype)
+            assert write.positions_after is not None  # a decode plan carries the ring's positions after the write
+            visible = to_sdpa_mask(visible_by_position(q_pos, write.positions_after, window=self.window,
+                                                       sink_tokens=self.sink_tokens))
+            if attention_function(self) is sdpa_attention_forward:
+                # SDPA turns a boolean mask into this additive one (-inf where hidden) inside every call; made
+                # here, in the ring's dtype, it is made once per step for every ring of the group. Its rows are
+                # allocated 16-aligned (CUDA's memory-efficient kernel otherwise pads a copy in every call).
+                rows, _, _, slots = visible.shape
+                additive = torch.zeros(rows, 1, 1, -(-slots // MASK_ALIGN) * MASK_ALIGN, dtype=layer.keys.dtype,
+                                       device=visible.device)[..., :slots]
+                return write, additive.masked_fill_(~visible, float("-inf"))
+            return write, dense_mask(self, visible, layer.keys.dtype)
         new_pos = torch.where(real, q_pos, -1)
         k_pos = torch.cat([layer.positions, new_pos], dim=-1) if layer.holds_tokens else new_pos
         return write, new_pos, k_pos
+
+    def _dense_attention(self, q, k, v, mask):
+        """q [b, h, s, d] over k, v [b, hk, t, d] through the registry's function; returns [b, s, h, dv].
+
+        One query per row with transformers' sdpa and a mask shared by the heads (every decode step): the query
+        heads of each KV group are packed as the rows of one head, so SDPA reads the cache heads as stored.
+        transformers packs them the same way, but not under torch.compile, where it copies every cached key and
+        value once per query head (`repeat_kv`): two copies of the whole cache per layer and step.
+        """
+        fn = attention_function(self)
+        groups = self.num_key_value_groups
+        b, h, s, d = q.shape
+        if (s == 1 and groups > 1 and fn is sdpa_attention_forward and h == k.shape[1] * groups
+                and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))):
+            packed = q.reshape(b, h // groups, groups, d)
+            out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scaling)
+            return out.reshape(b, h, 1, v.shape[-1]).transpose(1, 2)
+        out, _ = fn(self, q, k, v, mask, dropout=0.0, scaling=self.scaling)
+        return out
 
     def _apply_gate(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """out: [b, s, h, d]; the gate reads the layer input, as the output projection's filter."""
