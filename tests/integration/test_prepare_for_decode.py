@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
+from ascend_edit.config import TargetConfig
 from ascend_edit.models.decode_fusion import (
     DecodeOnlyError,
     FusedInputLinear,
@@ -27,21 +27,15 @@ from ascend_edit.models.decode_fusion import (
 )
 from ascend_edit.models.export import export_converted, load_exported
 from ascend_edit.models.static_decode import StaticDecoder
+from tests.integration.test_decode_static import EXPORTS as STATIC_EXPORTS
+from tests.integration.test_decode_static import MLA_DEEPSEEK, NEW_TOKENS, padded_prompts
 from tests.integration.test_export import converted
 
 pytestmark = pytest.mark.usefixtures("few_cpu_threads")
 
-WINDOW, SINKS = 6, 2
-MLA_DEEPSEEK = MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, latent_norm=True)
-MLA_NO_NORM = MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, latent_norm=False)
-EXPORTS = {
-    "deepseek_v3": TargetConfig(kind="mla", mla=MLA_DEEPSEEK),
-    "deepseek_v3-q_lora": TargetConfig(kind="mla", mla=dataclasses.replace(MLA_DEEPSEEK, q_lora_rank=24)),
-    "auto_map-mla": TargetConfig(kind="mla", mla=MLA_NO_NORM),
-    "auto_map-gate_swa": TargetConfig(kind="gate_swa",
-                                      gate_swa=GateSWAConfig(window=WINDOW, sink_tokens=SINKS, full_every=2)),
-}
-NEW_TOKENS = 3 * WINDOW  # past sinks + window
+# The three exports of test_decode_static, and native deepseek_v3 with a low-rank query.
+EXPORTS = {**STATIC_EXPORTS,
+           "deepseek_v3-q_lora": TargetConfig(kind="mla", mla=dataclasses.replace(MLA_DEEPSEEK, q_lora_rank=24))}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +55,6 @@ def load(directory: Path) -> nn.Module:
     return model.requires_grad_(False)
 
 
-def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    return ids, mask
 
 
 def static_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

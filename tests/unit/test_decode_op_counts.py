@@ -87,12 +87,7 @@ def per_layer_ops(model, modules, run) -> tuple[dict[int, Counter], OpLog]:
     return counts, log
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @torch.no_grad()
