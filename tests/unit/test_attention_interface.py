@@ -23,7 +23,8 @@ from ascend_edit.config import ConfigError, GateSWAConfig, MLAConfig, TargetConf
 from ascend_edit.validation import check_attn_implementation
 from tests.helpers.converted import converted_tiny
 from tests.integration.test_decode_static import padded_prompts
-from tests.unit.test_decode_op_counts import one_thread  # noqa: F401  (autouse fixture: one CPU thread)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WINDOW, SINKS = 6, 2
 MLA = MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)  # v dim != q/k dim
