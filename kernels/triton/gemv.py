@@ -272,15 +272,11 @@ def set_config(m: int, n: int, k: int, config: GemvConfig | None) -> None:
         _TUNED[(m, n, k)] = config
 
 
-_BUSY: dict[torch.device, torch.Tensor] = {}
-
-
 def _queue_busy_work(device: torch.device, matmuls: int) -> None:
     """Queue GPU work ahead of the timed calls so the host has enqueued them all before the start event fires
-    (public ops only: 4096-square bf16 matmuls, about 0.2 ms each on an H100/H200)."""
-    if device not in _BUSY:
-        _BUSY[device] = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
-    a = _BUSY[device]
+    (public ops only: 4096-square bf16 matmuls, about 0.2 ms each on an H100/H200). The operand is not kept:
+    tuning runs inside a user's process (prepare_for_decode), which should not hold 32 MiB for it afterwards."""
+    a = torch.ones(4096, 4096, device=device, dtype=torch.bfloat16)
     for _ in range(matmuls):
         torch.mm(a, a)
 
