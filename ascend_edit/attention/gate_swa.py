@@ -62,6 +62,10 @@ class GateSWAAttention(nn.Module):
         self.sink_tokens = sink_tokens
         self.gate = gate
         self.kernel_backend = "auto"  # kernels.registry backend for the sliding-window op
+        # How a decode step (one query per row) attends when the query heads of a KV group are packed:
+        # "sdpa", or "reductions" (`reduction_decode_attention` inside compiled graphs, SDPA in eager calls; set
+        # by models/decode_fusion.py for compiled CUDA decode).
+        self.decode_attention = "sdpa"
         self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=g.qkv_bias)
         self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
@@ -216,7 +220,10 @@ class GateSWAAttention(nn.Module):
         if (s == 1 and groups > 1 and fn is sdpa_attention_forward and h == k.shape[1] * groups
                 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))):
             packed = q.reshape(b, h // groups, groups, d)
-            out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scaling)
+            if self.decode_attention == "reductions" and torch.compiler.is_compiling():  # eager would materialise it
+                out = reduction_decode_attention(packed, k, v, mask, self.scaling)
+            else:
+                out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scaling)
             return out.reshape(b, h, 1, v.shape[-1]).transpose(1, 2)
         out, _ = fn(self, q, k, v, mask, dropout=0.0, scaling=self.scaling)
         return out
@@ -229,6 +236,26 @@ class GateSWAAttention(nn.Module):
         b, s, _ = hidden_states.shape
         g = g.view(b, s, self.num_heads, 1) if self.gate == "headwise" else g.view(b, s, self.num_heads, self.head_dim)
         return out * g.to(out.dtype)
+
+
+def reduction_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                               scale: float) -> torch.Tensor:
+    """Attention of a few query rows per KV head, written as broadcast products and sums: for compiled decode.
+
+    q [b, hk, g, d] (the query heads of each KV group as rows), k, v [b, hk, t, d], mask additive or boolean,
+    broadcastable to [b, hk, g, t]. Fused SDPA kernels tile 64+ query rows per program and give each (batch,
+    KV head) one program, so a decode step's g rows leave all but b * hk programs idle while each scans the
+    whole cache alone. Written as a reduction, inductor spreads the score scan over the whole GPU (one output per
+    key, fp32 like SDPA's accumulators) and fuses the mask and softmax into it. Eagerly it materialises
+    [b, hk, g, t, d]: it is meant for graphs, not for eager calls on long caches.
+    """
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * scale  # [b, hk, g, t]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    # probabilities @ values as a batched GEMM (fp32 accumulation, probabilities in the values' dtype, as fused
+    # SDPA kernels round them): as a reduction over the keys it has only b * hk * g * d outputs to spread.
+    return torch.matmul(probs.to(v.dtype), v)  # [b, hk, g, d]
 
 
 # Every layer of one forward pass gets the same position_ids / mask objects: derive the kernel's

@@ -48,7 +48,8 @@ from ascend_edit.hf.bundle import flat_file_stem
 log = logging.getLogger(__name__)
 
 __all__ = ["GROUPS", "DecodeLinear", "DecodeOnlyError", "DecodePreparation", "FusedInputLinear", "OutputSlice",
-           "choose_gemv", "decode_linear_label", "fuse_decode_projections", "prepare_for_decode", "use_gemv_linears"]
+           "choose_gemv", "decode_linear_label", "fuse_decode_projections", "prepare_for_decode", "use_gemv_linears",
+           "use_reduction_decode_attention"]
 
 KERNEL_DEVICES = ("cuda",)
 MAX_ROWS = 8  # kernels/triton/gemv.py MAX_ROWS; a test checks they agree (that module imports Triton)
@@ -308,6 +309,17 @@ def _switch_to_gemv(model: nn.Module, kernel_devices: Sequence[str], tune_rows: 
     return modules, sorted(set(kept))
 
 
+def use_reduction_decode_attention(model: nn.Module) -> int:
+    """Make every GateSWA layer attend its decode steps through ``reduction_decode_attention`` (attention/gate_swa.py)
+    instead of SDPA; returns the number of layers switched. Meant for compiled CUDA decode, where inductor fuses it
+    into reductions that use the whole GPU (fused SDPA runs one program per KV head for a decode query)."""
+    layers = [m for m in model.modules() if _is_gate_swa(m)]
+    for layer in layers:
+        layer.decode_attention = "reductions"
+    log.info("decode attention: %d GateSWA layers attend decode steps through fused reductions", len(layers))
+    return len(layers)
+
+
 @dataclass(frozen=True)
 class DecodePreparation:
     """What :func:`prepare_for_decode` changed."""
@@ -316,11 +328,13 @@ class DecodePreparation:
     gemv_linears: int  # modules that run the GEMV kernel for <= MAX_ROWS rows on CUDA
     cublas_shapes: tuple[tuple[int, int, int], ...]  # (rows, out, in) that tuning kept on F.linear (cuBLAS)
     gemv_reason: str  # why the kernel is or is not used
+    reduction_attention_layers: int = 0  # GateSWA layers whose compiled decode attends through fused reductions
 
     def summary(self) -> str:
         kept = ", ".join(f"{r}x[{n}, {k}]" for r, n, k in self.cublas_shapes) or "none"
         return (f"decode: {self.groups_fused} projection groups fused; gemv kernel on {self.gemv_linears} linears "
-                f"({self.gemv_reason}); shapes kept on cuBLAS after tuning: {kept}")
+                f"({self.gemv_reason}); shapes kept on cuBLAS after tuning: {kept}; GateSWA layers with reduction "
+                f"decode attention: {self.reduction_attention_layers}")
 
 
 def choose_gemv(gemv: bool | str, device_types: set[str], triton_available: bool) -> tuple[bool, str]:
@@ -352,23 +366,30 @@ def _check_inference_only(model: nn.Module) -> None:
 
 
 def prepare_for_decode(model: nn.Module, *, fuse: bool = True, gemv: bool | str = "auto",
-                       tune_rows: Sequence[int] = (1,)) -> DecodePreparation:
+                       tune_rows: Sequence[int] = (1,), swa_attention: str = "auto") -> DecodePreparation:
     """Make ``model`` (any loaded decoder: converted in-repo, exported ``auto_map`` or native ``deepseek_v3``,
     a stock teacher) decode faster, in place, for inference only; then call ``generate`` as usual.
 
     ``fuse``: :func:`fuse_decode_projections`. ``gemv``: :func:`use_gemv_linears` on CUDA (see
     :func:`choose_gemv`). ``tune_rows``: the batch sizes (rows per decode step, <= ``MAX_ROWS``) to tune the
-    kernel for against cuBLAS now, outside any graph capture. Refuses (:class:`DecodeOnlyError`) a model in
+    kernel for against cuBLAS now, outside any graph capture. ``swa_attention``: GateSWA decode attention,
+    ``"reductions"`` (:func:`use_reduction_decode_attention`), ``"sdpa"``, or ``"auto"``: reductions when the
+    weights are on CUDA. Refuses (:class:`DecodeOnlyError`) a model in
     training mode or with parameters that require grad. Afterwards, when projections were fused, building
     the state dict (``save_pretrained``, the project's export) is refused: save before preparing."""
     _check_inference_only(model)
     device_types = {p.device.type for p in model.parameters()}
     from ascend_edit.kernels.triton import gemv as gemv_kernel
 
+    if swa_attention not in ("auto", "reductions", "sdpa"):
+        raise ValueError(f"prepare_for_decode: swa_attention={swa_attention!r} is not one of 'auto', 'reductions', "
+                         "'sdpa'")
     use_kernel, reason = choose_gemv(gemv, device_types, gemv_kernel.triton_available())
     fused = fuse_decode_projections(model) if fuse else 0
     modules, kept = _switch_to_gemv(model, KERNEL_DEVICES, tune_rows) if use_kernel else ([], [])
-    result = DecodePreparation(fused, len(modules), tuple(kept), reason)
+    reductions = swa_attention == "reductions" or (swa_attention == "auto" and "cuda" in device_types)
+    swa_layers = use_reduction_decode_attention(model) if reductions else 0
+    result = DecodePreparation(fused, len(modules), tuple(kept), reason, swa_layers)
     log.info("%s", result.summary())
     return result
 

@@ -107,6 +107,8 @@ class Settings:
     # the linears that read one input. Rows carry the label ("cublas", "gemv", "+fused").
     decode_linears: str = "cublas"
     fuse_projections: bool = False
+    # GateSWA decode attention (models.decode_fusion.use_reduction_decode_attention): "sdpa" or "reductions"
+    swa_decode_attention: str = "sdpa"
     transform_kinds: list[str] = field(default_factory=lambda: ["mla", "gate_swa"])
     max_batch: bool = True
     verify: bool = True
@@ -146,8 +148,14 @@ def build_model(settings: Settings, kind: str, device: torch.device) -> PreTrain
         model.to(TORCH_DTYPES[model_cfg.dtype])
     model.eval().requires_grad_(False)
     if kind in settings.transform_kinds:
-        from ascend_edit.models.decode_fusion import fuse_decode_projections, use_gemv_linears
+        from ascend_edit.models.decode_fusion import (
+            fuse_decode_projections,
+            use_gemv_linears,
+            use_reduction_decode_attention,
+        )
 
+        if settings.swa_decode_attention == "reductions":
+            use_reduction_decode_attention(model)
         if settings.fuse_projections:
             fuse_decode_projections(model)
         if settings.decode_linears == "gemv":  # tuned per weight shape for the decode batches (CUDA only)
@@ -161,7 +169,8 @@ def linears_label(settings: Settings, kind: str) -> str:
     """How the model's linears run: "cublas" (torch's GEMMs) or "gemv", "+fused" with fused projections."""
     if kind not in settings.transform_kinds:
         return "cublas"
-    return settings.decode_linears + ("+fused" if settings.fuse_projections else "")
+    label = settings.decode_linears + ("+fused" if settings.fuse_projections else "")
+    return label + ("+redattn" if settings.swa_decode_attention == "reductions" and kind == "gate_swa" else "")
 
 
 def weight_bytes(model: PreTrainedModel) -> int:
@@ -837,6 +846,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(logged); decode only: prefill and other devices keep torch's GEMMs")
     p.add_argument("--fuse-projections", action="store_true",
                    help="concatenate the linears that read one input (MLA query + latent, q/k/v(+gate), MLP gate + up)")
+    p.add_argument("--swa-decode-attention", default="sdpa", choices=("sdpa", "reductions"),
+                   help="reductions: GateSWA decode steps attend through broadcast products and sums that inductor "
+                        "fuses (models.decode_fusion.use_reduction_decode_attention), for compiled decode")
     p.add_argument("--transform-kinds", nargs="+", default=["mla", "gate_swa"], choices=KINDS,
                    help="models the two options above apply to (add teacher for a transformed teacher)")
     p.add_argument("--no-max-batch", action="store_true")
@@ -880,7 +892,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     profile_path=args.profile_path, compile_mode=args.compile_mode, compile_cache=args.compile_cache,
                     compile_backend=args.compile_backend, decode_linears=args.decode_linears,
                     fuse_projections=args.fuse_projections, transform_kinds=args.transform_kinds,
-                    max_batch=not args.no_max_batch, verify=not args.no_verify,
+                    swa_decode_attention=args.swa_decode_attention, max_batch=not args.no_max_batch, verify=not args.no_verify,
                     memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
 
 

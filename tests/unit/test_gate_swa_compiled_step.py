@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
+from ascend_edit.attention.gate_swa import reduction_decode_attention
 from ascend_edit.config import GateSWAConfig, TargetConfig
+from ascend_edit.models.decode_fusion import use_reduction_decode_attention
 from ascend_edit.models.static_decode import StaticDecoder
 from ascend_edit.models.surgery import build_plan, edit_model
 from tests.conftest import tiny_model
@@ -132,3 +134,40 @@ def test_decode_write_leaves_the_positions_a_scatter_would():
         layer.apply_write(step, step, plan)
         assert torch.equal(layer.positions, expected) and layer.positions.data_ptr() == before
         assert torch.equal(layer.keys.gather(2, plan.slots[:, None, :, None].expand(2, 1, 1, 3)), step)
+
+
+@torch.no_grad()
+def test_reduction_decode_attention_keeps_the_tokens_and_takes_sdpa_out_of_the_step():
+    """`use_reduction_decode_attention` (compiled CUDA decode): same tokens as the dynamic-cache path, and the
+    decode step's attention is the traced reductions, not one SDPA call per layer."""
+    model = converted()
+    ids, mask = prompts()
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert use_reduction_decode_attention(model) == LAYERS
+    recorder = GraphRecorder()
+    decoder = StaticDecoder(model, batch=4, max_cache_len=ids.shape[1] + NEW_TOKENS, mode="compile",
+                            backend=recorder)
+    decoder.prefill(ids, mask)
+    tokens = [decoder.token.clone()] + [decoder.step() for _ in range(NEW_TOKENS - 1)]
+    assert torch.equal(torch.cat([ids, *tokens], dim=1), want)
+    assert len(recorder.graphs) == 1
+    assert recorder.ops()["scaled_dot_product_attention"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_reduction_decode_attention_matches_sdpa(dtype, mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 16, generator=g).to(dtype)  # 2 rows, 3 KV heads, 4 query heads per group
+    k, v = (torch.randn(2, 3, 37, 16, generator=g).to(dtype) for _ in range(2))
+    visible = torch.rand(2, 1, 1, 37, generator=g) > 0.4
+    visible[..., 0] = True  # every row sees a key
+    mask = {"none": None, "bool": visible,
+            "additive": torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))}[mask_kind]
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask
+                                                            if mask is None or mask.dtype == torch.bool
+                                                            else mask.float(), scale=0.25)
+    got = reduction_decode_attention(q, k, v, mask, 0.25)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
