@@ -31,6 +31,7 @@ from ascend_edit.kernels.masks import TensorKeyedCache
 from ascend_edit.kernels.registry import SLIDING_WINDOW_ATTENTION, resolve
 
 GATES = ("none", "headwise", "elementwise")
+DECODE_VALUE_SPLITS = 16  # key chunks of reduction_decode_attention's value sum (each its own reduction)
 MASK_ALIGN = 16  # elements: the row alignment CUDA's memory-efficient SDPA wants of an additive mask
 
 
@@ -245,17 +246,25 @@ def reduction_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q [b, hk, g, d] (the query heads of each KV group as rows), k, v [b, hk, t, d], mask additive or boolean,
     broadcastable to [b, hk, g, t]. Fused SDPA kernels tile 64+ query rows per program and give each (batch,
     KV head) one program, so a decode step's g rows leave all but b * hk programs idle while each scans the
-    whole cache alone. Written as a reduction, inductor spreads the score scan over the whole GPU (one output per
-    key, fp32 like SDPA's accumulators) and fuses the mask and softmax into it. Eagerly it materialises
+    whole cache alone. Written as reductions, inductor spreads the scan over the whole GPU (one output per key
+    for the scores; per chunk of keys for the values), in fp32 like SDPA's accumulators. Eagerly it materialises
     [b, hk, g, t, d]: it is meant for graphs, not for eager calls on long caches.
     """
     scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * scale  # [b, hk, g, t]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     probs = torch.softmax(scores, dim=-1)
-    # probabilities @ values as a batched GEMM (fp32 accumulation, probabilities in the values' dtype, as fused
-    # SDPA kernels round them): as a reduction over the keys it has only b * hk * g * d outputs to spread.
-    return torch.matmul(probs.to(v.dtype), v)  # [b, hk, g, d]
+    # probabilities @ values: a reduction over the keys with only b * hk * g * d outputs (and cuBLAS's batched
+    # GEMV for these shapes) leaves most of the GPU idle (20 us a layer on an H200 at 1K keys), so the keys are
+    # cut into DECODE_VALUE_SPLITS chunks, each summed by its own reduction, and the partials summed after.
+    t = v.shape[-2]
+    splits = min(DECODE_VALUE_SPLITS, t)
+    chunk = -(-t // splits)
+    pad = splits * chunk - t  # zero probabilities and zero values: nothing added
+    p = F.pad(probs, (0, pad)).unflatten(-1, (splits, chunk))  # [b, hk, g, S, c]
+    values = F.pad(v, (0, 0, 0, pad)).unflatten(-2, (splits, chunk))  # [b, hk, S, c, d]
+    partial = (p.unsqueeze(-1) * values.unsqueeze(2).float()).sum(-2)  # [b, hk, g, S, d]
+    return partial.sum(-2).to(v.dtype)  # [b, hk, g, d]
 
 
 # Every layer of one forward pass gets the same position_ids / mask objects: derive the kernel's
