@@ -185,6 +185,11 @@ class GateSWAConfig:
     selection: str = "text"
     retrieval_weight: float = 0.5
     retrieval_probes: int = 8  # probe sequences, each as long as a calibration sequence
+    # Per-layer windows under kv_budget (models/budget.py windows_for_budget): each converted layer gets full
+    # attention or one of these windows, the choice that minimises the summed measured KL (each layer alone
+    # sliding at each window, scored by `selection`) within the budget; saved per layer in the plan.
+    # Empty: every sliding layer uses `window`.
+    windows: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _positive("target.gate_swa.window", self.window)
@@ -206,6 +211,24 @@ class GateSWAConfig:
             raise ConfigError(
                 "target.gate_swa: give only one of full_layers, full_every, full_by_sensitivity, kv_budget"
             )
+        self._check_windows()
+
+    def _check_windows(self) -> None:
+        key = "target.gate_swa.windows"
+        if not self.windows:
+            return
+        if self.kv_budget is None:
+            raise ConfigError(f"{key}={list(self.windows)} needs target.gate_swa.kv_budget (the budget chooses "
+                              "each layer's window among them)")
+        bad = [w for w in self.windows if w < 1]
+        if bad:
+            raise ConfigError(f"{key}={list(self.windows)}: windows must be >= 1, got {bad}")
+        if len(set(self.windows)) != len(self.windows):
+            raise ConfigError(f"{key}={list(self.windows)} lists a window twice")
+        long = [w for w in self.windows if w >= self.kv_budget_context]
+        if long:
+            raise ConfigError(f"{key}={list(self.windows)}: {long} >= target.gate_swa.kv_budget_context="
+                              f"{self.kv_budget_context} is full attention at that context")
 
 
 @dataclass

@@ -25,6 +25,11 @@ Conditions, in the order they run (the most wanted first, so a run cut short kee
                        (target.gate_swa.selection=retrieval: KL at the answer of pass-key probes built from
                        training text, models/retrieval_probe.py); run it with `--only gateswa,gateswa_retrieval`
     gateswa_both       as gateswa, text and retrieval scores mixed half and half (selection=both)
+    gateswa_windows    the same bytes, every layer full or one of the windows --window x (1/4, 1/2, 1, 2)
+                       (32/64/128/256 by default) + 4 sinks, chosen per layer by measured cost (text + retrieval
+                       probes, selection=both; models/budget.py windows_for_budget): narrow windows where a layer
+                       does not need more pay for more full layers
+    gateswa_windows_retrieval  as gateswa_windows, costs from the retrieval probes alone (selection=retrieval)
 
 After each condition it writes `<out>/<condition>/result.json`, `<out>/results.json` and `<out>/results.md`
 (a run cut short keeps what it measured); the table with every issue-12 target marked met / missed is
@@ -54,8 +59,11 @@ import time
 from pathlib import Path
 
 CONDITIONS = ("mla25_uniform", "mla25_budget", "gateswa", "mla12_uniform", "mla12_budget", "mla25_warm_s2only",
-              "mla25_rand_s12", "mla25_rand_s2only", "mla25_spectrum", "mla12_spectrum", "gateswa_retrieval", "gateswa_both")
-GATE_SWA = ("gateswa", "gateswa_retrieval", "gateswa_both")  # same bytes, different choice of full layers
+              "mla25_rand_s12", "mla25_rand_s2only", "mla25_spectrum", "mla12_spectrum", "gateswa_retrieval", "gateswa_both",
+              "gateswa_windows", "gateswa_windows_retrieval")
+# same bytes, different choice of full layers (and, for *_windows, of each sliding layer's window)
+GATE_SWA = ("gateswa", "gateswa_retrieval", "gateswa_both", "gateswa_windows", "gateswa_windows_retrieval")
+WINDOW_MULTIPLES = (0.25, 0.5, 1.0, 2.0)  # gateswa_windows: candidate windows as multiples of --window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Condition:
     stages: str = "both"  # both | model_level | none
     what: str = ""
     selection: str = "text"  # gate_swa: what ranks the layers that stay full (target.gate_swa.selection)
+    per_layer_windows: bool = False  # gate_swa: each layer full or one of WINDOW_MULTIPLES x --window
 
 
 def conditions() -> dict[str, Condition]:
@@ -79,6 +88,10 @@ def conditions() -> dict[str, Condition]:
                   what="GateSWA <= 25 % KV, full layers by the retrieval probe, stage 1+2"),
         Condition("gateswa_both", "gate_swa", 0.25, selection="both",
                   what="GateSWA <= 25 % KV, full layers by text + retrieval (half each), stage 1+2"),
+        Condition("gateswa_windows", "gate_swa", 0.25, selection="both", per_layer_windows=True,
+                  what="GateSWA <= 25 % KV, per-layer windows or full by text + retrieval cost, stage 1+2"),
+        Condition("gateswa_windows_retrieval", "gate_swa", 0.25, selection="retrieval", per_layer_windows=True,
+                  what="GateSWA <= 25 % KV, per-layer windows or full by retrieval-probe cost, stage 1+2"),
         Condition("mla12_uniform", "mla", 0.125, "uniform", what="MLA 12.5 % KV, uniform ranks, warm, stage 1+2"),
         Condition("mla12_budget", "mla", 0.125, "sensitivity", what="MLA 12.5 % KV, budget-aware ranks, warm, stage 1+2"),
         Condition("mla25_warm_s2only", "mla", 0.25, "uniform", stages="model_level",
@@ -220,7 +233,7 @@ class Runner:
 
     # ------------------------------------------------------------------ building one student
     def target_config(self, c: Condition, details: dict):
-        from ascend_edit.models.budget import gate_swa_for_budget
+        from ascend_edit.models.budget import gate_swa_for_budget, gate_swa_windows_for_budget
 
         target = self.cfg.target
         if c.kind == "mla":
@@ -228,14 +241,25 @@ class Runner:
                 target.mla, kv_budget=c.kv_budget, allocation=c.allocation))
         swa = dataclasses.replace(target.gate_swa, window=self.args.window, sink_tokens=4, gate="headwise",
                                   selection=c.selection)
+        if c.per_layer_windows:
+            swa = dataclasses.replace(swa, full_layers=[], full_every=0, full_by_sensitivity=0, kv_budget=c.kv_budget,
+                                      kv_budget_context=self.args.context, windows=self.candidate_windows())
         probe = dataclasses.replace(target, kind="gate_swa", init=c.init, gate_swa=swa)
-        # which layers stay full: measured on --context-token calibration sequences (training text; the
-        # retrieval probes are built from the same text), under the KV budget
+        # which layers stay full (and each sliding layer's window): measured on --context-token calibration
+        # sequences (training text; the retrieval probes are built from the same text), under the KV budget
         measured: dict = {}
         t0 = time.perf_counter()
-        swa, details["swa_sensitivity"] = gate_swa_for_budget(copy.deepcopy(self.teacher), probe,
-                                                              self.calibration[:1], c.kv_budget, self.args.context,
-                                                              self.tokenizer, measured)
+        if c.per_layer_windows:
+            swa, allocation = gate_swa_windows_for_budget(copy.deepcopy(self.teacher), probe, self.calibration[:1],
+                                                          c.kv_budget, self.args.context, self.tokenizer, measured)
+            details["windows"] = [allocation.windows[i] for i in self.layers]  # 0 = full
+            details["candidate_windows"] = list(probe.gate_swa.windows)
+            details["window_costs"] = {str(i): allocation.costs[i] for i in self.layers}
+            details["budget_tokens"], details["tokens_held"] = allocation.budget_tokens, allocation.tokens
+        else:
+            swa, details["swa_sensitivity"] = gate_swa_for_budget(copy.deepcopy(self.teacher), probe,
+                                                                  self.calibration[:1], c.kv_budget, self.args.context,
+                                                                  self.tokenizer, measured)
         details["selection_seconds"] = time.perf_counter() - t0
         details["selection"] = c.selection
         if c.selection != "text":  # does the teacher itself answer the probes? (they are not the eval's samples)
@@ -243,17 +267,26 @@ class Runner:
 
             probes = calibration_probes(self.calibration[:1], swa.retrieval_probes, self.tokenizer)
             details["probe_teacher_retrieved"] = answers_retrieved(self.teacher, probes)
-        details.update({f"swa_{name}_kl": values for name, values in measured.items()})
+        details.update({f"swa_{name}_kl": ({str(i): curve for i, curve in values.items()}
+                                           if isinstance(values, dict) else values)
+                        for name, values in measured.items()})
         details["full_layers"] = swa.full_layers
         return dataclasses.replace(probe, gate_swa=swa)
 
+    def candidate_windows(self) -> list[int]:
+        """WINDOW_MULTIPLES x --window, each below the context (a window as long as it is full attention)."""
+        picks = sorted({max(1, round(m * self.args.window)) for m in WINDOW_MULTIPLES})
+        return [w for w in picks if w < self.args.context]
+
     def build(self, c: Condition, details: dict):
         from ascend_edit.models.budget import mla_rank_allocation, plan_with_ranks, sensitivity_allocation
-        from ascend_edit.models.surgery import build_plan, edit_model
+        from ascend_edit.models.surgery import build_plan, edit_model, plan_with_windows
 
         target = self.target_config(c, details)
         model = copy.deepcopy(self.teacher)
         plan = build_plan(len(self.layers), target)
+        if "windows" in details:  # each layer's own window (0: full), as the convert task plans it
+            plan = plan_with_windows(plan, dict(zip(self.layers, details["windows"])))
         if c.kind == "mla":
             if c.allocation == "sensitivity":
                 t0 = time.perf_counter()
@@ -378,7 +411,10 @@ def table(results: dict[str, dict], args, steps: dict) -> str:
         if "full_layers" in r:
             probe = (f"; teacher answers {100 * r['probe_teacher_retrieved']:.0f} % of the retrieval probes"
                      if "probe_teacher_retrieved" in r else "")
-            lines.append(f"* {name} full layers: {r['full_layers']} (window {args.window} + 4 sinks, "
+            shape = (f"per-layer windows {r['windows']} (0 = full) from {r['candidate_windows']} + 4 sinks, "
+                     f"{r['tokens_held']} of {r['budget_tokens']} budgeted tokens at {ctx}"
+                     if "windows" in r else f"window {args.window} + 4 sinks")
+            lines.append(f"* {name} full layers: {r['full_layers']} ({shape}, "
                          f"selection {r.get('selection', 'text')}{probe})")
     lines += ["", "| target (issue 12) | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(results)]

@@ -13,6 +13,10 @@ from the config (which knows nothing of converted layers), installed by `sink_wi
   preallocated ring of `sink_tokens + window + 1` slots written in place, with each slot's position
   kept in a tensor, so a decode step has fixed shapes, no host synchronisation and can be captured
   by `torch.compile` / CUDA graphs.
+
+Both are sized by the attention layer that installs them (its own `window`), so layers with different windows
+(budget-aware plans, models/budget.py `windows_for_budget`) each get their own bound; rings of one window share
+their bookkeeping (`StaticSinkWindowLayer.leader`), rings of another window form a group of their own.
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ carries the per-layer plan:
                     "mla": {...MLAConfig fields...},
                     "gate_swa": {"window": ..., "sink_tokens": ..., "gate": ...}}
 
+Budget-aware plans add per-layer lists: "kv_lora_ranks" (MLA latent ranks) and "gate_swa_windows" (GateSWA
+windows, 0 for a full layer, null for a layer that is not GateSWA); "gate_swa"."window" is then the largest.
+
 Exported checkpoints do not import this module from the package: `ascend_edit.hf.bundle` copies it,
 with every package module it needs, into the checkpoint as `ascend_edit_*.py` files whose imports are
 made relative, and writes the entry file `modeling_ascend_edit.py` with the two classes bound to the
@@ -73,7 +76,10 @@ def install_converted_attention(model: nn.Module, config) -> None:
                 fields["kv_lora_rank"] = spec["kv_lora_ranks"][idx]
             mla = SimpleNamespace(**fields)
         elif kind in ("swa", "full"):
-            gate_swa = SimpleNamespace(**spec["gate_swa"])
+            fields = dict(spec["gate_swa"])
+            if kind == "swa" and spec.get("gate_swa_windows"):  # budget-aware: each layer its own window
+                fields["window"] = spec["gate_swa_windows"][idx]
+            gate_swa = SimpleNamespace(**fields)
         teacher_attn = cast(nn.Module, layer.self_attn)
         layer.self_attn = converted_attention(kind, teacher_attn, config, mla=mla, gate_swa=gate_swa)
 

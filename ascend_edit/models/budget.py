@@ -27,6 +27,15 @@ by `target.gate_swa.selection`: `text` (the KL on calibration text when the laye
 (the KL at the answer of synthetic pass-key probes built from the same training text — the layers that
 fetch from far back, which text KL barely sees) or `both`: each score divided by its sum over the layers
 (a share, so neither unit dominates) and mixed as (1 - retrieval_weight) * text + retrieval_weight * retrieval.
+
+GateSWA with per-layer windows (`target.gate_swa.windows`, `windows_for_budget`): each converted layer gets full
+attention or one of the candidate windows. A layer's cost of window w is the KL when it alone slides at w
+(models/sensitivity.py `swa_window_sensitivity`, scored by `selection`; full attention costs 0: the warm-started
+full layer is the teacher's). Tokens held at `context`: a sliding layer min(context, w - 1 + sink_tokens) — what
+its cache keeps (attention/cache_layers.py `SinkWindowLayer`, eval/kv.py), as `full_layers_for_budget` counts —
+a full layer `context`. Minimising the summed cost within floor(kv_fraction * context * layers) tokens is a
+multiple-choice knapsack, solved exactly by dynamic programming over the integer token budget (in units of
+the greatest common divisor of the options' token counts).
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from transformers import PreTrainedModel
 
 from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.init import LayerStats, latent_spectrum
+from ascend_edit.config import GateSWAConfig
 
 ALLOCATIONS = ("spectrum", "uniform", "sensitivity")
 SELECTIONS = ("text", "retrieval", "both")
@@ -315,3 +325,163 @@ def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict],
         measured.update(parts)
     full = full_layers_for_budget(scores, kv_fraction, context, swa.window, swa.sink_tokens)
     return replace(swa, full_layers=full), scores
+
+
+# ------------------------------------------------------------------------------------------------
+# GateSWA: per-layer windows under a KV budget
+# ------------------------------------------------------------------------------------------------
+FULL = 0  # the window value that stands for full attention in a per-layer choice
+
+
+@dataclass(frozen=True)
+class WindowAllocation:
+    """Per-layer GateSWA attention chosen for a budget: {layer: window}, FULL (0) for full attention."""
+
+    windows: dict[int, int]
+    tokens: int  # tokens held over the layers at `context`
+    budget_tokens: int  # floor(kv_fraction * context * layers)
+    context: int
+    cost: float  # summed measured cost of the choice
+    costs: dict[int, dict[int, float]]  # {layer: {window: cost}} it was chosen from
+
+    @property
+    def full_layers(self) -> list[int]:
+        return sorted(i for i, w in self.windows.items() if w == FULL)
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.tokens / (self.context * len(self.windows))
+
+
+def swa_tokens_held(window: int, sink_tokens: int, context: int) -> int:
+    """Tokens a sliding layer's cache holds at `context`: the last window - 1 plus the sinks (SinkWindowLayer)."""
+    return min(context, window - 1 + sink_tokens)
+
+
+def windows_for_budget(costs: Mapping[int, Mapping[int, float]], kv_fraction: float, context: int,
+                       sink_tokens: int) -> WindowAllocation:
+    """The per-layer choice of full attention or a window in `costs[layer]` ({window: measured cost}) that
+    minimises the summed cost with at most floor(kv_fraction * context * layers) tokens held at `context`.
+
+    Exact: a multiple-choice knapsack over an integer budget. best_i[b] = the least summed cost of layers
+    0..i-1 holding at most b units, best_i[b] = min over options o of best_{i-1}[b - t_o] + c_i(o) (every
+    layer takes exactly one option; infinite where b < t_o). best_0 = 0 everywhere ("at most b"), so best_L[B]
+    is the optimum within the budget, and walking the recorded argmins back gives a choice that attains it.
+    Units are the gcd of all token counts, which divides every option, so no rounding is involved; the budget
+    is rounded down, so it is met exactly or under. Ties go to the option listed first: full attention, then
+    larger windows (more context for the same measured cost).
+    """
+    if not 0 < kv_fraction <= 1:
+        raise ValueError(f"kv budget {kv_fraction} must be in (0, 1]")
+    layers = sorted(costs)
+    if not layers:
+        raise ValueError("no layers to allocate windows to")
+    windows = sorted({w for i in layers for w in costs[i]}, reverse=True)
+    long = [w for w in windows if w >= context]
+    if long or any(w < 1 for w in windows):
+        raise ValueError(f"windows {long or windows} are not in [1, context={context}): a window as long as the "
+                         "context is full attention")
+    if any(set(costs[i]) != set(windows) for i in layers):
+        raise ValueError("every layer needs a measured cost at every candidate window")
+    options = [FULL, *windows]
+    if len(options) > 255:
+        raise ValueError(f"{len(windows)} candidate windows: at most 254")
+    held = {w: context if w == FULL else swa_tokens_held(w, sink_tokens, context) for w in options}
+    budget = math.floor(kv_fraction * context * len(layers) + 1e-9)
+    floor_tokens = min(held.values()) * len(layers)
+    if floor_tokens > budget:
+        raise ValueError(f"even all-sliding layers at the smallest window hold {floor_tokens} tokens at {context}, "
+                         f"more than the budget of {kv_fraction:.3f} of the teacher's KV ({budget} tokens)")
+    unit = math.gcd(*held.values())
+    size = budget // unit + 1
+    inf = float("inf")
+    best = torch.zeros(size, dtype=torch.float64)
+    picks = []  # per layer: the option index chosen for each budget
+    for i in layers:
+        new = torch.full((size,), inf, dtype=torch.float64)
+        pick = torch.zeros(size, dtype=torch.uint8)  # option index: layers x budget bytes of bookkeeping
+        for k, w in enumerate(options):
+            step = held[w] // unit
+            cost = 0.0 if w == FULL else float(costs[i][w])
+            if not math.isfinite(cost):
+                raise ValueError(f"layer {i}: measured cost {cost} at window {w} is not finite")
+            candidate = torch.full((size,), inf, dtype=torch.float64)
+            if step < size:  # an option larger than the whole budget never fits
+                candidate[step:] = best[: size - step] + cost
+            better = candidate < new  # strict: ties keep the earlier option
+            new = torch.where(better, candidate, new)
+            pick = torch.where(better, torch.full_like(pick, k), pick)
+        best = new
+        picks.append(pick)
+    chosen: dict[int, int] = {}
+    b = size - 1
+    for i, pick in zip(reversed(layers), reversed(picks)):
+        w = options[int(pick[b])]
+        chosen[i] = w
+        b -= held[w] // unit
+    chosen = dict(sorted(chosen.items()))
+    tokens = sum(held[w] for w in chosen.values())
+    assert tokens <= budget and b >= 0  # the walk back spends what the table said
+    total = sum(0.0 if w == FULL else float(costs[i][w]) for i, w in chosen.items())
+    return WindowAllocation(chosen, tokens, budget, context, total, {i: dict(costs[i]) for i in layers})
+
+
+def combine_window_costs(text: Mapping[int, Mapping[int, float]] | None,
+                         retrieval: Mapping[int, Mapping[int, float]] | None, selection: str,
+                         retrieval_weight: float = 0.5) -> dict[int, dict[int, float]]:
+    """{layer: {window: cost}} for `selection` from the measured per-(layer, window) KLs.
+
+    As `combine_swa_scores`, but a share must stay comparable across windows: each kind is divided by one
+    number, its sum over the layers at the smallest window (with one window: exactly combine_swa_scores)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"target.gate_swa.selection={selection!r} is not one of {list(SELECTIONS)}")
+    if not 0 <= retrieval_weight <= 1:
+        raise ValueError(f"target.gate_swa.retrieval_weight={retrieval_weight} must be in [0, 1]")
+    needed = {"text": (text,), "retrieval": (retrieval,), "both": (text, retrieval)}[selection]
+    if any(scores is None for scores in needed):
+        raise ValueError(f"target.gate_swa.selection={selection}: the {selection} scores were not measured")
+    if selection != "both":
+        measured = cast(Mapping[int, Mapping[int, float]], text if selection == "text" else retrieval)
+        return {i: dict(curve) for i, curve in measured.items()}
+    t, r = cast(Mapping[int, Mapping[int, float]], text), cast(Mapping[int, Mapping[int, float]], retrieval)
+    if set(t) != set(r) or any(set(t[i]) != set(r[i]) for i in t):
+        raise ValueError("text and retrieval costs cover different layers or windows")
+
+    def shares(scores: Mapping[int, Mapping[int, float]]) -> dict[int, dict[int, float]]:
+        smallest = min(w for curve in scores.values() for w in curve)
+        total = sum(max(curve[smallest], 0.0) for curve in scores.values())
+        return {i: {w: max(c, 0.0) / total if total > 0 else 0.0 for w, c in curve.items()}
+                for i, curve in scores.items()}
+
+    ts, rs = shares(t), shares(r)
+    return {i: {w: (1 - retrieval_weight) * ts[i][w] + retrieval_weight * rs[i][w] for w in ts[i]} for i in ts}
+
+
+def gate_swa_windows_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict], kv_fraction: float,
+                                context: int, tokenizer=None, measured: dict | None = None
+                                ) -> tuple[GateSWAConfig, WindowAllocation]:
+    """(GateSWA config with the explicit `full_layers`, per-layer allocation) for `target_cfg.gate_swa.windows`:
+    each converted layer's cost at every candidate window is measured on `batches` (what is scored:
+    `gate_swa.selection`), then `windows_for_budget` picks full attention or a window per layer under
+    `kv_fraction` of the teacher's KV at `context`. The config's `window` becomes the largest chosen one (the
+    plan carries each layer's own: models/surgery.py `plan_with_windows`). Cost: 1 + L * len(windows) forwards
+    per calibration batch for text, the same per probe batch for retrieval. `measured`, if given, receives the
+    costs as measured ({"text" | "retrieval": {layer: {window: KL}}})."""
+    from ascend_edit.models.sensitivity import retrieval_window_sensitivity, swa_window_sensitivity
+
+    swa = target_cfg.gate_swa
+    candidates = list(swa.windows)
+    probe_cfg = replace(target_cfg, kind="gate_swa", init="warm", gate_swa=replace(
+        swa, full_layers=[], full_every=0, full_by_sensitivity=0, kv_budget=None, windows=[]))
+    parts: dict[str, dict[int, dict[int, float]]] = {}
+    if swa.selection in ("text", "both"):
+        parts["text"] = swa_window_sensitivity(model, probe_cfg, batches, candidates)
+    if swa.selection in ("retrieval", "both"):
+        parts["retrieval"] = retrieval_window_sensitivity(model, probe_cfg, batches, candidates, tokenizer)
+    if measured is not None:
+        measured.update(parts)
+    costs = combine_window_costs(parts.get("text"), parts.get("retrieval"), swa.selection, swa.retrieval_weight)
+    allocation = windows_for_budget(costs, kv_fraction, context, swa.sink_tokens)
+    sliding = [w for w in allocation.windows.values() if w != FULL]
+    chosen = replace(probe_cfg.gate_swa, full_layers=allocation.full_layers, window=max(sliding, default=swa.window))
+    return chosen, allocation

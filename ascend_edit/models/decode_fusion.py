@@ -314,8 +314,8 @@ def use_reduction_decode_attention(model: nn.Module) -> int:
     instead of SDPA; returns the number of layers switched. Meant for compiled CUDA decode, where inductor fuses it
     into reductions that use the whole GPU (fused SDPA runs one program per KV head for a decode query)."""
     layers = [m for m in model.modules() if _is_gate_swa(m)]
-    for layer in layers:
-        layer.decode_attention = "reductions"
+    for layer in layers:  # exported auto_map checkpoints carry their own copy of the class
+        layer.decode_attention = "reductions"  # type: ignore[assignment]  # a plain attribute of a GateSWA layer
     log.info("decode attention: %d GateSWA layers attend decode steps through fused reductions", len(layers))
     return len(layers)
 

@@ -93,11 +93,13 @@ def conversion_spec(model: nn.Module) -> dict:
     # Latent ranks may differ per layer (budget-aware plans); every other MLA dim is shared.
     ranks = [a.kv_lora_rank if isinstance(a, MLAAttention) else None for a in attns]
     mla = {_mla_shape(a)[1:] for a in attns if isinstance(a, MLAAttention)}
-    swa = {(a.window, a.sink_tokens, a.gate) for a in attns if isinstance(a, GateSWAAttention) and a.is_sliding}
+    # Windows may differ per layer too (budget-aware GateSWA plans); sinks and gate are shared.
+    windows = [a.window if isinstance(a, GateSWAAttention) else None for a in attns]
+    swa = {a.window for a in attns if isinstance(a, GateSWAAttention) and a.is_sliding}
     gates = {(a.sink_tokens, a.gate) for a in attns if isinstance(a, GateSWAAttention)}
-    if len(mla) > 1 or len(swa) > 1 or len(gates) > 1:
-        raise ExportError("converted layers differ in shape (MLA dims, window, sinks or gate): one config cannot "
-                          f"describe them ({sorted(mla) or sorted(swa) or sorted(gates)})")
+    if len(mla) > 1 or len(gates) > 1:
+        raise ExportError("converted layers differ in shape (MLA dims, sinks or gate): one config cannot "
+                          f"describe them ({sorted(mla) or sorted(gates)})")
     spec: dict = {"plan": [entry.kind for entry in plan]}
     if mla:
         keys = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank", "latent_norm")
@@ -105,8 +107,10 @@ def conversion_spec(model: nn.Module) -> dict:
         if len({r for r in ranks if r is not None}) > 1:
             spec["kv_lora_ranks"] = ranks  # per layer (None where not MLA); hf/modeling.py reads it
     if gates:
-        (sink_tokens, gate), window = gates.pop(), (swa.pop()[0] if swa else 0)
+        (sink_tokens, gate), window = gates.pop(), max(swa, default=0)
         spec["gate_swa"] = {"window": window, "sink_tokens": sink_tokens, "gate": gate}
+        if len(swa) > 1:
+            spec["gate_swa_windows"] = windows  # per layer (0: full, None: not GateSWA); hf/modeling.py reads it
     return spec
 
 
@@ -287,6 +291,10 @@ def _teacher_blockers(model: PreTrainedModel, spec: dict) -> list[str]:
     if swa and swa["gate"] != "none":
         reasons.append(f"gate={swa['gate']}: the teacher architecture has no attention output gate")
     sliding = "swa" in spec["plan"]
+    if spec.get("gate_swa_windows"):
+        differ = sorted({w for w in spec["gate_swa_windows"] if w})
+        reasons.append(f"per-layer windows {differ}: layer_types share one sliding_window; the nearest native layout "
+                       f"(every sliding layer at {max(differ)}) caches more and computes other logits")
     if sliding and swa["sink_tokens"]:
         reasons.append(f"sink_tokens={swa['sink_tokens']}: transformers' sliding-window layers keep no sink tokens")
     if sliding and not hasattr(base, "layer_types"):

@@ -8,6 +8,8 @@ Layers are restored to the teacher afterwards.
   `score_mask` (the pass-key probes of models/retrieval_probe.py) only the masked positions count — the
   answer's prediction — so the score is how much sliding that layer alone breaks a long-range fetch
   (`retrieval_sensitivity`).
+* `swa_window_sensitivity`: the same at several windows, for choosing each layer's window under a KV budget
+  (models/budget.py `windows_for_budget`); `retrieval_window_sensitivity` on the pass-key probes.
 * `mla_sensitivity`: the layer is an MLA of latent rank r, for a few candidate r: the output error each
   layer's rank costs, which models/budget.py turns into a per-layer weight for sharing a KV budget (an
   early layer's error passes through every later layer; the K/V spectrum alone cannot see that).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +28,24 @@ from transformers import PreTrainedModel
 from ascend_edit.config import TargetConfig
 from ascend_edit.models.surgery import build_plan, decoder_layers, edit_model, edited_attentions, set_mode
 
+if TYPE_CHECKING:
+    from ascend_edit.attention.gate_swa import GateSWAAttention
+
 
 @torch.no_grad()
 def _kl_of_each_layer(model: nn.Module, batches: list[dict]) -> dict[int, float]:
     """{layer: summed batch-mean KL(teacher || model with only that layer's target)} of an edited model;
     restores the untouched teacher attentions afterwards. A batch's `score_mask` ([batch, seq] bool) limits
     the KL to those positions and averages it over them (nats per scored token)."""
+    return {idx: kls[None] for idx, kls in _kl_of_each_layer_at(model, batches, {None: lambda _: None}).items()}
+
+
+@torch.no_grad()
+def _kl_of_each_layer_at(model: nn.Module, batches: list[dict], variants: Mapping) -> dict[int, dict]:
+    """{layer: {variant: KL}} as `_kl_of_each_layer`, once per variant: `variants[v](target)` sets a layer's
+    target to variant v before it alone runs (e.g. its window). The teacher's reference runs once per batch."""
     modules = {m.layer_idx: m for m in edited_attentions(model)}
-    scores = dict.fromkeys(modules, 0.0)
+    scores = {idx: dict.fromkeys(variants, 0.0) for idx in modules}
     try:
         for batch in batches:
             kwargs = dict(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
@@ -40,8 +53,10 @@ def _kl_of_each_layer(model: nn.Module, batches: list[dict]) -> dict[int, float]
             reference = F.log_softmax(model(**kwargs).logits.float(), -1)
             for idx, module in modules.items():
                 module.mode = "student"
-                logp = F.log_softmax(model(**kwargs).logits.float(), -1)
-                scores[idx] += _kl(logp, reference, batch.get("score_mask"))
+                for variant, apply in variants.items():
+                    apply(module.target)
+                    logp = F.log_softmax(model(**kwargs).logits.float(), -1)
+                    scores[idx][variant] += _kl(logp, reference, batch.get("score_mask"))
                 module.mode = "teacher"
     finally:
         for layer in decoder_layers(model):  # back to the untouched teacher
@@ -66,6 +81,43 @@ def swa_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dic
     scores = _kl_of_each_layer(model, batches)
     del model.edit_plan  # the model is the untouched teacher again
     return [scores.get(i, 0.0) for i in range(num_layers)]
+
+
+@torch.no_grad()
+def swa_window_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dict], windows: Sequence[int]
+                           ) -> dict[int, dict[int, float]]:
+    """{layer: {window: KL}} when each converted layer alone slides at each of `windows` (sinks of `cfg.gate_swa`).
+
+    The warm-started GateSWA target does not depend on its window (the teacher's projections, a neutral gate),
+    so one edit serves every window: only the layer's `window` changes between forwards. Cost per batch: one
+    teacher forward plus one per (layer, window), i.e. 1 + L * len(windows) (`swa_sensitivity`: 1 + L)."""
+    if not windows or any(w < 1 for w in windows):
+        raise ValueError(f"target.gate_swa.windows={list(windows)}: need at least one window, each >= 1")
+    num_layers = model.config.num_hidden_layers
+    all_sliding = dataclasses.replace(cfg, init="warm", gate_swa=dataclasses.replace(
+        cfg.gate_swa, full_by_sensitivity=0, full_every=0, full_layers=[], kv_budget=None, windows=[],
+        window=max(windows)))
+    edit_model(model, build_plan(num_layers, all_sliding), all_sliding)
+
+    def at(window: int):
+        def apply(target: nn.Module) -> None:
+            cast("GateSWAAttention", target).window = window  # every edited layer here is a GateSWA target
+
+        return apply
+
+    scores = _kl_of_each_layer_at(model, batches, {w: at(w) for w in sorted(set(windows))})
+    del model.edit_plan  # the model is the untouched teacher again
+    return scores
+
+
+@torch.no_grad()
+def retrieval_window_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dict],
+                                 windows: Sequence[int], tokenizer=None, seed: int = 0) -> dict[int, dict[int, float]]:
+    """`swa_window_sensitivity` on the pass-key probes of `retrieval_sensitivity` (KL at the answer tokens)."""
+    from ascend_edit.models.retrieval_probe import calibration_probes
+
+    probes = calibration_probes(batches, cfg.gate_swa.retrieval_probes, tokenizer, seed)
+    return swa_window_sensitivity(model, cfg, probes, windows)
 
 
 @torch.no_grad()

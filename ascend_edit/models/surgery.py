@@ -41,6 +41,7 @@ class LayerPlan:
     layer_idx: int
     kind: str  # one of LAYER_KINDS
     kv_lora_rank: int | None = None  # MLA: this layer's latent rank (budget-aware plans); None: the config's
+    window: int | None = None  # GateSWA "swa": this layer's window (per-layer budget plans); None: the config's
 
     @property
     def converted(self) -> bool:
@@ -48,13 +49,35 @@ class LayerPlan:
 
 
 def plan_entries(plan: Iterable[LayerPlan]) -> list[list]:
-    """The plan as JSON: [layer, kind], plus the layer's latent rank where a budget chose it."""
-    return [[e.layer_idx, e.kind] + ([e.kv_lora_rank] if e.kv_lora_rank is not None else []) for e in plan]
+    """The plan as JSON: [layer, kind], plus the layer's latent rank where a budget chose it, plus (after the
+    rank or null) the layer's window where a budget chose it; entries without them are written as before."""
+    entries = []
+    for e in plan:
+        entry: list = [e.layer_idx, e.kind]
+        if e.kv_lora_rank is not None or e.window is not None:
+            entry.append(e.kv_lora_rank)
+        if e.window is not None:
+            entry.append(e.window)
+        entries.append(entry)
+    return entries
 
 
 def plan_from_entries(entries: Iterable[list]) -> list[LayerPlan]:
     """The plan `plan_entries` wrote."""
     return [LayerPlan(*entry) for entry in entries]
+
+
+def plan_with_windows(plan: list[LayerPlan], windows: dict[int, int]) -> list[LayerPlan]:
+    """The GateSWA plan with each converted layer's budgeted attention: window 0 = full, else sliding at it."""
+    out = []
+    for entry in plan:
+        if entry.layer_idx not in windows or entry.kind not in ("swa", "full"):
+            out.append(entry)
+            continue
+        window = windows[entry.layer_idx]
+        out.append(dataclasses.replace(entry, kind="full", window=None) if window == 0
+                   else dataclasses.replace(entry, kind="swa", window=window))
+    return out
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -108,6 +131,8 @@ def validate_plan(plan: list[LayerPlan], num_layers: int) -> None:
     for i, entry in enumerate(plan):
         if entry.layer_idx != i or entry.kind not in LAYER_KINDS:
             raise ValueError(f"plan entry {i} is invalid: {entry}")
+        if entry.window is not None and (entry.kind != "swa" or entry.window < 1):
+            raise ValueError(f"plan entry {i}: a window ({entry.window}) belongs to a sliding layer and is >= 1")
 
 
 def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, model_config) -> nn.Module:
@@ -116,7 +141,9 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
         target = copy.deepcopy(teacher_attn)
     else:
         mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
-        target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=cfg.gate_swa)
+        # A budgeted window is the layer's own; the config's `window` serves the others.
+        swa = cfg.gate_swa if entry.window is None else dataclasses.replace(cfg.gate_swa, window=entry.window)
+        target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=swa)
     ref = cast(nn.Linear, teacher_attn.q_proj).weight  # read_geometry has checked it is an nn.Linear
     return target.to(device=ref.device, dtype=ref.dtype)
 

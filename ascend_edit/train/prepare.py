@@ -19,7 +19,7 @@ from ascend_edit.distributed import DistEnv
 from ascend_edit.models.budget import swa_layer_scores
 from ascend_edit.models.fused_layers import install_fused_ops
 from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
-from ascend_edit.models.surgery import LayerPlan, build_plan, collect_layer_stats, edit_model
+from ascend_edit.models.surgery import LayerPlan, build_plan, collect_layer_stats, edit_model, plan_with_windows
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,14 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     target = cfg.target
     if target.kind == "gate_swa" and target.gate_swa.full_by_sensitivity:
         sensitivity, _ = swa_layer_scores(model, target, calibration[:1], tokenizer)  # gate_swa.selection
-    if target.kind == "gate_swa" and target.gate_swa.kv_budget is not None:
+    windows = None
+    if target.kind == "gate_swa" and target.gate_swa.kv_budget is not None and target.gate_swa.windows:
+        target, windows = gate_swa_windows_target_for_budget(model, target, calibration[:1], tokenizer)
+    elif target.kind == "gate_swa" and target.gate_swa.kv_budget is not None:
         target = gate_swa_target_for_budget(model, target, calibration[:1], tokenizer)
     plan = build_plan(model.config.num_hidden_layers, target, sensitivity)
+    if windows is not None:  # each layer's own window, saved with the plan (save_converted, report.json)
+        plan = plan_with_windows(plan, windows)
     stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
     if cfg.target.kind == "mla" and cfg.target.mla.kv_budget and cfg.target.mla.allocation == "sensitivity":
         from ascend_edit.models.budget import plan_with_ranks, sensitivity_allocation  # measured per-layer ranks
@@ -128,3 +133,22 @@ def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, bat
     log.info("gate_swa: full layers %s under %.1f %% of the teacher's KV at %d tokens", chosen.full_layers,
              100 * swa.kv_budget, swa.kv_budget_context)
     return replace(target, gate_swa=chosen)
+
+
+def gate_swa_windows_target_for_budget(model: torch.nn.Module, target: TargetConfig, batches: list[dict],
+                                       tokenizer=None) -> tuple[TargetConfig, dict[int, int]]:
+    """(`target` with the explicit `full_layers`, {layer: window, 0 = full}): each layer's attention chosen
+    among full and `gate_swa.windows` by measured cost under `gate_swa.kv_budget` (models/budget.py)."""
+    from ascend_edit.models.budget import gate_swa_windows_for_budget
+
+    swa = target.gate_swa
+    assert swa.kv_budget is not None and swa.windows
+    try:
+        chosen, allocation = gate_swa_windows_for_budget(cast(PreTrainedModel, model), target, batches,
+                                                         swa.kv_budget, swa.kv_budget_context, tokenizer)
+    except ValueError as err:  # a budget below what all layers at the smallest window hold
+        raise ConfigError(f"target.gate_swa.kv_budget={swa.kv_budget}: {err}") from err
+    log.info("gate_swa: per-layer windows %s (0 = full) under %.1f %% of the teacher's KV at %d tokens "
+             "(%d of %d tokens held)", list(allocation.windows.values()), 100 * swa.kv_budget,
+             swa.kv_budget_context, allocation.tokens, allocation.budget_tokens)
+    return replace(target, gate_swa=chosen), allocation.windows

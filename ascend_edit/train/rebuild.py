@@ -36,13 +36,14 @@ def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan
     swa = cfg.target.gate_swa
     measured_full = cfg.target.kind == "gate_swa" and (swa.full_by_sensitivity or swa.kv_budget is not None)
     if measured_full or measured_ranks:
-        # The plan came from sensitivities measured on data: take it from the run's saved output.
+        # The plan came from sensitivities measured on data: take it from the run's saved output, which holds
+        # each layer's kind and, where a budget chose them, its latent rank or window (surgery.plan_entries).
         for name in RUN_CANDIDATES:
             meta = run_dir / name / CONVERTED_MARKER
             if meta.exists():
                 return plan_from_entries(json.loads(meta.read_text())["plan"])
-        raise NotImplementedError("this run chose its full layers by measured sensitivity and has saved no "
-                                  f"converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
+        raise NotImplementedError("this run chose its plan (full layers, windows or ranks) by measured sensitivity "
+                                  f"and has saved no converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
     return build_plan(num_layers, cfg.target)
 
 

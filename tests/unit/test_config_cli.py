@@ -91,7 +91,7 @@ def test_unknown_subcommand():
 
 
 def test_help_and_cfg_job():
-    assert "target: gate_swa, identity, mla" in cli("--help").stdout
+    assert "target: gate_swa, gate_swa_windows, identity, mla" in cli("--help").stdout
     out = cli("--cfg", "job", "target=gate_swa", "target.gate_swa.window=64")
     assert out.returncode == 0 and "window: 64" in out.stdout
 
