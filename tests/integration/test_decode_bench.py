@@ -100,3 +100,16 @@ def test_compile_cells_take_an_optional_model():
     for bad, with_kind in (("student:1x16", True), ("teacher:1x16", False), ("1x", True)):
         with pytest.raises(SystemExit, match="compile-cells"):
             _cells("compile-cells", [bad], with_kind=with_kind)
+
+
+def test_floors_are_restated_against_the_higher_bandwidth():
+    from ascend_edit.tasks.bench_decode import restate_floors
+
+    result = {"bandwidth_gb_s": 3000.0, "decode": [{"ms": 6.0, "floor_ms": 4.0, "x_floor": 1.5},
+                                                   {"ms": None, "floor_ms": None, "status": "oom"}]}
+    restate_floors(result, 4000e9)  # a faster second measurement: a shorter floor, a larger ratio
+    assert result["decode"][0]["floor_ms"] == pytest.approx(3.0)
+    assert result["decode"][0]["x_floor"] == pytest.approx(2.0)
+    assert result["floor_bandwidth_gb_s"] == pytest.approx(4000.0)
+    restate_floors(result, 1000e9)  # a slower one never loosens the floor
+    assert result["decode"][0]["floor_ms"] == pytest.approx(3.0)
