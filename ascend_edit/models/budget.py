@@ -264,12 +264,8 @@ def full_layers_for_budget(sensitivity: Sequence[float], kv_fraction: float, con
     return sorted(full)
 
 
-def combine_swa_scores(text: Sequence[float] | None, retrieval: Sequence[float] | None, selection: str,
-                       retrieval_weight: float = 0.5) -> list[float]:
-    """One score per layer for `selection` (text | retrieval | both) from the measured per-layer KLs.
-
-    `text` and `retrieval` are returned as measured; `both` mixes each score's share of its sum over the
-    layers, (1 - retrieval_weight) * text share + retrieval_weight * retrieval share."""
+def _check_selection(text: object, retrieval: object, selection: str, retrieval_weight: float) -> None:
+    """One-line errors for a selection that is unknown, a weight outside [0, 1], or scores it needs but lacks."""
     if selection not in SELECTIONS:
         raise ValueError(f"target.gate_swa.selection={selection!r} is not one of {list(SELECTIONS)}")
     if not 0 <= retrieval_weight <= 1:
@@ -277,6 +273,15 @@ def combine_swa_scores(text: Sequence[float] | None, retrieval: Sequence[float] 
     needed = {"text": (text,), "retrieval": (retrieval,), "both": (text, retrieval)}[selection]
     if any(scores is None for scores in needed):
         raise ValueError(f"target.gate_swa.selection={selection}: the {selection} scores were not measured")
+
+
+def combine_swa_scores(text: Sequence[float] | None, retrieval: Sequence[float] | None, selection: str,
+                       retrieval_weight: float = 0.5) -> list[float]:
+    """One score per layer for `selection` (text | retrieval | both) from the measured per-layer KLs.
+
+    `text` and `retrieval` are returned as measured; `both` mixes each score's share of its sum over the
+    layers, (1 - retrieval_weight) * text share + retrieval_weight * retrieval share."""
+    _check_selection(text, retrieval, selection, retrieval_weight)
     if selection == "text":
         return list(cast(Sequence[float], text))
     if selection == "retrieval":
@@ -433,13 +438,7 @@ def combine_window_costs(text: Mapping[int, Mapping[int, float]] | None,
 
     As `combine_swa_scores`, but a share must stay comparable across windows: each kind is divided by one
     number, its sum over the layers at the smallest window (with one window: exactly combine_swa_scores)."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"target.gate_swa.selection={selection!r} is not one of {list(SELECTIONS)}")
-    if not 0 <= retrieval_weight <= 1:
-        raise ValueError(f"target.gate_swa.retrieval_weight={retrieval_weight} must be in [0, 1]")
-    needed = {"text": (text,), "retrieval": (retrieval,), "both": (text, retrieval)}[selection]
-    if any(scores is None for scores in needed):
-        raise ValueError(f"target.gate_swa.selection={selection}: the {selection} scores were not measured")
+    _check_selection(text, retrieval, selection, retrieval_weight)
     if selection != "both":
         measured = cast(Mapping[int, Mapping[int, float]], text if selection == "text" else retrieval)
         return {i: dict(curve) for i, curve in measured.items()}
