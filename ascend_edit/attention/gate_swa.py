@@ -63,9 +63,9 @@ class GateSWAAttention(nn.Module):
         self.sink_tokens = sink_tokens
         self.gate = gate
         self.kernel_backend = "auto"  # kernels.registry backend for the sliding-window op
-        # How a decode step (one query per row) attends when the query heads of a KV group are packed:
-        # "sdpa", or "reductions" (`reduction_decode_attention` inside compiled graphs, SDPA in eager calls; set
-        # by models/decode_fusion.py for compiled CUDA decode).
+        # How a decode step (one query per row) attends when the query heads of a KV group are packed: "sdpa";
+        # "reductions" (`reduction_decode_attention` inside compiled graphs, SDPA in eager calls); or "kernel"
+        # (the split-K Triton op of kernels/triton/gqa_decode.py on CUDA). Set by models/decode_fusion.py.
         self.decode_attention = "sdpa"
         self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=g.qkv_bias)
         self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
@@ -221,7 +221,9 @@ class GateSWAAttention(nn.Module):
         if (s == 1 and groups > 1 and fn is sdpa_attention_forward and h == k.shape[1] * groups
                 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))):
             packed = q.reshape(b, h // groups, groups, d)
-            if self.decode_attention == "reductions" and torch.compiler.is_compiling():  # eager would materialise it
+            if self.decode_attention == "kernel" and q.device.type == "cuda":  # op registered by decode_fusion
+                out = torch.ops.ascend_edit.gqa_decode(packed, k, v, mask, float(self.scaling))
+            elif self.decode_attention == "reductions" and torch.compiler.is_compiling():  # eager would materialise
                 out = reduction_decode_attention(packed, k, v, mask, self.scaling)
             else:
                 out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scaling)

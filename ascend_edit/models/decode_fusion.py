@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GROUPS", "DecodeLinear", "DecodeOnlyError", "DecodePreparation", "FusedInputLinear", "OutputSlice",
            "choose_gemv", "decode_linear_label", "fuse_decode_projections", "prepare_for_decode", "use_gemv_linears",
-           "use_reduction_decode_attention"]
+           "set_swa_decode_attention"]
 
 KERNEL_DEVICES = ("cuda",)
 MAX_ROWS = 8  # kernels/triton/gemv.py MAX_ROWS; a test checks they agree (that module imports Triton)
@@ -309,14 +309,22 @@ def _switch_to_gemv(model: nn.Module, kernel_devices: Sequence[str], tune_rows: 
     return modules, sorted(set(kept))
 
 
-def use_reduction_decode_attention(model: nn.Module) -> int:
-    """Make every GateSWA layer attend its decode steps through ``reduction_decode_attention`` (attention/gate_swa.py)
-    instead of SDPA; returns the number of layers switched. Meant for compiled CUDA decode, where inductor fuses it
-    into reductions that use the whole GPU (fused SDPA runs one program per KV head for a decode query)."""
+SWA_DECODE_ATTENTION = ("sdpa", "reductions", "kernel")
+
+
+def set_swa_decode_attention(model: nn.Module, how: str) -> int:
+    """Choose how every GateSWA layer attends its decode steps (attention/gate_swa.py ``decode_attention``);
+    returns the number of layers set. ``"reductions"``: ``reduction_decode_attention`` inside compiled graphs,
+    which inductor spreads over the whole GPU (fused SDPA runs one program per KV head for a decode query);
+    ``"kernel"``: the split-K Triton op ``ascend_edit::gqa_decode`` on CUDA (registered here); ``"sdpa"``."""
+    if how not in SWA_DECODE_ATTENTION:
+        raise ValueError(f"GateSWA decode attention {how!r} is not one of {list(SWA_DECODE_ATTENTION)}")
+    if how == "kernel":
+        from ascend_edit.kernels.triton import gqa_decode  # noqa: F401  (registers the op; imports Triton)
     layers = [m for m in model.modules() if _is_gate_swa(m)]
     for layer in layers:  # exported auto_map checkpoints carry their own copy of the class
-        layer.decode_attention = "reductions"  # type: ignore[assignment]  # a plain attribute of a GateSWA layer
-    log.info("decode attention: %d GateSWA layers attend decode steps through fused reductions", len(layers))
+        layer.decode_attention = how  # type: ignore[assignment]  # a plain attribute of a GateSWA layer
+    log.info("decode attention: %d GateSWA layers attend decode steps through %s", len(layers), how)
     return len(layers)
 
 
@@ -328,13 +336,13 @@ class DecodePreparation:
     gemv_linears: int  # modules that run the GEMV kernel for <= MAX_ROWS rows on CUDA
     cublas_shapes: tuple[tuple[int, int, int], ...]  # (rows, out, in) that tuning kept on F.linear (cuBLAS)
     gemv_reason: str  # why the kernel is or is not used
-    reduction_attention_layers: int = 0  # GateSWA layers whose compiled decode attends through fused reductions
+    swa_attention_layers: int = 0  # GateSWA layers whose decode attention is not SDPA (see swa_attention)
 
     def summary(self) -> str:
         kept = ", ".join(f"{r}x[{n}, {k}]" for r, n, k in self.cublas_shapes) or "none"
         return (f"decode: {self.groups_fused} projection groups fused; gemv kernel on {self.gemv_linears} linears "
-                f"({self.gemv_reason}); shapes kept on cuBLAS after tuning: {kept}; GateSWA layers with reduction "
-                f"decode attention: {self.reduction_attention_layers}")
+                f"({self.gemv_reason}); shapes kept on cuBLAS after tuning: {kept}; GateSWA layers off SDPA for decode: "
+                f"{self.swa_attention_layers}")
 
 
 def choose_gemv(gemv: bool | str, device_types: set[str], triton_available: bool) -> tuple[bool, str]:
@@ -373,22 +381,23 @@ def prepare_for_decode(model: nn.Module, *, fuse: bool = True, gemv: bool | str 
     ``fuse``: :func:`fuse_decode_projections`. ``gemv``: :func:`use_gemv_linears` on CUDA (see
     :func:`choose_gemv`). ``tune_rows``: the batch sizes (rows per decode step, <= ``MAX_ROWS``) to tune the
     kernel for against cuBLAS now, outside any graph capture. ``swa_attention``: GateSWA decode attention,
-    ``"reductions"`` (:func:`use_reduction_decode_attention`), ``"sdpa"``, or ``"auto"``: reductions when the
-    weights are on CUDA. Refuses (:class:`DecodeOnlyError`) a model in
+    ``"reductions"`` / ``"kernel"`` / ``"sdpa"`` (:func:`set_swa_decode_attention`), or ``"auto"``: reductions
+    when the weights are on CUDA. Refuses (:class:`DecodeOnlyError`) a model in
     training mode or with parameters that require grad. Afterwards, when projections were fused, building
     the state dict (``save_pretrained``, the project's export) is refused: save before preparing."""
     _check_inference_only(model)
     device_types = {p.device.type for p in model.parameters()}
     from ascend_edit.kernels.triton import gemv as gemv_kernel
 
-    if swa_attention not in ("auto", "reductions", "sdpa"):
-        raise ValueError(f"prepare_for_decode: swa_attention={swa_attention!r} is not one of 'auto', 'reductions', "
-                         "'sdpa'")
+    if swa_attention not in ("auto", *SWA_DECODE_ATTENTION):
+        raise ValueError(f"prepare_for_decode: swa_attention={swa_attention!r} is not one of "
+                         f"{['auto', *SWA_DECODE_ATTENTION]}")
     use_kernel, reason = choose_gemv(gemv, device_types, gemv_kernel.triton_available())
     fused = fuse_decode_projections(model) if fuse else 0
     modules, kept = _switch_to_gemv(model, KERNEL_DEVICES, tune_rows) if use_kernel else ([], [])
-    reductions = swa_attention == "reductions" or (swa_attention == "auto" and "cuda" in device_types)
-    swa_layers = use_reduction_decode_attention(model) if reductions else 0
+    if swa_attention == "auto":  # reductions: measured faster than SDPA on an H200 (docs/benchmarks.md)
+        swa_attention = "reductions" if "cuda" in device_types else "sdpa"
+    swa_layers = set_swa_decode_attention(model, swa_attention) if swa_attention != "sdpa" else 0
     result = DecodePreparation(fused, len(modules), tuple(kept), reason, swa_layers)
     log.info("%s", result.summary())
     return result

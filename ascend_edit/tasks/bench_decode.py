@@ -107,7 +107,7 @@ class Settings:
     # the linears that read one input. Rows carry the label ("cublas", "gemv", "+fused").
     decode_linears: str = "cublas"
     fuse_projections: bool = False
-    # GateSWA decode attention (models.decode_fusion.use_reduction_decode_attention): "sdpa" or "reductions"
+    # GateSWA decode attention (models.decode_fusion.set_swa_decode_attention): "sdpa", "reductions" or "kernel"
     swa_decode_attention: str = "sdpa"
     transform_kinds: list[str] = field(default_factory=lambda: ["mla", "gate_swa"])
     max_batch: bool = True
@@ -150,12 +150,12 @@ def build_model(settings: Settings, kind: str, device: torch.device) -> PreTrain
     if kind in settings.transform_kinds:
         from ascend_edit.models.decode_fusion import (
             fuse_decode_projections,
+            set_swa_decode_attention,
             use_gemv_linears,
-            use_reduction_decode_attention,
         )
 
-        if settings.swa_decode_attention == "reductions":
-            use_reduction_decode_attention(model)
+        if settings.swa_decode_attention != "sdpa":
+            set_swa_decode_attention(model, settings.swa_decode_attention)
         if settings.fuse_projections:
             fuse_decode_projections(model)
         if settings.decode_linears == "gemv":  # tuned per weight shape for the decode batches (CUDA only)
@@ -170,7 +170,8 @@ def linears_label(settings: Settings, kind: str) -> str:
     if kind not in settings.transform_kinds:
         return "cublas"
     label = settings.decode_linears + ("+fused" if settings.fuse_projections else "")
-    return label + ("+redattn" if settings.swa_decode_attention == "reductions" and kind == "gate_swa" else "")
+    attention = {"reductions": "+redattn", "kernel": "+gqakernel"}.get(settings.swa_decode_attention, "")
+    return label + (attention if kind == "gate_swa" else "")
 
 
 def weight_bytes(model: PreTrainedModel) -> int:
@@ -868,9 +869,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(logged); decode only: prefill and other devices keep torch's GEMMs")
     p.add_argument("--fuse-projections", action="store_true",
                    help="concatenate the linears that read one input (MLA query + latent, q/k/v(+gate), MLP gate + up)")
-    p.add_argument("--swa-decode-attention", default="sdpa", choices=("sdpa", "reductions"),
-                   help="reductions: GateSWA decode steps attend through broadcast products and sums that inductor "
-                        "fuses (models.decode_fusion.use_reduction_decode_attention), for compiled decode")
+    p.add_argument("--swa-decode-attention", default="sdpa", choices=("sdpa", "reductions", "kernel"),
+                   help="GateSWA decode attention (models.decode_fusion.set_swa_decode_attention): reductions = "
+                        "products and sums that inductor fuses (compiled decode); kernel = the split-K Triton op")
     p.add_argument("--transform-kinds", nargs="+", default=["mla", "gate_swa"], choices=KINDS,
                    help="models the two options above apply to (add teacher for a transformed teacher)")
     p.add_argument("--no-max-batch", action="store_true")

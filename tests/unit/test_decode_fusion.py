@@ -22,6 +22,7 @@ from ascend_edit.models.decode_fusion import (
     FusedInputLinear,
     OutputSlice,
     fuse_decode_projections,
+    set_swa_decode_attention,
     use_gemv_linears,
 )
 from ascend_edit.models.static_decode import StaticDecoder
@@ -165,5 +166,22 @@ def test_gemv_and_fusion_decode_as_the_original_on_cuda(kind):
     use_gemv_linears(model)
     for mode in ("eager", "compile"):
         torch._dynamo.reset()
+        decoder = StaticDecoder(model, batch=2, max_cache_len=ids.shape[1] + NEW_TOKENS, mode=mode)
+        assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want), mode
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("how", ["reductions", "kernel"])
+def test_swa_decode_attention_decodes_as_sdpa_on_cuda(how):
+    """GateSWA's decode attention off SDPA (models.decode_fusion.set_swa_decode_attention), eager and compiled
+    ("reduce-overhead"), fp32 weights: the tokens of the SDPA path, past the window, rows of different lengths."""
+    pytest.importorskip("triton")
+    model = build("gate_swa").cuda()
+    ids, mask = (t.cuda() for t in prompts())
+    want = StaticDecoder(model, batch=2, max_cache_len=ids.shape[1] + NEW_TOKENS, mode="eager").generate(
+        ids, mask, NEW_TOKENS)
+    assert set_swa_decode_attention(model, how) > 0
+    for mode in ("eager", "compile"):
+        torch.compiler.reset()
         decoder = StaticDecoder(model, batch=2, max_cache_len=ids.shape[1] + NEW_TOKENS, mode=mode)
         assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want), mode

@@ -21,7 +21,7 @@ import torch
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer
 from ascend_edit.attention.gate_swa import reduction_decode_attention
 from ascend_edit.config import GateSWAConfig, TargetConfig
-from ascend_edit.models.decode_fusion import use_reduction_decode_attention
+from ascend_edit.models.decode_fusion import set_swa_decode_attention
 from ascend_edit.models.static_decode import StaticDecoder
 from ascend_edit.models.surgery import build_plan, edit_model
 from tests.conftest import tiny_model
@@ -138,12 +138,12 @@ def test_decode_write_leaves_the_positions_a_scatter_would():
 
 @torch.no_grad()
 def test_reduction_decode_attention_keeps_the_tokens_and_takes_sdpa_out_of_the_step():
-    """`use_reduction_decode_attention` (compiled CUDA decode): same tokens as the dynamic-cache path, and the
+    """`set_swa_decode_attention(model, "reductions")` (compiled CUDA decode): same tokens as the dynamic-cache path, and the
     decode step's attention is the traced reductions, not one SDPA call per layer."""
     model = converted()
     ids, mask = prompts()
     want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    assert use_reduction_decode_attention(model) == LAYERS
+    assert set_swa_decode_attention(model, "reductions") == LAYERS
     recorder = GraphRecorder()
     decoder = StaticDecoder(model, batch=4, max_cache_len=ids.shape[1] + NEW_TOKENS, mode="compile",
                             backend=recorder)
