@@ -41,6 +41,8 @@ import os
 
 import torch
 
+from . import split_k
+
 try:  # Triton is an optional dependency ("gpu" extra)
     import triton
     import triton.language as tl
@@ -84,17 +86,6 @@ def triton_available() -> bool:
     return triton is not None
 
 
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    """Cached: called every decode step, and host time before a launch is latency."""
-    index = torch.cuda.current_device() if device_index is None else device_index
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def split_for(n: int, k: int, block_n: int, block_k: int, sm_count: int) -> int:
     """K splits that bring ``N / block_n`` row blocks up to ``_PROGRAMS_PER_SM`` programs per SM (as far as
     K's blocks allow), rounded so that no split is empty."""
@@ -117,7 +108,7 @@ def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     widths = (32, 16, 8, 4) if m == 1 else (64, 32, 16)
     block_n = next((w for w in widths if -(-n // w) >= target), narrowest)
     tile_elems = 8192  # 16 KB of bf16 per loop step
-    block_k = max(16, min(_next_pow2(k), tile_elems // block_n, 2048 if m == 1 else 256))
+    block_k = max(16, min(split_k.next_pow2(k), tile_elems // block_n, 2048 if m == 1 else 256))
     split = split_for(n, k, block_n, block_k, sm_count)
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=1)
 
@@ -224,7 +215,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if config is None:
         config = _TUNED.get((m, n, k))
     if config is None:
-        sms = _sm_count(x.device.index) if x.device.type == "cuda" else 4  # 4: the interpreter
+        sms = split_k.sm_count(x.device.index) if x.device.type == "cuda" else 4  # 4: the interpreter
         config = choose_config(m, n, k, sms)
     use_dot = m > 1
     if use_dot and (config.block_n < 16 or config.block_k < 16):
@@ -298,7 +289,7 @@ def _candidates(m: int, n: int, k: int, sm_count: int) -> list[GemvConfig]:
     out = [choose_config(m, n, k, sm_count)]
     if m == 1:
         for bn, bk, warps, prefetch in CANDIDATES:
-            bk = max(16, min(bk, _next_pow2(k)))
+            bk = max(16, min(bk, split_k.next_pow2(k)))
             cfg = GemvConfig(bn, bk, split_for(n, k, bn, bk, sm_count), warps, 1, prefetch)
             if cfg not in out:
                 out.append(cfg)
@@ -330,7 +321,7 @@ def tune(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, *, ca
 
     torch_ms = timed(lambda w: torch.nn.functional.linear(x, w))
     best, best_ms = None, float("inf")
-    for cfg in _candidates(m, n, k, _sm_count(device.index)):
+    for cfg in _candidates(m, n, k, split_k.sm_count(device.index)):
         try:
             ms = timed(lambda w, cfg=cfg: _launch(x, w, None, cfg))
         except Exception:  # noqa: BLE001  a config this device cannot run: not a candidate here

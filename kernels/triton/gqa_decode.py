@@ -30,7 +30,7 @@ split pass writes the output itself and there is no second launch.
 zeros**, not NaN (SDPA's math backend gives NaN there). A finite large negative additive value (e.g.
 ``finfo.min``) is a bias, as in SDPA; in fp32 it overflows to -inf in the log2 domain and hides the key.
 
-Triton is imported here and in ``mla_decode`` only; without Triton the op and its fake impl still
+Triton is imported here and in ``split_k`` (the shared split plan and merge kernel) only; without Triton the op and its fake impl still
 register, so graphs containing ``ascend_edit::gqa_decode`` trace on CPU. Under ``TRITON_INTERPRET=1``
 the op also gets a CPU implementation (Triton's interpreter runs the kernels: numerics tests only).
 """
@@ -42,18 +42,15 @@ import os
 
 import torch
 
-# Shared with the MLA decode op: the split cost model, the cached SM count and the combine kernel.
-from .mla_decode import _next_pow2, _num_splits, _sm_count, _split_len
+# Shared with the MLA decode op: the split cost model, the cached SM count and the merge kernel.
+from . import split_k
 
 try:  # Triton is an optional dependency ("gpu" extra)
     import triton
     import triton.language as tl
-
-    from .mla_decode import _mla_decode_combine_kernel
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
-    _mla_decode_combine_kernel = None
 
 __all__ = ["DEFAULT_CONFIG", "FP32_CONFIG", "GqaDecodeConfig", "MAX_GROUP", "gqa_decode", "split_plan",
            "triton_available"]
@@ -221,12 +218,12 @@ def split_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, hk, g, d = q.shape
     t, dv = k.shape[2], v.shape[3]
     if config.num_splits is not None:
-        split_len = _split_len(t, config.num_splits)
+        split_len = split_k.split_len(t, config.num_splits)
         return math.ceil(t / split_len), split_len
-    sm_count = _sm_count(q.device.index) if q.device.type == "cuda" else 4  # 4: interpreter
+    sm_count = split_k.sm_count(q.device.index) if q.device.type == "cuda" else 4  # 4: interpreter
     row_bytes = (d + dv) * k.element_size()
     # g rows of partials per program (the cost model counts them as fp32, as they are stored)
-    return _num_splits(b * hk, g, t, row_bytes, dv, sm_count * config.programs_per_sm)
+    return split_k.num_splits(b * hk, g, t, row_bytes, dv, sm_count * config.programs_per_sm)
 
 
 def _launch(
@@ -272,18 +269,18 @@ def _launch(
         out.stride(0), out.stride(1), out.stride(2),
         g, hk * g, t, split_len, num_splits, scale * _LOG2E,
         D=d, DV=dv, BLOCK_G=MAX_GROUP, BLOCK_T=config.block_t,
-        BLOCK_D=max(16, _next_pow2(d)), BLOCK_DV=max(16, _next_pow2(dv)),
+        BLOCK_D=max(16, split_k.next_pow2(d)), BLOCK_DV=max(16, split_k.next_pow2(dv)),
         MASK_KIND=mask_kind, DIRECT=direct, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not direct:
         # MLA's combine: its "heads" H are the group's g rows (stride of out's dim 2), its "query positions"
         # the KV heads (stride of out's dim 1); row m = kv_head * g + group_row, as the split pass stores.
-        _mla_decode_combine_kernel[(hk * g, b)](
+        split_k.merge_splits_kernel[(hk * g, b)](
             partial_acc, partial_max, partial_sum, out,
             out.stride(0), out.stride(2), out.stride(1), out.stride(3),
             g, hk * g, num_splits,
-            C=dv, BLOCK_S=_next_pow2(num_splits), BLOCK_C=_next_pow2(dv),
+            C=dv, BLOCK_S=split_k.next_pow2(num_splits), BLOCK_C=split_k.next_pow2(dv),
         )  # fmt: skip
     return out
 

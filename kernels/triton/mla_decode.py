@@ -61,19 +61,19 @@ only two stages fit (Triton then fetches the next tile after computing this one,
 load/compute overlap inside a program); ``keys`` with 32-row tiles runs the scores on mma.sync
 and ``p @ latent`` on wgmma with up to four stages.
 
-Triton is imported here and nowhere else; this module is imported lazily by the registry. On a
+Triton is imported here and in ``split_k``; this module is imported lazily by the registry. On a
 machine without Triton the custom op and its fake impl still register, so graphs that contain
 ``ascend_edit::mla_decode`` can be traced on CPU.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
 
 from ..contract import mla_contract
+from . import split_k
 
 try:  # Triton is an optional dependency ("gpu" extra)
     import triton
@@ -86,8 +86,6 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 __all__ = ["DEFAULT_CONFIG", "DecodeConfig", "mla_absorbed_attention", "mla_decode", "triton_available", "tuned_config"]
 
-# Splits shorter than this would cost more in partial-result traffic than they win in occupancy.
-_MIN_SPLIT_LEN = 64
 _LOG2E = 1.4426950408889634
 
 
@@ -97,7 +95,7 @@ class DecodeConfig:
 
     ``block_m`` is the number of query rows per program (rows: the M side, 16..64; keys: the N
     side, 16..128); it shrinks to fit small head counts unless ``pad_rows``. ``num_splits=None`` lets the cost model
-    in :func:`_num_splits` choose; an explicit count is used as given (capped by the context).
+    in :func:`split_k.num_splits` choose; an explicit count is used as given (capped by the context).
     """
 
     kernel: str = "rows"  # "rows" | "keys"
@@ -179,14 +177,7 @@ def _block_m(config: DecodeConfig, rows: int) -> int:
     unless the config pads (idle rows cost MMA work, not memory traffic)."""
     if config.pad_rows:
         return config.block_m
-    return max(16, min(config.block_m, _next_pow2(rows)))
-
-
-def _next_pow2(n: int) -> int:
-    """Plain Python: triton.next_power_of_2 goes through Triton's JIT call path (about 8 us a call on
-    a CPU here; six calls made up a third of the launch's host time), and decode pays host time
-    before every step."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+    return max(16, min(config.block_m, split_k.next_pow2(rows)))
 
 
 def tuned_config(c: int, r: int, rows: int, config: DecodeConfig | None = None) -> str:
@@ -494,76 +485,6 @@ if triton is not None:
                     pid_b, rows, row_ok, h_idx, s_idx, offs_c, offs_c < C, M, NUM_SPLITS, C, BLOCK_H, BLOCK_C,
                 )  # fmt: skip
 
-    @triton.jit
-    def _mla_decode_combine_kernel(
-        acc_ptr, max_ptr, sum_ptr, out_ptr,
-        stride_ob, stride_oh, stride_os, stride_oc,
-        H, M, NUM_SPLITS,
-        C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0)
-        pid_b = tl.program_id(1)
-        offs_s = tl.arange(0, BLOCK_S)
-        s_ok = offs_s < NUM_SPLITS
-        offs_c = tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        part = (pid_b * M + row) * NUM_SPLITS + offs_s
-        split_max = tl.load(max_ptr + part, mask=s_ok, other=float("-inf"))
-        split_sum = tl.load(sum_ptr + part, mask=s_ok, other=0.0)
-        # Each split's share of the softmax mass; its partial is already divided by its own sum.
-        weight = tl.exp2(split_max - tl.max(split_max, 0)) * split_sum  # padding splits: exp2(-inf) == 0
-        total = tl.sum(weight, 0)
-        acc = tl.load(acc_ptr + part[:, None] * C + offs_c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        out = tl.sum(acc.to(tl.float32) * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-        out = tl.where(total > 0, out, 0.0)  # no visible key at all -> zeros
-        h_idx = row % H
-        s_idx = row // H
-        tl.store(
-            out_ptr + pid_b * stride_ob + h_idx * stride_oh + s_idx * stride_os + offs_c * stride_oc,
-            out.to(out_ptr.dtype.element_ty),
-            mask=c_ok,
-        )
-
-
-_SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-
-
-@functools.lru_cache(maxsize=256)
-def _num_splits(
-    programs_per_split: int, block_m: int, kv_len: int, row_bytes: int, c: int, sm_count: int
-) -> tuple[int, int]:
-    """``(num_splits, split_len)`` minimising a small cost model of the split pass.
-
-    Programs run in waves of one per SM (most configurations fill an SM's registers or shared
-    memory); each program streams ``split_len`` cache rows and, when the key axis is split,
-    writes partials (counted as fp32 here) that the combine pass reads back. More splits fill
-    the GPU better but add partial traffic and a wave-quantisation tail.
-    """
-    best: tuple[float, int, int] | None = None
-    for wanted in _SPLIT_CANDIDATES:
-        split_len = _split_len(kv_len, wanted)
-        splits = math.ceil(kv_len / split_len)
-        waves = math.ceil(programs_per_split * splits / sm_count)
-        partial_bytes = 2 * block_m * c * 4 if splits > 1 else 0
-        cost = waves * (split_len * row_bytes + partial_bytes)
-        if best is None or cost < best[0]:
-            best = (cost, splits, split_len)
-        if split_len == _MIN_SPLIT_LEN:
-            break
-    assert best is not None
-    return best[1], best[2]
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int | None) -> int:
-    """Cached: decode calls this every step, and the host time before the launch counts in latency."""
-    index = torch.cuda.current_device() if device_index is None else device_index
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _split_len(kv_len: int, wanted_splits: int) -> int:
-    return math.ceil(math.ceil(kv_len / wanted_splits) / _MIN_SPLIT_LEN) * _MIN_SPLIT_LEN
-
 
 def _tma_ok(x: torch.Tensor) -> bool:
     """TMA needs a 16-byte aligned base and 16-byte aligned strides except a unit innermost one."""
@@ -601,12 +522,12 @@ def _launch(
     v_split = config.v_split if config.kernel == "keys" else 1
     row_blocks = -(-rows // block_m)
     if config.num_splits is None:
-        sm_count = _sm_count(q_latent.device.index) if q_latent.device.type == "cuda" else 4  # 4: interpreter
+        sm_count = split_k.sm_count(q_latent.device.index) if q_latent.device.type == "cuda" else 4  # 4: interpreter
         row_bytes = (c + r) * latent.element_size()
-        num_splits, split_len = _num_splits(b * row_blocks * v_split, block_m, t, row_bytes, c,
+        num_splits, split_len = split_k.num_splits(b * row_blocks * v_split, block_m, t, row_bytes, c,
                                             sm_count * config.programs_per_sm)
     else:
-        split_len = _split_len(t, config.num_splits)
+        split_len = split_k.split_len(t, config.num_splits)
         num_splits = math.ceil(t / split_len)
     # 16-bit partials for 16-bit inputs: the partial outputs are normalised, so bf16/fp16 keeps
     # them to the output's own precision while halving the split pass's extra traffic.
@@ -626,13 +547,13 @@ def _launch(
         *q_pos.stride(), *k_pos.stride(),
         h, rows, t, split_len, num_splits, scale * _LOG2E,
     )  # fmt: skip
-    block_r = max(16, _next_pow2(r))
+    block_r = max(16, split_k.next_pow2(r))
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None:
         launch["maxnreg"] = config.maxnreg
-    block_c = _next_pow2(c)
-    block_cv = _next_pow2(-(-c // v_split))  # the columns one program loads (keys: accumulates)
+    block_c = split_k.next_pow2(c)
+    block_cv = split_k.next_pow2(-(-c // v_split))  # the columns one program loads (keys: accumulates)
     lat_desc = k_rope_desc = None
     if config.tma and _tma_ok(latent) and _tma_ok(k_rope):
         lat_desc = TensorDescriptor(latent, list(latent.shape), list(latent.stride()), [1, config.block_t, block_cv])
@@ -655,13 +576,13 @@ def _launch(
         )  # fmt: skip
         if fuse:
             return out
-    _mla_decode_combine_kernel[(rows, b)](
+    split_k.merge_splits_kernel[(rows, b)](
         partial_acc, partial_max, partial_sum, out,
         *out.stride(),
         h, rows, num_splits,
         C=c,
-        BLOCK_S=_next_pow2(num_splits),
-        BLOCK_C=_next_pow2(c),
+        BLOCK_S=split_k.next_pow2(num_splits),
+        BLOCK_C=split_k.next_pow2(c),
     )  # fmt: skip
     return out
 

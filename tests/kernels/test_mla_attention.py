@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from ascend_edit.kernels import reference
-from ascend_edit.kernels.triton import mla_decode
+from ascend_edit.kernels.triton import mla_decode, split_k
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tests.helpers.scripts import benchmark_script
@@ -259,17 +259,17 @@ def test_decode_config_rejects_bad_choices(fields: dict, message: str) -> None:
 @pytest.mark.parametrize("kv_len", [1, 63, 64, 300, 4099, 8192])
 @pytest.mark.parametrize("wanted", [1, 3, 4, 32])
 def test_splits_cover_the_context_without_empty_splits(kv_len: int, wanted: int) -> None:
-    split_len = mla_decode._split_len(kv_len, wanted)
+    split_len = split_k.split_len(kv_len, wanted)
     splits = math.ceil(kv_len / split_len)
-    assert split_len % mla_decode._MIN_SPLIT_LEN == 0
+    assert split_len % split_k.MIN_SPLIT_LEN == 0
     assert splits <= wanted and splits * split_len >= kv_len and (splits - 1) * split_len < kv_len
 
 
 def test_split_cost_model_fills_every_resident_program_slot() -> None:
     # B=32 programs per split over 8,192 rows of 1,152 bytes on 132 SMs: one program per SM fits 4
     # splits in a wave, two per SM fit 8 (shorter splits in the same single wave).
-    assert mla_decode._num_splits(32, 32, 8192, 1152, 512, 132) == (4, 2048)
-    assert mla_decode._num_splits(32, 32, 8192, 1152, 512, 2 * 132) == (8, 1024)
+    assert split_k.num_splits(32, 32, 8192, 1152, 512, 132) == (4, 2048)
+    assert split_k.num_splits(32, 32, 8192, 1152, 512, 2 * 132) == (8, 1024)
 
 
 def test_sweep_best_line_is_a_config_that_can_be_pasted() -> None:
