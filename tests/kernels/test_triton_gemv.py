@@ -6,21 +6,16 @@ fp16 and fp32). The heuristic and the op's registration are checked everywhere.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from ascend_edit.kernels.triton import gemv
 
 from ascend_edit.models import decode_fusion
+from tests.helpers.triton_kernels import DEVICE, HALF, HAS_CUDA
+from tests.helpers.triton_kernels import runs_kernel as kernel_runs_here
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-runs_kernel = pytest.mark.skipif(not (HAS_CUDA or (INTERPRET and gemv.triton_available())),
-                                 reason="needs a CUDA GPU, or Triton with TRITON_INTERPRET=1")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-HALF = torch.bfloat16 if HAS_CUDA else torch.float16
+runs_kernel = kernel_runs_here(gemv.triton_available())
 # fp32 accumulation in both; the 16-bit output rounding dominates (one ulp of bf16 at |y| ~ 4 is 0.03).
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 5e-3, "rtol": 5e-3},
        torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2}}

@@ -5,20 +5,15 @@ importable (numerics only). The op's fake impl (tracing) and input checks are te
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from ascend_edit.kernels.triton import gqa_decode
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-runs_kernel = pytest.mark.skipif(not (HAS_CUDA or (INTERPRET and gqa_decode.triton_available())),
-                                 reason="needs a CUDA GPU, or Triton with TRITON_INTERPRET=1")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-# The interpreter's tl.dot misreads bf16 operands (numpy has no bf16; Triton 3.6 gives garbage, not an error), so
-# 16-bit inputs are fp16 on CPU, as in the other kernel tests. Additive masks stay bf16 (loads and casts work).
-HALF = torch.bfloat16 if HAS_CUDA else torch.float16
+from tests.helpers.triton_kernels import DEVICE, HALF, HAS_CUDA
+from tests.helpers.triton_kernels import runs_kernel as kernel_runs_here
+
+runs_kernel = kernel_runs_here(gqa_decode.triton_available())
+# Additive masks stay bf16 on CPU too (loads and casts work in the interpreter; only tl.dot misreads bf16).
 # fp32 accumulation everywhere; bf16: the probabilities enter p @ v as bf16 and the output is rounded to bf16
 # (one ulp at |o| ~ 2 is 0.016).
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 5e-3, "rtol": 5e-3},
