@@ -32,6 +32,10 @@ from ascend_edit.kernels.registry import SLIDING_WINDOW_ATTENTION, resolve
 
 GATES = ("none", "headwise", "elementwise")
 DECODE_VALUE_SPLITS = 16  # key chunks of reduction_decode_attention's value sum (each its own reduction)
+# Longest cache `decode_attention="reductions"` attends through the reductions; longer ones (full layers at long
+# context) keep SDPA. The score reduction reads each key once per query row of the group, which the L2 cache
+# absorbs for a sliding ring or a 1K cache (measured: H200, 1K) but not, unmeasured, for 32K caches at batch 8.
+REDUCTION_MAX_KEYS = 4096
 MASK_ALIGN = 16  # elements: the row alignment CUDA's memory-efficient SDPA wants of an additive mask
 
 
@@ -223,7 +227,8 @@ class GateSWAAttention(nn.Module):
             packed = q.reshape(b, h // groups, groups, d)
             if self.decode_attention == "kernel" and q.device.type == "cuda":  # op registered by decode_fusion
                 out = torch.ops.ascend_edit.gqa_decode(packed, k, v, mask, float(self.scaling))
-            elif self.decode_attention == "reductions" and torch.compiler.is_compiling():  # eager would materialise
+            elif (self.decode_attention == "reductions" and torch.compiler.is_compiling()  # eager: materialised
+                  and k.shape[-2] <= REDUCTION_MAX_KEYS):
                 out = reduction_decode_attention(packed, k, v, mask, self.scaling)
             else:
                 out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scaling)

@@ -171,3 +171,22 @@ def test_reduction_decode_attention_matches_sdpa(dtype, mask_kind):
     assert got.dtype == dtype and got.shape == want.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@torch.no_grad()
+def test_reduction_decode_attention_keeps_sdpa_for_caches_longer_than_its_limit(monkeypatch):
+    """Rings at or under `REDUCTION_MAX_KEYS` slots take the reductions; the longer full-layer cache keeps SDPA."""
+    from ascend_edit.attention import gate_swa
+
+    model = converted()
+    ids, mask = prompts()
+    set_swa_decode_attention(model, "reductions")
+    recorder = GraphRecorder()
+    decoder = StaticDecoder(model, batch=4, max_cache_len=ids.shape[1] + NEW_TOKENS, mode="compile",
+                            backend=recorder)
+    decoder.prefill(ids, mask)
+    ring_slots = next(layer.num_slots for layer in decoder.cache.layers if isinstance(layer, StaticSinkWindowLayer))
+    assert ring_slots < ids.shape[1] + NEW_TOKENS
+    monkeypatch.setattr(gate_swa, "REDUCTION_MAX_KEYS", ring_slots)
+    decoder.step()
+    assert recorder.ops()["scaled_dot_product_attention"] == 1  # the one full layer, layer 2
