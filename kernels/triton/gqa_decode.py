@@ -21,17 +21,17 @@ needs 16 rows; the padding costs MMA work, not memory traffic); for each ``BLOCK
 ``scores = q . k^T`` scaled into the log2 domain plus the mask (also in log2 units), an online
 softmax (fp32), and ``acc += p @ v``. Each split stores its output normalised by its own softmax sum
 (fp32: with g rows the partials are a few hundred KB at most, noise next to the cache) plus its
-``(max, sum)``; the combine kernel of the MLA decode op merges them with log-sum-exp weights (its
-partial layout ``[b, rows, splits, dv]`` and row -> output mapping fit as they are, with the
-group's rows as MLA's "heads" and the KV heads as MLA's "query positions"). With one split the
+``(max, sum)``; ``split_k.merge_splits_kernel`` (shared with the MLA decode op) merges them with
+log-sum-exp weights (its partial layout ``[b, rows, splits, dv]`` and row -> output mapping fit as they
+are, with the group's rows as its "heads" and the KV heads as its "query positions"). With one split the
 split pass writes the output itself and there is no second launch.
 
 **Rows whose keys are all hidden** (bool False / additive -inf everywhere, or ``t == 0``) **produce
 zeros**, not NaN (SDPA's math backend gives NaN there). A finite large negative additive value (e.g.
 ``finfo.min``) is a bias, as in SDPA; in fp32 it overflows to -inf in the log2 domain and hides the key.
 
-Triton is imported here and in ``split_k`` (the shared split plan and merge kernel) only; without Triton the op and its fake impl still
-register, so graphs containing ``ascend_edit::gqa_decode`` trace on CPU. Under ``TRITON_INTERPRET=1``
+Triton is imported here and in ``split_k`` (the shared split plan and merge kernel) only; without Triton
+the op and its fake impl still register, so graphs containing ``ascend_edit::gqa_decode`` trace on CPU. Under ``TRITON_INTERPRET=1``
 the op also gets a CPU implementation (Triton's interpreter runs the kernels: numerics tests only).
 """
 from __future__ import annotations
@@ -274,7 +274,7 @@ def _launch(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not direct:
-        # MLA's combine: its "heads" H are the group's g rows (stride of out's dim 2), its "query positions"
+        # The shared merge: its "heads" H are the group's g rows (stride of out's dim 2), its "query positions"
         # the KV heads (stride of out's dim 1); row m = kv_head * g + group_row, as the split pass stores.
         split_k.merge_splits_kernel[(hk * g, b)](
             partial_acc, partial_max, partial_sum, out,
