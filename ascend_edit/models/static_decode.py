@@ -157,12 +157,36 @@ class StaticDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 16) -> torch.Tensor:
-        """Prompt followed by `max_new_tokens` greedy tokens (no stopping), like `generate(do_sample=False)`."""
+                 max_new_tokens: int = 16, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 check_every: int = 16) -> torch.Tensor:
+        """Prompt followed by up to `max_new_tokens` greedy tokens, like `generate(do_sample=False)`.
+
+        With `eos_token_id`, a row that has produced it continues with `pad_token_id` (fed back, as transformers
+        does), and decoding stops once every row has ended: the same tokens as transformers' `generate`. Unlike
+        transformers, the loop looks at the host only every `check_every` steps (each look waits for the GPU);
+        the steps decoded past the end are trimmed off, so the result does not depend on `check_every`.
+        """
         if input_ids.shape[1] + max_new_tokens > self.max_cache_len:
             raise ValueError(f"{input_ids.shape[1]} + {max_new_tokens} tokens exceed max_cache_len "
                              f"{self.max_cache_len}")
+        if eos_token_id is not None and pad_token_id is None:
+            raise ValueError("generate: eos_token_id needs pad_token_id (the token a row continues with once ended)")
+        if check_every < 1:
+            raise ValueError(f"generate: check_every={check_every} must be >= 1")
         tokens = [self.prefill(input_ids, attention_mask)]
-        for _ in range(max_new_tokens - 1):
-            tokens.append(self.step())
-        return torch.cat([input_ids, *tokens], dim=1)
+        if eos_token_id is None:
+            tokens += [self.step() for _ in range(max_new_tokens - 1)]
+            return torch.cat([input_ids, *tokens], dim=1)
+        ended = tokens[0] == eos_token_id  # [b, 1]
+        for index in range(1, max_new_tokens):
+            if index % check_every == 0 and bool(ended.all()):
+                break
+            token = self.step().masked_fill(ended, pad_token_id)
+            self.token.copy_(token)  # an ended row feeds the padding token, as transformers' loop does
+            ended = ended | (token == eos_token_id)
+            tokens.append(token)
+        new = torch.cat(tokens, dim=1)
+        # Trim the steps decoded after the last row ended (transformers stops right there).
+        ends = torch.where(new == eos_token_id, torch.arange(new.shape[1], device=new.device), new.shape[1])
+        last = int(ends.min(dim=1).values.max())  # one look at the host, at the end
+        return torch.cat([input_ids, new[:, : last + 1]], dim=1)

@@ -188,3 +188,37 @@ def test_graph_replayed_decode_on_cuda_equals_dynamic_generate(target, mode):
     if target == "mla":
         kernels = {fn.__module__ for layer in model.model.layers for fn in layer.self_attn.target._kernels.values()}
         assert any("triton" in name for name in kernels), kernels
+
+
+def test_decoder_stops_at_the_end_token_like_transformers_generate():
+    """`eos_token_id`: ended rows continue with the padding token and decoding stops when every row has ended;
+    the tokens (and the length) equal transformers' `generate`, whatever `check_every`."""
+    model = converted("gate_swa")
+    ids, mask = padded_prompts()
+    with torch.no_grad():
+        eos = int(dynamic_generate(model, ids, mask)[0, ids.shape[1] + 4])  # row 0 produces it mid-way
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                              eos_token_id=eos)
+    assert (want[0, ids.shape[1]:] == 0).any()  # the case is real: row 0 ended and was padded
+    for check_every, mode in ((1, "eager"), (5, "eager"), (64, "eager"), (5, "compile")):
+        decoder = StaticDecoder(model, batch=3, max_cache_len=ids.shape[1] + NEW_TOKENS, mode=mode,
+                                backend="aot_eager")  # compile: the padded token is fed through the graph's input
+        got = decoder.generate(ids, mask, NEW_TOKENS, eos_token_id=eos, pad_token_id=0, check_every=check_every)
+        assert torch.equal(got, want), (check_every, mode)
+
+
+def test_decoder_stops_early_when_every_row_has_ended():
+    model = converted("mla")
+    ids, mask = padded_prompts()
+    ids, mask = ids[:1], mask[:1]  # one row: it ends at its first end token, and decoding stops there
+    with torch.no_grad():
+        free = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0)[:, ids.shape[1]:]
+        eos = int(free[0, 3])
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                              eos_token_id=eos)
+    assert want.shape[1] < ids.shape[1] + NEW_TOKENS  # transformers stopped early
+    decoder = StaticDecoder(model, batch=1, max_cache_len=ids.shape[1] + NEW_TOKENS, mode="eager")
+    assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS, eos_token_id=eos, pad_token_id=0, check_every=4), want)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        decoder.generate(ids, mask, NEW_TOKENS, eos_token_id=eos)
