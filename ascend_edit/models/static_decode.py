@@ -177,6 +177,7 @@ class StaticDecoder:
         if eos_token_id is None:
             tokens += [self.step() for _ in range(max_new_tokens - 1)]
             return torch.cat([input_ids, *tokens], dim=1)
+        assert pad_token_id is not None  # checked above
         ended = tokens[0] == eos_token_id  # [b, 1]
         for index in range(1, max_new_tokens):
             if index % check_every == 0 and bool(ended.all()):
