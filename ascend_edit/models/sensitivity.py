@@ -74,13 +74,9 @@ def _kl(logp: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None) 
 @torch.no_grad()
 def swa_sensitivity(model: PreTrainedModel, cfg: TargetConfig, batches: list[dict]) -> list[float]:
     """KL when each layer alone slides (window and sinks of `cfg.gate_swa`); one value per layer."""
-    num_layers = model.config.num_hidden_layers
-    all_sliding = dataclasses.replace(cfg, init="warm", gate_swa=dataclasses.replace(
-        cfg.gate_swa, full_by_sensitivity=0, full_every=0, full_layers=[]))
-    edit_model(model, build_plan(num_layers, all_sliding), all_sliding)
-    scores = _kl_of_each_layer(model, batches)
-    del model.edit_plan  # the model is the untouched teacher again
-    return [scores.get(i, 0.0) for i in range(num_layers)]
+    window = cfg.gate_swa.window
+    scores = swa_window_sensitivity(model, cfg, batches, [window])
+    return [scores[i][window] if i in scores else 0.0 for i in range(model.config.num_hidden_layers)]
 
 
 @torch.no_grad()

@@ -834,6 +834,8 @@ def run(cfg) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ascend_edit.models.decode_fusion import SWA_DECODE_ATTENTION  # package imports stay lazy, as above
+
     p = argparse.ArgumentParser(prog="python -m ascend_edit.tasks.bench_decode", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen3_8b_shape", help="conf/model entry (random weights)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
@@ -869,7 +871,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(logged); decode only: prefill and other devices keep torch's GEMMs")
     p.add_argument("--fuse-projections", action="store_true",
                    help="concatenate the linears that read one input (MLA query + latent, q/k/v(+gate), MLP gate + up)")
-    p.add_argument("--swa-decode-attention", default="sdpa", choices=("sdpa", "reductions", "kernel"),
+    p.add_argument("--swa-decode-attention", default="sdpa", choices=SWA_DECODE_ATTENTION,
                    help="GateSWA decode attention (models.decode_fusion.set_swa_decode_attention): reductions = "
                         "products and sums that inductor fuses (compiled decode); kernel = the split-K Triton op")
     p.add_argument("--transform-kinds", nargs="+", default=["mla", "gate_swa"], choices=KINDS,
