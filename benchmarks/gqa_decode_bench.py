@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gqa_decode_bench: needs a CUDA GPU (numerics on CPU: tests/kernels/test_triton_gqa_decode.py)")
-    from ascend_edit.kernels.triton import gemv, gqa_decode
+    from ascend_edit.kernels.triton import gemv, gqa_decode, split_k
 
     if not gqa_decode.triton_available():
         raise SystemExit("gqa_decode_bench: needs Triton (pip install 'ascend_edit[gpu]')")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         return statistics.median(gemv.gpu_ms_per_call(one, args.calls, busy_matmuls=50) for _ in range(args.repeats))
 
     bandwidth = copy_bandwidth(gemv.gpu_ms_per_call)
-    print(f"device {torch.cuda.get_device_name()}, {gqa_decode._sm_count(torch.cuda.current_device())} SMs, copy "
+    print(f"device {torch.cuda.get_device_name()}, {split_k.sm_count(torch.cuda.current_device())} SMs, copy "
           f"bandwidth {bandwidth / 1e9:.0f} GB/s; hk={KV_HEADS} g={GROUP} d={HEAD_DIM} bf16, additive bf16 mask; "
           f"GPU us per call ({args.calls} calls back to back, median of {args.repeats})")  # fmt: skip
     print(HEADER)

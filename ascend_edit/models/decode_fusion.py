@@ -328,6 +328,14 @@ def set_swa_decode_attention(model: nn.Module, how: str) -> int:
     return len(layers)
 
 
+def auto_swa_attention(device_types: set[str], triton_available: bool) -> str:
+    """``prepare_for_decode(swa_attention="auto")``: on CUDA the split-K kernel where Triton is installed, else the
+    reductions (both measured faster than SDPA on an H200, the kernel fastest: docs/benchmarks.md); SDPA elsewhere."""
+    if "cuda" not in device_types:
+        return "sdpa"
+    return "kernel" if triton_available else "reductions"
+
+
 @dataclass(frozen=True)
 class DecodePreparation:
     """What :func:`prepare_for_decode` changed."""
@@ -381,8 +389,8 @@ def prepare_for_decode(model: nn.Module, *, fuse: bool = True, gemv: bool | str 
     ``fuse``: :func:`fuse_decode_projections`. ``gemv``: :func:`use_gemv_linears` on CUDA (see
     :func:`choose_gemv`). ``tune_rows``: the batch sizes (rows per decode step, <= ``MAX_ROWS``) to tune the
     kernel for against cuBLAS now, outside any graph capture. ``swa_attention``: GateSWA decode attention,
-    ``"reductions"`` / ``"kernel"`` / ``"sdpa"`` (:func:`set_swa_decode_attention`), or ``"auto"``: reductions
-    when the weights are on CUDA. Refuses (:class:`DecodeOnlyError`) a model in
+    ``"reductions"`` / ``"kernel"`` / ``"sdpa"`` (:func:`set_swa_decode_attention`), or ``"auto"``
+    (:func:`auto_swa_attention`: the kernel on CUDA with Triton). Refuses (:class:`DecodeOnlyError`) a model in
     training mode or with parameters that require grad. Afterwards, when projections were fused, building
     the state dict (``save_pretrained``, the project's export) is refused: save before preparing."""
     _check_inference_only(model)
@@ -395,8 +403,8 @@ def prepare_for_decode(model: nn.Module, *, fuse: bool = True, gemv: bool | str 
     use_kernel, reason = choose_gemv(gemv, device_types, gemv_kernel.triton_available())
     fused = fuse_decode_projections(model) if fuse else 0
     modules, kept = _switch_to_gemv(model, KERNEL_DEVICES, tune_rows) if use_kernel else ([], [])
-    if swa_attention == "auto":  # reductions: measured faster than SDPA on an H200 (docs/benchmarks.md)
-        swa_attention = "reductions" if "cuda" in device_types else "sdpa"
+    if swa_attention == "auto":
+        swa_attention = auto_swa_attention(device_types, gemv_kernel.triton_available())
     swa_layers = set_swa_decode_attention(model, swa_attention) if swa_attention != "sdpa" else 0
     result = DecodePreparation(fused, len(modules), tuple(kept), reason, swa_layers)
     log.info("%s", result.summary())

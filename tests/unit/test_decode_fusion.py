@@ -21,6 +21,7 @@ from ascend_edit.models.decode_fusion import (
     DecodeLinear,
     FusedInputLinear,
     OutputSlice,
+    auto_swa_attention,
     fuse_decode_projections,
     set_swa_decode_attention,
     use_gemv_linears,
@@ -168,6 +169,12 @@ def test_gemv_and_fusion_decode_as_the_original_on_cuda(kind):
         torch._dynamo.reset()
         decoder = StaticDecoder(model, batch=2, max_cache_len=ids.shape[1] + NEW_TOKENS, mode=mode)
         assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want), mode
+
+
+@pytest.mark.parametrize("devices, triton, want", [({"cuda"}, True, "kernel"), ({"cuda"}, False, "reductions"),
+                                                    ({"cpu"}, True, "sdpa"), ({"npu"}, False, "sdpa")])
+def test_auto_swa_attention_picks_the_kernel_on_cuda_with_triton(devices, triton, want):
+    assert auto_swa_attention(devices, triton) == want
 
 
 @pytest.mark.cuda
