@@ -442,7 +442,9 @@ def measure_prefill(model, device, context: int, seed: int, repeats: int = 3) ->
 
 GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
                 "triton_tem_")  # inductor's GEMM templates (max-autotune)
-ATTENTION_MARKERS = ("attention", "attn", "flash", "fmha", "sdpa", "mla", "flex", "_fwd_kernel")
+# "merge_splits": the split-K decode kernels' combine pass (MLA and GQA decode alike).
+ATTENTION_MARKERS = ("attention", "attn", "flash", "fmha", "sdpa", "mla", "flex", "_fwd_kernel", "gqa_decode",
+                     "merge_splits")
 
 
 def kernel_class(name: str) -> str:

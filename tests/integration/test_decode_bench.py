@@ -113,3 +113,14 @@ def test_floors_are_restated_against_the_higher_bandwidth():
     assert result["floor_bandwidth_gb_s"] == pytest.approx(4000.0)
     restate_floors(result, 1000e9)  # a slower one never loosens the floor
     assert result["decode"][0]["floor_ms"] == pytest.approx(3.0)
+
+
+def test_profile_classes_count_the_split_k_decode_kernels_as_attention():
+    """Kernel names from the H200 profiles of the compiled decode step (docs/benchmarks.md)."""
+    from ascend_edit.tasks.bench_decode import kernel_class
+
+    for name in ("_gqa_decode_split_kernel", "merge_splits_kernel", "_mla_decode_rows_kernel"):
+        assert kernel_class(name) == "attention", name
+    assert kernel_class("_gemv_kernel") == "gemm"
+    assert kernel_class("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
+    assert kernel_class("triton_poi_fused_add_copy__0") == "other"
