@@ -69,7 +69,7 @@ class GqaDecodeConfig:
 
     block_t: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     programs_per_sm: int = 2
     num_splits: int | None = None
 
@@ -88,9 +88,11 @@ class GqaDecodeConfig:
 
 
 # 16-bit inputs: 64-key tiles of K and V (16 KB each at d = 128) arrive as 16-byte cp.async copies; 4 warps
-# cover the 16 x 64 score tile and the 16 x 128 accumulator. Compiled for sm_90 on a CPU (ptxas, bf16, d = 128):
-# 90 registers, 38 KB of shared memory, no spills, so several programs fit an SM (the cost model counts 2).
-# NOT yet timed on a GPU: benchmarks/gqa_decode_bench.py --sweep times the alternatives.
+# cover the 16 x 64 score tile and the 16 x 128 accumulator. Compiled for sm_90 on a CPU (ptxas, bf16, d = 128,
+# two stages): 90 registers, 38 KB of shared memory, no spills, so several programs fit an SM (the cost model
+# counts 2). Three stages: in `benchmarks/gqa_decode_bench.py --sweep` on an H200, faster than two in 7 of its 8
+# shapes (batch 1 and 8; 1K rings to 32K full layers; up to 11 %, 1 % slower in the eighth) and the fastest
+# configuration swept at 8K and 32K keys; docs/benchmarks.md.
 DEFAULT_CONFIG = GqaDecodeConfig()
 # fp32 inputs (tests, debugging): twice the bytes per tile, so half the keys per tile.
 FP32_CONFIG = GqaDecodeConfig(block_t=32)
