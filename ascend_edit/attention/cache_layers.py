@@ -173,7 +173,7 @@ class StaticSinkWindowLayer(StaticLayer):
     Every ring of one cache with the same window and sinks sees the same tokens, so its bookkeeping
     (slots, positions, the mask) is the same in all of them: the lowest-indexed one, the group's
     `leader`, plans each forward once and the others take its plan (`shared_plan`), so a decode step
-    costs each further ring two scatters of its states, not the whole bookkeeping again.
+    costs each further ring two indexed writes of its states, not the whole bookkeeping again.
     """
 
     is_sliding = False
@@ -245,10 +245,13 @@ class StaticSinkWindowLayer(StaticLayer):
             self.holds_tokens = True
         keys, values, positions = self.keys, self.values, self.positions
         assert keys is not None and values is not None and positions is not None  # allocated above
-        if plan.tail is None:  # decode: one scatter per state buffer; the positions as the plan has them after
-            index = plan.slots[:, None, :, None]
-            keys.scatter_(2, index.expand_as(key_states), key_states)
-            values.scatter_(2, index.expand_as(value_states), value_states)
+        if plan.tail is None:  # decode: one indexed write per state buffer; the positions as the plan has them after
+            # keys[row, :, slot of the row] = the row's new key: an index_put_, which a compiled step writes in place.
+            # (A scatter_ into this buffer, a graph input, is traced as an out-of-place scatter plus a copy back:
+            # inductor then copies the whole ring twice per step for one slot's worth of new data.)
+            rows, slots = torch.arange(keys.shape[0], device=keys.device), plan.slots[:, 0]
+            keys[rows, :, slots] = key_states[:, :, 0]
+            values[rows, :, slots] = value_states[:, :, 0]
             assert plan.positions_after is not None  # every decode plan carries them
             positions.copy_(plan.positions_after)
             self.cumulative_length.add_(1)

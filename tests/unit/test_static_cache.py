@@ -222,3 +222,28 @@ def test_decoder_stops_early_when_every_row_has_ended():
     assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS, eos_token_id=eos, pad_token_id=0, check_every=4), want)
     with pytest.raises(ValueError, match="pad_token_id"):
         decoder.generate(ids, mask, NEW_TOKENS, eos_token_id=eos)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["gate_swa", "mla"])
+def test_inductor_writes_the_caches_in_place(target, tmp_path, monkeypatch):
+    """The compiled decode step writes one slot of each cache layer in place: inductor's generated code allocates
+    no buffer of a cache layer's shape (GateSWA's rings and full layers, MLA's latent caches). Written as a scatter_
+    into the ring, a graph input, the step copied every ring out, scattered and copied it back: twice the ring's
+    bytes per step for one slot of new data."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a fresh cache: this compile's code only
+    model = converted(target)
+    ids, mask = padded_prompts()
+    with torch.no_grad():
+        want = dynamic_generate(model, ids, mask)
+    torch.compiler.reset()
+    decoder = StaticDecoder(model, batch=3, max_cache_len=ids.shape[1] + NEW_TOKENS, mode="compile")
+    assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want)
+    shapes = {tuple(t.shape) for layer in decoder.cache.layers for t in (layer.keys, layer.values)}
+    if target == "gate_swa":
+        assert any(isinstance(layer, StaticSinkWindowLayer) for layer in decoder.cache.layers)
+    wrappers = [p.read_text() for p in tmp_path.rglob("*.py") if "def call(" in p.read_text()]
+    allocations = [line for text in wrappers for line in text.splitlines() if "empty_strided" in line]
+    assert allocations  # the wrappers were read: every step allocates its small temporaries
+    for shape in shapes:
+        assert not [line for line in allocations if f"empty_strided_cpu({shape}" in line], shape
