@@ -37,6 +37,11 @@ DECODE_VALUE_SPLITS = 16  # key chunks of reduction_decode_attention's value sum
 # absorbs for a sliding ring or a 1K cache (measured: H200, 1K) but not, unmeasured, for 32K caches at batch 8.
 REDUCTION_MAX_KEYS = 4096
 MASK_ALIGN = 16  # elements: the row alignment CUDA's memory-efficient SDPA wants of an additive mask
+# What decode_attention="kernel" (kernels/triton/gqa_decode.py) covers; other layers keep SDPA. The group bound is
+# the kernel's MAX_GROUP (a test checks they agree; importing the kernel module here would import Triton); the
+# head-dim bound is what it has run on a GPU (Qwen3's 128; wider heads would need other tile sizes).
+KERNEL_MAX_GROUP = 16
+KERNEL_MAX_HEAD_DIM = 128
 
 
 class GateSWAAttention(nn.Module):
@@ -225,7 +230,8 @@ class GateSWAAttention(nn.Module):
         if (s == 1 and groups > 1 and fn is sdpa_attention_forward and h == k.shape[1] * groups
                 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))):
             packed = q.reshape(b, h // groups, groups, d)
-            if self.decode_attention == "kernel" and q.device.type == "cuda":  # op registered by decode_fusion
+            if (self.decode_attention == "kernel" and q.device.type == "cuda"  # op registered by decode_fusion
+                    and kernel_covers(groups, d, v.shape[-1])):
                 out = torch.ops.ascend_edit.gqa_decode(packed, k, v, mask, float(self.scaling))
             elif (self.decode_attention == "reductions" and torch.compiler.is_compiling()  # eager: materialised
                   and k.shape[-2] <= REDUCTION_MAX_KEYS):
@@ -244,6 +250,11 @@ class GateSWAAttention(nn.Module):
         b, s, _ = hidden_states.shape
         g = g.view(b, s, self.num_heads, 1) if self.gate == "headwise" else g.view(b, s, self.num_heads, self.head_dim)
         return out * g.to(out.dtype)
+
+
+def kernel_covers(groups: int, head_dim: int, value_dim: int) -> bool:
+    """Whether the split-K GQA decode kernel takes a layer of this shape (else its decode steps use SDPA)."""
+    return groups <= KERNEL_MAX_GROUP and max(head_dim, value_dim) <= KERNEL_MAX_HEAD_DIM
 
 
 def reduction_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -193,3 +193,13 @@ def test_bad_dtypes_are_refused():
         gqa_decode._check_inputs(q, k.half(), k, None)
     with pytest.raises(ValueError, match="bool"):
         gqa_decode._check_inputs(q, k, k, torch.zeros(1, 1, 1, 8, dtype=torch.int32))
+
+
+def test_gate_swa_hands_the_kernel_only_the_shapes_it_covers():
+    """attention/gate_swa.py keeps its own copy of the kernel's group bound (importing this module imports Triton)."""
+    from ascend_edit.attention import gate_swa
+
+    assert gate_swa.KERNEL_MAX_GROUP == gqa_decode.MAX_GROUP
+    assert gate_swa.kernel_covers(4, 128, 128)  # Qwen3-8B: 32 query heads over 8 KV heads of 128
+    assert not gate_swa.kernel_covers(gqa_decode.MAX_GROUP + 1, 128, 128)  # e.g. 32 query heads on 1 KV head
+    assert not gate_swa.kernel_covers(4, 256, 256)  # wider heads than the kernel has run: SDPA
