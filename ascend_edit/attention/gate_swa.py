@@ -230,11 +230,11 @@ class GateSWAAttention(nn.Module):
         if (s == 1 and groups > 1 and fn is sdpa_attention_forward and h == k.shape[1] * groups
                 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))):
             packed = q.reshape(b, h // groups, groups, d)
-            if (self.decode_attention == "kernel" and q.device.type == "cuda"  # op registered by decode_fusion
-                    and kernel_covers(groups, d, v.shape[-1])):
+            path = packed_decode_path(self.decode_attention, q.device.type, torch.compiler.is_compiling(),
+                                      groups, d, v.shape[-1], k.shape[-2])
+            if path == "kernel":  # the op is registered by decode_fusion.set_swa_decode_attention
                 out = torch.ops.ascend_edit.gqa_decode(packed, k, v, mask, float(self.scaling))
-            elif (self.decode_attention == "reductions" and torch.compiler.is_compiling()  # eager: materialised
-                  and k.shape[-2] <= REDUCTION_MAX_KEYS):
+            elif path == "reductions":
                 out = reduction_decode_attention(packed, k, v, mask, self.scaling)
             else:
                 out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scaling)
@@ -255,6 +255,18 @@ class GateSWAAttention(nn.Module):
 def kernel_covers(groups: int, head_dim: int, value_dim: int) -> bool:
     """Whether the split-K GQA decode kernel takes a layer of this shape (else its decode steps use SDPA)."""
     return groups <= KERNEL_MAX_GROUP and max(head_dim, value_dim) <= KERNEL_MAX_HEAD_DIM
+
+
+def packed_decode_path(how: str, device_type: str, compiling: bool, groups: int, head_dim: int, value_dim: int,
+                       keys: int) -> str:
+    """How a decode step with packed query heads attends, given the layer's `decode_attention` (`how`): "kernel"
+    (CUDA, shapes the kernel covers), "reductions" (inside compiled graphs only, where they fuse; eagerly they
+    would materialise [b, hk, g, t, d]; caches up to REDUCTION_MAX_KEYS) or "sdpa" (everything else)."""
+    if how == "kernel" and device_type == "cuda" and kernel_covers(groups, head_dim, value_dim):
+        return "kernel"
+    if how == "reductions" and compiling and keys <= REDUCTION_MAX_KEYS:
+        return "reductions"
+    return "sdpa"
 
 
 def reduction_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -36,12 +36,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ascend_edit.attention.gate_swa import GateSWAAttention
+from ascend_edit.attention.gate_swa import GateSWAAttention, kernel_covers
 from ascend_edit.attention.mla import MLAAttention
 from ascend_edit.hf.bundle import flat_file_stem
 
@@ -316,24 +317,38 @@ def set_swa_decode_attention(model: nn.Module, how: str) -> int:
     """Choose how every GateSWA layer attends its decode steps (attention/gate_swa.py ``decode_attention``);
     returns the number of layers set. ``"reductions"``: ``reduction_decode_attention`` inside compiled graphs,
     which inductor spreads over the whole GPU (fused SDPA runs one program per KV head for a decode query);
-    ``"kernel"``: the split-K Triton op ``ascend_edit::gqa_decode`` on CUDA (registered here); ``"sdpa"``."""
+    ``"kernel"``: the split-K Triton op ``ascend_edit::gqa_decode`` on CUDA (registered here), for the layers whose
+    shape it covers (``gate_swa.kernel_covers``; the others keep SDPA: checked here too, because an exported
+    checkpoint's own copy of the class may predate that check); ``"sdpa"``. Returns the number of layers set
+    to ``how``."""
     if how not in SWA_DECODE_ATTENTION:
         raise ValueError(f"GateSWA decode attention {how!r} is not one of {list(SWA_DECODE_ATTENTION)}")
     if how == "kernel":
         from ascend_edit.kernels.triton import gqa_decode  # noqa: F401  (registers the op; imports Triton)
     layers = [m for m in model.modules() if _is_gate_swa(m)]
+    set_to_how = 0
     for layer in layers:  # exported auto_map checkpoints carry their own copy of the class
-        layer.decode_attention = how  # type: ignore[assignment]  # a plain attribute of a GateSWA layer
-    log.info("decode attention: %d GateSWA layers attend decode steps through %s", len(layers), how)
-    return len(layers)
+        covered = how != "kernel" or kernel_covers(*_packed_decode_shape(layer))
+        layer.decode_attention = how if covered else "sdpa"  # type: ignore[assignment]  # a plain attribute
+        set_to_how += covered
+    if set_to_how < len(layers):
+        log.info("decode attention: %d GateSWA layers have a shape the GQA kernel does not cover; they keep SDPA",
+                 len(layers) - set_to_how)
+    log.info("decode attention: %d GateSWA layers attend decode steps through %s", set_to_how, how)
+    return set_to_how
 
 
 def auto_swa_attention(device_types: set[str], triton_available: bool) -> str:
-    """``prepare_for_decode(swa_attention="auto")``: on CUDA the split-K kernel where Triton is installed, else the
-    reductions (both measured faster than SDPA on an H200, the kernel fastest: docs/benchmarks.md); SDPA elsewhere."""
-    if "cuda" not in device_types:
-        return "sdpa"
-    return "kernel" if triton_available else "reductions"
+    """``prepare_for_decode(swa_attention="auto")``: the split-K kernel on CUDA with Triton (faster than SDPA in every
+    shape measured on an H200, docs/benchmarks.md); SDPA otherwise (the reductions need inductor's GPU code, i.e.
+    Triton too, and were slower than SDPA at batch 8)."""
+    return "kernel" if "cuda" in device_types and triton_available else "sdpa"
+
+
+def _packed_decode_shape(layer: nn.Module) -> tuple[int, int, int]:
+    """A GateSWA layer's (query heads per KV head, key head dim, value head dim): what kernel_covers checks."""
+    attn = cast(GateSWAAttention, layer)  # this package's class or an export's copy of it: the same attributes
+    return attn.num_key_value_groups, attn.head_dim, attn.v_proj.out_features // attn.num_kv_heads
 
 
 @dataclass(frozen=True)

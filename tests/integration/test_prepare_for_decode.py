@@ -77,6 +77,7 @@ def test_prepared_exported_model_generates_the_same_tokens(name: str, exports: d
     assert prepared.groups_fused == 2 * layers
     assert (prepared.gemv_linears, prepared.cublas_shapes) == (0, ())  # CPU: the kernel needs CUDA
     assert prepared.gemv_reason == "the weights are not on CUDA (cpu)"
+    assert prepared.swa_attention_layers == 0  # "auto" off CUDA: every GateSWA layer keeps SDPA
     assert prepared.summary().startswith(f"decode: {2 * layers} projection groups fused; gemv kernel on 0 linears")
     fused = [m for m in model.modules() if isinstance(m, FusedInputLinear)]
     assert len(fused) == 2 * layers

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ascend_edit.attention.gate_swa import GateSWAAttention
+from ascend_edit.attention.gate_swa import GateSWAAttention, packed_decode_path
 from ascend_edit.attention.mla import MLAAttention
 from ascend_edit.config import GateSWAConfig, MLAConfig, TargetConfig
 from ascend_edit.models.decode_fusion import (
@@ -171,10 +171,35 @@ def test_gemv_and_fusion_decode_as_the_original_on_cuda(kind):
         assert torch.equal(decoder.generate(ids, mask, NEW_TOKENS), want), mode
 
 
-@pytest.mark.parametrize("devices, triton, want", [({"cuda"}, True, "kernel"), ({"cuda"}, False, "reductions"),
+@pytest.mark.parametrize("devices, triton, want", [({"cuda"}, True, "kernel"), ({"cuda"}, False, "sdpa"),
                                                     ({"cpu"}, True, "sdpa"), ({"npu"}, False, "sdpa")])
 def test_auto_swa_attention_picks_the_kernel_on_cuda_with_triton(devices, triton, want):
     assert auto_swa_attention(devices, triton) == want
+
+
+@pytest.mark.parametrize("how, device, compiling, groups, head_dim, keys, want", [
+    ("kernel", "cuda", False, 4, 128, 32768, "kernel"),  # eager and compiled, any cache length
+    ("kernel", "cuda", True, 16, 64, 1024, "kernel"),
+    ("kernel", "cuda", True, 17, 128, 1024, "sdpa"),  # more query heads per KV head than one row block
+    ("kernel", "cuda", True, 4, 256, 1024, "sdpa"),  # wider heads than the kernel has run
+    ("kernel", "cpu", True, 4, 128, 1024, "sdpa"),
+    ("reductions", "cuda", True, 4, 128, 4096, "reductions"),
+    ("reductions", "cuda", False, 4, 128, 1024, "sdpa"),  # eager: the reductions would materialise [b, hk, g, t, d]
+    ("reductions", "cuda", True, 4, 128, 4097, "sdpa"),  # past REDUCTION_MAX_KEYS
+    ("sdpa", "cuda", True, 4, 128, 1024, "sdpa"),
+])
+def test_packed_decode_path(how, device, compiling, groups, head_dim, keys, want):
+    assert packed_decode_path(how, device, compiling, groups, head_dim, head_dim, keys) == want
+
+
+def test_kernel_decode_attention_is_set_only_where_the_kernel_covers_the_shape():
+    model = build("gate_swa")
+    layers = [m for m in model.modules() if isinstance(m, GateSWAAttention)]
+    assert set_swa_decode_attention(model, "kernel") == len(layers) > 1
+    assert {layer.decode_attention for layer in layers} == {"kernel"}
+    layers[0].num_key_value_groups = 17  # as a layer with 17 query heads per KV head would be
+    assert set_swa_decode_attention(model, "kernel") == len(layers) - 1
+    assert [layer.decode_attention for layer in layers] == ["sdpa"] + ["kernel"] * (len(layers) - 1)
 
 
 @pytest.mark.cuda

@@ -103,9 +103,9 @@ def test_gate_swa_decode_step_plans_the_ring_once_per_step():
     assert not HOST_SYNCS & set(log.ops), log.ops
     leader, *followers = (counts[m.layer_idx] for m in modules)
     for ops in followers:
-        # Writing the states: keys, values (scatters), positions (the plan's, copied) and the length; no
+        # Writing the states: keys, values (index_put_), positions (the plan's, copied) and the length; no
         # planning, no mask.
-        assert ops["scatter_"] == 2 and ops["copy_"] == 1 and ops["add_"] == 1
+        assert ops["index_put_"] == 2 and ops["scatter_"] == 0 and ops["copy_"] == 1 and ops["add_"] == 1, ops
         for planning in ("remainder", "gather", "any", "bitwise_or", "lt", "le", "ge", "clamp"):
             assert ops[planning] == 0, (planning, ops)
         assert sum(ops.values()) + 10 <= sum(leader.values())

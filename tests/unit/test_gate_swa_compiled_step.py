@@ -5,7 +5,8 @@ backend that runs the captured graph as traced, so these tests read the very gra
 
 * the ring bookkeeping (slot, positions after the write, the mask) is traced once per step, by the group's
   leader, and every other ring takes the traced plan;
-* a ring's positions are written as the plan's elementwise select (one copy), its states by one scatter each;
+* a ring's positions are written as the plan's elementwise select (one copy), its states by one indexed write
+  each (`index_put_`, which inductor keeps in place);
 * no tensor of the query heads' size over the cache is made (transformers' `repeat_kv` under compile): the
   decode query is packed per KV group instead;
 * with a batch of prompts of different lengths, decoding past the window, the tokens equal the dynamic-cache
