@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
 
 __all__ = ["DEFAULT_CONFIG", "FP32_CONFIG", "GqaDecodeConfig", "MAX_GROUP", "gqa_decode", "split_plan",
-           "triton_available"]
+           "stages_that_fit", "triton_available"]
 
 MAX_GROUP = 16  # query heads per KV head: one tl.dot row block
 _LOG2E = 1.4426950408889634
@@ -91,8 +91,10 @@ class GqaDecodeConfig:
 # cover the 16 x 64 score tile and the 16 x 128 accumulator. Compiled for sm_90 on a CPU (ptxas, bf16, d = 128,
 # two stages): 90 registers, 38 KB of shared memory, no spills, so several programs fit an SM (the cost model
 # counts 2). Three stages: in `benchmarks/gqa_decode_bench.py --sweep` on an H200, faster than two in 7 of its 8
-# shapes (batch 1 and 8; 1K rings to 32K full layers; up to 11 %, 1 % slower in the eighth) and the fastest
-# configuration swept at 8K and 32K keys; docs/benchmarks.md.
+# shapes (batch 1 and 8; 1K rings to 32K full layers; up to 9 % less time, 1 % more in the eighth) and the fastest
+# of the swept configurations at 8K and 32K keys; docs/benchmarks.md. Three stages of bf16 K and V tiles at d = 128
+# take 96 KB of shared memory: more than GPUs with ~100 KB per program allow, so `_launch` drops stages there
+# (`stages_that_fit`).
 DEFAULT_CONFIG = GqaDecodeConfig()
 # fp32 inputs (tests, debugging): twice the bytes per tile, so half the keys per tile.
 FP32_CONFIG = GqaDecodeConfig(block_t=32)
@@ -215,10 +217,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 def split_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                config: GqaDecodeConfig | None = None) -> tuple[int, int]:
     """``(num_splits, split_len)`` of a launch (shapes only): the config's count, or the cost model's."""
-    if config is None:
-        config = FP32_CONFIG if q.dtype == torch.float32 else DEFAULT_CONFIG
     b, hk, g, d = q.shape
     t, dv = k.shape[2], v.shape[3]
+    if config is None:
+        config = FP32_CONFIG if q.dtype == torch.float32 else DEFAULT_CONFIG
+        if q.device.type == "cuda":
+            config = stages_that_fit(config, d, dv, q.element_size(), split_k.max_shared_memory(q.device.index))
     if config.num_splits is not None:
         split_len = split_k.split_len(t, config.num_splits)
         return math.ceil(t / split_len), split_len
@@ -226,6 +230,22 @@ def split_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_bytes = (d + dv) * k.element_size()
     # g rows of partials per program (the cost model counts them as fp32, as they are stored)
     return split_k.num_splits(b * hk, g, t, row_bytes, dv, sm_count * config.programs_per_sm)
+
+
+SHARED_MEMORY_MARGIN = 8 << 10  # bytes kept free for the compiler's own scratch (layout conversions, barriers)
+
+
+def stages_that_fit(config: GqaDecodeConfig, d: int, dv: int, element_size: int, limit: int | None) -> GqaDecodeConfig:
+    """``config`` with at most as many pipeline stages as fit ``limit`` bytes of shared memory per program (at least
+    one): each stage holds a ``block_t``-key tile of K and of V; the query block is resident once."""
+    if limit is None:
+        return config
+    stage = config.block_t * (split_k.next_pow2(d) + split_k.next_pow2(dv)) * element_size
+    fixed = MAX_GROUP * split_k.next_pow2(d) * element_size + SHARED_MEMORY_MARGIN
+    stages = config.num_stages
+    while stages > 1 and fixed + stages * stage > limit:
+        stages -= 1
+    return config if stages == config.num_stages else dataclasses.replace(config, num_stages=stages)
 
 
 def _launch(
@@ -243,10 +263,12 @@ def _launch(
     # The kernel addresses the last dim with unit stride (16-byte vector loads); anything else is copied.
     # Decode's tensors (the packed query view, the caches) already are; this only guards other callers.
     q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in (q, k, v))
-    if config is None:
-        config = FP32_CONFIG if q.dtype == torch.float32 else DEFAULT_CONFIG
     b, hk, g, d = q.shape
     t, dv = k.shape[2], v.shape[3]
+    if config is None:
+        config = FP32_CONFIG if q.dtype == torch.float32 else DEFAULT_CONFIG
+        if q.device.type == "cuda":
+            config = stages_that_fit(config, d, dv, q.element_size(), split_k.max_shared_memory(q.device.index))
     out = torch.empty((b, hk, g, dv), dtype=q.dtype, device=q.device)
     if t == 0 or b * hk * g * dv == 0:
         return out.zero_()  # no key at all: every row is all-hidden

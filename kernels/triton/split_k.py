@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
 
-__all__ = ["MIN_SPLIT_LEN", "merge_splits_kernel", "next_pow2", "num_splits", "sm_count", "split_len"]
+__all__ = ["MIN_SPLIT_LEN", "max_shared_memory", "merge_splits_kernel", "next_pow2", "num_splits", "sm_count",
+           "split_len"]
 
 # Splits shorter than this would cost more in partial-result traffic than they win in occupancy.
 MIN_SPLIT_LEN = 64
@@ -41,6 +42,13 @@ def sm_count(device_index: int | None) -> int:
     """Cached: decode calls this every step, and the host time before the launch counts in latency."""
     index = torch.cuda.current_device() if device_index is None else device_index
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=16)
+def max_shared_memory(device_index: int | None) -> int | None:
+    """Shared memory one program may use on this GPU (opt-in maximum, bytes); None where torch does not report it."""
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
 
 
 def split_len(kv_len: int, wanted_splits: int) -> int:

@@ -203,3 +203,14 @@ def test_gate_swa_hands_the_kernel_only_the_shapes_it_covers():
     assert gate_swa.kernel_covers(4, 128, 128)  # Qwen3-8B: 32 query heads over 8 KV heads of 128
     assert not gate_swa.kernel_covers(gqa_decode.MAX_GROUP + 1, 128, 128)  # e.g. 32 query heads on 1 KV head
     assert not gate_swa.kernel_covers(4, 256, 256)  # wider heads than the kernel has run: SDPA
+
+
+def test_pipeline_stages_drop_to_fit_the_gpus_shared_memory():
+    """Three stages of bf16 64-key K and V tiles at d = 128 need 96 KB of shared memory (+ the query block and a
+    margin): an H100/H200 (227 KB per program) keeps them; a GPU with 99 KB per program (sm_86 / sm_89) gets two."""
+    config = gqa_decode.DEFAULT_CONFIG
+    assert config.num_stages == 3
+    assert gqa_decode.stages_that_fit(config, 128, 128, 2, 227 * 1024) is config
+    assert gqa_decode.stages_that_fit(config, 128, 128, 2, 99 * 1024).num_stages == 2
+    assert gqa_decode.stages_that_fit(config, 128, 128, 2, 1).num_stages == 1  # never below one
+    assert gqa_decode.stages_that_fit(config, 128, 128, 2, None) is config  # limit unknown: as configured
