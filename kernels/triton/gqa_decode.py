@@ -37,6 +37,7 @@ the op also gets a CPU implementation (Triton's interpreter runs the kernels: nu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -219,10 +220,7 @@ def split_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``(num_splits, split_len)`` of a launch (shapes only): the config's count, or the cost model's."""
     b, hk, g, d = q.shape
     t, dv = k.shape[2], v.shape[3]
-    if config is None:
-        config = FP32_CONFIG if q.dtype == torch.float32 else DEFAULT_CONFIG
-        if q.device.type == "cuda":
-            config = stages_that_fit(config, d, dv, q.element_size(), split_k.max_shared_memory(q.device.index))
+    config = config or _default_config(q.dtype, q.device, d, dv)
     if config.num_splits is not None:
         split_len = split_k.split_len(t, config.num_splits)
         return math.ceil(t / split_len), split_len
@@ -248,6 +246,16 @@ def stages_that_fit(config: GqaDecodeConfig, d: int, dv: int, element_size: int,
     return config if stages == config.num_stages else dataclasses.replace(config, num_stages=stages)
 
 
+@functools.lru_cache(maxsize=32)
+def _default_config(dtype: torch.dtype, device: torch.device, d: int, dv: int) -> GqaDecodeConfig:
+    """The launch configuration when none is given: :data:`FP32_CONFIG` for fp32 inputs, else :data:`DEFAULT_CONFIG`,
+    with the stages this GPU's shared memory holds. Cached: every decode step of every layer asks."""
+    config = FP32_CONFIG if dtype == torch.float32 else DEFAULT_CONFIG
+    if device.type != "cuda":
+        return config
+    return stages_that_fit(config, d, dv, dtype.itemsize, split_k.max_shared_memory(device.index))
+
+
 def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,10 +273,7 @@ def _launch(
     q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in (q, k, v))
     b, hk, g, d = q.shape
     t, dv = k.shape[2], v.shape[3]
-    if config is None:
-        config = FP32_CONFIG if q.dtype == torch.float32 else DEFAULT_CONFIG
-        if q.device.type == "cuda":
-            config = stages_that_fit(config, d, dv, q.element_size(), split_k.max_shared_memory(q.device.index))
+    config = config or _default_config(q.dtype, q.device, d, dv)
     out = torch.empty((b, hk, g, dv), dtype=q.dtype, device=q.device)
     if t == 0 or b * hk * g * dv == 0:
         return out.zero_()  # no key at all: every row is all-hidden
