@@ -184,6 +184,7 @@ class StaticSinkWindowLayer(StaticLayer):
         self.sink_tokens = sink_tokens
         self.num_slots = sink_tokens + window + 1
         self.positions: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # [b]: 0..b-1, allocated with the ring
         self.holds_tokens = False  # Python-side: a prefill into an empty ring need not attend over it
         self.leader: StaticSinkWindowLayer = self
         self._plan: tuple[list[weakref.ref[torch.Tensor] | None], list[int], object] | None = None
@@ -197,10 +198,11 @@ class StaticSinkWindowLayer(StaticLayer):
         self.keys = torch.zeros((*shape, self.k_head_dim), dtype=key_states.dtype, device=self.device)
         self.values = torch.zeros((*shape, self.v_head_dim), dtype=value_states.dtype, device=self.device)
         self.positions = torch.full((self.batch_size, self.num_slots), -1, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(self.batch_size, device=self.device)  # each row's index, for the decode write
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
             # Fixed addresses: compiled graphs and CUDA graphs may mutate them in place.
-            for tensor in (self.keys, self.values, self.positions, self.cumulative_length):
+            for tensor in (self.keys, self.values, self.positions, self.rows, self.cumulative_length):
                 torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
 
@@ -249,9 +251,10 @@ class StaticSinkWindowLayer(StaticLayer):
             # keys[row, :, slot of the row] = the row's new key: an index_put_, which a compiled step writes in place.
             # (A scatter_ into this buffer, a graph input, is traced as an out-of-place scatter plus a copy back:
             # inductor then copies the whole ring twice per step for one slot's worth of new data.)
-            rows, slots = torch.arange(keys.shape[0], device=keys.device), plan.slots[:, 0]
-            keys[rows, :, slots] = key_states[:, :, 0]
-            values[rows, :, slots] = value_states[:, :, 0]
+            slots = plan.slots[:, 0]
+            assert self.rows is not None  # allocated with the ring
+            keys[self.rows, :, slots] = key_states[:, :, 0]
+            values[self.rows, :, slots] = value_states[:, :, 0]
             assert plan.positions_after is not None  # every decode plan carries them
             positions.copy_(plan.positions_after)
             self.cumulative_length.add_(1)
