@@ -31,6 +31,11 @@ Conditions, in the order they run (the most wanted first, so a run cut short kee
                        does not need more pay for more full layers
     gateswa_windows_retrieval  as gateswa_windows, costs from the retrieval probes alone (selection=retrieval)
 
+`--teacher-text-rows N` adds text the teacher samples itself (ascend_edit/data/teacher_text.py: N rows of
+`--context` tokens, temperature 1, top-p 0.95, cut into documents at end tokens) to the mix at
+`--teacher-text-share` of the draws, for every condition of the call: calibration and both stages see it; the
+held-out sets do not change.
+
 After each condition it writes `<out>/<condition>/result.json`, `<out>/results.json` and `<out>/results.md`
 (a run cut short keeps what it measured); the table with every issue-12 target marked met / missed is
 printed last. The evaluation is the project's: nothing here changes it to meet a target.
@@ -123,6 +128,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-minutes", type=float, default=8.8,
                         help="do not start a condition expected to end after this (the results so far are kept)")
     parser.add_argument("--assets", default=None, help="asset directory (sets $ASCEND_EDIT_ASSETS)")
+    parser.add_argument("--teacher-text-rows", type=int, default=0,
+                        help="sample this many rows of --context tokens from the teacher (data/teacher_text.py) "
+                             "and add them to the training mix (0: off)")
+    parser.add_argument("--teacher-text-share", type=float, default=0.3,
+                        help="share of the training draws that the teacher's text gets")
+    parser.add_argument("--teacher-text-batch", type=int, default=256, help="rows sampled at a time")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
@@ -139,6 +150,8 @@ def parse_args(argv=None):
             parser.error(f"--only: unknown conditions {unknown}; choose from {', '.join(CONDITIONS)}")
     if not 0 < args.stage1_share < 1:
         parser.error("--stage1-share must be in (0, 1)")
+    if args.teacher_text_rows < 0 or not 0 < args.teacher_text_share < 1:
+        parser.error("--teacher-text-rows must be >= 0 and --teacher-text-share in (0, 1)")
     return args, overrides
 
 
@@ -215,6 +228,10 @@ class Runner:
         marks = [("start", time.perf_counter())]
         self.teacher, self.tokenizer = load_teacher(cfg.model, device=dev)
         marks.append(("teacher", time.perf_counter()))
+        self.teacher_text: dict | None = None
+        if args.teacher_text_rows:
+            cfg = self.cfg = self.with_teacher_text(cfg)
+            marks.append(("teacher text", time.perf_counter()))
         self.train_set, _ = load_data(cfg.data, self.tokenizer, cfg.device.seed, self.teacher.config.vocab_size)
         marks.append(("data", time.perf_counter()))
         n_cal = min(cfg.target.calibration_batches * cfg.eval.batch_size, len(self.train_set))
@@ -230,6 +247,37 @@ class Runner:
         print(f"setup {self.setup_seconds:.1f} s: {len(self.train_set)} training sequences of {args.context} tokens,"
               f" {n_cal} calibration sequences, device {dev}; {self.steps['total']} steps x "
               f"{self.steps['tokens_per_step']:,} tokens per trained condition", flush=True)
+
+    def with_teacher_text(self, cfg):
+        """`cfg` with the teacher's own samples added to its mix at --teacher-text-share of the draws (sampled
+        into <out>/teacher_text, or read back from there when an earlier call sampled the same spec)."""
+        from ascend_edit.config import MixSourceConfig
+        from ascend_edit.data.teacher_text import META_FILE, TEXT_FILE, SamplingSpec, sample_documents, spec_meta
+        from ascend_edit.data.teacher_text import write_documents
+
+        args = self.args
+        spec = SamplingSpec(rows=args.teacher_text_rows, tokens=args.context, batch_size=args.teacher_text_batch,
+                            seed=cfg.device.seed)
+        meta = spec_meta(spec, cfg.model.path or cfg.model.source)
+        where = self.out / "teacher_text"
+        if (where / META_FILE).exists():
+            stored = json.loads((where / META_FILE).read_text())
+            if stored.get("sampling") != meta["sampling"]:
+                sys.exit(f"smollm2_results: {where} holds teacher text of another spec; use another --out")
+            documents = stored["documents"]
+        else:
+            t0 = time.perf_counter()
+            docs = sample_documents(self.teacher, self.tokenizer, spec,
+                                    progress=lambda i, n: print(f"teacher text: batch {i}/{n}", flush=True))
+            write_documents(where, docs, {**meta, "seconds": time.perf_counter() - t0})
+            documents = len(docs)
+        weight = args.teacher_text_share / (1 - args.teacher_text_share) * sum(m.weight for m in cfg.data.mix)
+        source = MixSourceConfig(name="files", weight=weight, path=str(where / TEXT_FILE), format="jsonl")
+        self.teacher_text = {"rows": spec.rows, "tokens": spec.tokens, "documents": documents,
+                             "share": args.teacher_text_share, "temperature": spec.temperature, "top_p": spec.top_p}
+        print(f"teacher text: {documents} documents from {spec.rows} rows x {spec.tokens} tokens, "
+              f"{100 * args.teacher_text_share:.0f} % of the draws", flush=True)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix=[*cfg.data.mix, source]))
 
     # ------------------------------------------------------------------ building one student
     def target_config(self, c: Condition, details: dict):
@@ -385,7 +433,9 @@ def fmt_q(q: dict | None) -> str:
 
 def table(results: dict[str, dict], args, steps: dict) -> str:
     ctx = args.context
-    lines = [f"SmolLM2-135M, eval at {ctx} tokens ({args.eval_windows} windows per domain), data=mix, "
+    data = "data=mix" + (f" + teacher text at {100 * args.teacher_text_share:.0f} % of the draws "
+                         f"({args.teacher_text_rows} rows sampled)" if args.teacher_text_rows else "")
+    lines = [f"SmolLM2-135M, eval at {ctx} tokens ({args.eval_windows} windows per domain), {data}, "
              f"{steps['total'] * steps['tokens_per_step']:,} training tokens per trained condition "
              f"({steps['stage1']} stage-1 + {steps['stage2']} stage-2 steps of {steps['tokens_per_step']:,}).",
              "Cells: student/teacher perplexity (teacher-KL, nats/token).", "",
@@ -498,7 +548,8 @@ def main(argv=None) -> None:
     chosen = [conditions()[n] for n in (args.only.split(",") if args.only else CONDITIONS)]
     meta = {"command": " ".join(["python", "benchmarks/smollm2_results.py", *(argv or sys.argv[1:])]),
             "device": str(runner.device.torch_device), "steps": runner.steps, "context": args.context,
-            "overrides": overrides, "setup_seconds": runner.setup_seconds, "skipped": []}
+            "overrides": overrides, "setup_seconds": runner.setup_seconds, "skipped": [],
+            "teacher_text": runner.teacher_text}
     results: dict[str, dict] = {}
     last = 0.0
     for c in chosen:
