@@ -252,8 +252,14 @@ class Runner:
         """`cfg` with the teacher's own samples added to its mix at --teacher-text-share of the draws (sampled
         into <out>/teacher_text, or read back from there when an earlier call sampled the same spec)."""
         from ascend_edit.config import MixSourceConfig
-        from ascend_edit.data.teacher_text import META_FILE, TEXT_FILE, SamplingSpec, sample_documents, spec_meta
-        from ascend_edit.data.teacher_text import write_documents
+        from ascend_edit.data.teacher_text import (
+            META_FILE,
+            TEXT_FILE,
+            SamplingSpec,
+            sample_documents,
+            spec_meta,
+            write_documents,
+        )
 
         args = self.args
         spec = SamplingSpec(rows=args.teacher_text_rows, tokens=args.context, batch_size=args.teacher_text_batch,
