@@ -37,8 +37,10 @@ TASKS = {
     "eval": "eval",
     "report": "report",
     "plan": "plan",
+    "teacher_text": "teacher_text",
 }
-SUBCOMMAND_ALIASES = {"train": "convert", "bench-kv": "bench_kv", "bench-decode": "bench_decode"}
+SUBCOMMAND_ALIASES = {"train": "convert", "bench-kv": "bench_kv", "bench-decode": "bench_decode",
+                      "teacher-text": "teacher_text"}
 
 
 class UserError(Exception):

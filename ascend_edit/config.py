@@ -509,6 +509,28 @@ class ExportConfig:
 
 
 @dataclass
+class TeacherTextConfig:
+    """`ascend-edit teacher_text`: sample documents from the teacher for the training mix (data/teacher_text.py)."""
+
+    out: Optional[str] = None  # directory for teacher_text.jsonl + meta.json; default <output_dir>/teacher_text
+    rows: int = 256  # rows sampled, each `tokens` long and cut into documents at end tokens
+    tokens: int = 2048
+    temperature: float = 1.0
+    top_p: float = 0.95
+    batch_size: int = 64
+    min_words: int = 8  # pieces with fewer words are dropped
+
+    def __post_init__(self):
+        for key in ("rows", "tokens", "batch_size"):
+            _positive(f"teacher_text.{key}", getattr(self, key))
+        _positive("teacher_text.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"teacher_text.top_p must be in (0, 1], got {self.top_p}")
+        if self.out == "":
+            raise ConfigError("teacher_text.out must not be empty (leave it unset for the default)")
+
+
+@dataclass
 class BenchKVConfig:
     """`ascend-edit bench_kv`: KV bytes/token and decode speed, teacher vs converted (random weights are fine)."""
 
@@ -573,6 +595,7 @@ class RootConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    teacher_text: TeacherTextConfig = field(default_factory=TeacherTextConfig)
     bench_kv: BenchKVConfig = field(default_factory=BenchKVConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -580,7 +603,7 @@ class RootConfig:
 
     def __post_init__(self):
         _choice("task", self.task, ("convert", "inspect", "export", "bench_kv", "bench_decode", "ablation", "eval",
-                                     "report", "plan"))
+                                     "report", "plan", "teacher_text"))
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 
