@@ -162,7 +162,10 @@ def _iter_text_file(file: Path, split_on_blank_lines: bool) -> Iterator[str]:
 
 
 def _iter_jsonl_file(file: Path, text_field: str) -> Iterator[str]:
-    for line_number, line in enumerate(_read_text(file).splitlines(), start=1):
+    # JSON Lines ends records at "\n" (or "\r\n") only. str.splitlines() would also cut at characters JSON
+    # strings may hold unescaped (U+2028, U+0085, ...): text sampled from a model holds them.
+    for line_number, line in enumerate(_read_text(file).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

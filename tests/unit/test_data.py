@@ -71,6 +71,16 @@ def test_jsonl_reads_the_text_field_and_skips_blank_lines(tmp_path):
     assert load_documents(path, text_field="body") == ["uno", "dos"]
 
 
+def test_jsonl_records_end_at_newlines_only(tmp_path):
+    # JSON strings may hold these unescaped; str.splitlines() would cut a record at each of them
+    texts = ["a\u2028b", "c\x85d", "e\x1cf\x1dg\x1eh", "i\u2029j", "k\x0bl\x0cm"]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert load_documents(path) == texts
+    path.write_bytes(b"".join(json.dumps({"text": t}).encode() + b"\r\n" for t in texts))  # Windows line ends
+    assert load_documents(path) == texts
+
+
 def test_jsonl_missing_field_and_bad_json_name_the_place(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "ok"}\n{"other": "x"}\n')
