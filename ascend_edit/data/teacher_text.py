@@ -87,7 +87,8 @@ def sample_rows(model, start_id: int, rows: int, tokens: int, spec: SamplingSpec
 
 def split_documents(row: list[int], end_ids: set[int], tokenizer, min_words: int) -> list[str]:
     """The documents of one sampled row: cut at end tokens, decoded without special tokens, short ones dropped."""
-    documents, piece = [], []
+    documents: list[str] = []
+    piece: list[int] = []
     for token in [*row, None]:  # None: flush the last piece
         if token is None or token in end_ids:
             text = tokenizer.decode(piece, skip_special_tokens=True).strip() if piece else ""
