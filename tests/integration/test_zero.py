@@ -33,7 +33,17 @@ STEPS = {"layerwise": 6, "model_level": 4}
 CHECKPOINT_EVERY = 2
 KEEP_LAST = 2
 LOSS_REL, LOSS_ABS = 1e-5, 1e-7  # fp32 across world sizes (see the module docstring)
-WEIGHT_ABS = 1e-6
+# The gradient norm drifts further: the ranks average their gradients in another order than one process
+# accumulates its micro-batches, and AdamW turns last-bit differences in tiny gradient components into update
+# differences. On one 2-core machine (2026-12-02) stage 2's last norm differed by 1.15e-5 relative in all three
+# ZeRO stages (which agreed with each other to 3e-7) while every loss matched to 1e-5. A real mistake (a missing
+# average over ranks, a skipped micro-batch) moves it by a factor, not by 1e-4.
+GRAD_NORM_REL = 1e-4
+# Converted weights after 10 AdamW steps: 5e-8 on the machine the module docstring describes, 8.1e-6 (weights up to
+# 0.55) on another 2-core machine on 2026-12-02 where the same commit's grad norms drifted as noted above: how far
+# last-bit differences travel through AdamW depends on the CPU's kernels. A skipped or doubled micro-batch moves
+# the weights by the order of the learning rate per step (1e-4 to 1e-3 here), far above this bound.
+WEIGHT_ABS = 5e-5
 RUN_TIMEOUT_S = 300
 
 
@@ -94,11 +104,13 @@ def converted_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "converted" / "model.safetensors"))
 
 
-def assert_same_trajectory(got: list[dict], want: list[dict], rel: float, abs_: float) -> None:
+def assert_same_trajectory(got: list[dict], want: list[dict], rel: float, abs_: float,
+                           grad_norm_rel: float | None = None) -> None:
     assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
     for g, w in zip(got, want):
         for key in ("loss", "grad_norm", "lr"):
-            assert g[key] == pytest.approx(w[key], rel=rel, abs=abs_), (g["stage"], g["step"], key)
+            key_rel = grad_norm_rel if key == "grad_norm" and grad_norm_rel is not None else rel
+            assert g[key] == pytest.approx(w[key], rel=key_rel, abs=abs_), (g["stage"], g["step"], key)
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
@@ -113,7 +125,7 @@ def test_two_processes_match_one(finished, engine):
     reference, run_dir = finished("torch"), finished(engine)
     logged = metrics(run_dir)
     assert len(logged) == sum(STEPS.values())
-    assert_same_trajectory(logged, metrics(reference), LOSS_REL, LOSS_ABS)
+    assert_same_trajectory(logged, metrics(reference), LOSS_REL, LOSS_ABS, GRAD_NORM_REL)
     report = json.loads((run_dir / "report.json").read_text())
     assert [h["loss"] for h in report["histories"]["layerwise"] + report["histories"]["model_level"]] == \
         [row["loss"] for row in logged]  # the global mean, as logged
