@@ -521,13 +521,21 @@ class TeacherTextConfig:
     min_words: int = 8  # pieces with fewer words are dropped
 
     def __post_init__(self):
-        for key in ("rows", "tokens", "batch_size"):
-            _positive(f"teacher_text.{key}", getattr(self, key))
-        _positive("teacher_text.temperature", self.temperature)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"teacher_text.top_p must be in (0, 1], got {self.top_p}")
+        check_teacher_sampling(self.rows, self.tokens, self.temperature, self.top_p, self.batch_size, self.min_words)
         if self.out == "":
             raise ConfigError("teacher_text.out must not be empty (leave it unset for the default)")
+
+
+def check_teacher_sampling(rows: int, tokens: int, temperature: float, top_p: float, batch_size: int,
+                           min_words: int) -> None:
+    """The sampling settings' rules, shared by the config and `data.teacher_text.SamplingSpec` (the benchmark
+    builds a spec without a config)."""
+    for key, value in (("rows", rows), ("tokens", tokens), ("batch_size", batch_size)):
+        _positive(f"teacher_text.{key}", value)
+    _positive("teacher_text.temperature", temperature)
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"teacher_text.top_p must be in (0, 1], got {top_p}")
+    _positive("teacher_text.min_words", min_words, allow_zero=True)
 
 
 @dataclass

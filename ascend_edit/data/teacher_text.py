@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ascend_edit.config import check_teacher_sampling
+
 TEXT_FILE = "teacher_text.jsonl"
 META_FILE = "meta.json"
 
@@ -45,15 +47,7 @@ class SamplingSpec:
     min_words: int = 8
 
     def __post_init__(self) -> None:
-        for key in ("rows", "tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"teacher_text.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.temperature > 0:
-            raise ValueError(f"teacher_text.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"teacher_text.top_p must be in (0, 1], got {self.top_p}")
-        if self.min_words < 0:
-            raise ValueError(f"teacher_text.min_words must be >= 0, got {self.min_words}")
+        check_teacher_sampling(self.rows, self.tokens, self.temperature, self.top_p, self.batch_size, self.min_words)
 
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -143,7 +137,8 @@ def write_documents(directory: str | Path, documents: list[str], meta: dict) -> 
             raise ValueError(f"teacher_text.out: {directory / name} already exists; choose another directory")
     directory.mkdir(parents=True, exist_ok=True)
     body = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in documents)
-    for name, text in ((TEXT_FILE, body), (META_FILE, json.dumps({**meta, "documents": len(documents)}, indent=2))):
+    # meta.json first, the jsonl (what a mix reads) last: a crash in between leaves no text file that looks complete
+    for name, text in ((META_FILE, json.dumps({**meta, "documents": len(documents)}, indent=2)), (TEXT_FILE, body)):
         tmp = directory / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, directory / name)
