@@ -122,6 +122,16 @@ def sample_documents(model, tokenizer, spec: SamplingSpec, progress: Callable[[i
     return documents
 
 
+def check_output(directory: Path) -> None:
+    """Refuse an output that is a file or already holds the files (callers check before sampling, which can take
+    hours, and again before writing)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"teacher_text.out: {directory} is a file, not a directory")
+    for name in (TEXT_FILE, META_FILE):
+        if (directory / name).exists():
+            raise ValueError(f"teacher_text.out: {directory / name} already exists; choose another directory")
+
+
 def write_documents(directory: str | Path, documents: list[str], meta: dict) -> Path:
     """Write ``teacher_text.jsonl`` and ``meta.json`` into ``directory`` (created here) and return the jsonl path.
 
@@ -132,9 +142,7 @@ def write_documents(directory: str | Path, documents: list[str], meta: dict) -> 
     if not documents:
         raise ValueError("teacher_text: sampling produced no documents (raise teacher_text.tokens or lower "
                          "teacher_text.min_words)")
-    for name in (TEXT_FILE, META_FILE):
-        if (directory / name).exists():
-            raise ValueError(f"teacher_text.out: {directory / name} already exists; choose another directory")
+    check_output(directory)
     directory.mkdir(parents=True, exist_ok=True)
     body = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in documents)
     # meta.json first, the jsonl (what a mix reads) last: a crash in between leaves no text file that looks complete

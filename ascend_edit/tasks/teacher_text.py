@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ascend_edit.config import RootConfig
-from ascend_edit.data.teacher_text import SamplingSpec, sample_documents, spec_meta, write_documents
+from ascend_edit.data.teacher_text import SamplingSpec, check_output, sample_documents, spec_meta, write_documents
 from ascend_edit.device import resolve_device, seed_everything
 from ascend_edit.models.loading import load_teacher
 
@@ -26,6 +26,7 @@ def run(cfg: RootConfig) -> dict:
     out = Path(tt.out).expanduser() if tt.out else Path(cfg.output_dir) / "teacher_text"
     spec = SamplingSpec(rows=tt.rows, tokens=tt.tokens, temperature=tt.temperature, top_p=tt.top_p,
                         batch_size=tt.batch_size, seed=cfg.device.seed, min_words=tt.min_words)
+    check_output(out)  # before the teacher loads and sampling starts, not after
     device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
     seed_everything(cfg.device.seed)
     teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device)

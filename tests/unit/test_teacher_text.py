@@ -90,11 +90,16 @@ def test_written_text_is_a_mix_source_and_never_overwrites(tmp_path, model, toke
     assert len(mix) > 0 and len(held_out) > 0
 
 
-def test_bad_specs_name_their_key():
+def test_bad_specs_name_their_key(tmp_path):
     for kwargs, key in (({"rows": 0, "tokens": 8}, "teacher_text.rows"), ({"rows": 1, "tokens": 8, "top_p": 0},
                         "teacher_text.top_p"), ({"rows": 1, "tokens": 8, "temperature": 0}, "teacher_text.temperature"),
                         ({"rows": 1, "tokens": 8, "min_words": -1}, "teacher_text.min_words")):
         with pytest.raises(ValueError, match=key):
             SamplingSpec(**kwargs)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("user data")
+    with pytest.raises(ValueError, match="teacher_text.out: .* is a file"):
+        write_documents(blocker, ["a document"], {})
+    assert blocker.read_text() == "user data"
     with pytest.raises(ValueError, match="no documents"):
         write_documents("/nonexistent/never/created", [], {})
