@@ -8,8 +8,10 @@ PyTorch KD baseline at the 8B shape (frozen teacher + a deep copy as student wit
 AdamW on the bf16 targets, full-vocabulary KL on materialised logits), and MoE experts grouped_mm vs
 eager (one 30B-A3B MoE block, forward + backward).
 
-One optimizer step = one micro-batch here (accumulation does not change tokens/s, and keeps the run
-short); the first `--warmup` steps (compilation, allocator) are not timed.
+One optimizer step = one micro-batch by default (`--accumulation N`: N micro-batches per optimizer step,
+which is what an offloaded optimizer needs to pay its host step once per many tokens); the first
+`--warmup` steps (compilation, allocator) are not timed. `--profile` adds one profiled step per case and
+writes its kernel table to `$OUT/profile_*.txt`.
 MFU = plan's model FLOPs per token (recomputation excluded) x tokens/s / the cluster's nominal peak.
 
     python benchmarks/mission_scale.py                 # one H200, ~6-8 minutes; writes $OUT (or --out)
@@ -106,8 +108,12 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[fl
     return (time.perf_counter() - started) / max(steps - warmup, 1), losses
 
 
-def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int) -> dict:
-    """`steps` optimizer steps of one stage with the recipe's engine settings."""
+def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accumulation: int = 1,
+              profile_to: Path | None = None) -> dict:
+    """`steps` optimizer steps of one stage with the recipe's engine settings, each over `accumulation`
+    micro-batches (an offloaded optimizer's host step is paid once per optimizer step, so its cost per
+    token depends on this). `profile_to`: after timing, one more step under torch.profiler, its kernel
+    table written there."""
     stage = getattr(cfg.distill, name)
     micro, seq, device = stage.micro_batch_size or stage.batch_size, cfg.data.seq_len, device_info.torch_device
     if name == "layerwise":
@@ -117,30 +123,49 @@ def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int) -> di
     params = set_trainable(model, stage.trainable)
     set_activation_checkpointing(model, checkpointing_config(cfg.engine), active=name == "model_level")
     precision = resolve_precision(cfg.device.dtype, device_info.type, frozen_dtype(model))
-    engine = make_engine(model, objective, params, stage, cfg.engine, accumulation=1, micro_batch=micro,
+    engine = make_engine(model, objective, params, stage, cfg.engine, accumulation=accumulation, micro_batch=micro,
                          world_size=1, device=device_info, precision=precision)
     batch = random_batch(micro, seq, model.config.vocab_size, device)
     model.train()
 
     def step() -> float:
-        loss, metrics = engine.forward(batch)
-        engine.backward(loss)
-        engine.micro_step()
+        for _ in range(accumulation):
+            loss, metrics = engine.forward(batch)
+            engine.backward(loss)
+            engine.micro_step()
         engine.step()
         return metrics["loss"]
 
     reset_peak(device)
     try:
         seconds, losses = timed_steps(step, steps, warmup, device)
+        if profile_to is not None:
+            profile_step(step, profile_to)
     finally:
         engine.close()
         model.eval()
     planned = plan_run(_with_stage(cfg, name))[0]
-    return {"micro_batch": micro, "seq_len": seq, "steps": steps, "tokens_per_s": micro * seq / seconds,
+    return {"micro_batch": micro, "accumulation": accumulation, "seq_len": seq, "steps": steps,
+            "tokens_per_s": micro * seq * accumulation / seconds,
             "peak_gib": peak_gib(device), "plan_gib": planned["total_gib"],
             "flops_per_token": planned["flops_per_token"], "loss_first": losses[0], "loss_last": losses[-1],
             "checkpointing": cfg.engine.activation_checkpointing if name == "model_level" else "none",
             "compile": getattr(model, "_bench_compile", "off"), "precision": str(precision.compute)}
+
+
+def profile_step(step, path: Path, rows: int = 30) -> None:
+    """One step under torch.profiler; the kernels by total device time go to `path` (and the top lines to stdout)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    path.write_text(table)
+    print("\n".join(table.splitlines()[: 3 + 12]), flush=True)
 
 
 def _with_stage(cfg, name: str):
@@ -149,7 +174,8 @@ def _with_stage(cfg, name: str):
     return dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, stage=name))
 
 
-def plain_baseline(teacher, cfg, steps: int, warmup: int, device: torch.device) -> dict:
+def plain_baseline(teacher, cfg, steps: int, warmup: int, device: torch.device, profile_to: Path | None = None
+                   ) -> dict:
     """transformers + PyTorch as commonly written: a deep copy of the teacher as student, its attentions
     replaced by the targets (the only trainable weights, AdamW on them in bf16), full-vocabulary KL."""
     student = copy.deepcopy(teacher)
@@ -179,6 +205,8 @@ def plain_baseline(teacher, cfg, steps: int, warmup: int, device: torch.device) 
 
     reset_peak(device)
     seconds, losses = timed_steps(step, steps, warmup, device)
+    if profile_to is not None:
+        profile_step(step, profile_to)
     # the student and its optimizer go out of scope here and are freed before the next case
     return {"micro_batch": micro, "seq_len": seq, "steps": steps, "tokens_per_s": micro * seq / seconds,
             "peak_gib": peak_gib(device), "loss_first": losses[0], "loss_last": losses[-1]}
@@ -209,6 +237,16 @@ def experts_comparison(model, tokens: int, device: torch.device, iters: int) -> 
     return rows
 
 
+def one_rank_group(cfg, device_info) -> None:
+    """DeepSpeed engines need a process group; this script is one process (world size 1)."""
+    if cfg.engine.kind != "deepspeed" or torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29571")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("nccl" if device_info.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
 def build(cfg, device_info):
     model, _ = load_teacher(cfg.model, device=device_info.torch_device)
     apply_experts_implementation(cfg.engine.experts_implementation, model)
@@ -231,6 +269,11 @@ def main() -> int:
     parser.add_argument("--baseline-steps", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    parser.add_argument("--stages", default="layerwise,model_level", help="comma-separated stages to run")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per stage (default: the recipe list's)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain baseline")
+    parser.add_argument("--profile", action="store_true", help="profile one extra step of each case")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every recipe, e.g. engine.compile=blocks")
     args = parser.parse_args()
     out = Path(args.out)
@@ -250,16 +293,18 @@ def main() -> int:
         if time.perf_counter() - started > args.budget_s:
             errors.append(f"{recipe}: skipped (time budget)")
             continue
-        steps = 4 if args.tiny else steps
+        steps = 4 if args.tiny else (args.steps or steps)
         warmup = 1 if args.tiny else args.warmup
         try:
             cfg = compose_recipe(recipe, args.tiny, args.overrides)
             device_info = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
             device = device_info.torch_device
             free(device)
+            one_rank_group(cfg, device_info)
             model = build(cfg, device_info)
-            if recipe == "qwen3_8b_mla_shape":  # the baseline shares the teacher built here
-                result = plain_baseline(model, cfg, 4 if args.tiny else args.baseline_steps, warmup, device)
+            if recipe == "qwen3_8b_mla_shape" and not args.no_baseline:  # the baseline shares this teacher
+                result = plain_baseline(model, cfg, 4 if args.tiny else args.baseline_steps, warmup, device,
+                                        out / "profile_baseline.txt" if args.profile else None)
                 record({"recipe": "plain baseline (8B shape, MLA)", "stage": "model_level", **result})
                 free(device)
             if "30b" in recipe:
@@ -268,8 +313,9 @@ def main() -> int:
                     print(json.dumps({"experts": row}), flush=True)
                 free(device)
             edit_and_compile(model, cfg, device_info)
-            for stage in ("layerwise", "model_level"):
-                result = run_stage(cfg, model, stage, device_info, steps, warmup)
+            for stage in args.stages.split(","):
+                result = run_stage(cfg, model, stage, device_info, steps, warmup, args.accumulation,
+                                   out / f"profile_{recipe}_{stage}.txt" if args.profile else None)
                 record({"recipe": recipe, "stage": stage, **result})
                 free(device)
             del model

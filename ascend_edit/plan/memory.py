@@ -250,7 +250,10 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
     if ds:
         target_weights = counts.target * w / (world if z == 3 else 1) * (0 if s.offload_params else 1)
         masters = 0.0 if w == FP32 else counts.target * FP32 / (world if z >= 1 else 1)
-        gradients = counts.target * w / (world if z >= 2 else 1)
+        # ZeRO-1/2 accumulate 16-bit models' gradients in fp32 (train/engine.deepspeed_config): partitioned
+        # under ZeRO-2 and under offload, whole under plain ZeRO-1 (DeepSpeed's bf16 optimizer)
+        accum = FP32 if w < FP32 and z in (1, 2) else w
+        gradients = counts.target * accum / (world if z >= 2 or (z == 1 and s.offload_optimizer) else 1)
     else:
         # the fp32 master copy itself (train/precision.py), plus the bf16 copies autocast makes of it and
         # keeps for backward

@@ -188,7 +188,7 @@ def deepspeed_config(cfg: EngineConfig, *, micro_batch: int, accumulation: int, 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch * accumulation * world_size,
@@ -202,6 +202,12 @@ def deepspeed_config(cfg: EngineConfig, *, micro_batch: int, accumulation: int, 
         "steps_per_print": 10**9,  # the train loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if param_dtype != torch.float32 and cfg.zero_stage in (1, 2):
+        # Accumulate the micro-batches' gradients in fp32 (by default DeepSpeed adds them up in the module's
+        # bf16/fp16). ZeRO-1/2 then keep an fp32 gradient buffer on the device, and with offload_optimizer
+        # the gradients cross to the host once per optimizer step instead of once per micro-batch.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 class _ObjectiveModule(nn.Module):

@@ -339,6 +339,8 @@ def test_deepspeed_config_precision_follows_the_trainable_parameters(dtype, bf16
     ds = deepspeed_config(EngineConfig(kind="deepspeed", zero_stage=1), micro_batch=1, accumulation=1, world_size=1,
                           param_dtype=dtype)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
+    # 16-bit models accumulate their micro-batch gradients in fp32 under ZeRO-1/2
+    assert ds.get("data_types") == (None if dtype == torch.float32 else {"grad_accum_dtype": "fp32"})
 
 
 def test_deepspeed_config_rejects_bad_geometry():

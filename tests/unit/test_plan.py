@@ -73,10 +73,15 @@ def test_zero_partitions_what_each_stage_says():
     assert z2["target weights"] == TARGET * 2  # DeepSpeed holds the module in bf16 ...
     assert z2["fp32 masters"] == TARGET * 4 / 4  # ... and partitioned fp32 masters in its optimizer
     assert z2["optimizer states"] == TARGET * 8 / 4
-    assert z2["gradients"] == TARGET * 2 / 4
+    assert z2["gradients"] == TARGET * 4 / 4  # accumulated in fp32, partitioned
+    z1 = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=1, **base)).parts
+    assert z1["gradients"] == TARGET * 4  # DeepSpeed's bf16 optimizer: whole fp32 accumulators on every rank
+    z1_off = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=1, offload_optimizer=True, **base)).parts
+    assert z1_off["gradients"] == TARGET * 4 / 4 and z1_off["optimizer states"] == 0
     z3 = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=3, **base)).parts
     assert z3["frozen weights"] == FROZEN * 2 / 4
     assert z3["comm buffers"] == TARGET * 2 + 2 * 5000 * 2  # reduce bucket + gathered and prefetched layer
+    assert z3["gradients"] == TARGET * 2 / 4  # ZeRO-3 accumulates in the module's dtype
     off = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=3, offload_optimizer=True, **base)).parts
     assert off["optimizer states"] == 0 and off["fp32 masters"] == 0
 
