@@ -66,11 +66,18 @@ Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 # ----------------------------------------------------------------------------------------------------
 
 
+# Devices whose fused AdamW kernel torch ships. Fused is one pass over each tensor; torch's default on the
+# CPU is a per-tensor loop of ~10 separate passes, which is what a host-offloaded optimizer (DeepSpeed
+# offload_optimizer steps this optimizer on its fp32 host copies) would otherwise pay every step.
+_FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
     """AdamW on the trainable parameters. A torch optimizer also under DeepSpeed: no JIT-built ops."""
     if not params:
         raise ValueError("no trainable parameters: check the stage's `trainable` policy and the layer plan")
-    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
+    fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params) or None
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), fused=fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
