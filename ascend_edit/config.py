@@ -565,6 +565,7 @@ class ClusterConfig:
 
     name: str = "h200"
     source: str = ""  # where the figures come from (public spec sheet, measurement)
+    device: str = "cuda"  # cuda | npu: what `engine.compile=auto` resolves to there (plan's activation model)
     device_memory_gib: float = 139.0  # memory the runtime reports per device
     reserved_gib: float = 3.0  # runtime context, allocator fragmentation, kernels' workspaces
     peak_tflops: float = 989.0  # dense bf16 TFLOP/s per device (nominal unless the source says measured)
@@ -573,6 +574,7 @@ class ClusterConfig:
     devices_per_node: int = 1
 
     def __post_init__(self):
+        _choice("cluster.device", self.device, ("cuda", "npu", "cpu"))
         for key in ("device_memory_gib", "peak_tflops", "nodes", "devices_per_node"):
             _positive(f"cluster.{key}", getattr(self, key))
         if not 0 < self.efficiency <= 1:

@@ -16,9 +16,9 @@ Memory parts (bytes per rank):
                      chunked loss stores in forward.
 * comm buffers     — DeepSpeed buckets (reduce / all-gather) and, under ZeRO-3, gathered layer weights.
 
-Activation bytes are an eager-PyTorch model of what autograd saves (bf16 tensors, fp32 norm inputs,
-flash-style attention that keeps q, k, v, output and the log-sum-exp). Regional compilation saves less
-(fused SiLU·mul and norms), so on a compiled run this is an upper estimate. The GPU benchmark
+Activation bytes model what autograd saves (bf16 tensors, fp32 norm inputs, flash-style attention that keeps
+q, k, v, output and the log-sum-exp): eager PyTorch, or regional compilation (`RunSettings.compiled`), whose
+partitioner recomputes the pointwise ops of norms and SwiGLU instead of saving them. The GPU benchmark
 (benchmarks/mission_scale.py) prints the prediction beside the measured peak.
 """
 from __future__ import annotations
@@ -94,6 +94,7 @@ class RunSettings:
     weight_bytes: int = 2  # bytes per frozen weight (model.dtype)
     checkpoint_every: int = 0  # 0 = no activation checkpointing; k = every k-th layer (1 = all)
     kd_chunk: int = 512  # distill.model_level.chunk_size
+    compiled: str = "off"  # engine.compile as resolved for the cluster's device: layers | blocks | off
 
 
 @dataclass
@@ -157,9 +158,11 @@ def target_attention_bytes(m: ModelShape, t: TargetShape, b: int) -> int:
     return base
 
 
-def mlp_bytes(m: ModelShape, b: int) -> int:
+def mlp_bytes(m: ModelShape, b: int, compiled: bool = False) -> int:
     if not m.moe:
-        return 3 * b * m.intermediate  # gate out (SiLU input), SiLU out and up out (the product is recomputed)
+        # gate out (SiLU input), SiLU out and up out (the product is recomputed); a compiled block recomputes
+        # the SiLU output too (the partitioner keeps matmul outputs and recomputes pointwise ops)
+        return (2 if compiled else 3) * b * m.intermediate
     k, e = m.experts_per_token, m.expert_intermediate
     router = FP32 * m.experts  # routing probabilities
     # grouped experts: each of the k copies of a token keeps its gathered input, its gate/up output and
@@ -167,21 +170,28 @@ def mlp_bytes(m: ModelShape, b: int) -> int:
     return router + k * (b * (m.hidden + 3 * e) + b + 3 * 8)
 
 
-def layer_bytes(m: ModelShape, t: TargetShape, b: int, stage: str) -> int:
-    """Bytes per token one decoder layer keeps for backward in `stage`."""
+def layer_bytes(m: ModelShape, t: TargetShape, b: int, stage: str, compiled: str = "off") -> int:
+    """Bytes per token one decoder layer keeps for backward in `stage`.
+
+    `compiled="layers"` (whole layers under torch.compile): each RMSNorm keeps only its bf16 input (the fp32
+    upcast and the normalised output are recomputed in backward) and the dense MLP its two matmul outputs;
+    `"blocks"` (dense MLP blocks only) changes the MLP alone. Checked against peaks measured on an H200
+    (docs/scaling.md): the eager model over-predicted compiled whole-layer runs by 22-28 %.
+    """
     if stage == "layerwise":
         # Only the target attention trains; the teacher path runs without gradients. The target's output
         # stays for the layer's loss until the summed loss is backpropagated (measured on the CPU: the
         # loss keeps little else).
         return target_attention_bytes(m, t, b) + b * m.hidden
-    return _norm_bytes(m.hidden, b) * 2 + target_attention_bytes(m, t, b) + mlp_bytes(m, b)
+    norms = 2 * (b * m.hidden if compiled == "layers" else _norm_bytes(m.hidden, b))
+    return norms + target_attention_bytes(m, t, b) + mlp_bytes(m, b, compiled in ("layers", "blocks"))
 
 
 def activation_bytes(m: ModelShape, t: TargetShape, s: RunSettings, checkpoint_every: int) -> float:
     """Activations of one micro-batch, with every `checkpoint_every`-th layer checkpointed (0 = none)."""
     tokens = s.micro_batch * s.seq_len
     b = 2  # activations are bf16 under autocast
-    per_layer = layer_bytes(m, t, b, s.stage)
+    per_layer = layer_bytes(m, t, b, s.stage, s.compiled)
     if s.stage == "layerwise" or checkpoint_every == 0:
         kept = m.layers * per_layer
     else:
@@ -264,6 +274,8 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
     if ds and s.offload_optimizer:
         masters, optimizer = 0.0, 0.0
         notes.append("offload_optimizer: fp32 masters and AdamW states live in host memory")
+    if s.compiled != "off" and s.stage == "model_level":
+        notes.append(f"activations as saved by regionally compiled {s.compiled} (engine.compile)")
     act_none = activation_bytes(m, t, s, 0)
     act_all = activation_bytes(m, t, s, 1)
     act = activation_bytes(m, t, s, s.checkpoint_every)

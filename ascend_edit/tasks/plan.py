@@ -16,6 +16,7 @@ from ascend_edit.models.loading import TORCH_DTYPES
 from ascend_edit.models.surgery import decoder_layers, set_trainable
 from ascend_edit.plan.memory import GIB, ModelShape, ParamCounts, Plan, RunSettings, TargetShape, plan_stage
 from ascend_edit.train.activation_checkpointing import checkpointing_config
+from ascend_edit.train.compile import compile_mode
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def micro_batch(stage: StageConfig, world: int) -> int:
     return stage.micro_batch_size or max(stage.batch_size // world, 1)
 
 
-def settings(cfg: RootConfig, stage_name: str, world: int) -> RunSettings:
+def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off") -> RunSettings:
     stage = getattr(cfg.distill, stage_name)
     ckpt = checkpointing_config(cfg.engine)
     return RunSettings(stage=stage_name, seq_len=cfg.data.seq_len, micro_batch=micro_batch(stage, world),
@@ -51,7 +52,7 @@ def settings(cfg: RootConfig, stage_name: str, world: int) -> RunSettings:
                        offload_optimizer=cfg.engine.offload_optimizer, offload_params=cfg.engine.offload_params,
                        world_size=world, weight_bytes=TORCH_DTYPES[cfg.model.dtype].itemsize,
                        checkpoint_every=ckpt.every_n_layers if stage_name == "model_level" else 0,
-                       kd_chunk=cfg.distill.model_level.chunk_size)
+                       kd_chunk=cfg.distill.model_level.chunk_size, compiled=compiled)
 
 
 def usable_bytes(cluster: ClusterConfig) -> float:
@@ -79,10 +80,12 @@ def plan_run(cfg: RootConfig) -> list[dict]:
     shape, tshape = ModelShape.from_hf_config(model.config), target_shape(cfg, model)
     world = cfg.cluster.nodes * cfg.cluster.devices_per_node
     stages = ("layerwise", "model_level") if cfg.plan.stage == "both" else (cfg.plan.stage,)
+    # what engine.compile resolves to on the cluster's device (the training run resolves it the same way)
+    compiled = compile_mode(cfg.engine.compile, cfg.cluster.device, model)
     summaries = []
     for name in stages:
         counts = param_counts(model, getattr(cfg.distill, name).trainable)
-        run = settings(cfg, name, world)
+        run = settings(cfg, name, world, compiled)
         summaries.append(summarise(plan_stage(shape, tshape, counts, run), run, cfg.cluster))
     return summaries
 

@@ -64,6 +64,26 @@ def test_parts_of_the_torch_engine_by_hand():
     assert plan.activations_with_ckpt == 2 * 32 * (4 * 2 * 64 + per_layer + transient + final_norm)
 
 
+def test_compiled_layers_keep_norm_inputs_and_matmul_outputs_only():
+    mla = 2 * 96 + 2 * 2 * 64 + 2 * 2 * 64 + 4 * 32 + 2 * 32 + 2 * 2 * 8 + 4 * 4  # as in the eager hand count
+    # whole layers compiled: each norm keeps its bf16 input only, the MLP its gate and up outputs
+    assert layer_bytes(TINY, MLA, 2, "model_level", "layers") == 2 * 2 * 64 + mla + 2 * 2 * 128
+    # dense MLP blocks compiled: the norms stay eager
+    assert layer_bytes(TINY, MLA, 2, "model_level", "blocks") == 2 * (4 * 64 + 2 * 64) + mla + 2 * 2 * 128
+    eager = plan_stage(TINY, MLA, ParamCounts(FROZEN, TARGET, 1), RunSettings("model_level", 32, 2))
+    compiled = plan_stage(TINY, MLA, ParamCounts(FROZEN, TARGET, 1), RunSettings("model_level", 32, 2,
+                                                                                 compiled="layers"))
+    assert compiled.activations_without_ckpt < eager.activations_without_ckpt
+
+
+def test_plan_resolves_compile_for_the_clusters_device():
+    # engine.compile=auto compiles whole layers on a CUDA cluster and nothing on Ascend (compile.py)
+    cuda = plan_run(compose_cfg(["engine.compile=auto", "cluster=h200", "plan.stage=model_level"]))[0]
+    npu = plan_run(compose_cfg(["engine.compile=auto", "cluster=910b_64g", "cluster.devices_per_node=1",
+                                "plan.stage=model_level"]))[0]
+    assert cuda["activations_no_ckpt_gib"] < npu["activations_no_ckpt_gib"]
+
+
 def test_zero_partitions_what_each_stage_says():
     counts = ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=5000)
     base = {"stage": "model_level", "seq_len": 32, "micro_batch": 2, "engine": "deepspeed", "world_size": 4,
