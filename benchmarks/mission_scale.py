@@ -8,8 +8,9 @@ PyTorch KD baseline at the 8B shape (frozen teacher + a deep copy as student wit
 AdamW on the bf16 targets, full-vocabulary KL on materialised logits), and MoE experts grouped_mm vs
 eager (one 30B-A3B MoE block, forward + backward).
 
-One optimizer step = one micro-batch by default (`--accumulation N`: N micro-batches per optimizer step,
-which is what an offloaded optimizer needs to pay its host step once per many tokens); the first
+One optimizer step = the recipe's own gradient accumulation (batch_size / micro_batch_size micro-batches;
+`--accumulation N` overrides it): an on-device optimizer step costs a few % per micro-batch, an offloaded
+one a host step that only a long accumulation pays for. `--steps` counts optimizer steps; the first
 `--warmup` steps (compilation, allocator) are not timed. `--profile` adds one profiled step per case and
 writes its kernel table to `$OUT/profile_*.txt`.
 MFU = plan's model FLOPs per token (recomputation excluded) x tokens/s / the cluster's nominal peak.
@@ -108,7 +109,7 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[fl
     return (time.perf_counter() - started) / max(steps - warmup, 1), losses
 
 
-def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accumulation: int = 1,
+def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accumulation: int = 0,
               profile_to: Path | None = None) -> dict:
     """`steps` optimizer steps of one stage with the recipe's engine settings, each over `accumulation`
     micro-batches (an offloaded optimizer's host step is paid once per optimizer step, so its cost per
@@ -116,6 +117,7 @@ def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accum
     table written there."""
     stage = getattr(cfg.distill, name)
     micro, seq, device = stage.micro_batch_size or stage.batch_size, cfg.data.seq_len, device_info.torch_device
+    accumulation = accumulation or max(stage.batch_size // micro, 1)  # 0: the recipe's own batch / micro
     if name == "layerwise":
         objective = LayerwiseObjective(stage.loss, stage.match)
     else:
@@ -270,7 +272,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
     parser.add_argument("--stages", default="layerwise,model_level", help="comma-separated stages to run")
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--accumulation", type=int, default=0,
+                        help="micro-batches per optimizer step (default 0: the recipe's batch_size / micro_batch_size)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per stage (default: the recipe list's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain baseline")
     parser.add_argument("--profile", action="store_true", help="profile one extra step of each case")
@@ -294,6 +297,7 @@ def main() -> int:
             errors.append(f"{recipe}: skipped (time budget)")
             continue
         steps = 4 if args.tiny else (args.steps or steps)
+        accumulation = args.accumulation or (2 if args.tiny else 0)  # tiny: a smoke run, not the recipe's 32-64
         warmup = 1 if args.tiny else args.warmup
         try:
             cfg = compose_recipe(recipe, args.tiny, args.overrides)
@@ -314,7 +318,7 @@ def main() -> int:
                 free(device)
             edit_and_compile(model, cfg, device_info)
             for stage in args.stages.split(","):
-                result = run_stage(cfg, model, stage, device_info, steps, warmup, args.accumulation,
+                result = run_stage(cfg, model, stage, device_info, steps, warmup, accumulation,
                                    out / f"profile_{recipe}_{stage}.txt" if args.profile else None)
                 record({"recipe": recipe, "stage": stage, **result})
                 free(device)
