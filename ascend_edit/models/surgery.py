@@ -136,6 +136,7 @@ def validate_plan(plan: list[LayerPlan], num_layers: int) -> None:
 
 
 def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, model_config) -> nn.Module:
+    ref = cast(nn.Linear, teacher_attn.q_proj).weight
     if entry.kind == "identity":
         read_geometry(teacher_attn, model_config)  # refuses an attention layout the package cannot convert
         target = copy.deepcopy(teacher_attn)
@@ -143,8 +144,11 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
         mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
         # A budgeted window is the layer's own; the config's `window` serves the others.
         swa = cfg.gate_swa if entry.window is None else dataclasses.replace(cfg.gate_swa, window=entry.window)
-        target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=swa)
-    ref = cast(nn.Linear, teacher_attn.q_proj).weight  # read_geometry has checked it is an nn.Linear
+        # A shape-only (meta) teacher gets shape-only targets: built on the CPU, nn.Linear's own init of an
+        # 8B model's targets took 20 s and 7 GB of host memory per `plan` / `inspect`. Real teachers keep
+        # building on the CPU, so a random init draws the same numbers whatever the device.
+        with torch.device("meta") if ref.is_meta else nullcontext():
+            target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=swa)
     return target.to(device=ref.device, dtype=ref.dtype)
 
 
