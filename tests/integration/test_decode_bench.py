@@ -15,6 +15,7 @@ def read(path):
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.slow  # ~50 s on 2 CPU cores: the benchmark's every option; the subcommand test below stays in CI
 def test_bench_decode_measures_every_model_in_its_own_process(tmp_path):
     out = tmp_path / "bench"
     args = [sys.executable, "-m", "ascend_edit.tasks.bench_decode", "--model", "qwen3_tiny", "--device", "cpu",

@@ -120,7 +120,8 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+# ZeRO-1 shares DeepSpeed's stage-1/2 optimizer with ZeRO-2; its run is in the slow tier to keep CI short.
+@pytest.mark.parametrize("engine", [pytest.param("zero1", marks=pytest.mark.slow), "zero2", "zero3"])
 def test_two_processes_match_one(finished, engine):
     reference, run_dir = finished("torch"), finished(engine)
     logged = metrics(run_dir)
@@ -132,7 +133,7 @@ def test_two_processes_match_one(finished, engine):
     assert_same_weights(converted_weights(run_dir), converted_weights(reference), WEIGHT_ABS)
 
 
-@pytest.mark.parametrize("engine", ["zero1", "zero3"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_optimizer_holds_only_the_targets(finished, engine):
     """DeepSpeed's checkpoint lists the optimizer's parameters: the converted attentions, nothing else."""
     states = sorted((finished(engine) / "checkpoints" / f"step-model_level-{STEPS['model_level']}" / "deepspeed")

@@ -60,7 +60,8 @@ def torchrun(world: int, helper: str, *args: Path) -> None:
 
 
 # ~20 s each on 2 shared CPU cores (1 and 2 processes alike).
-@pytest.fixture(scope="module", params=[1, 2], ids=["world1", "world2"])
+# world 1 in the slow tier (CI time); world 2 is the partitioned case the separate jobs exist for.
+@pytest.fixture(scope="module", params=[pytest.param(1, marks=pytest.mark.slow), 2], ids=["world1", "world2"])
 def jobs(request, teacher: Path, converted: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp(f"separate_jobs_world{request.param}")
     torchrun(request.param, "tests.helpers.zero3_separate_jobs", teacher, converted, out)
