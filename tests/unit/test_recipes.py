@@ -37,13 +37,13 @@ def test_recipe_composes_with_explicit_micro_batch(recipe):
         assert stage.micro_batch_size > 0, f"{recipe}: every shipped recipe states its micro-batch"
 
 
-@pytest.mark.slow  # builds 8 real-shape models on the meta device: minutes on a busy CPU
 @pytest.mark.parametrize("recipe", MISSION)
 def test_mission_recipe_fits_its_cluster_by_plan(recipe):
+    """Each recipe fits its cluster per plan, with its own checkpointing (a recipe without any, such as the
+    offloaded 8B MLA one, fits by plan's no-checkpointing activations). ~1 s each: the models are meta."""
     from ascend_edit.tasks.plan import plan_run
 
     cfg = composed(recipe, ["model=qwen3_8b_shape" if "8b" in recipe else "model=qwen3_30b_a3b_shape"])
-    assert cfg.engine.activation_checkpointing != "none"
     for summary in plan_run(cfg):
         assert summary["fits"], f"{recipe} {summary['stage']}: {summary['total_gib']:.1f} GiB > {summary['usable_gib']:.1f}"
 
