@@ -273,7 +273,10 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
     optimizer = counts.target * FP32 * ADAM_STATES / (world if ds and z >= 1 else 1)
     if ds and s.offload_optimizer:
         masters, optimizer = 0.0, 0.0
-        notes.append("offload_optimizer: fp32 masters and AdamW states live in host memory")
+        # DeepSpeed's host copies: the fp32 master partition, its two AdamW states and its fp32 gradient
+        host = counts.target * FP32 * (2 + ADAM_STATES) / (world if z >= 1 else 1)
+        notes.append(f"offload_optimizer: fp32 masters, AdamW states and gradients live in host memory "
+                     f"({host / GIB:.1f} GiB per rank)")
     if s.compiled != "off" and s.stage == "model_level":
         notes.append(f"activations as saved by regionally compiled {s.compiled} (engine.compile)")
     act_none = activation_bytes(m, t, s, 0)

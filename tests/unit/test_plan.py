@@ -98,6 +98,10 @@ def test_zero_partitions_what_each_stage_says():
     assert z1["gradients"] == TARGET * 4  # DeepSpeed's bf16 optimizer: whole fp32 accumulators on every rank
     z1_off = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=1, offload_optimizer=True, **base)).parts
     assert z1_off["gradients"] == TARGET * 4 / 4 and z1_off["optimizer states"] == 0
+    # host memory: fp32 master + two AdamW states + fp32 gradient = 16 B per target parameter, over 4 ranks
+    big = ParamCounts(frozen=FROZEN, target=2**30, largest_layer=5000)
+    notes = plan_stage(TINY, MLA, big, RunSettings(zero_stage=1, offload_optimizer=True, **base)).notes
+    assert any("(4.0 GiB per rank)" in note for note in notes), notes
     z3 = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=3, **base)).parts
     assert z3["frozen weights"] == FROZEN * 2 / 4
     assert z3["comm buffers"] == TARGET * 2 + 2 * 5000 * 2  # reduce bucket + gathered and prefetched layer
