@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
+from ascend_edit import distributed
 from ascend_edit.config import register_configs, to_typed
 from ascend_edit.device import resolve_device
 from ascend_edit.distill.layerwise import LayerwiseObjective
@@ -239,16 +240,6 @@ def experts_comparison(model, tokens: int, device: torch.device, iters: int) -> 
     return rows
 
 
-def one_rank_group(cfg, device_info) -> None:
-    """DeepSpeed engines need a process group; this script is one process (world size 1)."""
-    if cfg.engine.kind != "deepspeed" or torch.distributed.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29571")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("nccl" if device_info.type == "cuda" else "gloo", rank=0, world_size=1)
-
-
 def build(cfg, device_info):
     model, _ = load_teacher(cfg.model, device=device_info.torch_device)
     apply_experts_implementation(cfg.engine.experts_implementation, model)
@@ -304,7 +295,8 @@ def main() -> int:
             device_info = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
             device = device_info.torch_device
             free(device)
-            one_rank_group(cfg, device_info)
+            # as the CLI does: one process exports the env:// variables DeepSpeed initialises its group from
+            distributed.init_process_group(device_info.dist_backend, distributed.discover())
             model = build(cfg, device_info)
             if recipe == "qwen3_8b_mla_shape" and not args.no_baseline:  # the baseline shares this teacher
                 result = plain_baseline(model, cfg, 4 if args.tiny else args.baseline_steps, warmup, device,
