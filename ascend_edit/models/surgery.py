@@ -136,7 +136,6 @@ def validate_plan(plan: list[LayerPlan], num_layers: int) -> None:
 
 
 def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, model_config) -> nn.Module:
-    ref = cast(nn.Linear, teacher_attn.q_proj).weight
     if entry.kind == "identity":
         read_geometry(teacher_attn, model_config)  # refuses an attention layout the package cannot convert
         target = copy.deepcopy(teacher_attn)
@@ -147,8 +146,10 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
         # A shape-only (meta) teacher gets shape-only targets: built on the CPU, nn.Linear's own init of an
         # 8B model's targets took 20 s and 7 GB of host memory per `plan` / `inspect`. Real teachers keep
         # building on the CPU, so a random init draws the same numbers whatever the device.
-        with torch.device("meta") if ref.is_meta else nullcontext():
+        shape_only = any(p.is_meta for p in teacher_attn.parameters())
+        with torch.device("meta") if shape_only else nullcontext():
             target = converted_attention(entry.kind, teacher_attn, model_config, mla=mla, gate_swa=swa)
+    ref = cast(nn.Linear, teacher_attn.q_proj).weight  # read_geometry has checked it is an nn.Linear
     return target.to(device=ref.device, dtype=ref.dtype)
 
 
