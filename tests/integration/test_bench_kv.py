@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 import pytest
 
 from ascend_edit.tasks.bench_kv import CSV_FILE, PLOT_FILE
+from tests.helpers.cli_runner import run_cli
 
 
 @pytest.mark.parametrize("target", ["mla_small", "gate_swa"])
 def test_bench_kv_writes_table_csv_and_plot(tmp_path, target):
-    args = [sys.executable, "-m", "ascend_edit.cli", "bench_kv", "model=qwen3_tiny", f"target={target}",
+    args = ["bench_kv", "model=qwen3_tiny", f"target={target}",
             "target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8", "target.mla.kv_lora_rank=16",
             "target.mla.v_head_dim=16", "target.gate_swa.window=32", "device=cpu", "bench_kv.contexts=[64,256]",
             "bench_kv.batch_sizes=[1]", "bench_kv.decode_tokens=4", "bench_kv.warmup_tokens=1",
             f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    proc = run_cli(args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / PLOT_FILE).stat().st_size > 0
     assert "static" in proc.stdout  # the table's title names the cache: preallocated, as bench_decode's

@@ -1,7 +1,8 @@
 """The `ascend-edit` conversion, end to end through the command line, on a small trained teacher (issue 4).
 
-Each run is a real `python -m ascend_edit.cli` subprocess with its own `hydra.run.dir`; the tests read
-what it leaves behind (report.json, converted/, stage-layerwise/) and reload it in-process.
+Each run is `ascend-edit` in its own process (forked from a preloaded interpreter: tests/helpers/cli_runner.py)
+with its own `hydra.run.dir`; the tests read what it leaves behind (report.json, converted/,
+stage-layerwise/) and reload it in-process.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from ascend_edit.data import build_train_eval, load_documents
 from ascend_edit.models.checkpoint import load_converted, save_converted
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
+from tests.helpers import cli_runner
 
 pytestmark = pytest.mark.usefixtures("few_cpu_threads")  # see conftest.py
 
@@ -49,8 +50,7 @@ def tiny_convert_overrides(teacher: Path, data_path: Path | None = None) -> list
 def run_cli(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ASCEND_EDIT_DEBUG"}  # errors as users see them
     env["TQDM_DISABLE"] = "1"
-    return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
+    return cli_runner.run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env, timeout=600)
 
 
 def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

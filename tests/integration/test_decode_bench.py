@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.helpers.cli_runner import run_cli
+
 TINY_TARGETS = ["target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8", "target.mla.kv_lora_rank=16",
                 "target.mla.v_head_dim=16", "target.gate_swa.window=16", "target.gate_swa.sink_tokens=2"]
 
@@ -56,10 +58,10 @@ def test_bench_decode_measures_every_model_in_its_own_process(tmp_path):
 
 
 def test_bench_decode_subcommand_compares_the_teacher_with_the_configured_target(tmp_path):
-    args = [sys.executable, "-m", "ascend_edit.cli", "bench_decode", "model=qwen3_tiny", "target=gate_swa",
-            *TINY_TARGETS, "device=cpu", "bench_kv.contexts=[24]", "bench_kv.batch_sizes=[1]",
-            "bench_kv.decode_tokens=2", "bench_kv.warmup_tokens=1", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600)
+    args = ["bench_decode", "model=qwen3_tiny", "target=gate_swa", *TINY_TARGETS, "device=cpu",
+            "bench_kv.contexts=[24]", "bench_kv.batch_sizes=[1]", "bench_kv.decode_tokens=2",
+            "bench_kv.warmup_tokens=1", f"hydra.run.dir={tmp_path}"]
+    proc = run_cli(args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read(tmp_path / "bench_decode" / "decode.csv")
     assert {r["kind"] for r in rows} == {"teacher", "gate_swa"}

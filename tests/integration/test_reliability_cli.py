@@ -48,7 +48,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------------------------------------- preemption
 
-PREEMPT_STEPS = {"layerwise": 200, "model_level": 20}
+PREEMPT_STEPS = {"layerwise": 80, "model_level": 20}
 
 
 def test_sigterm_mid_stage_then_restart_equals_the_uninterrupted_run(trained_teacher: Path, tmp_path: Path):

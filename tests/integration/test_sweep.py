@@ -11,13 +11,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ascend_edit import sweep
+from tests.helpers.cli_runner import run_cli
 
 RANKS = (8, 16)
 ROPE = 8
@@ -43,11 +43,10 @@ needs_slurm_extra = pytest.mark.skipif(not _has_submitit_launcher(),
                                        reason="needs the `slurm` extra (pip install -e '.[slurm]')")
 
 
-def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def cli(cwd: Path, *args: str, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     env.pop("ASCEND_EDIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_cli(args, cwd=cwd, env=env, timeout=600, fresh_interpreter=fresh_interpreter)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +148,7 @@ def test_sweep_through_submitit_writes_the_same_summary(tmp_path: Path):
     """submitit's local executor runs the Slurm launcher's code path (pickled job, results collected
     back in the submitting process, then the summary callback) without a cluster."""
     result = cli(tmp_path, "-m", *TINY_SWEEP, f"hydra.sweep.dir={tmp_path / 'multirun'}",
-                 "hydra/launcher=submitit_local")
+                 "hydra/launcher=submitit_local", fresh_interpreter=True)  # submitit pickles the job function
     assert result.returncode == 0, result.stderr[-3000:]
     rows = summary_rows(tmp_path / "multirun")
     assert [row["target.mla.kv_lora_rank"] for row in rows] == [str(r) for r in RANKS]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.cli_runner import run_cli
 from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -129,8 +130,7 @@ def cli_eval(checkpoint: Path, teacher: Path, out: Path, engine: str) -> dict:
     from tests.helpers.zero3_separate_jobs import eval_overrides
 
     args = [a for a in eval_overrides(teacher, checkpoint, out, engine) if a != "task=eval"]
-    proc = subprocess.run([sys.executable, "-m", "ascend_edit.cli", "eval", *args], capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
+    proc = run_cli(["eval", *args], timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "eval.json").read_text())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 
 from ascend_edit.config import ModelConfig
 from ascend_edit.models.loading import ModelInputError, check_model_files, load_teacher, teacher_config
+from tests.helpers.cli_runner import run_cli
 
 TINY_CONFIG = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64}
@@ -120,11 +120,11 @@ def test_unreadable_tokenizer_is_named_before_weights_load(tmp_path):
 # benchmarks/reliability_faults.py -> docs/reliability.md)
 
 
-def cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
+        fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("ASCEND_EDIT_DEBUG", "HYDRA_FULL_ERROR")}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd, check=False)
+    return run_cli(args, cwd=cwd, env=env, timeout=300, fresh_interpreter=fresh_interpreter)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -142,7 +142,9 @@ TINY = ["experiment=tiny"]
 
 
 def test_cli_bad_values_are_one_line(tmp_path):
-    one_line_error(cli(*TINY, "engine.grad_clip=-1", cwd=tmp_path), "engine.grad_clip=-1.0 must be")
+    # `python -m ascend_edit.cli` itself (the other CLI tests fork a preloaded interpreter)
+    one_line_error(cli(*TINY, "engine.grad_clip=-1", cwd=tmp_path, fresh_interpreter=True),
+                   "engine.grad_clip=-1.0 must be")
     one_line_error(cli(*TINY, "distill.model_level.warmup_steps=-2", cwd=tmp_path), "distill.model_level.warmup_steps")
 
 

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_module
 
 from ascend_edit.config import ConfigError, register_configs, to_typed
+from tests.helpers.cli_runner import run_cli
 
 
-def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+def cli(*args: str, timeout: int = 120, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    return run_cli(args, timeout=timeout, fresh_interpreter=fresh_interpreter)
 
 
 def compose_typed(overrides: list[str]):
@@ -86,12 +85,12 @@ def test_unknown_group_option_lists_the_valid_ones():
 
 
 def test_unknown_subcommand():
-    err = _one_line_error(cli("frobnicate"))
+    err = _one_line_error(cli("frobnicate", fresh_interpreter=True))
     assert "unknown subcommand 'frobnicate'" in err
 
 
 def test_help_and_cfg_job():
-    assert "target: gate_swa, gate_swa_windows, identity, mla" in cli("--help").stdout
+    assert "target: gate_swa, gate_swa_windows, identity, mla" in cli("--help", fresh_interpreter=True).stdout
     out = cli("--cfg", "job", "target=gate_swa", "target.gate_swa.window=64")
     assert out.returncode == 0 and "window: 64" in out.stdout
 

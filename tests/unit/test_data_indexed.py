@@ -4,8 +4,6 @@ one line naming data.path."""
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from ascend_edit.data.indexed import (
     open_indexed,
     split_spans,
 )
+from tests.helpers.cli_runner import run_cli
 
 # Megatron-LM's dtype codes (megatron/core/datasets/indexed_dataset.py, DType)
 CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.uint16: 8}
@@ -186,17 +185,14 @@ def test_indexed_data_needs_a_path():
 def test_tiny_conversion_reads_an_indexed_corpus_through_the_cli(tmp_path):
     """experiment=tiny (random Qwen3, no tokenizer) with data=indexed: the corpus needs no tokenizer."""
     prefix = write_indexed(tmp_path / "corpus_text_document", documents(count=120, vocab=250))
-    run = subprocess.run([sys.executable, "-m", "ascend_edit.cli", "experiment=tiny", "data=indexed",
-                          f"data.path={prefix}", "data.seq_len=32", "data.eval_fraction=0.2",
-                          "eval.suite=false", "export.enabled=false", f"data.cache_dir={tmp_path / 'cache'}",
-                          f"hydra.run.dir={tmp_path / 'run'}"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    run = run_cli(["experiment=tiny", "data=indexed", f"data.path={prefix}", "data.seq_len=32",
+                   "data.eval_fraction=0.2", "eval.suite=false", "export.enabled=false",
+                   f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "indexed corpus" in run.stdout + run.stderr  # the rows came from the .bin/.idx pair
     assert len(list((tmp_path / "cache").glob("indexed-*/train.starts.npy"))) == 1
-    bad = subprocess.run([sys.executable, "-m", "ascend_edit.cli", "experiment=tiny", "data=indexed",
-                          f"data.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run2'}"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    bad = run_cli(["experiment=tiny", "data=indexed", f"data.path={tmp_path / 'missing'}",
+                   f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path, timeout=300)
     lines = [line for line in bad.stderr.splitlines() if line.startswith("ascend-edit: error:")]
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(lines) == 1, bad.stderr[-2000:]
     assert "data.path=" in lines[0] and "does not exist" in lines[0]
