@@ -8,25 +8,39 @@ working directory, environment, stdout/stderr (file descriptors 1 and 2 point at
 is what the tests read. An exception that escapes ``main`` prints its traceback and exits 1, as the
 interpreter would.
 
+:func:`start_ranks` does the same for a multi-process job: one forked child per rank with the environment a
+launcher gives it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT: what `ascend_edit.distributed.discover`
+reads when the variables are set by hand), instead of torchrun starting a fresh interpreter per rank. The
+torchrun path itself stays covered by tests/unit/test_distributed.py and the slow tier.
+
 What differs from a fresh interpreter, and so stays on `subprocess`: anything that reads the environment at
-import time (the server's environment is the test session's as it was when the first run started), signals
-sent to a running job, the `ascend-edit` console script itself, and launchers that start their own processes
-(torchrun). A few tests keep running the real interpreter so that the entry point stays covered end to end.
+import time (the server's environment is the test session's as it was when the first run started), the
+`ascend-edit` console script itself, and torchrun's own behaviour (signal forwarding, restarts). A few tests
+keep running the real interpreter so that the entry point stays covered end to end.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import runpy
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 
 # What the CLI imports on its way to a training run (the expensive part of every start-up).
-_PRELOAD = ["torch", "transformers", "ascend_edit.cli", "ascend_edit.models.loading", "ascend_edit.tasks.convert",
-            "ascend_edit.tasks.eval", "ascend_edit.tasks.export", "ascend_edit.eval.report", "matplotlib.pyplot"]
+_PRELOAD = ["torch", "transformers", "deepspeed", "ascend_edit.cli", "ascend_edit.models.loading",
+            "ascend_edit.tasks.convert", "ascend_edit.tasks.eval", "ascend_edit.tasks.export",
+            "ascend_edit.eval.report", "matplotlib.pyplot"]
+# How long the other ranks get to finish once one rank has failed (torchrun stops the group likewise).
+_FAILED_RANK_GRACE_S = 10.0
 
 _context: multiprocessing.context.ForkServerContext | None = None
 
@@ -40,8 +54,29 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _child(argv: list[str], cwd: str, env: dict[str, str], stdout_path: str, stderr_path: str) -> None:
-    """The body of one CLI run in the forked child; never returns."""
+@dataclass(frozen=True)
+class _Program:
+    """What a child runs: the CLI's ``main(args)``, or ``python -m module args`` when ``module`` is set."""
+
+    args: tuple[str, ...]
+    module: str | None = None
+
+    def run(self) -> int:
+        if self.module is None:
+            sys.argv = ["ascend-edit"]
+            from ascend_edit.cli import main
+
+            return main(list(self.args))
+        sys.argv = [self.module, *self.args]
+        runpy.run_module(self.module, run_name="__main__", alter_sys=True)
+        return 0
+
+    def label(self) -> list[str]:
+        return ["ascend-edit", *self.args] if self.module is None else ["python", "-m", self.module, *self.args]
+
+
+def _child(program: _Program, cwd: str, env: dict[str, str], stdout_path: str, stderr_path: str) -> None:
+    """The body of one run in the forked child; never returns."""
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
@@ -49,12 +84,9 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], stdout_path: str, std
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = ["ascend-edit"]
     code: int
     try:
-        from ascend_edit.cli import main
-
-        code = main(argv)
+        code = program.run()
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
             code = stop.code or 0
@@ -69,28 +101,93 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], stdout_path: str, std
     os._exit(code)
 
 
-def run_cli(args: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
-            timeout: float = 600, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
-    """``ascend-edit ARGS``; the result reads like ``subprocess.run``'s with ``capture_output=True, text=True``.
+class ForkedJob:
+    """One run or the ranks of one job, started by :func:`start`; Popen-like: poll, send_signal, wait."""
 
-    ``env`` replaces the environment (default: this process's). ``fresh_interpreter=True`` runs
-    ``python -m ascend_edit.cli`` itself instead of a preloaded fork (the entry point end to end).
-    """
-    env = dict(os.environ if env is None else env)
-    cwd = str(cwd or os.getcwd())
-    if fresh_interpreter:
-        return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-    context = _forkserver()
-    with tempfile.TemporaryDirectory(prefix="cli-run-") as scratch:
-        out, err = os.path.join(scratch, "stdout"), os.path.join(scratch, "stderr")
-        child = context.Process(target=_child, args=(list(args), cwd, env, out, err))
-        child.start()
-        child.join(timeout)
-        if child.is_alive():
-            child.kill()
+    def __init__(self, program: _Program, envs: list[dict[str, str]], cwd: str):
+        self._program = program
+        self._scratch = tempfile.TemporaryDirectory(prefix="cli-run-")
+        self._outputs = [(os.path.join(self._scratch.name, f"stdout{i}"), os.path.join(self._scratch.name, f"stderr{i}"))
+                         for i in range(len(envs))]
+        context = _forkserver()
+        self._children = [context.Process(target=_child, args=(program, cwd, env, *out))
+                          for env, out in zip(envs, self._outputs)]
+        for child in self._children:
+            child.start()
+
+    def poll(self) -> int | None:
+        """None while any process runs, else the job's exit status."""
+        if any(child.is_alive() for child in self._children):
+            return None
+        return self._status()
+
+    def _status(self) -> int:
+        codes = [child.exitcode or 0 for child in self._children]
+        return next((code for code in codes if code != 0), 0)
+
+    def send_signal(self, signum: int) -> None:
+        for child in self._children:
+            if child.is_alive() and child.pid is not None:
+                os.kill(child.pid, signum)
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for every process (a failed rank gives the others a grace period, then they are killed);
+        stdout and stderr are the processes' outputs in rank order."""
+        deadline = time.monotonic() + timeout
+        while any(child.is_alive() for child in self._children):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill()
+                raise subprocess.TimeoutExpired(self._program.label(), timeout)
+            wait_for_any([child.sentinel for child in self._children if child.is_alive()], timeout=remaining)
+            if any(child.exitcode not in (None, 0) for child in self._children):
+                deadline = min(deadline, time.monotonic() + _FAILED_RANK_GRACE_S)
+        for child in self._children:
             child.join()
-            raise subprocess.TimeoutExpired(["ascend-edit", *args], timeout)
-        stdout, stderr = (Path(path).read_text(errors="replace") if os.path.exists(path) else ""
-                          for path in (out, err))
-    return subprocess.CompletedProcess(["ascend-edit", *args], child.exitcode, stdout, stderr)
+        outputs = [[Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in pair]
+                   for pair in self._outputs]
+        self._scratch.cleanup()
+        return subprocess.CompletedProcess(self._program.label(), self._status(),
+                                           "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
+
+    def _kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+        for child in self._children:
+            child.join()
+        self._scratch.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(args: Sequence[str], *, module: str | None = None, world: int | None = None,
+          cwd: str | Path | None = None, env: Mapping[str, str] | None = None) -> ForkedJob:
+    """Start ``ascend-edit ARGS`` (or ``python -m MODULE ARGS``) in forked, preloaded children: one plain
+    process, or ``world`` ranks (1 included) with a launcher's environment. ``env`` replaces the environment
+    (default: this process's)."""
+    base = dict(os.environ if env is None else env)
+    if world is None:
+        envs = [base]
+    else:
+        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+                      "LOCAL_WORLD_SIZE": str(world)}
+        envs = [{**base, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(world)]
+    return ForkedJob(_Program(tuple(args), module), envs, str(cwd or os.getcwd()))
+
+
+def run_cli(args: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
+            timeout: float = 600, fresh_interpreter: bool = False, world: int | None = None,
+            module: str | None = None) -> subprocess.CompletedProcess:
+    """``ascend-edit ARGS`` to the end; the result reads like ``subprocess.run``'s with ``capture_output=True,
+    text=True``. ``fresh_interpreter=True`` runs ``python -m ascend_edit.cli`` itself instead of a preloaded fork
+    (the entry point end to end); ``world`` and ``module`` as for :func:`start`."""
+    if fresh_interpreter:
+        if world is not None or module is not None:
+            raise ValueError("fresh_interpreter runs the CLI in one process")
+        return subprocess.run([sys.executable, "-m", "ascend_edit.cli", *args], cwd=cwd or os.getcwd(),
+                              env=dict(os.environ if env is None else env), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    return start(args, module=module, world=world, cwd=cwd, env=env).wait(timeout)

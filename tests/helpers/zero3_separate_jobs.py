@@ -1,5 +1,5 @@
 """`ascend-edit eval` and `ascend-edit export` as separate ZeRO-3 jobs on one converted tiny MoE model, beside the
-same jobs loading it whole (rank 0 alone), under torchrun (gloo, CPU). tests/integration/test_zero3_separate_jobs.py
+same jobs loading it whole (rank 0 alone), as torchrun ranks (gloo, CPU). tests/integration/test_zero3_separate_jobs.py
 compares what they wrote.
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m tests.helpers.zero3_separate_jobs \

@@ -1,4 +1,7 @@
-"""DeepSpeed ZeRO across processes (torchrun, gloo on CPU): equivalence with one process, kill and resume.
+"""DeepSpeed ZeRO across processes (two ranks, gloo on CPU): equivalence with one process, kill and resume.
+
+The ranks are forked from a preloaded interpreter with the environment torchrun would give them
+(tests/helpers/cli_runner.py); torchrun itself is exercised by tests/unit/test_distributed.py.
 
 Every run is the full `ascend-edit` conversion (stage 1 then stage 2, evaluation, export) of a tiny
 Qwen3 on the same data and global batch. The teacher is sized so that ZeRO-3 really partitions: the
@@ -16,8 +19,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.cli_runner import run_cli
+from tests.helpers.cli_runner import run_cli, start
 from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -46,6 +47,7 @@ GRAD_NORM_REL = 1e-4
 # the weights by the order of the learning rate per step (1e-4 to 1e-3 here), far above this bound.
 WEIGHT_ABS = 5e-5
 RUN_TIMEOUT_S = 300
+WORLD = 2
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +71,11 @@ def overrides(teacher: Path, run_dir: Path, engine: str) -> list[str]:
     return args
 
 
-def command(teacher: Path, run_dir: Path, engine: str) -> list[str]:
-    """The two-process launch of a DeepSpeed engine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "ascend_edit.cli", *overrides(teacher, run_dir, engine)]
-
-
 def run_to_end(teacher: Path, run_dir: Path, engine: str) -> str:
-    if engine == "torch":  # one process: a fork of the preloaded interpreter does
-        proc = run_cli(overrides(teacher, run_dir, engine), timeout=RUN_TIMEOUT_S)
-    else:
-        proc = subprocess.run(command(teacher, run_dir, engine), capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
+    """The conversion to its end: one process for the torch engine, two ranks for DeepSpeed (forked from a
+    preloaded interpreter with a launcher's environment: tests/helpers/cli_runner.py)."""
+    world = None if engine == "torch" else WORLD
+    proc = run_cli(overrides(teacher, run_dir, engine), world=world, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -155,14 +150,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(teacher, finished, tmp_p
     exactly (measured: identical floats); the tolerance only guards against reordering noise."""
     run_dir = tmp_path / "killed"
     first_checkpoint = run_dir / "checkpoints" / f"step-layerwise-{CHECKPOINT_EVERY}"
-    job = subprocess.Popen(command(teacher, run_dir, "zero3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = start(overrides(teacher, run_dir, "zero3"), world=WORLD)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not first_checkpoint.exists():
         assert job.poll() is None, "the job ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.02)
-    job.send_signal(signal.SIGTERM)  # what a scheduler sends; torchrun passes it on to the ranks
-    assert job.wait(timeout=60) != 0
+    job.send_signal(signal.SIGTERM)  # what a scheduler sends (torchrun passes it on to every rank)
+    assert job.wait(timeout=60).returncode != 0
     assert not (run_dir / "report.json").exists()
     assert len(metrics(run_dir)) < STEPS["layerwise"]
 

@@ -3,20 +3,20 @@ the path that gathered it whole on every rank after each stage.
 
 One tiny Qwen3-MoE teacher (vocab 2,048 and expert FFN 512, so the embeddings, LM head and experts are above
 DeepSpeed's parameter persistence threshold and really partitioned), stage 1 + stage 2 + evaluations + held-out
-suite + converted checkpoint, run by tests/helpers/zero3_handoff.py under torchrun (gloo, CPU) in both modes,
-with 1 and 2 processes. Same values through the same arithmetic: every loss, metric and written tensor is
-compared for exact equality (files byte for byte), not closeness.
+suite + converted checkpoint, run by tests/helpers/zero3_handoff.py as ranks with torchrun's environment (gloo,
+CPU; forked by tests/helpers/cli_runner.py) in both modes, with 1 and 2 processes. Same values through the
+same arithmetic: every loss, metric and written tensor is compared for exact equality (files byte for byte),
+not closeness.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
+from tests.helpers.cli_runner import run_cli
 from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -38,9 +38,9 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["world1", "world2"])
 def runs(request, teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp(f"handoff_world{request.param}")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(request.param), "-m", "tests.helpers.zero3_handoff", str(teacher), str(out)],
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    # torchrun's environment for each rank, the ranks forked from a preloaded interpreter (tests/helpers/cli_runner.py)
+    proc = run_cli([str(teacher), str(out)], module="tests.helpers.zero3_handoff", world=request.param,
+                   timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"gathered": out / "gathered", "partitioned": out / "partitioned"}
 

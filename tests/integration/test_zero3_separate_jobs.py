@@ -4,7 +4,8 @@ its teacher: `ascend-edit eval` and `ascend-edit export` run as separate jobs, a
 
 One tiny Qwen3-MoE teacher (vocab 2,048 and expert FFN 512: embeddings, LM head and experts above DeepSpeed's
 persistence threshold) and one converted model of it (MLA in every layer), run by tests/helpers/
-zero3_separate_jobs.py and zero3_stage2_only.py under torchrun (gloo, CPU) with 1 and 2 processes. Same values
+zero3_separate_jobs.py and zero3_stage2_only.py as 1 and 2 ranks (gloo, CPU; torchrun's environment, forked
+by tests/helpers/cli_runner.py). Same values
 through the same arithmetic, so everything is compared for exact equality (tolerance 0; files byte for byte).
 """
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,9 +53,9 @@ def converted(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def torchrun(world: int, helper: str, *args: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(world), "-m", helper, *map(str, args)],
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    """`torchrun --nproc_per_node WORLD -m HELPER ARGS`, as ranks forked from a preloaded interpreter with the
+    environment torchrun gives them (tests/helpers/cli_runner.py)."""
+    proc = run_cli(list(map(str, args)), module=helper, world=world, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 

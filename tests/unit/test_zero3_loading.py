@@ -1,18 +1,17 @@
 """The teacher loaded ZeRO-3 partitioned (models/zero3.py): no parameter is resident after the load, calibration
 and per-layer surgery gather one module at a time, and the converted result equals the whole-model conversion.
 
-A tiny Qwen3-MoE checkpoint, DeepSpeed on the CPU with one gloo process, in a subprocess (DeepSpeed keeps
-process-wide state): tests/helpers/zero3_conversion.py.
+A tiny Qwen3-MoE checkpoint, DeepSpeed on the CPU with one gloo process, in a child process (DeepSpeed keeps
+process-wide state; forked from a preloaded interpreter, tests/helpers/cli_runner.py): tests/helpers/zero3_conversion.py.
 """
 from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli_runner import run_cli
 from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 pytest.importorskip("deepspeed")
@@ -27,8 +26,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("moe_teacher"), arch="qwen3_moe")
-    run = subprocess.run([sys.executable, "-m", "tests.helpers.zero3_conversion", str(checkpoint), str(free_port())],
-                         capture_output=True, text=True, timeout=600)
+    run = run_cli([str(checkpoint), str(free_port())], module="tests.helpers.zero3_conversion", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
