@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -11,6 +9,7 @@ from omegaconf import OmegaConf
 
 from ascend_edit.cli import shared_run_dir_override
 from ascend_edit.run_dir import make_unique_run_dir, register_run_dir_resolver
+from tests.helpers.cli_runner import start
 
 FROZEN = datetime(2026, 12, 1, 9, 30, 15, 123456)
 
@@ -43,13 +42,11 @@ def test_resolver_resolves_once_per_config(tmp_path):
 
 
 def test_two_runs_started_together_get_two_directories(tmp_path):
-    command = [sys.executable, "-m", "ascend_edit.cli", "inspect", "model=qwen3_tiny", "target=gate_swa",
-               "target.gate_swa.window=16", "eval.context=64"]
-    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    args = ["inspect", "model=qwen3_tiny", "target=gate_swa", "target.gate_swa.window=16", "eval.context=64"]
+    jobs = [start(args, cwd=tmp_path) for _ in range(2)]  # forked together: the same second, as a race needs
+    for job in jobs:
+        done = job.wait(timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
     runs = sorted((tmp_path / "runs").glob("*/*"))
     assert len(runs) == 2, runs
     for run in runs:  # Hydra's layout, each with its own config
