@@ -131,23 +131,31 @@ class ForkedJob:
                 os.kill(child.pid, signum)
 
     def wait(self, timeout: float) -> subprocess.CompletedProcess:
-        """Wait for every process (a failed rank gives the others a grace period, then they are killed);
-        stdout and stderr are the processes' outputs in rank order."""
+        """Wait for every process; stdout and stderr are the processes' outputs in rank order. Once a rank has
+        failed the others get a grace period and are then killed (the job's status is the failed rank's);
+        past ``timeout`` every process is killed and ``TimeoutExpired`` raised."""
         deadline = time.monotonic() + timeout
-        while any(child.is_alive() for child in self._children):
-            remaining = deadline - time.monotonic()
+        stop_at, failed_status = deadline, None
+        while alive := [child for child in self._children if child.is_alive()]:
+            remaining = stop_at - time.monotonic()
             if remaining <= 0:
-                self._kill()
-                raise subprocess.TimeoutExpired(self._program.label(), timeout)
-            wait_for_any([child.sentinel for child in self._children if child.is_alive()], timeout=remaining)
-            if any(child.exitcode not in (None, 0) for child in self._children):
-                deadline = min(deadline, time.monotonic() + _FAILED_RANK_GRACE_S)
+                if failed_status is None:
+                    self._kill()
+                    raise subprocess.TimeoutExpired(self._program.label(), timeout)
+                self.send_signal(signal.SIGKILL)
+                break
+            wait_for_any([child.sentinel for child in alive], timeout=remaining)
+            failed = [child.exitcode for child in self._children if child.exitcode not in (None, 0)]
+            if failed_status is None and failed:
+                failed_status = failed[0]
+                stop_at = min(deadline, time.monotonic() + _FAILED_RANK_GRACE_S)
         for child in self._children:
             child.join()
         outputs = [[Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in pair]
                    for pair in self._outputs]
         self._scratch.cleanup()
-        return subprocess.CompletedProcess(self._program.label(), self._status(),
+        status = self._status() if failed_status is None else failed_status
+        return subprocess.CompletedProcess(self._program.label(), status,
                                            "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
 
     def _kill(self) -> None:
