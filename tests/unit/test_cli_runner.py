@@ -2,6 +2,7 @@
 what a real process would: exit codes, tracebacks, each rank's output and environment, a failed rank's status."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -12,8 +13,10 @@ PROBE = "tests.helpers.rank_probe"
 
 
 def test_exit_code_and_output_of_one_process():
-    done = cli_runner.run_cli(["exit", "3"], module=PROBE, timeout=120)
-    assert done.returncode == 3 and done.stdout == "rank - of -\n"  # no launcher environment
+    # An in-process DeepSpeed test may have left RANK / WORLD_SIZE in this process's environment.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    done = cli_runner.run_cli(["exit", "3"], module=PROBE, env=env, timeout=120)
+    assert done.returncode == 3 and done.stdout == "rank - of -\n"  # no launcher environment added
 
 
 def test_an_escaping_exception_prints_its_traceback_and_exits_1():
