@@ -135,16 +135,13 @@ class ForkedJob:
         failed the others get a grace period and are then killed (the job's status is the failed rank's);
         past ``timeout`` every process is killed and ``TimeoutExpired`` raised."""
         deadline = time.monotonic() + timeout
-        stop_at, failed_status = deadline, None
+        stop_at, failed_status, timed_out = deadline, None, False
         while alive := [child for child in self._children if child.is_alive()]:
-            remaining = stop_at - time.monotonic()
-            if remaining <= 0:
-                if failed_status is None:
-                    self._kill()
-                    raise subprocess.TimeoutExpired(self._program.label(), timeout)
+            if stop_at <= time.monotonic():
                 self.send_signal(signal.SIGKILL)
+                timed_out = failed_status is None
                 break
-            wait_for_any([child.sentinel for child in alive], timeout=remaining)
+            wait_for_any([child.sentinel for child in alive], timeout=stop_at - time.monotonic())
             failed = [child.exitcode for child in self._children if child.exitcode not in (None, 0)]
             if failed_status is None and failed:
                 failed_status = failed[0]
@@ -154,18 +151,15 @@ class ForkedJob:
         outputs = [[Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in pair]
                    for pair in self._outputs]
         self._scratch.cleanup()
+        if timed_out:
+            raise subprocess.TimeoutExpired(self._program.label(), timeout)
         status = self._status() if failed_status is None else failed_status
         return subprocess.CompletedProcess(self._program.label(), status,
                                            "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
 
-    def _kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-        for child in self._children:
-            child.join()
-        self._scratch.cleanup()
 
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (a rendezvous port for a test's ranks)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -180,7 +174,7 @@ def start(args: Sequence[str], *, module: str | None = None, world: int | None =
     if world is None:
         envs = [base]
     else:
-        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
                       "LOCAL_WORLD_SIZE": str(world)}
         envs = [{**base, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(world)]
     return ForkedJob(_Program(tuple(args), module), envs, str(cwd or os.getcwd()))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from ascend_edit.distributed import (
     init_process_group,
     is_main_process,
 )
+from tests.helpers.cli_runner import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -225,18 +225,12 @@ def test_torchrun_two_processes_all_reduce(tmp_path):
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_msrun_env_reaches_env_init_through_the_exports(tmp_path):
     """Two processes with only msrun's variables: init works because discover + export fill env://."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(tmp_path)],

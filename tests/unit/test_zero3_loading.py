@@ -7,20 +7,13 @@ process-wide state; forked from a preloaded interpreter, tests/helpers/cli_runne
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
-from tests.helpers.cli_runner import run_cli
+from tests.helpers.cli_runner import free_port, run_cli
 from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
 
 pytest.importorskip("deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
