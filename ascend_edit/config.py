@@ -147,6 +147,15 @@ class MLAConfig:
     # (tr C / d) I (a = 1: plain weight SVD) or diagonal = diag(C). docs/results.md has the sweep.
     whitening_shrinkage: float = 0.0
     whitening_shrinkage_toward: str = "identity"  # identity: (tr C / d) I | diagonal: diag(C)
+    # Which of the teacher's rotary frequencies the shared RoPE key carries (attention/init.py
+    # `choose_rope_frequencies`): highest = the r/2 highest, one direction across KV heads each (exports as
+    # native deepseek_v3); measured = the r/2 (frequency, direction) components of the largest measured
+    # score contribution, weighted by how far each turns over `rope_selection_context` tokens (null: not
+    # weighted). Chosen per layer on calibration data and stored in the plan.
+    rope_selection: str = "highest"
+    rope_selection_context: Optional[int] = 2048
+    # This layer's chosen frequencies (set from the plan; null: the r/2 highest).
+    rope_frequencies: Optional[list[int]] = None
 
     def __post_init__(self):
         for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
@@ -159,6 +168,12 @@ class MLAConfig:
             raise ConfigError(f"target.mla.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
                               "teacher's KV bytes per token) or null")
         _choice("target.mla.allocation", self.allocation, ("spectrum", "uniform", "sensitivity"))
+        _choice("target.mla.rope_selection", self.rope_selection, ("highest", "measured"))
+        if self.rope_selection_context is not None:
+            _positive("target.mla.rope_selection_context", self.rope_selection_context)
+        if self.rope_frequencies is not None and len(self.rope_frequencies) != self.qk_rope_head_dim // 2:
+            raise ConfigError(f"target.mla.rope_frequencies lists {len(self.rope_frequencies)} frequencies for "
+                              f"qk_rope_head_dim={self.qk_rope_head_dim} ({self.qk_rope_head_dim // 2} rotary pairs)")
         _positive("target.mla.rank_multiple", self.rank_multiple)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"target.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")

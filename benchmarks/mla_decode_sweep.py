@@ -141,8 +141,25 @@ PIPELINE_CONFIGS: tuple[DecodeConfig, ...] = (
 )
 # 16 splits would compile every kernel twice (a count divisible by 16 is a separate specialisation)
 PIPELINE_SPLITS: tuple[int | None, ...] = (None, 4, 8, 12)
+# --set lazy: the accumulator rescaled only when a row's running max grows by more than 2^8 (a [32, 512]
+# fp32 multiply per tile in every program otherwise), on the shipped tiling and two neighbours.
+LAZY_CONFIGS: tuple[DecodeConfig, ...] = (
+    mla_decode.DEFAULT_CONFIG,
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, lazy_rescale=True),
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, lazy_rescale=True),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=3, lazy_rescale=True),
+)
+LAZY_SPLITS: tuple[int | None, ...] = (None, 8)
+# --set pdl: the combine launched as a programmatic dependent launch of the split pass (queued while it runs)
+PDL_CONFIGS: tuple[DecodeConfig, ...] = (
+    mla_decode.DEFAULT_CONFIG,
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pdl=True),
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pdl=True, lazy_rescale=True),
+)
+PDL_SPLITS: tuple[int | None, ...] = (8, 12, 16)
 CONFIG_SETS = {"full": (KERNEL_CONFIGS, SPLITS), "refine": (REFINE_CONFIGS, REFINE_SPLITS),
-               "pipeline": (PIPELINE_CONFIGS, PIPELINE_SPLITS)}  # fmt: skip
+               "pipeline": (PIPELINE_CONFIGS, PIPELINE_SPLITS), "lazy": (LAZY_CONFIGS, LAZY_SPLITS),
+               "pdl": (PDL_CONFIGS, PDL_SPLITS)}  # fmt: skip
 
 
 @dataclasses.dataclass

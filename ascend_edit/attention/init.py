@@ -14,6 +14,8 @@ Warm starts:
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict, cast
 
@@ -99,25 +101,13 @@ def init_mla_from_teacher(target: MLAAttention, teacher: nn.Module, geometry: At
     H, G, d = g.num_heads, g.num_kv_heads, g.head_dim
     r, n, v, c = target.qk_rope_head_dim, target.qk_nope_head_dim, target.v_head_dim, target.kv_lora_rank
     D = g.hidden_size
-    maps = _linear_maps(teacher, g, stats, target.scaling, r, whitening_shrinkage, shrink_toward)
+    maps = _linear_maps(teacher, g, stats, target.scaling, rope_frequencies(target), whitening_shrinkage,
+                        shrink_toward)
     f64, cov, cov_half = maps.f64, maps.cov, maps.cov_half
-    wq, wk, bk = maps.wq, maps.wk, maps.bk
-    rope_idx, group_of_head = maps.rope_idx, maps.group_of_head
+    group_of_head = maps.group_of_head
 
-    # --- shared RoPE key: per rotary dim pair, the principal direction across the G KV heads ---
-    k_rope_rows = wk[:, rope_idx]  # [G, r, D]
-    half = r // 2
-    head_weight = torch.empty(half, G, **f64)
-    for i in range(half):
-        # dims i and i + r/2 rotate together, so a head's weight must be shared by both: [G, 2D]
-        whitened = torch.cat([k_rope_rows[:, i] @ cov_half, k_rope_rows[:, i + half] @ cov_half], dim=-1)
-        u, _, _ = torch.linalg.svd(whitened, full_matrices=False)
-        head_weight[i] = u[:, 0] * torch.sign(u[:, 0].sum() + 1e-30)
-    weight_per_dim = torch.cat([head_weight, head_weight])  # [r, G]
-    shared_k_rope = torch.einsum("rg,grD->rD", weight_per_dim, k_rope_rows)
-    shared_k_rope_bias = torch.einsum("rg,gr->r", weight_per_dim, bk[:, rope_idx])
-    # k_g ≈ weight[g] * shared key, so head h's query absorbs its group's weight.
-    q_rope = wq[:, rope_idx] * weight_per_dim.T[group_of_head][:, :, None]  # [H, r, D]
+    # --- shared RoPE key: per rotary pair, a principal direction across the G KV heads ---
+    shared_k_rope, shared_k_rope_bias, q_rope = _shared_rope_key(maps, rope_frequencies(target))
 
     # --- position-free part: per KV head, fit n key dims and v value dims, then a joint SVD ---
     rows, q_nope, out_maps = _position_free_rows(maps, n, v)
@@ -182,13 +172,12 @@ class _LinearMaps:
     wv: torch.Tensor  # [G, d, D]
     bk: torch.Tensor  # [G, d]
     bv: torch.Tensor  # [G, d]
-    rope_idx: torch.Tensor
     nope_idx: torch.Tensor
     group_of_head: torch.Tensor  # [H]
 
 
 def _linear_maps(teacher: nn.Module, g: AttentionGeometry, stats: LayerStats | None, target_scaling: float,
-                 rope_dim: int, whitening_shrinkage: float = 0.0, shrink_toward: str = "identity") -> _LinearMaps:
+                 frequencies: Sequence[int], whitening_shrinkage: float = 0.0, shrink_toward: str = "identity") -> _LinearMaps:
     H, G, d, D = g.num_heads, g.num_kv_heads, g.head_dim, g.hidden_size
     # Work on the weights' device (SVDs of real-size layers are far faster on an accelerator).
     q_proj, k_proj, v_proj = (_projection(teacher, name) for name in ("q_proj", "k_proj", "v_proj"))
@@ -207,11 +196,88 @@ def _linear_maps(teacher: nn.Module, g: AttentionGeometry, stats: LayerStats | N
         q_scale = teacher.get_parameter("q_norm.weight").to(**f64) / (stats.q_rms if stats else 1.0)
         k_scale = teacher.get_parameter("k_norm.weight").to(**f64) / (stats.k_rms if stats else 1.0)
         wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
-    rope_idx, nope_idx = (idx.to(f64["device"]) for idx in rope_dims(d, rope_dim))
+    nope_idx = rope_dims(d, frequencies)[1].to(f64["device"])
     group_of_head = torch.arange(H, device=f64["device"]) // (H // G)
     # MLA's softmax scale differs from the teacher's; fold the ratio into the query.
     wq = wq * (g.scaling / target_scaling)
-    return _LinearMaps(f64, cov, cov_half, wq, wk, wv, bk, bv, rope_idx, nope_idx, group_of_head)
+    return _LinearMaps(f64, cov, cov_half, wq, wk, wv, bk, bv, nope_idx, group_of_head)
+
+
+def rope_frequencies(target: MLAAttention) -> list[int]:
+    """The teacher frequency index of each of the target's rotary pairs (default: the r/2 highest)."""
+    chosen = target.rope_frequencies
+    return list(chosen) if chosen is not None else list(range(target.qk_rope_head_dim // 2))
+
+
+def _frequency_directions(maps: _LinearMaps, freq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The principal directions across KV heads of one teacher frequency's whitened key dims (both dims of
+    the pair rotate together, so a head's weight is shared by them): columns of u [G, G], and their
+    singular values. Signs are fixed so that each direction's weights sum to >= 0."""
+    half_d = maps.wk.shape[1] // 2
+    whitened = torch.cat([maps.wk[:, freq] @ maps.cov_half, maps.wk[:, freq + half_d] @ maps.cov_half], dim=-1)
+    u, s, _ = torch.linalg.svd(whitened, full_matrices=False)  # [G, 2D]
+    return u * torch.sign(u.sum(dim=0) + 1e-30), s
+
+
+def _shared_rope_key(maps: _LinearMaps, frequencies: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared RoPE key's rows [r, D] and bias [r], and every query head's rotary rows [H, r, D].
+
+    Pair j rotates at teacher frequency i = frequencies[j] and carries the k-th principal direction across the
+    KV heads of that frequency, k = how many earlier pairs took i: k_g ≈ Σ_k weight_k[g] * pair_k, so head h's
+    query absorbs its group's weight. A frequency taken as many times as there are KV heads is exact."""
+    G, half_d = maps.wk.shape[0], maps.wk.shape[1] // 2
+    taken: Counter[int] = Counter()
+    weights = []
+    for freq in frequencies:
+        u, _ = _frequency_directions(maps, freq)
+        if taken[freq] >= G:
+            raise ValueError(f"rotary frequency {freq} is listed {taken[freq] + 1} times; {G} KV heads give at most "
+                             f"{G} directions")
+        weights.append(u[:, taken[freq]])
+        taken[freq] += 1
+    head_weight = torch.stack(weights)  # [r/2, G]
+    weight_per_dim = torch.cat([head_weight, head_weight])  # [r, G]
+    index = torch.as_tensor(frequencies, device=maps.wk.device)
+    rope_idx = torch.cat([index, index + half_d])
+    k_rope_rows = maps.wk[:, rope_idx]  # [G, r, D]
+    shared = torch.einsum("rg,grD->rD", weight_per_dim, k_rope_rows)
+    bias = torch.einsum("rg,gr->r", weight_per_dim, maps.bk[:, rope_idx])
+    q_rope = maps.wq[:, rope_idx] * weight_per_dim.T[maps.group_of_head][:, :, None]  # [H, r, D]
+    return shared, bias, q_rope
+
+
+@torch.no_grad()
+def choose_rope_frequencies(teacher: nn.Module, geometry: AttentionGeometry, stats: LayerStats | None, cfg,
+                            inv_freq: torch.Tensor, context: int | None) -> list[int]:
+    """The r/2 (frequency, direction across KV heads) components of the teacher's rotary keys that the shared
+    RoPE key should carry, by measured contribution to the attention scores; returns their frequencies
+    (sorted; a frequency twice = its two leading directions).
+
+    Score of component k of frequency i: its whitened key energy s_k times the query energy that reads it
+    (Σ_h |u_k[g(h)]| · RMS of head h's query at i), both from the calibration covariance. With `context`, times
+    the error of leaving it position-free instead: 1 - sinc(θ_i · context), the mean of 1 - cos(Δ θ_i) over
+    distances Δ uniform in [0, context] (≈ 0 for frequencies that barely turn over the context, ≈ 1 for
+    fast ones). Components not chosen go to the position-free part (whole frequencies) or are dropped (the
+    other directions of a chosen frequency), as with the default choice."""
+    scaling = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    maps = _linear_maps(teacher, geometry, stats, scaling, [], cfg.whitening_shrinkage,
+                        cfg.whitening_shrinkage_toward)
+    half_d = geometry.head_dim // 2
+    theta = inv_freq.to(maps.f64["dtype"]).cpu()
+    scored = []
+    for freq in range(half_d):
+        u, s = _frequency_directions(maps, freq)
+        q_rows = torch.cat([maps.wq[:, freq] @ maps.cov_half, maps.wq[:, freq + half_d] @ maps.cov_half], dim=-1)
+        q_rms = q_rows.norm(dim=-1)  # [H]
+        turn = 1.0
+        if context:
+            angle = float(theta[freq]) * context
+            turn = 1.0 - math.sin(angle) / angle if angle > 0 else 0.0
+        for k in range(u.shape[1]):
+            read = float((u[:, k].abs()[maps.group_of_head] * q_rms).sum())
+            scored.append((float(s[k]) * read * turn, freq, k))
+    scored.sort(key=lambda item: -item[0])
+    return sorted(freq for _, freq, _ in scored[: cfg.qk_rope_head_dim // 2])
 
 
 def _position_free_rows(maps: _LinearMaps, n: int, v: int) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -245,7 +311,8 @@ def _position_free_rows(maps: _LinearMaps, n: int, v: int) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def latent_spectrum(teacher: nn.Module, geometry: AttentionGeometry, stats: LayerStats | None, cfg) -> torch.Tensor:
+def latent_spectrum(teacher: nn.Module, geometry: AttentionGeometry, stats: LayerStats | None, cfg,
+                    frequencies: Sequence[int] | None = None) -> torch.Tensor:
     """Singular values of the whitened keys and values an MLA latent of this shape must carry (descending).
 
     Keeping the first c of them is what the warm start does with `kv_lora_rank=c`; the squared values
@@ -253,8 +320,8 @@ def latent_spectrum(teacher: nn.Module, geometry: AttentionGeometry, stats: Laye
     budget across layers). `cfg` is the MLA config (rope, nope and value dims are read from it).
     """
     scaling = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-    maps = _linear_maps(teacher, geometry, stats, scaling, cfg.qk_rope_head_dim, cfg.whitening_shrinkage,
-                        cfg.whitening_shrinkage_toward)
+    maps = _linear_maps(teacher, geometry, stats, scaling, frequencies or cfg.qk_rope_head_dim,
+                        cfg.whitening_shrinkage, cfg.whitening_shrinkage_toward)
     rows, _, _ = _position_free_rows(maps, cfg.qk_nope_head_dim, cfg.v_head_dim)
     return torch.linalg.svdvals(rows[:, : geometry.hidden_size] @ maps.cov_half)
 

@@ -31,7 +31,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNo
 from ascend_edit.attention.geometry import AttentionGeometry
 from ascend_edit.attention.interface import attention_function
 from ascend_edit.attention.masks import as_bool_mask
-from ascend_edit.attention.rope import apply_rope, leading_rope
+from ascend_edit.attention.rope import apply_rope, leading_rope, select_rope
 from ascend_edit.config import MLAConfig
 from ascend_edit.kernels.masks import TensorKeyedCache
 from ascend_edit.kernels.registry import MLA_ABSORBED_ATTENTION, SLIDING_WINDOW_ATTENTION, resolve
@@ -42,7 +42,7 @@ PATHS = ("auto", "naive", "absorbed")
 class MLAAttention(nn.Module):
     def __init__(self, geometry: AttentionGeometry, cfg: MLAConfig, config=None):
         super().__init__()
-        if cfg.qk_rope_head_dim > geometry.head_dim:
+        if cfg.qk_rope_head_dim > geometry.head_dim and not getattr(cfg, "rope_frequencies", None):
             raise ValueError(
                 f"layer {geometry.layer_idx}: qk_rope_head_dim={cfg.qk_rope_head_dim} exceeds the teacher "
                 f"head_dim={geometry.head_dim} (the rotary part reuses the teacher's highest frequencies)"
@@ -52,6 +52,16 @@ class MLAAttention(nn.Module):
         self.num_heads = geometry.num_heads
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        # Teacher frequency of each rotary pair (target.mla.rope_selection=measured); None: the r/2 highest.
+        # A plain tuple, not a buffer: checkpoints and exports carry it in their plan / config, and a buffer
+        # would come back uninitialised from a meta-device build. Its index tensor is made once per device.
+        chosen = getattr(cfg, "rope_frequencies", None)
+        self.rope_frequencies: tuple[int, ...] | None = tuple(chosen) if chosen else None
+        self._rope_index: dict[torch.device, torch.Tensor] = {}
+        if self.rope_frequencies is not None and (len(self.rope_frequencies) * 2 != cfg.qk_rope_head_dim
+                                                  or not all(0 <= f < geometry.head_dim // 2 for f in self.rope_frequencies)):
+            raise ValueError(f"layer {geometry.layer_idx}: rope_frequencies {list(self.rope_frequencies)} do not give "
+                             f"{cfg.qk_rope_head_dim // 2} pairs among the teacher's {geometry.head_dim // 2} frequencies")
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
         self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.v_head_dim = cfg.v_head_dim
@@ -105,8 +115,11 @@ class MLAAttention(nn.Module):
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         latent, k_rope = self.compress_kv(hidden_states)
 
-        cos, sin = _per_forward(position_embeddings, ("rope", self.qk_rope_head_dim),
-                                lambda: leading_rope(*position_embeddings, self.qk_rope_head_dim))
+        if self.rope_frequencies is None:
+            cos, sin = _per_forward(position_embeddings, ("rope", self.qk_rope_head_dim),
+                                    lambda: leading_rope(*position_embeddings, self.qk_rope_head_dim))
+        else:  # layers choose their own frequencies: a gather of [b, s, r] each, not shared
+            cos, sin = select_rope(*position_embeddings, self._rope_index_on(position_embeddings[0].device))
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope, cos, sin)
         # Cache slot (= index in the stream of tokens fed) of each query: an int for dynamic caches, a
@@ -125,6 +138,13 @@ class MLAAttention(nn.Module):
         else:
             out = self.naive_attention(q_nope, q_rope, latent, k_rope, attention_mask)
         return self.o_proj(out.reshape(b, s, -1)), None
+
+    def _rope_index_on(self, device: torch.device) -> torch.Tensor:
+        index = self._rope_index.get(device)
+        if index is None:
+            assert self.rope_frequencies is not None, "only layers with chosen frequencies gather them"
+            index = self._rope_index[device] = torch.tensor(self.rope_frequencies, dtype=torch.long, device=device)
+        return index
 
     def _kernel(self, device_type: str, needs_grad: bool):
         """The registry's absorbed-attention kernel, resolved once per (backend, device, grad) and kept: a

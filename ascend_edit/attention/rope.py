@@ -45,9 +45,20 @@ def leading_rope(cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> tuple[t
     return torch.cat((half_c, half_c), dim=-1), torch.cat((half_s, half_s), dim=-1)
 
 
-def rope_dims(head_dim: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher head dims feeding the MLA rotary part (in MLA's order) and the rest (the nope part)."""
-    kept = torch.arange(rope_dim // 2)
+def select_rope(cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for a rotary part whose pair j rotates at the teacher's frequency `index[j]` (any subset,
+    repeats allowed: a frequency can carry two directions across KV heads). `index` is a device tensor."""
+    c, s = cos.index_select(-1, index), sin.index_select(-1, index)
+    return torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1)
+
+
+def rope_dims(head_dim: int, frequencies) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher head dims feeding the MLA rotary part (in MLA's order) and the rest (the nope part).
+
+    `frequencies`: the teacher frequency index of each MLA rotary pair (an int r means the r/2 highest
+    frequencies, `leading_rope`'s choice). A frequency listed twice feeds two pairs; the nope part is the
+    dims of the frequencies not listed."""
+    kept = torch.arange(frequencies // 2) if isinstance(frequencies, int) else torch.as_tensor(list(frequencies), dtype=torch.long)
     rope = torch.cat([kept, kept + head_dim // 2])
     mask = torch.ones(head_dim, dtype=torch.bool)
     mask[rope] = False

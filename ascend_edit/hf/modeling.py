@@ -11,6 +11,7 @@ carries the per-layer plan:
 
 Budget-aware plans add per-layer lists: "kv_lora_ranks" (MLA latent ranks) and "gate_swa_windows" (GateSWA
 windows, 0 for a full layer, null for a layer that is not GateSWA); "gate_swa"."window" is then the largest.
+Measured rotary choices add "rope_frequencies" (per layer, the teacher frequency of each rotary pair).
 
 Exported checkpoints do not import this module from the package: `ascend_edit.hf.bundle` copies it,
 with every package module it needs, into the checkpoint as `ascend_edit_*.py` files whose imports are
@@ -74,6 +75,8 @@ def install_converted_attention(model: nn.Module, config) -> None:
             fields = dict(spec["mla"])
             if spec.get("kv_lora_ranks"):  # budget-aware: each layer its own latent rank
                 fields["kv_lora_rank"] = spec["kv_lora_ranks"][idx]
+            if spec.get("rope_frequencies"):  # measured rotary frequencies, per layer (None: the r/2 highest)
+                fields["rope_frequencies"] = spec["rope_frequencies"][idx]
             mla = SimpleNamespace(**fields)
         elif kind in ("swa", "full"):
             fields = dict(spec["gate_swa"])

@@ -190,15 +190,18 @@ def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[
     `measured` ({layer: {rank: KL}}, models/sensitivity.py) is needed by `allocation=sensitivity` only;
     `sensitivity_allocation` measures it and calls this.
     """
-    from ascend_edit.models.surgery import decoder_layers
+    from ascend_edit.models.surgery import decoder_layers, rope_frequency_choice
 
     blocks = decoder_layers(model)
     attns = {i: cast(nn.Module, blocks[i].self_attn) for i in layers}
+    # The nope part (what the latent compresses) is the dims of the frequencies the RoPE key does not keep.
+    frequencies = (rope_frequency_choice(model, layers, stats, mla_cfg)
+                   if mla_cfg.rope_selection == "measured" else {})
     geometries = {i: read_geometry(attns[i], model.config) for i in layers}
     widths = {i: teacher_kv_width(g) for i, g in geometries.items()}
     rope = mla_cfg.qk_rope_head_dim
     total = budget_latent_dims(mla_cfg.kv_budget, list(widths.values()), rope, mla_cfg.rank_multiple)
-    spectra = {i: latent_spectrum(attns[i], geometries[i], (stats or {}).get(i), mla_cfg).cpu()
+    spectra = {i: latent_spectrum(attns[i], geometries[i], (stats or {}).get(i), mla_cfg, frequencies.get(i)).cpu()
                for i in layers}
     # A latent wider than the keys and values it compresses adds nothing, and none may cache more
     # than the teacher did.

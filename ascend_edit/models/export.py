@@ -106,6 +106,10 @@ def conversion_spec(model: nn.Module) -> dict:
         spec["mla"] = dict(zip(keys, (max(r for r in ranks if r is not None), *mla.pop())))
         if len({r for r in ranks if r is not None}) > 1:
             spec["kv_lora_ranks"] = ranks  # per layer (None where not MLA); hf/modeling.py reads it
+        frequencies = [list(a.rope_frequencies) if isinstance(a, MLAAttention) and a.rope_frequencies is not None
+                       else None for a in attns]
+        if any(f is not None for f in frequencies):
+            spec["rope_frequencies"] = frequencies  # per layer (None: the r/2 highest); hf/modeling.py reads it
     if gates:
         (sink_tokens, gate), window = gates.pop(), max(swa, default=0)
         spec["gate_swa"] = {"window": window, "sink_tokens": sink_tokens, "gate": gate}
@@ -196,6 +200,9 @@ def _deepseek_v3_blockers(model: PreTrainedModel, spec: dict) -> list[str]:
         reasons.append("target.mla.latent_norm=false: deepseek_v3 always applies an RMSNorm to the latent")
     if "kv_lora_ranks" in spec:
         reasons.append("budget-aware latent ranks differ per layer; deepseek_v3 has one kv_lora_rank for all layers")
+    if "rope_frequencies" in spec:
+        reasons.append("the rotary frequencies were chosen per layer (target.mla.rope_selection=measured); "
+                       "deepseek_v3 rotates at the r/2 highest")
     attns = [_converted_attention(layer) for layer in decoder_layers(model)]
     mla = next(a for a in attns if isinstance(a, MLAAttention))
     norms = [m for m in (getattr(mla, "kv_a_layernorm", None), getattr(mla, "q_a_layernorm", None))

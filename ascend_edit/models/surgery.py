@@ -8,18 +8,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from ascend_edit.attention.edited import MODES, EditedAttention
 from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.init import (
     LayerStats,
+    choose_rope_frequencies,
     init_gate_swa_from_teacher,
     init_mla_from_teacher,
     init_random,
@@ -42,6 +44,8 @@ class LayerPlan:
     kind: str  # one of LAYER_KINDS
     kv_lora_rank: int | None = None  # MLA: this layer's latent rank (budget-aware plans); None: the config's
     window: int | None = None  # GateSWA "swa": this layer's window (per-layer budget plans); None: the config's
+    # MLA: the teacher frequency of each rotary pair (target.mla.rope_selection=measured); None: the r/2 highest
+    rope_frequencies: tuple[int, ...] | None = None
 
     @property
     def converted(self) -> bool:
@@ -50,21 +54,26 @@ class LayerPlan:
 
 def plan_entries(plan: Iterable[LayerPlan]) -> list[list]:
     """The plan as JSON: [layer, kind], plus the layer's latent rank where a budget chose it, plus (after the
-    rank or null) the layer's window where a budget chose it; entries without them are written as before."""
+    rank or null) the layer's window where a budget chose it, plus (after those or nulls) the layer's rotary
+    frequencies where they were measured; entries without them are written as before."""
     entries = []
     for e in plan:
         entry: list = [e.layer_idx, e.kind]
-        if e.kv_lora_rank is not None or e.window is not None:
-            entry.append(e.kv_lora_rank)
-        if e.window is not None:
-            entry.append(e.window)
-        entries.append(entry)
+        extras = [e.kv_lora_rank, e.window, list(e.rope_frequencies) if e.rope_frequencies is not None else None]
+        while extras and extras[-1] is None:
+            extras.pop()
+        entries.append(entry + extras)
     return entries
 
 
 def plan_from_entries(entries: Iterable[list]) -> list[LayerPlan]:
     """The plan `plan_entries` wrote."""
-    return [LayerPlan(*entry) for entry in entries]
+    plan = []
+    for entry in entries:
+        if len(entry) > 4 and entry[4] is not None:
+            entry = [*entry[:4], tuple(entry[4])]
+        plan.append(LayerPlan(*entry))
+    return plan
 
 
 def plan_with_windows(plan: list[LayerPlan], windows: dict[int, int]) -> list[LayerPlan]:
@@ -141,6 +150,8 @@ def make_target(entry: LayerPlan, teacher_attn: nn.Module, cfg: TargetConfig, mo
         target = copy.deepcopy(teacher_attn)
     else:
         mla = cfg.mla if entry.kv_lora_rank is None else dataclasses.replace(cfg.mla, kv_lora_rank=entry.kv_lora_rank)
+        if entry.rope_frequencies is not None:
+            mla = dataclasses.replace(mla, rope_frequencies=list(entry.rope_frequencies))
         # A budgeted window is the layer's own; the config's `window` serves the others.
         swa = cfg.gate_swa if entry.window is None else dataclasses.replace(cfg.gate_swa, window=entry.window)
         # A shape-only (meta) teacher gets shape-only targets: built on the CPU, nn.Linear's own init of an
@@ -179,6 +190,11 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
     and warm-started (a ZeRO-3 partitioned teacher: models/zero3.py `gathered`)."""
     layers = decoder_layers(model)
     validate_plan(plan, len(layers))
+    if cfg.kind == "mla" and cfg.mla.rope_selection == "measured" and all(e.rope_frequencies is None for e in plan):
+        chosen = rope_frequency_choice(model, [e.layer_idx for e in plan if e.kind == "mla"], stats, cfg.mla, gather)
+        plan = [dataclasses.replace(e, rope_frequencies=chosen[e.layer_idx]) if e.layer_idx in chosen else e
+                for e in plan]
+        log.info("rotary frequencies kept per layer (measured): %s", [list(f) for f in chosen.values()])
     if cfg.kind == "mla" and cfg.mla.kv_budget is not None and all(e.kv_lora_rank is None for e in plan):
         from ascend_edit.models.budget import mla_rank_allocation, plan_with_ranks
 
@@ -203,6 +219,34 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
     model.edit_plan = plan  # type: ignore[assignment]
     set_mode(model, "student")
     return model
+
+
+def rope_frequency_choice(model: nn.Module, layers: Iterable[int], stats: Mapping[int, LayerStats] | None, mla_cfg,
+                          gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> dict[int, tuple[int, ...]]:
+    """Per MLA layer, the teacher rotary frequencies its shared RoPE key keeps under
+    `target.mla.rope_selection=measured` (attention/init.py `choose_rope_frequencies`)."""
+    blocks = decoder_layers(model)
+    inv_freq = teacher_inv_freq(model)
+    chosen = {}
+    for idx in layers:
+        attn = cast(nn.Module, blocks[idx].self_attn)
+        with gather(attn) if gather is not None else nullcontext():
+            chosen[idx] = tuple(choose_rope_frequencies(attn, read_geometry(attn, model.config), (stats or {}).get(idx),
+                                                        mla_cfg, inv_freq, mla_cfg.rope_selection_context))
+    return chosen
+
+
+def teacher_inv_freq(model: nn.Module) -> torch.Tensor:
+    """The rotary frequencies (radians per token) of the teacher's head dims' pairs: its rotary module's own
+    (so rope scaling is included), else the plain `rope_theta` ones."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if isinstance(inv_freq, torch.Tensor) and not inv_freq.is_meta:
+        return inv_freq.detach().float().cpu()
+    config = cast(PretrainedConfig, model.config)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
 
 def edited_attentions(model: nn.Module) -> list[EditedAttention]:

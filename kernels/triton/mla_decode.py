@@ -121,12 +121,22 @@ class DecodeConfig:
     # Register cap per thread passed to ptxas (None: up to 255). 128 lets two 8-warp programs share
     # an SM's 64K registers (they otherwise take 255 and run one per SM), at the risk of spills.
     maxnreg: int | None = None
+    # rows only: rescale the accumulator only when a row's running max grows by more than 2^8 (a stale max
+    # is exact after normalisation), instead of on every tile.
+    lazy_rescale: bool = False
+    # rows only: launch the combine as a programmatic dependent launch (sm_90+): it is queued while the
+    # split pass runs and waits on griddepcontrol for its partials, instead of launching after it.
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in ("rows", "keys"):
             raise ValueError(f"DecodeConfig.kernel must be 'rows' or 'keys'; got {self.kernel!r}")
         if self.kernel == "rows" and self.prefetch:
             raise ValueError("DecodeConfig.prefetch applies to kernel='keys' only")
+        if self.kernel != "rows" and (self.lazy_rescale or self.pdl):
+            raise ValueError("DecodeConfig.lazy_rescale and pdl apply to kernel='rows' only")
+        if self.pdl and self.fuse_combine:
+            raise ValueError("DecodeConfig.pdl launches the combine kernel, which fuse_combine removes")
         if self.prefetch and (self.tma or self.fuse_combine):
             raise ValueError("DecodeConfig.prefetch cannot be combined with tma or fuse_combine")
         if self.v_split not in (1, 2) or (self.kernel == "rows" and self.v_split != 1):
@@ -152,6 +162,8 @@ class DecodeConfig:
         vs += " tma" if self.tma else ""
         vs += " fused" if self.fuse_combine else ""
         vs += f" r{self.maxnreg}" if self.maxnreg else ""
+        vs += " lazy" if self.lazy_rescale else ""
+        vs += " pdl" if self.pdl else ""
         return (f"{self.kernel} M{self.block_m} T{self.block_t}{vs} w{self.num_warps} s{self.num_stages} "
                 f"splits={split}")  # fmt: skip
 
@@ -206,9 +218,12 @@ if triton is not None:
         C: tl.constexpr, R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, FUSE_COMBINE: tl.constexpr,
+        LAZY_RESCALE: tl.constexpr = False, RESCALE_LOG2: tl.constexpr = 8.0, LAUNCH_DEPENDENTS: tl.constexpr = False,
     ):  # fmt: skip
         # C and R are compile-time: with C == BLOCK_C the column masks fold away and the latent
         # rows load as 16-byte vectors (a runtime bound would force element-wise loads).
+        if LAUNCH_DEPENDENTS:  # the combine (a programmatic dependent launch) may be scheduled now
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)  # fastest: programs sharing a latent tile run together (L2 reuse)
         pid_split = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -266,12 +281,28 @@ if triton is not None:
             visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
             scores = tl.where(visible, scores, float("-inf"))
 
-            new_max = tl.maximum(run_max, tl.max(scores, 1))
-            rescale = tl.exp2(run_max - new_max)
-            p = tl.exp2(scores - new_max[:, None])
-            run_sum = run_sum * rescale + tl.sum(p, 1)
-            acc = acc * rescale[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=INPUT_PRECISION)
-            run_max = new_max
+            tile_max = tl.max(scores, 1)
+            if LAZY_RESCALE:
+                # Keep a stale running max until some row's max grows past it by RESCALE_LOG2 (p stays below
+                # 2^RESCALE_LOG2: fine in fp32 and bf16), so the [BLOCK_M, C] accumulator is rescaled on the
+                # few tiles that raise it, not on every tile. The result is the same: sums and the stored
+                # max use the same reference.
+                if tl.max(tile_max - run_max, 0) > RESCALE_LOG2:
+                    new_max = tl.maximum(run_max, tile_max)
+                    rescale = tl.exp2(run_max - new_max)
+                    acc = acc * rescale[:, None]
+                    run_sum = run_sum * rescale
+                    run_max = new_max
+                p = tl.exp2(scores - run_max[:, None])
+                run_sum += tl.sum(p, 1)
+                acc = tl.dot(p.to(lat.dtype), lat, acc, input_precision=INPUT_PRECISION)
+            else:
+                new_max = tl.maximum(run_max, tile_max)
+                rescale = tl.exp2(run_max - new_max)
+                p = tl.exp2(scores - new_max[:, None])
+                run_sum = run_sum * rescale + tl.sum(p, 1)
+                acc = acc * rescale[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=INPUT_PRECISION)
+                run_max = new_max
 
         part = (pid_b * M + rows) * NUM_SPLITS + pid_split  # partials: [B, M, NUM_SPLITS(, C)]
         # Partials are stored normalised (acc / sum, bounded like the output) in the partial buffer's
@@ -550,6 +581,7 @@ def _launch(
     block_r = max(16, split_k.next_pow2(r))
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    pdl = config.pdl and q_latent.is_cuda  # griddepcontrol: sm_90 hardware (the interpreter has none)
     if config.maxnreg is not None:
         launch["maxnreg"] = config.maxnreg
     block_c = split_k.next_pow2(c)
@@ -562,7 +594,8 @@ def _launch(
         _mla_decode_rows_kernel[(row_blocks, num_splits, b)](
             *common, lat_desc, k_rope_desc, counter, out, *out.stride(),
             C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=block_c,
-            BLOCK_R=block_r, INPUT_PRECISION=precision, USE_TMA=lat_desc is not None, FUSE_COMBINE=fuse, **launch,
+            BLOCK_R=block_r, INPUT_PRECISION=precision, USE_TMA=lat_desc is not None, FUSE_COMBINE=fuse,
+            LAZY_RESCALE=config.lazy_rescale, LAUNCH_DEPENDENTS=pdl, **launch,
         )  # fmt: skip
         if fuse:
             return out
@@ -583,6 +616,8 @@ def _launch(
         C=c,
         BLOCK_S=split_k.next_pow2(num_splits),
         BLOCK_C=split_k.next_pow2(c),
+        WAIT_PRIMARY=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out
 

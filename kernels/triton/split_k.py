@@ -89,9 +89,15 @@ if triton is not None:
         acc_ptr, max_ptr, sum_ptr, out_ptr,
         stride_ob, stride_oh, stride_os, stride_oc,
         H, M, NUM_SPLITS,
-        C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False,
     ):  # fmt: skip
-        """One program per (row, batch): rows ``m = s_idx * H + h_idx`` of partials ``[b, M, splits, C]``."""
+        """One program per (row, batch): rows ``m = s_idx * H + h_idx`` of partials ``[b, M, splits, C]``.
+
+        ``WAIT_PRIMARY``: launched as a programmatic dependent launch (``launch_pdl=True``) of the split pass,
+        so it may start before that pass ends; ``griddepcontrol.wait`` then holds it until every split
+        program's partials are visible."""
+        if WAIT_PRIMARY:
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         pid_b = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)

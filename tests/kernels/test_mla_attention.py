@@ -207,6 +207,8 @@ LAUNCH_CONFIGS = [
     DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2, fuse_combine=True),
     DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True),
     DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=5, tma=True, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, lazy_rescale=True, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, pdl=True, num_splits=3),
 ]
 
 
@@ -233,6 +235,36 @@ def test_every_launch_config_matches_reference(config: DecodeConfig) -> None:
     assert torch.count_nonzero(out[-1, :, 0]) == 0  # the row with no visible key
 
 
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or (INTERPRET and mla_decode.triton_available())),
+    reason="needs a CUDA GPU, or Triton with TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_lazy_rescale_is_exact_when_the_running_max_keeps_growing(num_splits: int) -> None:
+    """Keys whose scores grow along the context raise each row's running max by far more than 2^8 several
+    times inside one split: the accumulator must be rescaled then, and the stale max in between must not
+    change the result."""
+    if torch.cuda.is_available():
+        inp = make_mla_inputs(2, 16, 1, 512, 64, 700, dtype=torch.bfloat16, device="cuda", empty_slots=True)
+    else:
+        inp = make_mla_inputs(2, 10, 1, 64, 16, 300, dtype=torch.float16, empty_slots=True)
+    t = inp["latent"].shape[1]
+    growth = torch.linspace(0.1, 12.0, t, device=inp["latent"].device)[None, :, None]
+    inp["latent"] = (inp["latent"].float() * growth).to(inp["latent"].dtype)
+    inp["k_rope"] = (inp["k_rope"].float() * growth).to(inp["k_rope"].dtype)
+    fp32_inp = dict(inp, **{n: inp[n].float() for n in ("q_latent", "q_rope", "latent", "k_rope")})
+    expected = _call(reference.mla_absorbed_attention, fp32_inp)
+    scores = torch.einsum("bhsc,btc->bhst", fp32_inp["q_latent"], fp32_inp["latent"]) * inp["scale"] * 1.4427
+    assert float(scores.amax(-1).amax() - scores[..., : t // 4].amax(-1).amin()) > 3 * 8  # several rescales
+    args = (inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"])
+    config = DecodeConfig(kernel="rows", block_t=32, block_m=16, num_warps=4, num_stages=2, lazy_rescale=True,
+                          num_splits=num_splits)
+    with torch.no_grad():
+        out = mla_decode._launch(*args, config=config)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -240,6 +272,9 @@ def test_every_launch_config_matches_reference(config: DecodeConfig) -> None:
         ({"kernel": "rows", "v_split": 2}, "v_split"),
         ({"kernel": "keys", "v_split": 4}, "v_split"),
         ({"kernel": "rows", "prefetch": True}, "prefetch"),
+        ({"kernel": "keys", "lazy_rescale": True}, "lazy_rescale"),
+        ({"kernel": "keys", "pdl": True}, "pdl"),
+        ({"pdl": True, "fuse_combine": True}, "fuse_combine"),
         ({"kernel": "keys", "prefetch": True, "tma": True}, "tma"),
         ({"kernel": "keys", "prefetch": True, "fuse_combine": True}, "fuse_combine"),
         ({"maxnreg": 16}, "maxnreg"),
