@@ -157,9 +157,12 @@ PDL_CONFIGS: tuple[DecodeConfig, ...] = (
     dataclasses.replace(mla_decode.DEFAULT_CONFIG, pdl=True, lazy_rescale=True),
 )
 PDL_SPLITS: tuple[int | None, ...] = (8, 12, 16)
+# --set merge: warps per program of the combine kernel (one program per query row and batch element)
+MERGE_CONFIGS: tuple[DecodeConfig, ...] = tuple(
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, merge_warps=w, pdl=pdl) for w in (4, 1, 2, 8) for pdl in (False, True))
 CONFIG_SETS = {"full": (KERNEL_CONFIGS, SPLITS), "refine": (REFINE_CONFIGS, REFINE_SPLITS),
                "pipeline": (PIPELINE_CONFIGS, PIPELINE_SPLITS), "lazy": (LAZY_CONFIGS, LAZY_SPLITS),
-               "pdl": (PDL_CONFIGS, PDL_SPLITS)}  # fmt: skip
+               "pdl": (PDL_CONFIGS, PDL_SPLITS), "merge": (MERGE_CONFIGS, (None, 8))}  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -47,7 +47,10 @@ Options of both formulations (flags of the same kernels, so the numerics tests c
 * ``maxnreg``: a register cap for ptxas, so two 8-warp programs can share an SM.
 
 Status (H200, bf16, B=32, H=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): the shipped
-``rows`` configuration takes 0.1144 ms of GPU time, 62.4 % of the device copy bandwidth. Read from
+``rows`` configuration takes 0.1084-0.1087 ms of GPU time, 65-67 % of the device copy bandwidth (the goal is
+70 %). Nsight Compute on the split pass: 0.104 ms at 2.97 TB/s DRAM, 255 registers per thread and 115 KB of
+shared memory per program (two programs, 8 warps, per SM: 12.5 % occupancy), the issue slots 20 % busy and
+no warp eligible 78 % of cycles -- latency-bound, a third of the stall on shared-memory operands. Read from
 its sm_90 code (ptxas on a CPU): one shared-memory tile buffer per program at two stages (two
 programs per SM give the only overlap), 76 ``cp.async`` per thread per tile, and an mma.sync layout
 with the four warps side by side on the key axis, so every warp re-reads the whole 32 KB query block
@@ -127,6 +130,8 @@ class DecodeConfig:
     # rows only: launch the combine as a programmatic dependent launch (sm_90+): it is queued while the
     # split pass runs and waits on griddepcontrol for its partials, instead of launching after it.
     pdl: bool = False
+    # warps per program of the combine kernel (one program per query row and batch element)
+    merge_warps: int = 4
 
     def __post_init__(self) -> None:
         if self.kernel not in ("rows", "keys"):
@@ -145,6 +150,8 @@ class DecodeConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"DecodeConfig.{name} must be a power of two >= 16; got {value}")
+        if self.merge_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeConfig.merge_warps must be 1..16, a power of two; got {self.merge_warps}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"DecodeConfig: num_warps must be 1..16, a power of two, and num_stages >= 1; "
                              f"got {self.num_warps}, {self.num_stages}")  # fmt: skip
@@ -164,17 +171,21 @@ class DecodeConfig:
         vs += f" r{self.maxnreg}" if self.maxnreg else ""
         vs += " lazy" if self.lazy_rescale else ""
         vs += " pdl" if self.pdl else ""
+        vs += f" merge-w{self.merge_warps}" if self.merge_warps != 4 else ""
         return (f"{self.kernel} M{self.block_m} T{self.block_t}{vs} w{self.num_warps} s{self.num_stages} "
                 f"splits={split}")  # fmt: skip
 
 
 # The production choice: ONE line to change after a sweep (benchmarks/mla_decode_sweep.py prints
-# the constructor call of the fastest variant on its "BEST:" line). Chosen on an H200 (2026-12-02,
-# B=32 H=32 ctx 8192 c=512 r=64 bf16): 4 warps and 2 stages use 115 KB of shared memory, so two
-# programs share an SM; with 8 splits (what the cost model picks for two per SM) the kernel time
-# was 0.1147 ms = 62 % of the copy bandwidth, against 0.1295 ms for the former autotuner's choice
-# (8 warps, 3 stages, one per SM). A fixed configuration keeps autotuning's noise out of decode.
-DEFAULT_CONFIG = DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2)
+# the constructor call of the fastest variant on its "BEST:" line). Chosen on an H200 (B=32 H=32 ctx 8192
+# c=512 r=64 bf16): 4 warps and 2 stages use 115 KB of shared memory, so two programs share an SM; with 8
+# splits (what the cost model picks for two per SM) the split pass took 0.1147 ms = 62 % of the copy
+# bandwidth (2026-12-02), against 0.1295 ms for the former autotuner's choice (8 warps, 3 stages, one per
+# SM). The combine at 2 warps per program instead of 4 took the call from 0.1129-0.1136 to 0.1084-0.1087 ms
+# in two runs (2026-12-03; ncu: the split pass alone is 0.104 ms). A fixed configuration keeps autotuning's
+# noise out of decode.
+DEFAULT_CONFIG = DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2,
+                              merge_warps=2)
 # fp32 inputs (tests, debugging) take twice the shared memory per tile: the bf16 choices above can
 # exceed the 227 KB an sm_90 program may use. This one needs 113 KB and spills nothing (ptxas).
 FP32_CONFIG = DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=2)
@@ -617,6 +628,7 @@ def _launch(
         BLOCK_S=split_k.next_pow2(num_splits),
         BLOCK_C=split_k.next_pow2(c),
         WAIT_PRIMARY=pdl,
+        num_warps=config.merge_warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out

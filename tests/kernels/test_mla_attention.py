@@ -209,6 +209,7 @@ LAUNCH_CONFIGS = [
     DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=5, tma=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, lazy_rescale=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, pdl=True, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, merge_warps=1, num_splits=3),
 ]
 
 
@@ -275,6 +276,7 @@ def test_lazy_rescale_is_exact_when_the_running_max_keeps_growing(num_splits: in
         ({"kernel": "keys", "lazy_rescale": True}, "lazy_rescale"),
         ({"kernel": "keys", "pdl": True}, "pdl"),
         ({"pdl": True, "fuse_combine": True}, "fuse_combine"),
+        ({"merge_warps": 3}, "merge_warps"),
         ({"kernel": "keys", "prefetch": True, "tma": True}, "tma"),
         ({"kernel": "keys", "prefetch": True, "fuse_combine": True}, "fuse_combine"),
         ({"maxnreg": 16}, "maxnreg"),
