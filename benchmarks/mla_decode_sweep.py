@@ -160,9 +160,18 @@ PDL_SPLITS: tuple[int | None, ...] = (8, 12, 16)
 # --set merge: warps per program of the combine kernel (one program per query row and batch element)
 MERGE_CONFIGS: tuple[DecodeConfig, ...] = tuple(
     dataclasses.replace(mla_decode.DEFAULT_CONFIG, merge_warps=w, pdl=pdl) for w in (4, 1, 2, 8) for pdl in (False, True))
+# --set loop: every load of the key loop pipelined (k_pos too), and the cache streamed past L2. Written in
+# session 11 after its device time ran out: numerics checked on the CPU interpreter only, not yet timed.
+LOOP_CONFIGS: tuple[DecodeConfig, ...] = (
+    mla_decode.DEFAULT_CONFIG,
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pipeline_all=True),
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, evict_first=True),
+    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pipeline_all=True, evict_first=True),
+)
 CONFIG_SETS = {"full": (KERNEL_CONFIGS, SPLITS), "refine": (REFINE_CONFIGS, REFINE_SPLITS),
                "pipeline": (PIPELINE_CONFIGS, PIPELINE_SPLITS), "lazy": (LAZY_CONFIGS, LAZY_SPLITS),
-               "pdl": (PDL_CONFIGS, PDL_SPLITS), "merge": (MERGE_CONFIGS, (None, 8))}  # fmt: skip
+               "pdl": (PDL_CONFIGS, PDL_SPLITS), "merge": (MERGE_CONFIGS, (None, 8)),
+               "loop": (LOOP_CONFIGS, (None, 8))}  # fmt: skip
 
 
 @dataclasses.dataclass

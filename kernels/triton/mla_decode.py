@@ -132,14 +132,19 @@ class DecodeConfig:
     pdl: bool = False
     # warps per program of the combine kernel (one program per query row and batch element)
     merge_warps: int = 4
+    # rows only: pipeline every load of the key loop (k_pos too), not only the matmul operands
+    # (tl.range(num_stages=num_stages)); and stream the cache past L2 (evict_first) so that the partials
+    # and queries stay there.
+    pipeline_all: bool = False
+    evict_first: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in ("rows", "keys"):
             raise ValueError(f"DecodeConfig.kernel must be 'rows' or 'keys'; got {self.kernel!r}")
         if self.kernel == "rows" and self.prefetch:
             raise ValueError("DecodeConfig.prefetch applies to kernel='keys' only")
-        if self.kernel != "rows" and (self.lazy_rescale or self.pdl):
-            raise ValueError("DecodeConfig.lazy_rescale and pdl apply to kernel='rows' only")
+        if self.kernel != "rows" and (self.lazy_rescale or self.pdl or self.pipeline_all or self.evict_first):
+            raise ValueError("DecodeConfig.lazy_rescale, pdl, pipeline_all and evict_first apply to kernel='rows' only")
         if self.pdl and self.fuse_combine:
             raise ValueError("DecodeConfig.pdl launches the combine kernel, which fuse_combine removes")
         if self.prefetch and (self.tma or self.fuse_combine):
@@ -172,6 +177,8 @@ class DecodeConfig:
         vs += " lazy" if self.lazy_rescale else ""
         vs += " pdl" if self.pdl else ""
         vs += f" merge-w{self.merge_warps}" if self.merge_warps != 4 else ""
+        vs += " pipe-all" if self.pipeline_all else ""
+        vs += " evict-first" if self.evict_first else ""
         return (f"{self.kernel} M{self.block_m} T{self.block_t}{vs} w{self.num_warps} s{self.num_stages} "
                 f"splits={split}")  # fmt: skip
 
@@ -230,6 +237,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, FUSE_COMBINE: tl.constexpr,
         LAZY_RESCALE: tl.constexpr = False, RESCALE_LOG2: tl.constexpr = 8.0, LAUNCH_DEPENDENTS: tl.constexpr = False,
+        LOOP_STAGES: tl.constexpr = None, EVICTION: tl.constexpr = "",
     ):  # fmt: skip
         # C and R are compile-time: with C == BLOCK_C the column masks fold away and the latent
         # rows load as 16-byte vectors (a runtime bound would force element-wise loads).
@@ -267,7 +275,7 @@ if triton is not None:
 
         t_begin = pid_split * SPLIT_LEN
         t_end = tl.minimum(t_begin + SPLIT_LEN, T)  # a tile may overhang the split: mask, not double-count
-        for start in range(0, SPLIT_LEN, BLOCK_T):
+        for start in tl.range(0, SPLIT_LEN, BLOCK_T, num_stages=LOOP_STAGES):
             offs_t = t_begin + start + tl.arange(0, BLOCK_T)
             t_ok = offs_t < t_end
             k_pos = tl.load(k_pos_ptr + pid_b * stride_kpb + offs_t * stride_kpt, mask=t_ok, other=-1)
@@ -280,11 +288,11 @@ if triton is not None:
             else:
                 lat = tl.load(
                     lat_ptr + pid_b * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :] * stride_lc,
-                    mask=t_ok[:, None] & c_ok[None, :], other=0.0,
+                    mask=t_ok[:, None] & c_ok[None, :], other=0.0, eviction_policy=EVICTION,
                 )  # [BLOCK_T, BLOCK_C]: key (with k_rope) and value at once
                 k_rope = tl.load(
                     k_rope_ptr + pid_b * stride_krb + offs_t[:, None] * stride_krt + offs_r[None, :] * stride_krr,
-                    mask=t_ok[:, None] & r_ok[None, :], other=0.0,
+                    mask=t_ok[:, None] & r_ok[None, :], other=0.0, eviction_policy=EVICTION,
                 )  # [BLOCK_T, BLOCK_R]
             scores = tl.dot(q_lat, tl.trans(lat), input_precision=INPUT_PRECISION)
             scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=INPUT_PRECISION)
@@ -606,7 +614,9 @@ def _launch(
             *common, lat_desc, k_rope_desc, counter, out, *out.stride(),
             C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=block_c,
             BLOCK_R=block_r, INPUT_PRECISION=precision, USE_TMA=lat_desc is not None, FUSE_COMBINE=fuse,
-            LAZY_RESCALE=config.lazy_rescale, LAUNCH_DEPENDENTS=pdl, **launch,
+            LAZY_RESCALE=config.lazy_rescale, LAUNCH_DEPENDENTS=pdl,
+            LOOP_STAGES=config.num_stages if config.pipeline_all else None,
+            EVICTION="evict_first" if config.evict_first else "", **launch,
         )  # fmt: skip
         if fuse:
             return out

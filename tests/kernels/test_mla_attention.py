@@ -210,6 +210,7 @@ LAUNCH_CONFIGS = [
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, lazy_rescale=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, pdl=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, merge_warps=1, num_splits=3),
+    DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=3, pipeline_all=True, evict_first=True),
 ]
 
 
@@ -277,6 +278,7 @@ def test_lazy_rescale_is_exact_when_the_running_max_keeps_growing(num_splits: in
         ({"kernel": "keys", "pdl": True}, "pdl"),
         ({"pdl": True, "fuse_combine": True}, "fuse_combine"),
         ({"merge_warps": 3}, "merge_warps"),
+        ({"kernel": "keys", "evict_first": True}, "evict_first"),
         ({"kernel": "keys", "prefetch": True, "tma": True}, "tma"),
         ({"kernel": "keys", "prefetch": True, "fuse_combine": True}, "fuse_combine"),
         ({"maxnreg": 16}, "maxnreg"),
