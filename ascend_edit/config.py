@@ -150,8 +150,9 @@ class MLAConfig:
     # Which of the teacher's rotary frequencies the shared RoPE key carries (attention/init.py
     # `choose_rope_frequencies`): highest = the r/2 highest, one direction across KV heads each (exports as
     # native deepseek_v3); measured = the r/2 (frequency, direction) components of the largest measured
-    # score contribution, weighted by how far each turns over `rope_selection_context` tokens (null: not
-    # weighted). Chosen per layer on calibration data and stored in the plan.
+    # score contribution, weighted by how far each turns over `rope_selection_context` tokens — about half
+    # the context the model will serve was best on SmolLM2 (docs/results.md); null: energy alone, an ablation
+    # that measured far worse. Chosen per layer on calibration data and stored in the plan.
     rope_selection: str = "highest"
     rope_selection_context: Optional[int] = 2048
     # This layer's chosen frequencies (set from the plan; null: the r/2 highest).
