@@ -250,15 +250,26 @@ def _shared_rope_key(maps: _LinearMaps, frequencies: list[int]) -> tuple[torch.T
 def choose_rope_frequencies(teacher: nn.Module, geometry: AttentionGeometry, stats: LayerStats | None, cfg,
                             inv_freq: torch.Tensor, context: int | None) -> list[int]:
     """The r/2 (frequency, direction across KV heads) components of the teacher's rotary keys that the shared
-    RoPE key should carry, by measured contribution to the attention scores; returns their frequencies
-    (sorted; a frequency twice = its two leading directions).
+    RoPE key should carry, by measured contribution to the attention scores (`rope_component_scores`); returns
+    their frequencies (sorted; a frequency twice = its two leading directions). Components not chosen go to the
+    position-free part (whole frequencies) or are dropped (the other directions of a chosen frequency), as with
+    the default choice."""
+    scored = rope_component_scores(teacher, geometry, stats, cfg, inv_freq, context)
+    ranked = sorted(scored, key=lambda item: -item[0])  # stable: a frequency's directions stay in order on ties
+    return sorted(freq for _, freq, _ in ranked[: cfg.qk_rope_head_dim // 2])
 
-    Score of component k of frequency i: its whitened key energy s_k times the query energy that reads it
+
+@torch.no_grad()
+def rope_component_scores(teacher: nn.Module, geometry: AttentionGeometry, stats: LayerStats | None, cfg,
+                          inv_freq: torch.Tensor, context: int | None) -> list[tuple[float, int, int]]:
+    """(score, frequency, direction k) of every rotary component of the teacher's keys.
+
+    Score of direction k of frequency i: its whitened key energy s_k times the query energy that reads it
     (Σ_h |u_k[g(h)]| · RMS of head h's query at i), both from the calibration covariance. With `context`, times
     the error of leaving it position-free instead: 1 - sinc(θ_i · context), the mean of 1 - cos(Δ θ_i) over
-    distances Δ uniform in [0, context] (≈ 0 for frequencies that barely turn over the context, ≈ 1 for
-    fast ones). Components not chosen go to the position-free part (whole frequencies) or are dropped (the
-    other directions of a chosen frequency), as with the default choice."""
+    distances Δ uniform in [0, context] (≈ 0 for frequencies that barely turn over the context, ≈ 1 for fast
+    ones). The warm start gives a frequency's n-th pair its n-th direction, so a direction's score is capped
+    at the previous one's: within a frequency the scores never increase with k."""
     scaling = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
     maps = _linear_maps(teacher, geometry, stats, scaling, [], cfg.whitening_shrinkage,
                         cfg.whitening_shrinkage_toward)
@@ -273,11 +284,12 @@ def choose_rope_frequencies(teacher: nn.Module, geometry: AttentionGeometry, sta
         if context:
             angle = float(theta[freq]) * context
             turn = 1.0 - math.sin(angle) / angle if angle > 0 else 0.0
+        ceiling = math.inf
         for k in range(u.shape[1]):
             read = float((u[:, k].abs()[maps.group_of_head] * q_rms).sum())
-            scored.append((float(s[k]) * read * turn, freq, k))
-    scored.sort(key=lambda item: -item[0])
-    return sorted(freq for _, freq, _ in scored[: cfg.qk_rope_head_dim // 2])
+            ceiling = min(ceiling, float(s[k]) * read * turn)
+            scored.append((ceiling, freq, k))
+    return scored
 
 
 def _position_free_rows(maps: _LinearMaps, n: int, v: int) -> tuple[torch.Tensor, torch.Tensor, list]:

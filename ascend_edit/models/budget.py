@@ -184,19 +184,22 @@ def teacher_kv_width(geometry) -> int:
 
 
 def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[int, LayerStats] | None,
-                        mla_cfg, measured: Mapping[int, Mapping[int, float]] | None = None) -> RankAllocation:
+                        mla_cfg, measured: Mapping[int, Mapping[int, float]] | None = None,
+                        frequencies: Mapping[int, Sequence[int]] | None = None) -> RankAllocation:
     """Ranks for the MLA layers `layers` of a teacher `model` under `mla_cfg.kv_budget`.
 
     `measured` ({layer: {rank: KL}}, models/sensitivity.py) is needed by `allocation=sensitivity` only;
-    `sensitivity_allocation` measures it and calls this.
+    `sensitivity_allocation` measures it and calls this. `frequencies` ({layer: rotary frequencies}, as the plan
+    will build them; None: the config's own choice, measured here when `rope_selection=measured`).
     """
     from ascend_edit.models.surgery import decoder_layers, rope_frequency_choice
 
     blocks = decoder_layers(model)
     attns = {i: cast(nn.Module, blocks[i].self_attn) for i in layers}
     # The nope part (what the latent compresses) is the dims of the frequencies the RoPE key does not keep.
-    frequencies = (rope_frequency_choice(model, layers, stats, mla_cfg)
-                   if mla_cfg.rope_selection == "measured" else {})
+    if frequencies is None:
+        frequencies = (rope_frequency_choice(model, layers, stats, mla_cfg) if mla_cfg.rope_selection == "measured"
+                       else {i: mla_cfg.rope_frequencies for i in layers} if mla_cfg.rope_frequencies else {})
     geometries = {i: read_geometry(attns[i], model.config) for i in layers}
     widths = {i: teacher_kv_width(g) for i, g in geometries.items()}
     rope = mla_cfg.qk_rope_head_dim

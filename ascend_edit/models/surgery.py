@@ -198,7 +198,8 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
     if cfg.kind == "mla" and cfg.mla.kv_budget is not None and all(e.kv_lora_rank is None for e in plan):
         from ascend_edit.models.budget import mla_rank_allocation, plan_with_ranks
 
-        allocation = mla_rank_allocation(model, [e.layer_idx for e in plan if e.kind == "mla"], stats, cfg.mla)
+        allocation = mla_rank_allocation(model, [e.layer_idx for e in plan if e.kind == "mla"], stats, cfg.mla,
+                                         frequencies=_planned_frequencies(plan, cfg.mla))
         plan = plan_with_ranks(plan, allocation.ranks)
         log.info("KV budget %.3f of the teacher's: ranks %s", allocation.kv_fraction, list(allocation.ranks.values()))
     for entry, layer in zip(plan, layers):
@@ -225,15 +226,28 @@ def rope_frequency_choice(model: nn.Module, layers: Iterable[int], stats: Mappin
                           gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> dict[int, tuple[int, ...]]:
     """Per MLA layer, the teacher rotary frequencies its shared RoPE key keeps under
     `target.mla.rope_selection=measured` (attention/init.py `choose_rope_frequencies`)."""
+    if any(p.is_meta for p in model.parameters()):
+        return {}  # a shape-only teacher (`plan`, `inspect`): nothing to measure, and the choice keeps the shapes
     blocks = decoder_layers(model)
     inv_freq = teacher_inv_freq(model)
     chosen = {}
     for idx in layers:
         attn = cast(nn.Module, blocks[idx].self_attn)
         with gather(attn) if gather is not None else nullcontext():
-            chosen[idx] = tuple(choose_rope_frequencies(attn, read_geometry(attn, model.config), (stats or {}).get(idx),
-                                                        mla_cfg, inv_freq, mla_cfg.rope_selection_context))
+            choice = tuple(choose_rope_frequencies(attn, read_geometry(attn, model.config), (stats or {}).get(idx),
+                                                   mla_cfg, inv_freq, mla_cfg.rope_selection_context))
+        if choice != tuple(range(mla_cfg.qk_rope_head_dim // 2)):  # the default's own choice stays the default
+            chosen[idx] = choice
     return chosen
+
+
+def _planned_frequencies(plan: list[LayerPlan], mla_cfg) -> dict[int, tuple[int, ...]] | None:
+    """Each MLA layer's rotary frequencies as the targets will be built (plan entry, else the config's); None
+    where neither sets them anywhere (budget.py then measures the config's choice itself)."""
+    chosen = {e.layer_idx: e.rope_frequencies or (tuple(mla_cfg.rope_frequencies) if mla_cfg.rope_frequencies else None)
+              for e in plan if e.kind == "mla"}
+    planned = {i: f for i, f in chosen.items() if f is not None}
+    return planned if planned or mla_cfg.rope_selection != "measured" else None
 
 
 def teacher_inv_freq(model: nn.Module) -> torch.Tensor:

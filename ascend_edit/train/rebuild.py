@@ -32,7 +32,11 @@ def _run_config(run_dir: Path) -> RootConfig:
 
 
 def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:
-    measured_ranks = cfg.target.kind == "mla" and cfg.target.mla.kv_budget and cfg.target.mla.allocation == "sensitivity"
+    mla = cfg.target.mla
+    # ranks from measured sensitivity, or rotary frequencies chosen on calibration statistics (which a rebuild
+    # without them would choose differently, with the same shapes: the trained weights would load silently)
+    measured_ranks = cfg.target.kind == "mla" and (
+        (mla.kv_budget and mla.allocation == "sensitivity") or mla.rope_selection == "measured")
     swa = cfg.target.gate_swa
     measured_full = cfg.target.kind == "gate_swa" and (swa.full_by_sensitivity or swa.kv_budget is not None)
     if measured_full or measured_ranks:
@@ -42,8 +46,8 @@ def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan
             meta = run_dir / name / CONVERTED_MARKER
             if meta.exists():
                 return plan_from_entries(json.loads(meta.read_text())["plan"])
-        raise NotImplementedError("this run chose its plan (full layers, windows or ranks) by measured sensitivity "
-                                  f"and has saved no converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
+        raise NotImplementedError("this run chose its plan (full layers, windows, ranks or rotary frequencies) on "
+                                  f"measured data and has saved no converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
     return build_plan(num_layers, cfg.target)
 
 

@@ -600,7 +600,9 @@ def _launch(
     block_r = max(16, split_k.next_pow2(r))
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    pdl = config.pdl and q_latent.is_cuda  # griddepcontrol: sm_90 hardware (the interpreter has none)
+    # griddepcontrol: NVIDIA sm_90+ only (not the interpreter, older GPUs or ROCm); elsewhere a plain launch
+    pdl = (config.pdl and q_latent.is_cuda and torch.version.hip is None
+           and torch.cuda.get_device_capability(q_latent.device)[0] >= 9)
     if config.maxnreg is not None:
         launch["maxnreg"] = config.maxnreg
     block_c = split_k.next_pow2(c)

@@ -17,6 +17,7 @@ from ascend_edit.models.surgery import (
     edit_model,
     plan_entries,
     plan_from_entries,
+    rope_frequency_choice,
     teacher_inv_freq,
 )
 from tests.conftest import tiny_model
@@ -141,3 +142,51 @@ def test_measured_frequencies_decode_with_the_cache_as_without():
         prefix = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_later_direction_never_outranks_an_earlier_one_of_its_frequency():
+    """The warm start gives a frequency's n-th rotary pair its n-th direction across KV heads; a choice must not
+    take direction 1 while leaving direction 0. Here direction 1 of frequency 3 (KV head 1, read by queries
+    scaled 40x) carries far more score than direction 0 (KV head 0, barely read)."""
+    from ascend_edit.attention.init import rope_component_scores
+
+    model = tiny_model("llama")
+    attn, d = model.model.layers[0].self_attn, 16
+    with torch.no_grad():
+        keys = attn.k_proj.weight.view(2, d, -1)
+        keys[0, [3, 3 + d // 2]] *= 5
+        keys[1, [3, 3 + d // 2]] *= 2
+        attn.q_proj.weight.view(4, d, -1)[2:, [3, 3 + d // 2]] *= 40  # heads 2, 3 read KV head 1
+    scores = rope_component_scores(attn, read_geometry(attn, model.config), _stats(model)[0], MLA,
+                                   teacher_inv_freq(model), None)
+    by_freq: dict[int, list[float]] = {}
+    for score, freq, k in scores:
+        assert k == len(by_freq.setdefault(freq, []))
+        by_freq[freq].append(score)
+    assert all(a >= b for values in by_freq.values() for a, b in zip(values, values[1:]))
+    assert by_freq[3][1] == by_freq[3][0]  # capped: uncapped, direction 1 scored ~15x direction 0
+
+
+def test_a_shape_only_teacher_keeps_the_default_frequencies():
+    """`plan` / `inspect` build the teacher on the meta device: nothing to measure, same shapes."""
+    teacher = tiny_model("llama").to("meta")
+    cfg = TargetConfig(kind="mla", mla=dataclasses.replace(MLA, rope_selection="measured"))
+    assert rope_frequency_choice(teacher, range(4), None, cfg.mla) == {}
+
+
+def test_a_rebuild_takes_a_measured_choice_from_the_saved_plan(tmp_path):
+    """A stage checkpoint is rebuilt without calibration statistics; a choice made again there would differ
+    with the same shapes. The rebuild reads the run's saved plan, or refuses without one."""
+    import json
+
+    from ascend_edit.config import RootConfig
+    from ascend_edit.models.checkpoint import CONVERTED_MARKER
+    from ascend_edit.train.rebuild import _run_plan
+
+    cfg = RootConfig(target=TargetConfig(kind="mla", mla=dataclasses.replace(MLA, rope_selection="measured")))
+    with pytest.raises(NotImplementedError, match="rotary frequencies"):
+        _run_plan(cfg, tmp_path, 4)
+    saved = [LayerPlan(i, "mla", None, None, (i, 5)) for i in range(4)]
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "converted" / CONVERTED_MARKER).write_text(json.dumps({"plan": plan_entries(saved)}))
+    assert _run_plan(cfg, tmp_path, 4) == saved
