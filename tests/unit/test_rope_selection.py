@@ -190,3 +190,18 @@ def test_a_rebuild_takes_a_measured_choice_from_the_saved_plan(tmp_path):
     (tmp_path / "converted").mkdir()
     (tmp_path / "converted" / CONVERTED_MARKER).write_text(json.dumps({"plan": plan_entries(saved)}))
     assert _run_plan(cfg, tmp_path, 4) == saved
+
+
+def test_budgeted_ranks_and_a_measured_choice_build_together_within_the_bytes():
+    """kv_budget spreads the latent over layers from spectra of the nope part the chosen frequencies leave."""
+    from ascend_edit.eval.kv import kv_table
+
+    teacher = tiny_model("llama")
+    _boost_frequency(teacher, 0, 6, 30.0)
+    mla = dataclasses.replace(MLA, rope_selection="measured", rope_selection_context=None, kv_budget=0.25,
+                              allocation="spectrum", rank_multiple=4)
+    cfg = TargetConfig(kind="mla", mla=mla)
+    model = edit_model(teacher, build_plan(4, cfg), cfg, _stats(tiny_model("llama")))
+    assert all(e.kv_lora_rank is not None for e in model.edit_plan) and 6 in model.edit_plan[0].rope_frequencies
+    kv = kv_table(model, context=64, bytes_per_value=2)
+    assert kv["converted_bytes_per_token"] <= 0.25 * 4 * (2 * 2 * 16) * 2  # 25 % of the teacher's 16-bit KV
