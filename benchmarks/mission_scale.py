@@ -111,11 +111,12 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[fl
 
 
 def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accumulation: int = 0,
-              profile_to: Path | None = None) -> dict:
+              profile_to: Path | None = None, breakdown: bool = False) -> dict:
     """`steps` optimizer steps of one stage with the recipe's engine settings, each over `accumulation`
     micro-batches (an offloaded optimizer's host step is paid once per optimizer step, so its cost per
     token depends on this). `profile_to`: after timing, one more step under torch.profiler, its kernel
-    table written there."""
+    table written there. `breakdown`: after timing, one more step split into its micro-batches and its
+    optimizer boundary (see `split_step`)."""
     stage = getattr(cfg.distill, name)
     micro, seq, device = stage.micro_batch_size or stage.batch_size, cfg.data.seq_len, device_info.torch_device
     accumulation = accumulation or max(stage.batch_size // micro, 1)  # 0: the recipe's own batch / micro
@@ -140,8 +141,11 @@ def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accum
         return metrics["loss"]
 
     reset_peak(device)
+    split = {}
     try:
         seconds, losses = timed_steps(step, steps, warmup, device)
+        if breakdown:
+            split = split_step(engine, batch, accumulation, device)
         if profile_to is not None:
             profile_step(step, profile_to)
     finally:
@@ -153,7 +157,28 @@ def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accum
             "peak_gib": peak_gib(device), "plan_gib": planned["total_gib"],
             "flops_per_token": planned["flops_per_token"], "loss_first": losses[0], "loss_last": losses[-1],
             "checkpointing": cfg.engine.activation_checkpointing if name == "model_level" else "none",
-            "compile": getattr(model, "_bench_compile", "off"), "precision": str(precision.compute)}
+            "compile": getattr(model, "_bench_compile", "off"), "precision": str(precision.compute), **split}
+
+
+def split_step(engine, batch: dict, accumulation: int, device: torch.device) -> dict:
+    """One optimizer step timed in two parts: every micro-batch's forward + backward (with the non-boundary
+    micro-steps), and the boundary — the last micro_step + step, where DeepSpeed flushes its gradient buckets
+    and steps the optimizer (an offloaded optimizer: gradients to the host, the host AdamW, weights back).
+    The device is synchronised between the parts, so the sum is slightly above a timed step."""
+    sync(device)
+    started = time.perf_counter()
+    for i in range(accumulation):
+        loss, _ = engine.forward(batch)
+        engine.backward(loss)
+        if i < accumulation - 1:
+            engine.micro_step()
+    sync(device)
+    boundary_started = time.perf_counter()
+    engine.micro_step()
+    engine.step()
+    sync(device)
+    ended = time.perf_counter()
+    return {"micro_batch_s": (boundary_started - started) / accumulation, "boundary_s": ended - boundary_started}
 
 
 def profile_step(step, path: Path, rows: int = 30) -> None:
@@ -268,6 +293,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per stage (default: the recipe list's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain baseline")
     parser.add_argument("--profile", action="store_true", help="profile one extra step of each case")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time one extra step split into micro-batches and the optimizer boundary")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every recipe, e.g. engine.compile=blocks")
     args = parser.parse_args()
     out = Path(args.out)
@@ -311,7 +338,7 @@ def main() -> int:
             edit_and_compile(model, cfg, device_info)
             for stage in args.stages.split(","):
                 result = run_stage(cfg, model, stage, device_info, steps, warmup, accumulation,
-                                   out / f"profile_{recipe}_{stage}.txt" if args.profile else None)
+                                   out / f"profile_{recipe}_{stage}.txt" if args.profile else None, args.breakdown)
                 record({"recipe": recipe, "stage": stage, **result})
                 free(device)
             del model
@@ -339,7 +366,7 @@ def main() -> int:
 
 def write_outputs(out: Path, rows: list[dict], experts: list[dict], errors: list[str], seconds: float) -> None:
     keys = ["recipe", "stage", "micro_batch", "seq_len", "steps", "tokens_per_s", "mfu_pct", "peak_gib", "plan_gib",
-            "checkpointing", "compile", "precision", "loss_first", "loss_last"]
+            "checkpointing", "compile", "precision", "loss_first", "loss_last", "micro_batch_s", "boundary_s"]
     with open(out / "mission_scale.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -358,7 +385,9 @@ def print_table(rows: list[dict], experts: list[dict], errors: list[str], peak_t
         measured = r["peak_gib"]
         err = 100 * (plan - measured) / measured if math.isfinite(measured) and math.isfinite(plan) else float("nan")
         print(f"{r['recipe']:32s} {r['stage']:11s} {r['micro_batch']:3d} {r['tokens_per_s']:8,.0f} {r['mfu_pct']:5.1f}"
-              f" {r['peak_gib']:8.1f} {plan:8.1f} {err:5.1f}")
+              f" {r['peak_gib']:8.1f} {plan:8.1f} {err:5.1f}"
+              + (f"  micro-batch {r['micro_batch_s'] * 1e3:.0f} ms, boundary {r['boundary_s'] * 1e3:.0f} ms"
+                 if "boundary_s" in r else ""))
     for e in experts:
         print(f"MoE block fwd+bwd {e['impl']:10s} {e['tokens']} tokens: {e['ms']:.1f} ms ({e['tokens_per_s']:,.0f} tok/s),"
               f" peak {e['peak_gib']:.1f} GiB")
