@@ -426,12 +426,21 @@ class DistillConfig:
                               f"(distill.stage={self.stage})")
 
 
+# DeepSpeed `zero_optimization` keys written from EngineConfig's own fields (engine.zero_options may not).
+ZERO_KEYS_OWNED = {"stage": "zero_stage", "offload_optimizer": "offload_optimizer", "offload_param": "offload_params",
+                   "cpu_offload": "offload_optimizer", "cpu_offload_use_pin_memory": "offload_optimizer",
+                   "cpu_offload_param": "offload_params"}
+
+
 @dataclass
 class EngineConfig:
     kind: str = "torch"  # torch | deepspeed
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Further keys of DeepSpeed's `zero_optimization` section (overlap_comm, reduce_bucket_size, ...),
+    # merged into the config the engine writes; the keys that the fields above own are refused.
+    zero_options: dict[str, Any] = field(default_factory=dict)
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # steps; 0 = only at stage ends
     keep_last: int = 2
@@ -461,6 +470,12 @@ class EngineConfig:
             raise ConfigError("engine.offload_optimizer needs engine.zero_stage>=1")
         if self.kind == "torch" and self.zero_stage:
             raise ConfigError(f"engine.zero_stage={self.zero_stage} needs engine.kind=deepspeed")
+        if self.zero_options and self.kind != "deepspeed":
+            raise ConfigError("engine.zero_options needs engine.kind=deepspeed")
+        owned = sorted(set(self.zero_options) & set(ZERO_KEYS_OWNED))
+        if owned:
+            raise ConfigError(f"engine.zero_options.{owned[0]} is set by engine.{ZERO_KEYS_OWNED[owned[0]]}; "
+                              "set that instead")
         # A negative clip norm scales gradients by a negative factor: gradient ascent. 0 = no clipping.
         _positive("engine.grad_clip", self.grad_clip, allow_zero=True)
         _positive("engine.checkpoint_every", self.checkpoint_every, allow_zero=True)

@@ -56,6 +56,10 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
         open_indexed(data_path)
     if cfg.distill.init_from and not Path(cfg.distill.init_from).expanduser().is_dir():
         raise ConfigError(f"distill.init_from={cfg.distill.init_from} is not a directory")
+    if cfg.engine.zero_options:  # names DeepSpeed knows, before hours of loading
+        from ascend_edit.train.engine import checked_zero_options
+
+        checked_zero_options(cfg.engine.zero_options)
 
 
 def teacher_kv_values(config) -> int:

@@ -15,6 +15,7 @@ Imports the loss from ``ascend_edit.distill.chunked_kd`` and its plain-autograd 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device
     return Inputs(student.to(device, dtype).requires_grad_(True), teacher.to(device, dtype), weight)
 
 
+eager_chunks = functools.partial(kd_logits_loss, fused=False)
+fused_chunks = functools.partial(kd_logits_loss, fused=True)
+
+
 def loss_and_backward(loss_fn: Callable, inputs: Inputs, case: Case, chunk_size: int) -> torch.Tensor:
     inputs.student_hidden.grad = None
     inputs.weight.grad = None
@@ -134,7 +139,7 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def agreement(inputs: Inputs, case: Case, chunk_size: int) -> str:
     """Chunked vs naive: relative error of the loss and of the largest gradient entries."""
     results = []
-    for loss_fn in (kd_logits_loss, kd_logits_loss_naive):
+    for loss_fn in (eager_chunks, kd_logits_loss_naive):
         loss = loss_and_backward(loss_fn, inputs, case, chunk_size)
         grads = [inputs.student_hidden.grad.clone()]
         if case.train_head:
@@ -157,6 +162,8 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", default="256,512,1024,2048")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the compiled chunk math (default: on CUDA)")
     args = parser.parse_args()
     if args.small:
         args.tokens, args.hidden, args.vocab = 300, 64, 4099
@@ -165,6 +172,8 @@ def main() -> None:
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
+    if args.fused is None:
+        args.fused = device.type == "cuda"
     dtype = torch.bfloat16
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -184,8 +193,11 @@ def main() -> None:
         naive_ms, naive_mem = measure(kd_logits_loss_naive, inputs, case, DEFAULT_CHUNK_SIZE, args.warmup, args.iters)
         rows = [("naive", naive_ms, naive_mem)]
         for chunk_size in chunk_sizes:
-            ms, mem = measure(kd_logits_loss, inputs, case, chunk_size, args.warmup, args.iters)
+            ms, mem = measure(eager_chunks, inputs, case, chunk_size, args.warmup, args.iters)
             rows.append((f"chunked {chunk_size}", ms, mem))
+        if args.fused and case.top_k is None:  # the compiled chunk math (CUDA's default), warm-up compiles
+            ms, mem = measure(fused_chunks, inputs, case, DEFAULT_CHUNK_SIZE, args.warmup, args.iters)
+            rows.append((f"fused {DEFAULT_CHUNK_SIZE}", ms, mem))
         for method, ms, mem in rows:
             mem_cell = f"{mem:.3f}" if mem is not None else "n/a"
             mem_ratio = f"{mem / naive_mem:.3f}" if mem is not None and naive_mem else "n/a"

@@ -30,6 +30,7 @@ the number of counted tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,62 @@ _KD_CHUNK_FNS: dict[str, Callable[[Tensor, Tensor, torch.dtype | None], tuple[Te
 }
 # Constant factors of the gradients, applied in the GEMM epilogue instead of in a pass over [rows, V].
 _GRAD_FACTOR: dict[str, float] = {"forward": 1.0, "reverse": 1.0, "jsd": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same per-chunk math as one function of the two chunks' logits, compiled on CUDA. The eager path
+# above makes about ten passes over [rows, V] fp32 tensors per chunk (upcasts, two log-softmaxes, the
+# divergence, its gradient); compiled, the upcast, both softmax normalisers, the divergence and the
+# gradient fuse into a few row reductions over the two logits in their own dtype, and no fp32 [rows, V]
+# tensor is written. Measured in benchmarks/kd_loss.py (`fused` rows) and docs/scaling.md.
+# ----------------------------------------------------------------------------------------------------
+
+
+def kd_chunk_from_logits(
+    student_logits: Tensor, teacher_logits: Tensor, kind: str, temperature: float, grad_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor | None]:
+    """Summed divergence of one chunk and ``G`` (as the `_KD_CHUNK_FNS` return it) from raw logits.
+
+    Written without in-place or ``out=`` ops so that the compiler can fuse it; the eager chunk
+    functions are its reference (tests/unit/test_chunked_kd.py).
+    """
+    dtype = compute_dtype(student_logits.dtype)
+    a = student_logits.to(dtype) / temperature
+    b = teacher_logits.to(dtype) / temperature
+    log_q = a - torch.logsumexp(a, dim=-1, keepdim=True)
+    log_p = b - torch.logsumexp(b, dim=-1, keepdim=True)
+    if kind == "forward":
+        p = log_p.exp()
+        loss = (p * (log_p - log_q)).sum()
+        grad = log_q.exp() - p
+    elif kind == "reverse":
+        q = log_q.exp()
+        ratio = log_q - log_p
+        kl_rows = (q * ratio).sum(dim=-1, keepdim=True)
+        loss = kl_rows.sum()
+        grad = q * (ratio - kl_rows)
+    else:  # jsd
+        log_m = torch.logaddexp(log_p, log_q) - _LOG_2
+        q = log_q.exp()
+        shift = log_q - log_m
+        kl_qm_rows = (q * shift).sum(dim=-1, keepdim=True)
+        loss = 0.5 * ((log_p.exp() * (log_p - log_m)).sum() + kl_qm_rows.sum())
+        grad = q * (shift - kl_qm_rows)
+    return loss, (grad.to(grad_dtype) if grad_dtype is not None else None)
+
+
+@functools.cache
+def _compiled_kd_chunk(kind: str, temperature: float, grad_dtype: torch.dtype | None) -> Callable:
+    """One compiled graph per (kind, temperature, gradient dtype); chunk shapes are static (the last,
+    shorter chunk of a batch compiles once more)."""
+    return torch.compile(functools.partial(kd_chunk_from_logits, kind=kind, temperature=temperature,
+                                           grad_dtype=grad_dtype), dynamic=False, fullgraph=True)
+
+
+def use_fused_kd(device: torch.device, dtype: torch.dtype, top_k: int | None) -> bool:
+    """The compiled chunk math runs on CUDA for full-vocabulary KD in bf16/fp16/fp32 (Triton kernels;
+    the CPU and the NPU take the eager path: no compiler for it there)."""
+    return device.type == "cuda" and top_k is None and dtype != torch.float64
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -209,6 +266,7 @@ class _KDObjective(_ChunkObjective):
     kind: str
     temperature: float
     top_k: int | None
+    fused: bool = False  # the compiled chunk math (`use_fused_kd`); full vocabulary only
 
     @property
     def grad_factor(self) -> float:  # type: ignore[override]
@@ -219,6 +277,9 @@ class _KDObjective(_ChunkObjective):
     ) -> tuple[Tensor, Tensor | None]:
         chunk_fn = _KD_CHUNK_FNS[self.kind]
         teacher_hidden = self.teacher_hidden[rows]
+        if self.top_k is None and self.fused:
+            chunk = _compiled_kd_chunk(self.kind, self.temperature, weight.dtype if need_grad else None)
+            return chunk(hidden @ weight.T, teacher_hidden @ self.teacher_weight.T)
         if self.top_k is None:
             log_q = _log_probs(hidden, weight, self.temperature)
             log_p = _log_probs(teacher_hidden, self.teacher_weight, self.temperature)
@@ -358,6 +419,7 @@ def kd_logits_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     mask: Tensor | None = None,
     teacher_lm_head_weight: Tensor | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """Model-level KD loss from final hidden states, chunked over tokens (no full logits in memory).
 
@@ -379,6 +441,8 @@ def kd_logits_loss(
         mask: bool tensor of the leading shape; True = the token counts. ``None`` counts all tokens.
         teacher_lm_head_weight: ``[V, H_t]`` teacher lm_head; defaults to ``lm_head_weight`` (shared head).
             The teacher side never receives gradient, even when it shares the student's weight.
+        fused: the per-chunk math compiled into a few fused kernels (`kd_chunk_from_logits`); ``None``:
+            where `use_fused_kd` allows it (CUDA, full vocabulary). The eager path is the reference.
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs): the mean over counted tokens of the per-token divergence,
@@ -390,7 +454,9 @@ def kd_logits_loss(
     n_tokens = rows.student.shape[0]
     if n_tokens == 0:
         return zero_loss(rows.student, rows.weight)
-    objective = _KDObjective(rows.teacher, rows.teacher_weight, kind, float(temperature), top_k)
+    if fused is None:
+        fused = use_fused_kd(rows.student.device, rows.weight.dtype, top_k)
+    objective = _KDObjective(rows.teacher, rows.teacher_weight, kind, float(temperature), top_k, fused)
     grad_enabled = torch.is_grad_enabled()
     return _ChunkedLMHeadLoss.apply(
         rows.student,

@@ -39,7 +39,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ascend_edit.config import EngineConfig, StageConfig
+from ascend_edit.config import ConfigError, EngineConfig, StageConfig
 from ascend_edit.device import DeviceInfo
 from ascend_edit.train.checkpoint_io import (  # noqa: F401  (CheckpointDir, read_trainable_weights: re-exported)
     DEEPSPEED_DIR,
@@ -195,6 +195,7 @@ def deepspeed_config(cfg: EngineConfig, *, micro_batch: int, accumulation: int, 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    zero.update(checked_zero_options(cfg.zero_options))
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -215,6 +216,21 @@ def deepspeed_config(cfg: EngineConfig, *, micro_batch: int, accumulation: int, 
         # the gradients cross to the host once per optimizer step instead of once per micro-batch.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
+
+
+def checked_zero_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`engine.zero_options`, each key checked against DeepSpeed's own ZeRO config model, so that a typo
+    is one line naming the key (DeepSpeed would reject it later with a validation traceback)."""
+    if not options:
+        return {}
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"engine.zero_options.{key} is not a DeepSpeed zero_optimization key")
+    return dict(options)
 
 
 class _ObjectiveModule(nn.Module):

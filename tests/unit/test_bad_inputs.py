@@ -146,6 +146,8 @@ def test_cli_bad_values_are_one_line(tmp_path):
     one_line_error(cli(*TINY, "engine.grad_clip=-1", cwd=tmp_path, fresh_interpreter=True),
                    "engine.grad_clip=-1.0 must be")
     one_line_error(cli(*TINY, "distill.model_level.warmup_steps=-2", cwd=tmp_path), "distill.model_level.warmup_steps")
+    one_line_error(cli(*TINY, "engine=zero2", "+engine.zero_options.overlap_com=true", cwd=tmp_path),
+                   "engine.zero_options.overlap_com is not a DeepSpeed zero_optimization key")
 
 
 def test_cli_model_inputs_are_one_line_and_debug_shows_the_traceback(tmp_path):

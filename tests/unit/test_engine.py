@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ascend_edit.config import EngineConfig, StageConfig
+from ascend_edit.config import ConfigError, EngineConfig, StageConfig
 from ascend_edit.data import ResumableDistributedSampler
 from ascend_edit.device import seed_everything
 from ascend_edit.train.engine import CheckpointDir, TorchEngine, deepspeed_config, make_engine
@@ -331,6 +331,29 @@ def test_deepspeed_config_offload():
     zero = deepspeed_config(cfg, micro_batch=1, accumulation=1, world_size=1,
                             param_dtype=torch.float32)["zero_optimization"]
     assert "offload_optimizer" in zero and "offload_param" not in zero
+
+
+def test_deepspeed_config_zero_options_merge_and_are_checked():
+    cfg = EngineConfig(kind="deepspeed", zero_stage=2, offload_optimizer=True,
+                       zero_options={"overlap_comm": True, "reduce_bucket_size": 10**9})
+    zero = deepspeed_config(cfg, micro_batch=1, accumulation=1, world_size=1,
+                            param_dtype=torch.bfloat16)["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 10**9
+    assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(ConfigError, match=r"^engine.zero_options.overlap_com is not a DeepSpeed"):
+        deepspeed_config(EngineConfig(kind="deepspeed", zero_stage=2, zero_options={"overlap_com": True}),
+                         micro_batch=1, accumulation=1, world_size=1, param_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"stage": 3}, "engine.zero_options.stage is set by engine.zero_stage"),
+    ({"cpu_offload": True}, "engine.zero_options.cpu_offload is set by engine.offload_optimizer"),
+])
+def test_zero_options_may_not_set_what_engine_fields_own(options, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(kind="deepspeed", zero_stage=2, zero_options=options)
+    with pytest.raises(ConfigError, match="needs engine.kind=deepspeed"):
+        EngineConfig(zero_options={"overlap_comm": True})
 
 
 @pytest.mark.parametrize(("dtype", "bf16", "fp16"), [(torch.bfloat16, True, False), (torch.float16, False, True),

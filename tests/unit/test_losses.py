@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascend_edit.distill.chunked_kd import KD_KINDS, ce_loss, kd_logits_loss
+from ascend_edit.distill import chunked_kd
+from ascend_edit.distill.chunked_kd import KD_KINDS, ce_loss, kd_logits_loss, use_fused_kd
 from ascend_edit.distill.losses import activation_loss, feature_cosine_loss
 from tests.helpers.kd_reference import kd_logits_loss_naive
 
@@ -69,6 +70,71 @@ def test_chunked_kd_matches_naive_value_and_grads(kind, temperature, top_k, dtyp
         _assert_close_rel(got, want, rtol)
     # Masked-out tokens get exactly zero gradient.
     assert torch.all(chunked[1][~mask] == 0)
+
+
+@pytest.fixture
+def uncompiled_fused_chunks(monkeypatch):
+    """The fused path's chunk math run eagerly: its plumbing and arithmetic without the compile time
+    (the compiled graph is checked by the slow and GPU tests below)."""
+    calls = []
+
+    def eager(kind, temperature, grad_dtype):
+        calls.append((kind, temperature, grad_dtype))
+        return lambda s, t: chunked_kd.kd_chunk_from_logits(s, t, kind, temperature, grad_dtype)
+
+    monkeypatch.setattr(chunked_kd, "_compiled_kd_chunk", eager)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_fused_chunk_math_matches_naive(kind, temperature, dtype, uncompiled_fused_chunks):
+    student_hidden, teacher_hidden, weight, _, mask = _kd_inputs(dtype)
+    # fp32: x - logsumexp(x) rounds differently from log_softmax, and JSD's loss is a difference of two
+    # near-equal sums (measured worst 6e-5 relative on its loss)
+    rtol = 1e-4 if dtype == torch.float32 else BF16_RTOL
+    options = dict(kind=kind, temperature=temperature, mask=mask)
+    fused = _loss_and_grads(kd_logits_loss, student_hidden, teacher_hidden, weight, True, chunk_size=5,
+                            fused=True, **options)
+    naive = _loss_and_grads(kd_logits_loss_naive, student_hidden, teacher_hidden, weight, True, **options)
+    assert uncompiled_fused_chunks and uncompiled_fused_chunks[0] == (kind, temperature, dtype)
+    for got, want in zip(fused, naive):
+        _assert_close_rel(got, want, rtol)
+    assert torch.all(fused[1][~mask] == 0)
+
+
+def test_fused_kd_only_where_it_compiles(uncompiled_fused_chunks):
+    """Auto: CUDA and the full vocabulary; top-k keeps the eager path even when fused is asked for."""
+    assert use_fused_kd(torch.device("cuda"), torch.bfloat16, None)
+    assert not use_fused_kd(torch.device("cpu"), torch.bfloat16, None)
+    assert not use_fused_kd(torch.device("cuda"), torch.bfloat16, 5)
+    assert not use_fused_kd(torch.device("cuda"), torch.float64, None)
+    student_hidden, teacher_hidden, weight, _, mask = _kd_inputs(torch.float32)
+    kd_logits_loss(student_hidden, teacher_hidden, weight, mask=mask)  # CPU auto: eager
+    kd_logits_loss(student_hidden, teacher_hidden, weight, mask=mask, top_k=5, fused=True)
+    assert uncompiled_fused_chunks == []
+
+
+def _compiled_against_eager(device: torch.device) -> None:
+    student_hidden, teacher_hidden, weight, _, mask = (
+        t.to(device) if t is not None else None for t in _kd_inputs(torch.bfloat16))
+    for kind in KD_KINDS:
+        options = dict(kind=kind, temperature=2.0, mask=mask, chunk_size=5)
+        fused = _loss_and_grads(kd_logits_loss, student_hidden, teacher_hidden, weight, True, fused=True, **options)
+        eager = _loss_and_grads(kd_logits_loss, student_hidden, teacher_hidden, weight, True, fused=False, **options)
+        for got, want in zip(fused, eager):
+            _assert_close_rel(got, want, BF16_RTOL)
+
+
+@pytest.mark.slow  # Inductor compiles three graphs for the CPU: about a minute
+def test_compiled_fused_kd_matches_eager_on_cpu():
+    _compiled_against_eager(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_fused_kd_matches_eager_on_cuda():
+    _compiled_against_eager(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
