@@ -23,10 +23,12 @@ from ascend_edit.models.surgery import edited_attentions, set_mode
 class ModelLevelObjective:
     def __init__(self, kl: str = "forward", temperature: float = 1.0, top_k: int | None = None,
                  chunk_size: int = 1024, feature_weight: float = 0.0, feature_layers: list[int] | None = None,
-                 ce_weight: float = 0.0, teacher: nn.Module | None = None):
+                 ce_weight: float = 0.0, teacher: nn.Module | None = None, compile_kd: bool = True):
         """`teacher`: a separate frozen copy for runs that also train shared (non-attention) weights;
-        without it the teacher pass runs the same model with every attention in teacher mode."""
-        self.teacher = teacher
+        without it the teacher pass runs the same model with every attention in teacher mode.
+        `compile_kd`: the KD chunk math compiled where `chunked_kd.use_fused_kd` allows (False: eager
+        everywhere, as `engine.compile=off` asks)."""
+        self.teacher, self.compile_kd = teacher, compile_kd
         self.kl, self.temperature, self.top_k, self.chunk_size = kl, temperature, top_k, chunk_size
         self.feature_weight, self.feature_layers, self.ce_weight = feature_weight, feature_layers or [], ce_weight
 
@@ -55,7 +57,7 @@ class ModelLevelObjective:
         kind = cast(KDKind, self.kl)  # one of KD_KINDS: checked by ModelLevelConfig
         kd = kd_logits_loss(student_hidden, teacher_hidden, weight, kind=kind, temperature=self.temperature,
                             top_k=self.top_k, chunk_size=self.chunk_size, mask=mask,
-                            teacher_lm_head_weight=teacher_weight)
+                            teacher_lm_head_weight=teacher_weight, fused=None if self.compile_kd else False)
         loss, metrics = kd, {"kd": float(kd.detach())}
         if want_states:
             feat = feature_cosine_loss(student_states, teacher_states, mask=mask)
@@ -86,7 +88,9 @@ def frozen_teacher(model: nn.Module, stage: ModelLevelConfig) -> nn.Module | Non
     return teacher
 
 
-def model_level_objective(model: nn.Module, stage: ModelLevelConfig) -> ModelLevelObjective:
-    """Stage 2's objective for `model` as `stage` configures it (with a frozen teacher copy where needed)."""
+def model_level_objective(model: nn.Module, stage: ModelLevelConfig, compile_kd: bool = True) -> ModelLevelObjective:
+    """Stage 2's objective for `model` as `stage` configures it (with a frozen teacher copy where needed);
+    `compile_kd=False` (`engine.compile=off`) keeps the KD loss eager."""
     return ModelLevelObjective(stage.kl, stage.temperature, stage.top_k, stage.chunk_size, stage.feature_weight,
-                               list(stage.feature_layers), stage.ce_weight, teacher=frozen_teacher(model, stage))
+                               list(stage.feature_layers), stage.ce_weight, teacher=frozen_teacher(model, stage),
+                               compile_kd=compile_kd)

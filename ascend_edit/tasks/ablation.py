@@ -35,7 +35,7 @@ def run(cfg: RootConfig) -> dict:
                          "so that equal steps mean equal tokens")
     p = prepared
     start = copy.deepcopy(p.model)
-    model_level = model_level_objective(p.model, ml)
+    model_level = model_level_objective(p.model, ml, cfg.engine.compile != "off")
     settings = stage_settings(cfg)
     rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher"), 0.0),
             "init only": (evaluate(p.model, p.eval_batches), 0.0)}

@@ -79,7 +79,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         ml = cfg.distill.model_level
         held["model_level"] = whole_on_this_rank(model)
         histories["model_level"], timings["model_level"] = run_stage(
-            "model_level", model, model_level_objective(model, ml), ml, settings, train_set, device, env, ckpt_dir,
+            "model_level", model, model_level_objective(model, ml, cfg.engine.compile != "off"), ml, settings, train_set, device, env, ckpt_dir,
             keep_partitioned=partitioned_handoff)
         results["after_model_level"] = evaluate(model, eval_batches)
 

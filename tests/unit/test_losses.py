@@ -365,3 +365,29 @@ def test_activation_loss_rejects_bad_inputs():
         activation_loss(pred, pred[..., :4])
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         activation_loss(pred, pred, mask=torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("compile_kd", [True, False])
+def test_stage2_objective_takes_the_fused_kd_unless_compile_is_off(compile_kd, monkeypatch):
+    """`engine.compile=off` reaches the KD loss: no compiled chunk math then, even where it would run."""
+    from ascend_edit.config import MLAConfig, ModelLevelConfig, TargetConfig
+    from ascend_edit.distill.model_level import model_level_objective
+    from ascend_edit.models.surgery import build_plan, edit_model, set_trainable
+    from tests.conftest import tiny_model
+
+    model = tiny_model("qwen3", seed=0)
+    target = TargetConfig(kind="mla", init="random",
+                          mla=MLAConfig(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16))
+    edit_model(model, build_plan(model.config.num_hidden_layers, target), target)
+    set_trainable(model, "target")
+    monkeypatch.setattr(chunked_kd, "use_fused_kd", lambda device, dtype, top_k: True)  # as on CUDA
+    calls = []
+    monkeypatch.setattr(chunked_kd, "_compiled_kd_chunk", lambda kind, temperature, grad_dtype: (
+        calls.append(kind) or (lambda s, t: chunked_kd.kd_chunk_from_logits(s, t, kind, temperature, grad_dtype))))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "position_ids": torch.arange(24).expand(2, 24),
+             "loss_mask": torch.ones(2, 24, dtype=torch.bool)}
+    objective = model_level_objective(model, ModelLevelConfig(chunk_size=16), compile_kd=compile_kd)
+    loss, _ = objective(model, batch)
+    loss.backward()
+    assert bool(calls) == compile_kd and math.isfinite(float(loss))
