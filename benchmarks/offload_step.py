@@ -22,20 +22,20 @@ import argparse
 import time
 
 import torch
+from torch.optim.adamw import adamw
 
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
 
 def adamw_(master: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor) -> None:
-    """torch's fused AdamW on one flat fp32 tensor (CPU or CUDA kernel by the tensors' device); `step` is the
-    step count after this update (the op reads it for the bias correction, the caller advances it)."""
-    torch._fused_adamw_([master], [grad], [m], [v], [], [step], lr=ADAMW["lr"], beta1=ADAMW["betas"][0],
-                        beta2=ADAMW["betas"][1], weight_decay=ADAMW["weight_decay"], eps=ADAMW["eps"],
-                        amsgrad=False, maximize=False)
+    """torch's fused AdamW (functional form) on one flat fp32 tensor, CPU or CUDA kernel by the tensors'
+    device; it advances `step`, the tensor's own step count, by one."""
+    adamw([master], [grad], [m], [v], [], [step], fused=True, amsgrad=False, beta1=ADAMW["betas"][0],
+          beta2=ADAMW["betas"][1], lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"], eps=ADAMW["eps"],
+          maximize=False)
 
 
 def host_step(master, m, v, step, grad_dev, param_dev, grad_host) -> None:
-    step += 1
     grad_host.copy_(grad_dev, non_blocking=True)
     if grad_dev.is_cuda:
         torch.cuda.current_stream().synchronize()
@@ -43,10 +43,10 @@ def host_step(master, m, v, step, grad_dev, param_dev, grad_host) -> None:
     param_dev.copy_(master.to(param_dev.dtype), non_blocking=True)
 
 
-def streamed_step(master, m, v, step_dev, grad_dev, param_dev, buffers, chunk: int) -> None:
-    """Chunks of (master, m, v) host→device, AdamW on the device, weights cast in place, states back."""
+def streamed_step(master, m, v, steps_dev, grad_dev, param_dev, buffers, chunk: int) -> None:
+    """Chunks of (master, m, v) host→device, AdamW on the device, weights cast in place, states back.
+    `steps_dev`: one step count per chunk (each chunk is its own fused-AdamW call, which advances it)."""
     n = master.numel()
-    step_dev += 1
     cuda = grad_dev.is_cuda
     copy_in = torch.cuda.Stream() if cuda else None
     copy_out = torch.cuda.Stream() if cuda else None
@@ -69,7 +69,7 @@ def streamed_step(master, m, v, step_dev, grad_dev, param_dev, buffers, chunk: i
         else:
             for dst, src in ((d_master, master), (d_m, m), (d_v, v)):
                 dst.copy_(src[rows])
-        adamw_(d_master, grad_dev[rows], d_m, d_v, step_dev)
+        adamw_(d_master, grad_dev[rows], d_m, d_v, steps_dev[index])
         param_dev[rows].copy_(d_master)
         if cuda:
             stepped = compute.record_event()
@@ -126,17 +126,17 @@ def main() -> None:
     host_steps = int(step_host)
 
     reset(state)
-    step_dev = torch.zeros((), dtype=torch.float32, device=dev)
+    steps_dev = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(0, n, chunk)]
     buffers = [[torch.empty(chunk, device=dev) for _ in range(3)] for _ in range(args.slots)]
     times = []
     for _ in range(args.repeats + 1):
         sync()
         t = time.perf_counter()
-        streamed_step(state["master"], state["m"], state["v"], step_dev, grad_dev, param_dev, buffers, chunk)
+        streamed_step(state["master"], state["m"], state["v"], steps_dev, grad_dev, param_dev, buffers, chunk)
         sync()
         times.append(time.perf_counter() - t)
     results[f"streamed ({args.slots} x {chunk / 1e6:.0f} M-element chunks)"] = times[1:]
-    assert int(step_dev) == host_steps
+    assert all(int(step) == host_steps for step in steps_dev)
     # fused AdamW's CPU and CUDA kernels round differently in the last bits; the bf16 weights agree
     torch.testing.assert_close(param_dev[:chunk].float(), host_weights.float(), rtol=1e-2, atol=1e-5)
 

@@ -159,9 +159,10 @@ def kd_chunk_from_logits(
 @functools.cache
 def _compiled_kd_chunk(kind: str, temperature: float, grad_dtype: torch.dtype | None) -> Callable:
     """One compiled graph per (kind, temperature, gradient dtype); chunk shapes are static (the last,
-    shorter chunk of a batch compiles once more)."""
+    shorter chunk of a batch: its row count changes with every loss mask, so the second shape seen makes
+    the compiler mark the rows dynamic, and that one graph serves every later size — two compiles in all)."""
     return torch.compile(functools.partial(kd_chunk_from_logits, kind=kind, temperature=temperature,
-                                           grad_dtype=grad_dtype), dynamic=False, fullgraph=True)
+                                           grad_dtype=grad_dtype), fullgraph=True)
 
 
 def use_fused_kd(device: torch.device, dtype: torch.dtype, top_k: int | None) -> bool:
