@@ -31,6 +31,7 @@ the number of counted tokens.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,7 +169,13 @@ def _compiled_kd_chunk(kind: str, temperature: float, grad_dtype: torch.dtype | 
 def use_fused_kd(device: torch.device, dtype: torch.dtype, top_k: int | None) -> bool:
     """The compiled chunk math runs on CUDA for full-vocabulary KD in bf16/fp16/fp32 (Triton kernels;
     the CPU and the NPU take the eager path: no compiler for it there)."""
-    return device.type == "cuda" and top_k is None and dtype != torch.float64
+    return device.type == "cuda" and top_k is None and dtype != torch.float64 and _has_triton()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    """Inductor's CUDA kernels are Triton kernels; without it the eager path runs."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

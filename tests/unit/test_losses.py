@@ -104,8 +104,11 @@ def test_fused_chunk_math_matches_naive(kind, temperature, dtype, uncompiled_fus
     assert torch.all(fused[1][~mask] == 0)
 
 
-def test_fused_kd_only_where_it_compiles(uncompiled_fused_chunks):
-    """Auto: CUDA and the full vocabulary; top-k keeps the eager path even when fused is asked for."""
+def test_fused_kd_only_where_it_compiles(uncompiled_fused_chunks, monkeypatch):
+    """Auto: CUDA with Triton and the full vocabulary; top-k keeps the eager path even when fused is asked for."""
+    monkeypatch.setattr(chunked_kd, "_has_triton", lambda: False)
+    assert not use_fused_kd(torch.device("cuda"), torch.bfloat16, None)
+    monkeypatch.setattr(chunked_kd, "_has_triton", lambda: True)
     assert use_fused_kd(torch.device("cuda"), torch.bfloat16, None)
     assert not use_fused_kd(torch.device("cpu"), torch.bfloat16, None)
     assert not use_fused_kd(torch.device("cuda"), torch.bfloat16, 5)
