@@ -12,8 +12,8 @@ Memory parts (bytes per rank):
 * gradients        — of the targets: fp32 (torch engine) or the module dtype (DeepSpeed; ZeRO >= 2 partitions).
 * activations      — what backward keeps, per token and layer, from the layer's shapes (see `_layer_bytes`),
                      with and without activation checkpointing, plus one layer of transient working memory.
-* KD loss chunk    — stage 2: a few fp32 [chunk, vocab] tensors, and the student hidden-state gradient the
-                     chunked loss stores in forward.
+* KD loss chunk    — stage 2: a few fp32 [chunk, vocab] tensors (16-bit ones when compiled), and the student
+                     hidden-state gradient the chunked loss stores in forward.
 * comm buffers     — DeepSpeed buckets (reduce / all-gather) and, under ZeRO-3, gathered layer weights.
 
 Activation bytes model what autograd saves (bf16 tensors, fp32 norm inputs, flash-style attention that keeps
@@ -284,8 +284,12 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
     act = activation_bytes(m, t, s, s.checkpoint_every)
     kd = 0.0
     if s.stage == "model_level":
-        # ~3.5 fp32 [chunk, vocab] tensors + the student hidden-state gradient stored in forward
-        kd = 3.5 * FP32 * min(s.kd_chunk, s.micro_batch * s.seq_len) * m.vocab + 2 * s.micro_batch * s.seq_len * m.hidden
+        # eager chunk math: ~3.5 fp32 [chunk, vocab] tensors; compiled (CUDA, with engine.compile): the two
+        # logits and the gradient in the weights' dtype, nothing fp32 (chunked_kd.kd_chunk_from_logits;
+        # 0.47 vs 1.05 GiB measured at Qwen3's head, docs/benchmarks.md). Plus the student hidden-state
+        # gradient stored in forward.
+        per_element = 3 * w if s.compiled != "off" else 3.5 * FP32
+        kd = per_element * min(s.kd_chunk, s.micro_batch * s.seq_len) * m.vocab + 2 * s.micro_batch * s.seq_len * m.hidden
     comm = 0.0
     if ds and z >= 1:
         comm += min(DS_BUCKET_ELEMENTS, counts.target) * w * (2 if z <= 2 else 1)

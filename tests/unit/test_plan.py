@@ -74,6 +74,10 @@ def test_compiled_layers_keep_norm_inputs_and_matmul_outputs_only():
     compiled = plan_stage(TINY, MLA, ParamCounts(FROZEN, TARGET, 1), RunSettings("model_level", 32, 2,
                                                                                  compiled="layers"))
     assert compiled.activations_without_ckpt < eager.activations_without_ckpt
+    # the compiled KD chunk math holds the two logits and the gradient in bf16 instead of ~3.5 fp32 tensors
+    chunk_rows, hidden_grad = min(512, 2 * 32), 2 * 2 * 32 * 64
+    assert eager.parts["KD loss chunk"] == 3.5 * 4 * chunk_rows * 256 + hidden_grad
+    assert compiled.parts["KD loss chunk"] == 3 * 2 * chunk_rows * 256 + hidden_grad
 
 
 def test_plan_resolves_compile_for_the_clusters_device():
