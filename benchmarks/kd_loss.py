@@ -136,10 +136,11 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
 
-def agreement(inputs: Inputs, case: Case, chunk_size: int) -> str:
-    """Chunked vs naive: relative error of the loss and of the largest gradient entries."""
+def agreement(inputs: Inputs, case: Case, chunk_size: int, chunked: Callable | None = None) -> str:
+    """Chunked (eager chunks unless `chunked` says otherwise) vs naive: relative error of the loss and of
+    the largest gradient entries."""
     results = []
-    for loss_fn in (eager_chunks, kd_logits_loss_naive):
+    for loss_fn in (chunked or eager_chunks, kd_logits_loss_naive):
         loss = loss_and_backward(loss_fn, inputs, case, chunk_size)
         grads = [inputs.student_hidden.grad.clone()]
         if case.train_head:
@@ -206,6 +207,8 @@ def main() -> None:
                 f"{ms / naive_ms:>10.2f} | {mem_ratio:>11} |"
             )
         agreements.append(f"{case.label}: {agreement(inputs, case, DEFAULT_CHUNK_SIZE)}")
+        if args.fused and case.top_k is None:
+            agreements.append(f"{case.label}, fused: {agreement(inputs, case, DEFAULT_CHUNK_SIZE, fused_chunks)}")
     print()
     print(f"chunked (chunk_size {DEFAULT_CHUNK_SIZE}) vs naive at these sizes:")
     for line in agreements:

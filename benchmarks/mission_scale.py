@@ -123,7 +123,8 @@ def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accum
     if name == "layerwise":
         objective = LayerwiseObjective(stage.loss, stage.match)
     else:
-        objective = ModelLevelObjective(stage.kl, stage.temperature, stage.top_k, stage.chunk_size)
+        objective = ModelLevelObjective(stage.kl, stage.temperature, stage.top_k, stage.chunk_size,
+                                        compile_kd=cfg.engine.compile != "off")
     params = set_trainable(model, stage.trainable)
     set_activation_checkpointing(model, checkpointing_config(cfg.engine), active=name == "model_level")
     precision = resolve_precision(cfg.device.dtype, device_info.type, frozen_dtype(model))
@@ -162,8 +163,9 @@ def run_stage(cfg, model, name: str, device_info, steps: int, warmup: int, accum
 
 def split_step(engine, batch: dict, accumulation: int, device: torch.device) -> dict:
     """One optimizer step timed in two parts: every micro-batch's forward + backward (with the non-boundary
-    micro-steps), and the boundary — the last micro_step + step, where DeepSpeed flushes its gradient buckets
-    and steps the optimizer (an offloaded optimizer: gradients to the host, the host AdamW, weights back).
+    micro-steps), and the boundary — the last micro_step + step, where the optimizer steps (offloaded: the
+    host AdamW and the weights' copy back). DeepSpeed flushes its gradient buckets, and with offload copies
+    the gradients to the host, inside the last micro-batch's backward: that time is in the micro-batch part.
     The device is synchronised between the parts, so the sum is slightly above a timed step."""
     sync(device)
     started = time.perf_counter()

@@ -4,8 +4,9 @@ Issue 10's single-device recipe (ZeRO-2 + optimizer offload) pays, once per opti
 gradients' trip to the host, the host AdamW over every target parameter, and the updated weights' trip back.
 This measures that boundary for N parameters (default 1.75 B: the 8B MLA targets) two ways, on the same data:
 
-* ``host``: what DeepSpeed's offload does — fp32 gradients device→host (pinned), torch's fused CPU AdamW on
-  the fp32 masters and moments, bf16 weights host→device;
+* ``host``: the work DeepSpeed's offload does (not its code, which overlaps the gradients' copy with the
+  last backward) — fp32 gradients device→host (pinned), torch's fused CPU AdamW on the fp32 masters and
+  moments, bf16 weights host→device;
 * ``streamed``: the masters and moments stay in pinned host memory, but each chunk of them is copied to
   the device, stepped there by the fused CUDA AdamW beside the device's own fp32 gradients, cast into the
   bf16 weights, and copied back — copies in both directions overlapped with the update through three
@@ -121,7 +122,7 @@ def main() -> None:
         host_step(state["master"], state["m"], state["v"], step_host, grad_dev, param_dev, grad_host)
         sync()
         times.append(time.perf_counter() - t)
-    results["host (DeepSpeed offload's path)"] = times[1:]
+    results["host AdamW (the work of DeepSpeed's offload)"] = times[1:]
     host_weights = param_dev[:chunk].clone()
     host_steps = int(step_host)
 

@@ -121,8 +121,9 @@ def main() -> None:
         measure("after_layerwise")
     if cfg.distill.stage in ("model_level", "both") and cfg.distill.model_level.steps:
         ml = cfg.distill.model_level
-        _, seconds["model_level"] = run_stage("model_level", model, model_level_objective(model, ml), ml, settings,
-                                              train_set, device, Env, ckpt)
+        objective = model_level_objective(model, ml, cfg.engine.compile != "off")
+        _, seconds["model_level"] = run_stage("model_level", model, objective, ml, settings, train_set, device, Env,
+                                              ckpt)
         measure("after_model_level")
 
     teacher = rows["teacher"]

@@ -401,7 +401,8 @@ class Runner:
                 result["after_stage1_suite"] = self.suite(model)
             if c.stages in ("both", "model_level"):
                 ml = dataclasses.replace(ml, steps=self.steps["stage2"] if c.stages == "both" else self.steps["total"])
-                _, seconds["model_level"] = run_stage("model_level", model, model_level_objective(model, ml), ml,
+                objective = model_level_objective(model, ml, self.cfg.engine.compile != "off")
+                _, seconds["model_level"] = run_stage("model_level", model, objective, ml,
                                                       settings, self.train_set,
                                                       self.device, Env, scratch)
                 tokens += ml.steps * ml.batch_size * self.args.context

@@ -119,8 +119,9 @@ _GRAD_FACTOR: dict[str, float] = {"forward": 1.0, "reverse": 1.0, "jsd": 0.5}
 # The same per-chunk math as one function of the two chunks' logits, compiled on CUDA. The eager path
 # above makes about ten passes over [rows, V] fp32 tensors per chunk (upcasts, two log-softmaxes, the
 # divergence, its gradient); compiled, the upcast, both softmax normalisers, the divergence and the
-# gradient fuse into a few row reductions over the two logits in their own dtype, and no fp32 [rows, V]
-# tensor is written. Measured in benchmarks/kd_loss.py (`fused` rows) and docs/scaling.md.
+# gradient fuse into a few row reductions over the two logits in their own dtype. Forward KL writes no
+# fp32 [rows, V] tensor; reverse KL and JSD keep one (their gradient needs a row sum of the same values
+# first). Measured in benchmarks/kd_loss.py (`fused` rows) and docs/scaling.md.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -130,7 +131,7 @@ def kd_chunk_from_logits(
     """Summed divergence of one chunk and ``G`` (as the `_KD_CHUNK_FNS` return it) from raw logits.
 
     Written without in-place or ``out=`` ops so that the compiler can fuse it; the eager chunk
-    functions are its reference (tests/unit/test_chunked_kd.py).
+    functions are its reference (tests/unit/test_losses.py).
     """
     dtype = compute_dtype(student_logits.dtype)
     a = student_logits.to(dtype) / temperature
@@ -157,19 +158,41 @@ def kd_chunk_from_logits(
     return loss, (grad.to(grad_dtype) if grad_dtype is not None else None)
 
 
+# One entry point per kind: the compiler keeps one cache per function, with a limit of 8 graphs each, and
+# the gradient dtype (None in evaluation) and the one-row chunk (sizes 0/1 are always specialised) each
+# add graphs. Measured on the CPU over six batch sizes (last chunks of 1-61 rows) with and without
+# gradient: 6 / 4 / 6 graphs for forward / reverse / JSD. Past the limit the compiler runs the function
+# eagerly (a warning), never fails: no fullgraph.
+def _fused_forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                      grad_dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    return kd_chunk_from_logits(student_logits, teacher_logits, "forward", temperature, grad_dtype)
+
+
+def _fused_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                      grad_dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    return kd_chunk_from_logits(student_logits, teacher_logits, "reverse", temperature, grad_dtype)
+
+
+def _fused_jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+               grad_dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    return kd_chunk_from_logits(student_logits, teacher_logits, "jsd", temperature, grad_dtype)
+
+
+_FUSED_ENTRY = {"forward": _fused_forward_kl, "reverse": _fused_reverse_kl, "jsd": _fused_jsd}
+
+
 @functools.cache
-def _compiled_kd_chunk(kind: str, temperature: float, grad_dtype: torch.dtype | None) -> Callable:
-    """One compiled graph per (kind, temperature, gradient dtype); chunk shapes are static (the last,
-    shorter chunk of a batch: its row count changes with every loss mask, so the second shape seen makes
-    the compiler mark the rows dynamic, and that one graph serves every later size — two compiles in all)."""
-    return torch.compile(functools.partial(kd_chunk_from_logits, kind=kind, temperature=temperature,
-                                           grad_dtype=grad_dtype), fullgraph=True)
+def _compiled_kd_chunk(kind: str) -> Callable:
+    """The kind's chunk math compiled with the row count dynamic (the last chunk's size changes with every
+    loss mask; a static graph per size would soon reach the compiler's limit)."""
+    return torch.compile(_FUSED_ENTRY[kind], dynamic=True)
 
 
-def use_fused_kd(device: torch.device, dtype: torch.dtype, top_k: int | None) -> bool:
-    """The compiled chunk math runs on CUDA for full-vocabulary KD in bf16/fp16/fp32 (Triton kernels;
-    the CPU and the NPU take the eager path: no compiler for it there)."""
-    return device.type == "cuda" and top_k is None and dtype != torch.float64 and _has_triton()
+def use_fused_kd(device: torch.device, dtypes: tuple[torch.dtype, ...], top_k: int | None) -> bool:
+    """The compiled chunk math runs on CUDA for full-vocabulary KD with bf16/fp16/fp32 heads (`dtypes`:
+    the student's and the teacher's; Triton kernels — the CPU and the NPU take the eager path: no
+    compiler for it there)."""
+    return device.type == "cuda" and top_k is None and torch.float64 not in dtypes and _has_triton()
 
 
 @functools.cache
@@ -286,8 +309,9 @@ class _KDObjective(_ChunkObjective):
         chunk_fn = _KD_CHUNK_FNS[self.kind]
         teacher_hidden = self.teacher_hidden[rows]
         if self.top_k is None and self.fused:
-            chunk = _compiled_kd_chunk(self.kind, self.temperature, weight.dtype if need_grad else None)
-            return chunk(hidden @ weight.T, teacher_hidden @ self.teacher_weight.T)
+            chunk = _compiled_kd_chunk(self.kind)
+            return chunk(hidden @ weight.T, teacher_hidden @ self.teacher_weight.T, self.temperature,
+                         weight.dtype if need_grad else None)
         if self.top_k is None:
             log_q = _log_probs(hidden, weight, self.temperature)
             log_p = _log_probs(teacher_hidden, self.teacher_weight, self.temperature)
@@ -463,7 +487,7 @@ def kd_logits_loss(
     if n_tokens == 0:
         return zero_loss(rows.student, rows.weight)
     if fused is None:
-        fused = use_fused_kd(rows.student.device, rows.weight.dtype, top_k)
+        fused = use_fused_kd(rows.student.device, (rows.weight.dtype, rows.teacher_weight.dtype), top_k)
     objective = _KDObjective(rows.teacher, rows.teacher_weight, kind, float(temperature), top_k, fused)
     grad_enabled = torch.is_grad_enabled()
     return _ChunkedLMHeadLoss.apply(

@@ -95,6 +95,8 @@ class RunSettings:
     checkpoint_every: int = 0  # 0 = no activation checkpointing; k = every k-th layer (1 = all)
     kd_chunk: int = 512  # distill.model_level.chunk_size
     compiled: str = "off"  # engine.compile as resolved for the cluster's device: layers | blocks | off
+    kd_kind: str = "forward"  # distill.model_level.kl
+    kd_fused: bool = False  # the KD chunk math compiled (chunked_kd.use_fused_kd: CUDA, full vocabulary, compile on)
 
 
 @dataclass
@@ -284,11 +286,11 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
     act = activation_bytes(m, t, s, s.checkpoint_every)
     kd = 0.0
     if s.stage == "model_level":
-        # eager chunk math: ~3.5 fp32 [chunk, vocab] tensors; compiled (CUDA, with engine.compile): the two
-        # logits and the gradient in the weights' dtype, nothing fp32 (chunked_kd.kd_chunk_from_logits;
-        # 0.47 vs 1.05 GiB measured at Qwen3's head, docs/benchmarks.md). Plus the student hidden-state
-        # gradient stored in forward.
-        per_element = 3 * w if s.compiled != "off" else 3.5 * FP32
+        # eager chunk math: ~3.5 fp32 [chunk, vocab] tensors; compiled: the two logits and the gradient in
+        # the weights' dtype, and for reverse KL / JSD one fp32 tensor more (chunked_kd.kd_chunk_from_logits;
+        # at Qwen3's head 0.47 / 0.76 GiB against 1.05 eager, docs/benchmarks.md). Plus the student
+        # hidden-state gradient stored in forward.
+        per_element = (3 * w + (FP32 if s.kd_kind != "forward" else 0)) if s.kd_fused else 3.5 * FP32
         kd = per_element * min(s.kd_chunk, s.micro_batch * s.seq_len) * m.vocab + 2 * s.micro_batch * s.seq_len * m.hidden
     comm = 0.0
     if ds and z >= 1:

@@ -52,7 +52,11 @@ def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off"
                        offload_optimizer=cfg.engine.offload_optimizer, offload_params=cfg.engine.offload_params,
                        world_size=world, weight_bytes=TORCH_DTYPES[cfg.model.dtype].itemsize,
                        checkpoint_every=ckpt.every_n_layers if stage_name == "model_level" else 0,
-                       kd_chunk=cfg.distill.model_level.chunk_size, compiled=compiled)
+                       kd_chunk=cfg.distill.model_level.chunk_size, compiled=compiled,
+                       kd_kind=cfg.distill.model_level.kl,
+                       # as model_level_objective + chunked_kd.use_fused_kd decide it on the cluster's device
+                       kd_fused=(cfg.engine.compile != "off" and cfg.cluster.device == "cuda"
+                                 and cfg.distill.model_level.top_k is None))
 
 
 def usable_bytes(cluster: ClusterConfig) -> float:

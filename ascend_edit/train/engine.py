@@ -225,11 +225,16 @@ def checked_zero_options(options: dict[str, Any]) -> dict[str, Any]:
         return {}
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    fields = DeepSpeedZeroConfig.model_fields
-    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    field_of = {name: name for name in DeepSpeedZeroConfig.model_fields}
+    field_of.update({f.alias: name for name, f in DeepSpeedZeroConfig.model_fields.items() if f.alias})
+    seen: dict[str, str] = {}
     for key in options:
-        if key not in known:
+        if key not in field_of:
             raise ConfigError(f"engine.zero_options.{key} is not a DeepSpeed zero_optimization key")
+        if field_of[key] in seen:  # a setting under its name and its stage3_* alias
+            raise ConfigError(f"engine.zero_options.{key} and engine.zero_options.{seen[field_of[key]]} are the "
+                              "same DeepSpeed setting: keep one")
+        seen[field_of[key]] = key
     return dict(options)
 
 

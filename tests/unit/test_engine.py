@@ -343,6 +343,14 @@ def test_deepspeed_config_zero_options_merge_and_are_checked():
     with pytest.raises(ConfigError, match=r"^engine.zero_options.overlap_com is not a DeepSpeed"):
         deepspeed_config(EngineConfig(kind="deepspeed", zero_stage=2, zero_options={"overlap_com": True}),
                          micro_batch=1, accumulation=1, world_size=1, param_dtype=torch.bfloat16)
+    both = {"prefetch_bucket_size": 10**7, "stage3_prefetch_bucket_size": 10**7}  # a name and its alias
+    with pytest.raises(ConfigError, match="stage3_prefetch_bucket_size and engine.zero_options.prefetch_bucket_size"):
+        deepspeed_config(EngineConfig(kind="deepspeed", zero_stage=3, zero_options=both),
+                         micro_batch=1, accumulation=1, world_size=1, param_dtype=torch.bfloat16)
+    alias = deepspeed_config(EngineConfig(kind="deepspeed", zero_stage=3,
+                                          zero_options={"stage3_prefetch_bucket_size": 10**7}),
+                             micro_batch=1, accumulation=1, world_size=1, param_dtype=torch.bfloat16)
+    assert alias["zero_optimization"]["stage3_prefetch_bucket_size"] == 10**7
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -78,9 +78,11 @@ def uncompiled_fused_chunks(monkeypatch):
     (the compiled graph is checked by the slow and GPU tests below)."""
     calls = []
 
-    def eager(kind, temperature, grad_dtype):
-        calls.append((kind, temperature, grad_dtype))
-        return lambda s, t: chunked_kd.kd_chunk_from_logits(s, t, kind, temperature, grad_dtype)
+    def eager(kind):
+        def chunk(student_logits, teacher_logits, temperature, grad_dtype):
+            calls.append((kind, temperature, grad_dtype))
+            return chunked_kd.kd_chunk_from_logits(student_logits, teacher_logits, kind, temperature, grad_dtype)
+        return chunk
 
     monkeypatch.setattr(chunked_kd, "_compiled_kd_chunk", eager)
     return calls
@@ -107,12 +109,12 @@ def test_fused_chunk_math_matches_naive(kind, temperature, dtype, uncompiled_fus
 def test_fused_kd_only_where_it_compiles(uncompiled_fused_chunks, monkeypatch):
     """Auto: CUDA with Triton and the full vocabulary; top-k keeps the eager path even when fused is asked for."""
     monkeypatch.setattr(chunked_kd, "_has_triton", lambda: False)
-    assert not use_fused_kd(torch.device("cuda"), torch.bfloat16, None)
+    assert not use_fused_kd(torch.device("cuda"), (torch.bfloat16,), None)
     monkeypatch.setattr(chunked_kd, "_has_triton", lambda: True)
-    assert use_fused_kd(torch.device("cuda"), torch.bfloat16, None)
-    assert not use_fused_kd(torch.device("cpu"), torch.bfloat16, None)
-    assert not use_fused_kd(torch.device("cuda"), torch.bfloat16, 5)
-    assert not use_fused_kd(torch.device("cuda"), torch.float64, None)
+    assert use_fused_kd(torch.device("cuda"), (torch.bfloat16, torch.bfloat16), None)
+    assert not use_fused_kd(torch.device("cpu"), (torch.bfloat16,), None)
+    assert not use_fused_kd(torch.device("cuda"), (torch.bfloat16,), 5)
+    assert not use_fused_kd(torch.device("cuda"), (torch.float32, torch.float64), None)
     student_hidden, teacher_hidden, weight, _, mask = _kd_inputs(torch.float32)
     kd_logits_loss(student_hidden, teacher_hidden, weight, mask=mask)  # CPU auto: eager
     kd_logits_loss(student_hidden, teacher_hidden, weight, mask=mask, top_k=5, fused=True)
@@ -383,10 +385,11 @@ def test_stage2_objective_takes_the_fused_kd_unless_compile_is_off(compile_kd, m
                           mla=MLAConfig(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16))
     edit_model(model, build_plan(model.config.num_hidden_layers, target), target)
     set_trainable(model, "target")
-    monkeypatch.setattr(chunked_kd, "use_fused_kd", lambda device, dtype, top_k: True)  # as on CUDA
+    monkeypatch.setattr(chunked_kd, "use_fused_kd", lambda device, dtypes, top_k: True)  # as on CUDA
     calls = []
-    monkeypatch.setattr(chunked_kd, "_compiled_kd_chunk", lambda kind, temperature, grad_dtype: (
-        calls.append(kind) or (lambda s, t: chunked_kd.kd_chunk_from_logits(s, t, kind, temperature, grad_dtype))))
+    monkeypatch.setattr(chunked_kd, "_compiled_kd_chunk", lambda kind: (
+        calls.append(kind) or (lambda s, t, temperature, grad_dtype: chunked_kd.kd_chunk_from_logits(
+            s, t, kind, temperature, grad_dtype))))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "position_ids": torch.arange(24).expand(2, 24),
              "loss_mask": torch.ones(2, 24, dtype=torch.bool)}

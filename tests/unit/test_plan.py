@@ -74,10 +74,16 @@ def test_compiled_layers_keep_norm_inputs_and_matmul_outputs_only():
     compiled = plan_stage(TINY, MLA, ParamCounts(FROZEN, TARGET, 1), RunSettings("model_level", 32, 2,
                                                                                  compiled="layers"))
     assert compiled.activations_without_ckpt < eager.activations_without_ckpt
-    # the compiled KD chunk math holds the two logits and the gradient in bf16 instead of ~3.5 fp32 tensors
+    # the compiled KD chunk math holds the two logits and the gradient in bf16 instead of ~3.5 fp32 tensors,
+    # reverse KL and JSD one fp32 tensor more
     chunk_rows, hidden_grad = min(512, 2 * 32), 2 * 2 * 32 * 64
     assert eager.parts["KD loss chunk"] == 3.5 * 4 * chunk_rows * 256 + hidden_grad
-    assert compiled.parts["KD loss chunk"] == 3 * 2 * chunk_rows * 256 + hidden_grad
+    assert compiled.parts["KD loss chunk"] == eager.parts["KD loss chunk"]  # compiled layers alone: eager KD
+    fused = {kind: plan_stage(TINY, MLA, ParamCounts(FROZEN, TARGET, 1), RunSettings(
+        "model_level", 32, 2, compiled="layers", kd_fused=True, kd_kind=kind)).parts["KD loss chunk"]
+        for kind in ("forward", "reverse", "jsd")}
+    assert fused["forward"] == 3 * 2 * chunk_rows * 256 + hidden_grad
+    assert fused["reverse"] == fused["jsd"] == (3 * 2 + 4) * chunk_rows * 256 + hidden_grad
 
 
 def test_plan_resolves_compile_for_the_clusters_device():
@@ -86,6 +92,14 @@ def test_plan_resolves_compile_for_the_clusters_device():
     npu = plan_run(compose_cfg(["engine.compile=auto", "cluster=910b_64g", "cluster.devices_per_node=1",
                                 "plan.stage=model_level"]))[0]
     assert cuda["activations_no_ckpt_gib"] < npu["activations_no_ckpt_gib"]
+    # the KD chunk math is compiled on CUDA only; an explicit engine.compile on Ascend compiles the layers
+    # (torchair aside) but the KD loss stays eager there
+    assert cuda["parts_gib"]["KD loss chunk"] < npu["parts_gib"]["KD loss chunk"]
+    forced = plan_run(compose_cfg(["engine.compile=layers", "cluster=910b_64g", "cluster.devices_per_node=1",
+                                   "plan.stage=model_level"]))[0]
+    assert forced["parts_gib"]["KD loss chunk"] == npu["parts_gib"]["KD loss chunk"]
+    eager_cuda = plan_run(compose_cfg(["engine.compile=off", "cluster=h200", "plan.stage=model_level"]))[0]
+    assert eager_cuda["parts_gib"]["KD loss chunk"] == npu["parts_gib"]["KD loss chunk"]
 
 
 def test_zero_partitions_what_each_stage_says():
