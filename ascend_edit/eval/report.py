@@ -204,6 +204,10 @@ def render(run_dir: Path) -> Path:
         for stage, seconds in (report.get("train_seconds") or {}).items():
             tokens = (report.get("throughput") or {}).get(stage, {}).get("tokens", 0)
             lines.append(f"| {stage} | {tokens:,} tokens in {_fmt_seconds(seconds)} |")
+        phase_names = {"prepare": "setup: teacher, targets + warm start, data", "evaluate": "evaluations along the way",
+                       "save": "writing checkpoints"}
+        for phase, seconds in (report.get("phase_seconds") or {}).items():
+            lines.append(f"| {phase_names.get(phase, phase)} | {_fmt_seconds(seconds)} |")
         if "peak_memory_gib" in report:
             lines.append(f"| peak device memory | {report['peak_memory_gib']:.2f} GiB |")
         if results.get("seconds") is not None:

@@ -8,9 +8,11 @@ largest number of values ever gathered at once (`zero3`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,7 +38,9 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
     after the stages; False gathers it whole on every rank after each stage (the reference path in tests)."""
     started = time.perf_counter()
     GATHER_METER.reset()
-    prepared = prepare(cfg)
+    phases: dict[str, float] = {}  # where the wall time goes besides training (report.json `phase_seconds`)
+    with clock(phases, "prepare"):  # teacher, targets and their warm start, data
+        prepared = prepare(cfg)
     if prepared is None:
         return {}
     device, env, model, tokenizer = prepared.device, prepared.env, prepared.model, prepared.tokenizer
@@ -49,7 +53,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
     def collective() -> bool:  # every rank takes part in writing the model (it is partitioned)
         return has_zero_params(model)
 
-    results = {"teacher": evaluate(model, eval_batches, "teacher"), "after_init": evaluate(model, eval_batches)}
+    with clock(phases, "evaluate"):
+        results = {"teacher": evaluate(model, eval_batches, "teacher"), "after_init": evaluate(model, eval_batches)}
     console.print(f"teacher ppl {results['teacher']['ppl']:.2f} | after init ppl {results['after_init']['ppl']:.2f}"
                   f" KL {results['after_init']['teacher_kl']:.3f}")
     timings, histories = {}, {}
@@ -62,9 +67,11 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         histories["layerwise"], timings["layerwise"] = run_stage(
             "layerwise", model, objective, cfg.distill.layerwise, settings, train_set, device, env, ckpt_dir,
             keep_partitioned=partitioned_handoff)
-        results["after_layerwise"] = evaluate(model, eval_batches)
+        with clock(phases, "evaluate"):
+            results["after_layerwise"] = evaluate(model, eval_batches)
         if env.is_main or collective():  # the hand-off point for a stage 2 run as a separate job
-            save_converted(model, cfg.target, out_dir / "stage-layerwise", tokenizer)
+            with clock(phases, "save"):
+                save_converted(model, cfg.target, out_dir / "stage-layerwise", tokenizer)
     elif cfg.distill.stage == "model_level":
         start = Path(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
         if start.exists():
@@ -78,10 +85,12 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
     if cfg.distill.stage in stages["model_level"] and cfg.distill.model_level.steps:
         ml = cfg.distill.model_level
         held["model_level"] = whole_on_this_rank(model)
+        kd_objective = model_level_objective(model, ml, compile_kd=cfg.engine.compile != "off")
         histories["model_level"], timings["model_level"] = run_stage(
-            "model_level", model, model_level_objective(model, ml, cfg.engine.compile != "off"), ml, settings, train_set, device, env, ckpt_dir,
+            "model_level", model, kd_objective, ml, settings, train_set, device, env, ckpt_dir,
             keep_partitioned=partitioned_handoff)
-        results["after_model_level"] = evaluate(model, eval_batches)
+        with clock(phases, "evaluate"):
+            results["after_model_level"] = evaluate(model, eval_batches)
 
     kv = kv_table(model, cfg.eval.context, bytes_per_value=2)
     throughput = {name: stage_throughput(getattr(cfg.distill, name), cfg.data.seq_len, seconds, env.world_size)
@@ -99,7 +108,9 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
                            "largest_gathered_values": GATHER_METER.largest}
     partitioned = collective()
     if env.is_main or partitioned:
-        save_converted(model, cfg.target, out_dir / "converted", tokenizer)
+        with clock(phases, "save"):
+            save_converted(model, cfg.target, out_dir / "converted", tokenizer)
+    report["phase_seconds"] = phases
     if partitioned and cfg.eval.suite:  # the suite's forwards gather module by module: every rank runs them
         suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main)
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite=False))
@@ -112,6 +123,16 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         finish_run(model, tokenizer, cfg, out_dir, device, wall_seconds=time.perf_counter() - started)
     distributed.barrier()
     return report
+
+
+@contextlib.contextmanager
+def clock(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall seconds to `phases[name]`."""
+    begun = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - begun
 
 
 def whole_on_this_rank(model) -> dict[str, int]:

@@ -128,6 +128,10 @@ def test_convert_writes_report_and_converted_model(full_run: Path):
     report = json.loads((full_run / "report.json").read_text())
     assert [tuple(e) for e in report["plan"]] == [(i, "mla") for i in range(4)]
     assert len(report["histories"]["layerwise"]) == 20 and len(report["histories"]["model_level"]) == 20
+    # where the wall time went besides training: every phase ran and took time
+    assert set(report["phase_seconds"]) == {"prepare", "evaluate", "save"}
+    assert all(seconds > 0 for seconds in report["phase_seconds"].values())
+    assert "| setup: teacher, targets + warm start, data |" in (full_run / "report.md").read_text()
     for name in ("config.json", "ascend_edit.json", "model.safetensors", "tokenizer.json"):
         assert (full_run / "converted" / name).is_file(), name
 
