@@ -3,32 +3,93 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from ascend_edit.models.surgery import set_mode
 
 
+class TeacherReference:
+    """The teacher path's final hidden states on a fixed list of evaluation batches, computed on first use.
+
+    A conversion evaluates the same batches three to five times (teacher, after the warm start, after each
+    stage), and the teacher path does not change: its final hidden states are kept and later evaluations
+    only re-apply the LM head. That is used only when the head alone reproduces the model's own logits to
+    the bit on the first batch (true of Llama / Qwen heads; an architecture that scales or caps its logits
+    keeps the full forward). On the 135M default job this removes three of seven evaluation forwards.
+    Stage 2 runs that train shared weights move the model's teacher path; the reference stays the
+    original teacher.
+    """
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+        self._hidden: list[torch.Tensor | None] = [None] * len(batches)
+        self.head_reproduces_logits: bool | None = None  # decided on the first batch
+        self._head_fingerprint: float | None = None
+
+    def log_probs(self, model: nn.Module, index: int) -> torch.Tensor:
+        """Teacher log-probabilities of batch `index` on its scored tokens, fp32 [tokens, vocab]."""
+        batch = self.batches[index]
+        head = cast(PreTrainedModel, model).get_output_embeddings()
+        hidden = self._hidden[index]
+        if hidden is not None and _fingerprint(head.weight) != self._head_fingerprint:
+            # the LM head trained since (distill.model_level.trainable=all): forget, run the teacher path again
+            self._hidden = [None] * len(self.batches)
+            hidden = None
+        if hidden is not None:
+            logits = head(hidden)
+        else:
+            captured: list[torch.Tensor] = []
+            hook = model.get_submodule("model").register_forward_hook(
+                lambda module, args, output: captured.append(output.last_hidden_state))
+            set_mode(model, "teacher")
+            try:
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).logits
+            finally:
+                hook.remove()
+                set_mode(model, "student")
+            if self.head_reproduces_logits is None:
+                # a partitioned (ZeRO-3) head has no values here to fingerprint: no reuse
+                self.head_reproduces_logits = head.weight.numel() > 0 and bool(torch.equal(head(captured[0]), logits))
+            if self.head_reproduces_logits:
+                self._hidden[index] = captured[0]
+                self._head_fingerprint = _fingerprint(head.weight)
+        return F.log_softmax(logits[batch["loss_mask"]].float(), dim=-1)
+
+
+def _fingerprint(weight: torch.Tensor) -> float:
+    """The sum in fp64 (accumulated without an fp64 copy): any optimizer update of the head changes it."""
+    return float(torch.sum(weight.detach(), dtype=torch.float64))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], which: str = "student") -> dict[str, float]:
+def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
+             reference: TeacherReference | None = None) -> dict[str, float]:
     """Token-weighted held-out metrics of `which` path; KL and agreement are against the teacher path.
 
+    `reference`: the teacher's states on these batches kept between calls (see TeacherReference).
     Logits are materialised one batch at a time (evaluation batches are small).
     """
+    if reference is None:
+        reference = TeacherReference(batches)
+    elif reference.batches is not batches:
+        raise ValueError("the teacher reference was built on other evaluation batches")
     nll = kl = agree = 0.0
     tokens = 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         mask = batch["loss_mask"]
         targets = torch.roll(batch["input_ids"], -1, dims=1)[mask]
-        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        set_mode(model, "teacher")
-        teacher_logp = F.log_softmax(model(**kwargs).logits[mask].float(), dim=-1)
+        teacher_logp = reference.log_probs(model, index)
         if which == "teacher":
             logp = teacher_logp
         else:
             set_mode(model, "student")
+            kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
             logp = F.log_softmax(model(**kwargs).logits[mask].float(), dim=-1)
         nll += float(-logp.gather(-1, targets[:, None]).sum())
         kl += float((teacher_logp.exp() * (teacher_logp - logp)).sum())

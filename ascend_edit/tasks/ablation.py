@@ -20,7 +20,7 @@ from ascend_edit import distributed
 from ascend_edit.config import RootConfig
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
-from ascend_edit.eval.metrics import evaluate
+from ascend_edit.eval.metrics import TeacherReference, evaluate
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
 
@@ -37,25 +37,26 @@ def run(cfg: RootConfig) -> dict:
     start = copy.deepcopy(p.model)
     model_level = model_level_objective(p.model, ml, cfg.engine.compile != "off")
     settings = stage_settings(cfg)
-    rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher"), 0.0),
-            "init only": (evaluate(p.model, p.eval_batches), 0.0)}
+    reference = TeacherReference(p.eval_batches)  # the teacher's forwards once, for every row below
+    rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher", reference), 0.0),
+            "init only": (evaluate(p.model, p.eval_batches, reference=reference), 0.0)}
 
     stage2_only = copy.deepcopy(start)
     long_ml = dataclasses.replace(ml, steps=lw.steps + ml.steps)
     _, seconds = run_stage("model_level", stage2_only, model_level, long_ml, settings, p.train_set, p.device, p.env,
                            p.out_dir / "ablation-stage2-only")
-    rows["stage 2 only"] = (evaluate(stage2_only, p.eval_batches), seconds)
+    rows["stage 2 only"] = (evaluate(stage2_only, p.eval_batches, reference=reference), seconds)
     del stage2_only
 
     both = start
     stage1 = LayerwiseObjective(lw.loss, lw.match)
     _, s1 = run_stage("layerwise", both, stage1, lw, settings, p.train_set, p.device, p.env,
                       p.out_dir / "ablation-stage1+2")
-    after_stage1 = evaluate(both, p.eval_batches)
+    after_stage1 = evaluate(both, p.eval_batches, reference=reference)
     _, s2 = run_stage("model_level", both, model_level, ml, settings, p.train_set, p.device, p.env,
                       p.out_dir / "ablation-stage1+2")
     rows["stage 1 only (midpoint)"] = (after_stage1, s1)
-    rows["stage 1 + stage 2"] = (evaluate(both, p.eval_batches), s1 + s2)
+    rows["stage 1 + stage 2"] = (evaluate(both, p.eval_batches, reference=reference), s1 + s2)
 
     tokens = (lw.steps + ml.steps) * ml.batch_size * cfg.data.seq_len
     report: dict[str, Any] = {name: {**metrics, "train_seconds": sec} for name, (metrics, sec) in rows.items()}

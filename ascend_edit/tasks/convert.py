@@ -25,7 +25,7 @@ from ascend_edit.device import memory_stats
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
 from ascend_edit.eval.kv import kv_table
-from ascend_edit.eval.metrics import evaluate
+from ascend_edit.eval.metrics import TeacherReference, evaluate
 from ascend_edit.models.checkpoint import load_converted_weights, save_converted
 from ascend_edit.models.surgery import plan_entries
 from ascend_edit.models.zero3 import GATHER_METER, full_numel, has_zero_params
@@ -53,8 +53,10 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
     def collective() -> bool:  # every rank takes part in writing the model (it is partitioned)
         return has_zero_params(model)
 
+    reference = TeacherReference(eval_batches)  # the teacher's forwards run once for every evaluation below
     with clock(phases, "evaluate"):
-        results = {"teacher": evaluate(model, eval_batches, "teacher"), "after_init": evaluate(model, eval_batches)}
+        results = {"teacher": evaluate(model, eval_batches, "teacher", reference),
+                   "after_init": evaluate(model, eval_batches, reference=reference)}
     console.print(f"teacher ppl {results['teacher']['ppl']:.2f} | after init ppl {results['after_init']['ppl']:.2f}"
                   f" KL {results['after_init']['teacher_kl']:.3f}")
     timings, histories = {}, {}
@@ -68,7 +70,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
             "layerwise", model, objective, cfg.distill.layerwise, settings, train_set, device, env, ckpt_dir,
             keep_partitioned=partitioned_handoff)
         with clock(phases, "evaluate"):
-            results["after_layerwise"] = evaluate(model, eval_batches)
+            results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
         if env.is_main or collective():  # the hand-off point for a stage 2 run as a separate job
             with clock(phases, "save"):
                 save_converted(model, cfg.target, out_dir / "stage-layerwise", tokenizer)
@@ -76,7 +78,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         start = Path(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
         if start.exists():
             load_converted_weights(model, start)
-            results["after_layerwise"] = evaluate(model, eval_batches)
+            results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
             console.print(f"stage 2 starts from {start}")
         elif cfg.distill.init_from:
             raise FileNotFoundError(f"distill.init_from={start} does not exist")
@@ -90,7 +92,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
             "model_level", model, kd_objective, ml, settings, train_set, device, env, ckpt_dir,
             keep_partitioned=partitioned_handoff)
         with clock(phases, "evaluate"):
-            results["after_model_level"] = evaluate(model, eval_batches)
+            results["after_model_level"] = evaluate(model, eval_batches, reference=reference)
 
     kv = kv_table(model, cfg.eval.context, bytes_per_value=2)
     throughput = {name: stage_throughput(getattr(cfg.distill, name), cfg.data.seq_len, seconds, env.world_size)
