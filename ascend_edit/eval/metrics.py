@@ -21,8 +21,8 @@ class TeacherReference:
     only re-apply the LM head. That is used only when the head alone reproduces the model's own logits to
     the bit on the first batch (true of Llama / Qwen heads; an architecture that scales or caps its logits
     keeps the full forward). On the 135M default job this removes three of seven evaluation forwards.
-    Stage 2 runs that train shared weights move the model's teacher path; the reference stays the
-    original teacher.
+    Stage 2 runs that train shared weights move the model's teacher path: trained norms leave the reference
+    the original teacher; a trained LM head makes it start over on the moved path (`forget_if_head_changed`).
     """
 
     def __init__(self, batches: list[dict]):
@@ -31,15 +31,18 @@ class TeacherReference:
         self.head_reproduces_logits: bool | None = None  # decided on the first batch
         self._head_fingerprint: float | None = None
 
+    def forget_if_head_changed(self, model: nn.Module) -> None:
+        """Drop the kept states when the LM head has trained since they were kept
+        (distill.model_level.trainable=all): the next evaluation runs the teacher path again."""
+        if self._head_fingerprint is not None and _fingerprint(_head(model).weight) != self._head_fingerprint:
+            self._hidden = [None] * len(self.batches)
+            self._head_fingerprint = None
+
     def log_probs(self, model: nn.Module, index: int) -> torch.Tensor:
         """Teacher log-probabilities of batch `index` on its scored tokens, fp32 [tokens, vocab]."""
         batch = self.batches[index]
-        head = cast(PreTrainedModel, model).get_output_embeddings()
+        head = _head(model)
         hidden = self._hidden[index]
-        if hidden is not None and _fingerprint(head.weight) != self._head_fingerprint:
-            # the LM head trained since (distill.model_level.trainable=all): forget, run the teacher path again
-            self._hidden = [None] * len(self.batches)
-            hidden = None
         if hidden is not None:
             logits = head(hidden.to(batch["input_ids"].device))
         else:
@@ -59,8 +62,14 @@ class TeacherReference:
             if self.head_reproduces_logits:
                 # in host memory while the stages train (16 x 4,096 tokens of Qwen3-8B: 0.5 GiB)
                 self._hidden[index] = captured[0].to("cpu")
-                self._head_fingerprint = _fingerprint(head.weight)
+                if self._head_fingerprint is None:
+                    self._head_fingerprint = _fingerprint(head.weight)
         return F.log_softmax(logits[batch["loss_mask"]].float(), dim=-1)
+
+
+def _head(model: nn.Module) -> nn.Linear:
+    """The LM head (a Linear in every architecture the project converts)."""
+    return cast(nn.Linear, cast(PreTrainedModel, model).get_output_embeddings())
 
 
 def _fingerprint(weight: torch.Tensor) -> float:
@@ -80,6 +89,7 @@ def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
         reference = TeacherReference(batches)
     elif reference.batches is not batches:
         raise ValueError("the teacher reference was built on other evaluation batches")
+    reference.forget_if_head_changed(model)
     nll = kl = agree = 0.0
     tokens = 0
     for index, batch in enumerate(batches):

@@ -78,7 +78,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         start = Path(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
         if start.exists():
             load_converted_weights(model, start)
-            results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
+            with clock(phases, "evaluate"):
+                results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
             console.print(f"stage 2 starts from {start}")
         elif cfg.distill.init_from:
             raise FileNotFoundError(f"distill.init_from={start} does not exist")
