@@ -40,7 +40,7 @@ from ascend_edit.device import resolve_device, seed_everything
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
 from ascend_edit.eval.long_context import token_stream, window_batches, windows
-from ascend_edit.eval.metrics import compare, evaluate, model_logits
+from ascend_edit.eval.metrics import TeacherReference, compare, evaluate, model_logits
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, collect_layer_stats, edit_model
 from ascend_edit.train.stage import run_stage, stage_settings
@@ -100,9 +100,12 @@ def main() -> None:
     edit_model(model, plan, cfg.target, stats)
 
     rows = {}
+    # the teacher's states kept per domain; after a stage 2 that trains shared weights, from its frozen copy
+    references = {"in_domain": TeacherReference(in_domain), "python_docs": TeacherReference(out_of_domain)}
 
     def measure(name: str, which: str = "student") -> None:
-        rows[name] = {"in_domain": evaluate(model, in_domain, which), "python_docs": evaluate(model, out_of_domain, which)}
+        rows[name] = {"in_domain": evaluate(model, in_domain, which, references["in_domain"]),
+                      "python_docs": evaluate(model, out_of_domain, which, references["python_docs"])}
         print(name, {k: round(v["ppl"], 2) for k, v in rows[name].items()}, flush=True)
 
     measure("teacher", "teacher")
@@ -124,6 +127,8 @@ def main() -> None:
         objective = model_level_objective(model, ml, cfg.engine.compile != "off")
         _, seconds["model_level"] = run_stage("model_level", model, objective, ml, settings, train_set, device, Env,
                                               ckpt)
+        for reference in references.values():
+            reference.use_teacher(objective.teacher)
         measure("after_model_level")
 
     teacher = rows["teacher"]

@@ -358,13 +358,15 @@ class Runner:
         return model, target
 
     # ------------------------------------------------------------------ one condition
-    def suite(self, model) -> dict:
+    def suite(self, model, teacher=None) -> dict:
+        """The held-out suite on `model`'s student path against the teacher path of `teacher` (the stage's
+        frozen copy when stage 2 trained shared weights, which moves `model`'s own teacher path) or of `model`."""
         from ascend_edit.eval.metrics import paired_logits
         from ascend_edit.eval.suite import run_suite
 
         model.eval()
-        teacher, student = paired_logits(model)
-        return run_suite(teacher, student, self.tokenizer, self.cfg.eval, self.sets,
+        teacher_logits, student_logits = paired_logits(model, teacher)
+        return run_suite(teacher_logits, student_logits, self.tokenizer, self.cfg.eval, self.sets,
                          getattr(model.config, "max_position_embeddings", None), self.device.torch_device)
 
     def run(self, c: Condition) -> dict:
@@ -392,6 +394,7 @@ class Runner:
         if c.kind == "gate_swa":
             lw = dataclasses.replace(lw, lr=1e-3)  # as experiment=smollm2_gate_swa
         seconds, tokens = {}, 0
+        original_teacher = None  # the frozen copy stage 2 makes when it trains shared weights
         try:
             if c.stages == "both":
                 lw = dataclasses.replace(lw, steps=self.steps["stage1"])
@@ -406,9 +409,10 @@ class Runner:
                                                       settings, self.train_set,
                                                       self.device, Env, scratch)
                 tokens += ml.steps * ml.batch_size * self.args.context
+                original_teacher = objective.teacher
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # created above by this run
-        result["final_suite"] = self.suite(model) if c.stages != "none" else result["init_suite"]
+        result["final_suite"] = self.suite(model, original_teacher) if c.stages != "none" else result["init_suite"]
         result["train_tokens"] = tokens
         result["train_seconds"] = seconds
         result["train_tokens_per_s"] = tokens / sum(seconds.values()) if seconds else None

@@ -21,26 +21,41 @@ class TeacherReference:
     only re-apply the LM head. That is used only when the head alone reproduces the model's own logits to
     the bit on the first batch (true of Llama / Qwen heads; an architecture that scales or caps its logits
     keeps the full forward). On the 135M default job this removes three of seven evaluation forwards.
-    Stage 2 runs that train shared weights move the model's teacher path: trained norms leave the reference
-    the original teacher; a trained LM head makes it start over on the moved path (`forget_if_head_changed`).
+
+    The teacher is the original model, always. A stage 2 that trains shared weights
+    (`distill.model_level.trainable=target+norms|all`) moves the edited model's own teacher path (same norms,
+    MLPs and head as the student), so from then on the teacher forwards and head must come from the frozen
+    copy the stage trained against: `use_teacher(copy)`. Without it, evaluating a model whose head has moved
+    since the states were kept is refused rather than compared against a teacher that is not the teacher.
     """
 
-    def __init__(self, batches: list[dict]):
+    def __init__(self, batches: list[dict], teacher: nn.Module | None = None):
         self.batches = batches
         self._hidden: list[torch.Tensor | None] = [None] * len(batches)
         self.head_reproduces_logits: bool | None = None  # decided on the first batch
         self._head_fingerprint: float | None = None
+        self.teacher = teacher
 
-    def forget_if_head_changed(self, model: nn.Module) -> None:
-        """Drop the kept states when the LM head has trained since they were kept
-        (distill.model_level.trainable=all): the next evaluation runs the teacher path again."""
-        if self._head_fingerprint is not None and _fingerprint(_head(model).weight) != self._head_fingerprint:
-            self._hidden = [None] * len(self.batches)
-            self._head_fingerprint = None
+    def use_teacher(self, teacher: nn.Module | None) -> None:
+        """Take the teacher path of `teacher` (a frozen copy of the edited model made before its shared
+        weights trained) for every later teacher forward and head; None keeps the evaluated model's own."""
+        if teacher is not None:
+            self.teacher = teacher
+
+    def check_teacher_unmoved(self, model: nn.Module) -> None:
+        """Refuse to go on when the evaluated model's LM head has trained since the states were kept and no
+        frozen teacher was given: its teacher path would no longer be the teacher."""
+        if self.teacher is not None or self._head_fingerprint is None:
+            return
+        if _fingerprint(_head(model).weight) != self._head_fingerprint:
+            raise ValueError("the model's LM head trained since the teacher's states were kept, so its teacher "
+                             "path is no longer the teacher: pass the stage's frozen teacher copy "
+                             "(TeacherReference.use_teacher)")
 
     def log_probs(self, model: nn.Module, index: int) -> torch.Tensor:
         """Teacher log-probabilities of batch `index` on its scored tokens, fp32 [tokens, vocab]."""
         batch = self.batches[index]
+        model = self.teacher if self.teacher is not None else model
         head = _head(model)
         hidden = self._hidden[index]
         if hidden is not None:
@@ -89,7 +104,7 @@ def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
         reference = TeacherReference(batches)
     elif reference.batches is not batches:
         raise ValueError("the teacher reference was built on other evaluation batches")
-    reference.forget_if_head_changed(model)
+    reference.check_teacher_unmoved(model)
     nll = kl = agree = 0.0
     tokens = 0
     for index, batch in enumerate(batches):
@@ -116,19 +131,21 @@ def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
 LogitsFn = Callable[[dict], torch.Tensor]  # batch -> logits [B, L, V]
 
 
-def paired_logits(model: nn.Module) -> tuple[LogitsFn, LogitsFn]:
-    """(teacher, student) logits of one edited model: the same weights through its two attention paths."""
+def paired_logits(model: nn.Module, teacher: nn.Module | None = None) -> tuple[LogitsFn, LogitsFn]:
+    """(teacher, student) logits of one edited model: the same weights through its two attention paths.
+    `teacher`: the frozen copy whose teacher path is the original model, when stage 2 trained shared weights
+    of `model` (its own teacher path moved with them)."""
 
-    def run(which: str) -> LogitsFn:
+    def run(owner: nn.Module, which: str) -> LogitsFn:
         def logits(batch: dict) -> torch.Tensor:
-            set_mode(model, which)
+            set_mode(owner, which)
             try:
-                return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+                return owner(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
             finally:
-                set_mode(model, "student")
+                set_mode(owner, "student")
         return logits
 
-    return run("teacher"), run("student")
+    return run(teacher if teacher is not None else model, "teacher"), run(model, "student")
 
 
 def model_logits(model: nn.Module) -> LogitsFn:

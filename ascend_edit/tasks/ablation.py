@@ -37,7 +37,8 @@ def run(cfg: RootConfig) -> dict:
     start = copy.deepcopy(p.model)
     model_level = model_level_objective(p.model, ml, cfg.engine.compile != "off")
     settings = stage_settings(cfg)
-    reference = TeacherReference(p.eval_batches)  # the teacher's forwards once, for every row below
+    # the teacher's forwards once, for every row below; from the frozen copy when stage 2 trains shared weights
+    reference = TeacherReference(p.eval_batches, teacher=model_level.teacher)
     rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher", reference), 0.0),
             "init only": (evaluate(p.model, p.eval_batches, reference=reference), 0.0)}
 

@@ -49,6 +49,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
     if partitioned_handoff is None:
         partitioned_handoff = cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3
     held: dict[str, dict[str, int]] = {}  # per stage: what this rank holds whole when it starts
+    original_teacher = None  # a frozen copy, when stage 2 trains shared weights (the model's teacher path moves)
 
     def collective() -> bool:  # every rank takes part in writing the model (it is partitioned)
         return has_zero_params(model)
@@ -92,6 +93,9 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         histories["model_level"], timings["model_level"] = run_stage(
             "model_level", model, kd_objective, ml, settings, train_set, device, env, ckpt_dir,
             keep_partitioned=partitioned_handoff)
+        # trainable=target+norms|all moved the model's own teacher path: the frozen copy is the teacher now
+        original_teacher = kd_objective.teacher
+        reference.use_teacher(original_teacher)
         with clock(phases, "evaluate"):
             results["after_model_level"] = evaluate(model, eval_batches, reference=reference)
 
@@ -115,7 +119,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
             save_converted(model, cfg.target, out_dir / "converted", tokenizer)
     report["phase_seconds"] = phases
     if partitioned and cfg.eval.suite:  # the suite's forwards gather module by module: every rank runs them
-        suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main)
+        suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main, original_teacher)
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite=False))
     if env.is_main:
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -123,7 +127,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         console.print(f"converted model: {out_dir / 'converted'}  report: {out_dir / 'report.json'}")
         from ascend_edit.tasks.report import finish_run  # held-out suite (eval.*) + report.md with plots
 
-        finish_run(model, tokenizer, cfg, out_dir, device, wall_seconds=time.perf_counter() - started)
+        finish_run(model, tokenizer, cfg, out_dir, device, wall_seconds=time.perf_counter() - started,
+                   teacher=original_teacher)
     distributed.barrier()
     return report
 
@@ -146,9 +151,10 @@ def whole_on_this_rank(model) -> dict[str, int]:
             "full_values": sum(full_numel(p) for p in params)}
 
 
-def suite_on_every_rank(model, tokenizer, cfg: RootConfig, out_dir: Path, device, is_main: bool) -> None:
+def suite_on_every_rank(model, tokenizer, cfg: RootConfig, out_dir: Path, device, is_main: bool,
+                        teacher: torch.nn.Module | None = None) -> None:
     """The held-out suite of `tasks/eval.suite_after_conversion` on a partitioned model: every rank runs the
-    same seeded forwards (each module gathered for its own), rank 0 writes eval.json."""
+    same seeded forwards (each module gathered for its own), rank 0 writes eval.json. `teacher`: as there."""
     if tokenizer is None:
         return
     from ascend_edit.data.heldout import run_documents
@@ -157,9 +163,9 @@ def suite_on_every_rank(model, tokenizer, cfg: RootConfig, out_dir: Path, device
     from ascend_edit.tasks.eval import write_results
 
     sets = held_out_sets(cfg.eval, run_documents(cfg.data, cfg.device.seed))
-    teacher, student = paired_logits(model)
+    teacher_logits, student_logits = paired_logits(model, teacher)
     with torch.no_grad():
-        results = run_suite(teacher, student, tokenizer, cfg.eval, sets,
+        results = run_suite(teacher_logits, student_logits, tokenizer, cfg.eval, sets,
                             getattr(model.config, "max_position_embeddings", None), device.torch_device)
     if is_main:
         write_results(results, out_dir)

@@ -30,14 +30,16 @@ from ascend_edit.eval.suite import held_out_sets, run_suite
 log = logging.getLogger(__name__)
 
 
-def suite_after_conversion(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device) -> dict:
-    """The suite on both paths of the freshly converted model; writes eval.json (the report reads it)."""
+def suite_after_conversion(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device,
+                           teacher: torch.nn.Module | None = None) -> dict:
+    """The suite on both paths of the freshly converted model; writes eval.json (the report reads it).
+    `teacher`: the frozen copy that is the teacher when stage 2 trained shared weights (metrics.paired_logits)."""
     if tokenizer is None:
         log.warning("eval: this teacher has no tokenizer; the held-out suite is skipped")
         return {}
     sets = held_out_sets(cfg.eval, run_documents(cfg.data, cfg.device.seed))
-    teacher, student = paired_logits(model)
-    results = run_suite(teacher, student, tokenizer, cfg.eval, sets, _max_positions(model), device)
+    teacher_logits, student_logits = paired_logits(model, teacher)
+    results = run_suite(teacher_logits, student_logits, tokenizer, cfg.eval, sets, _max_positions(model), device)
     write_results(results, out_dir)
     return results
 

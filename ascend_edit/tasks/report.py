@@ -27,13 +27,16 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
-def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device, wall_seconds: float) -> None:
-    """End of a conversion (main rank): held-out suite -> eval.json, run_info.json, report.md + plots."""
+def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device, wall_seconds: float,
+               teacher: torch.nn.Module | None = None) -> None:
+    """End of a conversion (main rank): held-out suite -> eval.json, run_info.json, report.md + plots.
+    `teacher`: the frozen teacher copy of a stage 2 that trained shared weights (None: the model's own path)."""
     from ascend_edit.tasks.eval import suite_after_conversion
 
     suite_seconds = 0.0
     if cfg.eval.suite:
-        suite_seconds = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device).get("seconds", 0.0)
+        suite_seconds = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device,
+                                               teacher).get("seconds", 0.0)
     name = ""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device.torch_device)

@@ -149,6 +149,32 @@ def test_reloaded_model_reproduces_reported_metrics(full_run: Path, trained_teac
         assert value == pytest.approx(results["after_model_level"][key], rel=METRIC_RTOL), key
 
 
+def test_stage2_training_shared_weights_is_measured_against_the_original_teacher(
+        full_run: Path, trained_teacher: Path, tmp_path: Path):
+    """`distill.model_level.trainable=all` moves the edited model's own teacher path (its MLPs, norms and head
+    train): every number after stage 2 must still be against the original teacher, and the saved model must
+    carry the trained shared weights."""
+    run_dir = tmp_path / "run"
+    checked(run_cli(run_dir, [*tiny_convert_overrides(trained_teacher), "distill.layerwise.steps=10",
+                              "distill.layerwise.lr=3e-3", "distill.model_level.steps=10",
+                              "distill.model_level.lr=3e-3", "distill.model_level.trainable=all"]))
+    model = load_converted(run_dir / "converted")
+    teacher, _ = load_teacher(ModelConfig(source="hf", path=str(trained_teacher)))
+    moved = [n for n, p in model.named_parameters() if ".mlp." in n
+             and not torch.equal(p, teacher.get_parameter(n))]
+    assert moved, "stage 2 trained no shared weight (or the converted model did not save it)"
+    measured = metrics_against(model, teacher, eval_batches(trained_teacher))
+    for key, value in measured.items():
+        assert value == pytest.approx(results_of(run_dir)["after_model_level"][key], rel=METRIC_RTOL), key
+    # The end-of-run suite's teacher is the teacher: the same numbers as the trainable=target run's.
+    suite = json.loads((run_dir / "eval.json").read_text())["quality"]
+    reference = json.loads((full_run / "eval.json").read_text())["quality"]
+    for domain, contexts in reference.items():
+        for context, cell in contexts.items():
+            assert suite[domain][context]["teacher"]["ppl"] == pytest.approx(cell["teacher"]["ppl"], rel=1e-6), \
+                (domain, context)
+
+
 def test_reloaded_model_generates_with_its_cache(full_run: Path):
     model = load_converted(full_run / "converted")
     prompt = prompt_ids(full_run / "converted")

@@ -31,7 +31,7 @@ from ascend_edit.config import (
 from ascend_edit.data import PackedDataset, ResumableDistributedSampler, build_train_eval, load_documents
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import ModelLevelObjective, frozen_teacher
-from ascend_edit.eval.metrics import evaluate
+from ascend_edit.eval.metrics import TeacherReference, evaluate, paired_logits
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import (
     LayerPlan,
@@ -298,3 +298,10 @@ def test_stage2_distils_against_the_original_teacher(policy: str, mla_warm_model
     expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
     # Without the frozen copy, target+norms drifted by 6e-3 (relative) after 10 steps.
     assert metrics["kd"] == pytest.approx(expected, rel=1e-5)
+    # ... and the evaluations after it measure against the same original teacher (convert hands them the copy)
+    held_out = [batch]
+    reference = TeacherReference(held_out, teacher=objective.teacher)
+    assert evaluate(model, held_out, reference=reference)["teacher_kl"] == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        teacher_logits, _ = paired_logits(model, objective.teacher)
+        torch.testing.assert_close(teacher_logits(batch), original(**kwargs).logits, rtol=1e-5, atol=1e-5)

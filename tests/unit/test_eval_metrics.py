@@ -1,12 +1,14 @@
 """The teacher reference kept between evaluations: same numbers as recomputing, one teacher forward per batch."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ascend_edit.config import MLAConfig, TargetConfig
-from ascend_edit.eval.metrics import TeacherReference, evaluate
-from ascend_edit.models.surgery import build_plan, edit_model
+from ascend_edit.eval.metrics import TeacherReference, evaluate, paired_logits
+from ascend_edit.models.surgery import build_plan, edit_model, set_mode
 from tests.conftest import tiny_model
 
 
@@ -48,15 +50,64 @@ def test_reference_gives_the_same_numbers_with_one_teacher_forward_per_batch():
     assert calls[0] == 6 + 3  # a later evaluation runs the student only
 
 
-def test_a_trained_head_drops_the_kept_states():
+def move_shared_weights(model) -> None:
+    """What a stage 2 with distill.model_level.trainable=all does to the edited model's own teacher path."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.1)
+        for name, param in model.named_parameters():
+            if ".mlp." in name:
+                param.add_(0.05 * torch.randn_like(param))
+
+
+def test_a_moved_head_without_the_frozen_teacher_is_refused():
     model, data = edited(), batches()
     reference = TeacherReference(data)
     evaluate(model, data, "teacher", reference)
-    with torch.no_grad():  # as distill.model_level.trainable=all would move it
-        model.get_output_embeddings().weight.mul_(1.1)
-    calls = count_model_forwards(model)
-    assert evaluate(model, data, reference=reference) == evaluate(model, data)
-    assert calls[0] == 2 * (3 + 3)  # both ran the teacher path again
+    move_shared_weights(model)
+    with pytest.raises(ValueError, match="no longer the teacher"):
+        evaluate(model, data, reference=reference)
+
+
+def test_after_shared_weights_train_the_teacher_is_the_frozen_copy():
+    """Teacher numbers and the student's KL stay measured against the original model, not the moved path."""
+    model, data = edited(), batches()
+    original = copy.deepcopy(model)  # as distill.model_level.frozen_teacher makes it before stage 2
+    reference = TeacherReference(data)
+    teacher_before = evaluate(model, data, "teacher", reference)
+    move_shared_weights(model)
+    moved_path = evaluate(model, data, "teacher")  # what the old code compared against
+    assert moved_path["ppl"] != teacher_before["ppl"]
+
+    reference.use_teacher(original)
+    assert evaluate(model, data, "teacher", reference) == teacher_before
+    student = evaluate(model, data, reference=reference)
+    kl = tokens = 0.0
+    with torch.no_grad():
+        for batch in data:
+            kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+            set_mode(original, "teacher")
+            log_p = torch.log_softmax(original(**kwargs).logits[batch["loss_mask"]].float(), dim=-1)
+            set_mode(model, "student")
+            log_q = torch.log_softmax(model(**kwargs).logits[batch["loss_mask"]].float(), dim=-1)
+            kl += float((log_p.exp() * (log_p - log_q)).sum())
+            tokens += int(batch["loss_mask"].sum())
+    assert student["teacher_kl"] == pytest.approx(kl / tokens, rel=1e-5)
+
+
+def test_paired_logits_take_the_teacher_from_the_frozen_copy():
+    model, data = edited(), batches(1)
+    original = copy.deepcopy(model)
+    move_shared_weights(model)
+    teacher_logits, student_logits = paired_logits(model, original)
+    own_teacher, own_student = paired_logits(model)
+    batch = data[0]
+    with torch.no_grad():
+        set_mode(original, "teacher")
+        expected = original(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        set_mode(original, "student")
+        assert torch.equal(teacher_logits(batch), expected)
+        assert not torch.equal(own_teacher(batch), expected)
+        assert torch.equal(student_logits(batch), own_student(batch))
 
 
 def test_a_head_that_does_not_reproduce_the_logits_keeps_the_full_forward(monkeypatch):
