@@ -647,6 +647,15 @@ class RootConfig:
                                      "report", "plan", "teacher_text"))
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        ml = self.distill.model_level
+        trains_stage2 = self.distill.stage in ("model_level", "both") and ml.steps > 0
+        if (self.task in ("convert", "ablation", "plan") and trains_stage2 and ml.trainable != "target"
+                and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3):
+            # the frozen teacher copy (distill/model_level.frozen_teacher) would be a copy of partitioned
+            # parameters that no engine gathers: its first forward fails deep inside the embedding
+            raise ConfigError(f"distill.model_level.trainable={ml.trainable} keeps a whole frozen teacher copy, "
+                              "which engine.zero_stage=3 does not partition: use engine=zero2 (or zero1 / torch), "
+                              "or distill.model_level.trainable=target")
 
 
 def register_configs() -> None:

@@ -53,6 +53,11 @@ def test_value_errors_name_the_key():
         compose_typed(["engine=zero2", "engine.offload_params=true"])
     with pytest.raises(ConfigError, match="model.path is required"):
         compose_typed(["model=hf"])
+    # stage 2 training shared weights needs a whole teacher copy, which ZeRO-3 would leave unpartitioned-unusable
+    with pytest.raises(ConfigError, match="distill.model_level.trainable=all keeps a whole frozen teacher copy"):
+        compose_typed(["engine=zero3", "distill.model_level.trainable=all"])
+    compose_typed(["engine=zero2", "distill.model_level.trainable=all"])  # fine without ZeRO-3
+    compose_typed(["engine=zero3", "distill.model_level.trainable=all", "distill.stage=layerwise"])  # no stage 2
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
