@@ -36,7 +36,7 @@ def main() -> None:
                     targets = p["target weights"] + p["fp32 masters"] + p["optimizer states"] + p["gradients"]
                     other = p["KD loss chunk"] + p["comm buffers"]
                     print(f"| {label} | {target} | {s['world_size']} | {s['stage']} | {engine} | {s['micro_batch']} |"
-                          f" {p['frozen weights']:.1f} | {targets:.1f} | {p['activations']:.1f} | {other:.1f} |"
+                          f" {p['frozen weights'] + p['teacher copy']:.1f} | {targets:.1f} | {p['activations']:.1f} | {other:.1f} |"
                           f" **{s['total_gib']:.1f}** | {s['largest_micro_batch']} |"
                           f" {s['tokens_per_s_per_device']:,.0f} |")
 

@@ -6,6 +6,8 @@ meta device by the task) and the run settings (`RunSettings`).
 
 Memory parts (bytes per rank):
 * frozen weights   — teacher attentions + every shared weight, in the model dtype; ZeRO-3 partitions them.
+* teacher copy     — stage 2 with `trainable=target+norms|all` only: a whole frozen copy of the edited model
+                     in the model dtype (distill/model_level.frozen_teacher; ZeRO-3 is refused for it).
 * target weights   — torch engine: fp32 (they are the master copy); DeepSpeed: the module dtype.
 * fp32 masters     — DeepSpeed bf16/fp16 only (inside its optimizer; ZeRO >= 1 partitions them).
 * optimizer states — AdamW exp_avg + exp_avg_sq, fp32 (ZeRO >= 1 partitions; offload moves them off).
@@ -97,6 +99,7 @@ class RunSettings:
     compiled: str = "off"  # engine.compile as resolved for the cluster's device: layers | blocks | off
     kd_kind: str = "forward"  # distill.model_level.kl
     kd_fused: bool = False  # the KD chunk math compiled (chunked_kd.use_fused_kd: CUDA, full vocabulary, compile on)
+    teacher_copy: bool = False  # stage 2 trains shared weights: a whole frozen copy of the model is the teacher
 
 
 @dataclass
@@ -297,7 +300,10 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
         comm += min(DS_BUCKET_ELEMENTS, counts.target) * w * (2 if z <= 2 else 1)
     if ds and z == 3:
         comm += 2 * counts.largest_layer * w  # the gathered layer and the prefetched next one
-    parts = {"frozen weights": frozen, "target weights": target_weights, "fp32 masters": masters,
+    # made before the stage moves the trainable weights to fp32: the whole edited model in the model dtype
+    teacher_copy = (counts.frozen + counts.target) * w if s.teacher_copy and s.stage == "model_level" else 0.0
+    parts = {"frozen weights": frozen, "teacher copy": teacher_copy, "target weights": target_weights,
+             "fp32 masters": masters,
              "optimizer states": optimizer, "gradients": gradients, "activations": act, "KD loss chunk": kd,
              "comm buffers": comm}
     per_sequence = (act + (2 * s.seq_len * m.hidden if s.stage == "model_level" else 0)) / s.micro_batch

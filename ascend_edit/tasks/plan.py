@@ -54,6 +54,7 @@ def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off"
                        checkpoint_every=ckpt.every_n_layers if stage_name == "model_level" else 0,
                        kd_chunk=cfg.distill.model_level.chunk_size, compiled=compiled,
                        kd_kind=cfg.distill.model_level.kl,
+                       teacher_copy=stage_name == "model_level" and cfg.distill.model_level.trainable != "target",
                        # as model_level_objective + chunked_kd.use_fused_kd decide it on the cluster's device
                        kd_fused=(cfg.engine.compile != "off" and cfg.cluster.device == "cuda"
                                  and cfg.distill.model_level.top_k is None))

@@ -1,6 +1,8 @@
 """`ascend-edit plan`: memory parts of a tiny config against hand-computed numbers, and the task end to end."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -126,6 +128,22 @@ def test_zero_partitions_what_each_stage_says():
     assert z3["gradients"] == TARGET * 2 / 4  # ZeRO-3 accumulates in the module's dtype
     off = plan_stage(TINY, MLA, counts, RunSettings(zero_stage=3, offload_optimizer=True, **base)).parts
     assert off["optimizer states"] == 0 and off["fp32 masters"] == 0
+
+
+def test_stage2_training_shared_weights_counts_the_whole_teacher_copy():
+    counts = ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=1)
+    run = RunSettings(stage="model_level", seq_len=32, micro_batch=2, weight_bytes=2, kd_chunk=16, teacher_copy=True)
+    with_copy = plan_stage(TINY, MLA, counts, run)
+    without = plan_stage(TINY, MLA, counts, dataclasses.replace(run, teacher_copy=False))
+    assert with_copy.parts["teacher copy"] == (FROZEN + TARGET) * 2  # the whole edited model, bf16
+    assert without.parts["teacher copy"] == 0
+    assert with_copy.total - without.total == (FROZEN + TARGET) * 2
+    stage1 = plan_stage(TINY, MLA, counts, dataclasses.replace(run, stage="layerwise"))
+    assert stage1.parts["teacher copy"] == 0  # stage 1 never makes one
+    # the task sets it from the stage-2 policy
+    _, all_weights = plan_run(compose_cfg(["distill.model_level.trainable=all"]))
+    _, targets_only = plan_run(compose_cfg())
+    assert all_weights["parts_gib"]["teacher copy"] > 0 and targets_only["parts_gib"]["teacher copy"] == 0
 
 
 def test_largest_micro_batch_is_the_last_that_fits():
