@@ -223,6 +223,8 @@ def config_cases() -> list[Case]:
         c("full layer out of range", "target=gate_swa target.gate_swa.full_every=0 target.gate_swa.full_layers=[4]",
           "target.gate_swa.full_layers=[4]"),
         c("warm start without calibration data", "target.calibration_batches=0", "target.calibration_batches=0"),
+        c("stage 2 training shared weights under ZeRO-3", "engine=zero3 distill.model_level.trainable=all",
+          "distill.model_level.trainable=all"),
         c("init_from without stage=model_level", "distill.init_from=/nonexistent", "distill.init_from"),
         c("init_from that does not exist", "distill.stage=model_level distill.init_from=/nonexistent",
           "distill.init_from=/nonexistent"),
