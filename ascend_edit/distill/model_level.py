@@ -78,12 +78,30 @@ def _lm_head_weight(model: nn.Module) -> torch.Tensor:
     return cast(PreTrainedModel, model).get_output_embeddings().weight
 
 
+class _NoTarget(nn.Module):
+    """Stands in for the targets in a frozen teacher copy: the copy only ever runs its teacher path."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this is the frozen teacher copy of a stage 2 that trains shared weights: "
+                           "it holds no target attention (run it with set_mode(copy, 'teacher'))")
+
+
 def frozen_teacher(model: nn.Module, stage: ModelLevelConfig) -> nn.Module | None:
     """A separate frozen teacher when stage 2 trains shared weights (norms or all): otherwise the
-    teacher pass would run on weights that move. Costs one extra copy of the model."""
+    teacher pass would run on weights that move. Costs one extra copy of the model without its target
+    attentions (they are never run in teacher mode; at Qwen3-8B's MLA they are 1.75 B parameters)."""
     if stage.trainable == "target":
         return None
-    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    attentions = edited_attentions(model)
+    targets = [module.target for module in attentions]
+    stand_in = _NoTarget()
+    try:
+        for module in attentions:  # left out of the copy; put back below
+            module.target = stand_in
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    finally:
+        for module, target in zip(attentions, targets):
+            module.target = target
     set_mode(teacher, "teacher")
     return teacher
 

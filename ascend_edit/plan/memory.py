@@ -6,8 +6,9 @@ meta device by the task) and the run settings (`RunSettings`).
 
 Memory parts (bytes per rank):
 * frozen weights   — teacher attentions + every shared weight, in the model dtype; ZeRO-3 partitions them.
-* teacher copy     — stage 2 with `trainable=target+norms|all` only: a whole frozen copy of the edited model
-                     in the model dtype (distill/model_level.frozen_teacher; ZeRO-3 is refused for it).
+* teacher copy     — stage 2 with `trainable=target+norms|all` only: a frozen copy of the edited model without
+                     its target attentions, in the model dtype (distill/model_level.frozen_teacher; ZeRO-3 is
+                     refused for it).
 * target weights   — torch engine: fp32 (they are the master copy); DeepSpeed: the module dtype.
 * fp32 masters     — DeepSpeed bf16/fp16 only (inside its optimizer; ZeRO >= 1 partitions them).
 * optimizer states — AdamW exp_avg + exp_avg_sq, fp32 (ZeRO >= 1 partitions; offload moves them off).
@@ -81,6 +82,7 @@ class ParamCounts:
     frozen: int  # every parameter that is not trained (teacher attentions, shared weights)
     target: int  # trainable target parameters
     largest_layer: int  # parameters of the largest decoder layer (ZeRO-3 gathers one at a time)
+    target_attention: int = 0  # parameters of the target attentions (part of `target`; a teacher copy has none)
 
 
 @dataclass(frozen=True)
@@ -300,8 +302,10 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
         comm += min(DS_BUCKET_ELEMENTS, counts.target) * w * (2 if z <= 2 else 1)
     if ds and z == 3:
         comm += 2 * counts.largest_layer * w  # the gathered layer and the prefetched next one
-    # made before the stage moves the trainable weights to fp32: the whole edited model in the model dtype
-    teacher_copy = (counts.frozen + counts.target) * w if s.teacher_copy and s.stage == "model_level" else 0.0
+    # made before the stage moves the trainable weights to fp32: the edited model without its target
+    # attentions, in the model dtype
+    copied = counts.frozen + counts.target - counts.target_attention
+    teacher_copy = copied * w if s.teacher_copy and s.stage == "model_level" else 0.0
     parts = {"frozen weights": frozen, "teacher copy": teacher_copy, "target weights": target_weights,
              "fp32 masters": masters,
              "optimizer states": optimizer, "gradients": gradients, "activations": act, "KD loss chunk": kd,

@@ -13,7 +13,7 @@ import logging
 from ascend_edit.config import ClusterConfig, RootConfig, StageConfig
 from ascend_edit.models.build import edited_shape_model
 from ascend_edit.models.loading import TORCH_DTYPES
-from ascend_edit.models.surgery import decoder_layers, set_trainable
+from ascend_edit.models.surgery import decoder_layers, edited_attentions, set_trainable
 from ascend_edit.plan.memory import GIB, ModelShape, ParamCounts, Plan, RunSettings, TargetShape, plan_stage
 from ascend_edit.train.activation_checkpointing import checkpointing_config
 from ascend_edit.train.compile import compile_mode
@@ -36,7 +36,8 @@ def param_counts(model, trainable: str) -> ParamCounts:
     target = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model))
-    return ParamCounts(frozen=total - target, target=target, largest_layer=largest)
+    target_attention = sum(p.numel() for module in edited_attentions(model) for p in module.target.parameters())
+    return ParamCounts(frozen=total - target, target=target, largest_layer=largest, target_attention=target_attention)
 
 
 def micro_batch(stage: StageConfig, world: int) -> int:

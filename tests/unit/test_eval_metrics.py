@@ -132,3 +132,27 @@ def test_reference_refuses_other_batches():
     model = edited()
     with pytest.raises(ValueError, match="other evaluation batches"):
         evaluate(model, batches(), reference=TeacherReference(batches()))
+
+
+def test_frozen_teacher_copy_is_the_teacher_path_without_the_targets():
+    from ascend_edit.config import ModelLevelConfig
+    from ascend_edit.distill.model_level import frozen_teacher
+    from ascend_edit.models.surgery import edited_attentions
+
+    model, batch = edited(), batches(1)[0]
+    targets = [module.target for module in edited_attentions(model)]
+    assert frozen_teacher(model, ModelLevelConfig(trainable="target")) is None
+    teacher = frozen_teacher(model, ModelLevelConfig(trainable="all"))
+    # the model keeps its own targets; the copy holds none of their parameters
+    assert [module.target for module in edited_attentions(model)] == targets
+    target_params = sum(p.numel() for t in targets for p in t.parameters())
+    assert sum(p.numel() for p in teacher.parameters()) == sum(p.numel() for p in model.parameters()) - target_params
+    assert not any(p.requires_grad for p in teacher.parameters())
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    with torch.no_grad():
+        set_mode(model, "teacher")
+        assert torch.equal(teacher(**kwargs).logits, model(**kwargs).logits)
+        set_mode(teacher, "student")
+        with pytest.raises(RuntimeError, match="frozen teacher copy"):
+            teacher(**kwargs)
+    set_mode(model, "student")

@@ -131,19 +131,22 @@ def test_zero_partitions_what_each_stage_says():
 
 
 def test_stage2_training_shared_weights_counts_the_whole_teacher_copy():
-    counts = ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=1)
+    counts = ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=1, target_attention=TARGET // 4)
     run = RunSettings(stage="model_level", seq_len=32, micro_batch=2, weight_bytes=2, kd_chunk=16, teacher_copy=True)
     with_copy = plan_stage(TINY, MLA, counts, run)
     without = plan_stage(TINY, MLA, counts, dataclasses.replace(run, teacher_copy=False))
-    assert with_copy.parts["teacher copy"] == (FROZEN + TARGET) * 2  # the whole edited model, bf16
+    copied = FROZEN + TARGET - TARGET // 4  # the edited model without its target attentions
+    assert with_copy.parts["teacher copy"] == copied * 2  # bf16
     assert without.parts["teacher copy"] == 0
-    assert with_copy.total - without.total == (FROZEN + TARGET) * 2
+    assert with_copy.total - without.total == copied * 2
     stage1 = plan_stage(TINY, MLA, counts, dataclasses.replace(run, stage="layerwise"))
     assert stage1.parts["teacher copy"] == 0  # stage 1 never makes one
     # the task sets it from the stage-2 policy
     _, all_weights = plan_run(compose_cfg(["distill.model_level.trainable=all"]))
     _, targets_only = plan_run(compose_cfg())
-    assert all_weights["parts_gib"]["teacher copy"] > 0 and targets_only["parts_gib"]["teacher copy"] == 0
+    assert targets_only["parts_gib"]["teacher copy"] == 0
+    # the teacher path's weights exactly: what stays frozen when only the targets train
+    assert all_weights["parts_gib"]["teacher copy"] == pytest.approx(targets_only["parts_gib"]["frozen weights"])
 
 
 def test_largest_micro_batch_is_the_last_that_fits():
