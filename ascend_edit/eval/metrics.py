@@ -55,22 +55,22 @@ class TeacherReference:
     def log_probs(self, model: nn.Module, index: int) -> torch.Tensor:
         """Teacher log-probabilities of batch `index` on its scored tokens, fp32 [tokens, vocab]."""
         batch = self.batches[index]
-        model = self.teacher if self.teacher is not None else model
-        head = _head(model)
+        source = self.teacher if self.teacher is not None else model  # whose teacher path is the teacher
+        head = _head(source)
         hidden = self._hidden[index]
         if hidden is not None:
             logits = head(hidden.to(batch["input_ids"].device))
         else:
             captured: list[torch.Tensor] = []
-            hook = model.get_submodule("model").register_forward_hook(
+            hook = source.get_submodule("model").register_forward_hook(
                 lambda module, args, output: captured.append(output.last_hidden_state))
-            set_mode(model, "teacher")
+            set_mode(source, "teacher")
             try:
-                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               use_cache=False).logits
+                logits = source(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                use_cache=False).logits
             finally:
                 hook.remove()
-                set_mode(model, "student")
+                set_mode(source, "student")
             if self.head_reproduces_logits is None:
                 # a partitioned (ZeRO-3) head has no values here to fingerprint: no reuse
                 self.head_reproduces_logits = head.weight.numel() > 0 and bool(torch.equal(head(captured[0]), logits))

@@ -101,7 +101,7 @@ class RunSettings:
     compiled: str = "off"  # engine.compile as resolved for the cluster's device: layers | blocks | off
     kd_kind: str = "forward"  # distill.model_level.kl
     kd_fused: bool = False  # the KD chunk math compiled (chunked_kd.use_fused_kd: CUDA, full vocabulary, compile on)
-    teacher_copy: bool = False  # stage 2 trains shared weights: a whole frozen copy of the model is the teacher
+    teacher_copy: bool = False  # stage 2 trains shared weights: a frozen copy of the teacher path is the teacher
 
 
 @dataclass
