@@ -283,6 +283,9 @@ class MixSourceConfig:
     text_field: str = "text"
     split_on_blank_lines: bool = False
     max_documents: Optional[int] = None
+    # Its rows become recall rows (data/recall.py): a span of the source's text, more text, the span again,
+    # so that in-context retrieval is trained; add it beside the plain source at a small weight
+    repeat_spans: bool = False
 
     def __post_init__(self):
         _choice("data.mix[].name", self.name, ("shakespeare", "wiki", "news", "files"))
@@ -292,6 +295,9 @@ class MixSourceConfig:
             raise ConfigError("data.mix[files].path is required for a source named files")
         if self.max_documents is not None:
             _positive(f"data.mix[{self.name}].max_documents", self.max_documents)
+        if self.repeat_spans and self.eval:
+            raise ConfigError(f"data.mix[{self.name}]: repeat_spans and eval cannot both be true (the evaluation "
+                              "set is the source's plain held-out text; mark the plain entry of the source instead)")
 
 
 @dataclass

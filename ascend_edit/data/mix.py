@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ascend_edit.data.packing import PackedDataset, pack_documents, split_documents
+from ascend_edit.data.recall import pack_recall
 from ascend_edit.data.sources import SourceFormat, load_documents
 
 NAMED_SOURCES = ("shakespeare", "wiki", "news", "files")
@@ -139,6 +140,7 @@ class SourceSpec:
     text_field: str = "text"
     split_on_blank_lines: bool = False
     max_documents: int | None = None
+    repeat_spans: bool = False  # rows "A B A" (data/recall.py) instead of packed documents
 
 
 def source_documents(spec: SourceSpec) -> list[str]:
@@ -299,9 +301,12 @@ def build_mix(specs: Sequence[SourceSpec], tokenizer, seq_len: int, eval_fractio
     """(training mix, evaluation set) for `data=mix`: every source split by document, packed, mixed."""
     splits = split_mix(specs, eval_fraction, seed)
     packed = []
-    for spec, (train_docs, _) in zip(specs, splits):
+    for k, (spec, (train_docs, _)) in enumerate(zip(specs, splits)):
         try:
-            packed.append(pack_documents(train_docs, tokenizer, seq_len))
+            if spec.repeat_spans:
+                packed.append(pack_recall(train_docs, tokenizer, seq_len, seed=seed * 1_000_003 + k))
+            else:
+                packed.append(pack_documents(train_docs, tokenizer, seq_len))
         except ValueError as error:
             raise ValueError(f"data.mix source {spec.name!r}: {error}") from error
     eval_docs = [doc for i in eval_sources(specs) for doc in splits[i][1]]
@@ -314,4 +319,4 @@ def build_mix(specs: Sequence[SourceSpec], tokenizer, seq_len: int, eval_fractio
 def specs_of(cfg) -> list[SourceSpec]:
     """The mix of a `DataConfig` (its `mix` entries) as source specs."""
     return [SourceSpec(m.name, m.weight, m.eval, m.path, m.format, m.text_field, m.split_on_blank_lines,
-                       m.max_documents) for m in cfg.mix]
+                       m.max_documents, m.repeat_spans) for m in cfg.mix]

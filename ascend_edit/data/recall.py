@@ -1,0 +1,55 @@
+"""Recall rows: training sequences in which a span of text comes back later in the same row.
+
+Why: a conversion compresses the keys (MLA's low-rank latent) or hides most of them (a sliding window),
+and what it loses first is precise retrieval — finding the earlier place a phrase occurred and copying
+what followed. `benchmarks/copy_excess.py` measures where the converted model's excess loss sits; on
+text that repeats itself (code, reference documentation, structured prose) the tokens an induction
+mechanism could copy carry most of it. Ordinary prose rarely repeats a passage inside one training
+sequence, so the distillation sees few such tokens. A recall row makes them common without any
+evaluation text: natural text ``A B`` followed by ``A`` again, where the teacher's next-token
+distribution on the second ``A`` is the copy it makes from context, which the student has to learn.
+
+Layout of one row of ``seq_len`` tokens, cut from a source's own token stream (documents joined by their
+end tokens)::
+
+    [ A (a tokens) | B (seq_len - 2a tokens) | A again ]
+
+``a`` is drawn per row from ``[seq_len // 16, seq_len // 3]`` with a generator seeded by ``seed`` and the
+row index, so the copy distance ``seq_len - a`` spans about two thirds to the whole row. Every row is
+exactly ``seq_len`` tokens, so packing places one row per sequence and nothing is cut.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ascend_edit.data.packing import PackedDataset, Tokenizer, pack_token_documents, tokenize_documents
+
+
+def recall_rows(stream: Sequence[int], seq_len: int, seed: int) -> list[list[int]]:
+    """Rows ``A B A`` cut in order from ``stream`` (see the module docstring); the tail that does not
+    make a whole row is dropped."""
+    if seq_len < 6:
+        raise ValueError(f"recall rows need seq_len >= 6 (a span, a gap, the span again), got {seq_len}")
+    low, high = max(1, seq_len // 16), max(1, seq_len // 3)
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[list[int]] = []
+    start = 0
+    while True:
+        span = int(torch.randint(low, high + 1, (1,), generator=generator))
+        fresh = seq_len - span  # tokens of A and B taken from the stream; A's copy closes the row
+        if start + fresh > len(stream):
+            return rows
+        text = list(stream[start:start + fresh])
+        rows.append(text + text[:span])
+        start += fresh
+
+
+def pack_recall(documents: Sequence[str], tokenizer: Tokenizer, seq_len: int, seed: int) -> PackedDataset:
+    """The recall rows of ``documents`` as a packed dataset (one row per sequence)."""
+    stream = [token for doc in tokenize_documents(documents, tokenizer, append_eos=True) for token in doc]
+    rows = recall_rows(stream, seq_len, seed)
+    if not rows:
+        raise ValueError(f"too little text for one recall row of seq_len={seq_len} ({len(stream)} tokens)")
+    return pack_token_documents(rows, seq_len)
