@@ -225,6 +225,8 @@ def config_cases() -> list[Case]:
         c("warm start without calibration data", "target.calibration_batches=0", "target.calibration_batches=0"),
         c("stage 2 training shared weights under ZeRO-3", "engine=zero3 distill.model_level.trainable=all",
           "distill.model_level.trainable=all"),
+        c("recall rows as the evaluation source", "data=mix data.mix=[{name:news,eval:true,repeat_spans:true}]",
+          "data.mix[news]: repeat_spans and eval"),
         c("init_from without stage=model_level", "distill.init_from=/nonexistent", "distill.init_from"),
         c("init_from that does not exist", "distill.stage=model_level distill.init_from=/nonexistent",
           "distill.init_from=/nonexistent"),

@@ -155,26 +155,67 @@ def model_logits(model: nn.Module) -> LogitsFn:
     return logits
 
 
+def copyable_mask(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool, in the logits' alignment: position t's target ``input_ids[t + 1]`` follows ``input_ids[t]``
+    somewhere earlier in the same document of the row (an induction / copy mechanism could predict it).
+    Documents are the runs of ``position_ids`` between resets to 0, as packed sequences mark them; the
+    last position (no target in the row) is False."""
+    rows, length = input_ids.shape
+    mask = torch.zeros(rows, length, dtype=torch.bool, device=input_ids.device)
+    if length < 2:
+        return mask
+    ids = input_ids.long()
+    document = (position_ids == 0).long().cumsum(dim=1)[:, :-1]
+    vocab = int(ids.max()) + 1
+    keys = (document * vocab + ids[:, :-1]) * vocab + ids[:, 1:]  # one integer per (document, bigram)
+    for row in range(rows):
+        _, inverse = torch.unique(keys[row], return_inverse=True)
+        positions = torch.arange(length - 1, device=ids.device)
+        first = torch.full((int(inverse.max()) + 1,), length, dtype=torch.long, device=ids.device)
+        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+        mask[row, :-1] = positions > first[inverse]
+    return mask
+
+
 @torch.no_grad()
-def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[str, dict[str, float]]:
+def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[str, dict]:
     """Token-weighted held-out metrics of teacher and student; KL(teacher || student) and top-1 agreement.
 
     The teacher's logits are computed once per batch and serve both its own perplexity and the comparison.
+    The student's KL and excess NLL (student minus teacher) are also split by whether a token is *copyable*
+    (:func:`copyable_mask`): a conversion that lost retrieval from context loses most there, one whose
+    predictions degrade everywhere loses on the novel tokens too (docs/evaluation.md).
     """
     t_nll = s_nll = kl = agree = 0.0
-    tokens = 0
+    tokens = copyable = 0
+    kl_copy = excess_copy = excess_all = 0.0
     for batch in batches:
         mask = batch["loss_mask"]
         targets = torch.roll(batch["input_ids"], -1, dims=1)[mask][:, None]
+        copy = copyable_mask(batch["input_ids"], batch["position_ids"])[mask]
         teacher_logp = F.log_softmax(teacher(batch)[mask].float(), dim=-1)
         student_logp = F.log_softmax(student(batch)[mask].float(), dim=-1)
-        t_nll += float(-teacher_logp.gather(-1, targets).sum())
-        s_nll += float(-student_logp.gather(-1, targets).sum())
-        kl += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
+        t_token_nll = -teacher_logp.gather(-1, targets).squeeze(-1)
+        s_token_nll = -student_logp.gather(-1, targets).squeeze(-1)
+        token_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        t_nll += float(t_token_nll.sum())
+        s_nll += float(s_token_nll.sum())
+        kl += float(token_kl.sum())
+        kl_copy += float(token_kl[copy].sum())
+        excess_all += float((s_token_nll - t_token_nll).sum())
+        excess_copy += float((s_token_nll - t_token_nll)[copy].sum())
         agree += float((teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum())
         tokens += int(mask.sum())
+        copyable += int(copy.sum())
     if tokens == 0:
         raise ValueError("evaluation batches hold no scored tokens")
+    novel = tokens - copyable
+    split = {"copyable_fraction": copyable / tokens,
+             "teacher_kl_copyable": kl_copy / copyable if copyable else None,
+             "teacher_kl_novel": (kl - kl_copy) / novel if novel else None,
+             "excess_nll_copyable": excess_copy / copyable if copyable else None,
+             "excess_nll_novel": (excess_all - excess_copy) / novel if novel else None,
+             "excess_share_copyable": excess_copy / excess_all if excess_all else None}
     return {"teacher": {"ppl": math.exp(t_nll / tokens), "tokens": tokens},
             "student": {"ppl": math.exp(s_nll / tokens), "teacher_kl": max(kl / tokens, 0.0),
-                        "top1_agreement": agree / tokens, "tokens": tokens}}
+                        "top1_agreement": agree / tokens, "tokens": tokens, "by_copyability": split}}

@@ -146,13 +146,18 @@ def run(cfg: RootConfig) -> dict:
 
 def print_suite(console: Console, results: dict) -> None:
     table = Table(title="Held-out suite: student vs teacher per domain and context (KL in nats/token)")
-    for col in ("domain", "context", "seqs", "teacher ppl", "student ppl", "ratio", "teacher-KL", "top-1"):
+    for col in ("domain", "context", "seqs", "teacher ppl", "student ppl", "ratio", "teacher-KL", "top-1",
+                "copyable", "excess on copyable"):
         table.add_column(col, justify="right")
     for domain, per_context in results.get("quality", {}).items():
         for context, m in per_context.items():
+            split = m["student"].get("by_copyability", {})
+            share = split.get("excess_share_copyable")
             table.add_row(domain, context, str(m["sequences"]), f"{m['teacher']['ppl']:.2f}",
                           f"{m['student']['ppl']:.2f}", f"{m['ppl_ratio']:.3f}x",
-                          f"{m['student']['teacher_kl']:.4f}", f"{100 * m['student']['top1_agreement']:.1f} %")
+                          f"{m['student']['teacher_kl']:.4f}", f"{100 * m['student']['top1_agreement']:.1f} %",
+                          f"{100 * split['copyable_fraction']:.1f} %" if split else "-",
+                          f"{100 * share:.1f} %" if share is not None else "-")
     console.print(table)
     passkey = results.get("passkey")
     if passkey:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ascend_edit.config import MLAConfig, TargetConfig
-from ascend_edit.eval.metrics import TeacherReference, evaluate, paired_logits
+from ascend_edit.eval.metrics import TeacherReference, compare, copyable_mask, evaluate, paired_logits
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
 from tests.conftest import tiny_model
 
@@ -156,3 +156,31 @@ def test_frozen_teacher_copy_is_the_teacher_path_without_the_targets():
         with pytest.raises(RuntimeError, match="frozen teacher copy"):
             teacher(**kwargs)
     set_mode(model, "student")
+
+
+def test_copyable_tokens_are_those_whose_bigram_occurred_earlier_in_the_same_document():
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 4], [5, 5, 5, 6, 5, 5, 7]])
+    whole_rows = torch.arange(7).expand(2, 7)
+    # row 0: (1,2) (2,3) (3,1) (1,2)* (2,3)* (3,4); row 1: (5,5) (5,5)* (5,6) (6,5) (5,5)* (5,7); last: no target
+    assert copyable_mask(ids, whole_rows).tolist() == [[False, False, False, True, True, False, False],
+                                                       [False, True, False, False, True, False, False]]
+    # a packed row whose second document starts at index 3: its (1,2) and (2,3) are new there
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    assert copyable_mask(ids[:1], packed).tolist() == [[False, False, False, False, False, False, False]]
+
+
+def test_compare_splits_the_excess_between_copyable_and_novel_tokens():
+    torch.manual_seed(0)
+    vocab = 11
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 4, 5]])
+    batch = {"input_ids": ids, "position_ids": torch.arange(8)[None], "loss_mask": torch.tensor([[True] * 7 + [False]])}
+    teacher_logits = torch.randn(1, 8, vocab)
+    copy = copyable_mask(ids, batch["position_ids"])  # positions 3 and 4
+    # the student equals the teacher on novel tokens and is off on copyable ones
+    student_logits = teacher_logits + 3.0 * copy[..., None] * torch.randn(1, 8, vocab)
+    result = compare(lambda b: teacher_logits, lambda b: student_logits, [batch])["student"]
+    split = result["by_copyability"]
+    assert split["copyable_fraction"] == pytest.approx(2 / 7)
+    assert split["teacher_kl_novel"] == pytest.approx(0.0, abs=1e-6)
+    assert split["teacher_kl_copyable"] == pytest.approx(result["teacher_kl"] * 7 / 2, rel=1e-5)
+    assert split["excess_nll_novel"] == pytest.approx(0.0, abs=1e-6)

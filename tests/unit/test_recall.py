@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ascend_edit.config import ConfigError, MixSourceConfig
 from ascend_edit.data.mix import SourceSpec, build_mix
@@ -68,11 +67,3 @@ def test_a_mix_source_with_repeat_spans_trains_on_recall_rows_and_never_evaluate
     with pytest.raises(ConfigError, match=r"data.mix\[news\]: repeat_spans and eval"):
         MixSourceConfig(name="news", eval=True, repeat_spans=True)
 
-
-def test_copyable_tokens_are_those_whose_bigram_occurred_earlier_in_the_window():
-    from benchmarks.copy_excess import copyable_mask
-
-    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 4], [5, 5, 5, 6, 5, 5, 7]])
-    # row 0: (1,2) (2,3) (3,1) (1,2)* (2,3)* (3,4); row 1: (5,5) (5,5)* (5,6) (6,5) (5,5)* (5,7)
-    assert copyable_mask(ids).tolist() == [[False, False, False, True, True, False],
-                                           [False, True, False, False, True, False]]
