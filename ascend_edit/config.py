@@ -297,7 +297,7 @@ class MixSourceConfig:
             _positive(f"data.mix[{self.name}].max_documents", self.max_documents)
         if self.repeat_spans and self.eval:
             raise ConfigError(f"data.mix[{self.name}]: repeat_spans and eval cannot both be true (the evaluation "
-                              "set is the source's plain held-out text; mark the plain entry of the source instead)")
+                              "set is always plain held-out text: put eval: true on a plain entry of the source)")
 
 
 @dataclass

@@ -32,6 +32,7 @@ the first source), so "in-domain" keeps meaning the text the user cares about mo
 from __future__ import annotations
 
 import bz2
+import logging
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ from ascend_edit.data.recall import pack_recall
 from ascend_edit.data.sources import SourceFormat, load_documents
 
 NAMED_SOURCES = ("shakespeare", "wiki", "news", "files")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +183,15 @@ def split_mix(specs: Sequence[SourceSpec], eval_fraction: float, seed: int,
             splits.append(split_documents(docs, eval_fraction, seed))
         except ValueError as error:
             raise ValueError(f"data.mix source {spec.name!r}: {error}") from error
+    # A document held out for evaluation is never trained on, even when another entry holds it too: the same
+    # source listed twice with different max_documents splits differently, and corpora can share documents.
+    held_out = {doc for i in eval_sources(specs) for doc in splits[i][1]}
+    for k, (spec, (train, held)) in enumerate(zip(specs, splits)):
+        kept = [doc for doc in train if doc not in held_out]
+        if len(kept) < len(train):
+            log.warning("data.mix source %r (entry %d): %d training documents are held-out documents of an "
+                        "evaluation source; left out of training", spec.name, k, len(train) - len(kept))
+            splits[k] = (kept, held)
     return splits
 
 
@@ -308,7 +320,8 @@ def build_mix(specs: Sequence[SourceSpec], tokenizer, seq_len: int, eval_fractio
             else:
                 packed.append(pack_documents(train_docs, tokenizer, seq_len))
         except ValueError as error:
-            raise ValueError(f"data.mix source {spec.name!r}: {error}") from error
+            kind = " (repeat_spans)" if spec.repeat_spans else ""
+            raise ValueError(f"data.mix source {spec.name!r}{kind}: {error}") from error
     eval_docs = [doc for i in eval_sources(specs) for doc in splits[i][1]]
     held_out = pack_documents(eval_docs, tokenizer, seq_len)
     mixed = MixedDataset(packed, [spec.weight for spec in specs], length=length, seed=seed,

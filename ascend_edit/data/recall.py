@@ -14,9 +14,11 @@ end tokens)::
 
     [ A (a tokens) | B (seq_len - 2a tokens) | A again ]
 
-``a`` is drawn per row from ``[seq_len // 16, seq_len // 3]`` with a generator seeded by ``seed`` and the
-row index, so the copy distance ``seq_len - a`` spans about two thirds to the whole row. Every row is
-exactly ``seq_len`` tokens, so packing places one row per sequence and nothing is cut.
+``a`` is drawn for each row in turn from ``[seq_len // 16, seq_len // 3]`` by one generator seeded with ``seed``,
+so the copy distance ``seq_len - a`` runs from about two thirds to 15/16 of the row. Every row is exactly
+``seq_len`` tokens, so packing places one row per sequence and nothing is cut. A row is one stretch of the
+source's stream: where it crosses a document's end token, attention runs on across it (positions do not restart
+inside a row), as it would in unpacked text.
 """
 from __future__ import annotations
 

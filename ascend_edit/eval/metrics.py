@@ -162,7 +162,7 @@ def copyable_mask(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.
     last position (no target in the row) is False."""
     rows, length = input_ids.shape
     mask = torch.zeros(rows, length, dtype=torch.bool, device=input_ids.device)
-    if length < 2:
+    if rows == 0 or length < 2:
         return mask
     ids = input_ids.long()
     document = (position_ids == 0).long().cumsum(dim=1)[:, :-1]
@@ -215,7 +215,8 @@ def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[s
              "teacher_kl_novel": (kl - kl_copy) / novel if novel else None,
              "excess_nll_copyable": excess_copy / copyable if copyable else None,
              "excess_nll_novel": (excess_all - excess_copy) / novel if novel else None,
-             "excess_share_copyable": excess_copy / excess_all if excess_all else None}
+             # a share of the student's total excess: undefined when the student is not worse than the teacher
+             "excess_share_copyable": excess_copy / excess_all if excess_all > 0 else None}
     return {"teacher": {"ppl": math.exp(t_nll / tokens), "tokens": tokens},
             "student": {"ppl": math.exp(s_nll / tokens), "teacher_kl": max(kl / tokens, 0.0),
                         "top1_agreement": agree / tokens, "tokens": tokens, "by_copyability": split}}

@@ -160,3 +160,17 @@ def test_first_items_of_a_mix_are_a_weighted_mix():
     first = Counter(mix.locate(i)[0] for i in range(32))
     assert first[0] >= 8 and first[1] >= 8
     assert torch.equal(mix[5]["input_ids"], mix[5]["input_ids"])
+
+
+def test_a_held_out_document_is_never_trained_on_even_when_another_entry_holds_it(tmp_path, caplog):
+    docs = [f"doc{i} " + " ".join(f"d{i}x{j}" for j in range(20)) for i in range(40)]
+    (tmp_path / "a").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "a" / f"{i:02d}.txt").write_text(doc)
+    # the same source twice, the second cut short: the two entries split their documents differently
+    specs = [SourceSpec("files", 0.5, eval=True, path=str(tmp_path / "a")),
+             SourceSpec("files", 0.5, path=str(tmp_path / "a"), max_documents=20)]
+    with caplog.at_level("WARNING"):
+        train_docs, eval_docs = mix_documents(specs, eval_fraction=0.25, seed=0)
+    assert eval_docs and not set(eval_docs) & set(train_docs)
+    assert "held-out documents of an evaluation source" in caplog.text
