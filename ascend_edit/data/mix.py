@@ -173,6 +173,11 @@ def eval_sources(specs: Sequence[SourceSpec]) -> list[int]:
     return marked or [0]
 
 
+def held_out_documents(specs: Sequence[SourceSpec], splits: Sequence[tuple[list[str], list[str]]]) -> list[str]:
+    """The evaluation documents of a mix: the held-out documents of its evaluation sources, in order."""
+    return [doc for i in eval_sources(specs) for doc in splits[i][1]]
+
+
 def split_mix(specs: Sequence[SourceSpec], eval_fraction: float, seed: int,
               documents: Sequence[list[str]] | None = None) -> list[tuple[list[str], list[str]]]:
     """(train, held-out) documents of every source, each split by document with the run's seed."""
@@ -185,7 +190,7 @@ def split_mix(specs: Sequence[SourceSpec], eval_fraction: float, seed: int,
             raise ValueError(f"data.mix source {spec.name!r}: {error}") from error
     # A document held out for evaluation is never trained on, even when another entry holds it too: the same
     # source listed twice with different max_documents splits differently, and corpora can share documents.
-    held_out = {doc for i in eval_sources(specs) for doc in splits[i][1]}
+    held_out = set(held_out_documents(specs, splits))
     for k, (spec, (train, held)) in enumerate(zip(specs, splits)):
         kept = [doc for doc in train if doc not in held_out]
         if len(kept) < len(train):
@@ -199,7 +204,7 @@ def mix_documents(specs: Sequence[SourceSpec], eval_fraction: float, seed: int) 
     """(all training documents, evaluation documents) of a mix, split exactly as `build_mix` splits them."""
     splits = split_mix(specs, eval_fraction, seed)
     train = [doc for tr, _ in splits for doc in tr]
-    held_out = [doc for i in eval_sources(specs) for doc in splits[i][1]]
+    held_out = held_out_documents(specs, splits)
     return train, held_out
 
 
@@ -322,7 +327,7 @@ def build_mix(specs: Sequence[SourceSpec], tokenizer, seq_len: int, eval_fractio
         except ValueError as error:
             kind = " (repeat_spans)" if spec.repeat_spans else ""
             raise ValueError(f"data.mix source {spec.name!r}{kind}: {error}") from error
-    eval_docs = [doc for i in eval_sources(specs) for doc in splits[i][1]]
+    eval_docs = held_out_documents(specs, splits)
     held_out = pack_documents(eval_docs, tokenizer, seq_len)
     mixed = MixedDataset(packed, [spec.weight for spec in specs], length=length, seed=seed,
                          names=[spec.name for spec in specs])

@@ -165,15 +165,17 @@ def copyable_mask(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.
     if rows == 0 or length < 2:
         return mask
     ids = input_ids.long()
-    document = (position_ids == 0).long().cumsum(dim=1)[:, :-1]
+    # documents numbered across the whole batch (row r's first document is r * length + 1), so one pass
+    # over the flattened batch never matches a bigram of another row
+    row_offset = torch.arange(rows, device=ids.device)[:, None] * length
+    document = ((position_ids == 0).long().cumsum(dim=1) + row_offset)[:, :-1].reshape(-1)
     vocab = int(ids.max()) + 1
-    keys = (document * vocab + ids[:, :-1]) * vocab + ids[:, 1:]  # one integer per (document, bigram)
-    for row in range(rows):
-        _, inverse = torch.unique(keys[row], return_inverse=True)
-        positions = torch.arange(length - 1, device=ids.device)
-        first = torch.full((int(inverse.max()) + 1,), length, dtype=torch.long, device=ids.device)
-        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-        mask[row, :-1] = positions > first[inverse]
+    keys = (document * vocab + ids[:, :-1].reshape(-1)) * vocab + ids[:, 1:].reshape(-1)
+    _, inverse = torch.unique(keys, return_inverse=True)
+    positions = torch.arange(keys.numel(), device=ids.device)  # row-major: earlier in a row = smaller
+    first = torch.full((keys.numel(),), keys.numel(), dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    mask[:, :-1] = (positions > first[inverse]).view(rows, length - 1)
     return mask
 
 
@@ -198,12 +200,13 @@ def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[s
         t_token_nll = -teacher_logp.gather(-1, targets).squeeze(-1)
         s_token_nll = -student_logp.gather(-1, targets).squeeze(-1)
         token_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        token_excess = s_token_nll - t_token_nll
         t_nll += float(t_token_nll.sum())
         s_nll += float(s_token_nll.sum())
         kl += float(token_kl.sum())
         kl_copy += float(token_kl[copy].sum())
-        excess_all += float((s_token_nll - t_token_nll).sum())
-        excess_copy += float((s_token_nll - t_token_nll)[copy].sum())
+        excess_all += float(token_excess.sum())
+        excess_copy += float(token_excess[copy].sum())
         agree += float((teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum())
         tokens += int(mask.sum())
         copyable += int(copy.sum())
