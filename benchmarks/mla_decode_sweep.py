@@ -89,7 +89,7 @@ SPLITS: tuple[int | None, ...] = (None, 4, 8, 16)  # None: the module's cost mod
 # --refine: around the shipped configuration (two programs per SM won the first sweep), smaller tiles
 # that may let three share an SM, and split counts near 8.
 REFINE_CONFIGS: tuple[DecodeConfig, ...] = (
-    mla_decode.DEFAULT_CONFIG,
+    mla_decode.ROWS_CONFIG,
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=2, programs_per_sm=3),
     DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=4, programs_per_sm=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=3, programs_per_sm=1),
@@ -108,7 +108,7 @@ REFINE_SPLITS: tuple[int | None, ...] = (None, 8, 12, 16)
 # registers / stack bytes; "2/SM" where two programs fit in 228 KB and 64K registers. Ordered by
 # promise: --budget-s cuts the tail.
 PIPELINE_CONFIGS: tuple[DecodeConfig, ...] = (
-    mla_decode.DEFAULT_CONFIG,  # the baseline, measured in the same run: 112.5 KB, 255 regs, 0 stack; 2/SM
+    mla_decode.ROWS_CONFIG,  # the baseline, measured in the same run: 112.5 KB, 255 regs, 0 stack; 2/SM
     # TMA, same tiles as the baseline: 112.5 KB, 255 regs, 856 B stack; 2/SM
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2, tma=True),
     # swap-AB with TMA, 32-row tiles, two in flight: 110.5 KB, 255 regs, 0 stack, wgmma for p @ latent; 2/SM
@@ -144,34 +144,41 @@ PIPELINE_SPLITS: tuple[int | None, ...] = (None, 4, 8, 12)
 # --set lazy: the accumulator rescaled only when a row's running max grows by more than 2^8 (a [32, 512]
 # fp32 multiply per tile in every program otherwise), on the shipped tiling and two neighbours.
 LAZY_CONFIGS: tuple[DecodeConfig, ...] = (
-    mla_decode.DEFAULT_CONFIG,
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, lazy_rescale=True),
+    mla_decode.ROWS_CONFIG,
+    dataclasses.replace(mla_decode.ROWS_CONFIG, lazy_rescale=True),
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, lazy_rescale=True),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=3, lazy_rescale=True),
 )
 LAZY_SPLITS: tuple[int | None, ...] = (None, 8)
 # --set pdl: the combine launched as a programmatic dependent launch of the split pass (queued while it runs)
 PDL_CONFIGS: tuple[DecodeConfig, ...] = (
-    mla_decode.DEFAULT_CONFIG,
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pdl=True),
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pdl=True, lazy_rescale=True),
+    mla_decode.ROWS_CONFIG,
+    dataclasses.replace(mla_decode.ROWS_CONFIG, pdl=True),
+    dataclasses.replace(mla_decode.ROWS_CONFIG, pdl=True, lazy_rescale=True),
 )
 PDL_SPLITS: tuple[int | None, ...] = (8, 12, 16)
 # --set merge: warps per program of the combine kernel (one program per query row and batch element)
 MERGE_CONFIGS: tuple[DecodeConfig, ...] = tuple(
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, merge_warps=w, pdl=pdl) for w in (4, 1, 2, 8) for pdl in (False, True))
+    dataclasses.replace(mla_decode.ROWS_CONFIG, merge_warps=w, pdl=pdl) for w in (4, 1, 2, 8) for pdl in (False, True))
 # --set loop: every load of the key loop pipelined (k_pos too), and the cache streamed past L2. Written in
 # session 11 after its device time ran out: numerics checked on the CPU interpreter only, not yet timed.
 LOOP_CONFIGS: tuple[DecodeConfig, ...] = (
-    mla_decode.DEFAULT_CONFIG,
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pipeline_all=True),
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, evict_first=True),
-    dataclasses.replace(mla_decode.DEFAULT_CONFIG, pipeline_all=True, evict_first=True),
+    mla_decode.ROWS_CONFIG,
+    dataclasses.replace(mla_decode.ROWS_CONFIG, pipeline_all=True),
+    dataclasses.replace(mla_decode.ROWS_CONFIG, evict_first=True),
+    dataclasses.replace(mla_decode.ROWS_CONFIG, pipeline_all=True, evict_first=True),
+)
+# --set gluon: the Hopper Gluon split pass (kernels/triton/mla_decode_gluon.py: a TMA loader warp feeding one
+# wgmma warpgroup, swap-AB) against the shipped Triton configuration. One program per SM (192 KB at 2 slots).
+GLUON_CONFIGS: tuple[DecodeConfig, ...] = (
+    mla_decode.ROWS_CONFIG,
+    DecodeConfig(kernel="gluon", block_t=64, block_m=32, num_warps=4, num_stages=2, merge_warps=2),
+    DecodeConfig(kernel="gluon", block_t=64, block_m=32, num_warps=4, num_stages=1, merge_warps=2),
 )
 CONFIG_SETS = {"full": (KERNEL_CONFIGS, SPLITS), "refine": (REFINE_CONFIGS, REFINE_SPLITS),
                "pipeline": (PIPELINE_CONFIGS, PIPELINE_SPLITS), "lazy": (LAZY_CONFIGS, LAZY_SPLITS),
                "pdl": (PDL_CONFIGS, PDL_SPLITS), "merge": (MERGE_CONFIGS, (None, 8)),
-               "loop": (LOOP_CONFIGS, (None, 8))}  # fmt: skip
+               "loop": (LOOP_CONFIGS, (None, 8)), "gluon": (GLUON_CONFIGS, (None, 4, 5, 8))}  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -109,6 +109,9 @@ class Settings:
     fuse_projections: bool = False
     # GateSWA decode attention (models.decode_fusion.set_swa_decode_attention): "sdpa", "reductions" or "kernel"
     swa_decode_attention: str = "sdpa"
+    # MLA decode attention on CUDA: "default" (the registry's kernel: the Gluon split pass on sm_90) or "rows" (the
+    # Triton split pass, kernels/triton/mla_decode.py ROWS_CONFIG), for an A/B of whole models
+    mla_decode_kernel: str = "default"
     transform_kinds: list[str] = field(default_factory=lambda: ["mla", "gate_swa"])
     max_batch: bool = True
     verify: bool = True
@@ -147,6 +150,10 @@ def build_model(settings: Settings, kind: str, device: torch.device) -> PreTrain
                 layer.self_attn = layer.self_attn.target
         model.to(TORCH_DTYPES[model_cfg.dtype])
     model.eval().requires_grad_(False)
+    if kind == "mla" and settings.mla_decode_kernel == "rows":
+        from ascend_edit.kernels.triton import mla_decode
+
+        mla_decode.set_default_config(mla_decode.ROWS_CONFIG)
     if kind in settings.transform_kinds:
         from ascend_edit.models.decode_fusion import (
             fuse_decode_projections,
@@ -167,11 +174,13 @@ def build_model(settings: Settings, kind: str, device: torch.device) -> PreTrain
 
 def linears_label(settings: Settings, kind: str) -> str:
     """How the model's linears run: "cublas" (torch's GEMMs) or "gemv", "+fused" with fused projections."""
+    rows = "+rowsattn" if kind == "mla" and settings.mla_decode_kernel == "rows" else ""
     if kind not in settings.transform_kinds:
-        return "cublas"
-    label = settings.decode_linears + ("+fused" if settings.fuse_projections else "")
-    attention = {"reductions": "+redattn", "kernel": "+gqakernel"}.get(settings.swa_decode_attention, "")
-    return label + (attention if kind == "gate_swa" else "")
+        return "cublas" + rows
+    label = settings.decode_linears + ("+fused" if settings.fuse_projections else "") + rows
+    if kind == "gate_swa":
+        label += {"reductions": "+redattn", "kernel": "+gqakernel"}.get(settings.swa_decode_attention, "")
+    return label
 
 
 def weight_bytes(model: PreTrainedModel) -> int:
@@ -876,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swa-decode-attention", default="sdpa", choices=SWA_DECODE_ATTENTION,
                    help="GateSWA decode attention (models.decode_fusion.set_swa_decode_attention): reductions = "
                         "products and sums that inductor fuses (compiled decode); kernel = the split-K Triton op")
+    p.add_argument("--mla-decode-kernel", default="default", choices=("default", "rows"),
+                   help="MLA decode attention on CUDA: default = the registry's kernel (the Gluon split pass on sm_90, "
+                        "the Triton one elsewhere); rows = the Triton split pass everywhere (an A/B of whole models)")
     p.add_argument("--transform-kinds", nargs="+", default=["mla", "gate_swa"], choices=KINDS,
                    help="models the two options above apply to (add teacher for a transformed teacher)")
     p.add_argument("--no-max-batch", action="store_true")
@@ -919,7 +931,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     profile_path=args.profile_path, compile_mode=args.compile_mode, compile_cache=args.compile_cache,
                     compile_backend=args.compile_backend, decode_linears=args.decode_linears,
                     fuse_projections=args.fuse_projections, transform_kinds=args.transform_kinds,
-                    swa_decode_attention=args.swa_decode_attention, max_batch=not args.no_max_batch, verify=not args.no_verify,
+                    swa_decode_attention=args.swa_decode_attention, mla_decode_kernel=args.mla_decode_kernel,
+                    max_batch=not args.no_max_batch, verify=not args.no_verify,
                     memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
 
 

@@ -46,8 +46,13 @@ Options of both formulations (flags of the same kernels, so the numerics tests c
   loads, from L2) and writes the output. The counters are zeroed per call (a memset).
 * ``maxnreg``: a register cap for ptxas, so two 8-warp programs can share an SM.
 
-Status (H200, bf16, B=32, H=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): the shipped
-``rows`` configuration takes 0.1084-0.1087 ms of GPU time, 65-67 % of the device copy bandwidth (the goal is
+A third formulation, ``"gluon"`` (``mla_decode_gluon.py``, sm_90 only), is the production default since
+2026-12-04: a TMA loader warp feeds one wgmma warpgroup in swap-AB form, 78-79 % of the copy bandwidth at the
+shape below (0.0905-0.0913 ms). Calls it cannot take run ``ROWS_CONFIG``. What follows is the history of the
+Triton split pass that led to it.
+
+Status (H200, bf16, B=32, H=32, context 8192, c=512, r=64; ``docs/benchmarks.md``): the
+``rows`` configuration (``ROWS_CONFIG``) takes 0.1084-0.1087 ms of GPU time, 65-67 % of the device copy bandwidth (the goal is
 70 %). Nsight Compute on the split pass: 0.104 ms at 2.97 TB/s DRAM, 255 registers per thread and 115 KB of
 shared memory per program (two programs, 8 warps, per SM: 12.5 % occupancy), the issue slots 20 % busy and
 no warp eligible 78 % of cycles -- latency-bound, a third of the stall on shared-memory operands. Read from
@@ -71,12 +76,13 @@ machine without Triton the custom op and its fake impl still register, so graphs
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
 
 from ..contract import mla_contract
-from . import split_k
+from . import mla_decode_gluon, split_k
 
 try:  # Triton is an optional dependency ("gpu" extra)
     import triton
@@ -87,9 +93,11 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
     TensorDescriptor = None
 
-__all__ = ["DEFAULT_CONFIG", "DecodeConfig", "mla_absorbed_attention", "mla_decode", "triton_available", "tuned_config"]
+__all__ = ["DEFAULT_CONFIG", "ROWS_CONFIG", "DecodeConfig", "mla_absorbed_attention", "mla_decode", "set_default_config",
+           "triton_available", "tuned_config"]
 
 _LOG2E = 1.4426950408889634
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +109,7 @@ class DecodeConfig:
     in :func:`split_k.num_splits` choose; an explicit count is used as given (capped by the context).
     """
 
-    kernel: str = "rows"  # "rows" | "keys"
+    kernel: str = "rows"  # "rows" | "keys" | "gluon" (sm_90 only: mla_decode_gluon.py)
     block_t: int = 64
     block_m: int = 32
     v_split: int = 1  # keys only: programs sharing one row block, each accumulating c / v_split
@@ -139,8 +147,12 @@ class DecodeConfig:
     evict_first: bool = False
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("rows", "keys"):
-            raise ValueError(f"DecodeConfig.kernel must be 'rows' or 'keys'; got {self.kernel!r}")
+        if self.kernel not in ("rows", "keys", "gluon"):
+            raise ValueError(f"DecodeConfig.kernel must be 'rows', 'keys' or 'gluon'; got {self.kernel!r}")
+        if self.kernel == "gluon" and (self.block_t != 64 or self.num_warps != 4 or self.tma or self.fuse_combine
+                                       or self.maxnreg is not None or self.num_stages > 2):
+            raise ValueError("DecodeConfig(kernel='gluon') is one warpgroup over 64-row TMA tiles: block_t=64, "
+                             "num_warps=4, num_stages <= 2 (the ring's slots), no tma/fuse_combine/maxnreg flags")
         if self.kernel == "rows" and self.prefetch:
             raise ValueError("DecodeConfig.prefetch applies to kernel='keys' only")
         if self.kernel != "rows" and (self.lazy_rescale or self.pdl or self.pipeline_all or self.evict_first):
@@ -183,16 +195,20 @@ class DecodeConfig:
                 f"splits={split}")  # fmt: skip
 
 
-# The production choice: ONE line to change after a sweep (benchmarks/mla_decode_sweep.py prints
-# the constructor call of the fastest variant on its "BEST:" line). Chosen on an H200 (B=32 H=32 ctx 8192
-# c=512 r=64 bf16): 4 warps and 2 stages use 115 KB of shared memory, so two programs share an SM; with 8
-# splits (what the cost model picks for two per SM) the split pass took 0.1147 ms = 62 % of the copy
-# bandwidth (2026-12-02), against 0.1295 ms for the former autotuner's choice (8 warps, 3 stages, one per
-# SM). The combine at 2 warps per program instead of 4 took the call from 0.1129-0.1136 to 0.1084-0.1087 ms
-# in two runs (2026-12-03; ncu: the split pass alone is 0.104 ms). A fixed configuration keeps autotuning's
-# noise out of decode.
-DEFAULT_CONFIG = DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2,
-                              merge_warps=2)
+# The Triton split pass chosen on an H200 (B=32 H=32 ctx 8192 c=512 r=64 bf16): 4 warps and 2 stages use 115 KB of
+# shared memory, so two programs share an SM; with 8 splits (what the cost model picks for two per SM) the split
+# pass took 0.1147 ms = 62 % of the copy bandwidth (2026-12-02), against 0.1295 ms for the former autotuner's choice
+# (8 warps, 3 stages, one per SM). The combine at 2 warps per program instead of 4 took the call from 0.1129-0.1136
+# to 0.1084-0.1087 ms in two runs (2026-12-03; ncu: the split pass alone is 0.104 ms). It runs wherever the Gluon
+# split pass does not apply (not sm_90, other row counts or dims, fp32).
+ROWS_CONFIG = DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2,
+                           merge_warps=2)
+# The production choice: ONE line to change after a sweep (benchmarks/mla_decode_sweep.py prints the constructor
+# call of the fastest variant on its "BEST:" line). The Gluon split pass (mla_decode_gluon.py: TMA loader warp, one
+# wgmma warpgroup, swap-AB; 192 KB, one program per SM) took 0.0905-0.0913 ms at the shape above, 78-79 % of the
+# copy bandwidth, against 0.1092 ms for ROWS_CONFIG in the same run (H200, 2026-12-04). Calls it cannot take fall
+# back to ROWS_CONFIG (logged once per reason). A fixed configuration keeps autotuning's noise out of decode.
+DEFAULT_CONFIG = DecodeConfig(kernel="gluon", block_t=64, block_m=32, num_warps=4, num_stages=2, merge_warps=2)
 # fp32 inputs (tests, debugging) take twice the shared memory per tile: the bf16 choices above can
 # exceed the 227 KB an sm_90 program may use. This one needs 113 KB and spills nothing (ptxas).
 FP32_CONFIG = DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=2)
@@ -543,6 +559,23 @@ def _tma_ok(x: torch.Tensor) -> bool:
             and x.dim() == 3)  # fmt: skip
 
 
+_FALLBACKS_LOGGED: set[str] = set()
+_PROCESS_CONFIG: list[DecodeConfig] = []  # set_default_config's choice, if any
+
+
+def set_default_config(config: DecodeConfig | None) -> None:
+    """The configuration 16-bit calls launch in this process (None: :data:`DEFAULT_CONFIG` again). For A/B runs
+    of whole models (``bench_decode --mla-decode-kernel rows``); the registry's own choice stays DEFAULT_CONFIG."""
+    _PROCESS_CONFIG[:] = [config] if config is not None else []
+
+
+def _log_fallback(reason: str) -> None:
+    """Say once per reason why a 'gluon' configuration ran the Triton split pass instead."""
+    if reason not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(reason)
+        logger.info("MLA decode: the Gluon split pass does not apply (%s); using %s", reason, ROWS_CONFIG.label())
+
+
 def _launch(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -559,9 +592,14 @@ def _launch(
     if triton is None:
         raise RuntimeError("the 'triton' MLA decode backend needs Triton (pip install 'ascend_edit[gpu]')")
     if config is None:
-        config = FP32_CONFIG if q_latent.element_size() > 2 else DEFAULT_CONFIG
+        config = FP32_CONFIG if q_latent.element_size() > 2 else (_PROCESS_CONFIG or [DEFAULT_CONFIG])[0]
     if num_splits is not None:
         config = dataclasses.replace(config, num_splits=num_splits)
+    if config.kernel == "gluon":
+        reason = mla_decode_gluon.supported(q_latent, latent, k_rope)
+        if reason is not None:
+            _log_fallback(reason)
+            config = dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits)
     b, h, s, c = q_latent.shape
     r, t = q_rope.shape[-1], latent.shape[1]
     out = torch.empty((b, h, s, c), dtype=q_latent.dtype, device=q_latent.device)
@@ -611,7 +649,10 @@ def _launch(
     if config.tma and _tma_ok(latent) and _tma_ok(k_rope):
         lat_desc = TensorDescriptor(latent, list(latent.shape), list(latent.stride()), [1, config.block_t, block_cv])
         k_rope_desc = TensorDescriptor(k_rope, list(k_rope.shape), list(k_rope.stride()), [1, config.block_t, block_r])
-    if config.kernel == "rows":
+    if config.kernel == "gluon":
+        mla_decode_gluon.split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale * _LOG2E, split_len,
+                                    num_splits, partial_acc, partial_max, partial_sum, stages=config.num_stages)
+    elif config.kernel == "rows":
         _mla_decode_rows_kernel[(row_blocks, num_splits, b)](
             *common, lat_desc, k_rope_desc, counter, out, *out.stride(),
             C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=block_c,
