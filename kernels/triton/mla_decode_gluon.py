@@ -54,11 +54,16 @@ def gluon_available() -> bool:
     return gluon is not None
 
 
+@functools.cache
+def _major(device_index: int | None) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def supported(q_latent: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> str | None:
     """None if the Gluon split pass can take this call, else why not (for the caller's log)."""
     if gluon is None:
         return "Gluon (triton.experimental.gluon) is not installed"
-    if not q_latent.is_cuda or torch.cuda.get_device_capability(q_latent.device)[0] != 9:
+    if not q_latent.is_cuda or _major(q_latent.device.index) != 9:
         return "the Gluon MLA decode kernel is written for sm_90 (Hopper)"
     if q_latent.dtype not in (torch.bfloat16, torch.float16):
         return f"needs 16-bit inputs, got {q_latent.dtype}"
@@ -221,16 +226,43 @@ def descriptors(q_latent, q_rope, latent, k_rope):
     return desc(q2, [rows, c]), desc(qr2, [rows, r]), desc(lat2, [BLOCK_T, c]), desc(kr2, [BLOCK_T, r])
 
 
+_COMPILED: dict[tuple, object] = {}  # launch key -> the compiled kernel (Triton's CompiledKernel)
+
+
+def _int_facts(*values: int) -> tuple:
+    """What Triton's JIT specialises an integer argument on: being 1, divisible by 16, fitting 32 bits."""
+    return tuple((v == 1, v % 16 == 0, -(2**31) <= v < 2**31) for v in values)
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous with a 16-byte aligned base (what a TMA descriptor needs); a copy only where x is not."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, qk_scale_log2, split_len, num_splits,
                partial_acc, partial_max, partial_sum, stages: int = 2):
-    """Launch the split pass into the partial buffers (``[b, rows, num_splits(, c)]``)."""
+    """Launch the split pass into the partial buffers (``[b, rows, num_splits(, c)]``).
+
+    The first call of each specialisation goes through the JIT (which compiles); later ones launch the compiled
+    kernel directly, skipping the JIT's per-call dispatch (binding, the specialisation key of four descriptors),
+    which on a busy host costs more than the kernel's GPU time at the goal shape. The launch key holds every fact
+    the JIT specialises this kernel on (the descriptors' blocks and layouts follow from rows, c, r and the dtype;
+    their shapes and strides from the integers listed), so equal keys mean the JIT would pick the same kernel.
+    Decode steps repeat one key (same cache length, splits and strides)."""
     b, h, s, c = q_latent.shape
-    t = latent.shape[1]
-    q_desc, qr_desc, lat_desc, kr_desc = descriptors(q_latent.contiguous(), q_rope.contiguous(), latent, k_rope)
-    _mla_decode_wgmma_kernel[(num_splits, b)](
-        q_desc, qr_desc, lat_desc, kr_desc,
-        k_pos, *k_pos.stride(), q_pos, *q_pos.stride(),
-        partial_acc, partial_max, partial_sum,
-        h, s, h * s, t, split_len, num_splits, qk_scale_log2,
-        BLOCK_T=BLOCK_T, STAGES=stages, num_warps=4,
-    )  # fmt: skip
+    t, r, rows = latent.shape[1], k_rope.shape[-1], h * s
+    q_latent, q_rope = _aligned(q_latent), _aligned(q_rope)
+    args = (*descriptors(q_latent, q_rope, latent, k_rope), k_pos, *k_pos.stride(), q_pos, *q_pos.stride(),
+            partial_acc, partial_max, partial_sum, h, s, rows, t, split_len, num_splits, qk_scale_log2)
+    pointers = (k_pos, q_pos, partial_acc, partial_max, partial_sum)
+    key = (rows, c, r, q_latent.dtype, q_latent.device, stages, *(p.dtype for p in pointers),
+           *(p.data_ptr() % 16 == 0 for p in pointers),
+           _int_facts(b * rows, b * t, h, s, t, split_len, num_splits, latent.stride(1), k_rope.stride(1),
+                      *k_pos.stride(), *q_pos.stride()))
+    grid = (num_splits, b, 1)  # CompiledKernel launches take all three grid dimensions
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = _mla_decode_wgmma_kernel[grid](*args, BLOCK_T=BLOCK_T, STAGES=stages, num_warps=4)
+    else:
+        compiled[grid](*args, BLOCK_T, stages)  # type: ignore[index]  # constexprs last, in signature order

@@ -1,6 +1,7 @@
 """Op B (absorbed MLA attention): the eager reference, the Triton decode kernel and its custom op."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -247,6 +248,24 @@ def test_gluon_split_pass_matches_reference(case: tuple) -> None:
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     assert torch.count_nonzero(out[-1, :, 0]) == 0  # the row with no visible key
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _gluon_on_this_gpu(), reason="needs an sm_90 GPU and Triton's Gluon")
+def test_gluon_direct_launch_serves_every_length_split_and_offset() -> None:
+    """After the first call the split pass launches its compiled kernel directly (no JIT dispatch): later calls
+    with other lengths, split counts, head/position splits of the same 32 rows and offset position views must
+    still be right (nothing was specialised on the first call's values)."""
+    config = DecodeConfig(kernel="gluon", block_t=64, block_m=32, num_warps=4, num_stages=2)
+    for b, h, s, t, splits in ((1, 32, 1, 64, 1), (2, 32, 1, 333, 2), (3, 16, 2, 5, None), (2, 8, 4, 2049, 7)):
+        inp = make_mla_inputs(b, h, s, 512, 64, t, dtype=torch.bfloat16, device="cuda", empty_slots=t > 8)
+        padded = torch.cat([torch.zeros_like(inp["k_pos"][:, :1]), inp["k_pos"]], dim=1)
+        inp["k_pos"] = padded[:, 1:]  # an offset view: 8 bytes past an aligned base
+        args = (inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"])
+        with torch.no_grad():
+            out = mla_decode._launch(*args, config=dataclasses.replace(config, num_splits=splits))
+        fp32_inp = dict(inp, **{n: inp[n].float() for n in ("q_latent", "q_rope", "latent", "k_rope")})
+        torch.testing.assert_close(out.float(), _call(reference.mla_absorbed_attention, fp32_inp), atol=2e-2, rtol=2e-2)
 
 
 def test_gluon_config_falls_back_with_a_reason_off_hopper() -> None:
