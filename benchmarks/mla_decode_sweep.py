@@ -381,7 +381,7 @@ def run_isolated(config: DecodeConfig, splits: tuple[int | None, ...], heads: in
                 return [_result_from_json(x) for x in json.load(handle)]
         except (OSError, ValueError):
             first = dataclasses.replace(config, num_splits=splits[0])
-            label = mla_decode.tuned_config(0, 0, heads, first)
+            label = first.label()
             return [Result(heads, first, label, error=error or "child wrote no results")]
 
 

@@ -227,11 +227,13 @@ def _block_m(config: DecodeConfig, rows: int) -> int:
 
 
 def tuned_config(c: int, r: int, rows: int, config: DecodeConfig | None = None) -> str:
-    """The configuration the decode op launches for 16-bit inputs and ``rows`` = heads x query
-    length (for benchmark reports). ``c`` and ``r`` are accepted for the callers' sake; the choice
-    does not depend on them."""
-    del c, r
-    config = config or DEFAULT_CONFIG
+    """The configuration the decode op launches for bf16 inputs and ``rows`` = heads x query length on the
+    current CUDA device (for benchmark reports): the Gluon one where it applies, else the Triton fallback."""
+    config = config or (_PROCESS_CONFIG or [DEFAULT_CONFIG])[0]
+    if config.kernel == "gluon":
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if mla_decode_gluon.device_reason(device) or mla_decode_gluon.shape_reason(rows, c, r, torch.bfloat16):
+            config = dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits)
     return dataclasses.replace(config, block_m=_block_m(config, rows)).label()
 
 
@@ -573,7 +575,7 @@ def _log_fallback(reason: str) -> None:
     """Say once per reason why a 'gluon' configuration ran the Triton split pass instead."""
     if reason not in _FALLBACKS_LOGGED:
         _FALLBACKS_LOGGED.add(reason)
-        logger.info("MLA decode: the Gluon split pass does not apply (%s); using %s", reason, ROWS_CONFIG.label())
+        logger.warning("MLA decode: the Gluon split pass does not apply (%s); using %s", reason, ROWS_CONFIG.label())
 
 
 def _launch(
@@ -595,16 +597,16 @@ def _launch(
         config = FP32_CONFIG if q_latent.element_size() > 2 else (_PROCESS_CONFIG or [DEFAULT_CONFIG])[0]
     if num_splits is not None:
         config = dataclasses.replace(config, num_splits=num_splits)
-    if config.kernel == "gluon":
-        reason = mla_decode_gluon.supported(q_latent, latent, k_rope)
-        if reason is not None:
-            _log_fallback(reason)
-            config = dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits)
     b, h, s, c = q_latent.shape
     r, t = q_rope.shape[-1], latent.shape[1]
     out = torch.empty((b, h, s, c), dtype=q_latent.dtype, device=q_latent.device)
     if t == 0 or b == 0 or h * s == 0:
         return out.zero_()
+    if config.kernel == "gluon":
+        reason = mla_decode_gluon.supported(q_latent, latent, k_rope)
+        if reason is not None:
+            _log_fallback(reason)
+            config = dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits)
     rows = h * s
     block_m = _block_m(config, rows)
     v_split = config.v_split if config.kernel == "keys" else 1
@@ -650,8 +652,13 @@ def _launch(
         lat_desc = TensorDescriptor(latent, list(latent.shape), list(latent.stride()), [1, config.block_t, block_cv])
         k_rope_desc = TensorDescriptor(k_rope, list(k_rope.shape), list(k_rope.stride()), [1, config.block_t, block_r])
     if config.kernel == "gluon":
-        mla_decode_gluon.split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale * _LOG2E, split_len,
-                                    num_splits, partial_acc, partial_max, partial_sum, stages=config.num_stages)
+        try:
+            mla_decode_gluon.split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale * _LOG2E, split_len,
+                                        num_splits, partial_acc, partial_max, partial_sum, stages=config.num_stages)
+        except mla_decode_gluon.Unsupported as exc:  # raised before anything was launched
+            _log_fallback(str(exc))
+            return _launch(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale,
+                           config=dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits))
     elif config.kernel == "rows":
         _mla_decode_rows_kernel[(row_blocks, num_splits, b)](
             *common, lat_desc, k_rope_desc, counter, out, *out.stride(),

@@ -31,6 +31,7 @@ import functools
 
 try:  # Gluon ships with Triton >= 3.5 (the "gpu" extra); absent on most CPU machines
     import triton
+    from triton.compiler.errors import CompilationError
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -59,20 +60,37 @@ def _major(device_index: int | None) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-def supported(q_latent: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> str | None:
-    """None if the Gluon split pass can take this call, else why not (for the caller's log)."""
+class Unsupported(Exception):
+    """The Gluon split pass cannot take this call (the message says why); the caller runs another kernel."""
+
+
+def device_reason(device: torch.device) -> str | None:
+    """None if the Gluon split pass runs on ``device``, else why not."""
     if gluon is None:
         return "Gluon (triton.experimental.gluon) is not installed"
-    if not q_latent.is_cuda or _major(q_latent.device.index) != 9:
-        return "the Gluon MLA decode kernel is written for sm_90 (Hopper)"
-    if q_latent.dtype not in (torch.bfloat16, torch.float16):
-        return f"needs 16-bit inputs, got {q_latent.dtype}"
+    # ROCm reports MI200 / MI300 as capability 9.x too: the kernel is NVIDIA-only (TMA, wgmma)
+    if device.type != "cuda" or torch.version.hip is not None or _major(device.index) != 9:
+        return "the Gluon MLA decode kernel is written for NVIDIA sm_90 (Hopper)"
+    return None
+
+
+def shape_reason(rows: int, c: int, r: int, dtype: torch.dtype) -> str | None:
+    """None if the kernel is compiled for these sizes (query rows per batch element, latent and rope widths)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"needs 16-bit inputs, got {dtype}"
+    if rows not in (16, 32):
+        return f"needs 16 or 32 query rows per batch element, got {rows}"
+    if c not in (64, 128, 256, 512) or r not in (32, 64):  # block shapes are powers of two
+        return f"needs c in (64, 128, 256, 512) and r in (32, 64), got c={c}, r={r}"
+    return None
+
+
+def supported(q_latent: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> str | None:
+    """None if the Gluon split pass can take this call, else why not (for the caller's log)."""
     b, h, s, c = q_latent.shape
-    r = k_rope.shape[-1]
-    if h * s not in (16, 32):
-        return f"needs 16 or 32 query rows per batch element, got {h * s}"
-    if c % 64 or c > 512 or r not in (32, 64):
-        return f"needs c a multiple of 64 up to 512 and r in (32, 64), got c={c}, r={r}"
+    reason = device_reason(q_latent.device) or shape_reason(h * s, c, k_rope.shape[-1], q_latent.dtype)
+    if reason is not None:
+        return reason
     for name, x in (("latent", latent), ("k_rope", k_rope)):
         bt = x.shape[0] * x.shape[1]
         if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1) or x.data_ptr() % 16 or \
@@ -227,6 +245,7 @@ def descriptors(q_latent, q_rope, latent, k_rope):
 
 
 _COMPILED: dict[tuple, object] = {}  # launch key -> the compiled kernel (Triton's CompiledKernel)
+_FAILED: dict[tuple, str] = {}  # launch key -> why it did not compile (not retried)
 
 
 def _int_facts(*values: int) -> tuple:
@@ -263,6 +282,12 @@ def split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, qk_scale_log2, sp
     grid = (num_splits, b, 1)  # CompiledKernel launches take all three grid dimensions
     compiled = _COMPILED.get(key)
     if compiled is None:
-        _COMPILED[key] = _mla_decode_wgmma_kernel[grid](*args, BLOCK_T=BLOCK_T, STAGES=stages, num_warps=4)
+        if key in _FAILED:
+            raise Unsupported(_FAILED[key])
+        try:
+            _COMPILED[key] = _mla_decode_wgmma_kernel[grid](*args, BLOCK_T=BLOCK_T, STAGES=stages, num_warps=4)
+        except CompilationError as exc:  # nothing was launched: the caller can run another kernel
+            _FAILED[key] = f"the Gluon kernel did not compile for this call ({str(exc).strip().splitlines()[-1]})"
+            raise Unsupported(_FAILED[key]) from exc
     else:
         compiled[grid](*args, BLOCK_T, stages)  # type: ignore[index]  # constexprs last, in signature order

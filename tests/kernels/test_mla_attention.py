@@ -253,19 +253,28 @@ def test_gluon_split_pass_matches_reference(case: tuple) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not _gluon_on_this_gpu(), reason="needs an sm_90 GPU and Triton's Gluon")
 def test_gluon_direct_launch_serves_every_length_split_and_offset() -> None:
-    """After the first call the split pass launches its compiled kernel directly (no JIT dispatch): later calls
-    with other lengths, split counts, head/position splits of the same 32 rows and offset position views must
-    still be right (nothing was specialised on the first call's values)."""
+    """After the first call of a specialisation the split pass launches its compiled kernel directly (no JIT
+    dispatch): later calls of the same specialisation with other lengths and split counts, from an offset position
+    view and from latent / k_rope slices of one fused [b, t, c + r] cache, must still be right, without compiling."""
     config = DecodeConfig(kernel="gluon", block_t=64, block_m=32, num_warps=4, num_stages=2)
-    for b, h, s, t, splits in ((1, 32, 1, 64, 1), (2, 32, 1, 333, 2), (3, 16, 2, 5, None), (2, 8, 4, 2049, 7)):
-        inp = make_mla_inputs(b, h, s, 512, 64, t, dtype=torch.bfloat16, device="cuda", empty_slots=t > 8)
+    # t, b * t, the strides and the split counts share their "is 1" / "divisible by 16" facts across the three
+    # calls, so the second and third reuse the first one's compiled kernel
+    compiled_before = None
+    for t, splits in ((333, 2), (517, 3), (1013, 5)):
+        inp = make_mla_inputs(2, 32, 1, 512, 64, t, dtype=torch.bfloat16, device="cuda", empty_slots=True)
+        fused = torch.cat([inp["latent"], inp["k_rope"]], dim=-1)  # one cache buffer, rows of c + r
+        inp["latent"], inp["k_rope"] = fused[..., :512], fused[..., 512:]
         padded = torch.cat([torch.zeros_like(inp["k_pos"][:, :1]), inp["k_pos"]], dim=1)
         inp["k_pos"] = padded[:, 1:]  # an offset view: 8 bytes past an aligned base
+        assert mla_decode_gluon.supported(inp["q_latent"], inp["latent"], inp["k_rope"]) is None
         args = (inp["q_latent"], inp["q_rope"], inp["latent"], inp["k_rope"], inp["q_pos"], inp["k_pos"], inp["scale"])
         with torch.no_grad():
             out = mla_decode._launch(*args, config=dataclasses.replace(config, num_splits=splits))
         fp32_inp = dict(inp, **{n: inp[n].float() for n in ("q_latent", "q_rope", "latent", "k_rope")})
         torch.testing.assert_close(out.float(), _call(reference.mla_absorbed_attention, fp32_inp), atol=2e-2, rtol=2e-2)
+        if compiled_before is None:
+            compiled_before = len(mla_decode_gluon._COMPILED)
+        assert len(mla_decode_gluon._COMPILED) == compiled_before  # served by the direct launch
 
 
 def test_gluon_config_falls_back_with_a_reason_off_hopper() -> None:
@@ -275,6 +284,14 @@ def test_gluon_config_falls_back_with_a_reason_off_hopper() -> None:
     assert reason is not None and ("sm_90" in reason or "Gluon" in reason)
     with pytest.raises(ValueError, match="block_t=64"):
         DecodeConfig(kernel="gluon", block_t=32, num_warps=4, num_stages=2)
+    # sizes the kernel is not compiled for are refused before any launch (block shapes are powers of two)
+    assert mla_decode_gluon.shape_reason(32, 512, 64, torch.bfloat16) is None
+    for rows, c, r, dtype in ((32, 192, 64, torch.bfloat16), (32, 320, 64, torch.bfloat16), (64, 512, 64, torch.bfloat16),
+                              (9, 512, 64, torch.bfloat16), (32, 512, 16, torch.bfloat16), (32, 512, 64, torch.float32)):
+        assert mla_decode_gluon.shape_reason(rows, c, r, dtype) is not None
+    assert "sm_90" in mla_decode_gluon.device_reason(torch.device("cpu")) or not mla_decode_gluon.gluon_available()
+    # report labels name the kernel that runs: the Triton fallback for 9 heads (or off Hopper)
+    assert mla_decode.tuned_config(512, 64, 9).startswith("rows")
 
 
 @pytest.mark.skipif(
