@@ -253,12 +253,17 @@ class TargetConfig:
     init: str = "warm"  # warm (from teacher weights) | random
     layers: Optional[list[int]] = None  # layers to convert; None = all
     calibration_batches: int = 4  # batches of real inputs for warm start statistics
+    # Where the calibration sequences come from: "data" = the first training sequences; "teacher" = sequences
+    # sampled from the teacher itself (data/teacher_text.py `sample_calibration_set`), which cover what the teacher
+    # knows rather than the training text's domain (docs/results.md, "Calibrating on the teacher's own text").
+    calibration_source: str = "data"
     mla: MLAConfig = field(default_factory=MLAConfig)
     gate_swa: GateSWAConfig = field(default_factory=GateSWAConfig)
 
     def __post_init__(self):
         _choice("target.kind", self.kind, ("mla", "gate_swa", "identity"))
         _choice("target.init", self.init, ("warm", "random"))
+        _choice("target.calibration_source", self.calibration_source, ("data", "teacher"))
         _positive("target.calibration_batches", self.calibration_batches, allow_zero=True)
         _indices("target.layers", self.layers, allow_empty=False)
         if self.init == "warm" and self.kind != "identity" and self.calibration_batches == 0:

@@ -36,6 +36,7 @@ from ascend_edit.data.batches import batches_of
 from ascend_edit.data.heldout import python_docs_documents
 from ascend_edit.data.loading import load_data
 from ascend_edit.data.packing import pack_documents
+from ascend_edit.data.teacher_text import sample_calibration_set
 from ascend_edit.device import resolve_device, seed_everything
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
@@ -87,6 +88,9 @@ def main() -> None:
     in_domain = batches_of(eval_set, range(min(cfg.data.eval_sequences, len(eval_set))), bs, dev)
     ood_set = pack_documents(python_docs_documents(), tokenizer, cfg.data.seq_len)
     out_of_domain = batches_of(ood_set, range(min(args.ood_sequences, len(ood_set))), bs, dev)
+    if cfg.target.calibration_source == "teacher":  # sampled from the teacher, as the pipeline does
+        calib_set = sample_calibration_set(model, tokenizer, cfg.target.calibration_batches * bs, cfg.data.seq_len,
+                                           cfg.device.seed)
     calibration = batches_of(calib_set, range(min(cfg.target.calibration_batches * bs, len(calib_set))), bs, dev)
     if args.init_sweep:
         long_sets = {}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ascend_edit.config import check_teacher_sampling
+from ascend_edit.data.packing import PackedDataset, pack_token_documents
 
 TEXT_FILE = "teacher_text.jsonl"
 META_FILE = "meta.json"
@@ -120,6 +121,32 @@ def sample_documents(model, tokenizer, spec: SamplingSpec, progress: Callable[[i
         if progress is not None:
             progress(batch + 1, batches)
     return documents
+
+
+def start_token_id(tokenizer, model_config) -> int:
+    """The token every sampled row starts from: BOS, else EOS (of the tokenizer, else of the model's config)."""
+    for source in (tokenizer, model_config):
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, list):  # some configs list several end tokens
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+    raise ValueError("the teacher has neither a BOS nor an EOS token to sample from")
+
+
+def sample_calibration_set(model, tokenizer, sequences: int, seq_len: int, seed: int, temperature: float = 1.0,
+                           top_p: float = 0.95) -> PackedDataset:
+    """``sequences`` rows of ``seq_len`` tokens sampled from ``model`` (a start token, then ``seq_len - 1`` sampled
+    tokens), packed one row per sequence: warm-start calibration text that covers what the teacher knows instead of
+    one training domain. All rows are sampled as one batch; each row is one document (it was sampled under full
+    causal attention over the row, end tokens included)."""
+    start = start_token_id(tokenizer, model.config)
+    spec = SamplingSpec(rows=sequences, tokens=seq_len - 1, temperature=temperature, top_p=top_p,
+                        batch_size=sequences, seed=seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003)
+    sampled = sample_rows(model, start, sequences, seq_len - 1, spec, generator).tolist()
+    return pack_token_documents([[start, *row] for row in sampled], seq_len)
 
 
 def check_output(directory: Path) -> None:

@@ -14,6 +14,7 @@ from ascend_edit import distributed
 from ascend_edit.config import ConfigError, RootConfig, TargetConfig
 from ascend_edit.data.batches import PackedSequences, batches_of
 from ascend_edit.data.loading import load_data
+from ascend_edit.data.teacher_text import sample_calibration_set
 from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
 from ascend_edit.distributed import DistEnv
 from ascend_edit.models.budget import swa_layer_scores
@@ -61,8 +62,7 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     train_set, eval_set = load_data(cfg.data, tokenizer, cfg.device.seed, model.config.vocab_size)
     eval_batches = batches_of(eval_set, range(min(cfg.data.eval_sequences, len(eval_set))), cfg.eval.batch_size,
                               device.torch_device)
-    calibration = batches_of(train_set, range(min(cfg.target.calibration_batches * cfg.eval.batch_size,
-                                                  len(train_set))), cfg.eval.batch_size, device.torch_device)
+    calibration = calibration_batches(cfg, model, tokenizer, train_set, device.torch_device)
     sensitivity = None
     target = cfg.target
     if target.kind == "gate_swa" and target.gate_swa.full_by_sensitivity:
@@ -93,6 +93,18 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     apply_experts_implementation(cfg.engine.experts_implementation, model)
     apply_compile(compile_mode(cfg.engine.compile, device.type, model), model)
     return Prepared(device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
+
+
+def calibration_batches(cfg: RootConfig, model: nn.Module, tokenizer: Any, train_set, device: torch.device
+                        ) -> list[dict]:
+    """The warm start's calibration batches: the first training sequences, or (target.calibration_source=teacher)
+    as many sequences sampled from the teacher."""
+    sequences = cfg.target.calibration_batches * cfg.eval.batch_size
+    if cfg.target.calibration_source == "teacher" and sequences:
+        source = sample_calibration_set(model, tokenizer, sequences, cfg.data.seq_len, cfg.device.seed)
+    else:
+        source = train_set
+    return batches_of(source, range(min(sequences, len(source))), cfg.eval.batch_size, device)
 
 
 def partitioned_teacher_config(cfg: RootConfig) -> dict | None:

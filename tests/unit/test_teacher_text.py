@@ -14,8 +14,10 @@ from ascend_edit.data.teacher_text import (
     TEXT_FILE,
     SamplingSpec,
     nucleus_sample,
+    sample_calibration_set,
     sample_documents,
     split_documents,
+    start_token_id,
     write_documents,
 )
 from tests.conftest import tiny_model
@@ -103,3 +105,48 @@ def test_bad_specs_name_their_key(tmp_path):
     assert blocker.read_text() == "user data"
     with pytest.raises(ValueError, match="no documents"):
         write_documents("/nonexistent/never/created", [], {})
+
+
+def test_calibration_set_sampled_from_the_teacher(model, tokenizer):
+    """target.calibration_source=teacher: one sampled row per sequence, each a start token then seq_len - 1 sampled
+    tokens, a single document per row; deterministic per seed; the pipeline's calibration batches use it."""
+    data = sample_calibration_set(model, tokenizer, sequences=6, seq_len=12, seed=3)
+    assert len(data) == 6
+    start = start_token_id(tokenizer, model.config)
+    item = data[0]
+    assert item["input_ids"].shape == (12,) and int(item["input_ids"][0]) == start
+    assert torch.equal(item["position_ids"], torch.arange(12))  # one document per row, positions from 0
+    again = sample_calibration_set(model, tokenizer, sequences=6, seq_len=12, seed=3)
+    other = sample_calibration_set(model, tokenizer, sequences=6, seq_len=12, seed=4)
+    rows = torch.stack([data[i]["input_ids"] for i in range(6)])
+    assert torch.equal(rows, torch.stack([again[i]["input_ids"] for i in range(6)]))
+    assert not torch.equal(rows, torch.stack([other[i]["input_ids"] for i in range(6)]))
+
+    from ascend_edit.config import DataConfig, DeviceConfig, EvalConfig, RootConfig, TargetConfig
+    from ascend_edit.train.prepare import calibration_batches
+
+    cfg = RootConfig(target=TargetConfig(calibration_batches=2, calibration_source="teacher"),
+                     data=DataConfig(seq_len=12), eval=EvalConfig(batch_size=3), device=DeviceConfig(seed=3))
+    batches = calibration_batches(cfg, model, tokenizer, train_set=None, device=torch.device("cpu"))
+    assert [b["input_ids"].shape for b in batches] == [(3, 12), (3, 12)]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), rows)  # the same seed, the same rows
+
+
+def test_start_token_falls_back_to_the_model_config_and_bad_source_names_its_key():
+    class NoSpecialTokens:
+        bos_token_id = None
+        eos_token_id = None
+
+    class Config:
+        bos_token_id = None
+        eos_token_id = [7, 8]
+
+    assert start_token_id(NoSpecialTokens(), Config()) == 7
+    assert start_token_id(None, Config()) == 7
+    Config.eos_token_id = None
+    with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
+        start_token_id(None, Config())
+    from ascend_edit.config import ConfigError, TargetConfig
+
+    with pytest.raises(ConfigError, match="target.calibration_source"):
+        TargetConfig(calibration_source="wikipedia")
