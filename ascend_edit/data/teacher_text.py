@@ -105,9 +105,7 @@ def end_token_ids(tokenizer) -> set[int]:
 def sample_documents(model, tokenizer, spec: SamplingSpec, progress: Callable[[int, int], None] | None = None
                      ) -> list[str]:
     """Documents sampled from ``model`` (eval mode, on its device) as described in the module docstring."""
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start_id is None:
-        raise ValueError("teacher_text: the tokenizer has neither a BOS nor an EOS token to start from")
+    start_id = start_token_id(tokenizer, model.config)
     end_ids = end_token_ids(tokenizer)
     device = next(model.parameters()).device
     documents: list[str] = []

@@ -625,6 +625,15 @@ def _launch(
     partial_acc = torch.empty((b, rows, num_splits, c), dtype=partial_dtype, device=out.device)
     partial_max = torch.empty((b, rows, num_splits), dtype=torch.float32, device=out.device)
     partial_sum = torch.empty_like(partial_max)
+    if config.kernel == "gluon":  # nothing below (Triton arguments, descriptors, counters) applies to it
+        try:
+            mla_decode_gluon.split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale * _LOG2E, split_len,
+                                        num_splits, partial_acc, partial_max, partial_sum, stages=config.num_stages)
+        except mla_decode_gluon.Unsupported as exc:  # raised before anything was launched
+            _log_fallback(str(exc))
+            return _launch(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale,
+                           config=dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits))
+        return _combine(partial_acc, partial_max, partial_sum, out, h, num_splits, config.merge_warps, pdl=False)
     fuse = config.fuse_combine
     # One arrival counter per (batch, row block), zeroed per call (a memset); unfused launches pass an
     # existing buffer in its place (never read) rather than pay for an allocation and a memset.
@@ -651,15 +660,7 @@ def _launch(
     if config.tma and _tma_ok(latent) and _tma_ok(k_rope):
         lat_desc = TensorDescriptor(latent, list(latent.shape), list(latent.stride()), [1, config.block_t, block_cv])
         k_rope_desc = TensorDescriptor(k_rope, list(k_rope.shape), list(k_rope.stride()), [1, config.block_t, block_r])
-    if config.kernel == "gluon":
-        try:
-            mla_decode_gluon.split_pass(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale * _LOG2E, split_len,
-                                        num_splits, partial_acc, partial_max, partial_sum, stages=config.num_stages)
-        except mla_decode_gluon.Unsupported as exc:  # raised before anything was launched
-            _log_fallback(str(exc))
-            return _launch(q_latent, q_rope, latent, k_rope, q_pos, k_pos, scale,
-                           config=dataclasses.replace(ROWS_CONFIG, num_splits=config.num_splits))
-    elif config.kernel == "rows":
+    if config.kernel == "rows":
         _mla_decode_rows_kernel[(row_blocks, num_splits, b)](
             *common, lat_desc, k_rope_desc, counter, out, *out.stride(),
             C=c, R=r, BLOCK_M=block_m, BLOCK_T=config.block_t, BLOCK_C=block_c,
@@ -680,6 +681,13 @@ def _launch(
         )  # fmt: skip
         if fuse:
             return out
+    return _combine(partial_acc, partial_max, partial_sum, out, h, num_splits, config.merge_warps, pdl)
+
+
+def _combine(partial_acc: torch.Tensor, partial_max: torch.Tensor, partial_sum: torch.Tensor, out: torch.Tensor,
+             h: int, num_splits: int, merge_warps: int, pdl: bool) -> torch.Tensor:
+    """Merge the split pass's partials (``[b, rows, num_splits(, c)]``) into ``out``; returns ``out``."""
+    b, rows, _, c = partial_acc.shape
     split_k.merge_splits_kernel[(rows, b)](
         partial_acc, partial_max, partial_sum, out,
         *out.stride(),
@@ -688,7 +696,7 @@ def _launch(
         BLOCK_S=split_k.next_pow2(num_splits),
         BLOCK_C=split_k.next_pow2(c),
         WAIT_PRIMARY=pdl,
-        num_warps=config.merge_warps,
+        num_warps=merge_warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out

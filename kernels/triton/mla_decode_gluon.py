@@ -19,8 +19,8 @@ kernel say exactly what runs where:
 Outputs are the split pass's partials in the layout of ``mla_decode._launch`` (normalised, 16-bit,
 with their log2-domain max and sum), merged by the same combine kernel.
 
-Scope: 16-bit inputs, ``c`` a multiple of 64 up to 512, ``r`` in {32, 64}, 16 or 32 query rows per
-batch element, latent and k_rope contiguous in ``[b * t, c]`` / ``[b * t, r]`` with 16-byte aligned
+Scope: 16-bit inputs, ``c`` in {64, 128, 256, 512}, ``r`` in {32, 64}, 16 or 32 query rows per
+batch element, NVIDIA sm_90, latent and k_rope contiguous in ``[b * t, c]`` / ``[b * t, r]`` with 16-byte aligned
 rows. :func:`supported` says whether a call fits; the caller falls back to the Triton kernels.
 Status: see docs/benchmarks.md (H200 numbers are recorded there; the CPU can compile this kernel for
 sm_90 but not run it).
