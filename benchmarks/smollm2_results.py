@@ -209,13 +209,13 @@ class Runner:
     def __init__(self, args, cfg, out: Path):
         import torch
 
-        from ascend_edit.data.batches import batches_of
         from ascend_edit.data.heldout import run_documents
         from ascend_edit.data.loading import load_data
         from ascend_edit.device import resolve_device, seed_everything
         from ascend_edit.eval.suite import held_out_sets
         from ascend_edit.models.loading import load_teacher
         from ascend_edit.models.surgery import collect_layer_stats
+        from ascend_edit.train.prepare import calibration_batches
 
         self.args, self.cfg, self.out = args, cfg, out
         self.steps = plan_steps(args)
@@ -234,8 +234,9 @@ class Runner:
             marks.append(("teacher text", time.perf_counter()))
         self.train_set, _ = load_data(cfg.data, self.tokenizer, cfg.device.seed, self.teacher.config.vocab_size)
         marks.append(("data", time.perf_counter()))
-        n_cal = min(cfg.target.calibration_batches * cfg.eval.batch_size, len(self.train_set))
-        self.calibration = batches_of(self.train_set, range(n_cal), cfg.eval.batch_size, dev)
+        # the first training sequences, or (target.calibration_source=teacher) sequences the teacher samples
+        self.calibration = calibration_batches(cfg, self.teacher, self.tokenizer, self.train_set, dev)
+        n_cal = sum(len(batch["input_ids"]) for batch in self.calibration)
         self.stats = collect_layer_stats(self.teacher, self.calibration)
         marks.append(("calibration", time.perf_counter()))
         self.sets = held_out_sets(cfg.eval, run_documents(cfg.data, cfg.device.seed))
@@ -245,7 +246,8 @@ class Runner:
         self.layers = list(range(self.teacher.config.num_hidden_layers))
         self.setup_seconds = time.perf_counter() - started
         print(f"setup {self.setup_seconds:.1f} s: {len(self.train_set)} training sequences of {args.context} tokens,"
-              f" {n_cal} calibration sequences, device {dev}; {self.steps['total']} steps x "
+              f" {n_cal} calibration sequences ({cfg.target.calibration_source}), device {dev};"
+              f" {self.steps['total']} steps x "
               f"{self.steps['tokens_per_step']:,} tokens per trained condition", flush=True)
 
     def with_teacher_text(self, cfg):
