@@ -19,8 +19,8 @@ Measurements
 
 A variant that fails to compile or launch (e.g. too much shared memory) is listed with its error.
 ``--budget-s`` caps the whole run: variants not reached in time are listed as skipped. ``--set``
-picks the candidate list (``full``, ``refine`` = ``--refine``, ``pipeline``: TMA loads, the fused
-combine, register caps). ``--isolate`` runs each configuration after the first in its own process
+picks the candidate list (``full``, ``refine`` = ``--refine``, ``pipeline``: TMA loads, register
+caps; ``gluon``: the Hopper Gluon split pass against the Triton one). ``--isolate`` runs each configuration after the first in its own process
 (after compiling all of them in parallel processes), so a fault that poisons the CUDA context --
 an illegal memory access -- costs only that configuration's rows. The last lines printed are a
 short table of the fastest correct variants.
@@ -61,19 +61,6 @@ KERNEL_CONFIGS: tuple[DecodeConfig, ...] = (
     # 32 heads padded to 64 rows: wgmma for both matmuls, 2-3 tiles in flight; 185 / 222 KB, 244 regs
     DecodeConfig(kernel="rows", block_t=32, block_m=64, pad_rows=True, num_warps=8, num_stages=3),
     DecodeConfig(kernel="rows", block_t=32, block_m=64, pad_rows=True, num_warps=8, num_stages=4),
-    # swap-AB: scores by mma.sync (M=32), p @ latent by wgmma (M=512); 150 KB
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=4),
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=8, num_stages=4),
-    # 113 KB, 255 regs x 128 threads: two programs per SM, one tile in flight each
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3),
-    # swap-AB with 64-row tiles: wgmma for both, but only two stages fit (no load/compute overlap
-    # inside a program: the next tile is fetched after this one is computed); 189 KB
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=4, num_stages=2),
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=8, num_stages=2),
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2),
-    # (The prefetch variants -- next tile fetched into registers during this one's softmax -- are not
-    # swept: on the H200, 2026-12-02, they hit an illegal memory access that poisoned the CUDA context
-    # for every later variant. The interpreter tests pass, so the fault is a GPU-only bug not yet found.)
     # rows variants: deeper pipelines, 16-row blocks (two programs per batch share tiles via L2)
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=4),  # 150 KB, 176 regs
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=3),  # 113 KB: 2 per SM
@@ -81,9 +68,6 @@ KERNEL_CONFIGS: tuple[DecodeConfig, ...] = (
     DecodeConfig(kernel="rows", block_t=32, block_m=16, num_warps=4, num_stages=4),  # 131 KB, 182 regs
     DecodeConfig(kernel="rows", block_t=64, block_m=16, num_warps=4, num_stages=3),  # 169 KB, 168 regs
     DecodeConfig(kernel="rows", block_t=64, block_m=64, pad_rows=True, num_warps=8, num_stages=2),  # 222 KB
-    # for 128 heads (at 32 heads they shrink to an earlier entry and are skipped as duplicates)
-    DecodeConfig(kernel="keys", block_t=32, block_m=64, num_warps=8, num_stages=4),  # 189 KB
-    DecodeConfig(kernel="keys", block_t=64, block_m=64, num_warps=8, num_stages=2),  # 230 KB
 )
 SPLITS: tuple[int | None, ...] = (None, 4, 8, 16)  # None: the module's cost model
 # --refine: around the shipped configuration (two programs per SM won the first sweep), smaller tiles
@@ -102,40 +86,25 @@ REFINE_SPLITS: tuple[int | None, ...] = (None, 8, 12, 16)
 # by side on the key axis) re-reads the whole 32 KB query block from shared memory in every warp for
 # every tile; a second launch merges the splits. Candidates: TMA bulk copies (no per-thread address
 # work; the pipeliner waits on mbarriers), more tiles in flight per SM (smaller tiles with more
-# stages at two programs per SM, or 8 warps capped at 128 registers so two fit), the swap-AB
-# ("keys") kernel fed by TMA (p @ latent on wgmma, operands straight from shared memory), and the
-# combine fused into the split pass. Notes: ptxas for sm_90 on a CPU (bf16, H=32): shared memory /
-# registers / stack bytes; "2/SM" where two programs fit in 228 KB and 64K registers. Ordered by
-# promise: --budget-s cuts the tail.
+# stages at two programs per SM, or 8 warps capped at 128 registers so two fit). (The swap-AB "keys"
+# kernel and the fused combine this set also timed were removed on 2026-12-04; docs/benchmarks.md.)
+# Notes: ptxas for sm_90 on a CPU (bf16, H=32): shared memory / registers / stack bytes; "2/SM" where two
+# programs fit in 228 KB and 64K registers. Ordered by promise: --budget-s cuts the tail.
 PIPELINE_CONFIGS: tuple[DecodeConfig, ...] = (
     mla_decode.ROWS_CONFIG,  # the baseline, measured in the same run: 112.5 KB, 255 regs, 0 stack; 2/SM
     # TMA, same tiles as the baseline: 112.5 KB, 255 regs, 856 B stack; 2/SM
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2, tma=True),
-    # swap-AB with TMA, 32-row tiles, two in flight: 110.5 KB, 255 regs, 0 stack, wgmma for p @ latent; 2/SM
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, tma=True),
     # TMA, 32-row tiles, two in flight: 110.5 KB, 255 regs, 232 B stack; 2/SM
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, tma=True),
-    # the combine fused into the split pass (atomic arrival counter), with and without TMA
-    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2, tma=True,
-                 fuse_combine=True),  # fmt: skip
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3, programs_per_sm=2, tma=True,
-                 fuse_combine=True),  # fmt: skip
-    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, programs_per_sm=2,
-                 fuse_combine=True),  # fmt: skip
-    # 8 warps capped at 128 registers (two programs per SM): keys 110.5 KB, 72 B stack; rows 112.5 / 110.5 KB,
-    # 504 / 360 B stack
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=8, num_stages=3, programs_per_sm=2, tma=True,
-                 maxnreg=128),  # fmt: skip
+    # 8 warps capped at 128 registers (two programs per SM): 112.5 / 110.5 KB, 504 / 360 B stack
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=2, programs_per_sm=2, tma=True,
                  maxnreg=128),  # fmt: skip
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=3, programs_per_sm=2, tma=True,
                  maxnreg=128),  # fmt: skip
     # 16-row tiles, four in flight: 109.6 KB, 255 regs, 96 B stack; 2/SM
     DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=5, programs_per_sm=2, tma=True),
-    # one program per SM, deeper: keys T64 184.5 KB (wgmma for both), keys T32 s4 146.8 KB, rows 185 / 146.8 KB
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True),
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=4, tma=True),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=2, programs_per_sm=2, maxnreg=128),
+    # one program per SM, deeper: 185 / 146.8 KB
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=3, tma=True),
     DecodeConfig(kernel="rows", block_t=32, block_m=32, num_warps=8, num_stages=4, tma=True),
 )

@@ -188,25 +188,10 @@ LAUNCH_CONFIGS = [
     DecodeConfig(kernel="rows", block_t=32, block_m=16, num_warps=4, num_stages=4),
     DecodeConfig(kernel="rows", block_t=32, block_m=64, pad_rows=True, num_warps=8, num_stages=3, num_splits=3),
     DecodeConfig(kernel="rows", block_t=128, block_m=32, num_warps=4, num_stages=2, num_splits=3),
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=4),
-    DecodeConfig(kernel="keys", block_t=64, block_m=16, num_warps=8, num_stages=2, num_splits=3),
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2),
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, prefetch=True, num_warps=8, num_stages=1, num_splits=3),
-    DecodeConfig(kernel="keys", block_t=128, block_m=64, num_warps=8, num_stages=1, num_splits=3),  # 184 KB
-    # TMA tensor-descriptor loads, the combine fused into the split pass, and both together
+    # TMA tensor-descriptor loads, with tiles overhanging into the next split (cache rows, masked by k_pos)
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True, num_splits=3),
-    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, fuse_combine=True, num_splits=3),
-    DecodeConfig(kernel="rows", block_t=32, block_m=16, num_warps=4, num_stages=3, tma=True, fuse_combine=True),
-    DecodeConfig(kernel="rows", block_t=128, block_m=32, num_warps=4, num_stages=2, tma=True, fuse_combine=True,
-                 num_splits=3),  # tiles overhanging into the next split: cache rows, masked by k_pos  # fmt: skip
-    DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, fuse_combine=True, num_splits=1),
+    DecodeConfig(kernel="rows", block_t=128, block_m=32, num_warps=4, num_stages=2, tma=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=8, num_stages=2, tma=True, maxnreg=128),
-    DecodeConfig(kernel="keys", block_t=32, block_m=32, num_warps=4, num_stages=3, tma=True, num_splits=3),
-    DecodeConfig(kernel="keys", block_t=32, block_m=16, num_warps=4, num_stages=3, tma=True, fuse_combine=True),
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2, tma=True,
-                 fuse_combine=True, num_splits=3),  # fmt: skip
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, v_split=2, num_warps=4, num_stages=2, fuse_combine=True),
-    DecodeConfig(kernel="keys", block_t=64, block_m=32, num_warps=4, num_stages=2, tma=True),
     DecodeConfig(kernel="rows", block_t=16, block_m=32, num_warps=4, num_stages=5, tma=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, lazy_rescale=True, num_splits=3),
     DecodeConfig(kernel="rows", block_t=64, block_m=32, num_warps=4, num_stages=2, pdl=True, num_splits=3),
@@ -308,14 +293,6 @@ def test_gluon_config_falls_back_with_a_reason_off_hopper() -> None:
 def test_every_launch_config_matches_reference(config: DecodeConfig) -> None:
     """Every configuration computes the same attention: s=2 query positions, empty cache slots and
     a query row with no visible key, row counts that are not multiples of the block."""
-    if torch.cuda.is_available() and config.prefetch:
-        # A known fault (docs/benchmarks.md): on an H200 this variant makes an illegal memory access, which
-        # leaves the CUDA context unusable for every later test. The registry never launches it.
-        pytest.skip("swap-AB prefetch: illegal memory access on sm_90 (known, not fixed); interpreter numerics pass")
-    if torch.cuda.is_available() and config.fuse_combine and config.tma and config.block_t == 128:
-        # Seen on an H200 on 2026-12-04 (passed there on 2026-12-03): 8.7 % of the outputs wrong. An
-        # experimental flag pair the registry never launches; recorded in docs/benchmarks.md, not fixed.
-        pytest.xfail("fused combine + TMA with 128-row tiles: wrong outputs on sm_90 (2026-12-04), not fixed")
     if torch.cuda.is_available():  # real sizes: 16-byte vector loads, no column masks
         inp = make_mla_inputs(2, 16, 2, 512, 64, 700, dtype=torch.bfloat16, device="cuda",
                               empty_slots=True, no_visible_row=True)  # fmt: skip
@@ -354,20 +331,19 @@ def test_lazy_rescale_is_exact_when_the_running_max_keeps_growing(num_splits: in
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+GLUON_SHAPE = {"kernel": "gluon", "block_t": 64, "num_warps": 4, "num_stages": 2}  # a valid Gluon config
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"kernel": "cols"}, "kernel"),
-        ({"kernel": "rows", "v_split": 2}, "v_split"),
-        ({"kernel": "keys", "v_split": 4}, "v_split"),
-        ({"kernel": "rows", "prefetch": True}, "prefetch"),
-        ({"kernel": "keys", "lazy_rescale": True}, "lazy_rescale"),
-        ({"kernel": "keys", "pdl": True}, "pdl"),
-        ({"pdl": True, "fuse_combine": True}, "fuse_combine"),
+        ({"kernel": "keys"}, "kernel"),  # the Triton swap-AB kernel was removed (2026-12-04)
+        ({**GLUON_SHAPE, "lazy_rescale": True}, "lazy_rescale"),
+        ({**GLUON_SHAPE, "pdl": True}, "pdl"),
         ({"merge_warps": 3}, "merge_warps"),
-        ({"kernel": "keys", "evict_first": True}, "evict_first"),
-        ({"kernel": "keys", "prefetch": True, "tma": True}, "tma"),
-        ({"kernel": "keys", "prefetch": True, "fuse_combine": True}, "fuse_combine"),
+        ({**GLUON_SHAPE, "evict_first": True}, "evict_first"),
+        ({"kernel": "gluon", "tma": True}, "tma"),
         ({"maxnreg": 16}, "maxnreg"),
         ({"block_t": 48}, "block_t"),
         ({"block_m": 8}, "block_m"),
@@ -401,15 +377,16 @@ def test_split_cost_model_fills_every_resident_program_slot() -> None:
 def test_sweep_best_line_is_a_config_that_can_be_pasted() -> None:
     """The sweep prints ``DEFAULT_CONFIG = DecodeConfig(...)``; that text must build the same config."""
     with benchmark_script("mla_decode_sweep") as sweep:
-        extra = DecodeConfig(kernel="keys", v_split=2, num_splits=8, prefetch=True)
-        for config in [*sweep.KERNEL_CONFIGS, *sweep.REFINE_CONFIGS, *sweep.PIPELINE_CONFIGS, extra]:
+        extra = DecodeConfig(kernel="rows", tma=True, lazy_rescale=True, num_splits=8, maxnreg=128)
+        configs = [config for configs, _ in sweep.CONFIG_SETS.values() for config in configs]
+        for config in [*configs, extra]:
             assert eval(sweep.config_call(config), {"DecodeConfig": DecodeConfig}) == config  # noqa: S307 - own text
 
 
 def test_sweep_child_results_survive_the_json_round_trip() -> None:
     """--isolate passes each configuration to a child process and reads its rows back as JSON."""
     with benchmark_script("mla_decode_sweep") as sweep:
-        config = DecodeConfig(kernel="rows", tma=True, fuse_combine=True, maxnreg=128, num_splits=8, programs_per_sm=2)
+        config = DecodeConfig(kernel="rows", tma=True, pdl=True, maxnreg=128, num_splits=8, programs_per_sm=2)
         assert DecodeConfig(**json.loads(sweep._config_json(config))) == config
         timed = sweep.Result(32, config, "rows M32", ms=0.1, wall_ms=0.2, gbps=3000.0, pct_copy=70.5, max_diff=1e-3, ok=True)
         assert sweep._result_from_json(json.loads(json.dumps(timed.to_json()))) == timed
