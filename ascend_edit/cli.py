@@ -71,10 +71,30 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def experiment_problem(name: str | None) -> str | None:
+    """`experiment` is an optional defaults entry (the plain run has none), so Hydra silently skips a name with no
+    file: a typo would run the default job instead. Say so in one line, with the experiments there are."""
+    from importlib.resources import files
+
+    if name in (None, "null"):
+        return None
+    available = sorted(p.name[:-5] for p in files("ascend_edit.conf").joinpath("experiment").iterdir()
+                       if p.name.endswith(".yaml"))
+    if name in available:
+        return None
+    return f"experiment={name} not found; choose one of {', '.join(available)}"
+
+
 def run_task(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
     from ascend_edit.distributed import discover
     from ascend_edit.validation import check_before_load
 
+    if HydraConfig.initialized():  # multirun jobs skip the precheck: each checks its own choice here
+        problem = experiment_problem(HydraConfig.get().runtime.choices.get("experiment"))
+        if problem:
+            raise UserError(problem)
     typed = to_typed(cfg)
     check_before_load(typed, world_size=discover().world_size)
     module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
@@ -127,6 +147,10 @@ def _precheck(argv: list[str]) -> str | None:
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
+    for token in overrides:
+        key, _, value = token.lstrip("+").partition("=")
+        if key == "experiment" and experiment_problem(value):
+            return experiment_problem(value)
     try:
         with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
             to_typed(compose(config_name="config", overrides=overrides))

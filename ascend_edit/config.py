@@ -114,6 +114,9 @@ class ModelConfig:
             raise ConfigError("model.path is required when model.source=hf")
         if self.source == "config" and not self.arch:
             raise ConfigError("model.arch is required when model.source=config")
+        if self.path and self.source != "hf":  # silently training another teacher than the one named
+            raise ConfigError(f"model.path={self.path!r} is only read with model.source=hf (model.source={self.source});"
+                              " add model=hf")
         if self.gguf_file and self.source != "hf":
             raise ConfigError(f"model.gguf_file={self.gguf_file!r} is only read with model.source=hf "
                               f"(model.source={self.source})")
@@ -327,6 +330,9 @@ class DataConfig:
 
     def __post_init__(self):
         _choice("data.source", self.source, ("files", "shakespeare", "mix", "synthetic", "indexed"))
+        if self.path and self.source not in ("files", "indexed"):  # silently training on other data than named
+            raise ConfigError(f"data.path={self.path!r} is only read with data.source=files or indexed "
+                              f"(data.source={self.source}); add data=files (or data=indexed)")
         if self.source == "mix" and not any(m.weight > 0 for m in self.mix):
             raise ConfigError("data.mix needs at least one source with weight > 0 when data.source=mix")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))

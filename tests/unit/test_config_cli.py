@@ -42,8 +42,26 @@ def test_experiments_compose():
 
     names = [p.name[:-5] for p in (files("ascend_edit.conf") / "experiment").iterdir() if p.name.endswith(".yaml")]
     assert names, "no experiment configs"
-    for name in names:
-        compose_typed([f"experiment={name}", "model.path=/x", "data.path=/x"])
+    for name in names:  # with the paths the experiment's sources read (a path no source reads is refused)
+        overrides = [f"experiment={name}"]
+        for _ in range(3):
+            try:
+                compose_typed(overrides)
+                break
+            except ConfigError as err:
+                missing = next(key for key in ("model.path", "data.path") if f"{key} is required" in str(err))
+                overrides.append(f"{missing}=/x")
+        else:
+            pytest.fail(f"experiment={name} does not compose")
+
+
+def test_a_path_no_source_reads_is_refused():
+    """model.path / data.path with a source that ignores them would silently train another teacher / corpus."""
+    with pytest.raises(ConfigError, match=r"model.path='/models/Qwen3-8B' is only read with model.source=hf"):
+        compose_typed(["model.path=/models/Qwen3-8B"])
+    with pytest.raises(ConfigError, match=r"data.path='/data/corpus' is only read with data.source=files or indexed"):
+        compose_typed(["data.path=/data/corpus"])
+    compose_typed(["model=hf", "model.path=/models/Qwen3-8B", "data=files", "data.path=/data/corpus"])
 
 
 def test_value_errors_name_the_key():
@@ -87,6 +105,16 @@ def test_npu_without_torch_npu_is_one_line():
 def test_unknown_group_option_lists_the_valid_ones():
     err = _one_line_error(cli("inspect", "model=qwen3_tiny", "target=nosuch"))
     assert "target/nosuch" in err and "gate_swa" in err and "mla_small" in err
+
+
+def test_mistyped_experiment_is_refused_not_skipped(tmp_path):
+    """`experiment` is optional in the defaults list, so Hydra alone would skip an unknown name and run the default
+    SmolLM2 job; one line names it and lists the experiments, for a plain run and for every multirun job."""
+    err = _one_line_error(cli("experiment=qwen3_8b_mal", "data=synthetic"))
+    assert "experiment=qwen3_8b_mal not found" in err and "qwen3_8b_mla" in err
+    proc = cli("-m", "experiment=tiny_typo", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode != 0 and "experiment=tiny_typo not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_subcommand():
