@@ -151,4 +151,4 @@ def check_before_load(cfg: RootConfig, world_size: int = 1) -> None:
     check_attn_implementation(cfg.model.attn_implementation, cfg.target.kind)
     if cfg.task in TRAINING_TASKS:
         check_run_inputs(cfg, world_size)
-    check_against_teacher(cfg, teacher_config(cfg.model))
+    check_against_teacher(cfg, teacher_config(cfg.model, weights=cfg.task not in SHAPE_TASKS))

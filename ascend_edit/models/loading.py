@@ -100,10 +100,12 @@ def check_gguf(file: Path, key: str) -> None:
         raise ModelInputError(f"{key} is truncated ({size:,} bytes, its tensors need {end:,})")
 
 
-def check_model_files(cfg: ModelConfig, verify_gguf: bool = True) -> None:
+def check_model_files(cfg: ModelConfig, verify_gguf: bool = True, weights: bool = True) -> None:
     """model.source=hf: the directory, its config, weights and (if given) GGUF file exist and are whole.
 
     Cheap: reads headers only. `verify_gguf` also walks the GGUF tensor table (seconds for large files).
+    `weights=False` checks the config only (tasks that build shapes, e.g. `plan` on a login node holding only
+    config.json).
     """
     if cfg.source != "hf":
         return
@@ -128,28 +130,31 @@ def check_model_files(cfg: ModelConfig, verify_gguf: bool = True) -> None:
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"; for a GGUF checkpoint add model.gguf_file={ggufs[0]}" if ggufs else ""
         raise ModelInputError(f"model.path={cfg.path} has no config.json: not a Hugging Face checkpoint{hint}")
-    weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
+        return
+    found = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not found:
         raise ModelInputError(f"model.path={cfg.path} has a config.json but no weights (expected one of "
                               f"{', '.join(WEIGHT_FILES)}; nothing is downloaded)")
-    if weights[0] == "model.safetensors":
+    if found[0] == "model.safetensors":
         check_safetensors(path / "model.safetensors", f"model.path={cfg.path}")
-    elif weights[0].endswith(".index.json"):
+    elif found[0].endswith(".index.json"):
         try:
-            shards = sorted(set(json.loads((path / weights[0]).read_text())["weight_map"].values()))
+            shards = sorted(set(json.loads((path / found[0]).read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ModelInputError(f"model.path={cfg.path}: {weights[0]} is not a valid weight index "
+            raise ModelInputError(f"model.path={cfg.path}: {found[0]} is not a valid weight index "
                                   f"({_first_line(err)})") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise ModelInputError(f"model.path={cfg.path}: {weights[0]} lists shards that are missing: {missing}")
+            raise ModelInputError(f"model.path={cfg.path}: {found[0]} lists shards that are missing: {missing}")
         for shard in shards:
             if shard.endswith(".safetensors"):
                 check_safetensors(path / shard, f"model.path={cfg.path}")
 
 
-def teacher_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The teacher's Hugging Face config without its weights (checks the files of a local checkpoint)."""
+def teacher_config(cfg: ModelConfig, weights: bool = True) -> PretrainedConfig:
+    """The teacher's Hugging Face config without its weights (checks the files of a local checkpoint; with
+    `weights=False` only its config)."""
     if cfg.source == "config":
         if cfg.arch not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model.arch={cfg.arch!r} is not one of {list(SUPPORTED_MODEL_TYPES)}")
@@ -162,7 +167,7 @@ def teacher_config(cfg: ModelConfig) -> PretrainedConfig:
 
         gguf = smollm2_gguf()
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    check_model_files(cfg, verify_gguf=False)  # AutoConfig reads a GGUF's tensor table anyway
+    check_model_files(cfg, verify_gguf=False, weights=weights)  # AutoConfig reads a GGUF's tensor table anyway
     assert cfg.path is not None  # ModelConfig requires it with source=hf
     path = Path(cfg.path).expanduser()
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 
-from ascend_edit.config import ClusterConfig, RootConfig, StageConfig
+from ascend_edit.config import ClusterConfig, ConfigError, RootConfig, StageConfig
 from ascend_edit.models.build import edited_shape_model
 from ascend_edit.models.loading import TORCH_DTYPES
 from ascend_edit.models.surgery import decoder_layers, edited_attentions, set_trainable
 from ascend_edit.plan.memory import GIB, ModelShape, ParamCounts, Plan, RunSettings, TargetShape, plan_stage
 from ascend_edit.train.activation_checkpointing import checkpointing_config
 from ascend_edit.train.compile import compile_mode
+from ascend_edit.validation import check_batches
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,17 @@ def usable_bytes(cluster: ClusterConfig) -> float:
     return (cluster.device_memory_gib - cluster.reserved_gib) * GIB
 
 
+def batch_problem(stage: StageConfig, world: int) -> str | None:
+    """Why a run of this stage on `world` ranks would be refused at launch (the run's own check), with the fix."""
+    try:
+        check_batches(stage, world)
+    except ConfigError as err:
+        micro = stage.micro_batch_size or 1
+        return (f"{err}: a run would be refused at launch; set {stage.key_prefix}.batch_size to a multiple of "
+                f"{world * micro} (world size x micro-batch)")
+    return None
+
+
 def summarise(plan: Plan, run: RunSettings, cluster: ClusterConfig) -> dict:
     """The numbers `plan` prints, in GiB and tokens/s (also what tests and the benchmark read)."""
     usable = usable_bytes(cluster)
@@ -92,7 +104,9 @@ def plan_run(cfg: RootConfig) -> list[dict]:
     for name in stages:
         counts = param_counts(model, getattr(cfg.distill, name).trainable)
         run = settings(cfg, name, world, compiled)
-        summaries.append(summarise(plan_stage(shape, tshape, counts, run), run, cfg.cluster))
+        summary = summarise(plan_stage(shape, tshape, counts, run), run, cfg.cluster)
+        summary["batch_problem"] = batch_problem(getattr(cfg.distill, name), world)
+        summaries.append(summary)
     return summaries
 
 
@@ -116,12 +130,14 @@ def print_plan(console, cfg: RootConfig, summaries: list[dict]) -> None:
     table.add_row("activations, every layer ckpt", *(f"{s['activations_ckpt_all_gib']:.2f}" for s in summaries))
     table.add_row("usable per device", *(f"{s['usable_gib']:.1f}" for s in summaries))
     table.add_row("fits", *("yes" if s["fits"] else "[red]NO[/red]" for s in summaries))
+    table.add_row("batch splits over the ranks", *("yes" if s["batch_problem"] is None else "[red]NO[/red]"
+                                                   for s in summaries))
     table.add_row("largest micro-batch", *(str(s["largest_micro_batch"]) for s in summaries))
     table.add_row("tokens/s per device", *(f"{s['tokens_per_s_per_device']:,.0f}" for s in summaries))
     table.add_row(f"tokens/s, {world} devices", *(f"{s['tokens_per_s_cluster']:,.0f}" for s in summaries))
     console.print(table)
     for s in summaries:
-        for note in s["notes"]:
+        for note in [*s["notes"], *([s["batch_problem"]] if s["batch_problem"] else [])]:
             console.print(f"  {s['stage']}: {note}")
     console.print("  tokens/s = peak x efficiency / model FLOPs per token (recomputation counted as extra work)")
 

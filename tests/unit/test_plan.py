@@ -172,3 +172,30 @@ def test_cluster_multiplies_devices_and_partitions():
     _, model_level = plan_run(cfg)
     assert model_level["world_size"] == 16
     assert model_level["parts_gib"]["frozen weights"] * GIB == pytest.approx(FROZEN * 2 / 16)
+
+
+def test_plan_says_when_the_batch_would_be_refused_at_launch():
+    """A plan that 'fits' must not hide that the run's own batch check refuses it on this many ranks."""
+    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "distill.model_level.batch_size=16"])
+    layerwise, model_level = plan_run(cfg)  # 16 ranks: 16 sequences, micro-batch 2 per rank does not divide 1
+    assert model_level["batch_problem"] is not None
+    assert "distill.model_level.micro_batch_size=2" in model_level["batch_problem"]
+    assert "multiple of 32" in model_level["batch_problem"]
+    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "distill.model_level.batch_size=32",
+                       "distill.layerwise.batch_size=32"])
+    assert all(stage["batch_problem"] is None for stage in plan_run(cfg))
+
+
+def test_plan_reads_only_the_config_of_a_checkpoint(tmp_path):
+    """`plan` builds shapes, so a directory holding only config.json (a login node) is enough; training is not."""
+    from transformers import AutoConfig
+
+    from ascend_edit.config import ConfigError
+    from ascend_edit.validation import check_before_load
+
+    AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=256).save_pretrained(tmp_path)
+    path_overrides = ["model=hf", f"model.path={tmp_path}", "model.arch=null"]
+    check_before_load(compose_cfg([*path_overrides, "task=plan"]))
+    with pytest.raises((ConfigError, ValueError), match="has a config.json but no weights"):
+        check_before_load(compose_cfg([*path_overrides, "task=convert"]))
