@@ -243,8 +243,23 @@ def _build_teacher(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | 
             raise ModelInputError(f"model.path={cfg.path}: its tokenizer could not be loaded: "
                                   f"{_first_line(err)}") from err
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                               output_loading_info=True, **kwargs)
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise ModelInputError(f"model.path={cfg.path}: the weights could not be loaded: "
                                   f"{_first_line(err)}") from err
+        check_loading_info(info, f"model.path={cfg.path}")
     return model, tokenizer
+
+
+def check_loading_info(info: dict, key: str) -> None:
+    """Refuse a checkpoint whose weights do not match its config: transformers fills missing tensors with random
+    values and drops unexpected ones with a log line, which would distil from a teacher that is not the one named
+    (e.g. a converted run's directory, whose attention weights have other names)."""
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        shown = "; ".join(f"{kind.replace('_', ' ')} ({len(names)}): {', '.join(map(str, names[:4]))}"
+                          + (", ..." if len(names) > 4 else "") for kind, names in problems.items())
+        raise ModelInputError(f"{key}: the weights do not match the checkpoint's config.json ({shown}); "
+                              "is this the original model's directory?")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ascend_edit.config import ModelConfig
 from ascend_edit.models.loading import ModelInputError, check_model_files, load_teacher, teacher_config
@@ -113,6 +113,24 @@ def test_unreadable_tokenizer_is_named_before_weights_load(tmp_path):
     (directory / "tokenizer.json").write_text('{"version": ')
     with pytest.raises(ModelInputError, match="its tokenizer could not be loaded"):
         load_teacher(hf(directory))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
+    """transformers fills a missing tensor with random values (and drops unexpected ones) with only a log line:
+    a teacher missing one projection, or a converted run's directory given as the teacher, must be refused."""
+    from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
+
+    whole = make_tiny_checkpoint(tmp_path / "whole", num_hidden_layers=2)
+    load_teacher(hf(whole))  # the saved checkpoint itself loads
+    state = load_file(str(whole / "model.safetensors"))
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    state["model.layers.0.self_attn.kv_a_proj.weight"] = torch.zeros(4, 4)  # a converted layer's name
+    save_file(state, str(whole / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelInputError) as err:
+        load_teacher(hf(whole))
+    message = str(err.value)
+    assert "do not match the checkpoint's config.json" in message and f"model.path={whole}" in message
+    assert "model.layers.1.self_attn.k_proj.weight" in message and "kv_a_proj" in message
 
 
 # ----------------------------------------------------------------------------------------------------------
