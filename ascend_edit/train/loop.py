@@ -285,8 +285,21 @@ def _trim_metrics_log(path: Path, stage: str, keep_until: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and not ((row := json.loads(line))["stage"] == stage and row["step"] > keep_until)]
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash or a full disk: it is only a log, drop it
+            torn += 1
+            continue
+        if not (isinstance(row, dict) and row.get("stage") == stage and isinstance(row.get("step"), int)
+                and row["step"] > keep_until):
+            kept.append(line)
+    if torn:
+        log.warning("%s: dropped %d damaged line(s) (a write cut short); the resumed run logs its steps again",
+                    path, torn)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

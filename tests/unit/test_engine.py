@@ -225,6 +225,23 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
     assert [row["loss"] for row in logged] == [h["loss"] for h in straight]
 
 
+def test_resume_survives_a_metrics_line_cut_short(tmp_path):
+    """A crash or a full disk can leave the metrics log's last line half written; it is only a log, so the resumed
+    run drops that line (and this stage's later steps) and logs them again instead of failing on every retry."""
+    engine, run = fresh_run(tmp_path, objective=CrashAfter(12))
+    with pytest.raises(Crash):
+        train_stage(engine, run)
+    log_path = tmp_path / "metrics.jsonl"
+    text = log_path.read_text()
+    log_path.write_text(text + '{"stage": "other", "step": 9}\n' + text.splitlines()[-1][:-15])  # torn last line
+    engine, run = fresh_run(tmp_path)
+    start = resume(engine, run)
+    train_stage(engine, run, start_step=start)
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [row["step"] for row in rows if row["stage"] == run.name] == list(range(1, STAGE.steps + 1))
+    assert {"stage": "other", "step": 9} in rows  # another stage's lines are kept
+
+
 def test_resume_without_checkpoint_starts_at_zero(tmp_path):
     engine, run = fresh_run(tmp_path)
     assert resume(engine, run) == 0
