@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -148,8 +149,8 @@ def _precheck(argv: list[str]) -> str | None:
 
     overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
     for token in overrides:
-        key, _, value = token.lstrip("+").partition("=")
-        if key == "experiment" and experiment_problem(value):
+        option, _, value = token.lstrip("+").partition("=")
+        if option == "experiment" and experiment_problem(value):
             return experiment_problem(value)
     try:
         with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
@@ -171,9 +172,32 @@ def _precheck(argv: list[str]) -> str | None:
     return _run_dir_problem(argv)
 
 
+# What a run leaves in its directory: one of these marks a directory a run may write into again (to resume).
+RUN_MARKERS = (".hydra", "cli.log", "metrics.jsonl", "checkpoints", "report.json", "eval.json", "converted")
+
+
+def _foreign_directory_problem(key: str, directory: str) -> str | None:
+    """A run writes converted/, checkpoints/, reports and logs into its directory: refuse one that is a file, or
+    that holds files but nothing a run leaves (a model directory, a dataset), rather than write among them."""
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"{key}={directory} is a file, not a directory"
+    if path.is_dir() and any(path.iterdir()) and not any((path / marker).exists() for marker in RUN_MARKERS):
+        return (f"{key}={directory} is a non-empty directory that holds no ascend-edit run; give a new or empty "
+                "directory (or an earlier run's directory to resume it)")
+    return None
+
+
 def _run_dir_problem(argv: list[str]) -> str | None:
-    """Hydra creates the run directory before the task starts and prints a traceback when it cannot."""
+    """Hydra creates the run directory before the task starts and prints a traceback when it cannot; the
+    directories a run writes into must not be someone else's."""
     given = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.run.dir=")]
+    outputs = [t.split("=", 1)[1] for t in argv if t.startswith("output_dir=")]
+    for name, chosen in (("hydra.run.dir", given[-1:]), ("output_dir", outputs[-1:])):
+        if chosen and "${" not in chosen[0]:
+            problem = _foreign_directory_problem(name, chosen[0])
+            if problem:
+                return problem
     key, directory = ("hydra.run.dir", given[-1]) if given else ("the run directory root", "runs")
     if "${" in directory:  # an interpolation: Hydra resolves it
         return None

@@ -8,6 +8,7 @@ still before any model is loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, cast
@@ -516,6 +517,8 @@ class EvalConfig:
     passkey_trials: int = 4  # samples per (context, depth); 0 = no passkey test
     passkey_filler: str = "python_docs"  # held-out text around the needle (a domain of eval.domains)
     seed: int = 0
+    # `ascend-edit eval` of an export in auto_map format runs the modeling code the checkpoint ships; only with this
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         for key in ("contexts", "passkey_contexts"):
@@ -685,8 +688,30 @@ def register_configs() -> None:
     register_run_dir_resolver()  # `hydra.run.dir` in conf/config.yaml: one fresh directory per run
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys of `node` that its schema's dataclass does not have (recursively). A `+key=value` override adds a key
+    even where the schema has none, and the dataclasses would silently drop it: a typo would change nothing."""
+    if not isinstance(node, DictConfig):
+        return []
+    schema = OmegaConf.get_type(node)
+    fields = ({f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None)
+    found = []
+    for key in node.keys():
+        name = f"{prefix}{key!s}"
+        if fields is not None and key not in fields:
+            found.append(name)
+            continue
+        if fields is not None and not OmegaConf.is_missing(node, key):  # free dicts (overrides) are not walked
+            found += unknown_keys(node._get_node(key), f"{name}.")
+    return found
+
+
 def to_typed(cfg: DictConfig) -> RootConfig:
     """Build the dataclasses (running every `__post_init__` check) from a composed config."""
+    unknown = [key for key in unknown_keys(cfg) if key not in ("hydra",)]
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a config key (a typo, or '+' adding a key nothing reads)"
+                          + (f"; also {', '.join(unknown[1:4])}" if len(unknown) > 1 else ""))
     try:
         # the composed config has RootConfig's schema (config_store), so this builds a RootConfig
         return cast(RootConfig, OmegaConf.to_object(cfg))

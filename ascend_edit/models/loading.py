@@ -11,6 +11,7 @@ import json
 import logging
 import struct
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -243,8 +244,8 @@ def _build_teacher(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | 
             raise ModelInputError(f"model.path={cfg.path}: its tokenizer could not be loaded: "
                                   f"{_first_line(err)}") from err
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                               output_loading_info=True, **kwargs)
+            model, info = cast(tuple[Any, dict], AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs))
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise ModelInputError(f"model.path={cfg.path}: the weights could not be loaded: "
                                   f"{_first_line(err)}") from err

@@ -71,9 +71,10 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     return to_typed(merged)
 
 
-def load_student(path: Path, zero3: dict | None = None):
+def load_student(path: Path, zero3: dict | None = None, trust_remote_code: bool = False):
     """(model, kind) from a run dir, a converted dir or an exported HF checkpoint. `zero3`: a `zero.Init`
-    config — the model is built ZeRO-3 partitioned (every rank of the job calls this)."""
+    config — the model is built ZeRO-3 partitioned (every rank of the job calls this). An export in auto_map
+    format loads only with `trust_remote_code` (eval.trust_remote_code)."""
     from ascend_edit.models.checkpoint import load_converted
     from ascend_edit.models.export import load_exported
 
@@ -82,14 +83,27 @@ def load_student(path: Path, zero3: dict | None = None):
     if (path / "ascend_edit.json").is_file():
         return load_converted(path, zero3=zero3), "converted"
     if (path / "config.json").is_file():
+        if json.loads((path / "config.json").read_text()).get("auto_map") and not trust_remote_code:
+            raise ValueError(f"eval.checkpoint={path} is an auto_map export: it runs the modeling code it ships; "
+                             "add eval.trust_remote_code=true if you trust that code")
         if zero3 is None:
-            return load_exported(path), "exported"
+            return load_exported(path, trust_remote_code=trust_remote_code), "exported"
         from ascend_edit.models.zero3 import partitioned_construction
 
         with partitioned_construction(zero3):  # from_pretrained loads each tensor into its partitions
-            return load_exported(path).requires_grad_(False), "exported"
+            return load_exported(path, trust_remote_code=trust_remote_code).requires_grad_(False), "exported"
     raise FileNotFoundError(f"eval.checkpoint={path} is not a run directory (no converted/), a converted model "
                             "(no ascend_edit.json) nor an exported checkpoint (no config.json)")
+
+
+def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module, source: str) -> None:
+    """A converted or exported model outside its run directory is compared with the teacher `model=` names (the
+    default is SmolLM2): a different teacher would index its embeddings out of range, or compare other tokens."""
+    sizes = [getattr(m.config, "vocab_size", None) for m in (student, teacher)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise ValueError(f"the checkpoint's vocabulary ({sizes[0]} tokens) is not the teacher's ({sizes[1]}, "
+                         f"model.source={source}): name the teacher it was converted from (e.g. model=hf "
+                         "model.path=DIR)")
 
 
 def run(cfg: RootConfig) -> dict:
@@ -117,10 +131,11 @@ def run(cfg: RootConfig) -> dict:
             log.warning("eval: model.source=%s cannot be loaded partitioned; the teacher is loaded whole",
                         cfg.model.source)
             teacher_zero3 = None
-    student, kind = load_student(path, student_zero3)
+    student, kind = load_student(path, student_zero3, cfg.eval.trust_remote_code)
     teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=teacher_zero3)
     if tokenizer is None:
         raise ValueError("eval needs a tokenizer: the teacher (model=...) has none")
+    check_same_vocabulary(student, teacher, cfg.model.source)
     for model, partitioned in ((student, student_zero3), (teacher, teacher_zero3)):
         if partitioned is not None:
             install_gathered_forward(model)  # every rank runs every forward, one module whole at a time

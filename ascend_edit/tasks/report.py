@@ -55,11 +55,20 @@ def run(cfg: RootConfig) -> dict:
     return {"report": str(write_report(Path(cfg.eval.checkpoint)))}
 
 
+# First line of every comparison file written here: a later run may overwrite such a file, never any other.
+COMPARISON_MARK = "<!-- ascend-edit report: comparison of runs -->"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ascend-edit report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with report.json or eval.json)")
     parser.add_argument("--output", type=Path, help="where to write the comparison table (markdown)")
     args = parser.parse_args(argv)
+    output = args.output or (args.runs[0] / "compare.md" if len(args.runs) == 1 else args.runs[0].parent / "compare.md")
+    if output.is_dir() or (output.exists() and not output.read_text(errors="replace").startswith(COMPARISON_MARK)):
+        what = "a directory" if output.is_dir() else "a file this command did not write"
+        print(f"ascend-edit: error: --output {output} is {what}; give a new path (nothing was written)", file=sys.stderr)
+        return 2
     for run_dir in args.runs:
         if not ((run_dir / "report.json").is_file() or (run_dir / "eval.json").is_file()):
             print(f"ascend-edit: error: {run_dir} is not a run directory (no report.json or eval.json)", file=sys.stderr)
@@ -67,7 +76,6 @@ def main(argv: list[str]) -> int:
         print(f"report: {write_report(run_dir)}")
     table = compare_runs(args.runs)
     print(table)
-    output = args.output or (args.runs[0] / "compare.md" if len(args.runs) == 1 else args.runs[0].parent / "compare.md")
-    output.write_text(table)
+    output.write_text(f"{COMPARISON_MARK}\n{table}")
     print(f"comparison: {output}")
     return 0

@@ -168,6 +168,27 @@ def test_cli_bad_values_are_one_line(tmp_path):
                    "engine.zero_options.overlap_com is not a DeepSpeed zero_optimization key")
 
 
+def test_cli_never_writes_a_run_into_someone_elses_directory(tmp_path):
+    """A run writes converted/, checkpoints/ and reports into its directory: a file, or a non-empty directory that
+    holds no earlier run (here a model's), is refused by name and left as it was; an earlier run's directory is
+    accepted (resuming writes there again)."""
+    model_dir = hf_dir(tmp_path / "model")
+    before = sorted(p.name for p in model_dir.iterdir())
+    for key in ("hydra.run.dir", "output_dir"):
+        one_line_error(cli(*TINY, f"{key}={model_dir}", cwd=tmp_path), f"{key}={model_dir} is a non-empty directory")
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+    (tmp_path / "afile").write_text("keep me")
+    one_line_error(cli(*TINY, f"output_dir={tmp_path / 'afile'}", cwd=tmp_path), "is a file, not a directory")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    from ascend_edit.cli import _run_dir_problem
+
+    earlier_run = tmp_path / "run"
+    (earlier_run / ".hydra").mkdir(parents=True)
+    (earlier_run / "metrics.jsonl").write_text("")
+    assert _run_dir_problem([f"hydra.run.dir={earlier_run}"]) is None
+    assert _run_dir_problem([f"hydra.run.dir={tmp_path / 'new'}"]) is None
+
+
 def test_cli_model_inputs_are_one_line_and_debug_shows_the_traceback(tmp_path):
     config_only = hf_dir(tmp_path / "config-only", weights=False)
     args = ["model=hf", f"model.path={config_only}", "target=mla_small", "target.mla.kv_lora_rank=32",
@@ -181,3 +202,24 @@ def test_cli_larger_mla_cache_is_refused_before_loading(tmp_path):
     line = one_line_error(cli(*TINY, "target.mla.kv_lora_rank=512", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path),
                           "target.mla.kv_lora_rank=512", "1,040 B", "128 B", "allow_larger_cache")
     assert "teacher" in line
+
+
+def test_eval_names_the_trust_key_and_a_teacher_of_another_vocabulary(tmp_path):
+    """`ascend-edit eval` of an auto_map export needs eval.trust_remote_code=true (it runs shipped code), and a
+    checkpoint compared with a teacher of another vocabulary is refused before any forward indexes past it."""
+    from types import SimpleNamespace
+
+    from ascend_edit.tasks.eval import check_same_vocabulary, load_student
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({**TINY_CONFIG, "auto_map": {"AutoModelForCausalLM": "m.M"}}))
+    with pytest.raises(ValueError, match="add eval.trust_remote_code=true"):
+        load_student(export)
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+
+    check_same_vocabulary(model(64), model(64), "hf")
+    with pytest.raises(ValueError, match=r"vocabulary \(64 tokens\) is not the teacher's \(49152, model.source=smollm2"):
+        check_same_vocabulary(model(64), model(49152), "smollm2")

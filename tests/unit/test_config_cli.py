@@ -55,6 +55,17 @@ def test_experiments_compose():
             pytest.fail(f"experiment={name} does not compose")
 
 
+def test_plus_overrides_cannot_add_keys_nothing_reads():
+    """`+key=value` adds a key where the schema has none; the dataclasses would drop it, so a typo changed nothing."""
+    with pytest.raises(ConfigError, match=r"target.mla.kv_lora_rnk is not a config key"):
+        compose_typed(["+target.mla.kv_lora_rnk=16"])
+    with pytest.raises(ConfigError, match=r"engine.zero_option is not a config key"):
+        compose_typed(["engine=zero2", "+engine.zero_option.overlap_comm=true"])
+    # free-form dicts take new keys: DeepSpeed options (checked by name elsewhere) and model config overrides
+    cfg = compose_typed(["engine=zero2", "+engine.zero_options.overlap_comm=true", "+model.overrides.rope_theta=1e4"])
+    assert cfg.engine.zero_options == {"overlap_comm": True} and cfg.model.overrides["rope_theta"] == 1e4
+
+
 def test_a_path_no_source_reads_is_refused():
     """model.path / data.path with a source that ignores them would silently train another teacher / corpus."""
     with pytest.raises(ConfigError, match=r"model.path='/models/Qwen3-8B' is only read with model.source=hf"):

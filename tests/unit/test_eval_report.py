@@ -62,9 +62,19 @@ def test_report_command_compares_runs(tmp_path, capsys):
     assert main(["report", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert (a / "report.md").is_file() and (b / "report.md").is_file()
-    table = (tmp_path / "compare.md").read_text()
+    table = (tmp_path / "compare.md").read_text().split("\n", 1)[1]  # after the mark that lets a re-run overwrite
     assert table in out
     assert "in_domain@1024 ppl× (KL)" in table and "1.500 (0.050)" in table and "| 60.0 % |" in table
+    assert main(["report", str(a), str(b)]) == 0  # its own comparison file is rewritten
+
+
+def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", 1.05)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    assert main(["report", str(run), "--output", str(notes)]) == 2
+    assert "--output" in capsys.readouterr().err and notes.read_text() == "my notes"
+    assert not (run / "report.md").exists()  # refused before anything was written
 
 
 def test_report_command_refuses_a_directory_that_is_no_run(tmp_path, capsys):
