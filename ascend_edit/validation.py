@@ -37,6 +37,19 @@ def check_batches(stage: StageConfig, world_size: int) -> None:
                           f"{local} ({p}.batch_size={stage.batch_size} over {world_size} processes)")
 
 
+def init_from_directory(init_from: str) -> Path:
+    """The converted model `distill.init_from` names: a saved model (manifest.json), or a run directory holding
+    one (its stage-layerwise/, else converted/)."""
+    path = Path(init_from).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"distill.init_from={init_from} is not a directory")
+    for candidate in (path, path / "stage-layerwise", path / "converted"):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise ConfigError(f"distill.init_from={init_from} holds no saved model (no manifest.json there, nor in its "
+                      "stage-layerwise/ or converted/): give a run directory or its stage-layerwise/")
+
+
 def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     """Batches against the world size, and the data / init paths a training task reads."""
     for stage in stages_to_run(cfg):
@@ -54,8 +67,8 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
         from ascend_edit.data.indexed import open_indexed
 
         open_indexed(data_path)
-    if cfg.distill.init_from and not Path(cfg.distill.init_from).expanduser().is_dir():
-        raise ConfigError(f"distill.init_from={cfg.distill.init_from} is not a directory")
+    if cfg.distill.init_from:
+        init_from_directory(cfg.distill.init_from)  # before hours of loading
     if cfg.engine.zero_options:  # names DeepSpeed knows, before hours of loading
         from ascend_edit.train.engine import checked_zero_options
 
@@ -81,6 +94,11 @@ def check_mla_cache(mla: MLAConfig, config) -> str | None:
     if converted <= teacher or mla.allow_larger_cache:
         return None
     limit = teacher // CACHE_BYTES_PER_VALUE - mla.qk_rope_head_dim
+    if limit < 1:  # even a latent of 1 does not fit beside this rope key: the rope key is the problem
+        return (f"target.mla.qk_rope_head_dim={mla.qk_rope_head_dim} alone is {mla.qk_rope_head_dim * CACHE_BYTES_PER_VALUE:,} B "
+                f"per token and layer, not smaller than the teacher's whole cache ({teacher:,} B): this target is "
+                "sized for a larger teacher; use a smaller target.mla.qk_rope_head_dim and kv_lora_rank (or "
+                "target.mla.kv_budget), or set target.mla.allow_larger_cache=true")
     return (f"target.mla.kv_lora_rank={mla.kv_lora_rank} gives an MLA cache of {converted:,} B per token and layer "
             f"({mla.kv_lora_rank} latent + {mla.qk_rope_head_dim} rope values, 16-bit), larger than the "
             f"teacher's {teacher:,} B; use target.mla.kv_lora_rank <= {limit} (and/or a smaller "

@@ -161,6 +161,14 @@ class MappedPackedDataset(torch.utils.data.Dataset):
     """Packed sequences read from the memory-mapped cache; items match `PackedDataset`'s."""
 
     def __init__(self, directory: Path, split: str, rows: int, seq_len: int, num_documents: int = 0):
+        for name, dtype in FIELDS.items():  # a file cut short (disk full, a copy interrupted) is named, not mapped
+            path = directory / f"{split}.{name}.bin"
+            expected = rows * seq_len * np.dtype(dtype).itemsize
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected:
+                found = "missing" if size is None else f"{size:,} bytes, its manifest says {expected:,}"
+                raise ValueError(f"data.cache_dir: {path} is damaged ({found}); delete {directory} and the next run "
+                                 "tokenizes the data again")
         self.arrays = {name: np.memmap(directory / f"{split}.{name}.bin", dtype=dtype, mode="r",
                                        shape=(rows, seq_len)) for name, dtype in FIELDS.items()}
         self.num_documents, self._seq_len = num_documents, seq_len

@@ -216,7 +216,8 @@ def split_documents(documents: Sequence[str], eval_fraction: float, seed: int = 
     if len(documents) < 2:
         raise ValueError(
             f"cannot hold out documents for eval: only {len(documents)} document(s); "
-            "split the text into more documents (e.g. split_on_blank_lines=True) or set eval_fraction=0"
+            "split the text into more documents (data.split_on_blank_lines=true, or give several files): a "
+            "conversion holds whole documents out for evaluation"
         )
     num_eval = min(max(1, round(eval_fraction * len(documents))), len(documents) - 1)
     generator = torch.Generator().manual_seed(seed)

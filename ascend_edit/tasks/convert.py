@@ -31,6 +31,7 @@ from ascend_edit.models.surgery import plan_entries
 from ascend_edit.models.zero3 import GATHER_METER, full_numel, has_zero_params
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
+from ascend_edit.validation import init_from_directory
 
 
 def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
@@ -76,7 +77,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
             with clock(phases, "save"):
                 save_converted(model, cfg.target, out_dir / "stage-layerwise", tokenizer)
     elif cfg.distill.stage == "model_level":
-        start = Path(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
+        start = init_from_directory(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
         if start.exists():
             load_converted_weights(model, start)
             with clock(phases, "evaluate"):

@@ -92,3 +92,16 @@ def test_files_source_through_the_data_config(tmp_path):
     corpus.write_text("\n\n".join(DOCS[:40]))  # the data changed: a new cache
     changed, _ = load_cached(cfg, tokenizer, seed=0)
     assert tokenizer.calls > calls and len(changed) < len(train)
+
+
+def test_a_cache_file_cut_short_is_named_with_the_fix(tmp_path):
+    """A cache file shorter than its manifest says (a full disk, an interrupted copy) is named with what to delete,
+    instead of numpy's 'mmap length is greater than file size'."""
+    import pytest
+
+    cached_train_eval(tmp_path, key(), lambda: iter(DOCS), CountingTokenizer())
+    directory = next(tmp_path.iterdir())
+    damaged = directory / "train.input_ids.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"data.cache_dir: .*train.input_ids.bin is damaged .*delete"):
+        cached_train_eval(tmp_path, key(), lambda: iter(DOCS), CountingTokenizer())

@@ -144,3 +144,19 @@ def test_larger_mla_cache_only_warns_for_inspect(caplog):
     cfg = compose_typed(["task=inspect", "model=qwen3_tiny", "target.mla.kv_lora_rank=512"])
     check_against_teacher(cfg, tiny_qwen3())  # inspect shows the numbers; it trains nothing
     assert "larger than the teacher's" in caplog.text
+
+
+def test_init_from_takes_a_saved_model_or_a_run_directory_holding_one(tmp_path):
+    """distill.init_from names a stage-1 result: the saved model itself, or a run directory with stage-layerwise/
+    (or converted/); anything else is named before the teacher loads."""
+    from ascend_edit.validation import init_from_directory
+
+    run = tmp_path / "run"
+    (run / "stage-layerwise").mkdir(parents=True)
+    (run / "stage-layerwise" / "manifest.json").write_text("{}")
+    assert init_from_directory(str(run)) == run / "stage-layerwise"
+    assert init_from_directory(str(run / "stage-layerwise")) == run / "stage-layerwise"
+    with pytest.raises(ConfigError, match="holds no saved model"):
+        init_from_directory(str(tmp_path))
+    with pytest.raises(ConfigError, match="is not a directory"):
+        init_from_directory(str(tmp_path / "missing"))
