@@ -119,6 +119,9 @@ def test_mla_cache_larger_than_the_teacher_is_refused_with_both_byte_figures():
     assert "144 B" in problem and "128 B" in problem and "kv_lora_rank <= 56" in problem
     assert check_mla_cache(MLAConfig(kv_lora_rank=56, qk_rope_head_dim=8), config) is None  # equal: allowed
     assert check_mla_cache(MLAConfig(kv_lora_rank=64, qk_rope_head_dim=8, allow_larger_cache=True), config) is None
+    # a target sized for a large teacher: its rope key alone is the teacher's whole cache (no rank can fit)
+    problem = check_mla_cache(MLAConfig(kv_lora_rank=512, qk_rope_head_dim=64), config)
+    assert problem and "target.mla.qk_rope_head_dim=64 alone is 128 B" in problem and "<= 0" not in problem
 
 
 def test_checks_against_the_teacher_config():
