@@ -243,7 +243,36 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"ascend-edit: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if os.environ.get(CHECK_ONLY_ENV) == "1":
+        return _check_only(sys.argv[1:])
     _hydra_main()
+    return 0
+
+
+# Set by the launch/ wrappers: check the configuration once before the ranks start, then exit (0 = fine).
+CHECK_ONLY_ENV = "ASCEND_EDIT_CHECK_ONLY"
+
+
+def _check_only(argv: list[str]) -> int:
+    """Every check that needs no weights or device, at the launcher's WORLD_SIZE: bad input is reported once,
+    in one line, instead of by every rank (multirun sweeps are left to their jobs)."""
+    if any(token in _HYDRA_MODES for token in argv):
+        return 0
+    from hydra import compose, initialize_config_module
+
+    from ascend_edit.validation import check_before_load
+
+    overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
+    try:
+        with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+            typed = to_typed(compose(config_name="config", overrides=overrides))
+        check_before_load(typed, world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except user_error_types() as err:
+        if debugging():
+            raise
+        prefix = "" if isinstance(err, (ConfigError, UserError)) else f"{type(err).__name__}: "
+        print(f"ascend-edit: error: {prefix}{one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -14,6 +14,30 @@
 LAUNCH_ENV=()         # KEY=VALUE pairs the command runs with; printed in front of it
 HYDRA_RUN_DIR_ARG=()  # hydra.run.dir=... unless the user passed one
 
+# --dry-run anywhere among the arguments (not only first): DRY_RUN=1, and LAUNCH_ARGS holds the rest. Left among
+# the overrides it would reach every rank as a Hydra override and launch the job it was meant to preview.
+launch_take_dry_run() {
+  LAUNCH_ARGS=()
+  local arg
+  for arg in "$@"; do
+    if [[ "$arg" == --dry-run ]]; then
+      DRY_RUN=1
+    else
+      LAUNCH_ARGS+=("$arg")
+    fi
+  done
+}
+
+# Check the configuration once, in this process, before N ranks start: bad input then ends with one line instead of
+# one per rank plus the launcher's own failure report. WORLD_SIZE (first argument) sizes the batch checks; the
+# rest are the CLI arguments. LAUNCH_PRECHECK=0 skips it (e.g. a login node without the job's Python environment).
+launch_precheck() {
+  [[ "${DRY_RUN:-0}" == 1 || "${LAUNCH_PRECHECK:-1}" == 0 ]] && return 0
+  local world=$1
+  shift
+  ASCEND_EDIT_CHECK_ONLY=1 WORLD_SIZE=$world python -m ascend_edit.cli "$@" || exit $?
+}
+
 launch_die() {
   echo "launch: $*" >&2
   exit 2

@@ -14,10 +14,8 @@
 # NCCL_* on CUDA) plus those listed in a .deepspeed_env file (cwd or home dir).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
+launch_take_dry_run "$@"
+set -- "${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"}"
 
 DEVICE=${DEVICE:-$(launch_detect_device)}
 NPROC_GIVEN=${NPROC:-}  # with a hostfile, an unset NPROC means "every slot the hostfile lists"
@@ -54,6 +52,8 @@ fi
 ARGS+=(--master_port "${MASTER_PORT:-29500}")
 
 launch_hydra_run_dir "$@"
+# the world size is the hostfile's to decide; without one it is this node's NPROC
+launch_precheck "$([[ -n "${HOSTFILE:-}" ]] && echo 1 || echo "$NPROC")" "$@"
 # --no_local_rank: otherwise every rank gets --local_rank=N, which Hydra rejects as an override
 # (LOCAL_RANK is exported either way).
 launch_run deepspeed "${ARGS[@]}" --no_local_rank --module ascend_edit.cli \

@@ -14,10 +14,8 @@
 # DistEnv.msrun_scheduler and exits there.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
+launch_take_dry_run "$@"
+set -- "${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"}"
 
 DEVICE=${DEVICE:-npu}
 NPROC=${NPROC:-$(launch_default_nproc)}
@@ -30,6 +28,7 @@ launch_visible_devices_env
 LAUNCH_ENV+=("LOCAL_WORLD_SIZE=$NPROC")
 
 launch_hydra_run_dir "$@"
+launch_precheck $((NNODES * NPROC)) "$@"
 LOG_DIR=${LOG_DIR:-$RUN_DIR/msrun_log}
 # The program must be the literal word `python`: msrun prefixes anything else with `python`.
 launch_run msrun \

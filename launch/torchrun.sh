@@ -7,13 +7,12 @@
 # Multi node: NNODES, NODE_RANK (default $SLURM_NODEID, else 0), MASTER_ADDR (host of node 0,
 # required), MASTER_PORT (default 29500). Run it once per node with the same RUN_DIR on a
 # shared filesystem: each node's own timestamp would differ. Other knobs: see common.sh.
-# Everything after the optional --dry-run goes to the CLI as Hydra overrides.
+# --dry-run (anywhere) prints the command only; everything else goes to the CLI as Hydra overrides, checked
+# once here before the ranks start.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
+launch_take_dry_run "$@"
+set -- "${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"}"
 
 DEVICE=${DEVICE:-$(launch_detect_device)}
 NPROC=${NPROC:-$(launch_default_nproc)}
@@ -33,5 +32,6 @@ else
 fi
 
 launch_hydra_run_dir "$@"
+launch_precheck $((NNODES * NPROC)) "$@"
 launch_run torchrun "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
   -m ascend_edit.cli "$@" "${HYDRA_RUN_DIR_ARG[@]}"

@@ -241,7 +241,8 @@ def test_wrapper_runs_the_printed_command(tmp_path, script, launcher, env):
     stub = bin_dir / launcher
     stub.write_text(STUB_LAUNCHER.format(python=sys.executable, watched=watched))
     stub.chmod(0o755)
-    common = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), **env}
+    # x=1 is no config key: the one-process config check (tested below) is off here, this is about the command
+    common = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), "LAUNCH_PRECHECK": "0", **env}
 
     dry = run_script(script, "--dry-run", "x=1", path_prefix=bin_dir, **common)
     assert dry.returncode == 0, dry.stderr
@@ -256,3 +257,25 @@ def test_wrapper_runs_the_printed_command(tmp_path, script, launcher, env):
     for key, value in printed_env.items():
         if key in watched:
             assert received["env"][key] == value, key
+
+
+def test_bad_input_is_reported_once_before_any_rank_starts(tmp_path):
+    """The wrapper checks the configuration in one process at the job's world size: a batch that does not split
+    over 2 ranks ends with one line (exit 2) and the launcher never starts; --dry-run may come last."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub_out = tmp_path / "stub.json"
+    stub = bin_dir / "torchrun"
+    stub.write_text(STUB_LAUNCHER.format(python=sys.executable, watched=[]))
+    stub.chmod(0o755)
+    env = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), "DEVICE": "cpu", "NPROC": "2",
+           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    bad = run_script("torchrun.sh", "experiment=tiny", "distill.layerwise.batch_size=3",
+                     f"hydra.run.dir={tmp_path / 'run'}", path_prefix=bin_dir, **env)
+    assert bad.returncode == 2 and not stub_out.exists()
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("ascend-edit: error:")]
+    assert errors == ["ascend-edit: error: distill.layerwise.batch_size=3 is not divisible by the world size 2"]
+    assert "Traceback" not in bad.stderr
+    dry = run_script("torchrun.sh", "experiment=tiny", "--dry-run", path_prefix=bin_dir, **env)
+    assert dry.returncode == 0 and not stub_out.exists()
+    assert "--dry-run" not in printed_command(dry.stdout)[1]
