@@ -72,15 +72,17 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def experiment_problem(name: str | None) -> str | None:
+def experiment_problem(name: str | None, available: list[str] | None = None) -> str | None:
     """`experiment` is an optional defaults entry (the plain run has none), so Hydra silently skips a name with no
-    file: a typo would run the default job instead. Say so in one line, with the experiments there are."""
+    file: a typo would run the default job instead. Say so in one line, with the experiments there are
+    (`available`: Hydra's own list, which includes --config-dir / hydra.searchpath; default: the packaged ones)."""
     from importlib.resources import files
 
     if name in (None, "null"):
         return None
-    available = sorted(p.name[:-5] for p in files("ascend_edit.conf").joinpath("experiment").iterdir()
-                       if p.name.endswith(".yaml"))
+    if available is None:
+        available = sorted(p.name[:-5] for p in files("ascend_edit.conf").joinpath("experiment").iterdir()
+                           if p.name.endswith(".yaml"))
     if name in available:
         return None
     return f"experiment={name} not found; choose one of {', '.join(available)}"
@@ -93,10 +95,14 @@ def run_task(cfg: DictConfig) -> dict:
     from ascend_edit.validation import check_before_load
 
     if HydraConfig.initialized():  # multirun jobs skip the precheck: each checks its own choice here
-        problem = experiment_problem(HydraConfig.get().runtime.choices.get("experiment"))
+        from hydra.core.global_hydra import GlobalHydra
+
+        options = GlobalHydra.instance().config_loader().get_group_options("experiment")  # every search path
+        problem = experiment_problem(HydraConfig.get().runtime.choices.get("experiment"), options)
         if problem:
             raise UserError(problem)
     typed = to_typed(cfg)
+    mark_run_directory(typed.output_dir)
     check_before_load(typed, world_size=discover().world_size)
     module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
     return module.run(typed)
@@ -132,6 +138,7 @@ def _split_subcommand(argv: list[str]) -> list[str]:
     return argv
 
 
+_EXTRA_CONFIG_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp"}
 _HYDRA_MODES = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
                 "--cfg", "-c", "--resolve", "--version", "--experimental-rerun"}
 
@@ -142,15 +149,17 @@ def _precheck(argv: list[str]) -> str | None:
     Hydra would print a multi-line block; multirun sweeps and Hydra's own flags are left to Hydra.
     Returns the error line, or None when the composition is fine (or not checked).
     """
-    if any(token in _HYDRA_MODES for token in argv):
-        return None
+    if any(token in _HYDRA_MODES or token in _EXTRA_CONFIG_FLAGS for token in argv):
+        return None  # (composing here knows only the packaged configs; the job itself checks the rest)
     from hydra import compose, initialize_config_module
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
+    # the packaged experiments only: with a search path the job checks against Hydra's own list (run_task)
+    packaged_only = not any(t.lstrip("+").startswith("hydra.searchpath") for t in argv)
     for token in overrides:
         option, _, value = token.lstrip("+").partition("=")
-        if option == "experiment" and experiment_problem(value):
+        if option == "experiment" and packaged_only and experiment_problem(value):
             return experiment_problem(value)
     try:
         with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
@@ -172,8 +181,21 @@ def _precheck(argv: list[str]) -> str | None:
     return _run_dir_problem(argv)
 
 
-# What a run leaves in its directory: one of these marks a directory a run may write into again (to resume).
-RUN_MARKERS = (".hydra", "cli.log", "metrics.jsonl", "checkpoints", "report.json", "eval.json", "converted")
+# Written into every task's output directory when the task starts: the directory holds a run, and a later run may
+# write into it again (to resume, or to redo a benchmark).
+RUN_MARK = ".ascend-edit-run"
+# What runs leave besides the mark (directories from before it existed) and what launchers create in the run
+# directory before any rank starts (msrun's worker logs).
+RUN_MARKERS = (RUN_MARK, ".hydra", "cli.log", "metrics.jsonl", "checkpoints", "tensorboard", "report.json",
+               "eval.json", "converted", "stage-layerwise", "hf", "bench_kv.csv", "bench_decode", "teacher_text",
+               "msrun_log")
+
+
+def mark_run_directory(output_dir: str) -> None:
+    """Mark `output_dir` as a run's (see RUN_MARK); every rank may do it, it is idempotent."""
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARK).touch()
 
 
 def _foreign_directory_problem(key: str, directory: str) -> str | None:
@@ -183,8 +205,9 @@ def _foreign_directory_problem(key: str, directory: str) -> str | None:
     if path.exists() and not path.is_dir():
         return f"{key}={directory} is a file, not a directory"
     if path.is_dir() and any(path.iterdir()) and not any((path / marker).exists() for marker in RUN_MARKERS):
-        return (f"{key}={directory} is a non-empty directory that holds no ascend-edit run; give a new or empty "
-                "directory (or an earlier run's directory to resume it)")
+        via = " (RUN_DIR of the launch wrappers)" if key == "hydra.run.dir" else ""
+        return (f"{key}={directory}{via} is a non-empty directory that holds no ascend-edit run; give a new or "
+                "empty directory (or an earlier run's directory to resume it)")
     return None
 
 
@@ -228,12 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     if DEBUG_FLAG in argv:
         argv = [t for t in argv if t != DEBUG_FLAG]
         os.environ["ASCEND_EDIT_DEBUG"] = "1"
+    check_only = os.environ.get(CHECK_ONLY_ENV) == "1"
+    if check_only and argv[:1] == ["report"]:  # a launcher's one-process check: report reads runs, no config
+        return 0
     if argv[:1] == ["report"] and any("=" not in token for token in argv[1:]):  # `report RUN_DIR...`: no Hydra
         from ascend_edit.tasks.report import main as report_main
 
         return report_main([token for token in argv[1:] if not token.startswith("hydra.")])
     try:
-        argv = [*argv, *shared_run_dir_override(argv, dict(os.environ))]
+        if not check_only:  # the wrapper's check passes the run directory it will give the ranks
+            argv = [*argv, *shared_run_dir_override(argv, dict(os.environ))]
         sys.argv = [sys.argv[0], *_split_subcommand(argv)]
     except UserError as err:
         print(f"ascend-edit: error: {err}", file=sys.stderr)
@@ -243,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"ascend-edit: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if os.environ.get(CHECK_ONLY_ENV) == "1":
+    if check_only:
         return _check_only(sys.argv[1:])
     _hydra_main()
     return 0
@@ -256,7 +283,7 @@ CHECK_ONLY_ENV = "ASCEND_EDIT_CHECK_ONLY"
 def _check_only(argv: list[str]) -> int:
     """Every check that needs no weights or device, at the launcher's WORLD_SIZE: bad input is reported once,
     in one line, instead of by every rank (multirun sweeps are left to their jobs)."""
-    if any(token in _HYDRA_MODES for token in argv):
+    if any(token in _HYDRA_MODES or token in _EXTRA_CONFIG_FLAGS for token in argv):
         return 0
     from hydra import compose, initialize_config_module
 

@@ -246,6 +246,16 @@ def config_cases() -> list[Case]:
                                  "data.path={ws}/empty.txt", "hydra.run.dir={ws}/runs/empty-data"],
              expect="empty.txt", setup=lambda ws: (ws / "empty.txt").write_text("")),
         c("NPU requested without torch_npu", "device=npu", "device=npu"),
+        Case("mistyped experiment name (Hydra alone runs the default job)", ["experiment=qwen3_8b_mal"],
+             expect="experiment=qwen3_8b_mal not found"),
+        c("'+' adding a key nothing reads (typo)", "+target.mla.kv_lora_rnk=16", "target.mla.kv_lora_rnk"),
+        c("model.path without model=hf (the default teacher would train)", "model.path=/models/Qwen3-8B",
+          "model.path='/models/Qwen3-8B' is only read with model.source=hf"),
+        Case("run directory that is someone else's (a model directory)", [*TINY, "hydra.run.dir={ws}/foreign"],
+             expect="is a non-empty directory that holds no ascend-edit run",
+             setup=lambda ws: ((ws / "foreign").mkdir(exist_ok=True), (ws / "foreign" / "config.json").write_text("{}"))),
+        Case("output_dir that is a file", [*TINY, "output_dir={ws}/afile"], expect="is a file, not a directory",
+             setup=lambda ws: (ws / "afile").write_text("keep")),
     ]
 
 
@@ -278,6 +288,14 @@ def model_cases() -> list[Case]:
         (ws / "gguf" / "truncated.gguf").write_bytes(data[: len(data) // 3])
         (ws / "gguf" / "not-a-gguf.gguf").write_bytes(b"PK\x03\x04" + os.urandom(4096))
 
+    def missing_tensor(ws: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = copy_teacher(ws, "missing-tensor") / "model.safetensors"
+        state = load_file(str(weights))
+        del state[next(name for name in sorted(state) if name.endswith("k_proj.weight"))]
+        save_file(state, str(weights), metadata={"format": "pt"})
+
     def other_arch(ws: Path) -> None:
         directory = copy_teacher(ws, "gpt2-teacher")
         config = json.loads((directory / "config.json").read_text())
@@ -291,6 +309,8 @@ def model_cases() -> list[Case]:
         hf("malformed config.json", "model.path={ws}/bad-config", "model.path", bad_config),
         hf("unreadable tokenizer", "model.path={ws}/bad-tokenizer", "tokenizer", bad_tokenizer),
         hf("unsupported architecture in config.json", "model.path={ws}/gpt2-teacher", "gpt2", other_arch),
+        hf("weights missing a tensor of config.json", "model.path={ws}/missing-tensor", "missing keys (1)",
+           missing_tensor),
         hf("missing gguf_file (no hub fallback)", "model.path={ws}/gguf model.gguf_file=missing.gguf",
            "model.gguf_file=missing.gguf", gguf_dir),
         hf("truncated GGUF", "model.path={ws}/gguf model.gguf_file=truncated.gguf", "is truncated", gguf_dir),

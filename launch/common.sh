@@ -35,7 +35,9 @@ launch_precheck() {
   [[ "${DRY_RUN:-0}" == 1 || "${LAUNCH_PRECHECK:-1}" == 0 ]] && return 0
   local world=$1
   shift
-  ASCEND_EDIT_CHECK_ONLY=1 WORLD_SIZE=$world python -m ascend_edit.cli "$@" || exit $?
+  local python
+  python=$(command -v python || command -v python3) || launch_die "no python on PATH for the config check (LAUNCH_PRECHECK=0 skips it)"
+  ASCEND_EDIT_CHECK_ONLY=1 WORLD_SIZE=$world "$python" -m ascend_edit.cli "$@" || exit $?
 }
 
 launch_die() {

@@ -53,7 +53,8 @@ ARGS+=(--master_port "${MASTER_PORT:-29500}")
 
 launch_hydra_run_dir "$@"
 # the world size is the hostfile's to decide; without one it is this node's NPROC
-launch_precheck "$([[ -n "${HOSTFILE:-}" ]] && echo 1 || echo "$NPROC")" "$@"
+launch_precheck "$([[ -n "${HOSTFILE:-}" ]] && echo 1 || echo "$NPROC")" "$@" \
+  "${HYDRA_RUN_DIR_ARG[@]+"${HYDRA_RUN_DIR_ARG[@]}"}"
 # --no_local_rank: otherwise every rank gets --local_rank=N, which Hydra rejects as an override
 # (LOCAL_RANK is exported either way).
 launch_run deepspeed "${ARGS[@]}" --no_local_rank --module ascend_edit.cli \

@@ -28,7 +28,7 @@ launch_visible_devices_env
 LAUNCH_ENV+=("LOCAL_WORLD_SIZE=$NPROC")
 
 launch_hydra_run_dir "$@"
-launch_precheck $((NNODES * NPROC)) "$@"
+launch_precheck $((NNODES * NPROC)) "$@" "${HYDRA_RUN_DIR_ARG[@]+"${HYDRA_RUN_DIR_ARG[@]}"}"
 LOG_DIR=${LOG_DIR:-$RUN_DIR/msrun_log}
 # The program must be the literal word `python`: msrun prefixes anything else with `python`.
 launch_run msrun \

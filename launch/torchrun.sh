@@ -32,6 +32,6 @@ else
 fi
 
 launch_hydra_run_dir "$@"
-launch_precheck $((NNODES * NPROC)) "$@"
+launch_precheck $((NNODES * NPROC)) "$@" "${HYDRA_RUN_DIR_ARG[@]+"${HYDRA_RUN_DIR_ARG[@]}"}"
 launch_run torchrun "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
   -m ascend_edit.cli "$@" "${HYDRA_RUN_DIR_ARG[@]}"

@@ -65,7 +65,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, help="where to write the comparison table (markdown)")
     args = parser.parse_args(argv)
     output = args.output or (args.runs[0] / "compare.md" if len(args.runs) == 1 else args.runs[0].parent / "compare.md")
-    if output.is_dir() or (output.exists() and not output.read_text(errors="replace").startswith(COMPARISON_MARK)):
+    # the default compare.md is this command's own file (also from versions that wrote no mark); an explicit
+    # --output must be new, a directory never
+    foreign = args.output is not None and output.is_file() and not output.read_text(errors="replace").startswith(
+        COMPARISON_MARK)
+    if output.is_dir() or foreign:
         what = "a directory" if output.is_dir() else "a file this command did not write"
         print(f"ascend-edit: error: --output {output} is {what}; give a new path (nothing was written)", file=sys.stderr)
         return 2

@@ -175,7 +175,7 @@ def test_cli_never_writes_a_run_into_someone_elses_directory(tmp_path):
     model_dir = hf_dir(tmp_path / "model")
     before = sorted(p.name for p in model_dir.iterdir())
     for key in ("hydra.run.dir", "output_dir"):
-        one_line_error(cli(*TINY, f"{key}={model_dir}", cwd=tmp_path), f"{key}={model_dir} is a non-empty directory")
+        one_line_error(cli(*TINY, f"{key}={model_dir}", cwd=tmp_path), f"{key}={model_dir}", "is a non-empty directory")
     assert sorted(p.name for p in model_dir.iterdir()) == before
     (tmp_path / "afile").write_text("keep me")
     one_line_error(cli(*TINY, f"output_dir={tmp_path / 'afile'}", cwd=tmp_path), "is a file, not a directory")
@@ -187,6 +187,16 @@ def test_cli_never_writes_a_run_into_someone_elses_directory(tmp_path):
     (earlier_run / "metrics.jsonl").write_text("")
     assert _run_dir_problem([f"hydra.run.dir={earlier_run}"]) is None
     assert _run_dir_problem([f"hydra.run.dir={tmp_path / 'new'}"]) is None
+    launched = tmp_path / "launched"  # msrun makes its worker-log folder in RUN_DIR before any rank starts
+    (launched / "msrun_log").mkdir(parents=True)
+    (launched / "msrun_log" / "worker_0.log").write_text("starting")
+    assert _run_dir_problem([f"hydra.run.dir={launched}"]) is None
+    benchmark_out = tmp_path / "bench"  # a task that leaves no run files is marked when it starts
+    from ascend_edit.cli import RUN_MARK, mark_run_directory
+
+    mark_run_directory(str(benchmark_out))
+    (benchmark_out / "bench_table.csv").write_text("ms\n")
+    assert (benchmark_out / RUN_MARK).is_file() and _run_dir_problem([f"output_dir={benchmark_out}"]) is None
 
 
 def test_cli_model_inputs_are_one_line_and_debug_shows_the_traceback(tmp_path):

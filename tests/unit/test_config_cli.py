@@ -123,6 +123,12 @@ def test_mistyped_experiment_is_refused_not_skipped(tmp_path):
     SmolLM2 job; one line names it and lists the experiments, for a plain run and for every multirun job."""
     err = _one_line_error(cli("experiment=qwen3_8b_mal", "data=synthetic"))
     assert "experiment=qwen3_8b_mal not found" in err and "qwen3_8b_mla" in err
+    own = tmp_path / "conf" / "experiment"  # an experiment from the user's own config directory is found
+    own.mkdir(parents=True)
+    (own / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: qwen3_tiny\n"
+                                   "  - override /target: gate_swa\ntarget:\n  gate_swa: {window: 16}\n")
+    proc = cli("--config-dir", str(tmp_path / "conf"), "inspect", "experiment=mine", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 0, proc.stderr
     proc = cli("-m", "experiment=tiny_typo", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode != 0 and "experiment=tiny_typo not found" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -66,6 +66,8 @@ def test_report_command_compares_runs(tmp_path, capsys):
     assert table in out
     assert "in_domain@1024 ppl× (KL)" in table and "1.500 (0.050)" in table and "| 60.0 % |" in table
     assert main(["report", str(a), str(b)]) == 0  # its own comparison file is rewritten
+    (tmp_path / "compare.md").write_text("| a table an earlier version wrote |")
+    assert main(["report", str(a), str(b)]) == 0  # the default path is always this command's
 
 
 def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
