@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, cast
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -691,6 +691,8 @@ def register_configs() -> None:
 def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     """Keys of `node` that its schema's dataclass does not have (recursively). A `+key=value` override adds a key
     even where the schema has none, and the dataclasses would silently drop it: a typo would change nothing."""
+    if isinstance(node, ListConfig):  # lists of dataclasses (data.mix): each entry against its schema
+        return [key for i in range(len(node)) for key in unknown_keys(node._get_node(i), f"{prefix.rstrip('.')}[{i}].")]
     if not isinstance(node, DictConfig):
         return []
     schema = OmegaConf.get_type(node)

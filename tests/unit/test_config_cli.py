@@ -61,6 +61,8 @@ def test_plus_overrides_cannot_add_keys_nothing_reads():
         compose_typed(["+target.mla.kv_lora_rnk=16"])
     with pytest.raises(ConfigError, match=r"engine.zero_option is not a config key"):
         compose_typed(["engine=zero2", "+engine.zero_option.overlap_comm=true"])
+    with pytest.raises(ConfigError, match=r"data.mix\[0\].bogus is not a config key"):
+        compose_typed(["data=mix", "+data.mix.0.bogus=1"])
     # free-form dicts take new keys: DeepSpeed options (checked by name elsewhere) and model config overrides
     cfg = compose_typed(["engine=zero2", "+engine.zero_options.overlap_comm=true", "+model.overrides.rope_theta=1e4"])
     assert cfg.engine.zero_options == {"overlap_comm": True} and cfg.model.overrides["rope_theta"] == 1e4
