@@ -154,7 +154,11 @@ def _precheck(argv: list[str]) -> str | None:
     from hydra import compose, initialize_config_module
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
+    # a resumed run's directory (hydra.run.dir): output_dir as the job will see it, for the resume check below
+    run_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.run.dir=") and "${" not in t]
+    resumed = run_dirs[-1] if run_dirs and (Path(run_dirs[-1]).expanduser() / "checkpoints").is_dir() else None
+    overrides = ([t for t in argv if not t.lstrip("+~").startswith("hydra.")]
+                 + [f"output_dir={resumed or '.'}"] * (not any(t.startswith("output_dir=") for t in argv)))
     # the packaged experiments only: with a search path the job checks against Hydra's own list (run_task)
     packaged_only = not any(t.lstrip("+").startswith("hydra.searchpath") for t in argv)
     for token in overrides:
@@ -163,7 +167,11 @@ def _precheck(argv: list[str]) -> str | None:
             return experiment_problem(value)
     try:
         with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
-            to_typed(compose(config_name="config", overrides=overrides))
+            typed = to_typed(compose(config_name="config", overrides=overrides))
+        if resumed:  # before Hydra rewrites the run's .hydra/config.yaml, and before hours of loading
+            from ascend_edit.validation import check_resume_config
+
+            check_resume_config(typed, Path(resumed).expanduser())
     except ConfigError as err:
         return str(err)
     except Exception as err:  # Hydra's composition errors wrap OmegaConf's, which name the key

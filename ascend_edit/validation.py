@@ -5,6 +5,7 @@ Single-value checks live in the dataclasses of `ascend_edit.config`; these come 
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -48,6 +49,34 @@ def init_from_directory(init_from: str) -> Path:
             return candidate
     raise ConfigError(f"distill.init_from={init_from} holds no saved model (no manifest.json there, nor in its "
                       "stage-layerwise/ or converted/): give a run directory or its stage-layerwise/")
+
+
+def check_resume_config(cfg: RootConfig, run_dir: Path) -> None:
+    """A run resumed in `run_dir` with keys its newest checkpoints were written without (and that cannot change
+    mid-run) is refused here, before the teacher loads — the resume itself would refuse it only after loading,
+    warm start and evaluation. The checkpoints are not verified here (resume does that)."""
+    import dataclasses
+
+    from ascend_edit.train.checkpoint_io import CheckpointDir
+    from ascend_edit.train.loop import STAGE_ORDER, ConfigChangedOnResume, check_config_change, flatten_config
+
+    if not cfg.engine.resume or cfg.task not in TRAINING_TASKS:
+        return
+    store = CheckpointDir(run_dir / "checkpoints", keep_last=1)
+    current = flatten_config(dataclasses.asdict(cfg))
+    for stage in STAGE_ORDER:
+        latest = store.latest(stage)
+        if latest is None:
+            continue
+        try:
+            saved = json.loads((latest / CheckpointDir.STATE_FILE).read_text()).get("config")
+        except (OSError, ValueError):
+            continue  # a damaged state file: resume passes this checkpoint over and says so
+        if saved:
+            try:
+                check_config_change(saved, current, stage, latest)
+            except ConfigChangedOnResume as err:
+                raise ConfigError(str(err)) from None
 
 
 def check_run_inputs(cfg: RootConfig, world_size: int) -> None:

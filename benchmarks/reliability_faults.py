@@ -538,7 +538,7 @@ def write_table(rows: list[dict], path: Path, seconds: float) -> None:
         "the user gets (for faults a run survives: the log line saying what happened); no case may print a",
         "traceback (`--debug`, `ASCEND_EDIT_DEBUG=1` or `HYDRA_FULL_ERROR=1` show one). Exit codes: 0 success,",
         f"{EXIT_BAD_INPUT} bad input or a run that cannot continue safely, {EXIT_PREEMPTED} stopped by SIGTERM/SIGINT",
-        "after saving a checkpoint (run the same command again to resume).",
+        "after saving a checkpoint (run the same command with the run's `hydra.run.dir` to resume: the error line names it).",
         "",
         "Shorthands: `<tiny>` = `" + " ".join(TINY) + "`; `<tiny-hf>` = a tiny local HF checkpoint conversion (`"
         + " ".join(HF) + "`); `<base-run>` = `" + " ".join(BASE) + "` on a copy of one finished run. `$WS` is the "

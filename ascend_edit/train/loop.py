@@ -166,8 +166,11 @@ def train_stage(engine, run: StageRun, start_step: int = 0) -> list[dict]:
             if preempt:
                 path = save_checkpoint(engine, run, step + 1)
                 signal_name = run.preemption.signal_name if run.preemption is not None else None
+                run_dir = Path(path).parent.parent  # <run>/checkpoints/step-<stage>-<n>
                 raise Preempted(f"{run.name}: stopped on {signal_name or 'a signal'} after step "
-                                f"{step + 1}; checkpoint {path}; run the same command again to resume")
+                                f"{step + 1}; checkpoint {path}; to resume, run the same command with "
+                                f"hydra.run.dir={run_dir} (the launch wrappers: RUN_DIR={run_dir}); a new "
+                                "run directory would start over")
             if run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 and step + 1 < run.steps:
                 save_checkpoint(engine, run, step + 1)
     finally:  # also on an error: the bar ends its line before the error line is printed

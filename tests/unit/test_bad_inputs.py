@@ -233,3 +233,17 @@ def test_eval_names_the_trust_key_and_a_teacher_of_another_vocabulary(tmp_path):
     check_same_vocabulary(model(64), model(64), "hf")
     with pytest.raises(ValueError, match=r"vocabulary \(64 tokens\) is not the teacher's \(49152, model.source=smollm2"):
         check_same_vocabulary(model(64), model(49152), "smollm2")
+
+
+def test_a_refused_resume_is_refused_before_loading_and_leaves_the_run_as_it_was(tmp_path):
+    """Resuming in a run directory with a key that cannot change mid-run is refused before Hydra rewrites the
+    run's .hydra/config.yaml (an export of that run rebuilds from it) and before the teacher loads."""
+    run = tmp_path / "run"
+    base = [*TINY, "engine.checkpoint_every=1", "eval.suite=false", f"hydra.run.dir={run}"]
+    done = cli(*base, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = (run / ".hydra" / "config.yaml").read_text()
+    refused = cli(*base, "target.mla.kv_lora_rank=16", cwd=tmp_path)
+    one_line_error(refused, "target.mla.kv_lora_rank: 32 -> 16", "cannot change on resume")
+    assert "teacher ppl" not in refused.stdout + refused.stderr  # nothing was loaded
+    assert (run / ".hydra" / "config.yaml").read_text() == saved
