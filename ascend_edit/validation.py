@@ -60,11 +60,12 @@ def check_resume_config(cfg: RootConfig, run_dir: Path) -> None:
     from ascend_edit.train.checkpoint_io import CheckpointDir
     from ascend_edit.train.loop import STAGE_ORDER, ConfigChangedOnResume, check_config_change, flatten_config
 
-    if not cfg.engine.resume or cfg.task not in TRAINING_TASKS:
+    if not cfg.engine.resume or cfg.task != "convert":
         return
     store = CheckpointDir(run_dir / "checkpoints", keep_last=1)
     current = flatten_config(dataclasses.asdict(cfg))
-    for stage in STAGE_ORDER:
+    running = {stage.key_prefix.rsplit(".", 1)[-1] for stage in stages_to_run(cfg) if stage.steps}
+    for stage in (name for name in STAGE_ORDER if name in running):  # the stages this run resumes
         latest = store.latest(stage)
         if latest is None:
             continue
