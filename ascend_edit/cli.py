@@ -72,6 +72,12 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def user_error_line(err: BaseException) -> str:
+    """What follows `ascend-edit: error:` for a bad-input exception (its type named unless it is ours)."""
+    prefix = "" if isinstance(err, (ConfigError, UserError)) else f"{type(err).__name__}: "
+    return f"{prefix}{one_line(err)}"
+
+
 def experiment_problem(name: str | None, available: list[str] | None = None) -> str | None:
     """`experiment` is an optional defaults entry (the plain run has none), so Hydra silently skips a name with no
     file: a typo would run the default job instead. Say so in one line, with the experiments there are
@@ -116,8 +122,7 @@ def _hydra_main(cfg: DictConfig) -> dict | None:
         # Hydra's runner would print a traceback for an Exception, but SystemExit passes.
         if debugging():
             raise
-        prefix = "" if isinstance(err, (ConfigError, UserError)) else f"{type(err).__name__}: "
-        print(f"ascend-edit: error: {prefix}{one_line(err)}", file=sys.stderr)
+        print(f"ascend-edit: error: {user_error_line(err)}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
@@ -143,10 +148,12 @@ _HYDRA_MODES = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-
                 "--cfg", "-c", "--resolve", "--version", "--experimental-rerun"}
 
 
-def _precheck(argv: list[str]) -> str | None:
+def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
     """Compose the config once before Hydra runs the job, to report a bad override in one line.
 
     Hydra would print a multi-line block; multirun sweeps and Hydra's own flags are left to Hydra.
+    With `world_size` (the launch wrappers' one-process check) also every check that needs no weights or device,
+    at that world size, so bad input is reported once rather than by every rank.
     Returns the error line, or None when the composition is fine (or not checked).
     """
     if any(token in _HYDRA_MODES or token in _EXTRA_CONFIG_FLAGS for token in argv):
@@ -163,8 +170,8 @@ def _precheck(argv: list[str]) -> str | None:
     packaged_only = not any(t.lstrip("+").startswith("hydra.searchpath") for t in argv)
     for token in overrides:
         option, _, value = token.lstrip("+").partition("=")
-        if option == "experiment" and packaged_only and experiment_problem(value):
-            return experiment_problem(value)
+        if option == "experiment" and packaged_only and (problem := experiment_problem(value)):
+            return problem
     try:
         with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
             typed = to_typed(compose(config_name="config", overrides=overrides))
@@ -186,6 +193,15 @@ def _precheck(argv: list[str]) -> str | None:
             message += "; " + " ".join(lines[start:end])
         key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
         return f"{message} ({key})" if key and key not in message else message
+    if world_size is not None:
+        from ascend_edit.validation import check_before_load
+
+        try:
+            check_before_load(typed, world_size=world_size)
+        except user_error_types() as err:
+            if debugging():
+                raise
+            return user_error_line(err)
     return _run_dir_problem(argv)
 
 
@@ -274,41 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ascend-edit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     register_configs()
-    problem = _precheck(sys.argv[1:])
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1) if check_only else None
+    problem = _precheck(sys.argv[1:], world_size)
     if problem:
         print(f"ascend-edit: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if check_only:
-        return _check_only(sys.argv[1:])
+        return 0
     _hydra_main()
     return 0
 
 
 # Set by the launch/ wrappers: check the configuration once before the ranks start, then exit (0 = fine).
 CHECK_ONLY_ENV = "ASCEND_EDIT_CHECK_ONLY"
-
-
-def _check_only(argv: list[str]) -> int:
-    """Every check that needs no weights or device, at the launcher's WORLD_SIZE: bad input is reported once,
-    in one line, instead of by every rank (multirun sweeps are left to their jobs)."""
-    if any(token in _HYDRA_MODES or token in _EXTRA_CONFIG_FLAGS for token in argv):
-        return 0
-    from hydra import compose, initialize_config_module
-
-    from ascend_edit.validation import check_before_load
-
-    overrides = [t for t in argv if not t.lstrip("+~").startswith("hydra.")] + ["output_dir=."]
-    try:
-        with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
-            typed = to_typed(compose(config_name="config", overrides=overrides))
-        check_before_load(typed, world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
-    except user_error_types() as err:
-        if debugging():
-            raise
-        prefix = "" if isinstance(err, (ConfigError, UserError)) else f"{type(err).__name__}: "
-        print(f"ascend-edit: error: {prefix}{one_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
 
 
 if __name__ == "__main__":

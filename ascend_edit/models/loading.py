@@ -257,8 +257,8 @@ def check_loading_info(info: dict, key: str) -> None:
     """Refuse a checkpoint whose weights do not match its config: transformers fills missing tensors with random
     values and drops unexpected ones with a log line, which would distil from a teacher that is not the one named
     (e.g. a converted run's directory, whose attention weights have other names)."""
-    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {kind: names for kind, names in problems.items() if names}
+    problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(kind)}
     if problems:
         shown = "; ".join(f"{kind.replace('_', ' ')} ({len(names)}): {', '.join(map(str, names[:4]))}"
                           + (", ..." if len(names) > 4 else "") for kind, names in problems.items())
