@@ -1,7 +1,8 @@
 """lm-evaluation-harness on an exported model, offline, with a task bundled as local data.
 
 Optional extra: `pip install 'ascend_edit[lm_eval]'`. The harness loads the exported checkpoint through
-its own `hf` model (`trust_remote_code` when the export is in auto_map format), and finds the project's
+its own `hf` model (an export in auto_map format runs the code it ships: only with `--trust-remote-code`), and
+finds the project's
 tasks under `lm_eval_tasks/` (`--include_path`):
 
 * `ascend_edit_heldout_cloze` — multiple choice, accuracy: given three consecutive sentences of held-out
@@ -9,7 +10,7 @@ tasks under `lm_eval_tasks/` (`--include_path`):
   out-of-domain `python_docs` set (ascend_edit/data/heldout.py; Python documentation, PSF licence) by
   `python -m ascend_edit.eval.lm_eval_adapter build`; deterministic from its seed.
 
-    python -m ascend_edit.eval.lm_eval_adapter run EXPORT_DIR [--limit N] [--device cpu]
+    python -m ascend_edit.eval.lm_eval_adapter run EXPORT_DIR [--limit N] [--device cpu] [--trust-remote-code]
     # or the harness's own CLI, the same thing:
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \
         --model_args pretrained=EXPORT_DIR,trust_remote_code=True --tasks ascend_edit_heldout_cloze \
@@ -71,9 +72,14 @@ def write_cloze(path: Path = CLOZE_DATA, items: int = 200, seed: int = 0) -> Pat
 
 
 def evaluate_export(model_dir: Path, tasks: list[str] | None = None, limit: int | None = None,
-                    batch_size: int = 4, device: str = "cpu", dtype: str = "float32") -> dict:
+                    batch_size: int = 4, device: str = "cpu", dtype: str = "float32",
+                    trust_remote_code: bool = False) -> dict:
     """Run lm-eval tasks (default: the bundled cloze) on an exported checkpoint, no network; returns
-    {task: {metric: value}}."""
+    {task: {metric: value}}. An auto_map export loads only with `trust_remote_code` (it runs shipped code)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ValueError(f"{model_dir} is an auto_map export: it runs the modeling code it ships; pass "
+                         "--trust-remote-code if you trust that code")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -81,8 +87,7 @@ def evaluate_export(model_dir: Path, tasks: list[str] | None = None, limit: int 
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise ImportError("lm-eval is not installed: pip install 'ascend_edit[lm_eval]'") from err
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    model_args = {"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": bool(config.get("auto_map"))}
+    model_args = {"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code}
     results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks or [CLOZE_TASK],
                                       task_manager=TaskManager(include_path=str(TASK_DIR)), limit=limit,
                                       batch_size=batch_size, device=device, log_samples=False,
@@ -103,12 +108,18 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--limit", type=int)
     run.add_argument("--batch-size", type=int, default=4)
     run.add_argument("--device", default="cpu")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="allow an auto_map export to run the modeling code it ships")
     args = parser.parse_args(argv)
     if args.command == "build":
         print(f"wrote {write_cloze(items=args.items, seed=args.seed)}")
-    else:
-        print(json.dumps(evaluate_export(args.model_dir, args.tasks, args.limit, args.batch_size, args.device),
-                         indent=2))
+        return
+    try:
+        results = evaluate_export(args.model_dir, args.tasks, args.limit, args.batch_size, args.device,
+                                  trust_remote_code=args.trust_remote_code)
+    except (ValueError, OSError, ImportError) as err:
+        raise SystemExit(f"lm_eval_adapter: error: {' '.join(str(err).split())}") from None
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

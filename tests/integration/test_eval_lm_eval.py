@@ -49,6 +49,7 @@ def test_lm_eval_runs_the_bundled_task_on_an_exported_model(tmp_path):
     edit_model(model, build_plan(2, target), target)
     unwrap_targets(model)
     export = export_converted(model, tmp_path / "hf", tokenizer=tokenizer)
-    results = evaluate_export(export.directory, limit=8, batch_size=4)
+    results = evaluate_export(export.directory, limit=8, batch_size=4,
+                              trust_remote_code=export.format == "auto_map")
     acc = results[CLOZE_TASK]["acc,none"]
     assert 0.0 <= acc <= 1.0 and results[CLOZE_TASK]["acc_norm,none"] >= 0.0

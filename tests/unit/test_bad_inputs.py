@@ -247,3 +247,16 @@ def test_a_refused_resume_is_refused_before_loading_and_leaves_the_run_as_it_was
     one_line_error(refused, "target.mla.kv_lora_rank: 32 -> 16", "cannot change on resume")
     assert "teacher ppl" not in refused.stdout + refused.stderr  # nothing was loaded
     assert (run / ".hydra" / "config.yaml").read_text() == saved
+
+
+def test_lm_eval_adapter_runs_shipped_code_only_when_asked(tmp_path):
+    """An auto_map export runs the modeling code it ships: the lm-eval adapter refuses it without the flag."""
+    from ascend_edit.eval.lm_eval_adapter import evaluate_export, main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({**TINY_CONFIG, "auto_map": {"AutoModelForCausalLM": "m.M"}}))
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        evaluate_export(export)
+    with pytest.raises(SystemExit, match=r"lm_eval_adapter: error: .* is an auto_map export"):
+        main(["run", str(export)])
