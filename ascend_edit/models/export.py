@@ -435,13 +435,32 @@ def verify_export(model: PreTrainedModel, directory: Path, fmt: str, spec: dict,
     return diff, measured_cache_bytes(cache) / (2 * length)
 
 
+PROVENANCE_FILE = "ascend_edit_provenance.json"  # the run an export came from: its data and seed (eval's in_domain)
+
+
+def read_provenance(directory: Path) -> dict | None:
+    """The source run's {"run_directory", "data", "seed"} an export recorded, or None for one without it."""
+    path = Path(directory) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        provenance = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): remove it, or re-export the checkpoint") from None
+    if not isinstance(provenance, dict) or not {"run_directory", "data", "seed"} <= provenance.keys():
+        raise ValueError(f"{path} must hold run_directory, data and seed: remove it, or re-export the checkpoint")
+    return provenance
+
+
 def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None, native: str = "auto",
-                     dtype: torch.dtype | None = None, verify: bool = True, overwrite: bool = False) -> ExportResult:
+                     dtype: torch.dtype | None = None, verify: bool = True, overwrite: bool = False,
+                     provenance: dict | None = None) -> ExportResult:
     """Write `model` (a converted model: see `conversion_spec`) as an HF checkpoint into `directory`.
 
     The checkpoint is written to a sibling temporary directory, loaded back and checked (`verify`), and
     only then moved to `directory`. A non-empty `directory` is refused unless `overwrite`; then it is
-    renamed aside, the new one renamed in, and the old one removed. The model's parameters are cast to
+    renamed aside, the new one renamed in, and the old one removed. `provenance` (the source run's data and
+    seed) is written as PROVENANCE_FILE, so that `ascend-edit eval` on the export scores the same in-domain text. The model's parameters are cast to
     `dtype` (default: their own) in place first, so that it is exactly what the checkpoint holds, and its
     rotary buffers are recomputed in fp32, as `from_pretrained` computes them. A NaN/inf weight is refused
     before anything is written.
@@ -464,6 +483,8 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
         exported = _write(model, spec, fmt, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if provenance is not None:
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         diff, per_token = verify_export(model, tmp, fmt, spec) if verify else (None, None)
         fsync_tree(tmp)
         swap_in(tmp, directory)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ascend_edit.config import RootConfig, to_typed
+from ascend_edit.config import DataConfig, RootConfig, to_typed
 from ascend_edit.data.heldout import run_documents
 from ascend_edit.device import resolve_device
 from ascend_edit.eval.metrics import model_logits, paired_logits
@@ -53,12 +53,21 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def run_directory_of(path: Path) -> Path | None:
+    """The run directory PATH is or lies in (its `converted/` or `stage-layerwise/` model), or None."""
+    for candidate in (path, path.parent):
+        if (candidate / ".hydra" / "config.yaml").is_file():
+            return candidate
+    return None
+
+
 def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     """The run's own config (teacher, data, seed) with this command's eval and engine settings, if PATH is a run
-    dir."""
-    saved = path / ".hydra" / "config.yaml"
-    if not saved.is_file():
+    dir or a converted model inside one."""
+    run_dir = run_directory_of(path)
+    if run_dir is None:
         return cfg
+    saved = run_dir / ".hydra" / "config.yaml"
     raw = OmegaConf.load(saved)
     assert isinstance(raw, DictConfig)  # Hydra saves the composed config as a mapping
     raw.pop("output_dir", None)
@@ -94,6 +103,28 @@ def load_student(path: Path, zero3: dict | None = None, trust_remote_code: bool 
             return load_exported(path, trust_remote_code=trust_remote_code).requires_grad_(False), "exported"
     raise FileNotFoundError(f"eval.checkpoint={path} is not a run directory (no converted/), a converted model "
                             "(no ascend_edit.json) nor an exported checkpoint (no config.json)")
+
+
+def in_domain_data(path: Path, cfg: RootConfig) -> tuple[DataConfig, int, str]:
+    """(data config, seed, where they come from) that define the in-domain held-out split. A run directory (or a
+    converted model inside one) has its own (`run_config` merged them in); an export names the run it came from
+    (models/export.py `PROVENANCE_FILE`); otherwise this command's `data=` is split as a conversion splits it,
+    which is the conversion's held-out text only if it trained on that data with that seed — said in one line."""
+    from ascend_edit.models.export import read_provenance
+
+    if run_directory_of(path) is not None:
+        return cfg.data, cfg.device.seed, f"the run's data ({cfg.data.source}, seed {cfg.device.seed})"
+    provenance = read_provenance(path)
+    if provenance is not None:
+        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), {"data": provenance["data"]})
+        assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
+        data = to_typed(merged).data
+        return data, provenance["seed"], (f"the source run's data ({data.source}, seed {provenance['seed']}, "
+                                          f"recorded by export from {provenance['run_directory']})")
+    log.warning("eval: %s does not say which data it was converted on; in_domain is the held-out part of this "
+                "command's data=%s (seed %d): name the conversion's data (data=..., device.seed=...) if it differs",
+                path, cfg.data.source, cfg.device.seed)
+    return cfg.data, cfg.device.seed, f"this command's data ({cfg.data.source}, seed {cfg.device.seed})"
 
 
 def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module, source: str) -> None:
@@ -141,12 +172,13 @@ def run(cfg: RootConfig) -> dict:
             install_gathered_forward(model)  # every rank runs every forward, one module whole at a time
         else:
             model.to(device.torch_device)
-    split = run_documents(cfg.data, cfg.device.seed) if kind == "run" else None
-    sets = held_out_sets(cfg.eval, split)
+    data, seed, in_domain_source = in_domain_data(path, cfg)
+    sets = held_out_sets(cfg.eval, run_documents(data, seed))
     with torch.no_grad():
         results = run_suite(model_logits(teacher.eval()), model_logits(student), tokenizer, cfg.eval, sets,
                             _max_positions(student), device.torch_device)
     results["checkpoint"] = str(path)
+    results["in_domain_source"] = in_domain_source
     if student_zero3 is not None:  # how this job held the models (the suite's numbers do not depend on it)
         results["zero3_partitioned"] = {"student": True, "teacher": teacher_zero3 is not None}
     if env.is_main:
@@ -174,6 +206,8 @@ def print_suite(console: Console, results: dict) -> None:
                           f"{100 * split['copyable_fraction']:.1f} %" if split else "-",
                           f"{100 * share:.1f} %" if share is not None else "-")
     console.print(table)
+    if results.get("in_domain_source"):
+        console.print(f"in_domain: held-out part of {results['in_domain_source']}")
     passkey = results.get("passkey")
     if passkey:
         for name in ("teacher", "student"):

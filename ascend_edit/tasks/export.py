@@ -73,6 +73,23 @@ def resolve_source(path: str | Path | None) -> ExportSource:
                             f"({ENGINE_WEIGHTS} or deepspeed/)")
 
 
+def source_provenance(source: ExportSource) -> dict | None:
+    """The data and seed of the run the source belongs to (read from its saved config), or None outside a run."""
+    from omegaconf import OmegaConf
+
+    candidates = (source.path, source.path.parent) if source.kind == "converted" else (source.path.parents[1],)
+    for run_dir in candidates:
+        saved = run_dir / ".hydra" / "config.yaml"
+        if saved.is_file():
+            raw = OmegaConf.load(saved)
+            data, seed = OmegaConf.select(raw, "data"), OmegaConf.select(raw, "device.seed")
+            if data is None or seed is None:
+                return None
+            return {"run_directory": str(run_dir.resolve()), "data": OmegaConf.to_container(data, resolve=True),
+                    "seed": int(seed)}
+    return None
+
+
 def stored_dtype_of(safetensors_file: Path) -> torch.dtype:
     """The dtype of the first floating-point tensor in a safetensors file (read from its header only)."""
     with safe_open(str(safetensors_file), framework="pt") as f:
@@ -164,7 +181,8 @@ def run(cfg: RootConfig) -> dict:
     if model is None:  # a rank that only took part in the gathers: rank 0 writes
         return {"source": str(source.path), "directory": str(output), "rank": env.rank}
     result = export_converted(model, output, tokenizer=tokenizer, native=cfg.export.native, dtype=dtype,
-                              verify=cfg.export.verify, overwrite=cfg.export.overwrite)
+                              verify=cfg.export.verify, overwrite=cfg.export.overwrite,
+                              provenance=source_provenance(source))
     print_result(Console(), source, result)
     return {"source": str(source.path), "directory": str(result.directory), "format": result.format,
             "blockers": result.blockers, "max_rel_logit_diff": result.max_rel_logit_diff,

@@ -41,6 +41,23 @@ def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path)
     table = checked(run_cli(tmp_path / "unused", ["report", str(run_dir), str(eval_dir)])).stdout
     assert "in_domain@128 ppl× (KL)" in table and str(run_dir) in table
 
+    # Outside its run directory the model is still scored on the run's own held-out text: its converted/ dir
+    # through the run it lies in, an export through the data and seed the export recorded (not this command's
+    # data=, which here names no data at all: the default Shakespeare).
+    checked(run_cli(tmp_path / "x", ["export", f"export.checkpoint={run_dir}", f"export.output={tmp_path / 'hf'}"]))
+    teacher_only = [o for o in tiny_convert_overrides(trained_teacher) if o.split("=")[0].split(".")[0]
+                    in ("model", "device")]
+    for name, checkpoint, extra in (("converted", run_dir / "converted", []),
+                                    ("export", tmp_path / "hf", ["eval.trust_remote_code=true"])):  # auto_map
+        out = tmp_path / f"eval-{name}"
+        proc = checked(run_cli(out, ["eval", f"eval.checkpoint={checkpoint}", *teacher_only, *SMALL_EVAL[:2],
+                                     *extra]))
+        outside = json.loads((out / "eval.json").read_text())
+        assert "run's data (files" in outside["in_domain_source"] and "in_domain: held-out part of" in proc.stdout
+        for context, metrics in results["quality"]["in_domain"].items():
+            assert outside["quality"]["in_domain"][context]["student"]["ppl"] == pytest.approx(
+                metrics["student"]["ppl"], rel=1e-4), (name, context)
+
 
 def test_eval_names_a_missing_checkpoint_in_one_line(tmp_path):
     result = run_cli(tmp_path / "eval", ["eval", f"eval.checkpoint={tmp_path / 'nope'}"])

@@ -235,6 +235,28 @@ def test_eval_names_the_trust_key_and_a_teacher_of_another_vocabulary(tmp_path):
         check_same_vocabulary(model(64), model(49152), "smollm2")
 
 
+def test_eval_of_an_export_names_where_its_in_domain_text_comes_from(tmp_path, caplog):
+    """An export without a recorded source run is scored on this command's data= split, said in one warning line;
+    a damaged record is refused naming its file."""
+    from ascend_edit.config import RootConfig
+    from ascend_edit.models.export import PROVENANCE_FILE
+    from ascend_edit.tasks.eval import in_domain_data
+
+    export = tmp_path / "export"
+    export.mkdir()
+    with caplog.at_level("WARNING"):
+        data, seed, source = in_domain_data(export, RootConfig())
+    assert (data.source, seed) == ("shakespeare", RootConfig().device.seed)
+    assert source.startswith("this command's data (shakespeare") and "data=shakespeare" in caplog.text
+    (export / PROVENANCE_FILE).write_text(json.dumps({"run_directory": "/r", "data": {"source": "mix", "mix": [
+        {"name": "wiki", "weight": 1.0}]}, "seed": 7}))
+    data, seed, source = in_domain_data(export, RootConfig())
+    assert (data.source, data.mix[0].name, seed) == ("mix", "wiki", 7) and "recorded by export from /r" in source
+    (export / PROVENANCE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{PROVENANCE_FILE} is not valid JSON"):
+        in_domain_data(export, RootConfig())
+
+
 def test_a_refused_resume_is_refused_before_loading_and_leaves_the_run_as_it_was(tmp_path):
     """Resuming in a run directory with a key that cannot change mid-run is refused before Hydra rewrites the
     run's .hydra/config.yaml (an export of that run rebuilds from it) and before the teacher loads."""
