@@ -60,6 +60,7 @@ class Cell:
     batch: int
     context: int
     status: str = "ok"  # ok | oom | error: ...
+    bytes_per_value: int = 0  # the cache's element size: the model's dtype (fp32 doubles a 16-bit server's bytes)
     kv_bytes_per_token: float = float("nan")  # measured, per sequence, all layers
     kv_bytes_per_token_accounted: float = float("nan")  # from the layer layout (eval/kv.py)
     prefill_s: float = float("nan")
@@ -156,7 +157,7 @@ def run_cells(model: PreTrainedModel, device: DeviceInfo, bench: BenchKVConfig, 
         for context in bench.contexts:
             for mode in MODES:
                 set_mode(model, "teacher" if mode == "teacher" else "student")
-                cell = Cell(mode, batch, context)
+                cell = Cell(mode, batch, context, bytes_per_value=bytes_per_value)
                 cell.kv_bytes_per_token_accounted = total_bytes(layouts[mode], context, bytes_per_value) / context
                 try:
                     generator = torch.Generator().manual_seed(seed + context + batch)
@@ -212,7 +213,9 @@ def _speedup(cells: list[Cell], cell: Cell) -> str:
 
 def print_table(console: Console, cells: list[Cell], title: str) -> None:
     table = Table(title=f"KV cache and decode: {title}")
-    for col in ("batch", "context", "model", "KV bytes/token", "KV MiB/seq", "prefill s", "decode ms/step",
+    bits = {8 * c.bytes_per_value for c in cells}
+    cache = f" ({bits.pop()}-bit)" if len(bits) == 1 else ""
+    for col in ("batch", "context", "model", f"KV bytes/token{cache}", "KV MiB/seq", "prefill s", "decode ms/step",
                 "decode tok/s", "vs teacher", "peak GiB"):
         table.add_column(col, justify="right")
     for c in cells:
@@ -227,6 +230,8 @@ def print_table(console: Console, cells: list[Cell], title: str) -> None:
     console.print(table)
     if any(c.status != "ok" for c in cells):
         console.print("* accounted from the layer layout (the cell did not run)")
+    if any(c.bytes_per_value == 4 for c in cells):
+        console.print("KV bytes: fp32 cache (the model's dtype); a 16-bit server holds half")
 
 
 def write_csv(cells: list[Cell], path: Path) -> None:

@@ -22,6 +22,8 @@ def test_bench_kv_writes_table_csv_and_plot(tmp_path, target):
     assert "static" in proc.stdout  # the table's title names the cache: preallocated, as bench_decode's
     rows = list(csv.DictReader((tmp_path / CSV_FILE).open()))
     assert len(rows) == 4  # teacher and converted at two contexts
+    assert {r["bytes_per_value"] for r in rows} == {"4"}  # qwen3_tiny is fp32: the table says so
+    assert "KV bytes: fp32 cache (the model's dtype); a 16-bit server holds half" in proc.stdout
     by = {(r["model"], int(r["context"])): r for r in rows}
     for context in (64, 256):
         teacher, converted = by[("teacher", context)], by[("converted", context)]
