@@ -183,6 +183,11 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
     if ml.top_k is not None and ml.top_k > config.vocab_size:
         raise ConfigError(f"distill.model_level.top_k={ml.top_k} must be <= the vocabulary size {config.vocab_size}")
     if target.kind == "mla":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if target.mla.qk_rope_head_dim > head_dim and target.mla.rope_selection != "measured":
+            raise ConfigError(f"target.mla.qk_rope_head_dim={target.mla.qk_rope_head_dim} exceeds the teacher's "
+                              f"head_dim={head_dim} (the RoPE key reuses the teacher's rotary frequencies): use "
+                              f"target.mla.qk_rope_head_dim <= {head_dim} (target=mla_small is sized for head_dim 64)")
         problem = check_mla_cache(target.mla, config)
         if problem and cfg.task in TRAINING_TASKS:
             raise ConfigError(problem)

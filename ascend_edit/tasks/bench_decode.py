@@ -857,8 +857,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--path", default="cuda_graph", choices=PATHS)
-    p.add_argument("--compile-cells", nargs="*", default=["1x8192"], help="BATCHxCONTEXT cells also run compiled; "
-                   "KIND:BATCHxCONTEXT for that model only (e.g. teacher:1x1024, the anchor)")
+    p.add_argument("--compile-cells", nargs="*", default=None, help="BATCHxCONTEXT cells also run compiled; "
+                   "KIND:BATCHxCONTEXT for that model only (e.g. teacher:1x1024, the anchor). Default: the smallest "
+                   "batch at the largest context <= 8192 of --contexts (1x8192 with the default grid); none with "
+                   "--path compile")
     p.add_argument("--compile-mode", default="reduce-overhead", choices=("reduce-overhead", "max-autotune", "max-autotune-gemm"),
                    help="torch.compile mode of compiled cells (max-autotune: inductor's GEMM templates too, and "
                    "coordinate-descent tuning of every kernel; max-autotune-gemm: the GEMM autotuning alone)")
@@ -867,7 +869,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the largest context (one compile per batch)")
     p.add_argument("--compile-kinds", nargs="+", default=list(KINDS), choices=KINDS,
                    help="models the compile cells run for (the teacher alone is the anchor)")
-    p.add_argument("--prefill-contexts", nargs="*", type=int, default=[8192, 32768])
+    p.add_argument("--prefill-contexts", nargs="*", type=int, default=None,
+                   help="default: the contexts >= 8192 of --contexts (8192 and 32768 with the default grid), else "
+                        "the largest")
     p.add_argument("--prefill-repeats", type=int, default=3, help="timed prefill runs after an untimed one")
     p.add_argument("--profile-cells", nargs="*", default=[], help="BATCHxCONTEXT cells whose eager decode step "
                    "is profiled (top kernels written per model)")
@@ -895,7 +899,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-budget-gib", type=float, default=None)
     p.add_argument("--rounds", type=int, default=1, help="process rounds; odd rounds reverse the order")
     p.add_argument("--target-override", nargs="*", default=[], help="Hydra overrides for the targets, "
-                   "e.g. target.gate_swa.window=2048")
+                   "e.g. target.gate_swa.window=2048; KIND:OVERRIDE for one model only, e.g. mla:target=mla_small "
+                   "(the MLA shapes for head_dim-64 teachers) or mla:target.mla.kv_lora_rank=256")
     p.add_argument("--process-timeout", type=int, default=3600, help="seconds per model process")
     p.add_argument("--out", default="bench_decode_out")
     p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
@@ -910,23 +915,32 @@ def _positive_ints(name: str, values: list[int]) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    from ascend_edit.models.loading import teacher_config
+    from ascend_edit.validation import check_against_teacher
+
     for name in ("contexts", "batches"):
         _positive_ints(name, getattr(args, name))
     _positive_ints("steps / --repeats / --prefill-repeats / --profile-steps",
                    [args.steps, args.repeats, args.prefill_repeats, args.profile_steps])
-    cells = _cells("compile-cells", args.compile_cells, with_kind=True)
+    cells = _cells("compile-cells", default_compile_cells(args.contexts, args.batches, args.path)
+                   if args.compile_cells is None else args.compile_cells, with_kind=True)
     profile_cells = _cells("profile-cells", args.profile_cells)
+    prefill = default_prefill_contexts(args.contexts) if args.prefill_contexts is None else args.prefill_contexts
     targets, model = {}, None
     for kind in args.kinds:
         if kind == "teacher":
             continue
-        cfg = _compose(args.model, kind, args.target_override)
+        cfg = _compose(args.model, *_target_overrides(kind, args.target_override))
+        if cfg.target.kind != kind:
+            raise ValueError(f"--target-override sets the {kind} model's target.kind to {cfg.target.kind}: prefix a "
+                             f"target=NAME entry with the model it is for (e.g. mla:target=mla_small)")
+        check_against_teacher(cfg, teacher_config(cfg.model, weights=False))  # one line, before any process starts
         targets[kind], model = dataclasses.asdict(cfg.target), dataclasses.asdict(cfg.model)
     if model is None:
         model = dataclasses.asdict(_compose(args.model, "mla").model)
     return Settings(model=model, targets=targets, kinds=args.kinds, device=args.device, contexts=args.contexts,
                     batches=args.batches, steps=args.steps, repeats=args.repeats, warmup=args.warmup, path=args.path,
-                    compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=args.prefill_contexts,
+                    compile_cells=cells, compile_kinds=args.compile_kinds, prefill_contexts=prefill,
                     prefill_repeats=args.prefill_repeats, profile_cells=profile_cells, profile_steps=args.profile_steps,
                     profile_path=args.profile_path, compile_mode=args.compile_mode, compile_cache=args.compile_cache,
                     compile_backend=args.compile_backend, decode_linears=args.decode_linears,
@@ -934,6 +948,38 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     swa_decode_attention=args.swa_decode_attention, mla_decode_kernel=args.mla_decode_kernel,
                     max_batch=not args.no_max_batch, verify=not args.no_verify,
                     memory_budget_gib=args.memory_budget_gib, rounds=args.rounds)
+
+
+def default_compile_cells(contexts: list[int], batches: list[int], path: str) -> list[str]:
+    """One compiled cell: the smallest batch at the largest context <= 8192 (else the smallest context); none
+    when every cell already runs compiled (--path compile)."""
+    if path == "compile":
+        return []
+    context = max((c for c in contexts if c <= 8192), default=min(contexts))
+    return [f"{min(batches)}x{context}"]
+
+
+def default_prefill_contexts(contexts: list[int]) -> list[int]:
+    """The grid's long contexts (>= 8192), or its largest when it has none."""
+    return sorted(c for c in set(contexts) if c >= 8192) or [max(contexts)]
+
+
+def _target_overrides(kind: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """(target config name, Hydra overrides) for `kind`: unprefixed overrides apply to every converted model,
+    KIND:OVERRIDE to that one; a `target=NAME` entry picks the config group entry instead of the kind's own."""
+    target, mine = kind, []
+    for entry in overrides:
+        prefix, sep, override = entry.partition(":")
+        if sep and prefix in KINDS and "=" not in prefix:
+            if prefix != kind:
+                continue
+        else:
+            override = entry
+        if override.startswith("target="):
+            target = override.split("=", 1)[1]
+        else:
+            mine.append(override)
+    return target, mine
 
 
 def _cells(option: str, entries: list[str], with_kind: bool = False) -> list[list]:

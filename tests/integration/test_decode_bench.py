@@ -105,6 +105,31 @@ def test_compile_cells_take_an_optional_model():
             _cells("compile-cells", [bad], with_kind=with_kind)
 
 
+def test_grid_defaults_follow_the_contexts_and_targets_are_checked_before_any_process(capsys):
+    """Without --compile-cells / --prefill-contexts the compiled cell and the prefill lengths come from --contexts
+    (a tiny grid does not compile an 8K cache or prefill 32K); a target that does not fit the teacher is one line
+    before a process starts, and a target=NAME override goes to the model it is prefixed with only."""
+    from ascend_edit.tasks.bench_decode import main, parse_args, settings_from_args
+
+    tiny = ["--model", "qwen3_tiny", "--device", "cpu", "--contexts", "64", "128", "--batches", "2", "4"]
+    settings = settings_from_args(parse_args([*tiny, "--target-override", *TINY_TARGETS]))
+    assert settings.compile_cells == [[2, 128]] and settings.prefill_contexts == [128]
+    default = parse_args([])
+    assert settings_from_args(default).compile_cells == [[1, 8192]]  # the documented default grid keeps its cells
+    assert settings_from_args(default).prefill_contexts == [8192, 32768]
+    assert settings_from_args(parse_args([*tiny, "--path", "compile", "--target-override", *TINY_TARGETS])
+                              ).compile_cells == []  # every cell is compiled already
+    with pytest.raises(SystemExit) as refused:
+        main([*tiny, "--out", "unused"])  # the default MLA target has DeepSeek shapes (rope 64 > head_dim 16)
+    assert str(refused.value).startswith("bench_decode: error: target.mla.qk_rope_head_dim=64 exceeds")
+    with pytest.raises(SystemExit, match="sets the gate_swa model's target.kind to mla"):
+        main([*tiny, "--out", "unused", "--target-override", *TINY_TARGETS, "target=mla_small"])
+    picked = settings_from_args(parse_args([*tiny, "--target-override", *TINY_TARGETS, "mla:target=mla_small",
+                                            "gate_swa:target.gate_swa.window=8"]))
+    assert picked.targets["mla"]["mla"]["latent_norm"] is False  # mla_small's, not mla's
+    assert picked.targets["gate_swa"]["gate_swa"]["window"] == 8
+
+
 def test_floors_are_restated_against_the_higher_bandwidth():
     from ascend_edit.tasks.bench_decode import restate_floors
 
