@@ -10,7 +10,7 @@ from the config (which knows nothing of converted layers), installed by `sink_wi
 * `SinkWindowLayer` (dynamic caches): keeps the first `sink_tokens` positions plus the last
   `window - 1` tokens (all a later query can see) and drops the rest.
 * `StaticSinkWindowLayer` (static caches, `generate(..., cache_implementation="static")`): a
-  preallocated ring of `sink_tokens + window + 1` slots written in place, with each slot's position
+  preallocated ring of `sink_tokens + window + 1` slots (fewer for a shorter cache) written in place, with each slot's position
   kept in a tensor, so a decode step has fixed shapes, no host synchronisation and can be captured
   by `torch.compile` / CUDA graphs.
 
@@ -182,7 +182,11 @@ class StaticSinkWindowLayer(StaticLayer):
         super().__init__(max_cache_len=max_cache_len)
         self.window = window
         self.sink_tokens = sink_tokens
-        self.num_slots = sink_tokens + window + 1
+        # Window slots: `window`, or fewer when the whole cache is shorter — a static cache never holds more than
+        # max_cache_len tokens, so a ring of sinks + (max_cache_len - sinks) window slots never overwrites a token
+        # a query can still see, and the "bounded" layer is never larger than the full layer it replaces.
+        self.slot_window = max(1, min(window, max_cache_len - sink_tokens))
+        self.num_slots = sink_tokens + self.slot_window + 1
         self.positions: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None  # [b]: 0..b-1, allocated with the ring
         self.holds_tokens = False  # Python-side: a prefill into an empty ring need not attend over it
@@ -222,15 +226,16 @@ class StaticSinkWindowLayer(StaticLayer):
         if s == 1:
             # Decode: a sink skips its window slot, whose old token is `window` steps back and never a sink
             # itself (sinks never enter window slots): invisible either way.
-            slot = torch.where(is_sink, positions, self.sink_tokens + stream % self.window)  # [b, 1]
+            slot = torch.where(is_sink, positions, self.sink_tokens + stream % self.slot_window)  # [b, 1]
             slot_positions = torch.where(real, positions, -1)
             assert self.positions is not None  # the ring is initialized before planning
             written = torch.arange(self.num_slots, device=self.device) == slot  # [b, slots], one True per row
             after = torch.where(written, slot_positions, self.positions)
             return RingWrite(slot, slot_positions, positions_after=after)
-        # Window slots: only the last `window` new tokens can still be seen by a later query.
-        tail = slice(max(s - self.window, 0), s)
-        slots = self.sink_tokens + stream[tail] % self.window
+        # Window slots: only the last `window` new tokens can still be seen by a later query (with fewer slots,
+        # what the tail leaves out lies among the first `sinks` tokens of the stream: padding or sinks).
+        tail = slice(max(s - self.slot_window, 0), s)
+        slots = self.sink_tokens + stream[tail] % self.slot_window
         window_pos = torch.where(real & ~is_sink, positions, -1)[:, tail]
         if not self.sink_tokens:
             return RingWrite(slots, window_pos, tail)
@@ -324,9 +329,9 @@ class StaticSinkWindowLayer(StaticLayer):
         """Benchmarks: make the ring describe a prompt of `length` tokens (positions 0..length-1) without
         running it; the stored states are left as they are. Needs an initialized layer."""
         assert self.positions is not None, "assume_filled needs an initialized layer"
-        stream = torch.arange(max(length - self.window, 0), length, device=self.device)
+        stream = torch.arange(max(length - self.slot_window, 0), length, device=self.device)
         self.positions.fill_(-1)
-        slots = self.sink_tokens + stream % self.window
+        slots = self.sink_tokens + stream % self.slot_window
         self.positions[:, slots] = torch.where(stream < self.sink_tokens, -1, stream)
         sinks = min(self.sink_tokens, length)
         self.positions[:, :sinks] = torch.arange(sinks, device=self.device)

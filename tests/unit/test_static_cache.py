@@ -7,6 +7,7 @@ break or host synchronisation in the decode step fails it.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -64,6 +65,24 @@ def test_static_generate_equals_dynamic_generate(target):
     assert len(rings) == (0 if target == "mla" else sum(1 for e in model.edit_plan if e.kind == "swa"))
     for ring in rings:
         assert ring.keys.shape[-2] == ring.sink_tokens + WINDOW + 1  # bounded, whatever the context
+
+
+@pytest.mark.parametrize("target", ["gate_swa", "gate_swa_no_sinks"])
+def test_a_cache_shorter_than_the_window_gets_a_ring_no_larger_than_a_full_layer(target):
+    """A wide window in a short static cache: the ring holds max_cache_len + 1 slots, not sinks + window + 1
+    (it would be larger than the full layer it replaces), and generates exactly what a dynamic cache does."""
+    wide = dataclasses.replace(TARGETS[target], gate_swa=dataclasses.replace(TARGETS[target].gate_swa, window=64))
+    model = converted_tiny(wide)
+    ids, mask = padded_prompts()
+    with torch.no_grad():
+        want = dynamic_generate(model, ids, mask)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want)
+    rings = [layer for layer in got.past_key_values.layers if isinstance(layer, StaticSinkWindowLayer)]
+    assert rings
+    for ring in rings:  # a full layer of this cache holds max_cache_len slots
+        assert ring.keys.shape[-2] == ring.max_cache_len + 1 and ring.max_cache_len <= ids.shape[1] + NEW_TOKENS < 64
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
