@@ -156,10 +156,14 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
     at that world size, so bad input is reported once rather than by every rank.
     Returns the error line, or None when the composition is fine (or not checked).
     """
-    if any(token in _HYDRA_MODES or token in _EXTRA_CONFIG_FLAGS for token in argv):
+    if any(token in _EXTRA_CONFIG_FLAGS for token in argv):
         return None  # (composing here knows only the packaged configs; the job itself checks the rest)
+    if any(token in ("-m", "--multirun") for token in argv) and not any(
+            token in _HYDRA_MODES - {"-m", "--multirun"} for token in argv):
+        return _sweep_problem([t for t in argv if t not in ("-m", "--multirun")])
+    if any(token in _HYDRA_MODES for token in argv):
+        return None
     from hydra import compose, initialize_config_module
-    from omegaconf.errors import OmegaConfBaseException
 
     # a resumed run's directory (hydra.run.dir): output_dir as the job will see it, for the resume check below
     run_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.run.dir=") and "${" not in t]
@@ -179,20 +183,8 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
             from ascend_edit.validation import check_resume_config
 
             check_resume_config(typed, Path(resumed).expanduser())
-    except ConfigError as err:
-        return str(err)
-    except Exception as err:  # Hydra's composition errors wrap OmegaConf's, which name the key
-        cause: BaseException = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        message = str(cause).splitlines()[0] if str(cause) else str(err).splitlines()[0]
-        lines = [line.strip() for line in str(err).splitlines()]
-        if "Could not find" in message and "Available options" in str(err):  # list the valid options
-            start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
-            end = next((i for i, line in enumerate(lines) if i > start and line.startswith("Config search")), None)
-            message += "; " + " ".join(lines[start:end])
-        key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
-        return f"{message} ({key})" if key and key not in message else message
+    except Exception as err:
+        return _composition_error_line(err)
     if world_size is not None:
         from ascend_edit.validation import check_before_load
 
@@ -203,6 +195,108 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
                 raise
             return user_error_line(err)
     return _run_dir_problem(argv)
+
+
+def _composition_error_line(err: BaseException) -> str:
+    """One line for a config that does not compose or validate: Hydra's composition errors wrap OmegaConf's,
+    which name the key; an unknown group option lists the valid ones."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, user_error_types()) and not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return user_error_line(err)
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    message = str(cause).splitlines()[0] if str(cause) else str(err).splitlines()[0]
+    lines = [line.strip() for line in str(err).splitlines()]
+    if "Could not find" in message and "Available options" in str(err):  # list the valid options
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        end = next((i for i, line in enumerate(lines) if i > start and line.startswith("Config search")), None)
+        message += "; " + " ".join(lines[start:end])
+    key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
+    return f"{message} ({key})" if key and key not in message else message
+
+
+MAX_CHECKED_SWEEP_POINTS = 512  # beyond this a grid is checked job by job, as each starts
+
+
+def sweep_points(argv: list[str]) -> list[list[str]] | None:
+    """The overrides of every job Hydra's basic sweeper would run for `argv` (without -m): the grid of the
+    experiment's `hydra.sweeper.params`, replaced key by key by the command line's sweeps, in the sweeper's order.
+    None when another sweeper runs the sweep or the grid cannot be read here (the jobs then check themselves)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        given = parser.parse_overrides([t for t in argv if not t.lstrip("+~").startswith("hydra.")])
+        fixed = [str(o.input_line) for o in given if not o.is_sweep_override()]
+        with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+            hydra_cfg = compose(config_name="config", overrides=[*fixed, "output_dir=."], return_hydra_config=True).hydra
+        if not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return None
+        params = hydra_cfg.sweeper.get("params") or {}
+        grid: dict[str, list[str]] = {}
+        for override in [*parser.parse_overrides([f"{k}={v}" for k, v in params.items()]), *given]:
+            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+            grid.pop(override.get_key_element(), None)  # the command line replaces the grid's key, in its place
+            grid[override.get_key_element()] = values
+    except Exception:  # a malformed sweep: Hydra's own error, from the multirun itself
+        return None
+    points: list[list[str]] = [[]]
+    for key, values in grid.items():
+        points = [[*point, f"{key}={value}"] for point in points for value in values]
+    return points
+
+
+def _sweep_problem(argv: list[str]) -> str | None:
+    """A multirun's every job, composed and checked (without weights) before the first starts: a bad point of
+    the grid is one line now, not a traceback hours into the sweep. Names the point."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    points = sweep_points(argv)
+    if points is None:
+        return None
+    if len(points) > MAX_CHECKED_SWEEP_POINTS:
+        log.info("sweep of %d jobs: the first %d are checked now, the rest as each starts", len(points),
+                 MAX_CHECKED_SWEEP_POINTS)
+    bad_input: tuple[type[BaseException], ...] = (HydraException, OmegaConfBaseException, *user_error_types())
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    logging.disable(logging.WARNING)  # each job warns again when it runs; a grid's worth of them here is noise
+    try:
+        return _first_bad_point(points, bad_input, world_size)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseException], ...],
+                     world_size: int) -> str | None:
+    from hydra import compose, initialize_config_module
+
+    from ascend_edit.validation import check_before_load
+
+    teacher_configs: dict = {}
+    for number, point in enumerate(points[:MAX_CHECKED_SWEEP_POINTS]):
+        experiments = [o.partition("=")[2] for o in point if o.lstrip("+").startswith("experiment=")]
+        problem = experiment_problem(experiments[-1]) if experiments else None
+        try:
+            if problem is None:
+                with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+                    typed = to_typed(compose(config_name="config", overrides=[*point, "output_dir=."]))
+                check_before_load(typed, world_size=world_size, teacher_configs=teacher_configs)
+        except bad_input as err:
+            if debugging():
+                raise
+            problem = _composition_error_line(err)
+        if problem:
+            swept = " ".join(o for o in point if sum(o in other for other in points) < len(points))
+            return f"sweep job {number} of {len(points)} ({swept or 'every job'}): {problem}"
+    return None
 
 
 # Written into every task's output directory when the task starts: the directory holds a run, and a later run may

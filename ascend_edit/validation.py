@@ -195,8 +195,9 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
             log.warning("%s", problem)
 
 
-def check_before_load(cfg: RootConfig, world_size: int = 1) -> None:
-    """Everything a task can know to be wrong before it loads the teacher's weights."""
+def check_before_load(cfg: RootConfig, world_size: int = 1, teacher_configs: dict | None = None) -> None:
+    """Everything a task can know to be wrong before it loads the teacher's weights. `teacher_configs`: a cache
+    of teacher configs by model config (a sweep checks many points of one teacher)."""
     if cfg.task not in TRAINING_TASKS + SHAPE_TASKS:
         return
     from ascend_edit.models.loading import teacher_config
@@ -204,4 +205,9 @@ def check_before_load(cfg: RootConfig, world_size: int = 1) -> None:
     check_attn_implementation(cfg.model.attn_implementation, cfg.target.kind)
     if cfg.task in TRAINING_TASKS:
         check_run_inputs(cfg, world_size)
-    check_against_teacher(cfg, teacher_config(cfg.model, weights=cfg.task not in SHAPE_TASKS))
+    weights = cfg.task not in SHAPE_TASKS
+    cache = {} if teacher_configs is None else teacher_configs
+    key = (repr(cfg.model), weights)
+    if key not in cache:
+        cache[key] = teacher_config(cfg.model, weights=weights)
+    check_against_teacher(cfg, cache[key])

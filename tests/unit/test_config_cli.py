@@ -161,6 +161,34 @@ def test_multirun_sweeps_targets(tmp_path):
     assert out.stdout.count("Layer plan") == 2
 
 
+def test_a_bad_sweep_point_is_refused_before_the_first_job(tmp_path):
+    """Every job of a multirun is composed and checked before the first starts: a bad point is one line naming
+    it, and no job ran (a grid's last point used to fail only when its turn came, hours in)."""
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "inspect", "model=qwen3_tiny", "target=gate_swa", "target.gate_swa.window=16,32,0",
+               f"hydra.sweep.dir={sweep}")
+    err = _one_line_error(proc)
+    assert err.startswith("ascend-edit: error: sweep job 2 of 3 (target.gate_swa.window=0): target.gate_swa.window=0")
+    assert "Layer plan" not in proc.stdout and not sweep.exists()
+    proc = cli("-m", "inspect", "model=qwen3_tiny", "target=mla_small", "target.mla.qk_nope_head_dim=8",
+               "target.mla.kv_lora_rank=128", "target.mla.qk_rope_head_dim=8,64",  # (the first warns when it runs)
+               f"hydra.sweep.dir={sweep}")  # a check against the teacher
+    assert "sweep job 1 of 2 (target.mla.qk_rope_head_dim=64): target.mla.qk_rope_head_dim=64 exceeds the " \
+        "teacher's head_dim=16" in _one_line_error(proc)
+
+
+def test_sweep_points_follow_the_experiments_grid_replaced_key_by_key():
+    from ascend_edit.cli import sweep_points
+
+    ranks = [p for p in sweep_points(["experiment=sweep_mla_rank"]) or []]
+    assert ranks == [["experiment=sweep_mla_rank", f"target.mla.kv_lora_rank={r}"] for r in (32, 64, 128, 256)] or \
+        ranks == [[f"target.mla.kv_lora_rank={r}", "experiment=sweep_mla_rank"] for r in (32, 64, 128, 256)]
+    points = sweep_points(["experiment=sweep_gate_swa", "target.gate_swa.window=8,16", "device.seed=3"]) or []
+    assert len(points) == 2 * 3 and all("device.seed=3" in p for p in points)
+    assert {o for p in points for o in p if o.startswith("target.gate_swa.window=")} == {
+        "target.gate_swa.window=8", "target.gate_swa.window=16"}
+
+
 def test_ranks_share_one_run_dir_under_a_launcher():
     from ascend_edit.cli import shared_run_dir_override
 
