@@ -51,9 +51,8 @@ def dynamic_generate(model, ids, mask):
     return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_static_generate_equals_dynamic_generate(target):
-    model = converted(target)
+def static_rings_generating_as_dynamic(model) -> list[StaticSinkWindowLayer]:
+    """Greedy `generate` with a static cache equals the dynamic cache's; the static cache's rings."""
     ids, mask = padded_prompts()
     with torch.no_grad():
         want = dynamic_generate(model, ids, mask)
@@ -61,7 +60,13 @@ def test_static_generate_equals_dynamic_generate(target):
                              cache_implementation="static", return_dict_in_generate=True)
     assert want.shape[1] == ids.shape[1] + NEW_TOKENS
     assert torch.equal(got.sequences, want)
-    rings = [layer for layer in got.past_key_values.layers if isinstance(layer, StaticSinkWindowLayer)]
+    return [layer for layer in got.past_key_values.layers if isinstance(layer, StaticSinkWindowLayer)]
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_static_generate_equals_dynamic_generate(target):
+    model = converted(target)
+    rings = static_rings_generating_as_dynamic(model)
     assert len(rings) == (0 if target == "mla" else sum(1 for e in model.edit_plan if e.kind == "swa"))
     for ring in rings:
         assert ring.keys.shape[-2] == ring.sink_tokens + WINDOW + 1  # bounded, whatever the context
@@ -72,14 +77,8 @@ def test_a_cache_shorter_than_the_window_gets_a_ring_no_larger_than_a_full_layer
     """A wide window in a short static cache: the ring holds max_cache_len + 1 slots, not sinks + window + 1
     (it would be larger than the full layer it replaces), and generates exactly what a dynamic cache does."""
     wide = dataclasses.replace(TARGETS[target], gate_swa=dataclasses.replace(TARGETS[target].gate_swa, window=64))
-    model = converted_tiny(wide)
-    ids, mask = padded_prompts()
-    with torch.no_grad():
-        want = dynamic_generate(model, ids, mask)
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                             cache_implementation="static", return_dict_in_generate=True)
-    assert torch.equal(got.sequences, want)
-    rings = [layer for layer in got.past_key_values.layers if isinstance(layer, StaticSinkWindowLayer)]
+    ids, _ = padded_prompts()
+    rings = static_rings_generating_as_dynamic(converted_tiny(wide))
     assert rings
     for ring in rings:  # a full layer of this cache holds max_cache_len slots
         assert ring.keys.shape[-2] == ring.max_cache_len + 1 and ring.max_cache_len <= ids.shape[1] + NEW_TOKENS < 64

@@ -144,7 +144,8 @@ def test_checks_against_the_teacher_config():
 
 
 def test_larger_mla_cache_only_warns_for_inspect(caplog):
-    cfg = compose_typed(["task=inspect", "model=qwen3_tiny", "target.mla.kv_lora_rank=512"])
+    cfg = compose_typed(["task=inspect", "model=qwen3_tiny", "target.mla.kv_lora_rank=512",
+                         "target.mla.qk_rope_head_dim=8"])  # (a rope key wider than head_dim 16 is refused)
     check_against_teacher(cfg, tiny_qwen3())  # inspect shows the numbers; it trains nothing
     assert "larger than the teacher's" in caplog.text
 
