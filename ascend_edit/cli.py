@@ -179,10 +179,8 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
     try:
         with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
             typed = to_typed(compose(config_name="config", overrides=overrides))
-        if resumed:  # before Hydra rewrites the run's .hydra/config.yaml, and before hours of loading
-            from ascend_edit.validation import check_resume_config
-
-            check_resume_config(typed, Path(resumed).expanduser())
+        if run_dirs and "${" not in run_dirs[-1]:  # before Hydra rewrites the run's .hydra/config.yaml
+            check_reused_run_directory(typed, Path(run_dirs[-1]).expanduser(), f"hydra.run.dir={run_dirs[-1]}")
     except Exception as err:
         return _composition_error_line(err)
     if world_size is not None:
@@ -195,6 +193,28 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
                 raise
             return user_error_line(err)
     return _run_dir_problem(argv)
+
+
+def check_reused_run_directory(cfg, run_dir: Path, where: str) -> None:
+    """A job in a directory that already holds a run: Hydra rewrites its `.hydra/` (the config that export, eval
+    and resume read back) before the task starts, so only the same task may run there — a resume checked against
+    its checkpoints now, before hours of loading — never another task over it."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    try:
+        task = OmegaConf.select(OmegaConf.load(saved), "task", default=None)
+    except Exception:  # an unreadable saved config: nothing to protect that a later read could use
+        return
+    if task is not None and task != cfg.task:
+        raise ConfigError(f"{where} holds a task={task} run: this task={cfg.task} job would overwrite that run's "
+                          f"saved config (.hydra/); give this job its own directory")
+    if (run_dir / "checkpoints").is_dir():
+        from ascend_edit.validation import check_resume_config
+
+        check_resume_config(cfg, run_dir)
 
 
 def _composition_error_line(err: BaseException) -> str:
@@ -267,15 +287,19 @@ def _sweep_problem(argv: list[str]) -> str | None:
                  MAX_CHECKED_SWEEP_POINTS)
     bad_input: tuple[type[BaseException], ...] = (HydraException, OmegaConfBaseException, *user_error_types())
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # an explicit sweep directory with Hydra's job subdirectories: jobs of an earlier sweep may already be there
+    sweep_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.dir=") and "${" not in t]
+    reused = Path(sweep_dirs[-1]).expanduser() if sweep_dirs and not any(
+        t.startswith("hydra.sweep.subdir=") for t in argv) else None
     logging.disable(logging.WARNING)  # each job warns again when it runs; a grid's worth of them here is noise
     try:
-        return _first_bad_point(points, bad_input, world_size)
+        return _first_bad_point(points, bad_input, world_size, reused)
     finally:
         logging.disable(logging.NOTSET)
 
 
 def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseException], ...],
-                     world_size: int) -> str | None:
+                     world_size: int, sweep_dir: Path | None) -> str | None:
     from hydra import compose, initialize_config_module
 
     from ascend_edit.validation import check_before_load
@@ -286,9 +310,12 @@ def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseExceptio
         problem = experiment_problem(experiments[-1]) if experiments else None
         try:
             if problem is None:
+                job_dir = sweep_dir / str(number) if sweep_dir is not None else None
                 with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
-                    typed = to_typed(compose(config_name="config", overrides=[*point, "output_dir=."]))
+                    typed = to_typed(compose(config_name="config", overrides=[*point, f"output_dir={job_dir or '.'}"]))
                 check_before_load(typed, world_size=world_size, teacher_configs=teacher_configs)
+                if job_dir is not None:  # Hydra rewrites the job's .hydra/ before the job checks anything
+                    check_reused_run_directory(typed, job_dir, f"its directory {job_dir}")
         except bad_input as err:
             if debugging():
                 raise

@@ -67,6 +67,11 @@ def rebuild_from_engine_checkpoint(checkpoint: Path):
         raise ValueError(f"{checkpoint}: weights {unknown[:4]} do not exist in the model its run config builds")
     if not any(".self_attn.target." in name for name in trained):
         raise ValueError(f"{checkpoint}: holds no target weights")
+    mismatched = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in trained.items()
+                  if value.shape != own[name].shape]
+    if mismatched:
+        raise ValueError(f"{checkpoint}: weight shapes differ from the model its run's saved config builds "
+                         f"({', '.join(mismatched[:3])}): was {run_dir / '.hydra' / 'config.yaml'} changed?")
     with torch.no_grad():
         for name, value in trained.items():
             own[name].copy_(value)

@@ -177,6 +177,26 @@ def test_a_bad_sweep_point_is_refused_before_the_first_job(tmp_path):
         "teacher's head_dim=16" in _one_line_error(proc)
 
 
+def test_a_job_never_runs_over_another_tasks_run_directory(tmp_path):
+    """Hydra rewrites a run directory's .hydra/ (what export, eval and resume read back) before any task starts:
+    another task given that directory is refused first, and the run's saved config is left as it was — for a
+    single job and for the jobs of a sweep directory that already holds a sweep."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    saved = "task: convert\nmodel: {source: config, arch: qwen3}\n"
+    (run / ".hydra" / "config.yaml").write_text(saved)
+    err = _one_line_error(cli("inspect", "model=qwen3_tiny", "target=gate_swa", f"hydra.run.dir={run}"))
+    assert f"hydra.run.dir={run} holds a task=convert run: this task=inspect job would overwrite" in err
+    sweep = tmp_path / "sweep"
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / ".hydra" / "config.yaml").write_text(saved)
+    err = _one_line_error(cli("-m", "inspect", "model=qwen3_tiny", "target=gate_swa", "target.gate_swa.window=16,32",
+                              f"hydra.sweep.dir={sweep}"))
+    assert f"sweep job 1 of 2 (target.gate_swa.window=32): its directory {sweep / '1'} holds a task=convert run" in err
+    assert (run / ".hydra" / "config.yaml").read_text() == saved == (sweep / "1" / ".hydra" / "config.yaml").read_text()
+    assert not (sweep / "0").exists()  # no job ran
+
+
 def test_sweep_points_follow_the_experiments_grid_replaced_key_by_key():
     from ascend_edit.cli import sweep_points
 

@@ -164,3 +164,29 @@ def test_init_from_takes_a_saved_model_or_a_run_directory_holding_one(tmp_path):
         init_from_directory(str(tmp_path))
     with pytest.raises(ConfigError, match="is not a directory"):
         init_from_directory(str(tmp_path / "missing"))
+
+
+def test_a_stage_checkpoint_whose_run_config_changed_is_refused_in_one_line(tmp_path):
+    """A stage checkpoint is rebuilt from its run's saved config: when that config no longer builds the shapes the
+    checkpoint holds (edited by hand, or by a tool), the export says so rather than failing inside a copy."""
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, write_manifest
+    from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
+
+    overrides = ["model=qwen3_tiny", "model.dtype=fp32", "target=mla_small", "target.init=random",
+                 "target.mla.kv_lora_rank=16", "target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8",
+                 "target.mla.v_head_dim=16", "output_dir=."]
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_typed(overrides))))
+    checkpoint = run / "checkpoints" / "step-model_level-1"
+    checkpoint.mkdir(parents=True)
+    name = "model.layers.0.self_attn.target.kv_a_proj_with_mqa.weight"
+    save_file({name: torch.zeros(8 + 32, 64)}, str(checkpoint / TRAINABLE_FILE))  # built for another rank
+    write_manifest(checkpoint)
+    with pytest.raises(ValueError, match=r"weight shapes differ from the model its run's saved config builds \("
+                                         + name.replace(".", r"\.")):
+        rebuild_from_engine_checkpoint(checkpoint)
