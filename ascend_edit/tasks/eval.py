@@ -12,6 +12,7 @@ module is gathered only for its own forward. Rank 0 writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -54,8 +55,14 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 
 
 def run_directory_of(path: Path) -> Path | None:
-    """The run directory PATH is or lies in (its `converted/` or `stage-layerwise/` model), or None."""
-    for candidate in (path, path.parent):
+    """The run directory PATH is, or holds as its `converted/` / `stage-layerwise/` model; None otherwise — an
+    export lying in an export job's directory (`<job>/hf`) is no model of that job's run."""
+    from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES
+
+    candidates = [path]
+    if path.name in RUN_CANDIDATES and (path / CONVERTED_MARKER).is_file():
+        candidates.append(path.parent)
+    for candidate in candidates:
         if (candidate / ".hydra" / "config.yaml").is_file():
             return candidate
     return None
@@ -73,8 +80,11 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     raw.pop("output_dir", None)
     raw.pop("eval", None)
     raw.pop("engine", None)  # this job's engine decides how it loads (ZeRO-3: partitioned), not the run's
+    run_seed = OmegaConf.select(raw, "device.seed", default=cfg.device.seed)  # the seed that split its data
+    raw.pop("device", None)  # where this job runs (device=cuda), not where the run trained
     merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw,
                              {"eval": OmegaConf.structured(cfg.eval), "engine": OmegaConf.structured(cfg.engine),
+                              "device": {**dataclasses.asdict(cfg.device), "seed": run_seed},
                               "output_dir": cfg.output_dir, "task": "eval"})
     assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
     return to_typed(merged)

@@ -44,11 +44,11 @@ def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path)
     # Outside its run directory the model is still scored on the run's own held-out text: its converted/ dir
     # through the run it lies in, an export through the data and seed the export recorded (not this command's
     # data=, which here names no data at all: the default Shakespeare).
-    checked(run_cli(tmp_path / "x", ["export", f"export.checkpoint={run_dir}", f"export.output={tmp_path / 'hf'}"]))
+    checked(run_cli(tmp_path / "x", ["export", f"export.checkpoint={run_dir}"]))  # into the export job's x/hf
     teacher_only = [o for o in tiny_convert_overrides(trained_teacher) if o.split("=")[0].split(".")[0]
                     in ("model", "device")]
     for name, checkpoint, extra in (("converted", run_dir / "converted", []),
-                                    ("export", tmp_path / "hf", ["eval.trust_remote_code=true"])):  # auto_map
+                                    ("export", tmp_path / "x" / "hf", ["eval.trust_remote_code=true"])):  # auto_map
         out = tmp_path / f"eval-{name}"
         proc = checked(run_cli(out, ["eval", f"eval.checkpoint={checkpoint}", *teacher_only, *SMALL_EVAL[:2],
                                      *extra]))
@@ -57,6 +57,21 @@ def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path)
         for context, metrics in results["quality"]["in_domain"].items():
             assert outside["quality"]["in_domain"][context]["student"]["ppl"] == pytest.approx(
                 metrics["student"]["ppl"], rel=1e-4), (name, context)
+
+
+def test_eval_of_a_run_directory_runs_where_this_command_says(tmp_path, trained_teacher):
+    """The run's saved config gives eval its teacher, data and seed, not its device: device= of this command holds
+    (on a machine without CUDA, device=cuda is refused in one line rather than silently run on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    run_dir = tmp_path / "run"
+    checked(run_cli(run_dir, [*tiny_convert_overrides(trained_teacher), "distill.layerwise.steps=1",
+                              "distill.model_level.steps=1", "distill.layerwise.warmup_steps=0",
+                              "distill.model_level.warmup_steps=0", "eval.suite=false"]))
+    result = run_cli(tmp_path / "eval", ["eval", f"eval.checkpoint={run_dir}", "device=cuda"])
+    assert result.returncode == 2 and "device=cuda" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_eval_names_a_missing_checkpoint_in_one_line(tmp_path):
