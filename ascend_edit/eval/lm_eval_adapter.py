@@ -63,9 +63,11 @@ def build_cloze(documents: list[str], items: int = 200, context_sentences: int =
     return out
 
 
-def write_cloze(path: Path = CLOZE_DATA, items: int = 200, seed: int = 0) -> Path:
+def write_cloze(path: Path, items: int = 200, seed: int = 0, overwrite: bool = False) -> Path:
     from ascend_edit.data.heldout import python_docs_documents
 
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists: give another --output, or --overwrite to replace it")
     rows = build_cloze(python_docs_documents(), items=items, seed=seed)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -76,7 +78,17 @@ def evaluate_export(model_dir: Path, tasks: list[str] | None = None, limit: int 
                     trust_remote_code: bool = False) -> dict:
     """Run lm-eval tasks (default: the bundled cloze) on an exported checkpoint, no network; returns
     {task: {metric: value}}. An auto_map export loads only with `trust_remote_code` (it runs shipped code)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model_dir = Path(model_dir)
+    if (model_dir / "ascend_edit.json").is_file() or (model_dir / "converted").is_dir():
+        raise ValueError(f"{model_dir} is a converted model (or a run holding one), not an export: transformers would "
+                         "load the teacher's architecture over it; run `ascend-edit export export.checkpoint="
+                         f"{model_dir}` and evaluate its output")
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} holds no config.json: not an exported checkpoint (ascend-edit export writes one)")
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"{model_dir} holds no tokenizer (tokenizer.json / tokenizer_config.json): copy the "
+                         "teacher's tokenizer files in, or export a run whose teacher has one")
+    config = json.loads((model_dir / "config.json").read_text())
     if config.get("auto_map") and not trust_remote_code:
         raise ValueError(f"{model_dir} is an auto_map export: it runs the modeling code it ships; pass "
                          "--trust-remote-code if you trust that code")
@@ -99,7 +111,10 @@ def evaluate_export(model_dir: Path, tasks: list[str] | None = None, limit: int 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="lm-eval on an exported model with the bundled local tasks")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="regenerate the bundled cloze data")
+    build = sub.add_parser("build", help="write cloze data (the bundled task's file is CLOZE_DATA: give it as "
+                                         "--output with --overwrite to regenerate it)")
+    build.add_argument("--output", type=Path, required=True)
+    build.add_argument("--overwrite", action="store_true")
     build.add_argument("--items", type=int, default=200)
     build.add_argument("--seed", type=int, default=0)
     run = sub.add_parser("run", help="evaluate an exported checkpoint")
@@ -111,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow an auto_map export to run the modeling code it ships")
     args = parser.parse_args(argv)
-    if args.command == "build":
-        print(f"wrote {write_cloze(items=args.items, seed=args.seed)}")
-        return
     try:
+        if args.command == "build":
+            print(f"wrote {write_cloze(args.output, items=args.items, seed=args.seed, overwrite=args.overwrite)}")
+            return
         results = evaluate_export(args.model_dir, args.tasks, args.limit, args.batch_size, args.device,
                                   trust_remote_code=args.trust_remote_code)
     except (ValueError, OSError, ImportError) as err:

@@ -278,7 +278,34 @@ def test_lm_eval_adapter_runs_shipped_code_only_when_asked(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     (export / "config.json").write_text(json.dumps({**TINY_CONFIG, "auto_map": {"AutoModelForCausalLM": "m.M"}}))
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        evaluate_export(export)
+    (export / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="--trust-remote-code"):
         evaluate_export(export)
     with pytest.raises(SystemExit, match=r"lm_eval_adapter: error: .* is an auto_map export"):
         main(["run", str(export)])
+
+
+def test_lm_eval_adapter_refuses_what_is_not_an_export_and_never_overwrites_data(tmp_path):
+    """A converted/ directory holds the teacher's config.json beside the target weights: transformers would load the
+    teacher's architecture with random attention and score it; a run directory holds no config.json. `build` writes
+    only where it is told, and not over a file unless asked."""
+    from ascend_edit.eval.lm_eval_adapter import CLOZE_DATA, main
+
+    converted = tmp_path / "run" / "converted"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (converted / "ascend_edit.json").write_text("{}")
+    for where in (converted, converted.parent):
+        with pytest.raises(SystemExit, match="is a converted model .* not an export: .*ascend-edit export"):
+            main(["run", str(where)])
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        main(["run", str(tmp_path)])
+    with pytest.raises(SystemExit):  # --output is required: the bundled file is never the silent default
+        main(["build"])
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("keep\n")
+    with pytest.raises(SystemExit, match="exists: give another --output"):
+        main(["build", "--output", str(mine), "--items", "3"])
+    assert mine.read_text() == "keep\n" and CLOZE_DATA.is_file()
