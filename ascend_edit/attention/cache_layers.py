@@ -47,18 +47,23 @@ class SinkWindowLayer(DynamicLayer):
         self.sink_tokens = sink_tokens
         self.positions: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
+        self.real: torch.Tensor | None = None  # [b, kept]: False for padding
         self.cumulative_length = 0
 
     def update_window(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+        real: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append new states; return keys, values, positions and indices visible to this step's queries."""
+        """Append new states; return keys, values, positions and indices visible to this step's queries.
+        `real` [b, s]: False for padding (transformers gives left padding position 1, which is no sink)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.positions = positions.new_empty(positions.shape[0], 0)
             self.indices = positions.new_empty(0)
+            self.real = torch.ones_like(self.positions, dtype=torch.bool)
         assert self.keys is not None and self.values is not None  # allocated on the first update
-        assert self.positions is not None and self.indices is not None
+        assert self.positions is not None and self.indices is not None and self.real is not None
+        real = torch.ones_like(positions, dtype=torch.bool) if real is None else real.to(positions.device)
         new_len = key_states.shape[-2]
         new_indices = torch.arange(
             self.cumulative_length, self.cumulative_length + new_len, device=positions.device
@@ -68,13 +73,15 @@ class SinkWindowLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         all_positions = torch.cat([self.positions, positions.to(self.positions.dtype)], dim=-1)
         all_indices = torch.cat([self.indices, new_indices])
+        all_real = torch.cat([self.real, real.expand_as(positions)], dim=-1)
 
-        # Keep what a *future* query can still see: the last window-1 tokens and the sinks.
+        # Keep what a *future* query can still see: the last window-1 tokens and the sinks (real tokens only).
         recent = all_indices >= self.cumulative_length - (self.window - 1)
-        sink = (all_positions < self.sink_tokens).any(dim=0)
+        sink = ((all_positions < self.sink_tokens) & all_real).any(dim=0)
         keep = (recent | sink).nonzero().squeeze(-1)
         self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
         self.positions, self.indices = all_positions.index_select(-1, keep), all_indices.index_select(0, keep)
+        self.real = all_real.index_select(-1, keep)
         return keys, values, all_positions, all_indices
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -96,25 +103,27 @@ class SinkWindowLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.positions, self.indices, self.cumulative_length = None, None, 0
+        self.positions, self.indices, self.real, self.cumulative_length = None, None, None, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SinkWindowLayer cannot be cropped: evicted tokens are gone")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
+        if self.positions is not None and self.real is not None:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
+            self.real = self.real.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices, ...]
+        if self.positions is not None and self.real is not None:
+            self.positions, self.real = self.positions[indices, ...], self.real[indices, ...]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+        if self.positions is not None and self.real is not None:
+            rows = beam_idx.to(self.positions.device)
+            self.positions, self.real = self.positions.index_select(0, rows), self.real.index_select(0, rows)
 
 
 T = TypeVar("T")

@@ -44,6 +44,17 @@ KERNEL_MAX_GROUP = 16
 KERNEL_MAX_HEAD_DIM = 128
 
 
+def real_tokens(given: torch.Tensor | None, q_pos: torch.Tensor, past) -> torch.Tensor:
+    """[b, s]: False where a new token is padding — a token transformers' mask hides even from itself (its column
+    is its stream index, `past` + its index among the new ones)."""
+    b, s = q_pos.shape
+    if given is None:
+        return torch.ones_like(q_pos, dtype=torch.bool)
+    stream = past + torch.arange(s, device=q_pos.device)
+    columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
+    return given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
+
+
 class GateSWAAttention(nn.Module):
     def __init__(
         self,
@@ -135,7 +146,7 @@ class GateSWAAttention(nn.Module):
             layer = sink_window_layer(cache, self.layer_idx, self.window, self.sink_tokens)
             if isinstance(layer, StaticSinkWindowLayer):
                 return self._ring_attention(layer, q, k, v, q_pos, given, position_ids)
-            k, v, k_pos, k_index = layer.update_window(k, v, q_pos)
+            k, v, k_pos, k_index = layer.update_window(k, v, q_pos, real_tokens(given, q_pos, layer.cumulative_length))
             if q.device.type == "npu" and (given is None or (s == 1 and bool(given.all()))):
                 # Decode without padding: positions say everything, and the NPU kernel runs it through the
                 # fused inference op (kernels/npu/infer_attention.py).
@@ -190,13 +201,7 @@ class GateSWAAttention(nn.Module):
         positions with -1 for padding, key positions: the ring's then the new ones, or the new ones alone
         when the ring is empty)."""
         b, s = q_pos.shape
-        # Padding tokens are the ones transformers' mask hides even from themselves (column = stream index).
-        if given is None:
-            real = torch.ones_like(q_pos, dtype=torch.bool)
-        else:
-            stream = layer.cumulative_length + torch.arange(s, device=q_pos.device)
-            columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
-            real = given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
+        real = real_tokens(given, q_pos, layer.cumulative_length)
         write = layer.plan_write(q_pos, real)
         assert layer.positions is not None and layer.keys is not None  # the ring is initialized before planning
         if s == 1:

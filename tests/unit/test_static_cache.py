@@ -72,6 +72,23 @@ def test_static_generate_equals_dynamic_generate(target):
         assert ring.keys.shape[-2] == ring.sink_tokens + WINDOW + 1  # bounded, whatever the context
 
 
+def test_dynamic_sliding_layers_keep_no_padding_as_sinks():
+    """transformers gives left padding position 1: the dynamic sliding layer keeps only each row's real sinks and
+    the last window - 1 columns (it kept every padded column, as a 'sink', until generation ended)."""
+    from ascend_edit.attention.cache_layers import SinkWindowLayer
+
+    model = converted("gate_swa")
+    ids, mask = padded_prompts()  # rows padded by 0, 3 and 8: their sinks sit in columns {0, 1}, {3, 4}, {8, 9}
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    layers = [layer for layer in out.past_key_values.layers if isinstance(layer, SinkWindowLayer)]
+    assert layers
+    for layer in layers:
+        assert layer.keys.shape[-2] == 3 * SINKS + WINDOW - 1
+        assert sorted(layer.indices.tolist())[:3 * SINKS] == [0, 1, 3, 4, 8, 9]
+
+
 @pytest.mark.parametrize("target", ["gate_swa", "gate_swa_no_sinks"])
 def test_a_cache_shorter_than_the_window_gets_a_ring_no_larger_than_a_full_layer(target):
     """A wide window in a short static cache: the ring holds max_cache_len + 1 slots, not sinks + window + 1
