@@ -65,18 +65,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, help="where to write the comparison table (markdown)")
     args = parser.parse_args(argv)
     output = args.output or (args.runs[0] / "compare.md" if len(args.runs) == 1 else args.runs[0].parent / "compare.md")
-    # the default compare.md is this command's own file (also from versions that wrote no mark); an explicit
-    # --output must be new, a directory never
-    foreign = args.output is not None and output.is_file() and not output.read_text(errors="replace").startswith(
-        COMPARISON_MARK)
+    # compare.md (default or --output) is replaced only when this command wrote it (its first line is the mark);
+    # a directory never. Everything is checked before any run's report.md is rewritten.
+    foreign = output.is_file() and not output.read_text(errors="replace").startswith(COMPARISON_MARK)
+    problem = None
     if output.is_dir() or foreign:
         what = "a directory" if output.is_dir() else "a file this command did not write"
-        print(f"ascend-edit: error: --output {output} is {what}; give a new path (nothing was written)", file=sys.stderr)
+        problem = f"{output} is {what}; give a new path with --output"
+    elif not output.parent.is_dir():
+        problem = f"--output {output}: the directory {output.parent} does not exist"
+    for run_dir in args.runs:
+        if problem is None and not ((run_dir / "report.json").is_file() or (run_dir / "eval.json").is_file()):
+            problem = f"{run_dir} is not a run directory (no report.json or eval.json)"
+    if problem:
+        print(f"ascend-edit: error: {problem} (nothing was written)", file=sys.stderr)
         return 2
     for run_dir in args.runs:
-        if not ((run_dir / "report.json").is_file() or (run_dir / "eval.json").is_file()):
-            print(f"ascend-edit: error: {run_dir} is not a run directory (no report.json or eval.json)", file=sys.stderr)
-            return 2
         print(f"report: {write_report(run_dir)}")
     table = compare_runs(args.runs)
     print(table)

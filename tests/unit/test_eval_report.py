@@ -66,8 +66,10 @@ def test_report_command_compares_runs(tmp_path, capsys):
     assert table in out
     assert "in_domain@1024 ppl× (KL)" in table and "1.500 (0.050)" in table and "| 60.0 % |" in table
     assert main(["report", str(a), str(b)]) == 0  # its own comparison file is rewritten
-    (tmp_path / "compare.md").write_text("| a table an earlier version wrote |")
-    assert main(["report", str(a), str(b)]) == 0  # the default path is always this command's
+    (tmp_path / "compare.md").write_text("my own notes")  # a user's compare.md, where the default would go
+    assert main(["report", str(a), str(b)]) == 2
+    assert "a file this command did not write" in capsys.readouterr().err
+    assert (tmp_path / "compare.md").read_text() == "my own notes"
 
 
 def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
@@ -77,6 +79,12 @@ def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
     assert main(["report", str(run), "--output", str(notes)]) == 2
     assert "--output" in capsys.readouterr().err and notes.read_text() == "my notes"
     assert not (run / "report.md").exists()  # refused before anything was written
+
+
+def test_report_to_a_missing_directory_is_one_line_before_any_report_is_rewritten(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", 1.05)
+    assert main(["report", str(run), "--output", str(tmp_path / "nope" / "x.md")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (run / "report.md").exists()
 
 
 def test_report_command_refuses_a_directory_that_is_no_run(tmp_path, capsys):
