@@ -459,16 +459,21 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
 
     The checkpoint is written to a sibling temporary directory, loaded back and checked (`verify`), and
     only then moved to `directory`. A non-empty `directory` is refused unless `overwrite`; then it is
-    renamed aside, the new one renamed in, and the old one removed. `provenance` (the source run's data and
+    renamed aside, the new one renamed in, and the old one removed — only when it holds an earlier checkpoint
+    (config.json), never a directory of other files. `provenance` (the source run's data and
     seed) is written as PROVENANCE_FILE, so that `ascend-edit eval` on the export scores the same in-domain text. The model's parameters are cast to
     `dtype` (default: their own) in place first, so that it is exactly what the checkpoint holds, and its
     rotary buffers are recomputed in fp32, as `from_pretrained` computes them. A NaN/inf weight is refused
     before anything is written.
     """
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise ExportError(f"export.output={directory} exists and is not empty: choose a new directory, or set "
-                          "export.overwrite=true to replace it")
+    directory = Path(directory).expanduser().resolve()  # ("." has no name to put a sibling beside)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        if not overwrite:
+            raise ExportError(f"export.output={directory} exists and is not empty: choose a new directory, or set "
+                              "export.overwrite=true to replace it")
+        if not (directory / "config.json").is_file():  # overwrite replaces an earlier export, nothing else
+            raise ExportError(f"export.output={directory} holds files but no checkpoint (no config.json): "
+                              "export.overwrite=true replaces an earlier export only; choose a new directory")
     spec = conversion_spec(model)
     dtype = dtype or next(model.parameters()).dtype
     cast_parameters(model, dtype)

@@ -114,10 +114,15 @@ def load_source(source: ExportSource, dtype: torch.dtype | None):
     return model.to(dtype), tokenizer, dtype
 
 
-def check_output(output: Path, protected: list[Path], overwrite: bool) -> None:
-    """Refuse an output that is, holds or lies inside a source directory (even with overwrite), and a
-    non-empty one without overwrite. Checked before anything is loaded."""
+def check_output(output: Path, protected: list[Path], overwrite: bool, own_dir: Path | None = None) -> None:
+    """Refuse an output that is, holds or lies inside a source directory (even with overwrite), that is or holds
+    this job's own directory (`own_dir`: its log and config), a non-empty one without overwrite, and with
+    overwrite one that holds no earlier checkpoint (config.json): overwrite replaces an export, never a
+    directory of other files. Checked before anything is loaded."""
     out = output.expanduser().resolve()
+    if own_dir is not None and own_dir.expanduser().resolve().is_relative_to(out):
+        raise ValueError(f"export.output={output} is or holds this export job's own directory ({own_dir}): choose "
+                         "a directory of its own")
     for path in protected:
         src = path.expanduser().resolve()
         if out == src or src.is_relative_to(out):
@@ -131,6 +136,9 @@ def check_output(output: Path, protected: list[Path], overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"export.output={output} exists and is not empty: choose a new directory, or set "
                          "export.overwrite=true to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"export.output={output} holds files but no checkpoint (no config.json): "
+                         "export.overwrite=true replaces an earlier export only; choose a new directory")
 
 
 def load_source_partitioned(source: ExportSource, dtype: torch.dtype | None,
@@ -164,8 +172,8 @@ def run(cfg: RootConfig) -> dict:
 
     source = resolve_source(cfg.export.checkpoint)
     assert cfg.export.checkpoint is not None  # resolve_source refuses a missing one
-    output = Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf"
-    check_output(output, [Path(cfg.export.checkpoint), source.path], cfg.export.overwrite)
+    output = (Path(cfg.export.output) if cfg.export.output else Path(cfg.output_dir) / "hf").expanduser().resolve()
+    check_output(output, [Path(cfg.export.checkpoint), source.path], cfg.export.overwrite, Path(cfg.output_dir))
     requested = None if cfg.export.dtype == "auto" else TORCH_DTYPES[cfg.export.dtype]
     env = distributed.discover()
     partitioned = partitioned_load_config(cfg.engine, torch.float32) is not None

@@ -94,9 +94,31 @@ def test_export_onto_a_non_empty_dir_leaves_every_file_in_place(tmp_path):
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
 
-    result = export_converted(converted(), out, overwrite=True)  # asked for: replaced as a whole
-    assert result.format == "deepseek_v3" and not (out / "keep.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(ExportError, match="holds files but no checkpoint .* replaces an earlier export only"):
+        export_converted(converted(), out, overwrite=True)  # a directory of other files: never deleted
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    earlier = tmp_path / "earlier"
+    export_converted(converted(), earlier)
+    result = export_converted(converted(), earlier, overwrite=True)  # an earlier export: replaced as a whole
+    assert result.format == "deepseek_v3" and (earlier / "config.json").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_export_never_replaces_its_own_job_directory(tmp_path, monkeypatch):
+    """export.output=. from inside the job's own run tree (or its run directory) would delete the job's log."""
+    run_dir = tmp_path / "run"
+    save_converted(converted(), MLA, run_dir / "converted")
+    job = tmp_path / "scratch" / "runs" / "job"
+    job.mkdir(parents=True)
+    (job / "cli.log").write_text("log")
+    monkeypatch.chdir(tmp_path / "scratch")
+    for output in (".", str(job)):
+        cfg = RootConfig(task="export", output_dir=str(job),
+                         export=ExportConfig(checkpoint=str(run_dir), output=output, overwrite=True))
+        with pytest.raises(ValueError, match="own directory"):
+            export_task.run(cfg)
+    assert (job / "cli.log").read_text() == "log"
 
 
 def test_export_of_a_nan_weight_is_refused_before_writing(tmp_path):
