@@ -73,6 +73,7 @@ class ExportResult:
     max_rel_logit_diff: float | None  # reloaded vs in-framework model (None: verification skipped)
     cache_bytes_per_token: float | None  # measured on the reloaded model's cache after the probe
     serving_notes: list[str] = field(default_factory=list)  # shape rules other servers (vLLM) need
+    probe_tokens: int | None = None  # the probe's length (sliding layers hold all of a probe shorter than long)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,9 +398,10 @@ def probe_length(spec: dict, max_positions: int, minimum: int = 32) -> int:
 
 
 @torch.no_grad()
-def verify_export(model: PreTrainedModel, directory: Path, fmt: str, spec: dict, seed: int = 0) -> tuple[float, float]:
+def verify_export(model: PreTrainedModel, directory: Path, fmt: str, spec: dict,
+                  seed: int = 0) -> tuple[float, float, int]:
     """Reload `directory` from disk and compare logits with `model` (fp32); returns (max rel diff, cache
-    bytes per token). Raises ExportError when they disagree or an MLA cache holds more than latents.
+    bytes per token, probe tokens). Raises ExportError when they disagree or an MLA cache holds more than latents.
     No code from `directory` runs: `auto_map` is reloaded with the package's own classes."""
     loader: type[PreTrainedModel] | type[AutoModelForCausalLM]
     if fmt == "auto_map":
@@ -432,7 +434,7 @@ def verify_export(model: PreTrainedModel, directory: Path, fmt: str, spec: dict,
             if kind == "mla" and held != expected:
                 raise ExportError(f"layer {idx} of the reloaded {fmt} model caches {sorted(held)}, not the latent "
                                   f"{sorted(expected)}: the KV savings would be lost")
-    return diff, measured_cache_bytes(cache) / (2 * length)
+    return diff, measured_cache_bytes(cache) / (2 * length), length
 
 
 PROVENANCE_FILE = "ascend_edit_provenance.json"  # the run an export came from: its data and seed (eval's in_domain)
@@ -490,7 +492,7 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
             tokenizer.save_pretrained(tmp)
         if provenance is not None:
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-        diff, per_token = verify_export(model, tmp, fmt, spec) if verify else (None, None)
+        diff, per_token, probe = verify_export(model, tmp, fmt, spec) if verify else (None, None, None)
         fsync_tree(tmp)
         swap_in(tmp, directory)
     except BaseException:
@@ -501,7 +503,7 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
         notes.append("auto_map: load with trust_remote_code=True; vLLM / vllm-ascend have no implementation of "
                      "this architecture (serve it through transformers)")
     log.info("exported %s checkpoint to %s", fmt, directory)
-    return ExportResult(directory, fmt, blockers, diff, per_token, notes)
+    return ExportResult(directory, fmt, blockers, diff, per_token, notes, probe)
 
 
 def load_exported(directory: Path, dtype: torch.dtype = torch.float32, *,

@@ -207,9 +207,12 @@ def print_result(console: Console, source: ExportSource, result: ExportResult) -
             table.add_row(f"not {fmt}", "\n".join(reasons))
     if result.max_rel_logit_diff is not None:
         table.add_row("reloaded vs model", f"max relative logit difference {result.max_rel_logit_diff:.1e}")
-        table.add_row("cache (reloaded)", f"{result.cache_bytes_per_token:,.0f} bytes/token (fp32, probe)")
+        table.add_row("cache (reloaded)", f"{result.cache_bytes_per_token:,.0f} bytes/token held after a "
+                      f"{result.probe_tokens}-token fp32 probe (sliding layers save more at longer contexts: "
+                      "ascend-edit inspect / bench_kv)")
     for note in result.serving_notes:
         table.add_row("serving", note)
     remote = ", trust_remote_code=True" if result.format == "auto_map" else ""
-    table.add_row("load", f'AutoModelForCausalLM.from_pretrained("{result.directory}"{remote})')
     console.print(table)
+    # outside the table, whole: a narrow terminal or a pipe would cut the path a user copies
+    console.print(f'load: AutoModelForCausalLM.from_pretrained("{result.directory}"{remote})', soft_wrap=True)
