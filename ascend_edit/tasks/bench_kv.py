@@ -96,12 +96,16 @@ class StepClock:
 
 def held_cache_bytes(cache, context: int, max_len: int) -> int:
     """Key/value (or latent/rope) bytes a static cache holds for `context` tokens: a growing layer's share
-    `context / max_len` of its preallocated buffers, a fixed-size ring whole (metadata excluded)."""
+    `context / max_len` of its preallocated buffers, a ring's slots up to `context` (the whole ring once the
+    context fills it; a ring cut to a cache shorter than its window holds no more than the context either)."""
     total = 0.0
     for layer in cache.layers:
         size = sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                    if isinstance(t, torch.Tensor))
-        total += size if isinstance(layer, StaticSinkWindowLayer) else size * context / max_len
+        if isinstance(layer, StaticSinkWindowLayer):
+            total += size * min(layer.num_slots, context) / layer.num_slots
+        else:
+            total += size * context / max_len
     return round(total)
 
 
@@ -194,7 +198,7 @@ def run(cfg: RootConfig) -> dict:
              f"{decode_path(device)} decode step")
     write_csv(cells, out_dir / CSV_FILE)
     plot(cells, out_dir / PLOT_FILE, title)
-    print_table(Console(), cells, title)
+    print_table(Console(width=max(Console().width, 140)), cells, title)  # ten columns: never cut
     del model
     gc.collect()
     if device.type == "cuda":
