@@ -256,7 +256,27 @@ def config_cases() -> list[Case]:
              setup=lambda ws: ((ws / "foreign").mkdir(exist_ok=True), (ws / "foreign" / "config.json").write_text("{}"))),
         Case("output_dir that is a file", [*TINY, "output_dir={ws}/afile"], expect="is a file, not a directory",
              setup=lambda ws: (ws / "afile").write_text("keep")),
+        Case("another task's run directory as hydra.run.dir (Hydra would rewrite the run's saved config)",
+             ["inspect", *TINY, "hydra.run.dir={ws}/convert-run"], expect="holds a task=convert run",
+             setup=_a_convert_run, check=_convert_run_untouched, note="the run's .hydra/config.yaml unchanged"),
+        Case("a bad point in a multirun grid (it failed only when its job came)",
+             ["-m", *TINY, "target.mla.kv_lora_rank=32,-4", "hydra.sweep.dir={ws}/sweep"],
+             expect="sweep job 1 of 2 (target.mla.kv_lora_rank=-4)",
+             check=lambda ws: "a job ran" if (ws / "sweep").exists() else None, note="no job ran"),
     ]
+
+
+SAVED_CONVERT_CONFIG = "task: convert\nmodel: {source: config, arch: qwen3}\n"
+
+
+def _a_convert_run(ws: Path) -> None:
+    (ws / "convert-run" / ".hydra").mkdir(parents=True, exist_ok=True)
+    (ws / "convert-run" / ".hydra" / "config.yaml").write_text(SAVED_CONVERT_CONFIG)
+
+
+def _convert_run_untouched(ws: Path) -> str | None:
+    saved = (ws / "convert-run" / ".hydra" / "config.yaml").read_text()
+    return None if saved == SAVED_CONVERT_CONFIG else "the run's saved config changed"
 
 
 def model_cases() -> list[Case]:
