@@ -204,8 +204,15 @@ def mla_rank_allocation(model: nn.Module, layers: Sequence[int], stats: Mapping[
     widths = {i: teacher_kv_width(g) for i, g in geometries.items()}
     rope = mla_cfg.qk_rope_head_dim
     total = budget_latent_dims(mla_cfg.kv_budget, list(widths.values()), rope, mla_cfg.rank_multiple)
-    spectra = {i: latent_spectrum(attns[i], geometries[i], (stats or {}).get(i), mla_cfg, frequencies.get(i)).cpu()
-               for i in layers}
+    if any(p.is_meta for i in layers for p in attns[i].parameters()):
+        # A shape-only teacher (inspect / plan on the meta device) has no spectrum: a flat one as long as the
+        # cap allocates one rank everywhere (edited_shape_model asks for allocation=uniform and says so).
+        if mla_cfg.allocation != "uniform":
+            raise ValueError(f"target.mla.allocation={mla_cfg.allocation} needs the teacher's weights")
+        spectra = {i: torch.ones(widths[i] - rope) for i in layers}
+    else:
+        spectra = {i: latent_spectrum(attns[i], geometries[i], (stats or {}).get(i), mla_cfg,
+                                      frequencies.get(i)).cpu() for i in layers}
     # A latent wider than the keys and values it compresses adds nothing, and none may cache more
     # than the teacher did.
     max_rank = {i: min(len(spectra[i]), widths[i] - rope) for i in layers}

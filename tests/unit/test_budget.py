@@ -256,3 +256,27 @@ def test_gate_swa_kv_budget_is_validated_and_chosen_once_on_data():
     too_small = dataclasses.replace(budgeted, gate_swa=dataclasses.replace(budgeted.gate_swa, kv_budget=0.05))
     with pytest.raises(ConfigError, match=r"^target\.gate_swa\.kv_budget=0\.05: even all-sliding layers"):
         gate_swa_target_for_budget(model, too_small, batches)
+
+
+def test_shape_views_of_budgeted_targets_keep_the_runs_bytes(caplog):
+    """inspect / plan build the teacher on the meta device, without weights: a spectrum or sensitivity allocation
+    is shown as the uniform one of the same budget (it crashed on meta tensors), and full_by_sensitivity as that
+    many evenly spread full layers (it showed another count), each said in a warning."""
+    from ascend_edit.config import GateSWAConfig, ModelConfig
+    from ascend_edit.models.build import edited_shape_model
+
+    shape = ModelConfig(source="config", arch="qwen3", dtype="bf16",
+                        overrides={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                                   "vocab_size": 256})
+    mla = MLAConfig(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=32, kv_budget=0.25,
+                    allocation="spectrum", rank_multiple=4, latent_norm=False)
+    with caplog.at_level("WARNING"):
+        model = edited_shape_model(shape, TargetConfig(kind="mla", mla=mla))
+    ranks = {e.kv_lora_rank for e in model.edit_plan}
+    assert len(ranks) == 1 and "shown with one rank in every layer" in caplog.text
+    kv = kv_table(model, context=64, bytes_per_value=2)
+    assert kv["converted_bytes_per_token"] <= 0.25 * kv["teacher_bytes_per_token"]
+    swa = GateSWAConfig(window=16, sink_tokens=2, full_every=0, full_by_sensitivity=3)
+    model = edited_shape_model(shape, TargetConfig(kind="gate_swa", gate_swa=swa, layers=[0, 1, 2, 3, 4, 5]))
+    assert sum(e.kind == "full" for e in model.edit_plan) == 3 and "stand in for them" in caplog.text
