@@ -351,6 +351,14 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
         target_name = name.replace(".self_attn.", ".self_attn.target.")
         renamed[target_name if target_name in own else name] = tensor
     _check_stage_weights(own, {k: tuple(t.shape) for k, t in renamed.items()}, directory, meta["target"]["kind"])
+    # Shared weights are the teacher's own: a model whose stage 2 trained them (trainable=target+norms|all) would
+    # move the teacher this run distills from. Compared in the stored dtype (a bf16 save of an fp32 teacher).
+    moved = [name for name, tensor in renamed.items() if ".self_attn.target." not in name
+             and not torch.equal(own[name].detach().to(tensor.dtype), tensor)]
+    if moved:
+        raise ValueError(f"{directory}: its shared weights ({', '.join(moved[:2])}, ...) differ from the teacher's: "
+                         "it was trained with distill.model_level.trainable=target+norms or all, and starting from "
+                         "it would move the teacher this run distills from; start from that run's stage-layerwise/")
     with torch.no_grad():
         for name, tensor in renamed.items():
             own[name].copy_(tensor)

@@ -173,6 +173,11 @@ def test_stage2_training_shared_weights_is_measured_against_the_original_teacher
         for context, cell in contexts.items():
             assert suite[domain][context]["teacher"]["ppl"] == pytest.approx(cell["teacher"]["ppl"], rel=1e-6), \
                 (domain, context)
+    # Its converted/ as a stage-2 starting point would move the teacher (its MLPs trained): refused in one line.
+    refused = run_cli(tmp_path / "again", [*tiny_convert_overrides(trained_teacher), "distill.stage=model_level",
+                                           f"distill.init_from={run_dir / 'converted'}"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "shared weights" in refused.stderr and "trainable=target+norms or all" in refused.stderr
 
 
 def test_reloaded_model_generates_with_its_cache(full_run: Path):
