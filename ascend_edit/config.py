@@ -302,6 +302,13 @@ class MixSourceConfig:
         _choice(f"data.mix[{self.name}].format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))
         if self.name == "files" and not self.path:
             raise ConfigError("data.mix[files].path is required for a source named files")
+        if self.name != "files":  # a built-in corpus: what would name a file of the user's is never read
+            for key, default in (("path", None), ("format", "auto"), ("text_field", "text"),
+                                 ("split_on_blank_lines", False)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"data.mix[{self.name}].{key}={getattr(self, key)!r} is only read by a source "
+                                      f"named files (data.mix[{self.name}] is the built-in {self.name} text); use "
+                                      "{name: files, path: ...} for a corpus of your own")
         if self.max_documents is not None:
             _positive(f"data.mix[{self.name}].max_documents", self.max_documents)
         if self.repeat_spans and self.eval:
@@ -349,6 +356,19 @@ class DataConfig:
             raise ConfigError("data.text_field must not be empty")
         if self.source in ("files", "indexed") and not self.path:
             raise ConfigError(f"data.path is required when data.source={self.source}")
+        # keys this source never reads: silently ignoring them would train on other data than the user named
+        if self.cache_dir and self.source not in ("files", "indexed"):
+            raise ConfigError(f"data.cache_dir is only used with data.source=files or indexed (data.source="
+                              f"{self.source} is tokenized in memory)")
+        if self.max_documents is not None and self.source == "mix":
+            raise ConfigError("data.max_documents is not read with data.source=mix: set max_documents on the "
+                              "data.mix entries")
+        if self.source == "indexed":
+            for key, default in (("format", "auto"), ("text_field", "text"), ("split_on_blank_lines", False),
+                                 ("max_documents", None)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"data.{key} is not read with data.source=indexed (an already tokenized "
+                                      "corpus)")
 
 
 @dataclass

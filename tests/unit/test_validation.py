@@ -1,6 +1,8 @@
 """Every config value is checked before a model is loaded, with one message naming the full key."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_module
 from transformers import AutoConfig
@@ -59,6 +61,7 @@ BAD_VALUES = [
     ("data.eval_sequences=0", "data.eval_sequences=0"),
     ("data.max_documents=0", "data.max_documents=0"),
     ("data.synthetic_sequences=0", "data.synthetic_sequences=0"),
+    ("data.cache_dir=/c", "data.cache_dir is only used with data.source=files or indexed (data.source=shakespeare"),
     ("target.layers=[]", "target.layers=[] must name at least one layer"),
     ("target.layers=[1,1]", "target.layers=[1, 1] lists a layer twice"),
     ("target.calibration_batches=0", "target.calibration_batches=0: target.init=warm"),
@@ -190,3 +193,18 @@ def test_a_stage_checkpoint_whose_run_config_changed_is_refused_in_one_line(tmp_
     with pytest.raises(ValueError, match=r"weight shapes differ from the model its run's saved config builds \("
                                          + name.replace(".", r"\.")):
         rebuild_from_engine_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data=mix", "data.max_documents=3"], "data.max_documents is not read with data.source=mix"),
+    (["data=mix", "data.cache_dir=/c"], "data.cache_dir is only used with data.source=files or indexed"),
+    (["data=mix", "data.mix=[{name:news,path:/nonexistent/c.jsonl,format:jsonl}]"],
+     "data.mix[news].path='/nonexistent/c.jsonl' is only read by a source named files"),
+    (["data=mix", "data.mix=[{name:wiki,text_field:body}]"], "data.mix[wiki].text_field='body' is only read"),
+    (["data=indexed", "data.path=/x", "data.max_documents=2"], "data.max_documents is not read with data.source=indexed"),
+    (["data=indexed", "data.path=/x", "data.format=jsonl"], "data.format is not read with data.source=indexed"),
+])
+def test_data_keys_a_source_never_reads_are_refused(overrides, message):
+    """A data option the chosen source ignores would train on other data than the user named, silently."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_typed(overrides)
