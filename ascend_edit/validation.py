@@ -174,6 +174,10 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
             if getattr(swa, key) > num_layers:
                 raise ConfigError(f"target.gate_swa.{key}={getattr(swa, key)} must be <= the teacher's "
                                   f"{num_layers} layers")
+        converted_count = num_layers if target.layers is None else len(set(target.layers))
+        if swa.full_by_sensitivity >= converted_count:
+            raise ConfigError(f"target.gate_swa.full_by_sensitivity={swa.full_by_sensitivity} keeps every converted "
+                              f"layer ({converted_count}) at full attention: nothing would slide; choose fewer")
     ml = cfg.distill.model_level
     converted = set(range(num_layers)) if target.layers is None else set(target.layers)
     outside = [i for i in ml.feature_layers if i not in converted]

@@ -341,7 +341,8 @@ def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict],
                                      tokenizer)
     if measured is not None:
         measured.update(parts)
-    full = full_layers_for_budget(scores, kv_fraction, context, swa.window, swa.sink_tokens)
+    # Over the converted layers only (target.layers), as the per-layer windows are: a kept layer is the teacher's
+    full = full_layers_for_budget(scores, kv_fraction, context, swa.window, swa.sink_tokens, target_cfg.layers)
     return replace(swa, full_layers=full), scores
 
 

@@ -142,8 +142,9 @@ def gate_swa_target_for_budget(model: torch.nn.Module, target: TargetConfig, bat
                                         swa.kv_budget_context, tokenizer)
     except ValueError as err:  # a budget below what all-sliding layers hold
         raise ConfigError(f"target.gate_swa.kv_budget={swa.kv_budget}: {err}") from err
-    log.info("gate_swa: full layers %s under %.1f %% of the teacher's KV at %d tokens", chosen.full_layers,
-             100 * swa.kv_budget, swa.kv_budget_context)
+    log.info("gate_swa: full layers %s under %.1f %% of the teacher's KV at %d tokens (over the %s)",
+             chosen.full_layers, 100 * swa.kv_budget, swa.kv_budget_context,
+             "converted layers" if target.layers is not None else "layers")
     return replace(target, gate_swa=chosen)
 
 

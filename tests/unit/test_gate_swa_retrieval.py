@@ -184,3 +184,15 @@ def test_a_probe_counts_as_retrieved_only_when_every_answer_token_is_right():
     assert answers_retrieved(_Oracle(256), batches) == 1.0
     assert answers_retrieved(_Oracle(256, wrong=(64 - 3,)), batches) == 0.0  # one answer token wrong
     assert answers_retrieved(_Oracle(256, wrong=(10,)), batches) == 1.0  # a filler token wrong: not scored
+
+
+def test_the_full_layer_budget_counts_the_converted_layers_only():
+    """With target.layers a subset, layers kept as they are hold every token: the budget is spent over the converted
+    ones (as per-layer windows spend it); counted over all, a kept layer's tokens were never charged."""
+    model = tiny_model("llama", seed=0)
+    batches = [{"input_ids": torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(0))}]
+    cfg = TargetConfig(kind="gate_swa", layers=[0, 1], gate_swa=GateSWAConfig(window=16, sink_tokens=0, full_every=0))
+    chosen, _ = gate_swa_for_budget(model, cfg, batches, 0.5, 64)
+    assert chosen.full_layers == []  # 2 sliding layers hold 2 x 15 tokens; one full one (64 + 15) passes 0.5 x 2 x 64
+    chosen, _ = gate_swa_for_budget(model, cfg, batches, 0.9, 64)
+    assert len(chosen.full_layers) == 1 and set(chosen.full_layers) <= {0, 1}

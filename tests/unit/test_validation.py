@@ -208,3 +208,13 @@ def test_data_keys_a_source_never_reads_are_refused(overrides, message):
     """A data option the chosen source ignores would train on other data than the user named, silently."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose_typed(overrides)
+
+
+def test_full_by_sensitivity_must_leave_a_converted_layer_sliding():
+    cfg = compose_typed(["model=qwen3_tiny", "target=gate_swa", "target.gate_swa.full_every=0",
+                         "target.gate_swa.full_by_sensitivity=2", "target.layers=[0,1]"])
+    with pytest.raises(ConfigError, match=r"full_by_sensitivity=2 keeps every converted layer \(2\) at full"):
+        check_against_teacher(cfg, tiny_qwen3())
+    check_against_teacher(compose_typed(["model=qwen3_tiny", "target=gate_swa", "target.gate_swa.full_every=0",
+                                         "target.gate_swa.full_by_sensitivity=1", "target.layers=[0,1]"]),
+                          tiny_qwen3())
