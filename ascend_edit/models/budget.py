@@ -484,6 +484,12 @@ def gate_swa_windows_for_budget(model: PreTrainedModel, target_cfg, batches: lis
 
     swa = target_cfg.gate_swa
     candidates = list(swa.windows)
+    length = min(int(b["input_ids"].shape[-1]) for b in batches)
+    if max(candidates) >= length:  # such a window slides nothing on these sequences: its cost would read 0
+        raise ValueError(f"target.gate_swa.windows={candidates}: windows of {length} tokens or more cost nothing on "
+                         f"the {length}-token calibration sequences, so the choice would be arbitrary; raise "
+                         f"data.seq_len above {max(candidates)} (the sequences the costs are measured on) or give "
+                         "shorter windows")
     probe_cfg = replace(target_cfg, kind="gate_swa", init="warm", gate_swa=replace(
         swa, full_layers=[], full_every=0, full_by_sensitivity=0, kv_budget=None, windows=[]))
     parts: dict[str, dict[int, dict[int, float]]] = {}

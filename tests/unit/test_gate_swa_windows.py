@@ -258,3 +258,16 @@ def test_static_and_compiled_decode_equal_dynamic_generate_with_per_layer_window
     assert len(sinks_kept) == 1  # each layer trimmed to its own window, the same sinks in all
     decoder = StaticDecoder(model, batch=3, max_cache_len=ids.shape[1] + new, mode="compile", backend="aot_eager")
     assert torch.equal(decoder.generate(ids, mask, new), dynamic.sequences)
+
+
+def test_windows_as_long_as_the_calibration_sequences_are_refused():
+    """A window of at least the sequence length slides nothing there: every cost reads 0 and the choice is arbitrary."""
+    from ascend_edit.models.budget import gate_swa_windows_for_budget
+    from tests.conftest import tiny_model
+
+    cfg = TargetConfig(kind="gate_swa", gate_swa=GateSWAConfig(window=64, sink_tokens=1, full_every=0, kv_budget=0.5,
+                                                               kv_budget_context=256, windows=[16, 64]))
+    batches = [{"input_ids": torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(0))}]
+    with pytest.raises(ValueError, match=r"windows=\[16, 64\]: windows of 64 tokens or more cost nothing .* "
+                                         r"raise data.seq_len above 64"):
+        gate_swa_windows_for_budget(tiny_model("llama"), cfg, batches, 0.5, 256)
