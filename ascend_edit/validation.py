@@ -188,10 +188,16 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
         raise ConfigError(f"distill.model_level.top_k={ml.top_k} must be <= the vocabulary size {config.vocab_size}")
     if target.kind == "mla":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if target.mla.qk_rope_head_dim > head_dim and target.mla.rope_selection != "measured":
-            raise ConfigError(f"target.mla.qk_rope_head_dim={target.mla.qk_rope_head_dim} exceeds the teacher's "
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        rope = target.mla.qk_rope_head_dim
+        if rope > head_dim and target.mla.rope_selection != "measured":
+            raise ConfigError(f"target.mla.qk_rope_head_dim={rope} exceeds the teacher's "
                               f"head_dim={head_dim} (the RoPE key reuses the teacher's rotary frequencies): use "
-                              f"target.mla.qk_rope_head_dim <= {head_dim} (target=mla_small is sized for head_dim 64)")
+                              f"target.mla.qk_rope_head_dim <= {head_dim} (target=mla_small is sized for head_dim 64)"
+                              + (f", or rope_selection=measured (up to {head_dim * kv_heads})" if kv_heads > 1 else ""))
+        if rope > head_dim * kv_heads:  # measured: one (frequency, KV-head direction) per pair, at most all of them
+            raise ConfigError(f"target.mla.qk_rope_head_dim={rope} exceeds the {head_dim * kv_heads} rotary dims of "
+                              f"the teacher's {kv_heads} KV heads of head_dim {head_dim}; use at most that")
         problem = check_mla_cache(target.mla, config)
         if problem and cfg.task in TRAINING_TASKS:
             raise ConfigError(problem)

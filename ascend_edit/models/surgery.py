@@ -226,9 +226,17 @@ def rope_frequency_choice(model: nn.Module, layers: Iterable[int], stats: Mappin
                           gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> dict[int, tuple[int, ...]]:
     """Per MLA layer, the teacher rotary frequencies its shared RoPE key keeps under
     `target.mla.rope_selection=measured` (attention/init.py `choose_rope_frequencies`)."""
-    if any(p.is_meta for p in model.parameters()):
-        return {}  # a shape-only teacher (`plan`, `inspect`): nothing to measure, and the choice keeps the shapes
     blocks = decoder_layers(model)
+    if any(p.is_meta for p in model.parameters()):
+        # A shape-only teacher (`plan`, `inspect`): nothing to measure, and the choice keeps the shapes. A RoPE key
+        # wider than one head needs a list (a frequency per pair, repeats for further KV-head directions).
+        pairs = mla_cfg.qk_rope_head_dim // 2
+        chosen = {}
+        for idx in layers:
+            half = read_geometry(cast(nn.Module, blocks[idx].self_attn), model.config).head_dim // 2
+            if pairs > half:
+                chosen[idx] = tuple(i % half for i in range(pairs))
+        return chosen
     inv_freq = teacher_inv_freq(model)
     chosen = {}
     for idx in layers:

@@ -205,3 +205,21 @@ def test_budgeted_ranks_and_a_measured_choice_build_together_within_the_bytes():
     assert all(e.kv_lora_rank is not None for e in model.edit_plan) and 6 in model.edit_plan[0].rope_frequencies
     kv = kv_table(model, context=64, bytes_per_value=2)
     assert kv["converted_bytes_per_token"] <= 0.25 * 4 * (2 * 2 * 16) * 2  # 25 % of the teacher's 16-bit KV
+
+
+def test_a_measured_rope_key_wider_than_a_head_is_planned_and_bounded():
+    """With rope_selection=measured the RoPE key may take more than one KV-head direction of a frequency: the shape
+    view (inspect / plan) builds it as a conversion does, and a width beyond every direction is one line up front."""
+    from ascend_edit.config import ConfigError
+    from ascend_edit.models.build import edited_shape_model
+    from ascend_edit.validation import check_against_teacher
+    from tests.unit.test_validation import compose_typed, tiny_qwen3
+
+    wide = ["model=qwen3_tiny", "target=mla_small", "target.mla.qk_nope_head_dim=8", "target.mla.v_head_dim=16",
+            "target.mla.kv_lora_rank=16", "target.mla.rope_selection=measured"]
+    cfg = compose_typed([*wide, "target.mla.qk_rope_head_dim=24"])
+    check_against_teacher(cfg, tiny_qwen3())
+    model = edited_shape_model(cfg.model, cfg.target)
+    assert all(len(e.rope_frequencies or ()) == 12 for e in model.edit_plan)
+    with pytest.raises(ConfigError, match="qk_rope_head_dim=40 exceeds the 32 rotary dims"):
+        check_against_teacher(compose_typed([*wide, "target.mla.qk_rope_head_dim=40"]), tiny_qwen3())
