@@ -130,7 +130,8 @@ def start_token_id(tokenizer, model_config) -> int:
                 value = value[0] if value else None
             if value is not None:
                 return int(value)
-    raise ValueError("the teacher has neither a BOS nor an EOS token to sample from")
+    raise ValueError("the teacher has neither a BOS nor an EOS token to sample from (target.calibration_source="
+                     "teacher / teacher_text need one): calibrate on data instead (target.calibration_source=data)")
 
 
 def sample_calibration_set(model, tokenizer, sequences: int, seq_len: int, seed: int, temperature: float = 1.0,

@@ -111,8 +111,9 @@ def allocate_ranks(spectra: Mapping[int, torch.Tensor], total: int, max_rank: Ma
     if any(caps[i] < m for i in layers):
         raise ValueError(f"a layer's largest rank is below rank_multiple={m}: {caps}")
     if not m * len(layers) <= total <= sum(caps.values()):
-        raise ValueError(f"a latent budget of {total} dimensions cannot be met with ranks between {m} and the "
-                         f"layers' widths (at most {sum(caps.values())} in all)")
+        raise ValueError(f"target.mla.kv_budget: a latent budget of {total} dimensions cannot be met with ranks "
+                         f"between {m} and what each layer's latent can hold (at most {sum(caps.values())} in all); "
+                         "choose a smaller target.mla.kv_budget")
     ranks = {i: m for i in layers}
     left = total - m * len(layers)
     if allocation == "uniform":

@@ -78,7 +78,8 @@ def make_probes(filler: list[int], context: int, count: int, tokenizer=None, see
         room = context - len(needle) - len(question) - len(key_ids)
         if room < 0:
             raise ValueError(f"retrieval probes: context {context} is shorter than the needle and question "
-                             f"({context - room} tokens)")
+                             f"({context - room} tokens): raise data.seq_len, or choose layers by text alone "
+                             "(target.gate_swa.selection=text)")
         stream = [filler[(offset + i) % len(filler)] for i in range(room)]
         before = round(depth * room)
         ids = stream[:before] + needle + stream[before:] + question + key_ids
