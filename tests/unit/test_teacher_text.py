@@ -144,7 +144,7 @@ def test_start_token_falls_back_to_the_model_config_and_bad_source_names_its_key
     assert start_token_id(NoSpecialTokens(), Config()) == 7
     assert start_token_id(None, Config()) == 7
     Config.eos_token_id = None
-    with pytest.raises(ValueError, match="neither a BOS nor an EOS .* target.calibration_source=data"):
+    with pytest.raises(ValueError, match="neither a BOS nor an EOS .*target.calibration_source=data"):
         start_token_id(None, Config())
     from ascend_edit.config import ConfigError, TargetConfig
 
