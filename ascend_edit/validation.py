@@ -184,6 +184,11 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
     if outside:
         raise ConfigError(f"distill.model_level.feature_layers={list(ml.feature_layers)}: {outside} are not "
                           f"converted layers (target.layers={target.layers})")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and cfg.task in TRAINING_TASKS and cfg.data.seq_len > positions:
+        log.warning("data.seq_len=%d is longer than the teacher's max_position_embeddings=%d: the teacher was never "
+                    "trained at those positions, so the distillation targets there are poor", cfg.data.seq_len,
+                    positions)
     if ml.top_k is not None and ml.top_k > config.vocab_size:
         raise ConfigError(f"distill.model_level.top_k={ml.top_k} must be <= the vocabulary size {config.vocab_size}")
     if target.kind == "mla":

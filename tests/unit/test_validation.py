@@ -218,3 +218,11 @@ def test_full_by_sensitivity_must_leave_a_converted_layer_sliding():
     check_against_teacher(compose_typed(["model=qwen3_tiny", "target=gate_swa", "target.gate_swa.full_every=0",
                                          "target.gate_swa.full_by_sensitivity=1", "target.layers=[0,1]"]),
                           tiny_qwen3())
+
+
+def test_sequences_longer_than_the_teachers_positions_are_warned_about(caplog):
+    cfg = compose_typed(["model=qwen3_tiny", "target.mla.qk_rope_head_dim=8", "target.mla.qk_nope_head_dim=8",
+                         "target.mla.kv_lora_rank=16", "target.mla.v_head_dim=16", "data.seq_len=100000"])
+    with caplog.at_level("WARNING"):
+        check_against_teacher(cfg, tiny_qwen3())
+    assert "data.seq_len=100000 is longer than the teacher's max_position_embeddings" in caplog.text
