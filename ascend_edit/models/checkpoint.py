@@ -344,6 +344,7 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
         raise ValueError(f"{directory}: its layer plan differs from this run's plan")
     own = model.state_dict(keep_vars=True)
     if has_zero_params(model):
+        # (not compared with the teacher's shared weights below: that would gather every partition once more)
         _load_weights_partitioned(own, directory, meta["target"]["kind"])
         return
     renamed = {}
