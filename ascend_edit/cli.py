@@ -109,7 +109,11 @@ def run_task(cfg: DictConfig) -> dict:
             raise UserError(problem)
     typed = to_typed(cfg)
     mark_run_directory(typed.output_dir)
-    check_before_load(typed, world_size=discover().world_size)
+    env = discover()
+    check_before_load(typed, world_size=env.world_size)
+    if env.msrun_scheduler:  # msrun's extra scheduler process: no task runs there (eval/export would write twice)
+        log.info("msrun scheduler process: task=%s runs in the worker processes only", typed.task)
+        return {}
     module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
     return module.run(typed)
 

@@ -11,7 +11,8 @@
 # when unset). Other knobs: see common.sh.
 #
 # Remote hosts get only the variables DeepSpeed forwards (PYTHON*, HCCL_*/ASCEND_* on NPU,
-# NCCL_* on CUDA) plus those listed in a .deepspeed_env file (cwd or home dir).
+# NCCL_* on CUDA) plus those listed in a .deepspeed_env file (cwd or home dir) — DS_ACCELERATOR,
+# set below for this host's ranks, included: add a line DS_ACCELERATOR=npu there for the others.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 launch_take_dry_run "$@"
@@ -51,9 +52,23 @@ if [[ -n "${MASTER_ADDR:-}" ]]; then
 fi
 ARGS+=(--master_port "${MASTER_PORT:-29500}")
 
+# World size of a hostfile job: its first NNODES hosts (all without NNODES), NPROC devices on each (its slots
+# without NPROC), as DeepSpeed's --num_nodes / --num_gpus pick them; without a hostfile, this node's NPROC.
+hostfile_world_size() {
+  local host slots total=0 hosts=0
+  while read -r host slots _; do
+    [[ -z "$host" || "$host" == \#* ]] && continue
+    [[ -n "${NNODES:-}" && $hosts -ge $NNODES ]] && break
+    slots=${slots#slots=}
+    [[ "$slots" =~ ^[0-9]+$ ]] || launch_die "HOSTFILE=$HOSTFILE: '$host ${slots}' is not 'host slots=N'"
+    total=$((total + ${NPROC_GIVEN:-$slots}))
+    hosts=$((hosts + 1))
+  done < "$HOSTFILE"
+  echo "$total"
+}
+
 launch_hydra_run_dir "$@"
-# the world size is the hostfile's to decide; without one it is this node's NPROC
-launch_precheck "$([[ -n "${HOSTFILE:-}" ]] && echo 1 || echo "$NPROC")" "$@" \
+launch_precheck "$([[ -n "${HOSTFILE:-}" ]] && hostfile_world_size || echo "$NPROC")" "$@" \
   "${HYDRA_RUN_DIR_ARG[@]+"${HYDRA_RUN_DIR_ARG[@]}"}"
 # --no_local_rank: otherwise every rank gets --local_rank=N, which Hydra rejects as an override
 # (LOCAL_RANK is exported either way).

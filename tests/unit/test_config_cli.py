@@ -218,3 +218,16 @@ def test_ranks_share_one_run_dir_under_a_launcher():
     assert shared_run_dir_override([], deepspeed) == ["hydra.run.dir=runs/dist-node1-29501"]
     assert shared_run_dir_override(["hydra.run.dir=/x"], torchrun) == []
     assert shared_run_dir_override([], {"WORLD_SIZE": "1"}) == []
+
+
+def test_msrun_scheduler_process_runs_no_task(tmp_path):
+    """msrun starts an extra scheduler process running the same command: no task runs there (export or eval would
+    write a second time beside rank 0, and a ZeRO-3 job would fail joining a process group it is no rank of)."""
+    import os
+
+    env = {**os.environ, "MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "2", "MS_SCHED_HOST": "127.0.0.1",
+           "MS_SCHED_PORT": "8118", "RANK_ID": "0", "RANK_SIZE": "2"}
+    proc = run_cli(["inspect", "model=qwen3_tiny", "target=gate_swa", "target.gate_swa.window=16",
+                    f"hydra.run.dir={tmp_path / 'r'}"], env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Layer plan" not in proc.stdout and "msrun scheduler process" in proc.stdout + proc.stderr

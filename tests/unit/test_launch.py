@@ -279,3 +279,23 @@ def test_bad_input_is_reported_once_before_any_rank_starts(tmp_path):
     dry = run_script("torchrun.sh", "experiment=tiny", "--dry-run", path_prefix=bin_dir, **env)
     assert dry.returncode == 0 and not stub_out.exists()
     assert "--dry-run" not in printed_command(dry.stdout)[1]
+
+
+def test_a_hostfile_job_is_checked_at_its_own_world_size(tmp_path):
+    """Under the DeepSpeed launcher with a hostfile the world is its first NNODES hosts x NPROC devices (every slot
+    without NPROC): the one-process check uses that size (it used 1, so a batch that cannot split passed)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub_out = tmp_path / "stub.json"
+    stub = bin_dir / "deepspeed"
+    stub.write_text(STUB_LAUNCHER.format(python=sys.executable, watched=[]))
+    stub.chmod(0o755)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
+    env = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), "DEVICE": "cpu", "HOSTFILE": str(hostfile),
+           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    for extra, world in (({"NNODES": "2", "NPROC": "2"}, 4), ({}, 16), ({"NNODES": "1"}, 8)):
+        bad = run_script("deepspeed.sh", "experiment=tiny", "distill.layerwise.batch_size=3",
+                         f"hydra.run.dir={tmp_path / 'run'}", path_prefix=bin_dir, **env, **extra)
+        assert bad.returncode == 2 and not stub_out.exists(), bad.stderr
+        assert f"distill.layerwise.batch_size=3 is not divisible by the world size {world}" in bad.stderr
