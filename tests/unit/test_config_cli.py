@@ -225,7 +225,9 @@ def test_msrun_scheduler_process_runs_no_task(tmp_path):
     write a second time beside rank 0, and a ZeRO-3 job would fail joining a process group it is no rank of)."""
     import os
 
-    env = {**os.environ, "MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "2", "MS_SCHED_HOST": "127.0.0.1",
+    launcher_keys = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    plain = {k: v for k, v in os.environ.items() if k not in launcher_keys}  # (in-process DeepSpeed tests set them)
+    env = {**plain, "MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "2", "MS_SCHED_HOST": "127.0.0.1",
            "MS_SCHED_PORT": "8118", "RANK_ID": "0", "RANK_SIZE": "2"}
     proc = run_cli(["inspect", "model=qwen3_tiny", "target=gate_swa", "target.gate_swa.window=16",
                     f"hydra.run.dir={tmp_path / 'r'}"], env=env, timeout=120)
