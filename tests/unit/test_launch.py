@@ -259,17 +259,24 @@ def test_wrapper_runs_the_printed_command(tmp_path, script, launcher, env):
             assert received["env"][key] == value, key
 
 
-def test_bad_input_is_reported_once_before_any_rank_starts(tmp_path):
-    """The wrapper checks the configuration in one process at the job's world size: a batch that does not split
-    over 2 ranks ends with one line (exit 2) and the launcher never starts; --dry-run may come last."""
+def stub_launcher(tmp_path: Path, name: str) -> tuple[Path, Path, dict[str, str]]:
+    """(bin dir holding a stub `name` launcher, the file it would record its call in, the wrapper's environment)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub_out = tmp_path / "stub.json"
-    stub = bin_dir / "torchrun"
+    stub = bin_dir / name
     stub.write_text(STUB_LAUNCHER.format(python=sys.executable, watched=[]))
     stub.chmod(0o755)
-    env = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), "DEVICE": "cpu", "NPROC": "2",
+    env = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), "DEVICE": "cpu",
            "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    return bin_dir, stub_out, env
+
+
+def test_bad_input_is_reported_once_before_any_rank_starts(tmp_path):
+    """The wrapper checks the configuration in one process at the job's world size: a batch that does not split
+    over 2 ranks ends with one line (exit 2) and the launcher never starts; --dry-run may come last."""
+    bin_dir, stub_out, env = stub_launcher(tmp_path, "torchrun")
+    env["NPROC"] = "2"
     bad = run_script("torchrun.sh", "experiment=tiny", "distill.layerwise.batch_size=3",
                      f"hydra.run.dir={tmp_path / 'run'}", path_prefix=bin_dir, **env)
     assert bad.returncode == 2 and not stub_out.exists()
@@ -284,16 +291,10 @@ def test_bad_input_is_reported_once_before_any_rank_starts(tmp_path):
 def test_a_hostfile_job_is_checked_at_its_own_world_size(tmp_path):
     """Under the DeepSpeed launcher with a hostfile the world is its first NNODES hosts x NPROC devices (every slot
     without NPROC): the one-process check uses that size (it used 1, so a batch that cannot split passed)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stub_out = tmp_path / "stub.json"
-    stub = bin_dir / "deepspeed"
-    stub.write_text(STUB_LAUNCHER.format(python=sys.executable, watched=[]))
-    stub.chmod(0o755)
+    bin_dir, stub_out, env = stub_launcher(tmp_path, "deepspeed")
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
-    env = {"STUB_OUT": str(stub_out), "PYTHONPATH": str(REPO_ROOT), "DEVICE": "cpu", "HOSTFILE": str(hostfile),
-           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env["HOSTFILE"] = str(hostfile)
     for extra, world in (({"NNODES": "2", "NPROC": "2"}, 4), ({}, 16), ({"NNODES": "1"}, 8)):
         bad = run_script("deepspeed.sh", "experiment=tiny", "distill.layerwise.batch_size=3",
                          f"hydra.run.dir={tmp_path / 'run'}", path_prefix=bin_dir, **env, **extra)
