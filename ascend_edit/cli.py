@@ -309,24 +309,25 @@ def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseExceptio
     from ascend_edit.validation import check_before_load
 
     teacher_configs: dict = {}
-    for number, point in enumerate(points[:MAX_CHECKED_SWEEP_POINTS]):
-        experiments = [o.partition("=")[2] for o in point if o.lstrip("+").startswith("experiment=")]
-        problem = experiment_problem(experiments[-1]) if experiments else None
-        try:
-            if problem is None:
-                job_dir = sweep_dir / str(number) if sweep_dir is not None else None
-                with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+    shared = set(points[0]).intersection(*points[1:])  # overrides every job has: not what names a point
+    with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+        for number, point in enumerate(points[:MAX_CHECKED_SWEEP_POINTS]):
+            experiments = [o.partition("=")[2] for o in point if o.lstrip("+").startswith("experiment=")]
+            problem = experiment_problem(experiments[-1]) if experiments else None
+            try:
+                if problem is None:
+                    job_dir = sweep_dir / str(number) if sweep_dir is not None else None
                     typed = to_typed(compose(config_name="config", overrides=[*point, f"output_dir={job_dir or '.'}"]))
-                check_before_load(typed, world_size=world_size, teacher_configs=teacher_configs)
-                if job_dir is not None:  # Hydra rewrites the job's .hydra/ before the job checks anything
-                    check_reused_run_directory(typed, job_dir, f"its directory {job_dir}")
-        except bad_input as err:
-            if debugging():
-                raise
-            problem = _composition_error_line(err)
-        if problem:
-            swept = " ".join(o for o in point if sum(o in other for other in points) < len(points))
-            return f"sweep job {number} of {len(points)} ({swept or 'every job'}): {problem}"
+                    check_before_load(typed, world_size=world_size, teacher_configs=teacher_configs)
+                    if job_dir is not None:  # Hydra rewrites the job's .hydra/ before the job checks anything
+                        check_reused_run_directory(typed, job_dir, f"its directory {job_dir}")
+            except bad_input as err:
+                if debugging():
+                    raise
+                problem = _composition_error_line(err)
+            if problem:
+                swept = " ".join(o for o in point if o not in shared)
+                return f"sweep job {number} of {len(points)} ({swept or 'every job'}): {problem}"
     return None
 
 

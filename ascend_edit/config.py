@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, cast
 
@@ -280,6 +281,15 @@ class TargetConfig:
                               "layers on calibration data and needs >= 1 batch")
 
 
+FILE_KEYS = ("path", "format", "text_field", "split_on_blank_lines")  # how a text corpus of the user's is read
+
+
+def _changed(config: Any, names: Sequence[str]) -> list[str]:
+    """The keys among `names` whose value is not their field's default: set by the user."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return [name for name in names if getattr(config, name) != defaults[name]]
+
+
 @dataclass
 class MixSourceConfig:
     """One source of a training mix (`data.source=mix`; ascend_edit/data/mix.py)."""
@@ -302,13 +312,11 @@ class MixSourceConfig:
         _choice(f"data.mix[{self.name}].format", self.format, ("auto", "text", "jsonl", "parquet", "hf_dataset"))
         if self.name == "files" and not self.path:
             raise ConfigError("data.mix[files].path is required for a source named files")
-        if self.name != "files":  # a built-in corpus: what would name a file of the user's is never read
-            for key, default in (("path", None), ("format", "auto"), ("text_field", "text"),
-                                 ("split_on_blank_lines", False)):
-                if getattr(self, key) != default:
-                    raise ConfigError(f"data.mix[{self.name}].{key}={getattr(self, key)!r} is only read by a source "
-                                      f"named files (data.mix[{self.name}] is the built-in {self.name} text); use "
-                                      "{name: files, path: ...} for a corpus of your own")
+        unread = _changed(self, FILE_KEYS) if self.name != "files" else []  # a built-in corpus reads no file keys
+        if unread:
+            raise ConfigError(f"data.mix[{self.name}].{unread[0]}={getattr(self, unread[0])!r} is only read by a "
+                              f"source named files (data.mix[{self.name}] is the built-in {self.name} text); use "
+                              "{name: files, path: ...} for a corpus of your own")
         if self.max_documents is not None:
             _positive(f"data.mix[{self.name}].max_documents", self.max_documents)
         if self.repeat_spans and self.eval:
@@ -363,12 +371,9 @@ class DataConfig:
         if self.max_documents is not None and self.source == "mix":
             raise ConfigError("data.max_documents is not read with data.source=mix: set max_documents on the "
                               "data.mix entries")
-        if self.source == "indexed":
-            for key, default in (("format", "auto"), ("text_field", "text"), ("split_on_blank_lines", False),
-                                 ("max_documents", None)):
-                if getattr(self, key) != default:
-                    raise ConfigError(f"data.{key} is not read with data.source=indexed (an already tokenized "
-                                      "corpus)")
+        unread = _changed(self, [*FILE_KEYS[1:], "max_documents"]) if self.source == "indexed" else []
+        if unread:
+            raise ConfigError(f"data.{unread[0]} is not read with data.source=indexed (an already tokenized corpus)")
 
 
 @dataclass

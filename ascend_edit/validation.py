@@ -105,10 +105,15 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
         checked_zero_options(cfg.engine.zero_options)
 
 
+def teacher_heads(config) -> tuple[int, int]:
+    """(head_dim, KV heads) of the teacher's attention, from its config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_dim, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def teacher_kv_values(config) -> int:
     """Cached values per token and layer of the teacher's attention: keys + values of its KV heads."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim, kv_heads = teacher_heads(config)
     return 2 * kv_heads * head_dim
 
 
@@ -166,6 +171,7 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
     check_teacher_type(config)
     num_layers = config.num_hidden_layers
     target = cfg.target
+    converted = set(range(num_layers)) if target.layers is None else set(target.layers)
     _layer_range("target.layers", target.layers, num_layers)
     if target.kind == "gate_swa":
         swa = target.gate_swa
@@ -174,12 +180,10 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
             if getattr(swa, key) > num_layers:
                 raise ConfigError(f"target.gate_swa.{key}={getattr(swa, key)} must be <= the teacher's "
                                   f"{num_layers} layers")
-        converted_count = num_layers if target.layers is None else len(set(target.layers))
-        if swa.full_by_sensitivity >= converted_count:
+        if swa.full_by_sensitivity >= len(converted):
             raise ConfigError(f"target.gate_swa.full_by_sensitivity={swa.full_by_sensitivity} keeps every converted "
-                              f"layer ({converted_count}) at full attention: nothing would slide; choose fewer")
+                              f"layer ({len(converted)}) at full attention: nothing would slide; choose fewer")
     ml = cfg.distill.model_level
-    converted = set(range(num_layers)) if target.layers is None else set(target.layers)
     outside = [i for i in ml.feature_layers if i not in converted]
     if outside:
         raise ConfigError(f"distill.model_level.feature_layers={list(ml.feature_layers)}: {outside} are not "
@@ -192,8 +196,7 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
     if ml.top_k is not None and ml.top_k > config.vocab_size:
         raise ConfigError(f"distill.model_level.top_k={ml.top_k} must be <= the vocabulary size {config.vocab_size}")
     if target.kind == "mla":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim, kv_heads = teacher_heads(config)
         rope = target.mla.qk_rope_head_dim
         if rope > head_dim and target.mla.rope_selection != "measured":
             raise ConfigError(f"target.mla.qk_rope_head_dim={rope} exceeds the teacher's "
