@@ -46,6 +46,16 @@ from ascend_edit.train.checkpoint_io import (
 FORMAT_VERSION = 1
 CONVERTED_MARKER = "ascend_edit.json"  # names a converted-model directory; holds target config and plan
 RUN_CANDIDATES = ("converted", "stage-layerwise")  # converted models inside a run directory, preferred first
+
+
+def run_directory_of(path: Path) -> Path | None:
+    """The run directory PATH is (its saved `.hydra/config.yaml`), or holds as its `converted/` / `stage-layerwise/`
+    model; None otherwise — an export lying in an export job's directory (`<job>/hf`) is no model of that job."""
+    path = Path(path)
+    candidates = [path]
+    if path.name in RUN_CANDIDATES and (path / CONVERTED_MARKER).is_file():
+        candidates.append(path.parent)
+    return next((c for c in candidates if (c / ".hydra" / "config.yaml").is_file()), None)
 WEIGHTS_FILE = "model.safetensors"  # one shard
 WEIGHTS_INDEX = "model.safetensors.index.json"  # several: Hugging Face's sharded layout
 SHARD_BYTES = 5 << 30  # bytes of tensor data per shard (a shard is written once it holds this much)

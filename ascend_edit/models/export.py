@@ -454,6 +454,22 @@ def read_provenance(directory: Path) -> dict | None:
     return provenance
 
 
+def output_problem(directory: Path, overwrite: bool, shown: str | Path | None = None) -> str | None:
+    """Why `directory` cannot take an export (None: it can): a file; a non-empty directory without `overwrite`;
+    with it, one that holds no earlier checkpoint (config.json) — overwrite replaces an export, never a directory of
+    other files. `shown`: the path as the user gave it."""
+    name = f"export.output={shown or directory}"
+    if directory.exists() and not directory.is_dir():
+        return f"{name} is a file, not a directory"
+    if directory.is_dir() and any(directory.iterdir()):
+        if not overwrite:
+            return f"{name} exists and is not empty: choose a new directory, or set export.overwrite=true to replace it"
+        if not (directory / "config.json").is_file():
+            return (f"{name} holds files but no checkpoint (no config.json): export.overwrite=true replaces an "
+                    "earlier export only; choose a new directory")
+    return None
+
+
 def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None, native: str = "auto",
                      dtype: torch.dtype | None = None, verify: bool = True, overwrite: bool = False,
                      provenance: dict | None = None) -> ExportResult:
@@ -469,13 +485,9 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
     before anything is written.
     """
     directory = Path(directory).expanduser().resolve()  # ("." has no name to put a sibling beside)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        if not overwrite:
-            raise ExportError(f"export.output={directory} exists and is not empty: choose a new directory, or set "
-                              "export.overwrite=true to replace it")
-        if not (directory / "config.json").is_file():  # overwrite replaces an earlier export, nothing else
-            raise ExportError(f"export.output={directory} holds files but no checkpoint (no config.json): "
-                              "export.overwrite=true replaces an earlier export only; choose a new directory")
+    problem = output_problem(directory, overwrite)
+    if problem:
+        raise ExportError(problem)
     spec = conversion_spec(model)
     dtype = dtype or next(model.parameters()).dtype
     cast_parameters(model, dtype)

@@ -27,6 +27,7 @@ from ascend_edit.data.heldout import run_documents
 from ascend_edit.device import resolve_device
 from ascend_edit.eval.metrics import model_logits, paired_logits
 from ascend_edit.eval.suite import held_out_sets, run_suite
+from ascend_edit.models.checkpoint import run_directory_of
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,6 @@ def write_results(results: dict, out_dir: Path) -> None:
 
 def _max_positions(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
-
-
-def run_directory_of(path: Path) -> Path | None:
-    """The run directory PATH is, or holds as its `converted/` / `stage-layerwise/` model; None otherwise — an
-    export lying in an export job's directory (`<job>/hf`) is no model of that job's run."""
-    from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES
-
-    candidates = [path]
-    if path.name in RUN_CANDIDATES and (path / CONVERTED_MARKER).is_file():
-        candidates.append(path.parent)
-    for candidate in candidates:
-        if (candidate / ".hydra" / "config.yaml").is_file():
-            return candidate
-    return None
 
 
 def run_config(path: Path, cfg: RootConfig) -> RootConfig:

@@ -32,8 +32,14 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from ascend_edit.config import RootConfig
-from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES, converted_weight_files, load_converted
-from ascend_edit.models.export import ExportResult, export_converted
+from ascend_edit.models.checkpoint import (
+    CONVERTED_MARKER,
+    RUN_CANDIDATES,
+    converted_weight_files,
+    load_converted,
+    run_directory_of,
+)
+from ascend_edit.models.export import ExportResult, export_converted, output_problem
 from ascend_edit.models.loading import TORCH_DTYPES
 from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, verify_manifest
 from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
@@ -77,17 +83,16 @@ def source_provenance(source: ExportSource) -> dict | None:
     """The data and seed of the run the source belongs to (read from its saved config), or None outside a run."""
     from omegaconf import OmegaConf
 
-    candidates = (source.path, source.path.parent) if source.kind == "converted" else (source.path.parents[1],)
-    for run_dir in candidates:
-        saved = run_dir / ".hydra" / "config.yaml"
-        if saved.is_file():
-            raw = OmegaConf.load(saved)
-            data, seed = OmegaConf.select(raw, "data"), OmegaConf.select(raw, "device.seed")
-            if data is None or seed is None:
-                return None
-            return {"run_directory": str(run_dir.resolve()), "data": OmegaConf.to_container(data, resolve=True),
-                    "seed": int(seed)}
-    return None
+    # a stage checkpoint lies at <run>/checkpoints/step-<stage>-<n>
+    run_dir = run_directory_of(source.path if source.kind == "converted" else source.path.parents[1])
+    if run_dir is None:
+        return None
+    raw = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    data, seed = OmegaConf.select(raw, "data"), OmegaConf.select(raw, "device.seed")
+    if data is None or seed is None:
+        return None
+    return {"run_directory": str(run_dir.resolve()), "data": OmegaConf.to_container(data, resolve=True),
+            "seed": int(seed)}
 
 
 def stored_dtype_of(safetensors_file: Path) -> torch.dtype:
@@ -131,14 +136,9 @@ def check_output(output: Path, protected: list[Path], overwrite: bool, own_dir: 
         if out.is_relative_to(src):
             raise ValueError(f"export.output={output} lies inside the source checkpoint {path}: choose a directory "
                              "outside it")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export.output={output} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"export.output={output} exists and is not empty: choose a new directory, or set "
-                         "export.overwrite=true to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ValueError(f"export.output={output} holds files but no checkpoint (no config.json): "
-                         "export.overwrite=true replaces an earlier export only; choose a new directory")
+    problem = output_problem(out, overwrite, shown=output)  # as export_converted checks it, before any loading
+    if problem:
+        raise ValueError(problem)
 
 
 def load_source_partitioned(source: ExportSource, dtype: torch.dtype | None,
