@@ -8,12 +8,13 @@ tasks under `lm_eval_tasks/` (`--include_path`):
 * `ascend_edit_heldout_cloze` — multiple choice, accuracy: given three consecutive sentences of held-out
   prose, pick the true next sentence among four (three distractors from other documents). Built from the
   out-of-domain `python_docs` set (ascend_edit/data/heldout.py; Python documentation, PSF licence) by
-  `python -m ascend_edit.eval.lm_eval_adapter build`; deterministic from its seed.
+  `python -m ascend_edit.eval.lm_eval_adapter build --output FILE`; deterministic from its seed.
 
     python -m ascend_edit.eval.lm_eval_adapter run EXPORT_DIR [--limit N] [--device cpu] [--trust-remote-code]
-    # or the harness's own CLI, the same thing:
+    # or the harness's own CLI, the same thing (",trust_remote_code=True" only for an auto_map export whose
+    # shipped code you trust; a native export needs none):
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \
-        --model_args pretrained=EXPORT_DIR,trust_remote_code=True --tasks ascend_edit_heldout_cloze \
+        --model_args pretrained=EXPORT_DIR --tasks ascend_edit_heldout_cloze \
         --include_path $(python -c "import ascend_edit.eval.lm_eval_adapter as a; print(a.TASK_DIR)")
 
 Standard tasks need their data: see docs/evaluation.md.
