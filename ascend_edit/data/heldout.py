@@ -80,7 +80,7 @@ def run_documents(cfg, seed: int) -> tuple[list[str], list[str]] | None:
     `cfg` is the run's `DataConfig`.
     """
     from ascend_edit.data.loading import text_source
-    from ascend_edit.data.packing import split_documents
+    from ascend_edit.data.packing import split_held_out
 
     if cfg.source == "mix":  # every source split on its own (ascend_edit/data/mix.py)
         from ascend_edit.data.mix import mix_documents, specs_of
@@ -89,4 +89,8 @@ def run_documents(cfg, seed: int) -> tuple[list[str], list[str]] | None:
     if cfg.source not in ("shakespeare", "files"):
         return None
     documents = text_source(cfg).load()
-    return split_documents(documents, cfg.eval_fraction, seed)
+    if cfg.source == "files" and cfg.cache_dir:  # the tokenized cache splits by a hash of each text (data/cache.py)
+        from ascend_edit.data.cache import hash_split
+
+        return hash_split(documents, cfg.eval_fraction, seed)
+    return split_held_out(documents, cfg.eval_fraction, seed)

@@ -167,8 +167,12 @@ def open_indexed(prefix: str | Path, key: str = "data.path") -> IndexedCorpus:
                                    "laid back to back (not written by Megatron's IndexedDatasetBuilder)")
     total = (int(pointers[-1]) // itemsize + int(lengths[-1])) if sequences else 0
     bin_size = bin_path.stat().st_size
-    if bin_size < total * itemsize:
-        raise IndexedDataError(f"{where}: {bin_path.name} is truncated ({bin_size:,} bytes; the index needs "
+    if bin_size != total * itemsize:  # Megatron's builder writes exactly the indexed tokens
+        problem = "is truncated" if bin_size < total * itemsize else "is longer than its index describes"
+        if total and bin_size % total == 0 and bin_size // total in (1, 2, 4, 8):
+            problem += (f": its size fits {bin_size // total}-byte tokens, not the index's {dtype.name} (the .bin and "
+                        ".idx come from different preprocessing runs?)")
+        raise IndexedDataError(f"{where}: {bin_path.name} {problem} ({bin_size:,} bytes; the index needs "
                                f"{total:,} {dtype.name} tokens = {total * itemsize:,} bytes)")
     if total == 0:
         raise IndexedDataError(f"{where}: the indexed dataset holds no tokens")
@@ -250,7 +254,7 @@ def cached_split_spans(corpus: IndexedCorpus, eval_fraction: float, seed: int, c
     """`split_spans` written once (rank 0) under `cache_root` as plain .npy arrays and memory-mapped by every
     rank, so no rank holds per-document arrays in memory. Keyed by the two files' paths, sizes and
     modification times, the held-out fraction and the seed; the .npy files are read without pickle."""
-    from ascend_edit.data.cache import source_identity
+    from ascend_edit.data.cache import publish, source_identity
 
     bin_path, idx_path = files_of(corpus.prefix)
     identity = {"bin": source_identity(bin_path), "idx": source_identity(idx_path), "eval_fraction": eval_fraction,
@@ -266,13 +270,14 @@ def cached_split_spans(corpus: IndexedCorpus, eval_fraction: float, seed: int, c
                 np.save(tmp / f"{name}.starts.npy", spans.starts)
                 np.save(tmp / f"{name}.ends.npy", spans.ends)
             (tmp / "meta.json").write_text(json.dumps(identity, indent=1))  # last: without it, incomplete
-            os.replace(tmp, directory)
+            publish(tmp, directory, "meta.json")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # only the temporary directory this call created
             raise
     barrier()
     if not manifest.exists():
-        raise FileNotFoundError(f"data.cache_dir: {directory} is incomplete: rank 0 did not finish building it")
+        raise FileNotFoundError(f"data.cache_dir: {directory} is incomplete on this node: rank 0 did not finish "
+                                "building it, or data.cache_dir is not on a filesystem every node shares")
     return {name: SplitSpans(np.load(directory / f"{name}.starts.npy", mmap_mode="r", allow_pickle=False),
                              np.load(directory / f"{name}.ends.npy", mmap_mode="r", allow_pickle=False))
             for name in ("train", "eval")}

@@ -60,6 +60,6 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
     if cfg.source == "files" and cfg.cache_dir:  # tokenize once into a memory-mapped cache (data/cache.py)
         from ascend_edit.data.cache import load_cached
 
-        return load_cached(cfg, tokenizer, seed)
+        return load_cached(cfg, tokenizer, seed, vocab_size)
     documents = text_source(cfg).load()
     return build_train_eval(documents, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)

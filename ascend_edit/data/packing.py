@@ -31,6 +31,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -38,6 +39,8 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value Hugging Face's cross-entropy skips
 
@@ -227,6 +230,18 @@ def split_documents(documents: Sequence[str], eval_fraction: float, seed: int = 
     return train, held_out
 
 
+def split_held_out(documents: Sequence[str], eval_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`split_documents`, then training copies of held-out documents dropped (scraped corpora repeat documents):
+    a held-out number is never measured on text the conversion trained on."""
+    train, held_out = split_documents(documents, eval_fraction, seed)
+    held = set(held_out)
+    kept = [doc for doc in train if doc not in held]
+    if len(kept) < len(train):
+        log.warning("%d training documents are copies of held-out documents; left out of training",
+                    len(train) - len(kept))
+    return kept, held_out
+
+
 def build_train_eval(
     documents: Sequence[str],
     tokenizer: Tokenizer,
@@ -240,7 +255,7 @@ def build_train_eval(
 
     Returns ``(train, eval)``; ``eval`` is ``None`` when ``eval_fraction == 0``.
     """
-    train_docs, eval_docs = split_documents(documents, eval_fraction, seed)
+    train_docs, eval_docs = split_held_out(documents, eval_fraction, seed)
     try:
         train = pack_documents(train_docs, tokenizer, seq_len, append_eos, continued_positions)
     except ValueError as error:

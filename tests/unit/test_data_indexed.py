@@ -148,6 +148,15 @@ def test_damaged_or_foreign_files_are_one_line(tmp_path):
     with open(truncated_bin + ".bin", "r+b") as f:
         f.truncate(10)
     one_line_error(truncated_bin, r"short_bin\.bin is truncated")
+    longer_bin = write_indexed(tmp_path / "long_bin", docs)
+    with open(longer_bin + ".bin", "ab") as f:
+        f.write(b"\0" * 200)
+    one_line_error(longer_bin, r"long_bin\.bin is longer than its index describes")
+    # an index saying uint16 over a .bin written as int32 (two preprocessing runs): every other token a 0
+    write_indexed(tmp_path / "wide", docs, dtype=np.int32)
+    write_indexed(tmp_path / "narrow", docs, dtype=np.uint16)
+    (tmp_path / "narrow.bin").write_bytes((tmp_path / "wide.bin").read_bytes())
+    one_line_error(str(tmp_path / "narrow"), r"narrow\.bin is longer .*fits 4-byte tokens, not the index's uint16")
     truncated_idx = write_indexed(tmp_path / "short_idx", docs)
     size = (tmp_path / "short_idx.idx").stat().st_size
     with open(truncated_idx + ".idx", "r+b") as f:
