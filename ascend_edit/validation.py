@@ -189,7 +189,7 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
         raise ConfigError(f"distill.model_level.feature_layers={list(ml.feature_layers)}: {outside} are not "
                           f"converted layers (target.layers={target.layers})")
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and cfg.task in TRAINING_TASKS and cfg.data.seq_len > positions:
+    if positions and cfg.task in (*TRAINING_TASKS, "plan") and cfg.data.seq_len > positions:
         log.warning("data.seq_len=%d is longer than the teacher's max_position_embeddings=%d: the teacher was never "
                     "trained at those positions, so the distillation targets there are poor", cfg.data.seq_len,
                     positions)

@@ -106,6 +106,7 @@ def plan_run(cfg: RootConfig) -> list[dict]:
         run = settings(cfg, name, world, compiled)
         summary = summarise(plan_stage(shape, tshape, counts, run), run, cfg.cluster)
         summary["batch_problem"] = batch_problem(getattr(cfg.distill, name), world)
+        summary["batch_per_rank"] = getattr(cfg.distill, name).batch_size // world
         summaries.append(summary)
     return summaries
 
@@ -132,7 +133,7 @@ def print_plan(console, cfg: RootConfig, summaries: list[dict]) -> None:
     table.add_row("fits", *("yes" if s["fits"] else "[red]NO[/red]" for s in summaries))
     table.add_row("batch splits over the ranks", *("yes" if s["batch_problem"] is None else "[red]NO[/red]"
                                                    for s in summaries))
-    table.add_row("largest micro-batch", *(str(s["largest_micro_batch"]) for s in summaries))
+    table.add_row("largest micro-batch memory allows", *(_largest_micro_cell(s) for s in summaries))
     table.add_row("tokens/s per device", *(f"{s['tokens_per_s_per_device']:,.0f}" for s in summaries))
     table.add_row(f"tokens/s, {world} devices", *(f"{s['tokens_per_s_cluster']:,.0f}" for s in summaries))
     console.print(table)
@@ -140,6 +141,13 @@ def print_plan(console, cfg: RootConfig, summaries: list[dict]) -> None:
         for note in [*s["notes"], *([s["batch_problem"]] if s["batch_problem"] else [])]:
             console.print(f"  {s['stage']}: {note}")
     console.print("  tokens/s = peak x efficiency / model FLOPs per token (recomputation counted as extra work)")
+
+
+def _largest_micro_cell(summary: dict) -> str:
+    """The memory bound, with the stage's own bound beside it when that is lower (a micro-batch never holds
+    more than one rank's share of the batch)."""
+    largest, per_rank = summary["largest_micro_batch"], summary["batch_per_rank"]
+    return f"{largest:,} (batch per rank {per_rank})" if largest > per_rank else f"{largest:,}"
 
 
 def run(cfg: RootConfig) -> dict:

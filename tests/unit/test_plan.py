@@ -167,6 +167,15 @@ def test_plan_task_counts_the_meta_model_like_the_hand():
     assert model_level["tokens_per_s_per_device"] > 0
 
 
+def test_largest_micro_batch_shows_the_batch_share_that_bounds_it():
+    from ascend_edit.tasks.plan import _largest_micro_cell
+
+    assert _largest_micro_cell({"largest_micro_batch": 35, "batch_per_rank": 8}) == "35 (batch per rank 8)"
+    assert _largest_micro_cell({"largest_micro_batch": 6, "batch_per_rank": 64}) == "6"
+    _, model_level = plan_run(compose_cfg())
+    assert model_level["batch_per_rank"] == compose_cfg().distill.model_level.batch_size
+
+
 def test_cluster_multiplies_devices_and_partitions():
     cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "engine=zero3", "distill.model_level.batch_size=32"])
     _, model_level = plan_run(cfg)

@@ -226,3 +226,33 @@ def test_sequences_longer_than_the_teachers_positions_are_warned_about(caplog):
     with caplog.at_level("WARNING"):
         check_against_teacher(cfg, tiny_qwen3())
     assert "data.seq_len=100000 is longer than the teacher's max_position_embeddings" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a plan for those positions says the same
+        check_against_teacher(compose_typed(["model=qwen3_tiny", "task=plan", "target.mla.qk_rope_head_dim=8",
+                                             "target.mla.qk_nope_head_dim=8", "target.mla.kv_lora_rank=16",
+                                             "target.mla.v_head_dim=16", "data.seq_len=100000"]), tiny_qwen3())
+    assert "data.seq_len=100000 is longer than the teacher's max_position_embeddings" in caplog.text
+
+
+@pytest.mark.parametrize("arch,overrides,refused", [
+    ("mistral", {"sliding_window": 24}, True),  # Mistral-7B-v0.1 style: every layer slides
+    ("mistral", {"sliding_window": None}, False),  # v0.2 and later
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}, True),
+    ("qwen2", {"sliding_window": 24}, False),  # a window value that use_sliding_window=false leaves off
+])
+def test_a_teacher_whose_own_attention_slides_is_refused_in_one_line(arch, overrides, refused):
+    """The targets replace full attention: a sliding teacher's window would be dropped by native exports and by
+    the KV accounting (a 24-token window reported as 2 MiB saved at 8K), so it is refused, not converted wrongly."""
+    from ascend_edit.models.loading import check_full_attention, check_supported
+    from tests.conftest import tiny_model
+
+    config = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, **overrides)
+    if not refused:
+        check_full_attention(config)
+        return
+    with pytest.raises(NotImplementedError, match=r"^the teacher's own attention slides \(sliding_window=24") as info:
+        check_full_attention(config)
+    assert "\n" not in str(info.value)
+    with pytest.raises(NotImplementedError, match="own attention slides"):
+        check_supported(tiny_model(arch, **overrides))
