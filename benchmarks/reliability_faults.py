@@ -321,6 +321,19 @@ def model_cases() -> list[Case]:
         config = json.loads((directory / "config.json").read_text())
         (directory / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
 
+    def no_tokenizer(ws: Path) -> None:
+        directory = copy_teacher(ws, "no-tokenizer")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (directory / name).unlink(missing_ok=True)
+
+    def sliding_teacher(ws: Path) -> None:
+        directory = copy_teacher(ws, "sliding-teacher")
+        config = json.loads((directory / "config.json").read_text())
+        layers = config["num_hidden_layers"]
+        (directory / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 8,
+                                                           "max_window_layers": 0,
+                                                           "layer_types": ["sliding_attention"] * layers}))
+
     return [
         hf("model.path does not exist", "model.path={ws}/no-such-model", "model.path="),
         hf("model.path is a weights file", "model.path={ws}/teacher/model.safetensors", "is a file"),
@@ -329,6 +342,9 @@ def model_cases() -> list[Case]:
         hf("malformed config.json", "model.path={ws}/bad-config", "model.path", bad_config),
         hf("unreadable tokenizer", "model.path={ws}/bad-tokenizer", "tokenizer", bad_tokenizer),
         hf("unsupported architecture in config.json", "model.path={ws}/gpt2-teacher", "gpt2", other_arch),
+        hf("teacher directory without tokenizer files", "model.path={ws}/no-tokenizer", "tokenizer", no_tokenizer),
+        hf("teacher whose own attention slides", "model.path={ws}/sliding-teacher", "own attention slides",
+           sliding_teacher),
         hf("weights missing a tensor of config.json", "model.path={ws}/missing-tensor", "missing keys (1)",
            missing_tensor),
         hf("missing gguf_file (no hub fallback)", "model.path={ws}/gguf model.gguf_file=missing.gguf",

@@ -21,6 +21,8 @@ class AttentionGeometry:
     o_bias: bool
     has_qk_norm: bool  # Qwen3: per-head RMSNorm on q and k before RoPE
     rms_norm_eps: float
+    # YaRN / LongRoPE scale cos and sin by this factor: every rotated q.k score carries its square (1 otherwise)
+    rope_attention_scaling: float = 1.0
 
     @property
     def num_kv_groups(self) -> int:
@@ -59,4 +61,15 @@ def read_geometry(attn: nn.Module, config) -> AttentionGeometry:
         o_bias=o_proj.bias is not None,
         has_qk_norm=q_norm is not None,
         rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+        rope_attention_scaling=rope_attention_scaling(config),
     )
+
+
+def rope_attention_scaling(config) -> float:
+    """The factor transformers' rotary embedding multiplies cos and sin by for this config's rope type."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        return 1.0  # default: no scaling
+    return float(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[1])

@@ -111,6 +111,9 @@ def init_mla_from_teacher(target: MLAAttention, teacher: nn.Module, geometry: At
 
     # --- position-free part: per KV head, fit n key dims and v value dims, then a joint SVD ---
     rows, q_nope, out_maps = _position_free_rows(maps, n, v)
+    # The teacher rotated every dim with cos/sin scaled by the rope's attention factor (YaRN), so each of its
+    # scores carries the factor squared; the rotary part still gets it from the rope, the position-free part not.
+    q_nope = q_nope * g.rope_attention_scaling**2
     whitened = rows[:, :D] @ cov_half
     u, s, _ = torch.linalg.svd(whitened, full_matrices=False)
     rank = min(c, u.shape[1])
@@ -132,7 +135,13 @@ def init_mla_from_teacher(target: MLAAttention, teacher: nn.Module, geometry: At
         target.kv_a_proj_with_mqa.bias.copy_(torch.cat([down[:, D], shared_k_rope_bias]).to(dtype))
     if has_norm:
         target.get_parameter("kv_a_layernorm.weight").fill_(1.0)  # the typical RMS is folded into kv_b_proj above
-    q = torch.cat([q_nope, q_rope], dim=1).reshape(H * (n + r), D).to(dtype)
+    query = torch.cat([q_nope, q_rope], dim=1).reshape(H * (n + r), D + 1)
+    q, q_bias = query[:, :D].to(dtype), query[:, D]
+    out_proj = target.q_proj if target.q_lora_rank is None else target.q_b_proj
+    if out_proj.bias is None and bool(q_bias.abs().max() > 0):
+        raise ValueError("the teacher's query projection has a bias and the MLA target's has none")
+    if out_proj.bias is not None:
+        out_proj.bias.copy_(q_bias.to(dtype))
     if target.q_lora_rank is None:
         target.q_proj.weight.copy_(q)
     else:
@@ -168,6 +177,7 @@ class _LinearMaps:
     cov: torch.Tensor  # the calibration covariance as measured
     cov_half: torch.Tensor  # square root of the (shrunk) covariance the fits whiten by
     wq: torch.Tensor  # [H, d, D], scaled for the target's softmax scale
+    bq: torch.Tensor  # [H, d], scaled likewise
     wk: torch.Tensor  # [G, d, D]
     wv: torch.Tensor  # [G, d, D]
     bk: torch.Tensor  # [G, d]
@@ -190,17 +200,18 @@ def _linear_maps(teacher: nn.Module, g: AttentionGeometry, stats: LayerStats | N
     wq = q_proj.weight.to(**f64).view(H, d, D)
     wk = k_proj.weight.to(**f64).view(G, d, D)
     wv = v_proj.weight.to(**f64).view(G, d, D)
+    bq = q_proj.bias.to(**f64).view(H, d) if q_proj.bias is not None else torch.zeros(H, d, **f64)
     bk = k_proj.bias.to(**f64).view(G, d) if k_proj.bias is not None else torch.zeros(G, d, **f64)
     bv = v_proj.bias.to(**f64).view(G, d) if v_proj.bias is not None else torch.zeros(G, d, **f64)
     if g.has_qk_norm:
         q_scale = teacher.get_parameter("q_norm.weight").to(**f64) / (stats.q_rms if stats else 1.0)
         k_scale = teacher.get_parameter("k_norm.weight").to(**f64) / (stats.k_rms if stats else 1.0)
-        wq, wk, bk = wq * q_scale[:, None], wk * k_scale[:, None], bk * k_scale
+        wq, bq, wk, bk = wq * q_scale[:, None], bq * q_scale, wk * k_scale[:, None], bk * k_scale
     nope_idx = rope_dims(d, frequencies)[1].to(f64["device"])
     group_of_head = torch.arange(H, device=f64["device"]) // (H // G)
     # MLA's softmax scale differs from the teacher's; fold the ratio into the query.
-    wq = wq * (g.scaling / target_scaling)
-    return _LinearMaps(f64, cov, cov_half, wq, wk, wv, bk, bv, nope_idx, group_of_head)
+    wq, bq = wq * (g.scaling / target_scaling), bq * (g.scaling / target_scaling)
+    return _LinearMaps(f64, cov, cov_half, wq, bq, wk, wv, bk, bv, nope_idx, group_of_head)
 
 
 def rope_frequencies(target: MLAAttention) -> list[int]:
@@ -242,7 +253,8 @@ def _shared_rope_key(maps: _LinearMaps, frequencies: list[int]) -> tuple[torch.T
     k_rope_rows = maps.wk[:, rope_idx]  # [G, r, D]
     shared = torch.einsum("rg,grD->rD", weight_per_dim, k_rope_rows)
     bias = torch.einsum("rg,gr->r", weight_per_dim, maps.bk[:, rope_idx])
-    q_rope = maps.wq[:, rope_idx] * weight_per_dim.T[maps.group_of_head][:, :, None]  # [H, r, D]
+    query = torch.cat([maps.wq, maps.bq[:, :, None]], dim=-1)  # [H, d, D + 1]: the bias as a last column
+    q_rope = query[:, rope_idx] * weight_per_dim.T[maps.group_of_head][:, :, None]  # [H, r, D + 1]
     return shared, bias, q_rope
 
 
@@ -296,7 +308,7 @@ def _position_free_rows(maps: _LinearMaps, n: int, v: int) -> tuple[torch.Tensor
     """Per KV head, the n key dims and v value dims that keep most whitened energy.
 
     Returns (rows [G*n + G*v, D + 1] with a trailing bias column — what the latent must reproduce —,
-    the matching query rows [H, n, D] in head order, and each KV head's value projection [v, d]).
+    the matching query rows [H, n, D + 1] in head order (bias last), and each KV head's value projection [v, d]).
     """
     f64, cov_half = maps.f64, maps.cov_half
     G, d = maps.wk.shape[0], maps.wk.shape[1]
@@ -310,7 +322,7 @@ def _position_free_rows(maps: _LinearMaps, n: int, v: int) -> tuple[torch.Tensor
             proj = u[:, :n].T  # orthonormal [n, d - r]
         k_nope.append(torch.cat([proj @ keys, (proj @ maps.bk[kv, maps.nope_idx])[:, None]], dim=1))
         for h in (maps.group_of_head == kv).nonzero().squeeze(-1).tolist():
-            q_nope.append(proj @ maps.wq[h, maps.nope_idx])
+            q_nope.append(torch.cat([proj @ maps.wq[h, maps.nope_idx], (proj @ maps.bq[h, maps.nope_idx])[:, None]], 1))
         if v >= d:
             vproj = torch.eye(v, d, **f64)
         else:

@@ -75,12 +75,14 @@ class MLAAttention(nn.Module):
         bias = geometry.qkv_bias
         hidden, heads = geometry.hidden_size, geometry.num_heads
 
+        # A teacher with a query bias (Qwen2; attention_bias=True) keeps it on the projection that outputs the query
+        # (deepseek_v3 has none there: such a conversion exports through auto_map).
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
+            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=bias)
         else:
             self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = DeepseekV3RMSNorm(cfg.q_lora_rank, eps=geometry.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * self.qk_head_dim, bias=False)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * self.qk_head_dim, bias=bias)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = (DeepseekV3RMSNorm(cfg.kv_lora_rank, eps=geometry.rms_norm_eps)
                                if cfg.latent_norm else nn.Identity())

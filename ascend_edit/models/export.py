@@ -208,6 +208,10 @@ def _deepseek_v3_blockers(model: PreTrainedModel, spec: dict) -> list[str]:
     mla = next(a for a in attns if isinstance(a, MLAAttention))
     norms = [m for m in (getattr(mla, "kv_a_layernorm", None), getattr(mla, "q_a_layernorm", None))
              if m is not None and not isinstance(m, nn.Identity)]
+    query_out = mla.q_proj if mla.q_lora_rank is None else mla.q_b_proj
+    if query_out.bias is not None:
+        reasons.append("the teacher's query bias (Qwen2, attention_bias=true) is kept on the query projection; "
+                       "deepseek_v3's has none")
     if any(abs(m.variance_epsilon - DEEPSEEK_LATENT_NORM_EPS) > 0 for m in norms):
         reasons.append(f"the latent RMSNorm uses eps={norms[0].variance_epsilon} (the teacher's rms_norm_eps); "
                        f"transformers' deepseek_v3 fixes it at {DEEPSEEK_LATENT_NORM_EPS}")

@@ -43,6 +43,31 @@ def check_supported(model: PreTrainedModel) -> None:
             f"architecture '{model_type}' ({type(model).__name__}) is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    check_full_attention(model.config)
+
+
+def teacher_sliding_window(config: PretrainedConfig) -> int | None:
+    """The window of a teacher whose own attention slides (Mistral's `sliding_window`, Qwen2/3's
+    `use_sliding_window` + `layer_types`), or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if getattr(config, "use_sliding_window", None) is False:
+        return None  # Qwen2/Qwen3 keep a sliding_window value that is off unless use_sliding_window is set
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def check_full_attention(config: PretrainedConfig) -> None:
+    """A teacher that already slides is refused: the targets replace full attention, and its window would be lost
+    in native exports and in the KV accounting that reports what a conversion saves."""
+    window = teacher_sliding_window(config)
+    if window is not None:
+        raise NotImplementedError(
+            f"the teacher's own attention slides (sliding_window={window}{', layer_types' if getattr(config, 'layer_types', None) else ''}): "
+            "ascend_edit converts full-attention teachers only")
 
 
 def build_from_config(arch: str, overrides: dict, dtype: torch.dtype = torch.float32,
@@ -187,6 +212,7 @@ def check_teacher_type(config: PretrainedConfig) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(f"architecture '{model_type}' is not supported; "
                                   f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_full_attention(config)
 
 
 def load_teacher(cfg: ModelConfig, attn_implementation: str | None = None, device: torch.device | str = "cpu",
@@ -250,7 +276,21 @@ def _build_teacher(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | 
             raise ModelInputError(f"model.path={cfg.path}: the weights could not be loaded: "
                                   f"{_first_line(err)}") from err
         check_loading_info(info, f"model.path={cfg.path}")
+        check_tokenizer(tokenizer, model.config, f"model.path={cfg.path}")
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer, config: PretrainedConfig, key: str) -> None:
+    """Refuse a tokenizer that cannot be the model's: transformers builds an empty one for a directory without
+    tokenizer files (every text then encodes to nothing, and an export would ship it), and one with more tokens
+    than the model's vocabulary gives ids the embedding does not have."""
+    size = len(tokenizer)
+    if size < 2:
+        raise ModelInputError(f"{key}: its tokenizer is empty ({size} token): the directory has no usable tokenizer "
+                              "files (tokenizer.json / tokenizer.model); copy the teacher's tokenizer there")
+    if size > config.vocab_size:
+        raise ModelInputError(f"{key}: its tokenizer has {size:,} tokens, more than the model's vocabulary of "
+                              f"{config.vocab_size:,}: not this model's tokenizer")
 
 
 def check_loading_info(info: dict, key: str) -> None:

@@ -183,3 +183,76 @@ def test_packed_documents_do_not_see_each_other():
         joint = model(packed, position_ids=positions, use_cache=False).logits
         apart = torch.cat([model(a).logits, model(b).logits], dim=1)
     torch.testing.assert_close(joint, apart, rtol=1e-5, atol=1e-5)
+
+
+# One KV head, every rotary frequency in the shared RoPE key (r = head_dim) and every value dim in the latent: the
+# warm start is then the teacher's own attention, up to fp64 -> fp32 rounding.
+MQA = {"num_key_value_heads": 1}
+MLA_EXACT = MLAConfig(kv_lora_rank=1 + 16, qk_rope_head_dim=16, qk_nope_head_dim=1, v_head_dim=16,
+                      latent_norm=False, allow_larger_cache=True)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("qwen2", {}),  # q/k/v biases: the query's was dropped until 2026-12-05
+    ("llama", {"attention_bias": True}),
+])
+def test_full_rank_mla_warm_start_is_the_teacher(arch, overrides):
+    """A warm start that can be exact is exact, with the teacher's query bias (Qwen2; attention_bias=True) kept on
+    the query projection."""
+    teacher = tiny_model(arch, **MQA, **overrides)
+    assert (teacher.model.layers[0].self_attn.q_proj.bias is not None) == (arch == "qwen2" or bool(overrides))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = teacher(ids).logits
+    cfg = TargetConfig(kind="mla", mla=MLA_EXACT)
+    model = edit_model(teacher, build_plan(teacher.config.num_hidden_layers, cfg), cfg)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_a_low_rank_query_keeps_the_teachers_query_bias():
+    """With q_lora_rank the bias goes on q_b_proj (after the norm, where it can be exact)."""
+    teacher = tiny_model("qwen2", **MQA)
+    for layer in teacher.model.layers:  # a bias that matters
+        layer.self_attn.q_proj.bias.data.normal_(std=1.0)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = teacher(ids).logits
+    cfg = TargetConfig(kind="mla", mla=MLAConfig(**{**MLA_EXACT.__dict__, "q_lora_rank": 64}))
+    model = edit_model(teacher, build_plan(teacher.config.num_hidden_layers, cfg), cfg)
+    with torch.no_grad():
+        error = float((model(ids).logits - want).norm() / want.norm())
+        for attn in edited_attentions(model):
+            assert float(attn.target.q_b_proj.bias.abs().max()) > 0.1
+            attn.target.q_b_proj.bias.zero_()
+        without = float((model(ids).logits - want).norm() / want.norm())
+    assert error < 0.5 * without
+
+
+def test_yarn_warm_start_keeps_the_rope_attention_factor_on_position_free_dims():
+    """YaRN multiplies cos and sin by its attention factor, so every teacher score carries the factor squared; the
+    warm start's position-free query carries it too (was: missing)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+    teacher = tiny_model("llama", **MQA, rope_parameters=yarn)
+    for layer in teacher.model.layers:  # sharper attention, so that the scores' scale shows in the output
+        layer.self_attn.q_proj.weight.data.mul_(4.0)
+    factor = teacher.model.rotary_emb.attention_scaling
+    assert factor > 1.1
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = teacher(ids).logits
+    # the 4 fastest rotary pairs in the shared key; the 4 slowest barely turn over 12 tokens and become
+    # position-free: their rotation is (almost) nothing to lose, their scale is what the factor is about
+    n = 8
+    mla = MLAConfig(kv_lora_rank=n + 16, qk_rope_head_dim=8, qk_nope_head_dim=n, v_head_dim=16,
+                    latent_norm=False, allow_larger_cache=True)
+    cfg = TargetConfig(kind="mla", mla=mla)
+    model = edit_model(teacher, build_plan(teacher.config.num_hidden_layers, cfg), cfg)
+    with torch.no_grad():
+        error = float((model(ids).logits - want).norm() / want.norm())
+        for attn in edited_attentions(model):  # the previous warm start: the factor left off
+            attn.target.q_proj.weight.view(4, n + 8, -1)[:, :n].div_(factor**2)
+        old = float((model(ids).logits - want).norm() / want.norm())
+    assert error < 0.3 * old, (error, old)

@@ -115,6 +115,21 @@ def test_unreadable_tokenizer_is_named_before_weights_load(tmp_path):
         load_teacher(hf(directory))
 
 
+def test_a_teacher_without_a_usable_tokenizer_is_refused(tmp_path):
+    """For a Qwen checkpoint without tokenizer files transformers builds an empty tokenizer (every text encodes to
+    nothing) instead of failing, and an export would ship it: refused, as is one larger than the vocabulary."""
+    from tests.conftest import tiny_model
+    from tests.helpers.tiny_checkpoint import char_tokenizer
+
+    tiny_model("qwen3").save_pretrained(tmp_path / "bare")
+    with pytest.raises(ModelInputError, match=r"model.path=.*bare: its tokenizer is empty .*no usable tokenizer"):
+        load_teacher(hf(tmp_path / "bare"))
+    tiny_model("qwen3", vocab_size=8).save_pretrained(tmp_path / "small")
+    char_tokenizer(["abcdefghijklmnop"]).save_pretrained(tmp_path / "small")
+    with pytest.raises(ModelInputError, match=r"tokenizer has \d+ tokens, more than the model's vocabulary of 8"):
+        load_teacher(hf(tmp_path / "small"))
+
+
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     """transformers fills a missing tensor with random values (and drops unexpected ones) with only a log line:
     a teacher missing one projection, or a converted run's directory given as the teacher, must be refused."""
