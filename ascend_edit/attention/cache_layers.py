@@ -49,6 +49,9 @@ class SinkWindowLayer(DynamicLayer):
         self.indices: torch.Tensor | None = None
         self.real: torch.Tensor | None = None  # [b, kept]: False for padding
         self.cumulative_length = 0
+        # transformers' rollback protocol (assisted decoding, prompt lookup): while recording, nothing is evicted,
+        # so `crop` can take back tokens; `crop` then bounds the layer again.
+        self.record_past = False
 
     def update_window(
         self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
@@ -75,14 +78,50 @@ class SinkWindowLayer(DynamicLayer):
         all_indices = torch.cat([self.indices, new_indices])
         all_real = torch.cat([self.real, real.expand_as(positions)], dim=-1)
 
-        # Keep what a *future* query can still see: the last window-1 tokens and the sinks (real tokens only).
-        recent = all_indices >= self.cumulative_length - (self.window - 1)
-        sink = ((all_positions < self.sink_tokens) & all_real).any(dim=0)
-        keep = (recent | sink).nonzero().squeeze(-1)
-        self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
-        self.positions, self.indices = all_positions.index_select(-1, keep), all_indices.index_select(0, keep)
-        self.real = all_real.index_select(-1, keep)
+        self.keys, self.values, self.positions, self.indices, self.real = keys, values, all_positions, all_indices, all_real
+        if not self.record_past:
+            self._evict()
         return keys, values, all_positions, all_indices
+
+    def _evict(self) -> None:
+        """Keep what a *future* query can still see: the last window-1 tokens and the sinks (real tokens only)."""
+        assert self.keys is not None and self.values is not None  # called after an update
+        assert self.positions is not None and self.indices is not None and self.real is not None
+        recent = self.indices >= self.cumulative_length - (self.window - 1)
+        sink = ((self.positions < self.sink_tokens) & self.real).any(dim=0)
+        self._keep((recent | sink).nonzero().squeeze(-1))
+
+    def _keep(self, columns: torch.Tensor) -> None:
+        assert self.keys is not None and self.values is not None  # called after an update
+        assert self.positions is not None and self.indices is not None and self.real is not None
+        self.keys, self.values = self.keys.index_select(-2, columns), self.values.index_select(-2, columns)
+        self.positions, self.indices = self.positions.index_select(-1, columns), self.indices.index_select(0, columns)
+        self.real = self.real.index_select(-1, columns)
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Take back the last `-tokens_to_remove` tokens (transformers' convention: a negative count; 0 only bounds
+        the layer again), then keep what a later query can see. Needs the tokens the shorter stream's window holds:
+        they are there while past recording is on (transformers turns it on for assisted decoding) or while nothing
+        has been evicted yet."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        if not self.is_initialized or self.indices is None:
+            return
+        length = self.cumulative_length + tokens_to_remove
+        if length < 0:
+            raise ValueError(f"crop({tokens_to_remove}): the layer holds a stream of {self.cumulative_length} tokens")
+        needed = torch.arange(max(length - (self.window - 1), 0), length, device=self.indices.device)
+        if not bool(torch.isin(needed, self.indices).all()):
+            raise RuntimeError(
+                f"a GateSWA sink/window cache layer cannot be cropped back to {length} tokens: tokens that window "
+                "needs were evicted; call cache.activate_past_recording() before the tokens to take back are added "
+                "(transformers' assisted decoding does)")
+        self.cumulative_length = length
+        self._keep((self.indices < length).nonzero().squeeze(-1))
+        self._evict()  # recording goes on until transformers turns it off: each rollback starts from here
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Generic Cache API: positions default to absolute indices (no padding information)."""
@@ -104,9 +143,6 @@ class SinkWindowLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.positions, self.indices, self.real, self.cumulative_length = None, None, None, 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SinkWindowLayer cannot be cropped: evicted tokens are gone")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -186,6 +222,7 @@ class StaticSinkWindowLayer(StaticLayer):
     """
 
     is_sliding = False
+    is_croppable = False  # slots are overwritten in place: transformers refuses assisted decoding up front
 
     def __init__(self, max_cache_len: int, window: int, sink_tokens: int, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
@@ -356,7 +393,8 @@ class StaticSinkWindowLayer(StaticLayer):
         self._traced_plan = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("StaticSinkWindowLayer cannot be cropped: evicted tokens are gone")
+        raise RuntimeError("a GateSWA static ring cache cannot be cropped (its slots are overwritten in place): use the "
+                           "dynamic cache for assisted decoding or prompt lookup")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

@@ -20,6 +20,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ascend_edit.attention.cache_layers import StaticSinkWindowLayer, sink_window_layer
@@ -53,6 +54,17 @@ def real_tokens(given: torch.Tensor | None, q_pos: torch.Tensor, past) -> torch.
     stream = past + torch.arange(s, device=q_pos.device)
     columns = stream.clamp(max=given.shape[-1] - 1).view(1, s, 1).expand(given.shape[0], s, 1)
     return given[:, 0].gather(-1, columns).squeeze(-1).expand(b, s)
+
+
+def install_bounded_cache_layers(model: nn.Module, cache: object) -> None:
+    """Give every sliding GateSWA layer its bounded slot in `cache` now, before generation starts, rather than at
+    its first write: transformers turns on past recording (assisted decoding, prompt lookup) on the layers a cache
+    holds when generation begins, and a slot installed later would not know it, so it could not be rolled back."""
+    if not isinstance(cache, Cache):
+        return
+    for module in model.modules():
+        if isinstance(module, GateSWAAttention) and module.is_sliding and module.layer_idx is not None:
+            sink_window_layer(cache, module.layer_idx, module.window, module.sink_tokens)
 
 
 class GateSWAAttention(nn.Module):

@@ -25,8 +25,9 @@ from types import SimpleNamespace
 from typing import cast
 
 from torch import nn
+from transformers.cache_utils import Cache
 
-from ascend_edit.attention.gate_swa import GateSWAAttention
+from ascend_edit.attention.gate_swa import GateSWAAttention, install_bounded_cache_layers
 from ascend_edit.attention.geometry import read_geometry
 from ascend_edit.attention.mla import MLAAttention
 
@@ -98,3 +99,13 @@ class AscendEditCausalLMMixin:
         # the next class in the MRO is the teacher's CausalLM (see above), which takes the config
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         install_converted_attention(cast(nn.Module, self), config)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """transformers' cache for `generate`, with the sliding GateSWA layers' bounded slots in it from the start
+        (so assisted decoding's past recording reaches them; see `install_bounded_cache_layers`)."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)  # type: ignore[misc]
+        cache = model_kwargs.get("cache")
+        install_bounded_cache_layers(cast(nn.Module, self), cache)
+        if getattr(generation_config, "is_assistant", False) and isinstance(cache, Cache):
+            cache.activate_past_recording()  # a draft model's cache: transformers asked for recording before we installed
+        return result

@@ -138,9 +138,10 @@ def test_export_in_bf16_writes_bf16_weights_that_reproduce_the_rounded_model(tmp
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch, target, reason", [
     ("qwen3_moe", TargetConfig(kind="mla", mla=MLA_DEEPSEEK), "qwen3_moe"),
+    ("qwen2", TargetConfig(kind="mla", mla=MLA_DEEPSEEK), "query bias"),
     ("qwen3", TargetConfig(kind="mla", mla=MLA_NO_NORM), "latent_norm"),
     ("qwen3", TargetConfig(kind="gate_swa", gate_swa=GATED), "gate=headwise"),
-], ids=["mla-moe", "mla-no-latent-norm", "gate_swa-gated-sinks"])
+], ids=["mla-moe", "mla-qwen2-query-bias", "mla-no-latent-norm", "gate_swa-gated-sinks"])
 def test_auto_map_round_trip(arch: str, target: TargetConfig, reason: str, tmp_path: Path):
     model = converted(arch, target)
     result = export_converted(model, tmp_path / "hf")
@@ -172,6 +173,22 @@ def test_auto_map_keeps_the_latent_and_bounded_window_caches(tmp_path: Path):
     assert len(sliding) == 2  # layers 0 and 2
     for layer in sliding:
         assert layer.keys.shape[-2] == SINKS + WINDOW - 1  # 30 tokens fed, the bounded cache holds 9
+
+
+def test_gate_swa_export_rolls_back_for_assisted_decoding(tmp_path: Path):
+    """Prompt lookup and a draft model crop the cache after rejected guesses: the bounded window layers keep what a
+    rollback needs while transformers records past states, and the tokens equal a no-cache greedy decode, well past
+    the window (was: an internal 'cannot be cropped' error partway through generate). A static ring refuses up front."""
+    export_converted(converted("qwen3", TargetConfig(kind="gate_swa", gate_swa=GATED)), tmp_path / "swa")
+    model = load_exported(tmp_path / "swa", trust_remote_code=True)
+    ids = prompt(length=6, batch=1).repeat(1, 4)  # repeats: prompt lookup proposes, and is partly rejected
+    kwargs = dict(max_new_tokens=3 * WINDOW, min_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, use_cache=False, **kwargs)
+        assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, **kwargs), want)
+        assert torch.equal(model.generate(ids, assistant_model=model, **kwargs), want)
+        with pytest.raises(ValueError, match="cache that can be cropped"):
+            model.generate(ids, prompt_lookup_num_tokens=3, cache_implementation="static", **kwargs)
 
 
 def test_auto_map_checkpoint_loads_without_ascend_edit(tmp_path: Path):

@@ -285,3 +285,40 @@ def test_inductor_writes_the_caches_in_place(target, tmp_path, monkeypatch):
                  for text in wrappers for sizes in re.findall(r"empty_strided_\w+\(\(([\d, ]*)\)", text)}
     assert len(allocated) > 3  # the wrappers were read and parsed: a step allocates its small temporaries
     assert not shapes & allocated, shapes & allocated
+
+
+def _fed(layer, tokens: int, start: int = 0):
+    """Feed `tokens` tokens one position each (batch 1, one head, dim 1; the value is the stream index)."""
+    from ascend_edit.attention.cache_layers import SinkWindowLayer
+
+    assert isinstance(layer, SinkWindowLayer)
+    for index in range(start, start + tokens):
+        state = torch.full((1, 1, 1, 1), float(index))
+        layer.update_window(state, state, torch.tensor([[index]]))
+    return layer
+
+
+def test_a_recording_window_layer_crops_back_to_what_a_shorter_stream_holds():
+    """transformers' rollback protocol (assisted decoding): while recording nothing is evicted; crop(-n) then leaves
+    exactly the layer a stream n tokens shorter has. Without recording, a crop that needs evicted tokens is refused."""
+    from ascend_edit.attention.cache_layers import SinkWindowLayer
+
+    window, sinks = 4, 2
+    reference = _fed(SinkWindowLayer(window, sinks), 17)
+    recorded = _fed(SinkWindowLayer(window, sinks), 12)
+    recorded.activate_past_recording()
+    _fed(recorded, 8, start=12)
+    assert recorded.keys.shape[-2] > reference.keys.shape[-2]  # nothing evicted while recording
+    recorded.crop(-3)
+    assert recorded.get_seq_length() == 17 and recorded.record_past  # recording goes on until transformers ends it
+    assert torch.equal(recorded.indices, reference.indices) and torch.equal(recorded.keys, reference.keys)
+    assert torch.equal(recorded.positions, reference.positions)
+
+    bounded = _fed(SinkWindowLayer(window, sinks), 20)
+    with pytest.raises(RuntimeError, match="cannot be cropped back to 17 tokens: tokens that window needs were evicted"):
+        bounded.crop(-3)
+    short = _fed(SinkWindowLayer(window, sinks), 3)  # nothing evicted yet: a crop works without recording
+    short.crop(-1)
+    assert short.indices.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="negative number"):
+        short.crop(2)
