@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ascend_edit.attention.geometry import rope_attention_scaling
 from ascend_edit.config import FusedOpsConfig
 from ascend_edit.kernels.registry import RMS_NORM, ROTARY_EMBEDDING, SWIGLU, backend_name, resolve
 from ascend_edit.models.fused_attention import SUPPORTED, FusedRotaryAttention, swappable
@@ -98,9 +99,17 @@ def install_fused_ops(model: nn.Module, cfg: FusedOpsConfig, *, device_type: str
         return {}
     chosen: dict[str, str] = {}
     kernels: dict[str, Callable[..., torch.Tensor]] = {}
-    for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU):
-        kernels[op] = resolve(op, getattr(cfg, op), device_type=device_type, needs_grad=True)
-        chosen[op] = backend_name(op, getattr(cfg, op), device_type=device_type, needs_grad=True)
+    backends = {op: getattr(cfg, op) for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU)}
+    factor = rope_attention_scaling(getattr(model, "config", None))
+    if factor != 1.0 and backends[ROTARY_EMBEDDING] != "eager":
+        # YaRN / LongRoPE fold their attention factor into cos and sin; the fused rotary ops document inputs in
+        # [-1, 1] only, so those teachers rotate eagerly.
+        log.warning("fused decoder ops: the rope's attention factor %.4g puts cos / sin outside [-1, 1], which the "
+                    "fused rotary ops do not take: rotary_embedding -> eager", factor)
+        backends[ROTARY_EMBEDDING] = "eager"
+    for op, backend in backends.items():
+        kernels[op] = resolve(op, backend, device_type=device_type, needs_grad=True)
+        chosen[op] = backend_name(op, backend, device_type=device_type, needs_grad=True)
 
     norms = [(n, m, eps) for n, m in model.named_modules() if (eps := _rms_eps(m)) is not None]
     for name, module, eps in norms:

@@ -36,7 +36,7 @@ ROTARY_MAX_GRAD_BATCH_HEADS = 1024  # B * N, when cos / sin need a gradient
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype not in FLOAT_DTYPES or not 1 <= x.dim() <= 8:
+    if x.dtype not in FLOAT_DTYPES or not 2 <= x.dim() <= 8:  # the op documents 2-8 dims
         log_once(f"rms:{x.dtype}:{x.dim()}", "npu_rms_norm: eager fallback for dtype %s, %d dims", x.dtype, x.dim())
         return rms_norm_reference(x, weight, eps)
     return import_torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]

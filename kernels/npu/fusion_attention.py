@@ -255,9 +255,14 @@ def _tnd_sink_pass(cum: tuple[int, ...], window: int, sink_tokens: int, device: 
 # --------------------------------------------------------------------------------------------
 
 
-def _pass_options(q, atten_mask, sparse_mode, pre, nxt, seq_q, seq_kv) -> dict[str, Any]:
-    """The keyword arguments ``npu_fusion_attention`` and its grad share: which keys a pass sees, no dropout."""
-    return {
+def _pass_options(q, atten_mask, layout, sparse_mode, pre, nxt, seq_q, seq_kv) -> dict[str, Any]:
+    """The keyword arguments ``npu_fusion_attention`` and its grad share: which keys a pass sees, no dropout.
+
+    TND: ``softmax_layout="TND"`` asks for the statistics token-major, ``[T, N, 8]``, which the band + sink merge
+    indexes by token; without it the documented default is head-major per sequence ("NTD"), which that indexing
+    would silently misread (TorchNPU 7.2.0 / CANN 8.3.RC1 and later take the argument)."""
+    extra = {"softmax_layout": "TND"} if layout == "TND" else {}
+    return {**extra,
         "atten_mask": atten_mask if sparse_mode == SPARSE_EXPLICIT else compressed_causal_mask(q.device),
         "keep_prob": 1.0,
         "pre_tockens": pre,
@@ -277,7 +282,7 @@ def _fa_forward(q, k, v, atten_mask, scale, layout, sparse_mode, pre, nxt, seq_q
         q.shape[1],  # head_num: N is dim 1 in both BNSD and TND
         layout,
         scale=scale,
-        **_pass_options(q, atten_mask, sparse_mode, pre, nxt, seq_q, seq_kv),
+        **_pass_options(q, atten_mask, layout, sparse_mode, pre, nxt, seq_q, seq_kv),
     )
     return outputs[0], outputs[1], outputs[2]
 
@@ -296,7 +301,7 @@ def _fa_backward(dy, q, k, v, out, softmax_max, softmax_sum, atten_mask, scale, 
         softmax_sum=softmax_sum,
         attention_in=out,
         scale_value=scale,
-        **_pass_options(q, atten_mask, sparse_mode, pre, nxt, seq_q, seq_kv),
+        **_pass_options(q, atten_mask, layout, sparse_mode, pre, nxt, seq_q, seq_kv),
     )
     return grads[0], grads[1], grads[2]
 
@@ -553,7 +558,8 @@ def sliding_window_attention(
     """Op A via ``npu_fusion_attention`` (contract in ``kernels/reference.py``). Returns ``[b, h, s, dv]``."""
     b, h, s, _ = q.shape
     t = k.shape[2]
-    if s < t and s <= DECODE_MAX_QUERIES and q_seg is None and not _needs_grad(q, k, v):
+    # The fused inference op takes fp16 / bf16 only; fp32 decodes through npu_fusion_attention below.
+    if s < t and s <= DECODE_MAX_QUERIES and q_seg is None and not _needs_grad(q, k, v) and q.dtype != torch.float32:
         from .infer_attention import sliding_window_decode
 
         return sliding_window_decode(q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, sink_tokens=sink_tokens,

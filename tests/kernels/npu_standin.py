@@ -129,10 +129,10 @@ class NpuStandIn:
         self, query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
         scale=1.0, keep_prob=1.0, pre_tockens=UNLIMITED, next_tockens=UNLIMITED, inner_precise=0,
         prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
-        sync=False,
+        sync=False, softmax_layout="",
     ):  # fmt: skip
         self._record("npu_fusion_attention", query, key, value, head_num, input_layout, atten_mask, sparse_mode,
-                     pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen, scale)
+                     pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen, scale, softmax_layout=softmax_layout)
         assert pse is None and padding_mask is None and prefix is None, "not covered by the stand-in"
         self._check_fa_dims(query, key, value)
         out, row_max, row_sum = self._per_layout(
@@ -140,6 +140,8 @@ class NpuStandIn:
             head_num=head_num, atten_mask=atten_mask, scale=scale, keep_prob=keep_prob, pre=pre_tockens,
             nxt=next_tockens, mode=sparse_mode,
         )  # fmt: skip
+        if input_layout == "TND" and softmax_layout != "TND":  # the documented default: head-major per sequence
+            row_max, row_sum = (self._stats_layout(x, actual_seq_qlen, to_head_major=True) for x in (row_max, row_sum))
         return out, row_max, row_sum, query.new_empty(0), 0, 0, 0
 
     def npu_fusion_attention_grad(
@@ -147,19 +149,35 @@ class NpuStandIn:
         softmax_max=None, softmax_sum=None, softmax_in=None, attention_in=None, scale_value=1.0,
         keep_prob=1.0, pre_tockens=UNLIMITED, next_tockens=UNLIMITED, inner_precise=0, seed=0, offset=0,
         numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-        gen_mask_parallel=True, sync=False,
+        gen_mask_parallel=True, sync=False, softmax_layout="",
     ):  # fmt: skip
         self._record("npu_fusion_attention_grad", query, key, value, head_num, input_layout, atten_mask,
-                     sparse_mode, pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen, scale_value)
+                     sparse_mode, pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen, scale_value,
+                     softmax_layout=softmax_layout)
         assert keep_prob == 1.0, "the stand-in's backward covers keep_prob == 1 only"
         assert softmax_max is not None and softmax_sum is not None and attention_in is not None
         assert softmax_max.dtype == torch.float32 and softmax_sum.dtype == torch.float32
+        if input_layout == "TND" and softmax_layout != "TND":  # read as the default layout describes them
+            softmax_max, softmax_sum = (self._stats_layout(x, actual_seq_qlen, to_head_major=False)
+                                        for x in (softmax_max, softmax_sum))
         dq, dk, dv = self._per_layout(
             self._fa_grad_bnsd, (query, key, value, dy, softmax_max, softmax_sum, attention_in), input_layout,
             actual_seq_qlen, actual_seq_kvlen, head_num=head_num, atten_mask=atten_mask, scale=scale_value,
             pre=pre_tockens, nxt=next_tockens, mode=sparse_mode,
         )  # fmt: skip
         return dq, dk, dv, query.new_empty(0)
+
+    @staticmethod
+    def _stats_layout(stats, cum_q, to_head_major: bool):
+        """TND statistics in a ``[T, N, 8]`` buffer: token-major (``softmax_layout="TND"``) or, the documented
+        default ("NTD"), each sequence's block laid out head-major ``[N, s, 8]`` in the same buffer (how MindSpeed's
+        ``flatten_softmax`` reads it)."""
+        blocks = []
+        for q0, q1 in zip([0, *cum_q[:-1]], cum_q):
+            block, (s, n, w) = stats[q0:q1], stats[q0:q1].shape
+            blocks.append(block.transpose(0, 1).reshape(s, n, w) if to_head_major
+                          else block.reshape(n, s, w).transpose(0, 1))
+        return torch.cat(blocks).contiguous()
 
     @staticmethod
     def _check_fa_dims(q, k, v) -> None:
@@ -288,7 +306,7 @@ class NpuStandIn:
             assert qr.shape[:3] == (b, n1, s1) and kr.shape[:3] == (b, 1, s2)
             scores = scores + torch.einsum("bnsr,btr->bnst", qr.float(), kr[:, 0].float())
         else:
-            assert query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            assert query.dtype in (torch.float16, torch.bfloat16), "the fused inference op takes fp16 / bf16 only"
         scores = scores * scale
         masked = torch.zeros(b, 1, s1, s2, dtype=torch.bool, device=q.device)
         if sparse_mode == 3:
@@ -324,7 +342,7 @@ class NpuStandIn:
         self.calls.append({"op": "npu_rms_norm", "shape": tuple(x.shape), "dtype": x.dtype, "epsilon": epsilon})
         assert x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         assert gamma.dtype == x.dtype, f"gamma dtype {gamma.dtype} must equal the input's {x.dtype}"
-        assert 1 <= x.dim() <= 8 and gamma.shape == x.shape[x.dim() - gamma.dim():]
+        assert 2 <= x.dim() <= 8 and gamma.shape == x.shape[x.dim() - gamma.dim():]
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + epsilon)
         return (xf * rstd * gamma.float()).to(x.dtype), rstd

@@ -11,6 +11,7 @@ kernel); with the eager references on CPU that swap must be *exact*: logits are 
 from __future__ import annotations
 
 import copy
+import logging
 import dataclasses
 from pathlib import Path
 
@@ -281,3 +282,19 @@ def test_default_recipe_keeps_the_existing_paths_on_cpu_and_cuda(recipe: str, de
     assert install_fused_ops(model, cfg.model.fused_ops, device_type=device_type) == {}
     assert [(name, type(m)) for name, m in model.named_modules()] == before
     assert rope._rope_kernel is None
+
+
+def test_a_yarn_teacher_rotates_eagerly(stand_in: NpuStandIn, caplog: pytest.LogCaptureFixture) -> None:
+    """YaRN multiplies cos / sin by its attention factor (~1.14 at factor 4); the fused rotary ops document inputs in
+    [-1, 1] (the stand-in asserts it), so such a teacher keeps eager RoPE, and says so."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+    model = tiny_model("qwen3", rope_parameters=yarn)
+    original = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING):
+        chosen = install_fused_ops(model, FusedOpsConfig(), device_type="npu")
+    assert chosen == {"rms_norm": "npu", "rotary_embedding": "eager", "swiglu": "npu"}
+    assert "outside [-1, 1]" in caplog.text
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert "npu_rotary_mul" not in stand_in.ops_called()

@@ -142,18 +142,37 @@ DECODE_CASES = [
 @pytest.mark.parametrize(("case", "kind"), DECODE_CASES, ids=[c.name for c, _ in DECODE_CASES])
 @pytest.mark.parametrize("sinks_from_zero", [True, False])
 def test_sliding_window_decode_uses_the_inference_op(case, kind, sinks_from_zero, stand_in: NpuStandIn) -> None:
-    inp = make_inputs(case)
+    inp = make_inputs(case, dtype=torch.bfloat16)  # the inference op takes fp16 / bf16 only
     if case.layout == "decode" and sinks_from_zero:  # a cache that starts at position 0 holds the sinks
         inp["k_pos"] = inp["k_pos"] - 100
         inp["q_pos"] = inp["q_pos"] - 100
     with torch.no_grad():
-        _assert_matches_reference(npu_backend.sliding_window_attention, inp, grad=False, tol=FP32_TOL)
+        _assert_matches_reference(npu_backend.sliding_window_attention, inp, grad=False, tol=BF16_TOL)
     call = stand_in.calls[-1]
     assert stand_in.ops_called() == ["npu_fused_infer_attention_score"]
     assert (call["mask_shape"] is None) == (kind == "compact")
     if kind == "compact" and case.window and case.window < case.t:
         present = case.sink_tokens if (sinks_from_zero and case.layout == "decode") else 0
         assert call["k_shape"][2] == case.window + present  # only the window and the sinks go in
+
+
+def test_fp32_decode_goes_through_fusion_attention(stand_in: NpuStandIn) -> None:
+    """npu_fused_infer_attention_score documents fp16 / bf16 only: an fp32 model decodes through
+    npu_fusion_attention, which takes fp32 (was: sent to the inference op, which would reject it on hardware)."""
+    case, _ = DECODE_CASES[0]
+    with torch.no_grad():
+        _assert_matches_reference(npu_backend.sliding_window_attention, make_inputs(case), grad=False, tol=FP32_TOL)
+    assert stand_in.ops_called() == ["npu_fusion_attention"]
+
+
+def test_tnd_statistics_are_asked_for_token_major(stand_in: NpuStandIn) -> None:
+    """The band + sink merge indexes the TND softmax statistics by token: every TND call asks for
+    softmax_layout="TND" (the documented default is head-major per sequence; the stand-in models that default,
+    under which the packed sink cases above fail without the argument)."""
+    case = SwaCase("packed-w3-sinks4", layout="packed", window=3, sink_tokens=4)
+    _assert_matches_reference(npu_backend.sliding_window_attention, make_inputs(case), grad=True, tol=FP32_TOL)
+    calls = [c for c in stand_in.calls if c["op"].startswith("npu_fusion_attention")]
+    assert calls and all(c["softmax_layout"] == "TND" for c in calls)
 
 
 # ---------------------------------------------------------------------------------------------
