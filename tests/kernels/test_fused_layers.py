@@ -11,8 +11,8 @@ kernel); with the eager references on CPU that swap must be *exact*: logits are 
 from __future__ import annotations
 
 import copy
-import logging
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
