@@ -137,13 +137,19 @@ def plan_fusion_attention(
     )
 
 
+# npu_fusion_attention's varlen (TND) mode takes at most this many sequences per call (actual_seq_qlen's length).
+TND_MAX_SEQUENCES = 1024
+
+
 def _build_plan(q_pos, k_pos, window, sink_tokens, q_seg, k_seg) -> FusionAttentionPlan:
     s = q_pos.shape[1]
     t = k_pos.shape[1]
     facts = _layout_facts(q_pos, k_pos, sink_tokens, q_seg, k_seg) if s == t else None
-    if facts is not None and facts["plain"]:
+    cum = _cumulative_run_lengths(q_seg) if facts is not None and facts["plain"] and q_seg is not None else None
+    if cum is not None and len(cum) > TND_MAX_SEQUENCES:
+        reason = f"{len(cum):,} packed documents in one call (TND takes at most {TND_MAX_SEQUENCES:,})"
+    elif facts is not None and facts["plain"]:
         packed = q_seg is not None
-        cum = _cumulative_run_lengths(q_seg) if packed else None
         layout = "TND" if packed else "BNSD"
         if window == 0 or window >= s:  # every visible distance is <= s - 1: the window cuts nothing
             return FusionAttentionPlan(layout, SPARSE_CAUSAL, UNLIMITED_TOKENS, 0, actual_seq_len=cum)

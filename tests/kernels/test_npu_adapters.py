@@ -156,6 +156,17 @@ def test_sliding_window_decode_uses_the_inference_op(case, kind, sinks_from_zero
         assert call["k_shape"][2] == case.window + present  # only the window and the sinks go in
 
 
+def test_more_packed_documents_than_tnd_takes_use_the_dense_mask(stand_in, monkeypatch) -> None:
+    """TND takes at most 1,024 sequences per call (the op's varlen limit): more documents in one micro-batch go
+    through the explicit-mask plan rather than a call the op would reject (limit lowered here to 2 documents)."""
+    monkeypatch.setattr(npu_backend, "TND_MAX_SEQUENCES", 2)
+    monkeypatch.setattr(_torch_npu, "_logged", set())
+    case = SwaCase("packed-w3-sinks1", layout="packed", window=3, sink_tokens=1)
+    _assert_matches_reference(npu_backend.sliding_window_attention, make_inputs(case), grad=True, tol=FP32_TOL)
+    layouts = {c["layout"] for c in stand_in.calls}
+    assert layouts == {"BNSD"} and {c["sparse_mode"] for c in stand_in.calls} == {0}
+
+
 def test_fp32_decode_goes_through_fusion_attention(stand_in: NpuStandIn) -> None:
     """npu_fused_infer_attention_score documents fp16 / bf16 only: an fp32 model decodes through
     npu_fusion_attention, which takes fp32 (was: sent to the inference op, which would reject it on hardware)."""
