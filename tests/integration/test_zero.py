@@ -179,7 +179,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(teacher, finished, tmp_p
     assert resumed_at and all(0 < step < STEPS["layerwise"] for step in resumed_at), output[-2000:]
 
     reference = finished("zero3")
-    assert_same_trajectory(metrics(run_dir), metrics(reference), 1e-6, 1e-9)
+    # grad_norm: once 2.9e-6 apart at step 1 (before the kill) on a loaded 2-core machine, losses and final
+    # weights still equal: reordering noise in the norm's reduction, not a different trajectory
+    assert_same_trajectory(metrics(run_dir), metrics(reference), 1e-6, 1e-9, grad_norm_rel=2e-5)
     assert_same_weights(converted_weights(run_dir), converted_weights(reference), 1e-7)
     checkpoints = run_dir / "checkpoints"
     assert not list(checkpoints.glob("*.tmp"))
