@@ -47,7 +47,12 @@ class TeacherReference:
         frozen teacher was given: its teacher path would no longer be the teacher."""
         if self.teacher is not None or self._head_fingerprint is None:
             return
-        if _fingerprint(_head(model).weight) != self._head_fingerprint:
+        weight = _head(model).weight
+        if weight.numel() == 0:
+            # ZeRO-3 partitioned the head after the states were kept (a teacher loaded whole for a budget or a
+            # sensitivity pass): nothing to compare here, and the kept states are dropped (`log_probs`)
+            return
+        if _fingerprint(weight) != self._head_fingerprint:
             raise ValueError("the model's LM head trained since the teacher's states were kept, so its teacher "
                              "path is no longer the teacher: pass the stage's frozen teacher copy "
                              "(TeacherReference.use_teacher)")
@@ -58,6 +63,9 @@ class TeacherReference:
         source = self.teacher if self.teacher is not None else model  # whose teacher path is the teacher
         head = _head(source)
         hidden = self._hidden[index]
+        if hidden is not None and head.weight.numel() == 0:  # partitioned since the states were kept: run forwards
+            self._hidden = [None] * len(self._hidden)
+            self.head_reproduces_logits, hidden = False, None
         if hidden is not None:
             logits = head(hidden.to(batch["input_ids"].device))
         else:

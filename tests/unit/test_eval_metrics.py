@@ -184,3 +184,30 @@ def test_compare_splits_the_excess_between_copyable_and_novel_tokens():
     assert split["teacher_kl_novel"] == pytest.approx(0.0, abs=1e-6)
     assert split["teacher_kl_copyable"] == pytest.approx(result["teacher_kl"] * 7 / 2, rel=1e-5)
     assert split["excess_nll_novel"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_head_partitioned_after_the_states_were_kept_falls_back_to_forwards(monkeypatch):
+    """A teacher loaded whole (a budget or sensitivity pass needs it) and partitioned by ZeRO-3 after stage 1: the
+    head has no local values, so the kept states are dropped and the teacher's forwards give the numbers (was: a
+    false 'LM head trained' error that ended the run after stage 1)."""
+    from ascend_edit.eval import metrics
+
+    model, data = edited(), batches()
+    reference = TeacherReference(data)
+    want = evaluate(model, data, reference=reference)  # keeps states and the head's fingerprint
+    assert reference.head_reproduces_logits is True
+    partitioned = torch.nn.Linear(1, 1, bias=False)
+    partitioned.weight = torch.nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
+    real_head = metrics._head
+    monkeypatch.setattr(metrics, "_head", lambda m: partitioned if m is model else real_head(m))
+    reference.check_teacher_unmoved(model)  # nothing to compare: no error
+    monkeypatch.setattr(metrics, "_head", lambda m: partitioned if m is model else real_head(m))
+    calls = count_model_forwards(model)
+    # the forward path computes the teacher's logits itself (the model's own, gathered head)
+    got = [reference.log_probs(model, i) for i in range(len(data))]
+    assert reference.head_reproduces_logits is False and calls[0] == len(data)
+    monkeypatch.setattr(metrics, "_head", real_head)
+    fresh = TeacherReference(data)
+    for index, log_probs in enumerate(got):
+        torch.testing.assert_close(log_probs, fresh.log_probs(model, index))
+    assert want == evaluate(model, data, reference=fresh)
