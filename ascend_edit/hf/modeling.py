@@ -100,6 +100,15 @@ class AscendEditCausalLMMixin:
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         install_converted_attention(cast(nn.Module, self), config)
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """transformers decides whether a MoE model may use its fast expert kernels (grouped GEMM) by reading the
+        class's own module for its experts decorator; the experts are the teacher class's (next in the MRO), so its
+        module answers. Without this an exported Qwen3-MoE ran the Python loop over experts."""
+        teacher = next((base for base in cls.__mro__[1:] if base.__module__.startswith("transformers.models.")
+                        and hasattr(base, "_can_set_experts_implementation")), None)
+        return bool(teacher is not None and teacher._can_set_experts_implementation())
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """transformers' cache for `generate`, with the sliding GateSWA layers' bounded slots in it from the start
         (so assisted decoding's past recording reaches them; see `install_bounded_cache_layers`)."""

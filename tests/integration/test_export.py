@@ -175,6 +175,24 @@ def test_auto_map_keeps_the_latent_and_bounded_window_caches(tmp_path: Path):
         assert layer.keys.shape[-2] == SINKS + WINDOW - 1  # 30 tokens fed, the bounded cache holds 9
 
 
+def test_a_moe_export_runs_the_teachers_fast_expert_kernels(tmp_path: Path):
+    """transformers reads the model class's own module to decide whether the grouped-GEMM experts may run; the
+    exported class asks the teacher's (was: every reloaded Qwen3-MoE export looped over experts in Python, and
+    asking for grouped_mm raised)."""
+    model = converted("qwen3_moe", TargetConfig(kind="mla", mla=MLA_DEEPSEEK))
+    export_converted(model, tmp_path / "hf")
+    reloaded = load_exported(tmp_path / "hf", trust_remote_code=True)
+    teacher_default = tiny_model("qwen3_moe").config._experts_implementation
+    assert type(reloaded)._can_set_experts_implementation()
+    assert reloaded.config._experts_implementation == teacher_default != "eager"
+    reloaded.set_experts_implementation("eager")
+    ids = prompt()
+    with torch.no_grad():
+        eager = reloaded(input_ids=ids).logits
+        reloaded.set_experts_implementation(teacher_default)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_gate_swa_export_rolls_back_for_assisted_decoding(tmp_path: Path):
     """Prompt lookup and a draft model crop the cache after rejected guesses: the bounded window layers keep what a
     rollback needs while transformers records past states, and the tokens equal a no-cache greedy decode, well past
