@@ -39,3 +39,25 @@ def register_run_dir_resolver() -> None:
     # second read of the same config returns the directory already made instead of a new one.
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, make_unique_run_dir, use_cache=True)
+
+
+# What a training run writes into its directory besides Hydra's files: set aside together when a run starts over.
+TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerwise", "converted", "report.json",
+                    "report.md", "plots", "eval.json")
+
+
+def set_aside_previous_run(run_dir: Path, now: datetime | None = None) -> Path | None:
+    """Move an earlier run's training outputs in `run_dir` into `run_dir/replaced-<UTC time>/` (nothing is
+    deleted); returns that directory, or None when there was nothing to move.
+
+    `engine.resume=false` starts over in the same directory: the earlier run's checkpoints must not stay beside the
+    new ones, or a later resume (or checkpoint pruning, which ranks by step) would take the earlier run's."""
+    present = [name for name in TRAINING_OUTPUTS if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = (now or datetime.utcnow()).strftime("%Y%m%dT%H%M%S.%f")
+    aside = run_dir / f"replaced-{stamp}"
+    aside.mkdir()
+    for name in present:
+        os.replace(run_dir / name, aside / name)
+    return aside

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 class TrainingBoard:
     """Scalars of every optimizer step under `<stage>/<metric>` (per-layer losses as `<stage>/layer/<idx>`)."""
 
-    def __init__(self, log_dir: Path | None):
+    def __init__(self, log_dir: Path | None, purge_step: int | None = None):
+        """`purge_step`: events of this step and later already in `log_dir` are hidden (a resumed stage writes
+        them again from its checkpoint's step)."""
         self.writer = None
         if log_dir is None:
             return
@@ -24,7 +26,7 @@ class TrainingBoard:
         except ImportError:  # torch imports tensorboard lazily and raises this when it is not installed
             log.debug("tensorboard is not installed: no event files (pip install 'ascend_edit[tensorboard]')")
             return
-        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10, purge_step=purge_step)
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
         if self.writer is None:
@@ -39,6 +41,10 @@ class TrainingBoard:
             self.writer = None
 
 
-def training_board(metrics_log: Path | None) -> TrainingBoard:
-    """A board writing beside `metrics_log` (None: a no-op, e.g. on ranks other than the main one)."""
-    return TrainingBoard(Path(metrics_log).parent / "tensorboard" if metrics_log is not None else None)
+def training_board(metrics_log: Path | None, stage: str, start_step: int = 0) -> TrainingBoard:
+    """A board for one stage writing beside `metrics_log`, in `tensorboard/<stage>/` (None: a no-op, e.g. on
+    ranks other than the main one). Per stage, so that a stage resumed at `start_step` purges only its own later
+    events: TensorBoard then shows each step once after a resume."""
+    if metrics_log is None:
+        return TrainingBoard(None)
+    return TrainingBoard(Path(metrics_log).parent / "tensorboard" / stage, purge_step=start_step + 1 if start_step else None)

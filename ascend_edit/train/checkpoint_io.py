@@ -12,6 +12,7 @@ is missing or disagrees with what is on disk is reported by name and not used.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -436,6 +437,22 @@ def scan_deepspeed_pickles(checkpoint: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+DISK_FULL_MARGIN = 64 << 20  # bytes: below this much free space a failed write is taken for a full disk
+
+
+def disk_full(err: BaseException, path: Path) -> bool:
+    """Whether a failed checkpoint write ran out of disk: ENOSPC itself, safetensors' "os error 28", or (torch's
+    serializer under DeepSpeed reports a short write as "unexpected pos") a device with almost no space left."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if "No space left" in str(err) or "os error 28" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free < DISK_FULL_MARGIN
+    except OSError:
+        return False
+
+
 class CheckpointDir:
     """Atomic, verified, rotating checkpoints under `root`, one directory per (stage, step):
     `step-<stage>-<step>/`.
@@ -501,9 +518,16 @@ class CheckpointDir:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this run's own earlier, killed save
             tmp.mkdir(parents=True)
         barrier()
-        engine.save(tmp)
-        require_finite(tree_tensors(rank_state, f"rank {rank}"), f"checkpoint {final}")
-        save_tree(rank_state, tmp, f"rank-{rank}")
+        try:
+            engine.save(tmp)
+            require_finite(tree_tensors(rank_state, f"rank {rank}"), f"checkpoint {final}")
+            save_tree(rank_state, tmp, f"rank-{rank}")
+        except Exception as err:
+            if disk_full(err, tmp):
+                raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} (the earlier "
+                              "checkpoints are intact; free space and run the same command again to resume from "
+                              f"the newest: {type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+            raise
         if rank == 0:
             meta = {"stage": stage, "step": step, **engine.describe(), **state}
             (tmp / self.STATE_FILE).write_text(json.dumps(meta, indent=1))

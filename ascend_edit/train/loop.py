@@ -101,6 +101,11 @@ def _step_batches(run: StageRun) -> Iterator[list[dict]]:
             yield [collate(run.dataset, indices[i:i + micro], run.device) for i in range(0, len(indices), micro)]
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (the identity in one process)."""
+    return _mean_over_ranks({"flag": float(flag)}, device)["flag"] > 0
+
+
 def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average every metric over the ranks (one all-reduce); the identity in one process.
     A non-finite value on any rank makes the mean non-finite: every rank reaches the same verdict."""
@@ -128,7 +133,7 @@ def train_stage(engine, run: StageRun, start_step: int = 0) -> list[dict]:
         _trim_metrics_log(run.metrics_log, run.name, keep_until=start_step)
     _, world = rank_and_world()
     bar = tqdm(total=run.steps, initial=start_step, desc=run.name, disable=not run.is_main, dynamic_ncols=True)
-    board = training_board(run.metrics_log if run.is_main else None)  # TensorBoard events, if installed
+    board = training_board(run.metrics_log if run.is_main else None, run.name, start_step)  # if installed
     tokens_seen, started, elapsed_before = 0, time.perf_counter(), run.elapsed_s
     try:
         for step in range(start_step, run.steps):

@@ -40,6 +40,19 @@ class Prepared:
     out_dir: Path
 
 
+def set_aside_if_main(out_dir: Path, env: DistEnv) -> None:
+    """`engine.resume=false`: an earlier run's outputs in `out_dir` are moved aside (rank 0), never reused."""
+    from ascend_edit.run_dir import set_aside_previous_run
+    from ascend_edit.train.engine import barrier
+
+    if env.is_main:
+        aside = set_aside_previous_run(out_dir)
+        if aside is not None:
+            log.warning("engine.resume=false: the earlier run's checkpoints and outputs in %s were moved to %s "
+                        "(nothing deleted); this run starts over", out_dir, aside)
+    barrier()
+
+
 def prepare(cfg: RootConfig) -> Prepared | None:
     """Device and process group, teacher, data, calibration statistics, plan and edited model."""
     env = distributed.discover()
@@ -52,6 +65,8 @@ def prepare(cfg: RootConfig) -> Prepared | None:
         torch.set_num_threads(cfg.device.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.engine.resume:
+        set_aside_if_main(out_dir, env)
 
     zero3 = partitioned_teacher_config(cfg)
     model, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=zero3)

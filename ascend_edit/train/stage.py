@@ -23,7 +23,7 @@ from ascend_edit.models.surgery import set_trainable
 from ascend_edit.train.activation_checkpointing import checkpointing_config, set_activation_checkpointing
 from ascend_edit.train.checkpoint_io import CheckpointDir
 from ascend_edit.train.engine import Objective, make_engine
-from ascend_edit.train.loop import StageRun, flatten_config, resume, save_checkpoint, train_stage
+from ascend_edit.train.loop import StageRun, any_rank, flatten_config, resume, save_checkpoint, train_stage
 from ascend_edit.train.precision import frozen_dtype, resolve_precision
 from ascend_edit.train.preemption import Preempted, PreemptionFlag
 
@@ -44,9 +44,33 @@ class StageSettings:
 
 def stage_settings(cfg: RootConfig) -> StageSettings:
     """The run-wide stage settings of a run's config."""
+    run_config = flatten_config(dataclasses.asdict(cfg))
+    identity = data_identity(cfg)
+    if identity is not None:  # compared on resume like any key that cannot change (train/loop.py)
+        run_config["data.identity"] = identity
     return StageSettings(engine=cfg.engine, dtype=cfg.device.dtype, seed=cfg.device.seed,
                          log_every=cfg.distill.log_every, metrics_log=Path(cfg.output_dir) / "metrics.jsonl",
-                         run_config=flatten_config(dataclasses.asdict(cfg)))
+                         run_config=run_config)
+
+
+def data_identity(cfg: RootConfig) -> str | None:
+    """A digest of the files under `data.path` (paths, sizes, modification times, first and last MiB: the data
+    cache's key, data/cache.py): a corpus edited between a stop and its resume is refused rather than trained on
+    from the middle of another. None for built-in sources (package data) and synthetic ids."""
+    import hashlib
+    import json
+
+    from ascend_edit.data.cache import source_identity
+
+    if cfg.data.source not in ("files", "indexed") or cfg.data.path is None:
+        return None
+    path = Path(cfg.data.path).expanduser()
+    if cfg.data.source == "indexed":
+        files = [Path(f"{path}{suffix}") for suffix in (".bin", ".idx")]
+        identity = [source_identity(f) for f in files if f.exists()]
+    else:
+        identity = [source_identity(path)] if path.exists() else []
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
@@ -103,7 +127,15 @@ def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageCon
                 print(f"ascend-edit: {stop}", file=sys.stderr)
             raise
         if start < stage.steps:
-            save_checkpoint(engine, run, stage.steps)
+            path = save_checkpoint(engine, run, stage.steps)
+            # a signal during the stage's last step or its checkpoint (every rank decides alike: one all-reduce)
+            if any_rank(run.preemption.requested, run.device):
+                at_end = Preempted(f"{name}: stopped on {run.preemption.signal_name} at the end of the stage; "
+                                   f"checkpoint {path}; to resume, run the same command with "
+                                   f"hydra.run.dir={Path(path).parent.parent}")
+                if env.is_main:
+                    print(f"ascend-edit: {at_end}", file=sys.stderr)
+                raise at_end
     if run.skipped_steps:
         log.warning("%s: %d optimizer steps skipped for a non-finite loss or gradient: %s", name,
                     len(run.skipped_steps), run.skipped_steps[:20])

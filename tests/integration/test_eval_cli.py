@@ -27,7 +27,7 @@ def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path)
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 5000
     assert "| in_domain | 128 |" in report
     if pytest.importorskip("tensorboard"):
-        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert list((run_dir / "tensorboard" / "layerwise").glob("events.out.tfevents.*"))
 
     eval_dir = tmp_path / "eval"
     checked(run_cli(eval_dir, ["eval", f"eval.checkpoint={run_dir}", *SMALL_EVAL[:5]]))

@@ -449,3 +449,25 @@ def test_getattr_is_accepted_only_as_a_public_member_lookup_on_an_allowed_class(
     assert not _only_member_lookups(
         pickle.dumps(_MemberLookup(collections.OrderedDict, "fromkeys"), protocol=2), allowed)
     assert not _only_member_lookups(pickle.dumps(_MemberLookup(AllowedOwner, "weights"), protocol=4), allowed)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(tmp_path):
+    """safetensors reports a full disk as "os error 28" and torch's serializer under DeepSpeed as a short write: both
+    become OSError(ENOSPC) naming the checkpoint and what to do (was: a traceback); the earlier checkpoints stay."""
+    import errno
+
+    from ascend_edit.train.checkpoint_io import CheckpointDir, disk_full
+
+    class FullDisk:
+        def save(self, directory):
+            raise RuntimeError("Error while serializing: No space left on device (os error 28)")
+
+        def describe(self):
+            return {}
+
+    with pytest.raises(OSError) as info:
+        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(FullDisk(), "layerwise", 4, {}, {})
+    assert info.value.errno == errno.ENOSPC
+    assert "writing checkpoint" in str(info.value) and "step-layerwise-4" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not disk_full(RuntimeError("a bug"), tmp_path)  # plenty of space here: other errors stay what they are
