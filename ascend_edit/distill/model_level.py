@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from ascend_edit.config import ModelLevelConfig
 from ascend_edit.distill.chunked_kd import KDKind, ce_loss, kd_logits_loss
 from ascend_edit.distill.losses import feature_cosine_loss
-from ascend_edit.models.surgery import edited_attentions, set_mode
+from ascend_edit.models.surgery import edited_attentions, set_mode, shared_trained
 
 
 class ModelLevelObjective:
@@ -88,17 +88,25 @@ class _NoTarget(nn.Module):
 
 def frozen_teacher(model: nn.Module, stage: ModelLevelConfig) -> nn.Module | None:
     """A separate frozen teacher when stage 2 trains shared weights (norms or all): otherwise the
-    teacher pass would run on weights that move. Costs one extra copy of the model without its target
-    attentions (they are never run in teacher mode; at Qwen3-8B's MLA they are 1.75 B parameters)."""
+    teacher pass would run on weights that move. Only the weights the stage trains are copied; every
+    frozen weight (teacher attentions, and with `target+norms` the MLPs, a MoE teacher's experts, the
+    embeddings) is the same tensor in both, and the target attentions are left out (never run in teacher
+    mode). With `target+norms` the copy is the norms alone, not a second model."""
     if stage.trainable == "target":
         return None
     attentions = edited_attentions(model)
     targets = [module.target for module in attentions]
     stand_in = _NoTarget()
+    trained = {id(param) for param in shared_trained(model, stage.trainable)}
+    # deepcopy's memo: a tensor found there is taken as its own copy, i.e. shared with the copy
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in trained}
     try:
         for module in attentions:  # left out of the copy; put back below
             module.target = stand_in
-        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        teacher = copy.deepcopy(model, memo=shared).eval()
+        for param in teacher.parameters():
+            if id(param) not in shared:  # the copied (trained-in-the-model) weights; shared ones keep their flag
+                param.requires_grad_(False)
     finally:
         for module, target in zip(attentions, targets):
             module.target = target

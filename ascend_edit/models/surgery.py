@@ -293,15 +293,21 @@ def set_trainable(model: nn.Module, policy: str) -> list[nn.Parameter]:
     model.requires_grad_(False)
     for module in edited_attentions(model):
         module.target.requires_grad_(True)
-    if policy == "target+norms":
-        for name, module in model.named_modules():
-            if "norm" in type(module).__name__.lower() and ".teacher" not in name:
-                module.requires_grad_(True)
-    elif policy == "all":
-        for name, param in model.named_parameters():
-            if ".teacher." not in name:
-                param.requires_grad_(True)
+    for param in shared_trained(model, policy):
+        param.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def shared_trained(model: nn.Module, policy: str) -> list[nn.Parameter]:
+    """The parameters outside the target attentions that `policy` trains: the norms (`target+norms`) or every
+    weight but the teacher attentions (`all`); none for `target`."""
+    if policy == "target+norms":
+        return [param for name, module in model.named_modules()
+                if "norm" in type(module).__name__.lower() and ".teacher" not in name and ".target" not in name
+                for param in module.parameters()]
+    if policy == "all":
+        return [param for name, param in model.named_parameters() if ".teacher." not in name and ".target." not in name]
+    return []
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

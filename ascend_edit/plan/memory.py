@@ -6,9 +6,9 @@ meta device by the task) and the run settings (`RunSettings`).
 
 Memory parts (bytes per rank):
 * frozen weights   — teacher attentions + every shared weight, in the model dtype; ZeRO-3 partitions them.
-* teacher copy     — stage 2 with `trainable=target+norms|all` only: a frozen copy of the edited model without
-                     its target attentions, in the model dtype (distill/model_level.frozen_teacher; ZeRO-3 is
-                     refused for it).
+* teacher copy     — stage 2 with `trainable=target+norms|all` only: a frozen copy of the weights the stage trains
+                     outside the targets (the norms; for `all` every shared weight), in the model dtype; frozen
+                     weights are shared with it (distill/model_level.frozen_teacher; ZeRO-3 is refused for it).
 * target weights   — torch engine: fp32 (they are the master copy); DeepSpeed: the module dtype.
 * fp32 masters     — DeepSpeed bf16/fp16 only (inside its optimizer; ZeRO >= 1 partitions them).
 * optimizer states — AdamW exp_avg + exp_avg_sq, fp32 (ZeRO >= 1 partitions; offload moves them off).
@@ -302,9 +302,9 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
         comm += min(DS_BUCKET_ELEMENTS, counts.target) * w * (2 if z <= 2 else 1)
     if ds and z == 3:
         comm += 2 * counts.largest_layer * w  # the gathered layer and the prefetched next one
-    # made before the stage moves the trainable weights to fp32: the edited model without its target
-    # attentions, in the model dtype
-    copied = counts.frozen + counts.target - counts.target_attention
+    # made before the stage moves the trainable weights to fp32, in the model dtype: the weights the stage trains
+    # outside the target attentions (every frozen weight is shared with the copy; distill/model_level.py)
+    copied = counts.target - counts.target_attention
     teacher_copy = copied * w if s.teacher_copy and s.stage == "model_level" else 0.0
     parts = {"frozen weights": frozen, "teacher copy": teacher_copy, "target weights": target_weights,
              "fp32 masters": masters,

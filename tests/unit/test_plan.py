@@ -130,23 +130,32 @@ def test_zero_partitions_what_each_stage_says():
     assert off["optimizer states"] == 0 and off["fp32 masters"] == 0
 
 
-def test_stage2_training_shared_weights_counts_the_whole_teacher_copy():
+def test_stage2_training_shared_weights_counts_a_copy_of_what_it_trains():
     counts = ParamCounts(frozen=FROZEN, target=TARGET, largest_layer=1, target_attention=TARGET // 4)
     run = RunSettings(stage="model_level", seq_len=32, micro_batch=2, weight_bytes=2, kd_chunk=16, teacher_copy=True)
     with_copy = plan_stage(TINY, MLA, counts, run)
     without = plan_stage(TINY, MLA, counts, dataclasses.replace(run, teacher_copy=False))
-    copied = FROZEN + TARGET - TARGET // 4  # the edited model without its target attentions
+    copied = TARGET - TARGET // 4  # the trained weights outside the target attentions; frozen ones are shared
     assert with_copy.parts["teacher copy"] == copied * 2  # bf16
     assert without.parts["teacher copy"] == 0
     assert with_copy.total - without.total == copied * 2
     stage1 = plan_stage(TINY, MLA, counts, dataclasses.replace(run, stage="layerwise"))
     assert stage1.parts["teacher copy"] == 0  # stage 1 never makes one
     # the task sets it from the stage-2 policy
+    from ascend_edit.models.build import edited_shape_model
+    from ascend_edit.models.surgery import parameter_counts
+
     _, all_weights = plan_run(compose_cfg(["distill.model_level.trainable=all"]))
+    _, norms = plan_run(compose_cfg(["distill.model_level.trainable=target+norms"]))
     _, targets_only = plan_run(compose_cfg())
     assert targets_only["parts_gib"]["teacher copy"] == 0
-    # the teacher path's weights exactly: what stays frozen when only the targets train
-    assert all_weights["parts_gib"]["teacher copy"] == pytest.approx(targets_only["parts_gib"]["frozen weights"])
+    cfg = compose_cfg()
+    teacher_attention = parameter_counts(edited_shape_model(cfg.model, cfg.target))["teacher_attention"]
+    # `all`: every shared weight, i.e. what stays frozen when only the targets train, less the teacher attentions
+    assert all_weights["parts_gib"]["teacher copy"] * GIB == pytest.approx(
+        targets_only["parts_gib"]["frozen weights"] * GIB - teacher_attention * 2)
+    # `target+norms`: the norms only (was: the whole model, 57 GiB at the 30B-A3B shape)
+    assert 0 < norms["parts_gib"]["teacher copy"] < 0.01 * targets_only["parts_gib"]["frozen weights"]
 
 
 def test_largest_micro_batch_is_the_last_that_fits():
