@@ -698,9 +698,9 @@ class RootConfig:
                 and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3):
             # the frozen teacher copy (distill/model_level.frozen_teacher) would be a copy of partitioned
             # parameters that no engine gathers: its first forward fails deep inside the embedding
-            raise ConfigError(f"distill.model_level.trainable={ml.trainable} keeps a whole frozen teacher copy, "
-                              "which engine.zero_stage=3 does not partition: use engine=zero2 (or zero1 / torch), "
-                              "or distill.model_level.trainable=target")
+            raise ConfigError(f"distill.model_level.trainable={ml.trainable} keeps a frozen teacher copy outside "
+                              "the engine, which engine.zero_stage=3 neither partitions nor gathers: use engine=zero2 "
+                              "(or zero1 / torch), or distill.model_level.trainable=target")
 
 
 def register_configs() -> None:
