@@ -43,7 +43,7 @@ def register_run_dir_resolver() -> None:
 
 # What a training run writes into its directory besides Hydra's files: set aside together when a run starts over.
 TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerwise", "converted", "report.json",
-                    "report.md", "plots", "eval.json")
+                    "report.md", "plots", "eval.json", "ablation.json", "ablation-*")
 
 
 def set_aside_previous_run(run_dir: Path, now: datetime | None = None) -> Path | None:
@@ -52,7 +52,7 @@ def set_aside_previous_run(run_dir: Path, now: datetime | None = None) -> Path |
 
     `engine.resume=false` starts over in the same directory: the earlier run's checkpoints must not stay beside the
     new ones, or a later resume (or checkpoint pruning, which ranks by step) would take the earlier run's."""
-    present = [name for name in TRAINING_OUTPUTS if (run_dir / name).exists()]
+    present = sorted({path.name for pattern in TRAINING_OUTPUTS for path in run_dir.glob(pattern)})
     if not present:
         return None
     stamp = (now or datetime.utcnow()).strftime("%Y%m%dT%H%M%S.%f")

@@ -117,8 +117,9 @@ class SinkWindowLayer(DynamicLayer):
         if not bool(torch.isin(needed, self.indices).all()):
             raise RuntimeError(
                 f"a GateSWA sink/window cache layer cannot be cropped back to {length} tokens: tokens that window "
-                "needs were evicted; call cache.activate_past_recording() before the tokens to take back are added "
-                "(transformers' assisted decoding does)")
+                "needs were evicted (it was not recording past states); assisted decoding and prompt lookup work on "
+                "an exported model (ascend-edit export), whose generate puts these layers in the cache before "
+                "recording starts")
         self.cumulative_length = length
         self._keep((self.indices < length).nonzero().squeeze(-1))
         self._evict()  # recording goes on until transformers turns it off: each rollback starts from here

@@ -103,10 +103,8 @@ def frozen_teacher(model: nn.Module, stage: ModelLevelConfig) -> nn.Module | Non
     try:
         for module in attentions:  # left out of the copy; put back below
             module.target = stand_in
-        teacher = copy.deepcopy(model, memo=shared).eval()
-        for param in teacher.parameters():
-            if id(param) not in shared:  # the copied (trained-in-the-model) weights; shared ones keep their flag
-                param.requires_grad_(False)
+        # frozen throughout: the copies, and the shared weights, which this stage never trains
+        teacher = copy.deepcopy(model, memo=shared).requires_grad_(False).eval()
     finally:
         for module, target in zip(attentions, targets):
             module.target = target

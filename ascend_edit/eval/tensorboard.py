@@ -47,4 +47,4 @@ def training_board(metrics_log: Path | None, stage: str, start_step: int = 0) ->
     events: TensorBoard then shows each step once after a resume."""
     if metrics_log is None:
         return TrainingBoard(None)
-    return TrainingBoard(Path(metrics_log).parent / "tensorboard" / stage, purge_step=start_step + 1 if start_step else None)
+    return TrainingBoard(Path(metrics_log).parent / "tensorboard" / stage, purge_step=start_step + 1)

@@ -237,6 +237,9 @@ def assemble_converted(directory: Path, config: PretrainedConfig, target: Target
     edit_model(model, plan, target)
     unwrap_targets(model)
     model.to_empty(device="cpu")
+    legacy = legacy_query_biases(model.state_dict().keys(), state, target.kind)
+    if legacy:
+        state = {**state, **{name: torch.zeros_like(model.get_parameter(name), device="cpu") for name in legacy}}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -373,13 +376,25 @@ def load_converted_weights(model: nn.Module, directory: Path) -> None:
     with torch.no_grad():
         for name, tensor in renamed.items():
             own[name].copy_(tensor)
+        for name in legacy_query_biases(own, renamed, meta["target"]["kind"]):
+            own[name].zero_()
+
+
+def legacy_query_biases(names, stored, kind: str) -> list[str]:
+    """MLA query biases (a teacher with one: Qwen2) that a model saved before 2026-12-05 lacks: the target had
+    no query bias then, so these load as zeros and the model computes what it computed when it was saved."""
+    if kind != "mla":
+        return []
+    return [k for k in names if k not in stored and ".self_attn." in k and ".teacher." not in k
+            and k.endswith(("q_proj.bias", "q_b_proj.bias"))]
 
 
 def _check_stage_weights(own: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]], directory: Path,
                          kind: str) -> None:
     """Every student weight of `own` is stored, and nothing else, in its own (full, unpartitioned) shape."""
+    legacy = set(legacy_query_biases(own, stored, kind))
     missing = [k for k in own if k not in stored and ".self_attn.teacher." not in k and k != "lm_head.weight"
-               and "rotary_emb" not in k]
+               and "rotary_emb" not in k and k not in legacy]
     if missing:
         raise ValueError(f"{directory}: weights missing for {missing[:5]}")
     unknown = [k for k in stored if k not in own]
@@ -413,3 +428,6 @@ def _load_weights_partitioned(own: dict[str, torch.Tensor], directory: Path, kin
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 write_whole(own[own_name(name)], functools.partial(f.get_tensor, name), writer)
+    for name in legacy_query_biases(own, stored, kind):
+        shape = tuple(getattr(own[name], "ds_shape", own[name].shape))
+        write_whole(own[name], functools.partial(torch.zeros, shape), writer)

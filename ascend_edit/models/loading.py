@@ -67,7 +67,9 @@ def check_full_attention(config: PretrainedConfig) -> None:
     if window is not None:
         raise NotImplementedError(
             f"the teacher's own attention slides (sliding_window={window}{', layer_types' if getattr(config, 'layer_types', None) else ''}): "
-            "ascend_edit converts full-attention teachers only")
+            "ascend_edit converts full-attention teachers only (a model whose window never applies at its lengths "
+            "can say so with sliding_window: null in its config; model.overrides.sliding_window=null for "
+            "model.source=config)")
 
 
 def build_from_config(arch: str, overrides: dict, dtype: torch.dtype = torch.float32,
@@ -269,6 +271,7 @@ def _build_teacher(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | 
         except Exception as err:  # missing files: OSError; damaged ones: ValueError, JSON, tokenizers errors
             raise ModelInputError(f"model.path={cfg.path}: its tokenizer could not be loaded: "
                                   f"{_first_line(err)}") from err
+        check_tokenizer(tokenizer, None, f"model.path={cfg.path}")  # empty: refused before the weights load
         try:
             model, info = cast(tuple[Any, dict], AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs))
@@ -280,7 +283,7 @@ def _build_teacher(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | 
     return model, tokenizer
 
 
-def check_tokenizer(tokenizer, config: PretrainedConfig, key: str) -> None:
+def check_tokenizer(tokenizer, config: PretrainedConfig | None, key: str) -> None:
     """Refuse a tokenizer that cannot be the model's: transformers builds an empty one for a directory without
     tokenizer files (every text then encodes to nothing, and an export would ship it), and one with more tokens
     than the model's vocabulary gives ids the embedding does not have."""
@@ -288,7 +291,7 @@ def check_tokenizer(tokenizer, config: PretrainedConfig, key: str) -> None:
     if size < 2:
         raise ModelInputError(f"{key}: its tokenizer is empty ({size} token): the directory has no usable tokenizer "
                               "files (tokenizer.json / tokenizer.model); copy the teacher's tokenizer there")
-    if size > config.vocab_size:
+    if config is not None and size > config.vocab_size:
         raise ModelInputError(f"{key}: its tokenizer has {size:,} tokens, more than the model's vocabulary of "
                               f"{config.vocab_size:,}: not this model's tokenizer")
 

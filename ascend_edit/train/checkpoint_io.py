@@ -447,6 +447,8 @@ def disk_full(err: BaseException, path: Path) -> bool:
         return True
     if "No space left" in str(err) or "os error 28" in str(err):
         return True
+    if not isinstance(err, (OSError, RuntimeError)):  # a write that failed, not a check (e.g. non-finite values)
+        return False
     try:
         return shutil.disk_usage(path if path.exists() else path.parent).free < DISK_FULL_MARGIN
     except OSError:
@@ -518,9 +520,9 @@ class CheckpointDir:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this run's own earlier, killed save
             tmp.mkdir(parents=True)
         barrier()
+        require_finite(tree_tensors(rank_state, f"rank {rank}"), f"checkpoint {final}")
         try:
             engine.save(tmp)
-            require_finite(tree_tensors(rank_state, f"rank {rank}"), f"checkpoint {final}")
             save_tree(rank_state, tmp, f"rank-{rank}")
         except Exception as err:
             if disk_full(err, tmp):

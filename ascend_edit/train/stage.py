@@ -54,9 +54,10 @@ def stage_settings(cfg: RootConfig) -> StageSettings:
 
 
 def data_identity(cfg: RootConfig) -> str | None:
-    """A digest of the files under `data.path` (paths, sizes, modification times, first and last MiB: the data
-    cache's key, data/cache.py): a corpus edited between a stop and its resume is refused rather than trained on
-    from the middle of another. None for built-in sources (package data) and synthetic ids."""
+    """A digest of the data under `data.path` — each file's size and first and last MiB (data/cache.py), not its
+    modification time or location, so node-local copies of one corpus agree: a corpus edited between a stop and
+    its resume is refused rather than trained on from the middle of another. None for built-in sources (package
+    data) and synthetic ids."""
     import hashlib
     import json
 
@@ -64,13 +65,22 @@ def data_identity(cfg: RootConfig) -> str | None:
 
     if cfg.data.source not in ("files", "indexed") or cfg.data.path is None:
         return None
-    path = Path(cfg.data.path).expanduser()
     if cfg.data.source == "indexed":
-        files = [Path(f"{path}{suffix}") for suffix in (".bin", ".idx")]
-        identity = [source_identity(f) for f in files if f.exists()]
+        from ascend_edit.data.indexed import files_of
+
+        files = list(files_of(cfg.data.path))  # the .bin and .idx, whichever form data.path names them in
     else:
-        identity = [source_identity(path)] if path.exists() else []
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        files = [Path(cfg.data.path).expanduser()]
+    contents: list = []
+    for path in files:
+        if not path.exists():
+            contents.append([path.name, "missing"])
+            continue
+        root = path.resolve()
+        for name, size, _mtime, digest in source_identity(root)["files"]:
+            where = Path(name).name if root.is_file() else str(Path(name).relative_to(root))
+            contents.append([where, size, digest])
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:

@@ -71,7 +71,8 @@ def test_a_corpus_edited_between_a_stop_and_its_resume_is_refused(tmp_path):
 
     corpus = tmp_path / "corpus"
     prefix = write_indexed(corpus, documents(count=120, vocab=250))
-    args = [*TINY, "data=indexed", f"data.path={prefix}", "data.seq_len=32", "data.eval_fraction=0.2",
+    # the path as users also give it, with the .bin suffix (the check once hashed "corpus.bin.bin": nothing)
+    args = [*TINY, "data=indexed", f"data.path={prefix}.bin", "data.seq_len=32", "data.eval_fraction=0.2",
             f"hydra.run.dir={tmp_path / 'run'}"]
     first = run_cli([*args, *steps(2)], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -82,3 +83,41 @@ def test_a_corpus_edited_between_a_stop_and_its_resume_is_refused(tmp_path):
     assert again.returncode == 2
     line = again.stderr.strip().splitlines()[-1]
     assert "data.identity" in line and "cannot change on resume" in line
+
+
+def test_identity_is_the_contents_not_the_place_or_the_time(tmp_path):
+    """Node-local copies of one corpus (another directory, another mtime) give one identity, so ranks on other
+    nodes agree; an edit of the same size does not."""
+    import os
+
+    from ascend_edit.config import DataConfig, RootConfig
+    from ascend_edit.train.stage import data_identity
+
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "corpus.txt").write_text("the cat sees the dog\n\nanother document\n")
+    os.utime(tmp_path / "b" / "corpus.txt", ns=(0, 0))
+
+    def identity(where: str) -> str | None:
+        return data_identity(RootConfig(data=DataConfig(source="files", path=str(tmp_path / where / "corpus.txt"))))
+
+    assert identity("a") == identity("b") is not None
+    (tmp_path / "b" / "corpus.txt").write_text("the dog sees the cat\n\nanother document\n")
+    assert identity("a") != identity("b")
+
+
+def test_set_aside_takes_every_training_output_and_nothing_else(tmp_path):
+    """convert's and ablation's outputs move together (ablation-*/ runs hold their own checkpoints); Hydra's files
+    and anything of the user's stay."""
+    from ascend_edit.run_dir import set_aside_previous_run
+
+    for name in ("checkpoints", "ablation-stage2-only/checkpoints", "ablation-stage1+2", ".hydra", "notes"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "ablation.json", "cli.log"):
+        (tmp_path / name).write_text("x")
+    aside = set_aside_previous_run(tmp_path)
+    assert aside is not None
+    assert sorted(p.name for p in aside.iterdir()) == ["ablation-stage1+2", "ablation-stage2-only", "ablation.json",
+                                                        "checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p != aside) == [".hydra", "cli.log", "notes"]
+    assert set_aside_previous_run(tmp_path) is None  # nothing left to move

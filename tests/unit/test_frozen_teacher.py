@@ -22,6 +22,7 @@ def test_target_and_norms_copies_the_norms_and_shares_every_frozen_weight(arch):
     """Was: a deep copy of the whole model (for Qwen3-30B-A3B every expert again: 57 GiB)."""
     model = edited(arch)
     teacher = frozen_teacher(model, ModelLevelConfig(trainable="target+norms"))
+    assert not any(p.requires_grad for p in teacher.parameters())  # as it comes out, before the stage starts
     mine = dict(model.named_parameters())
     copied = {name for name, param in teacher.named_parameters() if param is not mine.get(name)}
     assert copied and all("norm" in name and ".teacher." not in name for name in copied)

@@ -471,3 +471,36 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(tmp_p
     assert "writing checkpoint" in str(info.value) and "step-layerwise-4" in str(info.value)
     assert "\n" not in str(info.value)
     assert not disk_full(RuntimeError("a bug"), tmp_path)  # plenty of space here: other errors stay what they are
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-layerwise-4.tmp"]  # nothing published
+
+
+def test_a_short_write_on_an_almost_full_disk_is_taken_for_a_full_disk(tmp_path, monkeypatch):
+    """torch's serializer under DeepSpeed says 'unexpected pos' for a short write: with almost no space left on
+    the device that is a full disk; a non-finite value is never reported as one."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from ascend_edit.train import checkpoint_io
+    from ascend_edit.train.checkpoint_io import CheckpointDir, disk_full
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 1 << 20))
+    assert disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10432 vs 10326"),
+                     tmp_path)
+    assert not disk_full(FloatingPointError("non-finite"), tmp_path)
+
+    class ShortWrite:
+        def save(self, directory):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10432 vs 10326")
+
+        def describe(self):
+            return {}
+
+    with pytest.raises(OSError) as info:
+        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(ShortWrite(), "layerwise", 2, {}, {})
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(ValueError, match="non-finite|NaN|inf"):  # a diverged run is not told to free disk space
+        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(
+            ShortWrite(), "layerwise", 3, {}, {"x": torch.tensor([float("nan")])})
+    assert checkpoint_io.DISK_FULL_MARGIN > (1 << 20)
