@@ -451,6 +451,19 @@ def test_getattr_is_accepted_only_as_a_public_member_lookup_on_an_allowed_class(
     assert not _only_member_lookups(pickle.dumps(_MemberLookup(AllowedOwner, "weights"), protocol=4), allowed)
 
 
+class FailingSave:
+    """An engine whose checkpoint write fails with `message` (what a full disk looks like to each writer)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def save(self, directory):
+        raise RuntimeError(self.message)
+
+    def describe(self):
+        return {}
+
+
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(tmp_path):
     """safetensors reports a full disk as "os error 28" and torch's serializer under DeepSpeed as a short write: both
     become OSError(ENOSPC) naming the checkpoint and what to do (was: a traceback); the earlier checkpoints stay."""
@@ -458,15 +471,9 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(tmp_p
 
     from ascend_edit.train.checkpoint_io import CheckpointDir, disk_full
 
-    class FullDisk:
-        def save(self, directory):
-            raise RuntimeError("Error while serializing: No space left on device (os error 28)")
-
-        def describe(self):
-            return {}
-
+    full_disk = FailingSave("Error while serializing: No space left on device (os error 28)")
     with pytest.raises(OSError) as info:
-        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(FullDisk(), "layerwise", 4, {}, {})
+        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(full_disk, "layerwise", 4, {}, {})
     assert info.value.errno == errno.ENOSPC
     assert "writing checkpoint" in str(info.value) and "step-layerwise-4" in str(info.value)
     assert "\n" not in str(info.value)
@@ -490,17 +497,11 @@ def test_a_short_write_on_an_almost_full_disk_is_taken_for_a_full_disk(tmp_path,
                      tmp_path)
     assert not disk_full(FloatingPointError("non-finite"), tmp_path)
 
-    class ShortWrite:
-        def save(self, directory):
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10432 vs 10326")
-
-        def describe(self):
-            return {}
-
+    short_write = FailingSave("[enforce fail at inline_container.cc:672] . unexpected pos 10432 vs 10326")
     with pytest.raises(OSError) as info:
-        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(ShortWrite(), "layerwise", 2, {}, {})
+        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(short_write, "layerwise", 2, {}, {})
     assert info.value.errno == errno.ENOSPC
     with pytest.raises(ValueError, match="non-finite|NaN|inf"):  # a diverged run is not told to free disk space
         CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(
-            ShortWrite(), "layerwise", 3, {}, {"x": torch.tensor([float("nan")])})
+            short_write, "layerwise", 3, {}, {"x": torch.tensor([float("nan")])})
     assert checkpoint_io.DISK_FULL_MARGIN > (1 << 20)
