@@ -9,7 +9,7 @@ Layout of one cache (`<cache_root>/<key>/`), Megatron-style raw arrays plus a JS
     meta.json             shapes, counts and what the key was made of — written last
 
 The key hashes the data's identity (paths, sizes, modification times and a digest of each file's first and
-last MiB, format options), the tokenizer (its name and a digest of its vocabulary, special tokens and the whole
+last 64 KiB, format options), the tokenizer (its name and a digest of its vocabulary, special tokens and the whole
 tokenization pipeline) and the packing settings, so a change to any of them builds a new cache and nothing
 stale is read. Packing streams: documents are tokenized in batches (the Rust
 tokenizer encodes a batch in parallel) and full rows are appended to the files as they fill, so a corpus
@@ -57,11 +57,11 @@ class PackingKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
 
 
-SAMPLE_BYTES = 1 << 20
+SAMPLE_BYTES = 64 << 10  # per end of each file: a corpus of many files is not read whole at every start
 
 
 def _ends_digest(path: Path, size: int) -> str:
-    """Digest of a file's first and last MiB: an edit that keeps the size and the modification time (a copy
+    """Digest of a file's first and last 64 KiB: an edit that keeps the size and the modification time (a copy
     with `cp -p`, `rsync -t`, tar) still changes the key unless it falls wholly in the middle of a large file."""
     h = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as f:
@@ -110,7 +110,7 @@ def hash_split(documents: Iterable[str], fraction: float, seed: int) -> tuple[li
     return train, held_out
 
 
-def publish(tmp: Path, directory: Path, manifest: str) -> None:
+def publish_first_wins(tmp: Path, directory: Path, manifest: str) -> None:
     """Rename a finished temporary build to `directory`. When another run sharing the cache finished the same
     build first, its complete copy is kept and this one is dropped (the key makes the two identical)."""
     try:
@@ -206,7 +206,7 @@ def build_cache(directory: Path, documents: Iterable[str], tokenizer, key: Packi
                 "data.eval_fraction, or leave data.cache_dir unset for a corpus this small (its split holds out an "
                 "exact share)")
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))  # last: a cache without it is incomplete
-        publish(tmp, directory, MANIFEST)
+        publish_first_wins(tmp, directory, MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only the temporary directory this call created
         raise

@@ -254,7 +254,7 @@ def cached_split_spans(corpus: IndexedCorpus, eval_fraction: float, seed: int, c
     """`split_spans` written once (rank 0) under `cache_root` as plain .npy arrays and memory-mapped by every
     rank, so no rank holds per-document arrays in memory. Keyed by the two files' paths, sizes and
     modification times, the held-out fraction and the seed; the .npy files are read without pickle."""
-    from ascend_edit.data.cache import publish, source_identity
+    from ascend_edit.data.cache import publish_first_wins, source_identity
 
     bin_path, idx_path = files_of(corpus.prefix)
     identity = {"bin": source_identity(bin_path), "idx": source_identity(idx_path), "eval_fraction": eval_fraction,
@@ -270,7 +270,7 @@ def cached_split_spans(corpus: IndexedCorpus, eval_fraction: float, seed: int, c
                 np.save(tmp / f"{name}.starts.npy", spans.starts)
                 np.save(tmp / f"{name}.ends.npy", spans.ends)
             (tmp / "meta.json").write_text(json.dumps(identity, indent=1))  # last: without it, incomplete
-            publish(tmp, directory, "meta.json")
+            publish_first_wins(tmp, directory, "meta.json")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # only the temporary directory this call created
             raise

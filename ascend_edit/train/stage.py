@@ -54,7 +54,7 @@ def stage_settings(cfg: RootConfig) -> StageSettings:
 
 
 def data_identity(cfg: RootConfig) -> str | None:
-    """A digest of the data under `data.path` — each file's size and first and last MiB (data/cache.py), not its
+    """A digest of the data under `data.path` — each file's size and first and last 64 KiB (data/cache.py), not its
     modification time or location, so node-local copies of one corpus agree: a corpus edited between a stop and
     its resume is refused rather than trained on from the middle of another. None for built-in sources (package
     data) and synthetic ids."""
