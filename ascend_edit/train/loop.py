@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = ("distill.log_every", "distill.stage", "engine.checkpoint_ev
                      "engine.resume", "engine.max_consecutive_skips", "engine.compile", "device.threads",
                      "eval.*", "export.*", "data.eval_sequences", "output_dir", "task")
 STAGE_ORDER = ("layerwise", "model_level")
+# Saved keys that are not config keys, named for a user in a refusal (train/stage.py adds them to the run config)
+KEY_MEANINGS = {"data.identity": " (the contents of the files under data.path)"}
 
 
 class NonFiniteSteps(FloatingPointError, ValueError):
@@ -278,7 +280,8 @@ def check_config_change(saved: dict[str, Any], current: dict[str, Any], stage: s
     refused = [key for key in changed if key in saved and key in current
                and not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed)]
     if refused:
-        listed = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in refused[:8])
+        listed = ", ".join(f"{key}{KEY_MEANINGS.get(key, '')}: {saved.get(key)!r} -> {current.get(key)!r}"
+                           for key in refused[:8])
         more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
         raise ConfigChangedOnResume(f"{checkpoint} was written with a different config ({listed}{more}); these "
                                     "keys cannot change on resume: restore them, or start a new run "
