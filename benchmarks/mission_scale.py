@@ -184,18 +184,30 @@ def split_step(engine, batch: dict, accumulation: int, device: torch.device) -> 
 
 
 def profile_step(step, path: Path, rows: int = 30) -> None:
-    """One step under torch.profiler; the kernels by total device time go to `path` (and the top lines to stdout)."""
+    """One step under torch.profiler, written to `path`: the ops by total device time (children included),
+    then the kernels by their own device time, and how busy the device was over the step's wall time (an
+    idle device means the host — Python, launches, hooks — bounds the step)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        started = time.perf_counter()
         step()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
-    path.write_text(table)
-    print("\n".join(table.splitlines()[: 3 + 12]), flush=True)
+        wall_us = (time.perf_counter() - started) * 1e6
+    events = prof.key_averages()
+    by_total = events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
+                            max_name_column_width=70)
+    by_self = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=2 * rows,
+                           max_name_column_width=90)
+    # kernels only (CPU-side ops report their children's device time, which would count it twice)
+    busy_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) if cuda else 0.0
+    busy = f"device busy {busy_us / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall ({100 * busy_us / wall_us:.1f} %)"
+    path.write_text(f"{busy}\n\nby total device time\n{by_total}\n\nby own device time\n{by_self}")
+    print(busy, "\n" + "\n".join(by_self.splitlines()[: 3 + 25]), flush=True)
 
 
 def _with_stage(cfg, name: str):
