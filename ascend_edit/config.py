@@ -509,8 +509,9 @@ class EngineConfig:
         _choice("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("engine.offload_params needs engine.zero_stage=3")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("engine.offload_optimizer needs engine.zero_stage>=1")
+        if self.offload_optimizer and self.kind == "deepspeed" and self.zero_stage == 0:
+            raise ConfigError("engine.offload_optimizer needs engine.zero_stage>=1 (or engine.kind=torch, whose "
+                              "offload streams the AdamW state through the device)")
         if self.kind == "torch" and self.zero_stage:
             raise ConfigError(f"engine.zero_stage={self.zero_stage} needs engine.kind=deepspeed")
         if self.zero_options and self.kind != "deepspeed":

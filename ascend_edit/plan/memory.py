@@ -9,7 +9,8 @@ Memory parts (bytes per rank):
 * teacher copy     — stage 2 with `trainable=target+norms|all` only: a frozen copy of the weights the stage trains
                      outside the targets (the norms; for `all` every shared weight), in the model dtype; frozen
                      weights are shared with it (distill/model_level.frozen_teacher; ZeRO-3 is refused for it).
-* target weights   — torch engine: fp32 (they are the master copy); DeepSpeed: the module dtype.
+* target weights   — torch engine: fp32 (they are the master copy), offloaded (train/offload.py) the model
+                     dtype; DeepSpeed: the module dtype.
 * fp32 masters     — DeepSpeed bf16/fp16 only (inside its optimizer; ZeRO >= 1 partitions them).
 * optimizer states — AdamW exp_avg + exp_avg_sq, fp32 (ZeRO >= 1 partitions; offload moves them off).
 * gradients        — of the targets: fp32 (torch engine) or the module dtype (DeepSpeed; ZeRO >= 2 partitions).
@@ -27,6 +28,9 @@ partitioner recomputes the pointwise ops of norms and SwiGLU instead of saving t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ascend_edit.train.offload import CHUNK_ELEMENTS as OFFLOAD_CHUNK
+from ascend_edit.train.offload import SLOTS as OFFLOAD_SLOTS
 
 GIB = 1024**3
 FP32 = 4
@@ -271,6 +275,9 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
         # under ZeRO-2 and under offload, whole under plain ZeRO-1 (DeepSpeed's bf16 optimizer)
         accum = FP32 if w < FP32 and z in (1, 2) else w
         gradients = counts.target * accum / (world if z >= 2 or (z == 1 and s.offload_optimizer) else 1)
+    elif s.offload_optimizer:
+        # train/offload.py: the weights keep the model's dtype, their gradients accumulate in fp32 here
+        target_weights, masters, gradients = counts.target * w, 0.0, counts.target * FP32
     else:
         # the fp32 master copy itself (train/precision.py), plus the bf16 copies autocast makes of it and
         # keeps for backward
@@ -284,6 +291,13 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
         host = counts.target * FP32 * (2 + ADAM_STATES) / (world if z >= 1 else 1)
         notes.append(f"offload_optimizer: fp32 masters, AdamW states and gradients live in host memory "
                      f"({host / GIB:.1f} GiB per rank)")
+    elif s.offload_optimizer:
+        # the fp32 masters and both moments in pinned host memory; on the device only the chunk buffers
+        # they are streamed through while the optimizer steps
+        host = counts.target * FP32 * (1 + ADAM_STATES)
+        masters, optimizer = 0.0, float(OFFLOAD_SLOTS * 3 * OFFLOAD_CHUNK * FP32)
+        notes.append(f"offload_optimizer: fp32 masters and AdamW states live in host memory ({host / GIB:.1f} "
+                     f"GiB), streamed through {optimizer / GIB:.2f} GiB of device buffers at each step")
     if s.compiled != "off" and s.stage == "model_level":
         notes.append(f"activations as saved by regionally compiled {s.compiled} (engine.compile)")
     act_none = activation_bytes(m, t, s, 0)

@@ -299,12 +299,17 @@ def save_torch_engine(directory: Path, named_params: dict[str, torch.Tensor], op
     save_tree(state, directory, ENGINE_STATE)
 
 
+def load_trainable_file(directory: Path) -> dict[str, torch.Tensor]:
+    """The torch engine's trainable weights by parameter name, as saved (fp32 masters)."""
+    if not (Path(directory) / TRAINABLE_FILE).exists():
+        raise FileNotFoundError(f"{directory} holds no torch engine state ({TRAINABLE_FILE})")
+    return load_file(str(Path(directory) / TRAINABLE_FILE))
+
+
 def load_torch_engine(directory: Path, own_params: dict[str, torch.nn.Parameter], optimizer, scheduler,
                       scaler=None) -> None:
     directory = Path(directory)
-    if not (directory / TRAINABLE_FILE).exists():
-        raise FileNotFoundError(f"{directory} holds no torch engine state ({TRAINABLE_FILE})")
-    params = load_file(str(directory / TRAINABLE_FILE))
+    params = load_trainable_file(directory)
     missing = sorted(set(params) - set(own_params))
     if missing:
         raise ValueError(f"{directory}: checkpoint parameters {missing[:5]} do not exist in this model")

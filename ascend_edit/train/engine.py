@@ -46,6 +46,7 @@ from ascend_edit.train.checkpoint_io import (  # noqa: F401  (CheckpointDir, rea
     CheckpointDir,
     barrier,
     load_torch_engine,
+    load_trainable_file,
     rank_and_world,
     read_trainable_weights,
     require_finite,
@@ -53,6 +54,7 @@ from ascend_edit.train.checkpoint_io import (  # noqa: F401  (CheckpointDir, rea
     scan_deepspeed_pickles,
     verify_manifest,
 )
+from ascend_edit.train.offload import StreamedOffloadAdamW, clip_gradients
 from ascend_edit.train.precision import Precision, deepspeed_param_dtype, frozen_dtype, hold_in_fp32, restore_dtypes
 from ascend_edit.train.schedule import warmup_cosine
 
@@ -78,6 +80,13 @@ def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.opti
         raise ValueError("no trainable parameters: check the stage's `trainable` policy and the layer plan")
     fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params) or None
     return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), fused=fused)
+
+
+def make_offloaded_optimizer(params: list[nn.Parameter], stage: StageConfig) -> StreamedOffloadAdamW:
+    """`make_optimizer`'s AdamW with its fp32 state in host memory, stepped on the device (train/offload.py)."""
+    if not params:
+        raise ValueError("no trainable parameters: check the stage's `trainable` policy and the layer plan")
+    return StreamedOffloadAdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -106,10 +115,15 @@ class TorchEngine:
         self.cfg, self.accumulation = cfg, accumulation
         # Without a precision policy the parameters train as they are (callers that manage dtypes themselves).
         self.precision = precision or Precision(master_fp32=False)
-        # fp32 masters: the trainable weights are fp32 for the stage, the forward autocasts (precision.py).
-        self._held_dtypes = hold_in_fp32(params) if self.precision.master_fp32 else {}
+        self.offloaded = cfg.offload_optimizer
+        if self.offloaded and self.precision.loss_scaling:
+            raise ValueError("engine.offload_optimizer=true with engine.kind=torch has no fp16 loss scaling: "
+                             "use device.dtype=bf16, or engine.kind=deepspeed")
+        # fp32 masters: the trainable weights are fp32 for the stage, the forward autocasts (precision.py);
+        # offloaded, the masters live in host memory instead and the weights keep the model's dtype.
+        self._held_dtypes = hold_in_fp32(params) if self.precision.master_fp32 and not self.offloaded else {}
         self.scaler = self.precision.grad_scaler()
-        self.optimizer = make_optimizer(params, stage)
+        self.optimizer = make_offloaded_optimizer(params, stage) if self.offloaded else make_optimizer(params, stage)
         self.scheduler = make_scheduler(self.optimizer, stage)
 
     @property
@@ -118,7 +132,12 @@ class TorchEngine:
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint of this engine can be resumed by (compared on load)."""
-        return {"engine": self.kind, "world_size": 1}
+        return {"engine": self.kind, "world_size": 1, **({"offload_optimizer": True} if self.offloaded else {})}
+
+    def _gradients(self) -> list[torch.Tensor]:
+        if isinstance(self.optimizer, StreamedOffloadAdamW):
+            return self.optimizer.grads  # fp32 accumulators; the parameters hold no .grad
+        return [p.grad for p in self.params if p.grad is not None]
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         with self.precision.forward_context():
@@ -135,8 +154,7 @@ class TorchEngine:
         """Clip, update, advance the schedule; returns the global gradient norm before clipping."""
         if self.scaler is not None:  # fp16: true gradients for the norm; skips the update on inf/nan
             self.scaler.unscale_(self.optimizer)
-        # An infinite bound measures the norm without clipping.
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
+        norm = clip_gradients(self._gradients(), self.cfg.grad_clip)
         if not math.isfinite(norm):
             # A NaN/inf gradient: no update, and neither the optimizer state nor the schedule moves.
             # The caller sees the non-finite norm and counts the step as skipped.
@@ -162,16 +180,24 @@ class TorchEngine:
         """Trainable weights (safetensors); optimizer, schedule and loss scale (safetensors + JSON).
         Refuses non-finite values."""
         names = {id(p): name for name, p in self.model.named_parameters()}
-        save_torch_engine(directory, {names[id(p)]: p for p in self.params}, self.optimizer, self.scheduler,
-                          self.scaler)
+        # offloaded: the fp32 masters are the trainable weights (the parameters are their rounding)
+        weights = self.optimizer.masters() if isinstance(self.optimizer, StreamedOffloadAdamW) else self.params
+        save_torch_engine(directory, {names[id(p)]: w for p, w in zip(self.params, weights, strict=True)},
+                          self.optimizer, self.scheduler, self.scaler)
 
     def load(self, directory: Path) -> None:
         load_torch_engine(directory, dict(self.model.named_parameters()), self.optimizer, self.scheduler,
                           self.scaler)
+        if isinstance(self.optimizer, StreamedOffloadAdamW):  # the masters, unrounded
+            saved = load_trainable_file(directory)
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            self.optimizer.load_masters([saved[names[id(p)]] for p in self.params])
 
     def close(self, keep_partitioned: bool = False) -> None:
         """The model never left PyTorch's hands; the trainable weights go back to the model's dtype.
         (`keep_partitioned`: only ZeRO-3 partitions; accepted for the engines' common surface.)"""
+        if isinstance(self.optimizer, StreamedOffloadAdamW):
+            self.optimizer.close()
         restore_dtypes(self.params, self._held_dtypes)
 
 
