@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def run_task(cfg: DictConfig) -> dict:
     typed = to_typed(cfg)
     mark_run_directory(typed.output_dir)
     env = discover()
+    if typed.task == "convert" and env.rank == 0 and HydraConfig.initialized():
+        keep_composed_config(Path(HydraConfig.get().runtime.output_dir), Path(typed.output_dir))
     check_before_load(typed, world_size=env.world_size)
     if env.msrun_scheduler:  # msrun's extra scheduler process: no task runs there (eval/export would write twice)
         log.info("msrun scheduler process: task=%s runs in the worker processes only", typed.task)
@@ -339,6 +342,19 @@ RUN_MARK = ".ascend-edit-run"
 RUN_MARKERS = (RUN_MARK, ".hydra", "cli.log", "metrics.jsonl", "checkpoints", "tensorboard", "report.json",
                "eval.json", "converted", "stage-layerwise", "hf", "bench_kv.csv", "bench_decode", "teacher_text",
                "msrun_log")
+
+
+def keep_composed_config(hydra_dir: Path, output_dir: Path) -> None:
+    """A conversion with `output_dir=` apart from Hydra's run directory: its `.hydra/` (composed config,
+    overrides) goes beside the model too, since eval, export and report read the run's data, seed and
+    teacher from `<run>/.hydra/config.yaml` (without it an eval would take its own default data as the
+    held-out text, which may be the run's training text)."""
+    source, target = hydra_dir / ".hydra", output_dir / ".hydra"
+    if not source.is_dir() or source.resolve() == target.resolve():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.glob("*.yaml"):
+        shutil.copyfile(item, target / item.name)
 
 
 def mark_run_directory(output_dir: str) -> None:

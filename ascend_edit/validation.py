@@ -99,10 +99,24 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
         open_indexed(data_path)
     if cfg.distill.init_from:
         init_from_directory(cfg.distill.init_from)  # before hours of loading
+    check_precision(cfg)
     if cfg.engine.zero_options:  # names DeepSpeed knows, before hours of loading
         from ascend_edit.train.engine import checked_zero_options
 
         checked_zero_options(cfg.engine.zero_options)
+
+
+def check_precision(cfg: RootConfig) -> None:
+    """device.dtype against model.dtype, the device and the engine, as the stages will resolve them
+    (train/precision.py) — here, before the teacher is loaded and calibrated."""
+    from ascend_edit.device import detect_device_type
+    from ascend_edit.train.precision import DTYPES, check_deepspeed_dtype, resolve_precision
+
+    device_type = detect_device_type() if cfg.device.type == "auto" else cfg.device.type
+    weights = DTYPES[cfg.model.dtype]
+    precision = resolve_precision(cfg.device.dtype, device_type, weights)
+    if cfg.engine.kind == "deepspeed":
+        check_deepspeed_dtype(precision.compute, weights)
 
 
 def teacher_heads(config) -> tuple[int, int]:

@@ -71,15 +71,30 @@ def resolve_precision(requested: str, device_type: str, weight_dtype: torch.dtyp
         raise ValueError(f"device.dtype={requested!r} is not one of {['auto', *DTYPES]}")
     if requested == "auto":
         compute = weight_dtype if device_type == "cpu" else torch.bfloat16
+        if device_type != "cpu" and weight_dtype == torch.float16:
+            compute = torch.float16  # fp16 weights: bf16 compute would mix the two 16-bit formats
     else:
         compute = DTYPES[requested]
     if compute == torch.float16 and device_type == "cpu":
+        if requested == "auto":
+            raise ValueError("model.dtype=fp16 on the CPU: device.dtype=auto computes in the weights' dtype there, "
+                             "and the CPU has no fast fp16 matmul; set model.dtype=fp32 or bf16")
         raise ValueError("device.dtype=fp16 is not supported on the CPU (no fast fp16 matmul); use bf16 or fp32")
+    compute_name, weight_name = _NAMES.get(compute, compute), _NAMES.get(weight_dtype, weight_dtype)
     if torch.finfo(compute).bits > torch.finfo(weight_dtype).bits:
-        raise ValueError(f"device.dtype={_NAMES.get(compute, compute)} is wider than the frozen weights "
-                         f"(model.dtype={_NAMES.get(weight_dtype, weight_dtype)}): set model.dtype="
-                         f"{_NAMES.get(compute, compute)} or device.dtype={_NAMES.get(weight_dtype, weight_dtype)}")
+        raise ValueError(f"device.dtype={compute_name} is wider than the frozen weights (model.dtype={weight_name}): "
+                         f"set model.dtype={compute_name} or device.dtype={weight_name}")
+    if compute != weight_dtype and torch.finfo(compute).bits == torch.finfo(weight_dtype).bits:
+        raise ValueError(f"device.dtype={compute_name} with model.dtype={weight_name} would mix two 16-bit formats "
+                         f"in one forward: set device.dtype={weight_name} or model.dtype={compute_name}")
     return Precision(compute=compute, device_type=device_type)
+
+
+def check_deepspeed_dtype(compute: torch.dtype, weight_dtype: torch.dtype) -> None:
+    """DeepSpeed runs the module as it is (no autocast): the forward's dtype must be the weights'."""
+    if compute != weight_dtype:
+        raise ValueError(f"engine=deepspeed runs the forward in the module's own dtype: device.dtype="
+                         f"{_NAMES.get(compute)} needs model.dtype={_NAMES.get(compute)}")
 
 
 @torch.no_grad()
@@ -109,9 +124,7 @@ def deepspeed_param_dtype(precision: Precision, params: list[nn.Parameter], weig
     """The dtype DeepSpeed's module must hold under `precision`; its bf16/fp16 mode then keeps the fp32
     masters in the optimizer. The frozen weights must already be in that dtype: DeepSpeed runs the module
     as it is (no autocast), so mixed dtypes would meet in one matmul."""
-    if precision.compute != weight_dtype:
-        raise ValueError(f"engine=deepspeed runs the forward in the module's own dtype: device.dtype="
-                         f"{_NAMES.get(precision.compute)} needs model.dtype={_NAMES.get(precision.compute)}")
+    check_deepspeed_dtype(precision.compute, weight_dtype)
     with torch.no_grad():
         for param in params:
             if param.is_floating_point() and param.dtype != precision.compute:

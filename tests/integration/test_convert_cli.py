@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoTokenizer
 
 from ascend_edit.attention.edited import EditedAttention
 from ascend_edit.config import DataConfig, GateSWAConfig, MLAConfig, ModelConfig, TargetConfig
 from ascend_edit.data import build_train_eval, load_documents
-from ascend_edit.models.checkpoint import load_converted, save_converted
+from ascend_edit.models.checkpoint import load_converted, run_directory_of, save_converted
 from ascend_edit.models.loading import load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model, set_mode
 from tests.helpers import cli_runner
@@ -47,10 +48,12 @@ def tiny_convert_overrides(teacher: Path, data_path: Path | None = None) -> list
     ]
 
 
-def run_cli(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+def run_cli(run_dir: Path, overrides: list[str], hydra_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`hydra_dir`: Hydra's own run directory apart from the run's (`output_dir=run_dir`)."""
     env = {k: v for k, v in os.environ.items() if k != "ASCEND_EDIT_DEBUG"}  # errors as users see them
     env["TQDM_DISABLE"] = "1"
-    return cli_runner.run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env, timeout=600)
+    where = [f"hydra.run.dir={run_dir}"] if hydra_dir is None else [f"hydra.run.dir={hydra_dir}", f"output_dir={run_dir}"]
+    return cli_runner.run_cli([*overrides, *where], cwd=run_dir.parent, env=env, timeout=600)
 
 
 def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -109,9 +112,10 @@ def metrics_against(student: nn.Module, teacher: nn.Module, batches: list[dict])
 @pytest.fixture(scope="module")
 def full_run(trained_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("convert") / "run"
+    # output_dir= apart from Hydra's directory, as the README's job runs
     checked(run_cli(run_dir, [*tiny_convert_overrides(trained_teacher),
                               "distill.layerwise.steps=20", "distill.layerwise.lr=3e-3",
-                              "distill.model_level.steps=20"]))
+                              "distill.model_level.steps=20"], hydra_dir=run_dir.parent / "hydra-run"))
     return run_dir
 
 
@@ -134,6 +138,10 @@ def test_convert_writes_report_and_converted_model(full_run: Path):
     assert "| setup: teacher, targets + warm start, data |" in (full_run / "report.md").read_text()
     for name in ("config.json", "ascend_edit.json", "model.safetensors", "tokenizer.json"):
         assert (full_run / "converted" / name).is_file(), name
+    # the composed config lies beside the model (eval/export/report read the run's data and seed there)
+    saved = OmegaConf.load(full_run / ".hydra" / "config.yaml")
+    assert saved.device.seed == SEED and saved.output_dir == str(full_run)
+    assert run_directory_of(full_run / "converted") == full_run
 
 
 def test_reloaded_model_reproduces_reported_metrics(full_run: Path, trained_teacher: Path):

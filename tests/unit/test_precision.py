@@ -91,6 +91,32 @@ def test_resolve_precision_auto_and_refusals():
         resolve_precision("fp32", "cuda", torch.bfloat16)
 
 
+def test_the_two_16_bit_formats_never_meet_in_one_forward():
+    """bf16 autocast over fp16 weights (or the reverse) fails inside the first stage's forward (autocast's
+    'Unexpected floating ScalarType'): refused in one line; `auto` over fp16 weights computes in fp16."""
+    for compute, weights in (("bf16", torch.float16), ("fp16", torch.bfloat16)):
+        with pytest.raises(ValueError, match="would mix two 16-bit formats"):
+            resolve_precision(compute, "cuda", weights)
+    assert resolve_precision("auto", "cuda", torch.float16).compute == torch.float16
+    with pytest.raises(ValueError, match="model.dtype=fp16 on the CPU: device.dtype=auto"):
+        resolve_precision("auto", "cpu", torch.float16)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.dtype=bf16", "device=cpu", "device.dtype=fp32"], "device.dtype=fp32 is wider than the frozen weights"),
+    (["model.dtype=fp16", "device=cpu", "device.dtype=bf16"], "would mix two 16-bit formats"),
+    (["engine=zero2", "device=cpu", "device.dtype=bf16"], "engine=deepspeed runs the forward in the module's own dtype"),
+])
+def test_precision_is_refused_before_the_teacher_loads(overrides, message):
+    """The stage resolves the same rules much later (after loading, calibration and two evaluations)."""
+    from ascend_edit.validation import check_run_inputs
+    from tests.unit.test_validation import compose_typed
+
+    cfg = compose_typed(["experiment=tiny", *overrides])
+    with pytest.raises(ValueError, match=message):
+        check_run_inputs(cfg, world_size=1)
+
+
 def test_frozen_dtype_reads_the_frozen_weights():
     model = FrozenThenTrainable()
     assert frozen_dtype(model) == torch.bfloat16
