@@ -78,3 +78,23 @@ def test_eval_names_a_missing_checkpoint_in_one_line(tmp_path):
     result = run_cli(tmp_path / "eval", ["eval", f"eval.checkpoint={tmp_path / 'nope'}"])
     assert result.returncode == 2
     assert "eval.checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_holds_student_and_teacher_in_the_runs_dtype(tmp_path, trained_teacher):
+    """A bf16 run: `ascend-edit eval` gives the end-of-run suite's numbers (it once held the student in
+    fp32 against the bf16 teacher, scoring bf16 rounding as conversion loss) and records the dtype."""
+    run_dir = tmp_path / "run"
+    bf16 = [o for o in tiny_convert_overrides(trained_teacher) if not o.startswith("model.dtype=")]
+    bf16 += ["model.dtype=bf16", "device.dtype=bf16"]
+    checked(run_cli(run_dir, [*bf16, *SMALL_EVAL[:2], "eval.passkey_trials=0", "distill.layerwise.steps=1",
+                              "distill.model_level.steps=1", "distill.layerwise.warmup_steps=0",
+                              "distill.model_level.warmup_steps=0"]))
+    in_run = json.loads((run_dir / "eval.json").read_text())["quality"]
+    checked(run_cli(tmp_path / "eval", ["eval", f"eval.checkpoint={run_dir}", *SMALL_EVAL[:2], "eval.passkey_trials=0"]))
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for domain, per_context in in_run.items():
+        for context, metrics in per_context.items():
+            for key in ("ppl", "teacher_kl", "top1_agreement"):
+                assert again["quality"][domain][context]["student"][key] == pytest.approx(
+                    metrics["student"][key], rel=1e-5, abs=1e-7), (domain, context, key)
+    assert again["dtype"] == "bf16"
