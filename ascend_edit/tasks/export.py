@@ -114,7 +114,7 @@ def load_source(source: ExportSource, dtype: torch.dtype | None):
         has_tokenizer = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = AutoTokenizer.from_pretrained(source.path) if has_tokenizer else None
         return model, tokenizer, dtype
-    model, tokenizer = rebuild_from_engine_checkpoint(source.path)
+    model, tokenizer = rebuild_from_engine_checkpoint(source.path, dtype)
     dtype = dtype or next(model.parameters()).dtype
     return model.to(dtype), tokenizer, dtype
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ascend_edit.config import RootConfig, to_typed
 from ascend_edit.device import seed_everything
 from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES
-from ascend_edit.models.loading import load_teacher
+from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
 from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, plan_from_entries, set_mode
 from ascend_edit.train.checkpoint_io import read_trainable_weights
 
@@ -51,13 +51,18 @@ def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan
     return build_plan(num_layers, cfg.target)
 
 
-def rebuild_from_engine_checkpoint(checkpoint: Path):
-    """(edited model in student mode, tokenizer) with the weights of a torch-engine stage checkpoint."""
+def rebuild_from_engine_checkpoint(checkpoint: Path, dtype: torch.dtype | None = None):
+    """(edited model in student mode, tokenizer) with the weights of a stage checkpoint, in `dtype` (None:
+    the run's model.dtype). The model is built in that dtype before the fp32 trained weights go in: built in
+    a narrower run dtype and widened afterwards, an fp32 export would hold their bf16 rounding."""
     checkpoint = Path(checkpoint)
     run_dir = checkpoint.parent.parent  # <run>/checkpoints/step-<stage>-<n>
     cfg = _run_config(run_dir)
     seed_everything(cfg.device.seed)  # as the convert task did before building the teacher (config source)
-    model, tokenizer = load_teacher(cfg.model)
+    model_cfg = cfg.model
+    if dtype is not None:
+        model_cfg = dataclasses.replace(model_cfg, dtype=next(k for k, v in TORCH_DTYPES.items() if v == dtype))
+    model, tokenizer = load_teacher(model_cfg)
     plan = _run_plan(cfg, run_dir, model.config.num_hidden_layers)
     edit_model(model, plan, dataclasses.replace(cfg.target, init="random"))
     trained = read_trainable_weights(checkpoint)  # torch engine or any ZeRO stage, consolidated
