@@ -305,6 +305,7 @@ class DeepSpeedEngine:
         release_gathered_forward(model)
         self.model, self.params, self.cfg, self.world_size = model, params, cfg, world_size
         self._unrecorded_norm: float | None = None
+        self._withheld_norm: float | None = None  # ZeRO-0: the non-finite norm of a step it did not apply
         optimizer = make_optimizer(params, stage)
         # DeepSpeed's bf16/fp16 mode keeps the fp32 masters: the module stays in the compute dtype.
         param_dtype = params[0].dtype if precision is None else deepspeed_param_dtype(precision, params,
@@ -336,6 +337,9 @@ class DeepSpeedEngine:
             self._unrecorded_norm = _grad_norm(self.params)
             if self._unrecorded_norm is not None and not math.isfinite(self._unrecorded_norm):
                 self._step_without_update()
+                # DeepSpeed's bf16/fp16 wrapper records the norm of the zeroed gradients (0.0): `step` must
+                # report this one, or the loop would log a normal step and never count the skip
+                self._withheld_norm = self._unrecorded_norm
                 return
         # DeepSpeed counts micro-batches and updates only at the accumulation boundary. ZeRO 1-3 skip a
         # step whose gradient norm is NaN/inf themselves (overflow check), schedule included.
@@ -369,6 +373,9 @@ class DeepSpeedEngine:
 
     def step(self) -> float:
         """The update already happened in the last `micro_step`; returns its global norm before clipping."""
+        if self._withheld_norm is not None:
+            norm, self._withheld_norm = self._withheld_norm, None
+            return norm
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._unrecorded_norm

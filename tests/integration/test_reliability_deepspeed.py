@@ -26,15 +26,18 @@ SCRIPT = textwrap.dedent("""
     from ascend_edit.device import resolve_device, seed_everything
     from ascend_edit.train.engine import DeepSpeedEngine
     from ascend_edit.train.loop import StageRun, train_stage
+    from ascend_edit.train.precision import Precision
     from tests.unit.test_engine import STAGE, TokenDataset, ToyLM
     from tests.unit.test_reliability_checkpoints import CountingObjective, nan_gradient
 
     seed_everything(0)
-    model = ToyLM(dropout=0.0)
+    bf16 = sys.argv[3] == "bf16"  # a bf16 module: DeepSpeed wraps the optimizer in its 16-bit one
+    model = ToyLM(dropout=0.0).to(torch.bfloat16 if bf16 else torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = EngineConfig(kind="deepspeed", zero_stage=int(sys.argv[1]))
+    precision = Precision(torch.bfloat16, "cpu") if bf16 else None
     engine = DeepSpeedEngine(model, CountingObjective(on_step={4: nan_gradient}), params, STAGE, cfg, 2, 2, 1,
-                             resolve_device("cpu"))
+                             resolve_device("cpu", dtype=sys.argv[3]), precision=precision)
     run = StageRun("toy", STAGE.steps, 2, ResumableDistributedSampler(20, 4), TokenDataset(), torch.device("cpu"),
                    log_every=0)
     history = train_stage(engine, run)
@@ -46,12 +49,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_deepspeed_skips_a_nan_gradient_step(zero_stage: int, tmp_path: Path):
+@pytest.mark.parametrize(("zero_stage", "dtype"), [(0, "fp32"), (0, "bf16"), (2, "fp32"), (3, "fp32")])
+def test_deepspeed_skips_a_nan_gradient_step(zero_stage: int, dtype: str, tmp_path: Path):
+    """bf16 ZeRO-0 once logged the withheld step as a normal one with norm 0.0 (the norm of the zeroed
+    gradients it steps on): no skip counted, so a stage of NaN gradients 'finished' without updates."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(script), str(zero_stage), str(29600 + zero_stage)], cwd=root,
+    port = 29600 + zero_stage + 10 * (dtype == "bf16")
+    done = subprocess.run([sys.executable, str(script), str(zero_stage), str(port), dtype], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=False,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
