@@ -550,6 +550,9 @@ class EvalConfig:
         for key in ("contexts", "passkey_contexts"):
             for value in getattr(self, key):
                 _positive(f"eval.{key}", value)
+        for value in self.contexts:  # each token is scored on the next: one token scores nothing
+            if value < 2:
+                raise ConfigError(f"eval.contexts: {value} must be >= 2 (each position is scored on the next token)")
         for depth in self.passkey_depths:
             if not 0.0 <= depth <= 1.0:
                 raise ConfigError(f"eval.passkey_depths: {depth} is not in [0, 1]")

@@ -41,6 +41,26 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def needle_tokens(tokenizer, digits: int = 5, keys: int = 8) -> int:
+    """Tokens a sample spends on the needle, the question and the answer with this tokenizer (the most over
+    a few keys of `digits` digits: tokenizers split numbers differently)."""
+    intro, remember, outro = (len(_ids(tokenizer, part)) for part in NEEDLE)
+    rng = random.Random(0)
+    key = max(len(_ids(tokenizer, f" {rng.randrange(10 ** (digits - 1), 10 ** digits)}")) for _ in range(keys))
+    return intro + remember + outro + len(_ids(tokenizer, QUESTION)) + 3 * key
+
+
+def check_passkey_contexts(tokenizer, contexts: list[int], digits: int = 5) -> None:
+    """Every passkey context leaves room for filler around the needle: checked once the tokenizer is known,
+    before any training (the suite would otherwise stop a finished conversion)."""
+    needed = needle_tokens(tokenizer, digits)
+    short = [c for c in contexts if c <= needed]
+    if short:
+        raise ValueError(f"eval.passkey_contexts: {short[0]} is shorter than the needle, question and answer "
+                         f"({needed} tokens with this tokenizer); use contexts above {needed}, or "
+                         "eval.passkey_trials=0")
+
+
 def make_sample(tokenizer, filler: list[int], context: int, depth: float, key: str, offset: int = 0) -> PasskeySample:
     """One sample of exactly `context` tokens; `filler` is a token stream read from `offset` (wrapping)."""
     if not 0.0 <= depth <= 1.0:

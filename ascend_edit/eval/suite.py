@@ -89,5 +89,7 @@ def run_suite(teacher: LogitsFn, student: LogitsFn, tokenizer, cfg: EvalConfig, 
                               list(cfg.passkey_depths), device)
         results["passkey"] = {"contexts": passkey_contexts, "depths": list(cfg.passkey_depths),
                               "trials": cfg.passkey_trials, "filler": cfg.passkey_filler, "seed": cfg.seed, **grids}
+    elif cfg.passkey_trials and passkey_contexts:
+        log.warning("passkey test skipped: its filler eval.passkey_filler=%s has no text here", cfg.passkey_filler)
     results["seconds"] = time.perf_counter() - started
     return results

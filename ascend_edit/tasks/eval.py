@@ -26,6 +26,7 @@ from ascend_edit.config import DataConfig, RootConfig, to_typed
 from ascend_edit.data.heldout import run_documents
 from ascend_edit.device import resolve_device
 from ascend_edit.eval.metrics import model_logits, paired_logits
+from ascend_edit.eval.passkey import check_passkey_contexts
 from ascend_edit.eval.suite import held_out_sets, run_suite
 from ascend_edit.models.checkpoint import run_directory_of
 
@@ -168,6 +169,8 @@ def run(cfg: RootConfig) -> dict:
     teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=teacher_zero3)
     if tokenizer is None:
         raise ValueError("eval needs a tokenizer: the teacher (model=...) has none")
+    if cfg.eval.passkey_trials:
+        check_passkey_contexts(tokenizer, cfg.eval.passkey_contexts)
     check_same_vocabulary(student, teacher, cfg.model.source)
     for model, partitioned in ((student, student_zero3), (teacher, teacher_zero3)):
         if partitioned is not None:

@@ -9,7 +9,7 @@ from ascend_edit.config import EvalConfig, MLAConfig, TargetConfig
 from ascend_edit.data.heldout import check_disjoint, document_hash, python_docs_documents
 from ascend_edit.eval.long_context import token_stream, window_batches, windows
 from ascend_edit.eval.metrics import compare, paired_logits
-from ascend_edit.eval.passkey import make_grid, make_sample
+from ascend_edit.eval.passkey import check_passkey_contexts, make_grid, make_sample, needle_tokens
 from ascend_edit.eval.suite import HeldOut, run_suite
 from ascend_edit.models.surgery import build_plan, edit_model
 from tests.conftest import tiny_model
@@ -130,9 +130,22 @@ def test_python_docs_shares_nothing_with_any_training_source():
             check_disjoint(ood, source_documents(SourceSpec(name)), name)
 
 
+def test_passkey_contexts_too_short_for_the_needle_are_named_before_any_sample(tokenizer):
+    needed = needle_tokens(tokenizer)
+    filler = token_stream(TEXTS, tokenizer, 500)
+    make_sample(tokenizer, filler, needed + 1, 0.5, "48213")  # one token of filler: the smallest that works
+    check_passkey_contexts(tokenizer, [needed + 1, 160])
+    with pytest.raises(ValueError, match=f"eval.passkey_contexts: {needed} is shorter than the needle"):
+        check_passkey_contexts(tokenizer, [160, needed])
+    with pytest.raises(ValueError, match="shorter than the needle"):
+        make_sample(tokenizer, filler, needed - 1, 0.5, "48213")
+
+
 def test_eval_config_rejects_bad_values():
     from ascend_edit.config import ConfigError
 
+    with pytest.raises(ConfigError, match="eval.contexts: 1 must be >= 2"):
+        EvalConfig(contexts=[64, 1])
     with pytest.raises(ConfigError, match="eval.passkey_depths"):
         EvalConfig(passkey_depths=[1.5])
     with pytest.raises(ConfigError, match="eval.domains"):
