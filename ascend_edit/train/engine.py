@@ -374,8 +374,8 @@ class DeepSpeedEngine:
     def step(self) -> float:
         """The update already happened in the last `micro_step`; returns its global norm before clipping."""
         if self._withheld_norm is not None:
-            norm, self._withheld_norm = self._withheld_norm, None
-            return norm
+            withheld, self._withheld_norm = self._withheld_norm, None
+            return withheld
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._unrecorded_norm
