@@ -78,10 +78,13 @@ def plot_model_level(metrics: list[dict], path: Path) -> bool:
     if not rows:
         return False
     with _figure(path, figsize=(7, 4)) as (_, ax):
-        ax.plot([m["step"] for m in rows], [m.get("kd", m["loss"]) for m in rows], label="KD (KL to teacher)")
+        # the objective distill.model_level.kl names (forward / reverse KL, JSD; x T^2 at temperature T; top-k
+        # renormalised): the plain KL to the teacher is the held-out suite's teacher-KL, not this curve
+        ax.plot([m["step"] for m in rows], [m.get("kd", m["loss"]) for m in rows],
+                label="KD objective (distill.model_level.kl)")
         if any("loss" in m and "kd" in m and m["loss"] != m["kd"] for m in rows):
             ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], label="total loss", alpha=0.7)
-        ax.set(xlabel="step", ylabel="nats/token", title="Stage 2: KL to the teacher (training batches)")
+        ax.set(xlabel="step", ylabel="nats/token", title="Stage 2: distillation objective (training batches)")
         ax.legend()
     return True
 
@@ -222,6 +225,8 @@ def render(run_dir: Path) -> Path:
     if results.get("quality"):
         lines += ["## Held-out suite per domain and context", ""]
         lines += [f"* **{name}**: {text}" for name, text in results.get("domains", {}).items()]
+        if results.get("checkpoint"):  # an `ascend-edit eval` job: what it scored, and on whose text
+            lines.append(f"* evaluated: `{results['checkpoint']}`, in_domain from {results.get('in_domain_source')}")
         if results.get("skipped_contexts"):
             lines.append(f"* skipped (beyond the model's {results['max_positions']} positions): "
                          f"{results['skipped_contexts']}")

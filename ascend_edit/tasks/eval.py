@@ -184,6 +184,10 @@ def run(cfg: RootConfig) -> dict:
                             _max_positions(student), device.torch_device)
     results["checkpoint"] = str(path)
     results["in_domain_source"] = in_domain_source
+    if "in_domain" in results.get("domains", {}) and in_domain_source.startswith("this command's"):
+        # the split is not known to be the conversion's own: no claim that the model never trained on it
+        results["domains"]["in_domain"] = (f"held-out part of {in_domain_source}: the conversion's held-out text "
+                                           "only if it trained on that data with that seed")
     results["dtype"] = cfg.model.dtype  # student and teacher alike
     if student_zero3 is not None:  # how this job held the models (the suite's numbers do not depend on it)
         results["zero3_partitioned"] = {"student": True, "teacher": teacher_zero3 is not None}

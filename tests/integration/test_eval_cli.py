@@ -37,6 +37,7 @@ def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path)
             assert again["quality"][domain][context]["student"]["ppl"] == pytest.approx(metrics["student"]["ppl"],
                                                                                         rel=1e-4)
     assert again["passkey"]["student"] == results["passkey"]["student"]
+    assert f"* evaluated: `{run_dir}`, in_domain from the run's data" in (eval_dir / "report.md").read_text()
 
     table = checked(run_cli(tmp_path / "unused", ["report", str(run_dir), str(eval_dir)])).stdout
     assert "in_domain@128 ppl× (KL)" in table and str(run_dir) in table
