@@ -5,7 +5,9 @@ a conversion, or a teacher and a converted / exported model side by side (`ascen
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import platform
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +64,13 @@ def run_suite(teacher: LogitsFn, student: LogitsFn, tokenizer, cfg: EvalConfig, 
     skipped = sorted({c for c in [*cfg.contexts, *cfg.passkey_contexts] if not fits(c)})
     if skipped:
         log.info("eval: contexts %s exceed the model's %s positions; skipped", skipped, max_positions)
-    results: dict = {"max_positions": max_positions, "skipped_contexts": skipped, "domains": {}, "quality": {}}
+    # Which texts were scored: python_docs comes from the running interpreter's pydoc_data, whose text differs
+    # between Python versions (3.11 and 3.12 part after ~1.9K tokens): numbers from two machines compare only
+    # when these digests agree.
+    results: dict = {"max_positions": max_positions, "skipped_contexts": skipped, "domains": {}, "quality": {},
+                     "python": platform.python_version(),
+                     "text_sha256": {name: hashlib.sha256("\n\n".join(held.documents).encode()).hexdigest()[:16]
+                                     for name, held in sets.items()}}
     for name, held in sets.items():
         if name not in cfg.domains:
             continue
