@@ -36,6 +36,9 @@ def test_identity_conversion_matches_the_teacher_everywhere(tokenizer):
     results = run_suite(teacher, student, tokenizer, SMALL, {"in_domain": HeldOut("in_domain", "test", TEXTS)},
                         max_positions=512)
     assert results["skipped_contexts"] == [4096]  # longer than the model's positions
+    other = {"in_domain": HeldOut("in_domain", "test", TEXTS[1:])}
+    assert results["text_sha256"]["in_domain"] != run_suite(teacher, student, tokenizer, SMALL, other,
+                                                            max_positions=64)["text_sha256"]["in_domain"]
     quality = results["quality"]["in_domain"]
     assert sorted(quality, key=int) == ["32", "96"]
     for metrics in quality.values():
