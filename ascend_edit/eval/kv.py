@@ -38,6 +38,9 @@ def _attention_kv(attn: nn.Module, layer_idx: int) -> LayerKV:
     if isinstance(attn, GateSWAAttention):
         per_token = 2 * attn.num_kv_heads * attn.head_dim
         if attn.is_sliding:
+            # what the dynamic cache holds; the static ring (attention/cache_layers.StaticSinkWindowLayer)
+            # allocates sinks + window + 1 slots: the new token's slot is written before attention reads it,
+            # and one slot stays empty (README)
             return LayerKV(layer_idx, "swa", per_token, attn.window - 1 + attn.sink_tokens)
         return LayerKV(layer_idx, "gqa", per_token, None)
     # a teacher attention (read_geometry's layouts); nn.Module's typing cannot know its attributes
