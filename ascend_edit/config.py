@@ -56,7 +56,7 @@ def _indices(key: str, values: Optional[list[int]], allow_empty: bool = True) ->
 @dataclass
 class DeviceConfig:
     type: str = "auto"  # auto | npu | cuda | cpu
-    dtype: str = "auto"  # training precision: auto (bf16 on accelerators, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: str = "auto"  # training precision: auto (bf16 on accelerators, the weights' dtype on CPU) | bf16 | fp16 | fp32
     seed: int = 1234
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
 

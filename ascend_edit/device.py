@@ -103,9 +103,12 @@ def resolve_device(requested: str = "auto", *, local_rank: int = 0, dtype: str =
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {('auto', *DTYPES)}, got '{dtype}'")
     device_type = detect_device_type() if requested == "auto" else requested
+    shown = dtype
     if dtype == "auto":
-        # bf16 halves memory and runs on tensor/cube units; most CPUs have no fast bf16 matmul.
+        # bf16 halves memory and runs on tensor/cube units; most CPUs have no fast bf16 matmul. Training
+        # resolves `auto` against the weights (train/precision.py: on the CPU, the weights' own dtype).
         dtype = "fp32" if device_type == "cpu" else "bf16"
+        shown = "auto (training computes in the weights' dtype)" if device_type == "cpu" else "auto (bf16)"
 
     if device_type == "npu":
         if _import_torch_npu() is None:
@@ -130,7 +133,7 @@ def resolve_device(requested: str = "auto", *, local_rank: int = 0, dtype: str =
         index = local_rank
         _device_module(device_type).set_device(index)
     info = DeviceInfo(device_type, index, BACKEND_BY_DEVICE[device_type], DTYPES[dtype])
-    log.info("device: %s:%d, backend %s, dtype %s", info.type, info.index, info.dist_backend, dtype)
+    log.info("device: %s:%d, backend %s, dtype %s", info.type, info.index, info.dist_backend, shown)
     return info
 
 
