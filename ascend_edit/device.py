@@ -108,7 +108,7 @@ def resolve_device(requested: str = "auto", *, local_rank: int = 0, dtype: str =
         # bf16 halves memory and runs on tensor/cube units; most CPUs have no fast bf16 matmul. Training
         # resolves `auto` against the weights (train/precision.py: on the CPU, the weights' own dtype).
         dtype = "fp32" if device_type == "cpu" else "bf16"
-        shown = "auto (training computes in the weights' dtype)" if device_type == "cpu" else "auto (bf16)"
+        shown = "auto (training: the weights' dtype)" if device_type == "cpu" else "auto (training: bf16, fp16 for fp16 weights)"
 
     if device_type == "npu":
         if _import_torch_npu() is None:
