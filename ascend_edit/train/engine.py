@@ -43,6 +43,7 @@ from ascend_edit.config import ConfigError, EngineConfig, StageConfig
 from ascend_edit.device import DeviceInfo
 from ascend_edit.train.checkpoint_io import (  # noqa: F401  (CheckpointDir, read_trainable_weights: re-exported)
     DEEPSPEED_DIR,
+    DEEPSPEED_GLOBALS,
     CheckpointDir,
     barrier,
     load_torch_engine,
@@ -505,7 +506,32 @@ def consolidated_zero_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     CPU in one process, by the model's parameter names. The caller verifies and scans the files first."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_DIR,
-                                                     exclude_frozen_parameters=True)
+    if not any((Path(checkpoint) / DEEPSPEED_DIR).glob("*optim_states.pt")):
+        state = _zero0_trainable_weights(Path(checkpoint) / DEEPSPEED_DIR / "mp_rank_00_model_states.pt")
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_DIR,
+                                                         exclude_frozen_parameters=True)
     # The engine wraps the model in _ObjectiveModule, whose attribute is `model`.
     return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+
+
+def _zero0_trainable_weights(path: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0 writes no optimizer partitions (DeepSpeed's consolidation cannot read it): the trainable weights
+    are the module's, and a 16-bit module's fp32 masters are its optimizer wrapper's `fp32_groups`, in the
+    same order. Loaded without running code: tensors plus the DeepSpeed classes the pickle scan allows."""
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    with torch.serialization.safe_globals(allowed):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    weights = {name: tensor.float() for name, tensor in saved["module"].items()}
+    optimizer = saved.get("optimizer") or {}
+    masters = [t for group in optimizer.get("fp32_groups", []) for t in group]
+    if masters:
+        if [tuple(t.shape) for t in masters] != [tuple(t.shape) for t in weights.values()]:
+            raise ValueError(f"{path}: the optimizer's fp32 masters do not match the module's trainable weights")
+        weights = {name: master.float() for name, master in zip(weights, masters)}
+    return weights

@@ -66,3 +66,51 @@ def test_deepspeed_skips_a_nan_gradient_step(zero_stage: int, dtype: str, tmp_pa
     assert result["lr"][3] == result["lr"][4]  # the schedule did not advance on the skipped step
     if result["adam_steps"] is not None:  # ZeRO 1-3 wrap the optimizer state differently
         assert result["adam_steps"] == [7]
+
+
+ZERO0_EXPORT = textwrap.dedent("""
+    import json, os, sys, tempfile
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from pathlib import Path
+    import torch
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    from ascend_edit.config import EngineConfig
+    from ascend_edit.device import resolve_device
+    from ascend_edit.train.checkpoint_io import read_trainable_weights, write_manifest
+    from ascend_edit.train.engine import DeepSpeedEngine
+    from ascend_edit.train.precision import Precision
+    from tests.unit.test_engine import STAGE, ToyLM, next_token_loss
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[1]]
+    torch.manual_seed(0)
+    model = ToyLM(dropout=0.0).to(dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = DeepSpeedEngine(model, next_token_loss, params, STAGE, EngineConfig(kind="deepspeed", zero_stage=0),
+                             1, 4, 1, resolve_device("cpu"), precision=Precision(dtype, "cpu"))
+    batch = {"input_ids": torch.randint(0, 16, (4, 9))}
+    for _ in range(3):
+        loss, _ = engine.forward(batch); engine.backward(loss); engine.micro_step()
+    directory = Path(sys.argv[3]); engine.save(directory); write_manifest(directory)
+    masters = getattr(engine.optimizer, "fp32_groups", None)
+    expected = [t.float() for t in (masters[0] if masters else params)]
+    read = read_trainable_weights(directory)
+    print("RESULT", json.dumps({"names": list(read), "exact": [bool(torch.equal(a, b)) for a, b in
+                                                                 zip(read.values(), expected)],
+                                "dtypes": sorted({str(t.dtype) for t in read.values()})}))
+""")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_zero0_checkpoint_is_read_with_its_fp32_masters(dtype: str, tmp_path: Path):
+    """ZeRO-0 writes no optimizer partitions: DeepSpeed's consolidation failed on it (TypeError), so its stage
+    checkpoints could not be exported. A bf16 module's weights come from its optimizer's fp32 masters."""
+    script = tmp_path / "run.py"
+    script.write_text(ZERO0_EXPORT)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script), dtype, str(29640 + (dtype == "bf16")), str(tmp_path / "ck")],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT", 1)[1])
+    assert result["names"] == ["embed.weight", "head.weight", "head.bias"]
+    assert all(result["exact"]) and result["dtypes"] == ["torch.float32"]
