@@ -273,23 +273,29 @@ def summary_row(run_dir: Path) -> dict:
            "wall_seconds": run["info"].get("wall_seconds")}
     for domain, per_context in (results.get("quality") or {}).items():
         for context, m in per_context.items():
-            row[f"{domain}@{context}"] = (m["ppl_ratio"], m["student"]["teacher_kl"])
+            row[f"{domain}@{context}"] = (m["ppl_ratio"], m["student"]["teacher_kl"], m.get("sequences"))
     if results.get("passkey"):
-        grid = results["passkey"]["student"]
+        pk = results["passkey"]
+        grid = pk["student"]
         row["passkey"] = sum(map(sum, grid)) / sum(len(r) for r in grid)
+        row["passkey_grid"] = f"{'/'.join(map(str, pk['contexts']))} × {len(pk['depths'])} depths × {pk['trials']}"
     return row
 
 
 def compare_runs(run_dirs: list[Path]) -> str:
-    """A markdown table: one row per run; ppl ratio (KL) per domain@context, passkey, KV saving, tokens, time."""
+    """A markdown table: one row per run; ppl ratio (KL) per domain@context with the windows it averages,
+    passkey with its grid (runs evaluated on different grids are not comparable cell by cell), KV saving,
+    tokens, time."""
     rows = [summary_row(d) for d in run_dirs]
     cells = sorted({k for r in rows for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    header = ["run", *[f"{c} ppl× (KL)" for c in cells], "passkey", "KV saved", "train tokens", "wall time"]
+    header = ["run", *[f"{c} ppl× (KL) [windows]" for c in cells], "passkey [contexts × depths × trials]",
+              "KV saved", "train tokens", "wall time"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in rows:
         values = [r["run"]]
-        values += [f"{r[c][0]:.3f} ({r[c][1]:.3f})" if c in r else "-" for c in cells]
-        values.append(f"{100 * r['passkey']:.0f} %" if r.get("passkey") is not None else "-")
+        values += [f"{r[c][0]:.3f} ({r[c][1]:.3f}) [{r[c][2] if r[c][2] is not None else '?'}]" if c in r else "-"
+                   for c in cells]
+        values.append(f"{100 * r['passkey']:.0f} % [{r['passkey_grid']}]" if r.get("passkey") is not None else "-")
         values.append(f"{r['kv_reduction_pct']:.1f} %" if r["kv_reduction_pct"] is not None else "-")
         values.append(f"{r['tokens']:,}" if r["tokens"] else "-")
         values.append(_fmt_seconds(r["wall_seconds"]))
