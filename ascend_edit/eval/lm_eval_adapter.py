@@ -5,8 +5,8 @@ its own `hf` model (an export in auto_map format runs the code it ships: only wi
 finds the project's
 tasks under `lm_eval_tasks/` (`--include_path`):
 
-* `ascend_edit_heldout_cloze` — multiple choice, accuracy: given three consecutive sentences of held-out
-  prose, pick the true next sentence among four (three distractors from other documents). Built from the
+* `ascend_edit_heldout_cloze` — multiple choice, accuracy: given three sentences of held-out prose that
+  follow one another among the kept ones (6-40 words), pick the next kept sentence among four (three distractors from other documents). Built from the
   out-of-domain `python_docs` set (ascend_edit/data/heldout.py; Python documentation, PSF licence) by
   `python -m ascend_edit.eval.lm_eval_adapter build --output FILE`; deterministic from its seed.
 
