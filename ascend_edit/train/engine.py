@@ -124,6 +124,9 @@ class TorchEngine:
         # offloaded, the masters live in host memory instead and the weights keep the model's dtype.
         self._held_dtypes = hold_in_fp32(params) if self.precision.master_fp32 and not self.offloaded else {}
         self.scaler = self.precision.grad_scaler()
+        # fp16: the last skipped step was the grad scaler lowering its scale (its normal start-up search from
+        # 2**16), not a broken run: the loop does not count it towards engine.max_consecutive_skips
+        self.loss_scale_backoff = False
         self.optimizer = make_offloaded_optimizer(params, stage) if self.offloaded else make_optimizer(params, stage)
         self.scheduler = make_scheduler(self.optimizer, stage)
 
@@ -156,11 +159,14 @@ class TorchEngine:
         if self.scaler is not None:  # fp16: true gradients for the norm; skips the update on inf/nan
             self.scaler.unscale_(self.optimizer)
         norm = clip_gradients(self._gradients(), self.cfg.grad_clip)
+        self.loss_scale_backoff = False
         if not math.isfinite(norm):
             # A NaN/inf gradient: no update, and neither the optimizer state nor the schedule moves.
             # The caller sees the non-finite norm and counts the step as skipped.
             if self.scaler is not None:
                 self.scaler.update()  # lower the fp16 loss scale (the inf was recorded by unscale_)
+                # below a scale of 1 the overflow is in the gradients themselves, not in the scaling
+                self.loss_scale_backoff = self.scaler.get_scale() >= 1.0
             self.skip_step()
             return norm
         if self.scaler is not None:

@@ -156,6 +156,8 @@ def train_stage(engine, run: StageRun, start_step: int = 0) -> list[dict]:
             grad_norm = _update(engine, run, step + 1, totals["loss"])
             skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
             totals.update(grad_norm=grad_norm, lr=lr, step=step + 1, skipped=skipped)
+            if skipped and math.isfinite(totals["loss"]) and getattr(engine, "loss_scale_backoff", False):
+                totals["loss_scale_backoff"] = True
             run.history.append(totals)
             run.elapsed_s = elapsed_before + time.perf_counter() - started
             if run.is_main and run.metrics_log is not None:
@@ -199,12 +201,17 @@ def _update(engine, run: StageRun, step: int, loss: float) -> float:
 
 
 def _check_skips(run: StageRun, step: int, totals: dict) -> None:
-    """Log a skipped step; stop after `max_consecutive_skips` of them in a row."""
+    """Log a skipped step; stop after `max_consecutive_skips` of them in a row. An fp16 loss-scale back-off
+    (the grad scaler halving its scale after an overflow) is logged but neither counts nor breaks the row."""
     in_a_row = 0
     for row in reversed(run.history):
         if not row.get("skipped"):
             break
-        in_a_row += 1
+        in_a_row += 0 if row.get("loss_scale_backoff") else 1
+    if totals.get("loss_scale_backoff"):
+        log.info("%s step %d skipped: fp16 gradients overflowed at this loss scale; the scale is lowered",
+                 run.name, step)
+        return
     log.warning("%s step %d skipped: loss %s, gradient norm %s (%d skipped so far)", run.name, step,
                 totals["loss"], totals["grad_norm"], len(run.skipped_steps))
     if in_a_row >= run.max_consecutive_skips:

@@ -120,3 +120,31 @@ def test_precision_is_refused_before_the_teacher_loads(overrides, message):
 def test_frozen_dtype_reads_the_frozen_weights():
     model = FrozenThenTrainable()
     assert frozen_dtype(model) == torch.bfloat16
+
+
+def test_fp16_loss_scale_backoff_does_not_stop_the_stage():
+    """GradScaler starts at 2**16 and halves on each overflow: with a summed loss that is 7 skipped steps
+    here, past engine.max_consecutive_skips=5. They are back-offs, not a broken run: the stage finishes and
+    trains once the scale fits (it stopped with NonFiniteSteps before)."""
+    from ascend_edit.data import ResumableDistributedSampler
+    from ascend_edit.device import seed_everything
+    from ascend_edit.train.loop import StageRun, train_stage
+    from tests.unit.test_engine import STAGE, VOCAB, TokenDataset, ToyLM
+
+    def summed_loss(model, batch):
+        ids = batch["input_ids"]
+        logits = model(ids[:, :-1]).reshape(-1, VOCAB).float()
+        loss = nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum") * 50
+        return loss, {"loss": float(loss.detach())}
+
+    seed_everything(0)
+    model = ToyLM(dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = TorchEngine(model, summed_loss, params, STAGE, EngineConfig(), 1,
+                         precision=Precision(torch.float16, "cpu"))
+    run = StageRun("toy", STAGE.steps, 1, ResumableDistributedSampler(20, 4), TokenDataset(), torch.device("cpu"),
+                   log_every=0)
+    history = train_stage(engine, run)
+    backoffs = [row["step"] for row in history if row.get("loss_scale_backoff")]
+    assert len(backoffs) > run.max_consecutive_skips  # more in a row than a NaN run may have
+    assert not history[-1]["skipped"] and engine.scaler.get_scale() < 2.0**16
