@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ascend_edit import distributed
+from ascend_edit import distributed, jsonio
 from ascend_edit.config import RootConfig
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
@@ -70,6 +69,6 @@ def run(cfg: RootConfig) -> dict:
             table.add_row(name, f"{metrics['ppl']:.2f}", f"{metrics['teacher_kl']:.4f}",
                           f"{100 * metrics['top1_agreement']:.1f} %", f"{sec:.0f}")
         Console().print(table)
-        (p.out_dir / "ablation.json").write_text(json.dumps(report, indent=2))
+        (p.out_dir / "ablation.json").write_text(jsonio.dumps(report, indent=2))
     distributed.barrier()
     return report

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ascend_edit import distributed
+from ascend_edit import distributed, jsonio
 from ascend_edit.config import RootConfig, StageConfig
 from ascend_edit.device import memory_stats
 from ascend_edit.distill.layerwise import LayerwiseObjective
@@ -123,7 +122,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main, original_teacher)
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite=False))
     if env.is_main:
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        (out_dir / "report.json").write_text(jsonio.dumps(report, indent=2))
         print_results(console, results, kv)
         console.print(f"converted model: {out_dir / 'converted'}  report: {out_dir / 'report.json'}")
         from ascend_edit.tasks.report import finish_run  # held-out suite (eval.*) + report.md with plots

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from ascend_edit import jsonio
 from ascend_edit.config import DataConfig, RootConfig, to_typed
 from ascend_edit.data.heldout import run_documents
 from ascend_edit.device import resolve_device
@@ -48,7 +49,7 @@ def suite_after_conversion(model: torch.nn.Module, tokenizer, cfg: RootConfig, o
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    (Path(out_dir) / "eval.json").write_text(json.dumps(results, indent=2))
+    (Path(out_dir) / "eval.json").write_text(jsonio.dumps(results, indent=2))
     print_suite(Console(width=max(Console().width, 150)), results)  # ten columns: never cut a domain's name
 
 

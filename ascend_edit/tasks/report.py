@@ -7,7 +7,6 @@ parent when several runs are given). Also the end of every conversion (`finish_r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ascend_edit import jsonio
 from ascend_edit.config import RootConfig
 from ascend_edit.eval.report import compare_runs, render
 
@@ -44,7 +44,7 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
         name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     info = {"wall_seconds": wall_seconds + suite_seconds, "suite_seconds": suite_seconds, "device": device.type,
             "device_name": name, "torch": torch.__version__}
-    (Path(out_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+    (Path(out_dir) / "run_info.json").write_text(jsonio.dumps(info, indent=2))
     print(f"report: {write_report(out_dir)}")
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ascend_edit import jsonio
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -537,7 +539,7 @@ class CheckpointDir:
             raise
         if rank == 0:
             meta = {"stage": stage, "step": step, **engine.describe(), **state}
-            (tmp / self.STATE_FILE).write_text(json.dumps(meta, indent=1))
+            (tmp / self.STATE_FILE).write_text(jsonio.dumps(meta, indent=1))
         barrier()
         if rank == 0:
             write_manifest(tmp)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ascend_edit import jsonio
 from ascend_edit.data.batches import PackedSequences, collate
 from ascend_edit.data.sampler import ResumableDistributedSampler
 from ascend_edit.device import rng_state, set_rng_state
@@ -162,7 +163,7 @@ def train_stage(engine, run: StageRun, start_step: int = 0) -> list[dict]:
             run.elapsed_s = elapsed_before + time.perf_counter() - started
             if run.is_main and run.metrics_log is not None:
                 with open(run.metrics_log, "a") as f:
-                    f.write(json.dumps({"stage": run.name, **totals}) + "\n")
+                    f.write(jsonio.dumps({"stage": run.name, **totals}) + "\n")
                 board.log(run.name, step + 1, totals)
             tok_s = tokens_seen / max(time.perf_counter() - started, 1e-9)  # this rank's throughput
             bar.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")

@@ -282,6 +282,10 @@ def test_consecutive_skips_stop_the_stage_keeping_the_last_good_checkpoint(tmp_p
     # step 6 was saved after a skipped step: weights as after step 4, finite
     assert [p.name for p in run.checkpoints.complete("toy")] == ["step-toy-3", "step-toy-6"]
     assert all(all_tensors_finite(p) for p in run.checkpoints.complete("toy"))
+    # its state is strict JSON (a skipped step's NaN norm is null, not a NaN literal that parsers refuse)
+    state = (run.checkpoints.complete("toy")[-1] / "trainer_state.json").read_text()
+    history = json.loads(state, parse_constant=lambda name: pytest.fail(f"{name} in trainer_state.json"))["history"]
+    assert [row["grad_norm"] for row in history if row["skipped"]] == [None, None]  # steps 5 and 6
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
