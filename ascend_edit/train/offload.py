@@ -195,5 +195,7 @@ def clip_gradients(grads: list[Tensor], max_norm: float | None) -> float:
     norm = torch.nn.utils.get_total_norm(grads)
     value = float(norm)
     if max_norm and value > max_norm and value == value and value != float("inf"):
-        torch._foreach_mul_(grads, max_norm / (value + 1e-6))
+        scale = max_norm / (value + 1e-6)
+        for grad in grads:
+            grad.mul_(scale)
     return value
