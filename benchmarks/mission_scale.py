@@ -372,7 +372,7 @@ def main() -> int:
     write_outputs(out, rows, experts, errors, time.perf_counter() - started)
     print_table(rows, experts, errors, peak_tflops)
     if ours and baseline:
-        print(f"8B MLA stage 2 vs plain baseline: {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x tokens/s at "
+        print(f"8B MLA stage 2 vs plain baseline: {ours['tokens_per_s'] / baseline['tokens_per_s']:.3f}x tokens/s at "
               f"{100 * ours['peak_gib'] / baseline['peak_gib']:.0f} % of its peak memory")
     print(f"total {time.perf_counter() - started:.0f} s; logs and CSV in {out}")
     return 0 if not errors else 1
