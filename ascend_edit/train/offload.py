@@ -45,6 +45,7 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.device = params[0].device
         self.chunk_elements = chunk_elements
+        self.fused = self.device.type in ("cuda", "cpu")  # torch's fused AdamW kernels
         pin = self.device.type != "cpu"
         with torch.no_grad():
             self.grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -136,7 +137,7 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 self._adamw(group, state["master"].view(-1)[start:stop], grad.view(-1)[start:stop],
                             state["exp_avg"].view(-1)[start:stop], state["exp_avg_sq"].view(-1)[start:stop],
-                            state["step"].clone())
+                            state["step"].clone(), self.fused)
                 p.view(-1)[start:stop].copy_(state["master"].view(-1)[start:stop])
         else:
             self._streamed(chunks)
@@ -167,10 +168,12 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
                     dst.copy_(src, non_blocking=True)
                 arrived = copy_in.record_event()
             compute.wait_event(arrived)
-            # the count before this update, as the fused kernel wants it (on the device; it advances this copy).
-            # A fill, not a copy of the host value: a copy from pageable memory would wait for the device.
-            step = torch.full((), float(state["step"]), dtype=torch.float32, device=self.device)
-            self._adamw(group, device[0], grad.view(-1)[start:stop], device[1], device[2], step)
+            # the count before this update; the fused kernel wants it on the device (it advances this copy),
+            # the single-tensor AdamW (other devices) on the host. A fill, not a copy of the host value: a copy
+            # from pageable memory would wait for the device.
+            step = (torch.full((), float(state["step"]), dtype=torch.float32, device=self.device)
+                    if self.fused else state["step"].clone())
+            self._adamw(group, device[0], grad.view(-1)[start:stop], device[1], device[2], step, self.fused)
             p.view(-1)[start:stop].copy_(device[0])
             stepped = compute.record_event()
             with module.stream(copy_out):
@@ -180,11 +183,14 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
                 self._freed[slot] = copy_out.record_event()
 
     @staticmethod
-    def _adamw(group: dict, master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor) -> None:
-        """torch's fused AdamW on one flat chunk; `step` (the count before this update) is advanced in place."""
+    def _adamw(group: dict, master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
+               fused: bool = True) -> None:
+        """torch's AdamW on one flat chunk — fused where torch ships the kernel (CUDA, CPU), its single-tensor
+        form elsewhere (an NPU); `step` (the count before this update) is advanced in place."""
         beta1, beta2 = group["betas"]
-        adamw([master], [grad], [exp_avg], [exp_avg_sq], [], [step], fused=True, amsgrad=False, beta1=beta1,
-              beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        adamw([master], [grad], [exp_avg], [exp_avg_sq], [], [step], fused=True if fused else None,
+              foreach=None if fused else False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def clip_gradients(grads: list[Tensor], max_norm: float | None) -> float:
