@@ -33,10 +33,13 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
     `teacher`: the frozen teacher copy of a stage 2 that trained shared weights (None: the model's own path)."""
     from ascend_edit.tasks.eval import suite_after_conversion
 
-    suite_seconds = 0.0
+    suite_seconds, failure = 0.0, None
     if cfg.eval.suite:
-        suite_seconds = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device,
-                                               teacher).get("seconds", 0.0)
+        try:
+            suite_seconds = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device,
+                                                   teacher).get("seconds", 0.0)
+        except (ValueError, OSError) as err:  # the model is saved: the run's record is written, then the error
+            failure = err
     name = ""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device.torch_device)
@@ -44,8 +47,13 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
         name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     info = {"wall_seconds": wall_seconds + suite_seconds, "suite_seconds": suite_seconds, "device": device.type,
             "device_name": name, "torch": torch.__version__}
+    if failure is not None:
+        info["suite_error"] = f"{type(failure).__name__}: {failure}"
     (Path(out_dir) / "run_info.json").write_text(jsonio.dumps(info, indent=2))
     print(f"report: {write_report(out_dir)}")
+    if failure is not None:
+        raise ValueError(f"the held-out suite failed after the conversion was saved ({out_dir / 'converted'}; "
+                         f"report.md written without it): {failure}") from failure
 
 
 def run(cfg: RootConfig) -> dict:

@@ -144,3 +144,26 @@ def test_a_resumed_stage_shows_each_step_once(tmp_path):
         values[stage] = {e.step: e.value for e in acc.Scalars(f"{stage}/loss")}
         assert [e.step for e in acc.Scalars(f"{stage}/loss")] == [1, 2, 3, 4, 5, 6]
     assert values["layerwise"][6] == 60.0 and values["model_level"][6] == 6.0  # the resumed run's; the other untouched
+
+
+def test_a_suite_failure_after_the_conversion_still_writes_the_runs_record(tmp_path, monkeypatch):
+    """The conversion is saved before the suite runs: a suite error still leaves run_info.json (naming the
+    error) and report.md, rather than a directory without its record, then stops the job with the error."""
+    from types import SimpleNamespace
+
+    from ascend_edit.config import RootConfig
+    from ascend_edit.tasks import eval as eval_task
+    from ascend_edit.tasks.report import finish_run
+
+    run_dir = fake_run(tmp_path / "run")
+    (run_dir / "run_info.json").unlink()
+
+    def failing_suite(*args, **kwargs):
+        raise ValueError("evaluation batches hold no scored tokens")
+
+    monkeypatch.setattr(eval_task, "suite_after_conversion", failing_suite)
+    with pytest.raises(ValueError, match="held-out suite failed after the conversion was saved"):
+        finish_run(None, None, RootConfig(), run_dir, SimpleNamespace(type="meta", torch_device="meta"), 1.0)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert "no scored tokens" in info["suite_error"]
+    assert (run_dir / "report.md").is_file()
