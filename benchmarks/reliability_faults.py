@@ -215,6 +215,8 @@ def config_cases() -> list[Case]:
         c("feature layer that does not exist", "distill.model_level.feature_layers=[9]",
           "distill.model_level.feature_layers=[9]"),
         c("sequence of one token", "data.seq_len=1", "data.seq_len=1"),
+        c("evaluation context of one token", "eval.contexts=[1]", "eval.contexts: 1 must be >= 2"),
+        c("bf16 forward over fp16 weights", "model.dtype=fp16 device.dtype=bf16", "would mix two 16-bit formats"),
         c("held-out fraction above 1", "data.eval_fraction=1.5", "data.eval_fraction=1.5"),
         c("layer index out of range", "target.layers=[7]", "target.layers=[7]"),
         c("MLA cache larger than the teacher's", "target.mla.kv_lora_rank=512", "target.mla.kv_lora_rank=512"),
