@@ -111,9 +111,9 @@ def run_task(cfg: DictConfig) -> dict:
     typed = to_typed(cfg)
     mark_run_directory(typed.output_dir)
     env = discover()
+    check_before_load(typed, world_size=env.world_size)
     if typed.task == "convert" and env.rank == 0 and HydraConfig.initialized():
         keep_composed_config(Path(HydraConfig.get().runtime.output_dir), Path(typed.output_dir))
-    check_before_load(typed, world_size=env.world_size)
     if env.msrun_scheduler:  # msrun's extra scheduler process: no task runs there (eval/export would write twice)
         log.info("msrun scheduler process: task=%s runs in the worker processes only", typed.task)
         return {}
@@ -348,9 +348,13 @@ def keep_composed_config(hydra_dir: Path, output_dir: Path) -> None:
     """A conversion with `output_dir=` apart from Hydra's run directory: its `.hydra/` (composed config,
     overrides) goes beside the model too, since eval, export and report read the run's data, seed and
     teacher from `<run>/.hydra/config.yaml` (without it an eval would take its own default data as the
-    held-out text, which may be the run's training text)."""
+    held-out text, which may be the run's training text). Written once, for a new run, after the checks."""
     source, target = hydra_dir / ".hydra", output_dir / ".hydra"
     if not source.is_dir() or source.resolve() == target.resolve():
+        return
+    if (target / "config.yaml").exists():
+        # an earlier run's (a resume, or a command about to be refused by the resume checks): eval, export and
+        # report read that run's settings from it, so it is never replaced
         return
     target.mkdir(parents=True, exist_ok=True)
     for item in source.glob("*.yaml"):

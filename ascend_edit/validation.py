@@ -117,6 +117,9 @@ def check_precision(cfg: RootConfig) -> None:
     precision = resolve_precision(cfg.device.dtype, device_type, weights)
     if cfg.engine.kind == "deepspeed":
         check_deepspeed_dtype(precision.compute, weights)
+    elif cfg.engine.offload_optimizer and precision.loss_scaling:
+        raise ConfigError("engine.offload_optimizer=true with engine.kind=torch has no fp16 loss scaling: use "
+                          "model.dtype=bf16 device.dtype=bf16, or engine.kind=deepspeed")
 
 
 def teacher_heads(config) -> tuple[int, int]:

@@ -166,15 +166,21 @@ def _fmt_seconds(seconds: float | None) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def _num(value: float | None, spec: str, scale: float = 1.0) -> str:
+    """A metric as text; `null` in the JSON (a non-finite value, ascend_edit/jsonio.py) shows as nan."""
+    return "nan" if value is None else format(scale * value, spec)
+
+
 def quality_table(results: dict) -> list[str]:
     lines = ["| domain | context | sequences | teacher ppl | student ppl | ratio | teacher-KL | top-1 agreement |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for domain, per_context in (results.get("quality") or {}).items():
         for context in sorted(per_context, key=int):
             m = per_context[context]
-            lines.append(f"| {domain} | {int(context):,} | {m['sequences']} | {m['teacher']['ppl']:.2f} | "
-                         f"{m['student']['ppl']:.2f} | {m['ppl_ratio']:.3f}× | {m['student']['teacher_kl']:.4f} | "
-                         f"{100 * m['student']['top1_agreement']:.1f} % |")
+            lines.append(f"| {domain} | {int(context):,} | {m['sequences']} | {_num(m['teacher']['ppl'], '.2f')} | "
+                         f"{_num(m['student']['ppl'], '.2f')} | {_num(m['ppl_ratio'], '.3f')}× | "
+                         f"{_num(m['student']['teacher_kl'], '.4f')} | "
+                         f"{_num(m['student']['top1_agreement'], '.1f', 100)} % |")
     return lines
 
 
@@ -220,7 +226,8 @@ def render(run_dir: Path) -> Path:
         lines += ["## Quality along the conversion (training-domain eval batches)", "",
                   "| model | perplexity | teacher-KL | top-1 agreement |", "|---|---:|---:|---:|"]
         for name, m in report["results"].items():
-            lines.append(f"| {name} | {m['ppl']:.2f} | {m['teacher_kl']:.4f} | {100 * m['top1_agreement']:.1f} % |")
+            lines.append(f"| {name} | {_num(m['ppl'], '.2f')} | {_num(m['teacher_kl'], '.4f')} | "
+                         f"{_num(m['top1_agreement'], '.1f', 100)} % |")
         lines.append("")
     if results.get("quality"):
         lines += ["## Held-out suite per domain and context", ""]
@@ -293,7 +300,8 @@ def compare_runs(run_dirs: list[Path]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in rows:
         values = [r["run"]]
-        values += [f"{r[c][0]:.3f} ({r[c][1]:.3f}) [{r[c][2] if r[c][2] is not None else '?'}]" if c in r else "-"
+        values += [f"{_num(r[c][0], '.3f')} ({_num(r[c][1], '.3f')}) [{r[c][2] if r[c][2] is not None else '?'}]"
+                   if c in r else "-"
                    for c in cells]
         values.append(f"{100 * r['passkey']:.0f} % [{r['passkey_grid']}]" if r.get("passkey") is not None else "-")
         values.append(f"{r['kv_reduction_pct']:.1f} %" if r["kv_reduction_pct"] is not None else "-")

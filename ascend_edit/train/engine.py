@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import os
@@ -119,7 +120,7 @@ class TorchEngine:
         self.offloaded = cfg.offload_optimizer
         if self.offloaded and self.precision.loss_scaling:
             raise ValueError("engine.offload_optimizer=true with engine.kind=torch has no fp16 loss scaling: "
-                             "use device.dtype=bf16, or engine.kind=deepspeed")
+                             "use model.dtype=bf16 device.dtype=bf16, or engine.kind=deepspeed")
         # fp32 masters: the trainable weights are fp32 for the stage, the forward autocasts (precision.py);
         # offloaded, the masters live in host memory instead and the weights keep the model's dtype.
         self._held_dtypes = hold_in_fp32(params) if self.precision.master_fp32 and not self.offloaded else {}
@@ -395,6 +396,11 @@ class DeepSpeedEngine:
         # Every rank writes its partition. Frozen weights are not saved: they come from the teacher.
         self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_DIR, save_latest=False,
                                     exclude_frozen_parameters=True)
+        if self.cfg.zero_stage == 0 and rank_and_world()[0] == 0:
+            # ZeRO-0's module file also keeps frozen tied aliases and buffers: the reader needs the trainable
+            # names, in the optimizer's order (its fp32 masters follow that order)
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            (Path(directory) / ZERO0_NAMES).write_text(json.dumps([names[id(p)] for p in self.params]))
 
     def load(self, directory: Path) -> None:
         if not (Path(directory) / DEEPSPEED_DIR).is_dir():
@@ -521,6 +527,9 @@ def consolidated_zero_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
 
+ZERO0_NAMES = "trainable_names.json"  # beside deepspeed/ in a ZeRO-0 stage checkpoint
+
+
 def _zero0_trainable_weights(path: Path) -> dict[str, torch.Tensor]:
     """ZeRO-0 writes no optimizer partitions (DeepSpeed's consolidation cannot read it): the trainable weights
     are the module's, and a 16-bit module's fp32 masters are its optimizer wrapper's `fp32_groups`, in the
@@ -529,11 +538,15 @@ def _zero0_trainable_weights(path: Path) -> dict[str, torch.Tensor]:
 
     allowed = []
     for name in DEEPSPEED_GLOBALS:
-        module, _, attr = name.rpartition(".")
-        allowed.append(getattr(importlib.import_module(module), attr))
+        owner, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(owner), attr))
     with torch.serialization.safe_globals(allowed):
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    weights = {name: tensor.float() for name, tensor in saved["module"].items()}
+    module = saved["module"]
+    names_file = path.parent.parent / ZERO0_NAMES
+    if names_file.is_file():  # the wrapper (_ObjectiveModule) prefixes the model's names with `model.`
+        module = {f"model.{name}": module[f"model.{name}"] for name in json.loads(names_file.read_text())}
+    weights = {name: tensor.float() for name, tensor in module.items()}
     optimizer = saved.get("optimizer") or {}
     masters = [t for group in optimizer.get("fp32_groups", []) for t in group]
     if masters:

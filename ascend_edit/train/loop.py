@@ -204,19 +204,19 @@ def _update(engine, run: StageRun, step: int, loss: float) -> float:
 def _check_skips(run: StageRun, step: int, totals: dict) -> None:
     """Log a skipped step; stop after `max_consecutive_skips` of them in a row. An fp16 loss-scale back-off
     (the grad scaler halving its scale after an overflow) is logged but neither counts nor breaks the row."""
-    in_a_row = 0
+    in_a_row, first = 0, None
     for row in reversed(run.history):
         if not row.get("skipped"):
             break
-        in_a_row += 0 if row.get("loss_scale_backoff") else 1
+        if not row.get("loss_scale_backoff"):
+            in_a_row, first = in_a_row + 1, row
     if totals.get("loss_scale_backoff"):
         log.info("%s step %d skipped: fp16 gradients overflowed at this loss scale; the scale is lowered",
                  run.name, step)
         return
     log.warning("%s step %d skipped: loss %s, gradient norm %s (%d skipped so far)", run.name, step,
                 totals["loss"], totals["grad_norm"], len(run.skipped_steps))
-    if in_a_row >= run.max_consecutive_skips:
-        first = run.history[-in_a_row]
+    if in_a_row >= run.max_consecutive_skips and first is not None:
         raise NonFiniteSteps(f"{run.name} step {first['step']}: loss is {first['loss']}, gradient norm "
                              f"{first['grad_norm']}; {in_a_row} steps in a row were non-finite and skipped "
                              f"(engine.max_consecutive_skips={run.max_consecutive_skips}): stopping; the last good "

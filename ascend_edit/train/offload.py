@@ -56,6 +56,7 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
                 state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
         self._grad_of = {id(p): g for p, g in zip(params, self.grads)}
+        self._touched: set[int] = set()  # parameters that got a gradient since the last step
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in params]
         self._copies: tuple | None = None  # (module, copy-in stream, copy-out stream), made at the first step
         self._slots: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -65,11 +66,13 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
         """Move this micro-batch's gradient into the fp32 accumulator; the parameter keeps none."""
         if param.grad is not None:
             self._grad_of[id(param)].add_(param.grad)
+            self._touched.add(id(param))
             param.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for grad in self.grads:
             grad.zero_()
+        self._touched.clear()
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
@@ -128,10 +131,10 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("StreamedOffloadAdamW takes no closure")
-        chunks = [(group, p, grad, start, min(start + self.chunk_elements, p.numel()))
-                  for group in self.param_groups
-                  for p, grad in ((p, self._grad_of[id(p)]) for p in group["params"])
-                  for start in range(0, p.numel(), self.chunk_elements)]
+        # as torch's AdamW: a parameter that got no gradient this step is not stepped (no decay, no momentum)
+        stepped = [(group, p) for group in self.param_groups for p in group["params"] if id(p) in self._touched]
+        chunks = [(group, p, self._grad_of[id(p)], start, min(start + self.chunk_elements, p.numel()))
+                  for group, p in stepped for start in range(0, p.numel(), self.chunk_elements)]
         if self.device.type == "cpu":
             for group, p, grad, start, stop in chunks:
                 state = self.state[p]
@@ -141,9 +144,8 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
                 p.view(-1)[start:stop].copy_(state["master"].view(-1)[start:stop])
         else:
             self._streamed(chunks)
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["step"] += 1
+        for _, p in stepped:
+            self.state[p]["step"] += 1
         return None
 
     def _streamed(self, chunks: list) -> None:
@@ -157,6 +159,7 @@ class StreamedOffloadAdamW(torch.optim.Optimizer):
         module, copy_in, copy_out = self._copies
         compute = module.current_stream(self.device)
         copy_in.wait_stream(copy_out)  # the last step's states are on the host before they are read again
+        copy_in.wait_stream(compute)  # and nothing queued before this step still uses the slots' memory
         for index, (group, p, grad, start, stop) in enumerate(chunks):
             slot, size, state = index % SLOTS, stop - start, self.state[p]
             host = [state[key].view(-1)[start:stop] for key in ("master", "exp_avg", "exp_avg_sq")]

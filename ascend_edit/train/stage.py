@@ -136,6 +136,13 @@ def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageCon
             if env.is_main:
                 print(f"ascend-edit: {stop}", file=sys.stderr)
             raise
+        except BaseException:
+            # a process that outlives the error (a notebook, a caller catching NonFiniteSteps) gets the torch
+            # engine's model back as it was, and its offloaded optimizer's hooks, accumulators and pinned host
+            # memory go (DeepSpeed's close gathers across ranks: not from an error path)
+            if engine_cfg.kind == "torch":
+                engine.close()
+            raise
         if start < stage.steps:
             path = save_checkpoint(engine, run, stage.steps)
             # a signal during the stage's last step or its checkpoint (every rank decides alike: one all-reduce)

@@ -83,7 +83,11 @@ ZERO0_EXPORT = textwrap.dedent("""
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[1]]
     torch.manual_seed(0)
-    model = ToyLM(dropout=0.0).to(dtype)
+    model = ToyLM(dropout=0.0)
+    if sys.argv[4] == "tied":  # frozen tied embeddings (tie_word_embeddings): DeepSpeed keeps the alias
+        model.embed.weight = model.head.weight
+        model.head.weight.requires_grad_(False)
+    model = model.to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = DeepSpeedEngine(model, next_token_loss, params, STAGE, EngineConfig(kind="deepspeed", zero_stage=0),
                              1, 4, 1, resolve_device("cpu"), precision=Precision(dtype, "cpu"))
@@ -100,17 +104,18 @@ ZERO0_EXPORT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_a_zero0_checkpoint_is_read_with_its_fp32_masters(dtype: str, tmp_path: Path):
+@pytest.mark.parametrize(("dtype", "tied"), [("fp32", ""), ("bf16", ""), ("fp32", "tied"), ("bf16", "tied")])
+def test_a_zero0_checkpoint_is_read_with_its_fp32_masters(dtype: str, tied: str, tmp_path: Path):
     """ZeRO-0 writes no optimizer partitions: DeepSpeed's consolidation failed on it (TypeError), so its stage
     checkpoints could not be exported. A bf16 module's weights come from its optimizer's fp32 masters."""
     script = tmp_path / "run.py"
     script.write_text(ZERO0_EXPORT)
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(script), dtype, str(29640 + (dtype == "bf16")), str(tmp_path / "ck")],
+    port = 29640 + (dtype == "bf16") + 2 * bool(tied)
+    done = subprocess.run([sys.executable, str(script), dtype, str(port), str(tmp_path / "ck"), tied or "untied"],
                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
                           check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT", 1)[1])
-    assert result["names"] == ["embed.weight", "head.weight", "head.bias"]
+    assert result["names"] == (["head.bias"] if tied else ["embed.weight", "head.weight", "head.bias"])
     assert all(result["exact"]) and result["dtypes"] == ["torch.float32"]

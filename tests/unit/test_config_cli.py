@@ -233,3 +233,16 @@ def test_msrun_scheduler_process_runs_no_task(tmp_path):
                     f"hydra.run.dir={tmp_path / 'r'}"], env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Layer plan" not in proc.stdout and "msrun scheduler process" in proc.stdout + proc.stderr
+
+
+def test_keep_composed_config_never_replaces_an_earlier_runs_config(tmp_path):
+    from ascend_edit.cli import keep_composed_config
+
+    hydra_dir, run = tmp_path / "hydra", tmp_path / "run"
+    (hydra_dir / ".hydra").mkdir(parents=True)
+    (hydra_dir / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    keep_composed_config(hydra_dir, run)
+    assert (run / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
+    (hydra_dir / ".hydra" / "config.yaml").write_text("seed: 7\n")  # a later command aimed at the same run
+    keep_composed_config(hydra_dir, run)
+    assert (run / ".hydra" / "config.yaml").read_text() == "seed: 1\n"

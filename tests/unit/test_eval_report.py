@@ -167,3 +167,14 @@ def test_a_suite_failure_after_the_conversion_still_writes_the_runs_record(tmp_p
     info = json.loads((run_dir / "run_info.json").read_text())
     assert "no scored tokens" in info["suite_error"]
     assert (run_dir / "report.md").is_file()
+
+
+def test_report_of_a_run_with_non_finite_metrics(tmp_path):
+    """jsonio writes a NaN metric as null: the report shows it as nan rather than failing to format it."""
+    from ascend_edit import jsonio
+
+    run_dir = fake_run(tmp_path / "run")
+    report = json.loads((run_dir / "report.json").read_text())
+    report["results"]["after_model_level"] = {"ppl": float("nan"), "teacher_kl": float("nan"), "top1_agreement": 0.0}
+    (run_dir / "report.json").write_text(jsonio.dumps(report))
+    assert "| after_model_level | nan | nan | 0.0 % |" in render(run_dir).read_text()

@@ -190,3 +190,16 @@ def test_the_single_tensor_adamw_of_devices_without_the_fused_kernel_agrees():
     train(single, data, 2)
     for ours, reference in zip(weights(single), weights(fused), strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_a_parameter_without_a_gradient_is_not_stepped():
+    """As torch's AdamW skips a parameter whose .grad is None: no weight decay, no momentum, no step count."""
+    used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    optimizer = StreamedOffloadAdamW([used, unused], lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        (used * 2.0).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(used.detach(), torch.ones(3))
+    assert torch.equal(unused.detach(), torch.ones(3))
+    assert float(optimizer.state[used]["step"]) == 2.0 and float(optimizer.state[unused]["step"]) == 0.0

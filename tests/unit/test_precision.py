@@ -148,3 +148,13 @@ def test_fp16_loss_scale_backoff_does_not_stop_the_stage():
     backoffs = [row["step"] for row in history if row.get("loss_scale_backoff")]
     assert len(backoffs) > run.max_consecutive_skips  # more in a row than a NaN run may have
     assert not history[-1]["skipped"] and engine.scaler.get_scale() < 2.0**16
+
+
+def test_the_torch_engines_offload_refuses_fp16_before_the_teacher_loads():
+    from ascend_edit.validation import check_precision
+    from tests.unit.test_validation import compose_typed
+
+    cfg = compose_typed(["experiment=tiny", "model.dtype=fp16", "device=cuda", "device.dtype=fp16",
+                         "engine.offload_optimizer=true"])
+    with pytest.raises(ValueError, match="no fp16 loss scaling: use model.dtype=bf16 device.dtype=bf16"):
+        check_precision(cfg)
