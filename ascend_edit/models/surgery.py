@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -64,6 +66,28 @@ def plan_entries(plan: Iterable[LayerPlan]) -> list[list]:
             extras.pop()
         entries.append(entry + extras)
     return entries
+
+
+def plan_is_measured(cfg: TargetConfig) -> bool:
+    """Whether the layer plan comes from calibration data (full layers, windows, ranks or rotary frequencies
+    chosen on it) rather than from the config alone: then a run that goes on — a resume, a stage-2 job, a
+    rebuilt checkpoint — must take the plan it saved, since measuring again (other batches, other device)
+    can choose differently for the same trained weights."""
+    swa, mla = cfg.gate_swa, cfg.mla
+    if cfg.kind == "gate_swa":
+        return bool(swa.full_by_sensitivity or swa.kv_budget is not None)
+    return cfg.kind == "mla" and bool(mla.kv_budget or mla.rope_selection == "measured")
+
+
+def saved_plan(directories: Iterable[Path]) -> tuple[list[LayerPlan], Path] | None:
+    """The plan saved with the first converted model found in `directories` (its CONVERTED_MARKER file)."""
+    for directory in directories:
+        meta = Path(directory) / "ascend_edit.json"  # models/checkpoint.CONVERTED_MARKER
+        if meta.is_file():
+            entries = json.loads(meta.read_text()).get("plan")
+            if entries:
+                return plan_from_entries(entries), meta
+    return None
 
 
 def plan_from_entries(entries: Iterable[list]) -> list[LayerPlan]:

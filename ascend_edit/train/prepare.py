@@ -21,7 +21,15 @@ from ascend_edit.eval.passkey import check_passkey_contexts
 from ascend_edit.models.budget import swa_layer_scores
 from ascend_edit.models.fused_layers import install_fused_ops
 from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
-from ascend_edit.models.surgery import LayerPlan, build_plan, collect_layer_stats, edit_model, plan_with_windows
+from ascend_edit.models.surgery import (
+    LayerPlan,
+    build_plan,
+    collect_layer_stats,
+    edit_model,
+    plan_is_measured,
+    plan_with_windows,
+    saved_plan,
+)
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
 
 log = logging.getLogger(__name__)
@@ -83,6 +91,14 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     calibration = calibration_batches(cfg, model, tokenizer, train_set, device.torch_device)
     sensitivity = None
     target = cfg.target
+    earlier = earlier_plan(cfg, out_dir)
+    if earlier is not None:  # measured when the run (or the stage-1 job) started: the trained weights follow it
+        plan, source = earlier
+        log.info("layer plan taken from %s (measured when that run started): %s", source,
+                 [(e.layer_idx, e.kind, e.kv_lora_rank or e.window) for e in plan])
+        stats = collect_layer_stats(model, calibration) if cfg.target.init == "warm" else None
+        edit_model(model, plan, target, stats, **({"gather": _gathered()} if zero3 is not None else {}))
+        return _finish(cfg, device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
     if target.kind == "gate_swa" and target.gate_swa.full_by_sensitivity:
         sensitivity, _ = swa_layer_scores(model, target, calibration[:1], tokenizer)  # gate_swa.selection
     windows = None
@@ -106,11 +122,35 @@ def prepare(cfg: RootConfig) -> Prepared | None:
         edit_model(model, plan, target, stats, gather=gathered)
     else:
         edit_model(model, plan, target, stats)
+    return _finish(cfg, device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
+
+
+def _gathered():
+    from ascend_edit.models.zero3 import gathered
+
+    return gathered
+
+
+def _finish(cfg: RootConfig, device, env, model, tokenizer, train_set, eval_batches, plan, out_dir) -> Prepared:
     # Teacher and student share every non-attention module, so one swap serves both (NPU only by default).
     install_fused_ops(model, cfg.model.fused_ops, device_type=device.type)
     apply_experts_implementation(cfg.engine.experts_implementation, model)
     apply_compile(compile_mode(cfg.engine.compile, device.type, model), model)
     return Prepared(device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
+
+
+def earlier_plan(cfg: RootConfig, out_dir: Path) -> tuple[list[LayerPlan], Path] | None:
+    """A measured plan (models/surgery.plan_is_measured) this run goes on from: the one saved by the stage-1
+    job `distill.init_from` names, or on a resume the one saved in this run's directory."""
+    if not plan_is_measured(cfg.target):
+        return None
+    if cfg.distill.init_from:
+        from ascend_edit.validation import init_from_directory
+
+        return saved_plan([init_from_directory(cfg.distill.init_from)])
+    if cfg.engine.resume:
+        return saved_plan(out_dir / name for name in ("stage-layerwise", "converted"))
+    return None
 
 
 def calibration_batches(cfg: RootConfig, model: nn.Module, tokenizer: Any, train_set, device: torch.device

@@ -6,7 +6,6 @@ rebuilt from the run's saved config (`.hydra/config.yaml`) and teacher, then tho
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -14,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ascend_edit.config import RootConfig, to_typed
 from ascend_edit.device import seed_everything
-from ascend_edit.models.checkpoint import CONVERTED_MARKER, RUN_CANDIDATES
+from ascend_edit.models.checkpoint import RUN_CANDIDATES
 from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
-from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, plan_from_entries, set_mode
+from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, plan_is_measured, saved_plan, set_mode
 from ascend_edit.train.checkpoint_io import read_trainable_weights
 
 
@@ -32,22 +31,16 @@ def _run_config(run_dir: Path) -> RootConfig:
 
 
 def _run_plan(cfg: RootConfig, run_dir: Path, num_layers: int) -> list[LayerPlan]:
-    mla = cfg.target.mla
-    # ranks from measured sensitivity, or rotary frequencies chosen on calibration statistics (which a rebuild
-    # without them would choose differently, with the same shapes: the trained weights would load silently)
-    measured_ranks = cfg.target.kind == "mla" and (
-        (mla.kv_budget and mla.allocation == "sensitivity") or mla.rope_selection == "measured")
-    swa = cfg.target.gate_swa
-    measured_full = cfg.target.kind == "gate_swa" and (swa.full_by_sensitivity or swa.kv_budget is not None)
-    if measured_full or measured_ranks:
-        # The plan came from sensitivities measured on data: take it from the run's saved output, which holds
-        # each layer's kind and, where a budget chose them, its latent rank or window (surgery.plan_entries).
-        for name in RUN_CANDIDATES:
-            meta = run_dir / name / CONVERTED_MARKER
-            if meta.exists():
-                return plan_from_entries(json.loads(meta.read_text())["plan"])
-        raise NotImplementedError("this run chose its plan (full layers, windows, ranks or rotary frequencies) on "
-                                  f"measured data and has saved no converted model yet ({' / '.join(RUN_CANDIDATES)}): its plan is unknown")
+    if plan_is_measured(cfg.target):
+        # The plan came from data measured when the run started (full layers, windows, ranks, rotary
+        # frequencies): a rebuild measuring without that data would choose otherwise, with the same or other
+        # shapes. Take the one the run saved, which holds each layer's kind and its rank / window (plan_entries).
+        found = saved_plan(run_dir / name for name in RUN_CANDIDATES)
+        if found is None:
+            raise NotImplementedError("this run chose its plan (full layers, windows, ranks or rotary frequencies) on "
+                                      f"measured data and has saved no converted model yet ({' / '.join(RUN_CANDIDATES)}): "
+                                      "its plan is unknown")
+        return found[0]
     return build_plan(num_layers, cfg.target)
 
 

@@ -2,6 +2,8 @@
 into the run's bf16 one widened afterwards (which held their bf16 rounding, at twice the size)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -37,3 +39,19 @@ def test_fp32_rebuild_of_a_bf16_run_keeps_the_masters(tmp_path):
     assert all(torch.equal(own[name], value) for name, value in trained.items())
     narrow, _ = rebuild_from_engine_checkpoint(checkpoint)  # the run's own dtype
     assert next(narrow.parameters()).dtype == torch.bfloat16
+
+
+def test_a_budget_runs_stage_checkpoint_is_rebuilt_with_its_saved_ranks(tmp_path):
+    """target.mla.kv_budget (spectrum allocation): the rebuild measured ranks again without the run's
+    calibration data, chose others, and refused the checkpoint blaming an unchanged config.yaml."""
+    out = tmp_path / "run"
+    cfg = compose_typed(["experiment=tiny", "target.mla.kv_budget=0.5", "target.mla.rank_multiple=1",
+                         "eval.suite=false", "export.enabled=false", "distill.stage=layerwise", f"output_dir={out}"])
+    run(cfg)
+    (out / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), out / ".hydra" / "config.yaml")
+    steps = cfg.distill.layerwise.steps
+    saved = json.loads((out / "stage-layerwise" / "ascend_edit.json").read_text())["plan"]
+    rebuilt, _ = rebuild_from_engine_checkpoint(out / "checkpoints" / f"step-layerwise-{steps}")
+    ranks = [layer.self_attn.target.kv_lora_rank for layer in rebuilt.model.layers]
+    assert ranks == [entry[2] for entry in saved]

@@ -280,3 +280,26 @@ def test_shape_views_of_budgeted_targets_keep_the_runs_bytes(caplog):
     swa = GateSWAConfig(window=16, sink_tokens=2, full_every=0, full_by_sensitivity=3)
     model = edited_shape_model(shape, TargetConfig(kind="gate_swa", gate_swa=swa, layers=[0, 1, 2, 3, 4, 5]))
     assert sum(e.kind == "full" for e in model.edit_plan) == 3 and "stand in for them" in caplog.text
+
+
+def test_a_run_that_goes_on_takes_its_saved_measured_plan(tmp_path):
+    """A measured plan (budget ranks, windows, full layers) is not measured again on a resume or a stage-2 job:
+    other calibration batches chose other windows (a GateSWA resume trained on with them) or other ranks (an MLA
+    resume died on a shape mismatch)."""
+    import json
+
+    from ascend_edit.train.prepare import earlier_plan
+    from tests.unit.test_validation import compose_typed
+
+    saved = [[0, "mla", 25], [1, "mla", 24], [2, "mla", 24], [3, "mla", 23]]
+    run = tmp_path / "run"
+    (run / "stage-layerwise").mkdir(parents=True)
+    (run / "stage-layerwise" / "ascend_edit.json").write_text(json.dumps({"plan": saved}))
+    budget = ["experiment=tiny", "target.mla.kv_budget=0.5", "target.mla.rank_multiple=1"]
+    plan, source = earlier_plan(compose_typed(budget), run)
+    assert [e.kv_lora_rank for e in plan] == [25, 24, 24, 23] and source.parent.name == "stage-layerwise"
+    assert earlier_plan(compose_typed([*budget, "engine.resume=false"]), run) is None  # a new run measures
+    assert earlier_plan(compose_typed(["experiment=tiny"]), run) is None  # a plan from the config alone
+    stage2 = compose_typed([*budget, f"distill.init_from={run}", "distill.stage=model_level"])
+    (run / "stage-layerwise" / "manifest.json").write_text("{}")
+    assert [e.kv_lora_rank for e in earlier_plan(stage2, tmp_path / "elsewhere")[0]] == [25, 24, 24, 23]
