@@ -141,8 +141,9 @@ class MLAConfig:
     latent_norm: bool = True
     # A cache per token larger than the teacher's defeats the conversion; refused unless set.
     allow_larger_cache: bool = False
-    # Budget-aware ranks (ascend_edit/models/budget.py): a fraction of the teacher's KV bytes per token,
-    # shared across layers from calibration spectra (allocation=spectrum) or evenly (uniform); overrides
+    # Budget-aware ranks (ascend_edit/models/budget.py): a fraction of the converted layers' teacher KV bytes
+    # per token (with target.layers a subset, layers left as the teacher's keep theirs on top), shared across
+    # layers from calibration spectra (allocation=spectrum) or evenly (uniform); overrides
     # kv_lora_rank layer by layer. null: kv_lora_rank in every layer.
     kv_budget: Optional[float] = None
     allocation: str = "spectrum"  # spectrum | uniform | sensitivity (measured per-layer output error)
@@ -172,7 +173,7 @@ class MLAConfig:
         _choice("target.mla.whitening_shrinkage_toward", self.whitening_shrinkage_toward, ("identity", "diagonal"))
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise ConfigError(f"target.mla.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
-                              "teacher's KV bytes per token) or null")
+                              "converted layers' teacher KV bytes per token) or null")
         _choice("target.mla.allocation", self.allocation, ("spectrum", "uniform", "sensitivity"))
         _choice("target.mla.rope_selection", self.rope_selection, ("highest", "measured"))
         if self.rope_selection_context is not None:

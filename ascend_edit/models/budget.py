@@ -338,6 +338,11 @@ def gate_swa_for_budget(model: PreTrainedModel, target_cfg, batches: list[dict],
     as `context` or the window barely changes what a layer sees. `measured`, if given, receives the text and
     retrieval scores as measured."""
     swa = replace(target_cfg.gate_swa, full_layers=[], full_every=0, full_by_sensitivity=0, kv_budget=None)
+    length = min(int(b["input_ids"].shape[-1]) for b in batches)
+    if swa.window >= length:  # the window slides nothing on these sequences: every score would read 0
+        raise ValueError(f"target.gate_swa.window={swa.window} is not shorter than the {length}-token calibration "
+                         "sequences, so every layer's sliding cost reads 0 and the full layers would be arbitrary; "
+                         f"raise data.seq_len above {swa.window} (the sequences kv_budget is measured on)")
     scores, parts = swa_layer_scores(model, replace(target_cfg, kind="gate_swa", init="warm", gate_swa=swa), batches,
                                      tokenizer)
     if measured is not None:

@@ -225,7 +225,7 @@ def edit_model(model: nn.Module, plan: list[LayerPlan], cfg: TargetConfig,
         allocation = mla_rank_allocation(model, [e.layer_idx for e in plan if e.kind == "mla"], stats, cfg.mla,
                                          frequencies=_planned_frequencies(plan, cfg.mla))
         plan = plan_with_ranks(plan, allocation.ranks)
-        log.info("KV budget %.3f of the teacher's: ranks %s", allocation.kv_fraction, list(allocation.ranks.values()))
+        log.info("KV budget %.3f of the converted layers' teacher KV: ranks %s", allocation.kv_fraction, list(allocation.ranks.values()))
     for entry, layer in zip(plan, layers):
         if not entry.converted:
             continue

@@ -230,6 +230,10 @@ def test_gate_swa_full_layers_are_measured_and_written_as_an_explicit_list():
     assert swa.full_layers == sorted(ranked[: len(swa.full_layers)])
     plan = build_plan(layers, dataclasses.replace(target, gate_swa=swa))
     assert [e.layer_idx for e in plan if e.kind == "full"] == swa.full_layers
+    # a window as long as the calibration sequences slides nothing: every score 0, the choice arbitrary
+    wide = TargetConfig(kind="gate_swa", init="warm", gate_swa=GateSWAConfig(window=32, sink_tokens=1, full_every=2))
+    with pytest.raises(ValueError, match="target.gate_swa.window=32 is not shorter than the 32-token calibration"):
+        gate_swa_for_budget(model, wide, batches, kv_fraction=0.5, context=64)
 
 
 def test_gate_swa_kv_budget_is_validated_and_chosen_once_on_data():
