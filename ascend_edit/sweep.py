@@ -47,7 +47,10 @@ def read_job(sweep_dir: Path, job_dir: Path) -> Job:
     report_file = job_dir / "report.json"
     if not report_file.is_file():
         return Job(name, pairs, status="no report.json (failed or still running)")
-    report = json.loads(report_file.read_text())
+    try:
+        report = json.loads(report_file.read_text())
+    except json.JSONDecodeError:
+        return Job(name, pairs, status="report.json unreadable (still being written, or cut short)")
     results = report.get("results", {})
     stage = next((s for s in STAGES if s in results), None)
     if stage is None:
@@ -107,7 +110,8 @@ def plot(jobs: list[Job], keys: list[str], path: Path) -> None:
     matplotlib.use("Agg")  # files only; no display on clusters and CI
     import matplotlib.pyplot as plt
 
-    done = [j for j in jobs if j.metrics.get("kv_bytes_per_token") is not None]
+    # a non-finite metric is null in report.json (jsonio): such a job stays in the table, not in the plot
+    done = [j for j in jobs if all(j.metrics.get(k) is not None for k in ("kv_bytes_per_token", "ppl", "teacher_kl"))]
     teacher = next((j.metrics for j in done if j.metrics.get("teacher_ppl") is not None), None)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, metric, label, teacher_value in (
@@ -143,6 +147,9 @@ def write_summary(sweep_dir: str | Path, name: str = "summary") -> dict[str, Pat
         raise FileNotFoundError(f"no Hydra jobs (*/.hydra/overrides.yaml) under {sweep_dir}")
     header, body = rows(jobs)
     paths = {ext: sweep_dir / f"{name}.{ext}" for ext in ("md", "csv", "png")}
+    if paths["md"].is_file() and not paths["md"].read_text(errors="replace").startswith("# Sweep "):
+        # a file this module did not write (its summaries start with that title): never replaced
+        raise FileExistsError(f"{paths['md']} exists and is not a sweep summary: give another name or directory")
     title = f"# Sweep {sweep_dir}\n\n{len(jobs)} jobs; quality is the latest stage each job reached.\n\n"
     paths["md"].write_text(title + markdown_table(header, body))
     with paths["csv"].open("w", newline="") as f:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         paths = write_summary(argv[0])
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FileExistsError) as err:
         print(f"ascend_edit.sweep: error: {err}", file=sys.stderr)
         return 2
     print(paths["md"].read_text())

@@ -110,6 +110,26 @@ def test_summary_of_an_unfinished_sweep_marks_the_missing_job(sweep_dir: Path, t
     assert "| 1 | 16 |" in capsys.readouterr().out
 
 
+def test_summary_of_torn_or_non_finite_jobs_and_a_users_summary(sweep_dir: Path, tmp_path: Path, capsys):
+    """A job whose report.json is cut short, or holds a null (non-finite) metric, is a row with its status and
+    left out of the plot; a summary.md this module did not write is never replaced."""
+    copy = tmp_path / "partial"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("converted", "checkpoints", "stage-*", "summary.*"))
+    (copy / "1" / "report.json").write_text('{"results": {"after_')
+    report = json.loads((copy / "0" / "report.json").read_text())
+    stage = next(k for k in report["results"] if k.startswith("after_"))
+    report["results"][stage]["ppl"] = None
+    (copy / "0" / "report.json").write_text(json.dumps(report))
+    assert sweep.main([str(copy)]) == 0
+    rows = summary_rows(copy)
+    assert rows[1]["status"].startswith("report.json unreadable")
+    assert (copy / "summary.png").stat().st_size > 0
+    (copy / "summary.md").write_text("my notes")
+    assert sweep.main([str(copy)]) == 2
+    assert "is not a sweep summary" in capsys.readouterr().err
+    assert (copy / "summary.md").read_text() == "my notes"
+
+
 def test_summary_of_a_missing_directory_is_a_one_line_error(tmp_path: Path, capsys):
     assert sweep.main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
