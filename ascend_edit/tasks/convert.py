@@ -104,7 +104,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
                   for name, seconds in timings.items()}
     report = {"results": results, "train_seconds": timings, "throughput": throughput,
               "peak_memory_gib": memory_stats(device)["peak_gib"],
-              "plan": plan_entries(plan),
+              # the plan as built (edit_model sets it): with an MLA budget it carries the ranks chosen there
+              "plan": plan_entries(getattr(model, "edit_plan", plan)),
               "kv": {k: v for k, v in kv.items() if k != "layers"},
               "train_sequences": len(train_set), "eval_tokens": results["teacher"]["tokens"],
               "histories": histories,

@@ -47,11 +47,12 @@ def test_a_budget_runs_stage_checkpoint_is_rebuilt_with_its_saved_ranks(tmp_path
     out = tmp_path / "run"
     cfg = compose_typed(["experiment=tiny", "target.mla.kv_budget=0.5", "target.mla.rank_multiple=1",
                          "eval.suite=false", "export.enabled=false", "distill.stage=layerwise", f"output_dir={out}"])
-    run(cfg)
+    report = run(cfg)
     (out / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), out / ".hydra" / "config.yaml")
     steps = cfg.distill.layerwise.steps
     saved = json.loads((out / "stage-layerwise" / "ascend_edit.json").read_text())["plan"]
+    assert report["plan"] == saved  # report.json names the ranks the budget chose, too
     rebuilt, _ = rebuild_from_engine_checkpoint(out / "checkpoints" / f"step-layerwise-{steps}")
     ranks = [layer.self_attn.target.kv_lora_rank for layer in rebuilt.model.layers]
     assert ranks == [entry[2] for entry in saved]
