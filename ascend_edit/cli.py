@@ -322,6 +322,11 @@ def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseExceptio
                     job_dir = sweep_dir / str(number) if sweep_dir is not None else None
                     typed = to_typed(compose(config_name="config", overrides=[*point, f"output_dir={job_dir or '.'}"]))
                     check_before_load(typed, world_size=world_size, teacher_configs=teacher_configs)
+                    varied = {o.lstrip("+").partition("=")[0] for o in point if o not in shared}
+                    if "target.mla.kv_lora_rank" in varied and typed.target.mla.kv_budget:
+                        problem = (f"target.mla.kv_lora_rank is swept, but target.mla.kv_budget="
+                                   f"{typed.target.mla.kv_budget} chooses every layer's rank: the points would train "
+                                   "the same model; sweep target.mla.kv_budget instead, or set it to null")
                     if job_dir is not None:  # Hydra rewrites the job's .hydra/ before the job checks anything
                         check_reused_run_directory(typed, job_dir, f"its directory {job_dir}")
             except bad_input as err:

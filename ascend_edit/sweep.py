@@ -112,20 +112,22 @@ def plot(jobs: list[Job], keys: list[str], path: Path) -> None:
 
     # a non-finite metric is null in report.json (jsonio): such a job stays in the table, not in the plot
     done = [j for j in jobs if all(j.metrics.get(k) is not None for k in ("kv_bytes_per_token", "ppl", "teacher_kl"))]
-    teacher = next((j.metrics for j in done if j.metrics.get("teacher_ppl") is not None), None)
+    # every teacher of the sweep (one per model / data / seed a sweep varies), each where its own jobs measured it
+    teachers = sorted({(j.metrics["teacher_kv_bytes_per_token"], j.metrics["teacher_ppl"]) for j in done
+                       if j.metrics.get("teacher_ppl") is not None
+                       and j.metrics.get("teacher_kv_bytes_per_token") is not None})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    for ax, metric, label, teacher_value in (
-            (axes[0], "ppl", "held-out perplexity", teacher and teacher["teacher_ppl"]),
-            (axes[1], "teacher_kl", "teacher-KL (nats/token)", 0.0)):
+    for ax, metric, label in ((axes[0], "ppl", "held-out perplexity"), (axes[1], "teacher_kl", "teacher-KL (nats/token)")):
         ax.scatter([j.metrics["kv_bytes_per_token"] for j in done], [j.metrics[metric] for j in done],
                    color="tab:blue", zorder=3, label="converted")
         for job in done:
             text = ", ".join(f"{k.rsplit('.', 1)[-1]}={job.overrides.get(k, '')}" for k in keys) or job.name
             ax.annotate(text, (job.metrics["kv_bytes_per_token"], job.metrics[metric]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-        if teacher:
-            ax.scatter([teacher["teacher_kv_bytes_per_token"]], [teacher_value], marker="*", s=120,
-                       color="tab:red", zorder=3, label="teacher")
+        if teachers:
+            ax.scatter([kv for kv, _ in teachers], [ppl if metric == "ppl" else 0.0 for _, ppl in teachers],
+                       marker="*", s=120, color="tab:red", zorder=3,
+                       label="teacher" if len(teachers) == 1 else f"teachers ({len(teachers)})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -175,6 +175,11 @@ def test_a_bad_sweep_point_is_refused_before_the_first_job(tmp_path):
                f"hydra.sweep.dir={sweep}")  # a check against the teacher
     assert "sweep job 1 of 2 (target.mla.qk_rope_head_dim=64): target.mla.qk_rope_head_dim=64 exceeds the " \
         "teacher's head_dim=16" in _one_line_error(proc)
+    # a rank grid under a KV budget (which chooses every rank): identical jobs, refused
+    proc = cli("-m", "inspect", "model=qwen3_tiny", "target=mla_small", "target.mla.qk_nope_head_dim=8",
+               "target.mla.qk_rope_head_dim=8", "target.mla.kv_budget=0.25", "target.mla.kv_lora_rank=16,32",
+               f"hydra.sweep.dir={sweep}")
+    assert "target.mla.kv_lora_rank is swept, but target.mla.kv_budget=0.25 chooses" in _one_line_error(proc)
 
 
 def test_a_job_never_runs_over_another_tasks_run_directory(tmp_path):
