@@ -223,6 +223,11 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
         if rope > head_dim * kv_heads:  # measured: one (frequency, KV-head direction) per pair, at most all of them
             raise ConfigError(f"target.mla.qk_rope_head_dim={rope} exceeds the {head_dim * kv_heads} rotary dims of "
                               f"the teacher's {kv_heads} KV heads of head_dim {head_dim}; use at most that")
+        if target.mla.kv_budget is not None:  # what the budget pays for needs only the shapes: before loading
+            from ascend_edit.models.budget import budget_latent_dims
+
+            budget_latent_dims(target.mla.kv_budget, [teacher_kv_values(config)] * len(converted),
+                               target.mla.qk_rope_head_dim, target.mla.rank_multiple)
         problem = check_mla_cache(target.mla, config)
         if problem and cfg.task in TRAINING_TASKS:
             raise ConfigError(problem)

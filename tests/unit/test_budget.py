@@ -307,3 +307,14 @@ def test_a_run_that_goes_on_takes_its_saved_measured_plan(tmp_path):
     stage2 = compose_typed([*budget, f"distill.init_from={run}", "distill.stage=model_level"])
     (run / "stage-layerwise" / "manifest.json").write_text("{}")
     assert [e.kv_lora_rank for e in earlier_plan(stage2, tmp_path / "elsewhere")[0]] == [25, 24, 24, 23]
+
+
+def test_a_budget_that_cannot_hold_the_rope_keys_is_refused_before_loading():
+    """A natural halving sweep reaches a budget whose values are all RoPE key: refused at the grid check
+    (check_before_load composes it without weights), not when that job starts after the others trained."""
+    from ascend_edit.validation import check_before_load
+    from tests.unit.test_validation import compose_typed
+
+    check_before_load(compose_typed(["experiment=tiny", "target.mla.kv_budget=0.5"]))
+    with pytest.raises(ValueError, match="target.mla.kv_budget=0.001: 0 values per token cannot hold a RoPE key"):
+        check_before_load(compose_typed(["experiment=tiny", "target.mla.kv_budget=0.001"]))
