@@ -234,6 +234,24 @@ class GateSWAConfig:
                 "target.gate_swa: give only one of full_layers, full_every, full_by_sensitivity, kv_budget"
             )
         self._check_windows()
+        self._check_budget_floor()
+
+    def _check_budget_floor(self) -> None:
+        """A budget below what every converted layer sliding at the smallest window holds cannot be met by any
+        choice: refused here, before a run loads the teacher and measures layers (models/budget.py counts the
+        same tokens: the last window - 1 plus the sinks, at most the context)."""
+        if self.kv_budget is None:
+            return
+        smallest = min(self.windows) if self.windows else self.window
+        held = min(self.kv_budget_context, smallest - 1 + self.sink_tokens)
+        if held > self.kv_budget * self.kv_budget_context + 1e-9:
+            key = "windows" if self.windows else "window"
+            raise ConfigError(
+                f"target.gate_swa.kv_budget={self.kv_budget} cannot be met: even with every converted layer sliding "
+                f"at {key}={smallest} (+{self.sink_tokens} sink tokens) each holds {held} of the "
+                f"kv_budget_context={self.kv_budget_context} tokens ({held / self.kv_budget_context:.4f} of the "
+                f"teacher's KV); raise kv_budget to at least {math.ceil(held / self.kv_budget_context * 1e3) / 1e3} "
+                f"or give a smaller target.gate_swa.{key}")
 
     def _check_windows(self) -> None:
         key = "target.gate_swa.windows"

@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ascend_edit.config import ModelConfig, TargetConfig
 from ascend_edit.models.loading import TORCH_DTYPES, build_from_config, check_supported, load_teacher
-from ascend_edit.models.surgery import build_plan, edit_model
+from ascend_edit.models.budget import full_layers_for_budget, windows_for_budget
+from ascend_edit.models.surgery import build_plan, edit_model, plan_with_windows
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,9 @@ def edited_shape_model(model_cfg: ModelConfig, target_cfg: TargetConfig):
     model = shape_only_teacher(model_cfg)
     target_cfg = dataclasses.replace(target_cfg, init="random")
     n = model.config.num_hidden_layers
-    if target_cfg.kind == "gate_swa" and target_cfg.gate_swa.full_by_sensitivity:
-        # Sensitivities need real weights and data: the shape view keeps the count (N evenly spread layers stand
-        # for the N a run measures), so KV bytes and parameters are the run's; which layers is not.
-        converted = list(range(n)) if target_cfg.layers is None else sorted(target_cfg.layers)
-        count = min(target_cfg.gate_swa.full_by_sensitivity, len(converted))
-        placeholders = sorted({converted[(2 * i + 1) * len(converted) // (2 * count)] for i in range(count)})
-        log.warning("shape view: full_by_sensitivity=%d measures its layers on data; layers %s stand in for them "
-                    "(same count, so the same bytes)", count, placeholders)
-        swa = dataclasses.replace(target_cfg.gate_swa, full_by_sensitivity=0, full_every=0, full_layers=placeholders)
-        target_cfg = dataclasses.replace(target_cfg, gate_swa=swa)
+    windows: dict[int, int] | None = None
+    if target_cfg.kind == "gate_swa":
+        target_cfg, windows = _shape_view_gate_swa(target_cfg, n)
     mla = target_cfg.mla
     weightless = any(p.is_meta for p in model.parameters())
     if target_cfg.kind == "mla" and mla.kv_budget is not None and mla.allocation != "uniform" and weightless:
@@ -62,4 +56,45 @@ def edited_shape_model(model_cfg: ModelConfig, target_cfg: TargetConfig):
                     "layer at the same KV budget (the same bytes, not the run's per-layer ranks)", mla.allocation)
         target_cfg = dataclasses.replace(target_cfg, mla=dataclasses.replace(mla, allocation="uniform"))
     plan = build_plan(n, target_cfg)
+    if windows is not None:
+        plan = plan_with_windows(plan, windows)
     return edit_model(model, plan, target_cfg)
+
+
+def _spread(layers: list[int], count: int) -> list[int]:
+    """`count` of `layers`, evenly spaced: stand-ins for layers a run would choose by measurement."""
+    return sorted({layers[(2 * i + 1) * len(layers) // (2 * count)] for i in range(count)}) if count else []
+
+
+def _shape_view_gate_swa(target_cfg: TargetConfig, num_layers: int) -> tuple[TargetConfig, dict[int, int] | None]:
+    """GateSWA choices that a run measures on data (which layers stay full, each layer's window), replaced by
+    stand-ins with the run's count and budget, so a shape view shows the bytes a conversion would hold."""
+    swa = target_cfg.gate_swa
+    converted = list(range(num_layers)) if target_cfg.layers is None else sorted(target_cfg.layers)
+    windows = None
+    if swa.full_by_sensitivity:
+        full = _spread(converted, min(swa.full_by_sensitivity, len(converted)))
+        log.warning("shape view: full_by_sensitivity=%d measures its layers on data; layers %s stand in for them "
+                    "(same count, so the same bytes)", len(full), full)
+    elif swa.kv_budget is not None and not swa.windows:
+        # Every full layer costs the same, so the count the budget pays for does not depend on which layers.
+        count = len(full_layers_for_budget([0.0] * num_layers, swa.kv_budget, swa.kv_budget_context, swa.window,
+                                           swa.sink_tokens, converted))
+        full = _spread(converted, count)
+        log.warning("shape view: kv_budget=%s keeps the %d layers a run measures as most sensitive full; layers %s "
+                    "stand in for them (same count, so the same bytes)", swa.kv_budget, count, full)
+    elif swa.kv_budget is not None:
+        # Each layer's window follows its measured cost; with one cost for every layer the knapsack spends the
+        # same budget, so the bytes are at most the budget's, as a run's are.
+        costs = {i: {w: 1.0 / w for w in swa.windows} for i in converted}
+        allocation = windows_for_budget(costs, swa.kv_budget, swa.kv_budget_context, swa.sink_tokens)
+        windows, full = allocation.windows, allocation.full_layers
+        log.warning("shape view: kv_budget=%s with windows=%s chooses each layer's window on data; shown with an "
+                    "allocation of the same budget as if every layer were equally sensitive (%.1f %% of the "
+                    "teacher's KV at %d tokens, as a run holds at most %.1f %%)", swa.kv_budget, list(swa.windows),
+                    100 * allocation.kv_fraction, swa.kv_budget_context, 100 * swa.kv_budget)
+    else:
+        return target_cfg, None
+    swa = dataclasses.replace(swa, full_by_sensitivity=0, full_every=0, kv_budget=None, windows=[],
+                              full_layers=full)
+    return dataclasses.replace(target_cfg, gate_swa=swa), windows

@@ -257,9 +257,15 @@ def test_gate_swa_kv_budget_is_validated_and_chosen_once_on_data():
     layers = model.config.num_hidden_layers
     assert chosen.gate_swa.kv_budget is None and chosen.gate_swa.window == 4
     assert len(chosen.gate_swa.full_layers) == int((0.5 * 32 * layers - 4 * layers) // 28)
-    too_small = dataclasses.replace(budgeted, gate_swa=dataclasses.replace(budgeted.gate_swa, kv_budget=0.05))
-    with pytest.raises(ConfigError, match=r"^target\.gate_swa\.kv_budget=0\.05: even all-sliding layers"):
-        gate_swa_target_for_budget(model, too_small, batches)
+    # A budget below every layer sliding is refused with the config, before any teacher loads or layer is measured
+    with pytest.raises(ConfigError, match=r"^target\.gate_swa\.kv_budget=0\.05 cannot be met: .* each holds 4 of the "
+                       r"kv_budget_context=32 tokens .* at least 0\.125 or give a smaller target\.gate_swa\.window"):
+        dataclasses.replace(budgeted.gate_swa, kv_budget=0.05)
+    with pytest.raises(ConfigError, match=r"kv_budget=0\.1 cannot be met: .*windows=8 .*target\.gate_swa\.windows$"):
+        GateSWAConfig(window=4, sink_tokens=1, kv_budget=0.1, kv_budget_context=32, windows=[8, 16])
+    at_floor = dataclasses.replace(budgeted.gate_swa, kv_budget=4 / 32)  # exactly all-sliding: allowed, no full layer
+    chosen = gate_swa_target_for_budget(model, dataclasses.replace(budgeted, gate_swa=at_floor), batches)
+    assert chosen.gate_swa.full_layers == []
 
 
 def test_shape_views_of_budgeted_targets_keep_the_runs_bytes(caplog):
@@ -284,6 +290,23 @@ def test_shape_views_of_budgeted_targets_keep_the_runs_bytes(caplog):
     swa = GateSWAConfig(window=16, sink_tokens=2, full_every=0, full_by_sensitivity=3)
     model = edited_shape_model(shape, TargetConfig(kind="gate_swa", gate_swa=swa, layers=[0, 1, 2, 3, 4, 5]))
     assert sum(e.kind == "full" for e in model.edit_plan) == 3 and "stand in for them" in caplog.text
+
+    # A GateSWA kv_budget chooses its full layers on data: shown as the count the budget pays for (it was refused
+    # with advice that was itself refused), which is the count a run chooses
+    swa = GateSWAConfig(window=16, sink_tokens=2, full_every=0, kv_budget=0.5, kv_budget_context=64)
+    budgeted = TargetConfig(kind="gate_swa", gate_swa=swa, layers=[0, 1, 2, 3, 4, 5])
+    model = edited_shape_model(shape, budgeted)
+    run_full = full_layers_for_budget([float(i % 3) for i in range(8)], 0.5, 64, 16, 2, [0, 1, 2, 3, 4, 5])
+    assert sum(e.kind == "full" for e in model.edit_plan) == len(run_full) == 1  # (0.5 * 64 - 17) * 6 // 47
+    assert [e.kind for e in model.edit_plan][6:] == ["keep", "keep"]
+    # ... and per-layer windows as an allocation of the same budget, within it at its context
+    windowed = dataclasses.replace(budgeted, gate_swa=dataclasses.replace(swa, kv_budget=0.3, windows=[8, 16, 32]))
+    with caplog.at_level("WARNING"):
+        model = edited_shape_model(shape, windowed)
+    converted = [e for e in model.edit_plan if e.kind != "keep"]
+    held = sum(64 if e.kind == "full" else min(64, e.window - 1 + 2) for e in converted)
+    assert held <= 0.3 * 64 * 6 and {e.window for e in converted if e.kind == "swa"} <= {8, 16, 32}
+    assert "as if every layer were equally sensitive" in caplog.text
 
 
 def test_a_run_that_goes_on_takes_its_saved_measured_plan(tmp_path):
