@@ -34,7 +34,7 @@ def main() -> None:
                 for s in plan_run(cfg):
                     p = s["parts_gib"]
                     targets = p["target weights"] + p["fp32 masters"] + p["optimizer states"] + p["gradients"]
-                    other = p["KD loss chunk"] + p["comm buffers"]
+                    other = p["KD loss chunk"] + p["feature states"] + p["comm buffers"]
                     print(f"| {label} | {target} | {s['world_size']} | {s['stage']} | {engine} | {s['micro_batch']} |"
                           f" {p['frozen weights'] + p['teacher copy']:.1f} | {targets:.1f} | {p['activations']:.1f} | {other:.1f} |"
                           f" **{s['total_gib']:.1f}** | {s['largest_micro_batch']} |"

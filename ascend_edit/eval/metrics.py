@@ -31,7 +31,7 @@ class TeacherReference:
 
     def __init__(self, batches: list[dict], teacher: nn.Module | None = None):
         self.batches = batches
-        self._hidden: list[torch.Tensor | None] = [None] * len(batches)
+        self._hidden: dict[tuple[int, int], torch.Tensor] = {}  # (batch index, first row) -> final states
         self.head_reproduces_logits: bool | None = None  # decided on the first batch
         self._head_fingerprint: float | None = None
         self.teacher = teacher
@@ -57,37 +57,37 @@ class TeacherReference:
                              "path is no longer the teacher: pass the stage's frozen teacher copy "
                              "(TeacherReference.use_teacher)")
 
-    def log_probs(self, model: nn.Module, index: int) -> torch.Tensor:
-        """Teacher log-probabilities of batch `index` on its scored tokens, fp32 [tokens, vocab]."""
+    def logits(self, model: nn.Module, index: int, rows: slice) -> torch.Tensor:
+        """Teacher logits of rows `rows` of batch `index`, [rows, length, vocab] in the model's dtype."""
         batch = self.batches[index]
         source = self.teacher if self.teacher is not None else model  # whose teacher path is the teacher
         head = _head(source)
-        hidden = self._hidden[index]
+        key = (index, rows.start)
+        hidden = self._hidden.get(key)
         if hidden is not None and head.weight.numel() == 0:  # partitioned since the states were kept: run forwards
-            self._hidden = [None] * len(self._hidden)
+            self._hidden.clear()
             self.head_reproduces_logits, hidden = False, None
         if hidden is not None:
-            logits = head(hidden.to(batch["input_ids"].device))
-        else:
-            captured: list[torch.Tensor] = []
-            hook = source.get_submodule("model").register_forward_hook(
-                lambda module, args, output: captured.append(output.last_hidden_state))
-            set_mode(source, "teacher")
-            try:
-                logits = source(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                use_cache=False).logits
-            finally:
-                hook.remove()
-                set_mode(source, "student")
-            if self.head_reproduces_logits is None:
-                # a partitioned (ZeRO-3) head has no values here to fingerprint: no reuse
-                self.head_reproduces_logits = head.weight.numel() > 0 and bool(torch.equal(head(captured[0]), logits))
-            if self.head_reproduces_logits:
-                # in host memory while the stages train (16 x 4,096 tokens of Qwen3-8B: 0.5 GiB)
-                self._hidden[index] = captured[0].to("cpu")
-                if self._head_fingerprint is None:
-                    self._head_fingerprint = _fingerprint(head.weight)
-        return F.log_softmax(logits[batch["loss_mask"]].float(), dim=-1)
+            return head(hidden.to(batch["input_ids"].device))
+        captured: list[torch.Tensor] = []
+        hook = source.get_submodule("model").register_forward_hook(
+            lambda module, args, output: captured.append(output.last_hidden_state))
+        set_mode(source, "teacher")
+        try:
+            logits = source(input_ids=batch["input_ids"][rows], position_ids=batch["position_ids"][rows],
+                            use_cache=False).logits
+        finally:
+            hook.remove()
+            set_mode(source, "student")
+        if self.head_reproduces_logits is None:
+            # a partitioned (ZeRO-3) head has no values here to fingerprint: no reuse
+            self.head_reproduces_logits = head.weight.numel() > 0 and bool(torch.equal(head(captured[0]), logits))
+        if self.head_reproduces_logits:
+            # in host memory while the stages train (16 x 4,096 tokens of Qwen3-8B: 0.5 GiB)
+            self._hidden[key] = captured[0].to("cpu")
+            if self._head_fingerprint is None:
+                self._head_fingerprint = _fingerprint(head.weight)
+        return logits
 
 
 def _head(model: nn.Module) -> nn.Linear:
@@ -100,40 +100,94 @@ def _fingerprint(weight: torch.Tensor) -> float:
     return float(torch.sum(weight.detach(), dtype=torch.float64))
 
 
+# Tokens per evaluation forward: a batch's rows are run in groups of at most this many tokens (one row when a
+# row is longer), so the logits held at once stay small (Qwen3-8B: 4,096 tokens x 151,936 vocab in bf16 is
+# 1.2 GiB, where a batch of 4 such rows was 4.6 GiB per path). Rows are independent, so the metrics do not change.
+EVAL_FORWARD_TOKENS = 4096
+# Scored tokens whose fp32 log-probabilities are formed at once (logp of both paths and the KL's terms): 1,024
+# tokens of a 152K vocabulary is 0.6 GiB per fp32 tensor, instead of 9.3 GiB for a whole 4 x 4,096 batch.
+METRIC_CHUNK_TOKENS = 1024
+
+
+def row_groups(batch: dict, max_tokens: int | None = None) -> list[slice]:
+    """Consecutive row ranges of `batch` holding at most `max_tokens` tokens each (at least one row). The same
+    shapes give the same groups on every rank, so ZeRO-3's gathers stay in step."""
+    rows, length = batch["input_ids"].shape
+    per_group = max(1, (max_tokens or EVAL_FORWARD_TOKENS) // max(length, 1))
+    return [slice(start, min(start + per_group, rows)) for start in range(0, rows, per_group)]
+
+
+class TokenSums:
+    """Sums of per-token metrics over scored tokens, accumulated chunk by chunk (see `add`)."""
+
+    def __init__(self) -> None:
+        self.teacher_nll = self.student_nll = self.kl = self.agree = 0.0
+        self.kl_copyable = self.excess_copyable = 0.0
+        self.tokens = self.copyable = 0
+
+    def add(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
+            copyable: torch.Tensor | None = None, chunk: int | None = None) -> None:
+        """Add scored tokens: logits [tokens, vocab] in any dtype, targets [tokens]; fp32 log-probabilities are
+        formed `chunk` tokens at a time, never for all tokens at once."""
+        chunk = chunk or METRIC_CHUNK_TOKENS
+        for start in range(0, targets.numel(), chunk):
+            part = slice(start, start + chunk)
+            teacher_logp = F.log_softmax(teacher_logits[part].float(), dim=-1)
+            student_logp = F.log_softmax(student_logits[part].float(), dim=-1)
+            target = targets[part, None]
+            t_nll = -teacher_logp.gather(-1, target).squeeze(-1)
+            s_nll = -student_logp.gather(-1, target).squeeze(-1)
+            agree = teacher_logp.argmax(-1) == student_logp.argmax(-1)
+            token_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+            self.teacher_nll += float(t_nll.sum())
+            self.student_nll += float(s_nll.sum())
+            self.kl += float(token_kl.sum())
+            self.agree += float(agree.sum())
+            self.tokens += int(target.numel())
+            if copyable is not None:
+                copy = copyable[part]
+                self.kl_copyable += float(token_kl[copy].sum())
+                self.excess_copyable += float((s_nll - t_nll)[copy].sum())
+                self.copyable += int(copy.sum())
+
+    def check(self) -> None:
+        if self.tokens == 0:
+            raise ValueError("evaluation batches hold no scored tokens")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
              reference: TeacherReference | None = None) -> dict[str, float]:
     """Token-weighted held-out metrics of `which` path; KL and agreement are against the teacher path.
 
-    `reference`: the teacher's states on these batches kept between calls (see TeacherReference).
-    Logits are materialised one batch at a time (evaluation batches are small).
+    `reference`: the teacher's states on these batches kept between calls (see TeacherReference). Each batch
+    runs in row groups of at most EVAL_FORWARD_TOKENS tokens and its metrics are formed in token chunks, so
+    an 8B model's 152K-vocabulary logits at 4K tokens are never held as one fp32 batch.
     """
     if reference is None:
         reference = TeacherReference(batches)
     elif reference.batches is not batches:
         raise ValueError("the teacher reference was built on other evaluation batches")
     reference.check_teacher_unmoved(model)
-    nll = kl = agree = 0.0
-    tokens = 0
+    sums = TokenSums()
     for index, batch in enumerate(batches):
-        mask = batch["loss_mask"]
-        targets = torch.roll(batch["input_ids"], -1, dims=1)[mask]
-        teacher_logp = reference.log_probs(model, index)
-        if which == "teacher":
-            logp = teacher_logp
-        else:
-            set_mode(model, "student")
-            kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-            logp = F.log_softmax(model(**kwargs).logits[mask].float(), dim=-1)
-        nll += float(-logp.gather(-1, targets[:, None]).sum())
-        kl += float((teacher_logp.exp() * (teacher_logp - logp)).sum())
-        agree += float((teacher_logp.argmax(-1) == logp.argmax(-1)).sum())
-        tokens += int(mask.sum())
+        for rows in row_groups(batch):
+            mask = batch["loss_mask"][rows]
+            targets = torch.roll(batch["input_ids"][rows], -1, dims=1)[mask]
+            teacher_logits = reference.logits(model, index, rows)[mask]
+            if which == "teacher":
+                student_logits = teacher_logits
+            else:
+                set_mode(model, "student")
+                student_logits = model(input_ids=batch["input_ids"][rows], position_ids=batch["position_ids"][rows],
+                                       use_cache=False).logits[mask]
+            sums.add(teacher_logits, student_logits, targets)
+            del teacher_logits, student_logits
     set_mode(model, "student")
-    if tokens == 0:
-        raise ValueError("evaluation batches hold no scored tokens")
-    return {"ppl": math.exp(nll / tokens), "teacher_kl": kl / tokens, "top1_agreement": agree / tokens,
-            "tokens": tokens}
+    sums.check()
+    student_nll = sums.teacher_nll if which == "teacher" else sums.student_nll
+    return {"ppl": math.exp(student_nll / sums.tokens), "teacher_kl": sums.kl / sums.tokens,
+            "top1_agreement": sums.agree / sums.tokens, "tokens": sums.tokens}
 
 
 LogitsFn = Callable[[dict], torch.Tensor]  # batch -> logits [B, L, V]
@@ -196,30 +250,15 @@ def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[s
     (:func:`copyable_mask`): a conversion that lost retrieval from context loses most there, one whose
     predictions degrade everywhere loses on the novel tokens too (docs/evaluation.md).
     """
-    t_nll = s_nll = kl = agree = 0.0
-    tokens = copyable = 0
-    kl_copy = excess_copy = excess_all = 0.0
+    sums = TokenSums()
     for batch in batches:
         mask = batch["loss_mask"]
-        targets = torch.roll(batch["input_ids"], -1, dims=1)[mask][:, None]
+        targets = torch.roll(batch["input_ids"], -1, dims=1)[mask]
         copy = copyable_mask(batch["input_ids"], batch["position_ids"])[mask]
-        teacher_logp = F.log_softmax(teacher(batch)[mask].float(), dim=-1)
-        student_logp = F.log_softmax(student(batch)[mask].float(), dim=-1)
-        t_token_nll = -teacher_logp.gather(-1, targets).squeeze(-1)
-        s_token_nll = -student_logp.gather(-1, targets).squeeze(-1)
-        token_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-        token_excess = s_token_nll - t_token_nll
-        t_nll += float(t_token_nll.sum())
-        s_nll += float(s_token_nll.sum())
-        kl += float(token_kl.sum())
-        kl_copy += float(token_kl[copy].sum())
-        excess_all += float(token_excess.sum())
-        excess_copy += float(token_excess[copy].sum())
-        agree += float((teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum())
-        tokens += int(mask.sum())
-        copyable += int(copy.sum())
-    if tokens == 0:
-        raise ValueError("evaluation batches hold no scored tokens")
+        sums.add(teacher(batch)[mask], student(batch)[mask], targets, copy)
+    sums.check()
+    tokens, copyable, kl, kl_copy = sums.tokens, sums.copyable, sums.kl, sums.kl_copyable
+    excess_all, excess_copy = sums.student_nll - sums.teacher_nll, sums.excess_copyable
     novel = tokens - copyable
     split = {"copyable_fraction": copyable / tokens,
              "teacher_kl_copyable": kl_copy / copyable if copyable else None,
@@ -228,6 +267,6 @@ def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[s
              "excess_nll_novel": (excess_all - excess_copy) / novel if novel else None,
              # a share of the student's total excess: undefined when the student is not worse than the teacher
              "excess_share_copyable": excess_copy / excess_all if excess_all > 0 else None}
-    return {"teacher": {"ppl": math.exp(t_nll / tokens), "tokens": tokens},
-            "student": {"ppl": math.exp(s_nll / tokens), "teacher_kl": max(kl / tokens, 0.0),
-                        "top1_agreement": agree / tokens, "tokens": tokens, "by_copyability": split}}
+    return {"teacher": {"ppl": math.exp(sums.teacher_nll / tokens), "tokens": tokens},
+            "student": {"ppl": math.exp(sums.student_nll / tokens), "teacher_kl": max(kl / tokens, 0.0),
+                        "top1_agreement": sums.agree / tokens, "tokens": tokens, "by_copyability": split}}

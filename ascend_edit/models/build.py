@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ascend_edit.config import ModelConfig, TargetConfig
-from ascend_edit.models.loading import TORCH_DTYPES, build_from_config, check_supported, load_teacher
 from ascend_edit.models.budget import full_layers_for_budget, windows_for_budget
+from ascend_edit.models.loading import TORCH_DTYPES, build_from_config, check_supported, load_teacher
 from ascend_edit.models.surgery import build_plan, edit_model, plan_with_windows
 
 log = logging.getLogger(__name__)

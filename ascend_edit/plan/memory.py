@@ -106,6 +106,7 @@ class RunSettings:
     kd_kind: str = "forward"  # distill.model_level.kl
     kd_fused: bool = False  # the KD chunk math compiled (chunked_kd.use_fused_kd: CUDA, full vocabulary, compile on)
     teacher_copy: bool = False  # stage 2 trains shared weights: a frozen copy of the teacher path is the teacher
+    feature_layers: int = 0  # stage 2's feature matching: layers whose teacher states are kept for the loss
 
 
 @dataclass
@@ -320,10 +321,14 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
     # outside the target attentions (every frozen weight is shared with the copy; distill/model_level.py)
     copied = counts.target - counts.target_attention
     teacher_copy = copied * w if s.teacher_copy and s.stage == "model_level" else 0.0
+    # feature matching (distill.model_level.feature_weight > 0): the teacher's output states of every matched
+    # layer, kept from the teacher pass until the loss; the student's are activations already counted, and the
+    # loss recomputes its fp32 math in backward (distill/losses.feature_cosine_loss)
+    feature = s.feature_layers * s.micro_batch * s.seq_len * m.hidden * w if s.stage == "model_level" else 0.0
     parts = {"frozen weights": frozen, "teacher copy": teacher_copy, "target weights": target_weights,
              "fp32 masters": masters,
              "optimizer states": optimizer, "gradients": gradients, "activations": act, "KD loss chunk": kd,
-             "comm buffers": comm}
-    per_sequence = (act + (2 * s.seq_len * m.hidden if s.stage == "model_level" else 0)) / s.micro_batch
+             "feature states": feature, "comm buffers": comm}
+    per_sequence = (act + feature + (2 * s.seq_len * m.hidden if s.stage == "model_level" else 0)) / s.micro_batch
     model_flops, recompute = flops_per_token(m, t, counts.target, s.stage, s.seq_len, s.checkpoint_every)
     return Plan(parts, act_none, act_all, per_sequence, model_flops, recompute, notes)

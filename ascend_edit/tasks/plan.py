@@ -46,9 +46,12 @@ def micro_batch(stage: StageConfig, world: int) -> int:
     return stage.micro_batch_size or max(stage.batch_size // world, 1)
 
 
-def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off") -> RunSettings:
+def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off", converted: int = 0) -> RunSettings:
+    """`converted`: how many layers the target converts (feature matching's default layers)."""
     stage = getattr(cfg.distill, stage_name)
     ckpt = checkpointing_config(cfg.engine)
+    ml = cfg.distill.model_level
+    feature_layers = (len(ml.feature_layers) or converted) if ml.feature_weight > 0 else 0
     return RunSettings(stage=stage_name, seq_len=cfg.data.seq_len, micro_batch=micro_batch(stage, world),
                        engine=cfg.engine.kind, zero_stage=cfg.engine.zero_stage,
                        offload_optimizer=cfg.engine.offload_optimizer, offload_params=cfg.engine.offload_params,
@@ -57,6 +60,7 @@ def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off"
                        kd_chunk=cfg.distill.model_level.chunk_size, compiled=compiled,
                        kd_kind=cfg.distill.model_level.kl,
                        teacher_copy=stage_name == "model_level" and cfg.distill.model_level.trainable != "target",
+                       feature_layers=feature_layers,
                        # as model_level_objective + chunked_kd.use_fused_kd decide it on the cluster's device
                        kd_fused=(cfg.engine.compile != "off" and cfg.cluster.device == "cuda"
                                  and cfg.distill.model_level.top_k is None))
@@ -103,7 +107,7 @@ def plan_run(cfg: RootConfig) -> list[dict]:
     summaries = []
     for name in stages:
         counts = param_counts(model, getattr(cfg.distill, name).trainable)
-        run = settings(cfg, name, world, compiled)
+        run = settings(cfg, name, world, compiled, tshape.converted_layers)
         summary = summarise(plan_stage(shape, tshape, counts, run), run, cfg.cluster)
         summary["batch_problem"] = batch_problem(getattr(cfg.distill, name), world)
         summary["batch_per_rank"] = getattr(cfg.distill, name).batch_size // world

@@ -204,10 +204,64 @@ def test_a_head_partitioned_after_the_states_were_kept_falls_back_to_forwards(mo
     monkeypatch.setattr(metrics, "_head", lambda m: partitioned if m is model else real_head(m))
     calls = count_model_forwards(model)
     # the forward path computes the teacher's logits itself (the model's own, gathered head)
-    got = [reference.log_probs(model, i) for i in range(len(data))]
+    every_row = slice(0, 2)
+    got = [reference.logits(model, i, every_row) for i in range(len(data))]
     assert reference.head_reproduces_logits is False and calls[0] == len(data)
     monkeypatch.setattr(metrics, "_head", real_head)
     fresh = TeacherReference(data)
-    for index, log_probs in enumerate(got):
-        torch.testing.assert_close(log_probs, fresh.log_probs(model, index))
+    for index, logits in enumerate(got):
+        torch.testing.assert_close(logits, fresh.logits(model, index, every_row))
     assert want == evaluate(model, data, reference=fresh)
+
+
+def unchunked(model, data, which="student") -> dict:
+    """The metrics as evaluate() formed them before it ran row groups and token chunks: whole-batch fp32."""
+    import math
+
+    import torch.nn.functional as F
+
+    nll = kl = agree = 0.0
+    tokens = 0
+    with torch.no_grad():
+        for batch in data:
+            mask = batch["loss_mask"]
+            targets = torch.roll(batch["input_ids"], -1, dims=1)[mask]
+            kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+            set_mode(model, "teacher")
+            teacher_logp = F.log_softmax(model(**kwargs).logits[mask].float(), dim=-1)
+            set_mode(model, which)
+            logp = F.log_softmax(model(**kwargs).logits[mask].float(), dim=-1)
+            set_mode(model, "student")
+            nll += float(-logp.gather(-1, targets[:, None]).sum())
+            kl += float((teacher_logp.exp() * (teacher_logp - logp)).sum())
+            agree += float((teacher_logp.argmax(-1) == logp.argmax(-1)).sum())
+            tokens += int(mask.sum())
+    return {"ppl": math.exp(nll / tokens), "teacher_kl": kl / tokens, "top1_agreement": agree / tokens,
+            "tokens": tokens}
+
+
+@pytest.mark.parametrize("forward_tokens,chunk", [(16, 5), (17, 1), (32, 7), (4096, 1024)])
+def test_row_groups_and_token_chunks_give_the_whole_batch_metrics(monkeypatch, forward_tokens, chunk):
+    """Evaluation runs each batch in row groups of at most EVAL_FORWARD_TOKENS tokens and forms fp32 log-probs
+    METRIC_CHUNK_TOKENS at a time (an 8B model's 4 x 4,096 x 152K batch held 46 GiB of fp32 temporaries); the
+    numbers are the whole-batch ones, for both paths and in compare()."""
+    from ascend_edit.eval import metrics
+
+    model, data = edited(), batches()
+    want = [unchunked(model, data, "teacher"), unchunked(model, data)]
+    monkeypatch.setattr(metrics, "EVAL_FORWARD_TOKENS", forward_tokens)
+    monkeypatch.setattr(metrics, "METRIC_CHUNK_TOKENS", chunk)
+    sizes = [r.stop - r.start for r in metrics.row_groups(data[0])]
+    assert sizes == ([1, 1] if forward_tokens < 32 else [2])
+    calls = count_model_forwards(model)
+    got = [evaluate(model, data, "teacher"), evaluate(model, data)]
+    assert calls[0] == 2 * len(data) * len(sizes) + len(data) * len(sizes)  # teacher twice (fresh refs), student once
+    for have, expected in zip(got, want):
+        assert have["tokens"] == expected["tokens"]
+        for key in ("ppl", "teacher_kl", "top1_agreement"):
+            assert have[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    teacher_fn, student_fn = paired_logits(model)
+    both = compare(teacher_fn, student_fn, data)
+    assert both["teacher"]["ppl"] == pytest.approx(want[0]["ppl"], rel=1e-5)
+    assert both["student"]["ppl"] == pytest.approx(want[1]["ppl"], rel=1e-5)
+    assert both["student"]["teacher_kl"] == pytest.approx(want[1]["teacher_kl"], rel=1e-5, abs=1e-6)

@@ -320,6 +320,37 @@ def test_feature_cosine_loss_mask_and_gradient():
     assert torch.all(student.grad[~mask] == 0) and student.grad[mask].abs().sum() > 0
 
 
+def test_feature_cosine_loss_keeps_no_fp32_copies_for_backward():
+    """Over many layers of bf16 states, autograd kept fp32 copies and norms of each until backward (18 GiB at
+    Qwen3-8B's shape); now each layer is recomputed in backward from the states themselves, with the same
+    value and gradients."""
+    from ascend_edit.distill.losses import _cosine_distance
+
+    generator = torch.Generator().manual_seed(5)
+    layers = [torch.randn(2, 16, 32, generator=generator, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    teachers = [torch.randn(2, 16, 32, generator=generator, dtype=torch.bfloat16) for _ in range(3)]
+    mask = torch.rand(2, 16, generator=generator) > 0.3
+    inputs = {t.untyped_storage().data_ptr() for t in [*layers, *teachers]}
+    extra: list[int] = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in inputs:
+            extra.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = feature_cosine_loss(layers, teachers, mask=mask)
+    state_bytes = layers[0].numel() * layers[0].element_size()
+    assert sum(b for b in extra if b >= state_bytes) == 0, extra  # nothing state-sized beyond the states
+    loss.backward()
+    reference = [t.detach().clone().requires_grad_(True) for t in layers]
+    want = torch.stack([_cosine_distance(s, t, mask) for s, t in zip(reference, teachers)]).mean()
+    want.backward()
+    assert loss.item() == want.item()
+    for got, expected in zip(layers, reference):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=0)
+
+
 def test_feature_cosine_loss_rejects_bad_inputs():
     state = torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="1 student states but 2 teacher"):
