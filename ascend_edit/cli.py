@@ -342,11 +342,21 @@ def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseExceptio
 # Written into every task's output directory when the task starts: the directory holds a run, and a later run may
 # write into it again (to resume, or to redo a benchmark).
 RUN_MARK = ".ascend-edit-run"
-# What runs leave besides the mark (directories from before it existed) and what launchers create in the run
-# directory before any rank starts (msrun's worker logs).
-RUN_MARKERS = (RUN_MARK, ".hydra", "cli.log", "metrics.jsonl", "checkpoints", "tensorboard", "report.json",
-               "eval.json", "converted", "stage-layerwise", "hf", "bench_kv.csv", "bench_decode", "teacher_text",
-               "msrun_log")
+
+
+def holds_run(path: Path) -> bool:
+    """Whether directory `path` holds an ascend-edit run: its mark, or what only this project's runs leave
+    (runs from before the mark existed): a Hydra config with a `task` and a `target`, or stage checkpoints
+    named `step-<stage>-<n>`; or msrun's worker-log folder, which the launcher creates before any rank starts.
+    Generic names (checkpoints/, tensorboard/, report.md) do not count: other tools' directories hold them."""
+    if (path / RUN_MARK).exists() or (path / "msrun_log").is_dir():
+        return True
+    config = path / ".hydra" / "config.yaml"
+    if config.is_file():
+        keys = {line.split(":", 1)[0] for line in config.read_text(errors="replace").splitlines() if ":" in line}
+        if {"task", "target"} <= keys:
+            return True
+    return any(path.glob("checkpoints/step-layerwise-*")) or any(path.glob("checkpoints/step-model_level-*"))
 
 
 def keep_composed_config(hydra_dir: Path, output_dir: Path) -> None:
@@ -379,7 +389,7 @@ def _foreign_directory_problem(key: str, directory: str) -> str | None:
     path = Path(directory).expanduser()
     if path.exists() and not path.is_dir():
         return f"{key}={directory} is a file, not a directory"
-    if path.is_dir() and any(path.iterdir()) and not any((path / marker).exists() for marker in RUN_MARKERS):
+    if path.is_dir() and any(path.iterdir()) and not holds_run(path):
         via = " (RUN_DIR of the launch wrappers)" if key == "hydra.run.dir" else ""
         return (f"{key}={directory}{via} is a non-empty directory that holds no ascend-edit run; give a new or "
                 "empty directory (or an earlier run's directory to resume it)")

@@ -197,10 +197,23 @@ def test_cli_never_writes_a_run_into_someone_elses_directory(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep me"
     from ascend_edit.cli import _run_dir_problem
 
-    earlier_run = tmp_path / "run"
+    earlier_run = tmp_path / "run"  # a run from before the mark: its Hydra config names a task and a target
     (earlier_run / ".hydra").mkdir(parents=True)
-    (earlier_run / "metrics.jsonl").write_text("")
+    (earlier_run / ".hydra" / "config.yaml").write_text("task: convert\nmodel:\n  source: config\ntarget:\n  kind: mla\n")
     assert _run_dir_problem([f"hydra.run.dir={earlier_run}"]) is None
+    old_checkpoints = tmp_path / "checkpointed"  # or its stage checkpoints
+    (old_checkpoints / "checkpoints" / "step-layerwise-3").mkdir(parents=True)
+    assert _run_dir_problem([f"output_dir={old_checkpoints}"]) is None
+    # another tool's training directory holds generic names (checkpoints/, tensorboard/, a Hydra config of its
+    # own, metrics.jsonl, report.md): not a run of this project, so its report.md is never overwritten
+    other_tool = tmp_path / "other"
+    for sub in ("checkpoints/epoch-1", "tensorboard", ".hydra"):
+        (other_tool / sub).mkdir(parents=True)
+    (other_tool / ".hydra" / "config.yaml").write_text("trainer:\n  epochs: 3\n")
+    (other_tool / "metrics.jsonl").write_text("{}\n")
+    (other_tool / "report.md").write_text("my analysis")
+    for key in ("hydra.run.dir", "output_dir"):
+        assert "holds no ascend-edit run" in (_run_dir_problem([f"{key}={other_tool}"]) or "")
     assert _run_dir_problem([f"hydra.run.dir={tmp_path / 'new'}"]) is None
     launched = tmp_path / "launched"  # msrun makes its worker-log folder in RUN_DIR before any rank starts
     (launched / "msrun_log").mkdir(parents=True)
