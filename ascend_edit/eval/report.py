@@ -7,23 +7,51 @@ may be missing (an `ascend-edit eval` output has only eval.json). Plots use matp
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 PLOTS = "plots"
+log = logging.getLogger(__name__)
+
+
+class DamagedRunFile(ValueError):
+    """A run's JSON file that cannot be read (cut short by a killed process, edited by hand)."""
 
 
 def _load_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedRunFile(f"{path} is damaged ({err}); restore it or move it aside") from err
+    if not isinstance(value, dict):
+        raise DamagedRunFile(f"{path} is damaged (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
+def _metrics_lines(path: Path) -> list[dict]:
+    """Per-step metrics; the last line may be cut short by a killed run (the training loop drops it on resume),
+    so it is skipped, as a damaged line anywhere else is not."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    metrics = []
+    for number, line in enumerate(lines, 1):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                log.warning("%s: its last line is cut short (a killed run); left out of the report", path)
+                break
+            raise DamagedRunFile(f"{path} is damaged at line {number} ({err})") from err
+    return metrics
 
 
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    metrics = []
-    if (run_dir / "metrics.jsonl").is_file():
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = _metrics_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     config = run_dir / ".hydra" / "config.yaml"
     overrides = run_dir / ".hydra" / "overrides.yaml"
     return {"dir": run_dir, "report": _load_json(run_dir / "report.json"), "eval": _load_json(run_dir / "eval.json"),

@@ -56,11 +56,36 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
                          f"report.md written without it): {failure}") from failure
 
 
+def run_dir_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` is not a run whose report.md may be rebuilt, or None. A converted model's directory is
+    refused (a file added to it breaks its manifest), and so is any directory no run of this project left
+    (its report.md would be someone else's); the run's JSON files are read once, so a damaged one is named
+    before any report is rewritten."""
+    from ascend_edit.cli import holds_run
+    from ascend_edit.eval.report import DamagedRunFile, load_run
+
+    if (run_dir / "ascend_edit.json").is_file() or (run_dir.name == "converted" and holds_run(run_dir.parent)):
+        return f"{run_dir} is a converted model, not a run directory; give the run directory ({run_dir.parent})"
+    if not ((run_dir / "report.json").is_file() or (run_dir / "eval.json").is_file()):
+        return f"{run_dir} is not a run directory (no report.json or eval.json)"
+    if not holds_run(run_dir):
+        return f"{run_dir} holds a report.json or eval.json but no ascend-edit run; its files are left as they are"
+    try:
+        load_run(run_dir)
+    except DamagedRunFile as err:
+        return str(err)
+    return None
+
+
 def run(cfg: RootConfig) -> dict:
     """`ascend-edit report eval.checkpoint=RUN_DIR` (the Hydra form): rebuild one run's report."""
     if not cfg.eval.checkpoint:
         raise ValueError("usage: ascend-edit report RUN_DIR [RUN_DIR ...]")
-    return {"report": str(write_report(Path(cfg.eval.checkpoint)))}
+    run_dir = Path(cfg.eval.checkpoint).expanduser()
+    problem = run_dir_problem(run_dir)
+    if problem:
+        raise ValueError(f"eval.checkpoint: {problem} (nothing was written)")
+    return {"report": str(write_report(run_dir))}
 
 
 # First line of every comparison file written here: a later run may overwrite such a file, never any other.
@@ -83,15 +108,18 @@ def main(argv: list[str]) -> int:
     elif not output.parent.is_dir():
         problem = f"--output {output}: the directory {output.parent} does not exist"
     for run_dir in args.runs:
-        if problem is None and not ((run_dir / "report.json").is_file() or (run_dir / "eval.json").is_file()):
-            problem = f"{run_dir} is not a run directory (no report.json or eval.json)"
+        problem = problem or run_dir_problem(run_dir)
     if problem:
         print(f"ascend-edit: error: {problem} (nothing was written)", file=sys.stderr)
         return 2
-    for run_dir in args.runs:
-        print(f"report: {write_report(run_dir)}")
-    table = compare_runs(args.runs)
-    print(table)
-    output.write_text(f"{COMPARISON_MARK}\n{table}")
+    try:
+        for run_dir in args.runs:
+            print(f"report: {write_report(run_dir)}")
+        table = compare_runs(args.runs)
+        print(table)
+        output.write_text(f"{COMPARISON_MARK}\n{table}")
+    except OSError as err:  # a read-only run directory (a colleague's runs), a full disk
+        print(f"ascend-edit: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
+        return 2
     print(f"comparison: {output}")
     return 0

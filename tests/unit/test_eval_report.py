@@ -33,6 +33,7 @@ def fake_run(run_dir: Path, ratio: float = 1.05) -> Path:
         "passkey": {"contexts": [256, 1024], "depths": [0.0, 0.5, 1.0], "trials": 2, "filler": "python_docs",
                     "seed": 0, "teacher": [[1, 1, 0.5], [1, 0.5, 0]], "student": [[1, 0.5, 0.5], [0.5, 0, 0]]}}))
     (run_dir / "run_info.json").write_text(json.dumps({"wall_seconds": 75.0, "device": "cpu", "device_name": "x"}))
+    (run_dir / ".ascend-edit-run").touch()  # every task marks its directory when it starts
     return run_dir
 
 
@@ -92,6 +93,45 @@ def test_report_to_a_missing_directory_is_one_line_before_any_report_is_rewritte
 def test_report_command_refuses_a_directory_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_report_refuses_a_converted_model_and_a_directory_no_run_left(tmp_path, capsys):
+    """report.md and plots/ written into converted/ broke the model's manifest (export refused it as damaged), and
+    any directory's report.md was replaced, in both command forms."""
+    run = fake_run(tmp_path / "run")
+    converted = run / "converted"
+    converted.mkdir()
+    (converted / "ascend_edit.json").write_text("{}")
+    (converted / "eval.json").write_text("{}")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "eval.json").write_text('{"my": 1}')
+    (theirs / "report.md").write_text("my notes")
+    for where, expect in ((converted, "is a converted model"), (theirs, "holds a report.json or eval.json but no")):
+        assert main(["report", str(where)]) == 2
+        assert expect in capsys.readouterr().err
+        with pytest.raises(SystemExit) as hydra_form:
+            main(["report", f"eval.checkpoint={where}", f"hydra.run.dir={tmp_path / 'h'}"])
+        assert hydra_form.value.code == 2 and expect in capsys.readouterr().err
+    assert sorted(p.name for p in converted.iterdir()) == ["ascend_edit.json", "eval.json"]
+    assert (theirs / "report.md").read_text() == "my notes" and not (theirs / "plots").exists()
+
+
+def test_a_damaged_run_file_is_one_line_before_any_report_is_rewritten(tmp_path, capsys):
+    """A report.json cut short gave a JSONDecodeError traceback after earlier runs' report.md were rewritten; a
+    metrics.jsonl whose last line a killed run cut short is reported without that line."""
+    good, torn = fake_run(tmp_path / "good"), fake_run(tmp_path / "torn")
+    (torn / "report.json").write_text((torn / "report.json").read_text()[:50])
+    assert main(["report", str(good), str(torn)]) == 2
+    err = capsys.readouterr().err
+    assert f"{torn / 'report.json'} is damaged" in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (good / "report.md").exists()
+    cut = fake_run(tmp_path / "cut")
+    lines = (cut / "metrics.jsonl").read_text()
+    (cut / "metrics.jsonl").write_text(lines[:-20])  # the last line cut mid-record
+    assert main(["report", str(cut)]) == 0 and (cut / "report.md").is_file()
+    (cut / "metrics.jsonl").write_text("{broken\n" + lines)  # damage elsewhere is not a killed run's
+    assert main(["report", str(cut)]) == 2 and "damaged at line 1" in capsys.readouterr().err
 
 
 def test_tensorboard_events_are_written(tmp_path):
