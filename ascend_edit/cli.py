@@ -174,7 +174,7 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
 
     # a resumed run's directory (hydra.run.dir): output_dir as the job will see it, for the resume check below
     run_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.run.dir=") and "${" not in t]
-    resumed = run_dirs[-1] if run_dirs and (Path(run_dirs[-1]).expanduser() / "checkpoints").is_dir() else None
+    resumed = run_dirs[-1] if run_dirs and _holds_checkpoints(Path(run_dirs[-1]).expanduser()) else None
     overrides = ([t for t in argv if not t.lstrip("+~").startswith("hydra.")]
                  + [f"output_dir={resumed or '.'}"] * (not any(t.startswith("output_dir=") for t in argv)))
     # the packaged experiments only: with a search path the job checks against Hydra's own list (run_task)
@@ -188,6 +188,9 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
             typed = to_typed(compose(config_name="config", overrides=overrides))
         if run_dirs and "${" not in run_dirs[-1]:  # before Hydra rewrites the run's .hydra/config.yaml
             check_reused_run_directory(typed, Path(run_dirs[-1]).expanduser(), f"hydra.run.dir={run_dirs[-1]}")
+        outputs = [t.split("=", 1)[1] for t in argv if t.startswith("output_dir=") and "${" not in t]
+        if outputs and outputs[-1] not in run_dirs[-1:]:  # another task's run as output_dir: its files replaced
+            check_reused_run_directory(typed, Path(outputs[-1]).expanduser(), f"output_dir={outputs[-1]}")
     except Exception as err:
         return _composition_error_line(err)
     if world_size is not None:
@@ -218,10 +221,15 @@ def check_reused_run_directory(cfg, run_dir: Path, where: str) -> None:
     if task is not None and task != cfg.task:
         raise ConfigError(f"{where} holds a task={task} run: this task={cfg.task} job would overwrite that run's "
                           f"saved config (.hydra/); give this job its own directory")
-    if (run_dir / "checkpoints").is_dir():
+    if _holds_checkpoints(run_dir):
         from ascend_edit.validation import check_resume_config
 
         check_resume_config(cfg, run_dir)
+
+
+def _holds_checkpoints(run_dir: Path) -> bool:
+    """A conversion's checkpoints/ or an ablation's variant folders: a job there resumes."""
+    return (run_dir / "checkpoints").is_dir() or any(run_dir.glob("ablation-stage*"))
 
 
 def _composition_error_line(err: BaseException) -> str:

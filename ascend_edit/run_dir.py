@@ -46,13 +46,14 @@ TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerw
                     "report.md", "plots", "eval.json", "ablation.json", "ablation-*")
 
 
-def set_aside_previous_run(run_dir: Path, now: datetime | None = None) -> Path | None:
+def set_aside_previous_run(run_dir: Path, now: datetime | None = None,
+                           names: tuple[str, ...] = TRAINING_OUTPUTS) -> Path | None:
     """Move an earlier run's training outputs in `run_dir` into `run_dir/replaced-<UTC time>/` (nothing is
     deleted); returns that directory, or None when there was nothing to move.
 
     `engine.resume=false` starts over in the same directory: the earlier run's checkpoints must not stay beside the
     new ones, or a later resume (or checkpoint pruning, which ranks by step) would take the earlier run's."""
-    present = sorted({path.name for pattern in TRAINING_OUTPUTS for path in run_dir.glob(pattern)})
+    present = sorted({path.name for pattern in names for path in run_dir.glob(pattern)})
     if not present:
         return None
     stamp = (now or datetime.utcnow()).strftime("%Y%m%dT%H%M%S.%f")

@@ -58,21 +58,37 @@ def check_resume_config(cfg: RootConfig, run_dir: Path) -> None:
     import dataclasses
 
     from ascend_edit.train.checkpoint_io import CheckpointDir
-    from ascend_edit.train.loop import STAGE_ORDER, ConfigChangedOnResume, check_config_change, flatten_config
+    from ascend_edit.train.loop import STAGE_ORDER, flatten_config
 
-    if not cfg.engine.resume or cfg.task != "convert":
+    if not cfg.engine.resume or cfg.task not in TRAINING_TASKS:
         return
-    store = CheckpointDir(run_dir / "checkpoints", keep_last=1)
     current = flatten_config(dataclasses.asdict(cfg))
     running = {stage.key_prefix.rsplit(".", 1)[-1] for stage in stages_to_run(cfg) if stage.steps}
-    for stage in (name for name in STAGE_ORDER if name in running):  # the stages this run resumes
-        latest = store.latest(stage)
-        if latest is None:
-            continue
+    for directory in resume_checkpoint_dirs(cfg.task, run_dir):
+        store = CheckpointDir(directory, keep_last=1)
+        for stage in (name for name in STAGE_ORDER if name in running):  # the stages this run resumes
+            _check_saved_config(store.latest(stage), current, stage)
+
+
+def resume_checkpoint_dirs(task: str, run_dir: Path) -> list[Path]:
+    """Where a training task's checkpoints live in its run directory: a conversion's in checkpoints/, each
+    ablation variant's in its own folder (tasks/ablation.py)."""
+    if task == "ablation":
+        from ascend_edit.tasks.ablation import VARIANT_DIRS
+
+        return [run_dir / name for name in VARIANT_DIRS]
+    return [run_dir / "checkpoints"]
+
+
+def _check_saved_config(latest: Path | None, current: dict, stage: str) -> None:
+    from ascend_edit.train.checkpoint_io import CheckpointDir
+    from ascend_edit.train.loop import ConfigChangedOnResume, check_config_change
+
+    if latest is not None:
         try:
             saved = json.loads((latest / CheckpointDir.STATE_FILE).read_text()).get("config")
         except (OSError, ValueError):
-            continue  # a damaged state file: resume passes this checkpoint over and says so
+            return  # a damaged state file: resume passes this checkpoint over and says so
         if saved:
             try:
                 check_config_change(saved, current, stage, latest)

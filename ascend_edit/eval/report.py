@@ -172,9 +172,10 @@ def plot_kv(report: dict, path: Path) -> bool:
     return True
 
 
-def plot_overview(plots: Path, path: Path) -> bool:
-    """The report's plots on one page (the picture the README links)."""
-    names = [n for n in ("quality", "passkey", "layerwise", "model_level", "kv") if (plots / f"{n}.png").is_file()]
+def plot_overview(plots: Path, path: Path, made: dict[str, bool]) -> bool:
+    """The plots this report made, on one page (the picture the README links); an earlier report's plot still
+    on disk (a suite that did not run this time) is not this run's."""
+    names = [n for n in ("quality", "passkey", "layerwise", "model_level", "kv") if made.get(n)]
     if not names:
         return False
     import matplotlib.image as mpimg
@@ -191,7 +192,10 @@ def plot_overview(plots: Path, path: Path) -> bool:
 def _fmt_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)  # rounded once: 119.6 s is 2 min 0 s, not 1 min 60 s
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def _num(value: float | None, spec: str, scale: float = 1.0) -> str:
@@ -232,7 +236,7 @@ def render(run_dir: Path) -> Path:
     made = {name: fn(arg, plots / f"{name}.png") for name, fn, arg in (
         ("layerwise", plot_layerwise, run["metrics"]), ("model_level", plot_model_level, run["metrics"]),
         ("quality", plot_quality, results), ("passkey", plot_passkey, results), ("kv", plot_kv, report))}
-    plot_overview(plots, plots / "overview.png")
+    plot_overview(plots, plots / "overview.png", made)
     lines = [f"# Run report: {run_dir.name}", ""]
     if info or report:
         lines += ["| | |", "|---|---|"]

@@ -23,6 +23,10 @@ from ascend_edit.eval.metrics import TeacherReference, evaluate
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
 
+# Each trained variant's checkpoints, metrics.jsonl and TensorBoard events, apart: both train a `model_level`
+# stage, and one log would have the second trim the first's lines (a resumed stage drops its later steps).
+VARIANT_DIRS = ("ablation-stage2-only", "ablation-stage1+2")
+
 
 def run(cfg: RootConfig) -> dict:
     prepared = prepare(cfg)
@@ -41,20 +45,21 @@ def run(cfg: RootConfig) -> dict:
     rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher", reference), 0.0),
             "init only": (evaluate(p.model, p.eval_batches, reference=reference), 0.0)}
 
+    stage2_dir, both_dir = (p.out_dir / name for name in VARIANT_DIRS)
     stage2_only = copy.deepcopy(start)
     long_ml = dataclasses.replace(ml, steps=lw.steps + ml.steps)
-    _, seconds = run_stage("model_level", stage2_only, model_level, long_ml, settings, p.train_set, p.device, p.env,
-                           p.out_dir / "ablation-stage2-only")
+    _, seconds = run_stage("model_level", stage2_only, model_level, long_ml,
+                           dataclasses.replace(settings, metrics_log=stage2_dir / "metrics.jsonl"), p.train_set,
+                           p.device, p.env, stage2_dir)
     rows["stage 2 only"] = (evaluate(stage2_only, p.eval_batches, reference=reference), seconds)
     del stage2_only
 
     both = start
     stage1 = LayerwiseObjective(lw.loss, lw.match)
-    _, s1 = run_stage("layerwise", both, stage1, lw, settings, p.train_set, p.device, p.env,
-                      p.out_dir / "ablation-stage1+2")
+    both_settings = dataclasses.replace(settings, metrics_log=both_dir / "metrics.jsonl")
+    _, s1 = run_stage("layerwise", both, stage1, lw, both_settings, p.train_set, p.device, p.env, both_dir)
     after_stage1 = evaluate(both, p.eval_batches, reference=reference)
-    _, s2 = run_stage("model_level", both, model_level, ml, settings, p.train_set, p.device, p.env,
-                      p.out_dir / "ablation-stage1+2")
+    _, s2 = run_stage("model_level", both, model_level, ml, both_settings, p.train_set, p.device, p.env, both_dir)
     rows["stage 1 only (midpoint)"] = (after_stage1, s1)
     rows["stage 1 + stage 2"] = (evaluate(both, p.eval_batches, reference=reference), s1 + s2)
 

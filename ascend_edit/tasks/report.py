@@ -17,6 +17,7 @@ import torch
 from ascend_edit import jsonio
 from ascend_edit.config import RootConfig
 from ascend_edit.eval.report import compare_runs, render
+from ascend_edit.run_dir import set_aside_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,13 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
             "device_name": name, "torch": torch.__version__}
     if failure is not None:
         info["suite_error"] = f"{type(failure).__name__}: {failure}"
+    if not cfg.eval.suite or failure is not None:
+        # an eval.json here is an earlier model's (a resumed run that trained on): the report must not show it
+        # as this one's
+        aside = set_aside_previous_run(Path(out_dir), names=("eval.json",))
+        if aside is not None:
+            log.warning("the held-out suite did not run on this model: the earlier model's eval.json moved to %s",
+                        aside)
     (Path(out_dir) / "run_info.json").write_text(jsonio.dumps(info, indent=2))
     print(f"report: {write_report(out_dir)}")
     if failure is not None:

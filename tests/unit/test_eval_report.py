@@ -207,6 +207,28 @@ def test_a_suite_failure_after_the_conversion_still_writes_the_runs_record(tmp_p
     info = json.loads((run_dir / "run_info.json").read_text())
     assert "no scored tokens" in info["suite_error"]
     assert (run_dir / "report.md").is_file()
+    # the eval.json there was an earlier model's: moved aside, not shown in the report as this model's
+    assert not (run_dir / "eval.json").exists() and len(list(run_dir.glob("replaced-*/eval.json"))) == 1
+    text = (run_dir / "report.md").read_text()
+    assert "Passkey" not in text and "python_docs" not in text
+
+
+def test_a_resumed_run_without_the_suite_does_not_report_the_earlier_models_suite(tmp_path):
+    """A finished run resumed to train on with eval.suite=false kept the earlier model's eval.json: report.md and
+    `ascend-edit report` showed its ratios (and its quality plot in the overview) as the new model's."""
+    from types import SimpleNamespace
+
+    from ascend_edit.config import EvalConfig, RootConfig
+    from ascend_edit.tasks.report import finish_run
+
+    run_dir = fake_run(tmp_path / "run")
+    render(run_dir)  # the earlier model's report, with its quality and passkey plots
+    before = (run_dir / "eval.json").read_text()
+    cfg = RootConfig(eval=EvalConfig(suite=False))
+    finish_run(None, None, cfg, run_dir, SimpleNamespace(type="meta", torch_device="meta"), 119.6)
+    assert [p.read_text() for p in run_dir.glob("replaced-*/eval.json")] == [before]
+    text = (run_dir / "report.md").read_text()
+    assert "python_docs" not in text and "quality.png" not in text and "2 min 0 s" in text  # not "1 min 60 s"
 
 
 def test_report_of_a_run_with_non_finite_metrics(tmp_path):
