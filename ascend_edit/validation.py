@@ -96,8 +96,17 @@ def _check_saved_config(latest: Path | None, current: dict, stage: str) -> None:
                 raise ConfigError(str(err)) from None
 
 
+def check_engine_world(kind: str, world_size: int) -> None:
+    """engine=torch trains in one process: under a launcher every rank would load the teacher, evaluate, and only
+    then fail at the first stage (train/engine.py make_engine)."""
+    if kind == "torch" and world_size > 1:
+        raise ConfigError(f"engine=torch trains in one process, and this job has {world_size}: use engine=zero0..zero3 "
+                          "(DeepSpeed) under a launcher, or launch one process")
+
+
 def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     """Batches against the world size, and the data / init paths a training task reads."""
+    check_engine_world(cfg.engine.kind, world_size)
     for stage in stages_to_run(cfg):
         check_batches(stage, world_size)
     if cfg.task == "ablation" and cfg.distill.layerwise.batch_size != cfg.distill.model_level.batch_size:

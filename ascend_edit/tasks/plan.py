@@ -17,7 +17,7 @@ from ascend_edit.models.surgery import decoder_layers, edited_attentions, set_tr
 from ascend_edit.plan.memory import GIB, ModelShape, ParamCounts, Plan, RunSettings, TargetShape, plan_stage
 from ascend_edit.train.activation_checkpointing import checkpointing_config
 from ascend_edit.train.compile import compile_mode
-from ascend_edit.validation import check_batches
+from ascend_edit.validation import check_batches, check_engine_world
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,12 @@ def usable_bytes(cluster: ClusterConfig) -> float:
     return (cluster.device_memory_gib - cluster.reserved_gib) * GIB
 
 
-def batch_problem(stage: StageConfig, world: int) -> str | None:
+def batch_problem(stage: StageConfig, world: int, engine: str = "deepspeed") -> str | None:
     """Why a run of this stage on `world` ranks would be refused at launch (the run's own check), with the fix."""
+    try:
+        check_engine_world(engine, world)
+    except ConfigError as err:
+        return f"{err}: a run would be refused at launch"
     try:
         check_batches(stage, world)
     except ConfigError as err:
@@ -109,7 +113,7 @@ def plan_run(cfg: RootConfig) -> list[dict]:
         counts = param_counts(model, getattr(cfg.distill, name).trainable)
         run = settings(cfg, name, world, compiled, tshape.converted_layers)
         summary = summarise(plan_stage(shape, tshape, counts, run), run, cfg.cluster)
-        summary["batch_problem"] = batch_problem(getattr(cfg.distill, name), world)
+        summary["batch_problem"] = batch_problem(getattr(cfg.distill, name), world, cfg.engine.kind)
         summary["batch_per_rank"] = getattr(cfg.distill, name).batch_size // world
         summaries.append(summary)
     return summaries
@@ -135,7 +139,7 @@ def print_plan(console, cfg: RootConfig, summaries: list[dict]) -> None:
     table.add_row("activations, every layer ckpt", *(f"{s['activations_ckpt_all_gib']:.2f}" for s in summaries))
     table.add_row("usable per device", *(f"{s['usable_gib']:.1f}" for s in summaries))
     table.add_row("fits", *("yes" if s["fits"] else "[red]NO[/red]" for s in summaries))
-    table.add_row("batch splits over the ranks", *("yes" if s["batch_problem"] is None else "[red]NO[/red]"
+    table.add_row("launch check (engine, batch split)", *("yes" if s["batch_problem"] is None else "[red]NO[/red]"
                                                    for s in summaries))
     table.add_row("largest micro-batch memory allows", *(_largest_micro_cell(s) for s in summaries))
     table.add_row("tokens/s per device", *(f"{s['tokens_per_s_per_device']:,.0f}" for s in summaries))

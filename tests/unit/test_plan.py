@@ -194,14 +194,18 @@ def test_cluster_multiplies_devices_and_partitions():
 
 def test_plan_says_when_the_batch_would_be_refused_at_launch():
     """A plan that 'fits' must not hide that the run's own batch check refuses it on this many ranks."""
-    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "distill.model_level.batch_size=16"])
+    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "engine=zero2", "distill.model_level.batch_size=16"])
     layerwise, model_level = plan_run(cfg)  # 16 ranks: 16 sequences, micro-batch 2 per rank does not divide 1
     assert model_level["batch_problem"] is not None
     assert "distill.model_level.micro_batch_size=2" in model_level["batch_problem"]
     assert "multiple of 32" in model_level["batch_problem"]
-    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "distill.model_level.batch_size=32",
+    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "engine=zero2", "distill.model_level.batch_size=32",
                        "distill.layerwise.batch_size=32"])
     assert all(stage["batch_problem"] is None for stage in plan_run(cfg))
+    # engine=torch trains in one process: on 16 ranks every rank failed after loading the teacher
+    cfg = compose_cfg(["cluster=910b_64g", "cluster.nodes=2", "engine=torch", "distill.model_level.batch_size=32",
+                       "distill.layerwise.batch_size=32"])
+    assert all("engine=torch trains in one process" in stage["batch_problem"] for stage in plan_run(cfg))
 
 
 def test_plan_reads_only_the_config_of_a_checkpoint(tmp_path):

@@ -256,3 +256,14 @@ def test_a_teacher_whose_own_attention_slides_is_refused_in_one_line(arch, overr
     assert "\n" not in str(info.value)
     with pytest.raises(NotImplementedError, match="own attention slides"):
         check_supported(tiny_model(arch, **overrides))
+
+
+def test_the_torch_engine_under_a_launcher_is_refused_before_any_rank_loads():
+    """engine=torch at world size 16 passed the launchers' check and plan, then failed on every rank after the
+    teacher loaded and two evaluations ran."""
+    from ascend_edit.validation import check_engine_world
+
+    check_engine_world("torch", 1)
+    check_engine_world("deepspeed", 16)
+    with pytest.raises(ConfigError, match=r"^engine=torch trains in one process, and this job has 16"):
+        check_engine_world("torch", 16)
