@@ -117,8 +117,23 @@ launch_hydra_run_dir() {  # the user's overrides
       return 0
     fi
   done
-  RUN_DIR=${RUN_DIR:-runs/$(date +%Y-%m-%d/%H-%M-%S)}
+  RUN_DIR=${RUN_DIR:-runs/$(date +%Y-%m-%d/%H-%M-%S.%3N)}
   HYDRA_RUN_DIR_ARG=("hydra.run.dir=$RUN_DIR")
+}
+
+# Launchers started once per node (torchrun, msrun): each node computes its own defaults, so on more than one
+# node a default would differ between nodes (a run directory from each node's clock: checkpoints torn across two
+# directories) or be the same on every node (node rank 0 twice; 127.0.0.1 as the master, where each node then
+# waits for workers that never come). Refused in one line instead.
+launch_check_multinode() {  # the user's overrides
+  [[ "$NNODES" == 1 ]] && return 0
+  [[ -n "${MASTER_ADDR:-}" ]] || launch_die "NNODES=$NNODES needs MASTER_ADDR (the host of node 0), the same on every node"
+  [[ -n "${NODE_RANK:-${SLURM_NODEID:-}}" ]] || launch_die "NNODES=$NNODES needs NODE_RANK (0..$((NNODES - 1)), this node's) or Slurm's SLURM_NODEID"
+  local arg
+  for arg in "$@"; do
+    [[ "$arg" == hydra.run.dir=* ]] && return 0
+  done
+  [[ -n "${RUN_DIR:-}" ]] || launch_die "NNODES=$NNODES needs RUN_DIR (or hydra.run.dir=...): one run directory on shared storage, the same on every node"
 }
 
 # One word as the shell reads it: bare when safe, else single-quoted.

@@ -22,6 +22,7 @@ NPROC=${NPROC:-$(launch_default_nproc)}
 NNODES=${NNODES:-1}
 launch_check_count NPROC "$NPROC"
 launch_check_count NNODES "$NNODES"
+launch_check_multinode "$@"
 launch_device_env
 launch_visible_devices_env
 # msrun exports no per-node worker count; ascend_edit.distributed reads this one.

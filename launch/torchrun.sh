@@ -22,6 +22,7 @@ launch_check_count NNODES "$NNODES"
 launch_device_env
 launch_visible_devices_env
 
+launch_check_multinode "$@"
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
   # --standalone: a local rendezvous on a free port, so two jobs on one host do not collide.
   RENDEZVOUS=(--standalone)

@@ -17,7 +17,7 @@ from ascend_edit.distributed import DistEnv, discover
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "launch"
 OVERRIDES = ["experiment=mla_tiny", "train.lr=1e-4", "data.name=it's a test"]
-TIMESTAMPED_RUN_DIR = re.compile(r"hydra\.run\.dir=runs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d")
+TIMESTAMPED_RUN_DIR = re.compile(r"hydra\.run\.dir=runs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d\.\d{3}")
 
 
 def run_script(script: str, *args: str, path_prefix: Path | None = None, **env: str):
@@ -86,6 +86,9 @@ def test_user_hydra_run_dir_is_not_duplicated_and_dry_run_env_works():
     "env, message",
     [
         ({"DEVICE": "cpu", "NNODES": "2"}, "NNODES=2 needs MASTER_ADDR"),
+        # launched once per node: a node rank or run directory left to each node's default would be wrong
+        ({"DEVICE": "cpu", "NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NNODES=2 needs NODE_RANK"),
+        ({"DEVICE": "cpu", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", "NODE_RANK": "1"}, "NNODES=2 needs RUN_DIR"),
         ({"DEVICE": "tpu"}, "DEVICE must be npu, cuda or cpu, got 'tpu'"),
         ({"DEVICE": "cpu", "VISIBLE_DEVICES": "0"}, "DEVICE=cpu has no devices"),
         ({"DEVICE": "cpu", "NPROC": "0"}, "NPROC must be a positive integer, got '0'"),
@@ -277,7 +280,7 @@ def test_bad_input_is_reported_once_before_any_rank_starts(tmp_path):
     over 2 ranks ends with one line (exit 2) and the launcher never starts; --dry-run may come last."""
     bin_dir, stub_out, env = stub_launcher(tmp_path, "torchrun")
     env["NPROC"] = "2"
-    bad = run_script("torchrun.sh", "experiment=tiny", "distill.layerwise.batch_size=3",
+    bad = run_script("torchrun.sh", "experiment=tiny", "engine=zero0", "distill.layerwise.batch_size=3",
                      f"hydra.run.dir={tmp_path / 'run'}", path_prefix=bin_dir, **env)
     assert bad.returncode == 2 and not stub_out.exists()
     errors = [line for line in bad.stderr.splitlines() if line.startswith("ascend-edit: error:")]
@@ -296,7 +299,16 @@ def test_a_hostfile_job_is_checked_at_its_own_world_size(tmp_path):
     hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
     env["HOSTFILE"] = str(hostfile)
     for extra, world in (({"NNODES": "2", "NPROC": "2"}, 4), ({}, 16), ({"NNODES": "1"}, 8)):
-        bad = run_script("deepspeed.sh", "experiment=tiny", "distill.layerwise.batch_size=3",
+        bad = run_script("deepspeed.sh", "experiment=tiny", "engine=zero0", "distill.layerwise.batch_size=3",
                          f"hydra.run.dir={tmp_path / 'run'}", path_prefix=bin_dir, **env, **extra)
         assert bad.returncode == 2 and not stub_out.exists(), bad.stderr
         assert f"distill.layerwise.batch_size=3 is not divisible by the world size {world}" in bad.stderr
+
+
+def test_msrun_on_several_nodes_needs_the_master_node_rank_and_run_dir():
+    """msrun.sh took 127.0.0.1 as the master with NNODES=2 (each node's scheduler then waited out its timeout for
+    workers that never came), node rank 0 on every node, and a run directory from each node's clock."""
+    for env, message in (({}, "needs MASTER_ADDR"), ({"MASTER_ADDR": "10.0.0.1"}, "needs NODE_RANK"),
+                         ({"MASTER_ADDR": "10.0.0.1", "SLURM_NODEID": "1"}, "needs RUN_DIR")):
+        done = run_script("msrun.sh", "--dry-run", NNODES="2", NPROC="8", **env)
+        assert done.returncode == 2 and f"NNODES=2 {message}" in done.stderr and done.stdout == ""
