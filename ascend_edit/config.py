@@ -660,7 +660,8 @@ class BenchKVConfig:
 
 @dataclass
 class ClusterConfig:
-    """Devices a run is planned for (`ascend-edit plan cluster=910b_64g cluster.nodes=8`); figures in conf/cluster/."""
+    """Devices a run is planned for (`ascend-edit plan cluster=910b_64g cluster.nodes=8`); figures in conf/cluster/.
+    Read by `plan` only: a training run takes its world size from its launcher, whatever these say."""
 
     name: str = "h200"
     source: str = ""  # where the figures come from (public spec sheet, measurement)

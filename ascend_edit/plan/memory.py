@@ -107,6 +107,8 @@ class RunSettings:
     kd_fused: bool = False  # the KD chunk math compiled (chunked_kd.use_fused_kd: CUDA, full vocabulary, compile on)
     teacher_copy: bool = False  # stage 2 trains shared weights: a frozen copy of the teacher path is the teacher
     feature_layers: int = 0  # stage 2's feature matching: layers whose teacher states are kept for the loss
+    reduce_bucket: int = DS_BUCKET_ELEMENTS  # engine.zero_options.reduce_bucket_size (elements)
+    allgather_bucket: int = DS_BUCKET_ELEMENTS  # engine.zero_options.allgather_bucket_size (ZeRO-1/2)
 
 
 @dataclass
@@ -314,7 +316,7 @@ def plan_stage(m: ModelShape, t: TargetShape, counts: ParamCounts, s: RunSetting
         kd = per_element * min(s.kd_chunk, s.micro_batch * s.seq_len) * m.vocab + 2 * s.micro_batch * s.seq_len * m.hidden
     comm = 0.0
     if ds and z >= 1:
-        comm += min(DS_BUCKET_ELEMENTS, counts.target) * w * (2 if z <= 2 else 1)
+        comm += min(s.reduce_bucket, counts.target) * w + (min(s.allgather_bucket, counts.target) * w if z <= 2 else 0)
     if ds and z == 3:
         comm += 2 * counts.largest_layer * w  # the gathered layer and the prefetched next one
     # made before the stage moves the trainable weights to fp32, in the model dtype: the weights the stage trains

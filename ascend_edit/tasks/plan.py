@@ -14,7 +14,16 @@ from ascend_edit.config import ClusterConfig, ConfigError, RootConfig, StageConf
 from ascend_edit.models.build import edited_shape_model
 from ascend_edit.models.loading import TORCH_DTYPES
 from ascend_edit.models.surgery import decoder_layers, edited_attentions, set_trainable
-from ascend_edit.plan.memory import GIB, ModelShape, ParamCounts, Plan, RunSettings, TargetShape, plan_stage
+from ascend_edit.plan.memory import (
+    DS_BUCKET_ELEMENTS,
+    GIB,
+    ModelShape,
+    ParamCounts,
+    Plan,
+    RunSettings,
+    TargetShape,
+    plan_stage,
+)
 from ascend_edit.train.activation_checkpointing import checkpointing_config
 from ascend_edit.train.compile import compile_mode
 from ascend_edit.validation import check_batches, check_engine_world
@@ -61,6 +70,8 @@ def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off"
                        kd_kind=cfg.distill.model_level.kl,
                        teacher_copy=stage_name == "model_level" and cfg.distill.model_level.trainable != "target",
                        feature_layers=feature_layers,
+                       reduce_bucket=int(cfg.engine.zero_options.get("reduce_bucket_size", DS_BUCKET_ELEMENTS)),
+                       allgather_bucket=int(cfg.engine.zero_options.get("allgather_bucket_size", DS_BUCKET_ELEMENTS)),
                        # as model_level_objective + chunked_kd.use_fused_kd decide it on the cluster's device
                        kd_fused=(cfg.engine.compile != "off" and cfg.cluster.device == "cuda"
                                  and cfg.distill.model_level.top_k is None))

@@ -221,3 +221,15 @@ def test_plan_reads_only_the_config_of_a_checkpoint(tmp_path):
     check_before_load(compose_cfg([*path_overrides, "task=plan"]))
     with pytest.raises((ConfigError, ValueError), match="has a config.json but no weights"):
         check_before_load(compose_cfg([*path_overrides, "task=convert"]))
+
+
+def test_plan_takes_the_zero_bucket_sizes_the_run_gives_deepspeed():
+    """docs/distributed.md shows engine.zero_options bucket sizes as the knob for comm memory; plan showed the
+    default buckets whatever they were."""
+    base = ["engine=zero2", "cluster=910b_64g", "cluster.nodes=2", "distill.model_level.batch_size=32",
+            "distill.layerwise.batch_size=32"]
+    default = plan_run(compose_cfg(base))[1]["parts_gib"]["comm buffers"]
+    small = plan_run(compose_cfg([*base, "+engine.zero_options.reduce_bucket_size=1000",
+                                  "+engine.zero_options.allgather_bucket_size=500"]))[1]["parts_gib"]["comm buffers"]
+    assert small * GIB == pytest.approx((1000 + 500) * 2)  # bf16 elements of each bucket
+    assert default > small
