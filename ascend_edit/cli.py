@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     check_only = os.environ.get(CHECK_ONLY_ENV) == "1"
     if check_only and argv[:1] == ["report"]:  # a launcher's one-process check: report reads runs, no config
         return 0
-    if argv[:1] == ["report"] and any("=" not in token for token in argv[1:]):  # `report RUN_DIR...`: no Hydra
+    # `report RUN_DIR...` (no Hydra): a token without `=`, or an existing directory (a sweep's `lr=1e-3/`)
+    if argv[:1] == ["report"] and any("=" not in token or Path(token).is_dir() for token in argv[1:]):
         from ascend_edit.tasks.report import main as report_main
 
         return report_main([token for token in argv[1:] if not token.startswith("hydra.")])

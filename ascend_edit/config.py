@@ -625,6 +625,9 @@ class TeacherTextConfig:
             raise ConfigError("teacher_text.out must not be empty (leave it unset for the default)")
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-2
+
+
 def check_teacher_sampling(rows: int, tokens: int, temperature: float, top_p: float, batch_size: int,
                            min_words: int) -> None:
     """The sampling settings' rules, shared by the config and `data.teacher_text.SamplingSpec` (the benchmark
@@ -632,6 +635,9 @@ def check_teacher_sampling(rows: int, tokens: int, temperature: float, top_p: fl
     for key, value in (("rows", rows), ("tokens", tokens), ("batch_size", batch_size)):
         _positive(f"teacher_text.{key}", value)
     _positive("teacher_text.temperature", temperature)
+    if temperature < MIN_SAMPLING_TEMPERATURE:  # logits / T overflow fp32 and sampling fails on inf
+        raise ConfigError(f"teacher_text.temperature={temperature} is below {MIN_SAMPLING_TEMPERATURE}: the scaled "
+                          "logits overflow; for (near-)greedy text use a small temperature or top_p")
     if not 0 < top_p <= 1:
         raise ConfigError(f"teacher_text.top_p must be in (0, 1], got {top_p}")
     _positive("teacher_text.min_words", min_words, allow_zero=True)

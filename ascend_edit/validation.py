@@ -109,6 +109,12 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     check_engine_world(cfg.engine.kind, world_size)
     for stage in stages_to_run(cfg):
         check_batches(stage, world_size)
+    if cfg.task == "ablation" and cfg.distill.init_from:
+        raise ConfigError(f"distill.init_from={cfg.distill.init_from}: ablation compares every variant from the warm "
+                          "start (or target.init=random) and loads no earlier stage; leave distill.init_from unset")
+    if cfg.task == "ablation" and cfg.distill.stage != "both":
+        log.warning("distill.stage=%s is ignored by ablation: it trains stage 2 alone and stage 1 + 2 from one start",
+                    cfg.distill.stage)
     if cfg.task == "ablation" and cfg.distill.layerwise.batch_size != cfg.distill.model_level.batch_size:
         raise ConfigError("ablation needs distill.layerwise.batch_size == distill.model_level.batch_size "
                           "so that equal steps mean equal tokens")

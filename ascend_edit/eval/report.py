@@ -209,7 +209,7 @@ def quality_table(results: dict) -> list[str]:
     for domain, per_context in (results.get("quality") or {}).items():
         for context in sorted(per_context, key=int):
             m = per_context[context]
-            lines.append(f"| {domain} | {int(context):,} | {m['sequences']} | {_num(m['teacher']['ppl'], '.2f')} | "
+            lines.append(f"| {domain} | {int(context):,} | {m.get('sequences', '-')} | {_num(m['teacher']['ppl'], '.2f')} | "
                          f"{_num(m['student']['ppl'], '.2f')} | {_num(m['ppl_ratio'], '.3f')}× | "
                          f"{_num(m['student']['teacher_kl'], '.4f')} | "
                          f"{_num(m['student']['top1_agreement'], '.1f', 100)} % |")
@@ -261,6 +261,8 @@ def render(run_dir: Path) -> Path:
             lines.append(f"| {name} | {_num(m['ppl'], '.2f')} | {_num(m['teacher_kl'], '.4f')} | "
                          f"{_num(m['top1_agreement'], '.1f', 100)} % |")
         lines.append("")
+    if info.get("suite_error"):  # finish_run: the model was saved, then the suite failed
+        lines += ["## Held-out suite", "", f"**The held-out suite failed on this model**: {info['suite_error']}", ""]
     if results.get("quality"):
         lines += ["## Held-out suite per domain and context", ""]
         lines += [f"* **{name}**: {text}" for name, text in results.get("domains", {}).items()]

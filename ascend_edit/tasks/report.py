@@ -110,13 +110,13 @@ def main(argv: list[str]) -> int:
     # a directory never. Everything is checked before any run's report.md is rewritten.
     foreign = output.is_file() and not output.read_text(errors="replace").startswith(COMPARISON_MARK)
     problem = None
-    if output.is_dir() or foreign:
+    for run_dir in args.runs:  # the runs first: a missing run is the problem, not the default --output beside it
+        problem = problem or run_dir_problem(run_dir)
+    if problem is None and (output.is_dir() or foreign):
         what = "a directory" if output.is_dir() else "a file this command did not write"
         problem = f"{output} is {what}; give a new path with --output"
-    elif not output.parent.is_dir():
+    elif problem is None and not output.parent.is_dir():
         problem = f"--output {output}: the directory {output.parent} does not exist"
-    for run_dir in args.runs:
-        problem = problem or run_dir_problem(run_dir)
     if problem:
         print(f"ascend-edit: error: {problem} (nothing was written)", file=sys.stderr)
         return 2

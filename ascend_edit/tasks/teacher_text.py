@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ascend_edit.config import RootConfig
 from ascend_edit.data.teacher_text import SamplingSpec, check_output, sample_documents, spec_meta, write_documents
 from ascend_edit.device import resolve_device, seed_everything
@@ -27,11 +29,19 @@ def run(cfg: RootConfig) -> dict:
     spec = SamplingSpec(rows=tt.rows, tokens=tt.tokens, temperature=tt.temperature, top_p=tt.top_p,
                         batch_size=tt.batch_size, seed=cfg.device.seed, min_words=tt.min_words)
     check_output(out)  # before the teacher loads and sampling starts, not after
+    if cfg.model.source == "config":  # known from the config: before any weights load
+        raise ValueError("teacher_text needs a teacher with a tokenizer (model.source=config has none)")
     device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
     seed_everything(cfg.device.seed)
+    if cfg.device.threads:
+        torch.set_num_threads(cfg.device.threads)
     teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device)
     if tokenizer is None:
         raise ValueError("teacher_text needs a teacher with a tokenizer (model.source=config has none)")
+    positions = getattr(teacher.config, "max_position_embeddings", None)
+    if positions and tt.tokens > positions:
+        log.warning("teacher_text.tokens=%d is longer than the teacher's max_position_embeddings=%d: text sampled "
+                    "past the positions it was trained on is poor", tt.tokens, positions)
     started = time.perf_counter()
     documents = sample_documents(teacher, tokenizer, spec,
                                  progress=lambda i, n: log.info("teacher_text: batch %d / %d", i, n))

@@ -211,6 +211,7 @@ def test_a_suite_failure_after_the_conversion_still_writes_the_runs_record(tmp_p
     assert not (run_dir / "eval.json").exists() and len(list(run_dir.glob("replaced-*/eval.json"))) == 1
     text = (run_dir / "report.md").read_text()
     assert "Passkey" not in text and "python_docs" not in text
+    assert "The held-out suite failed on this model**: ValueError: evaluation batches hold no scored" in text
 
 
 def test_a_resumed_run_without_the_suite_does_not_report_the_earlier_models_suite(tmp_path):
@@ -240,3 +241,15 @@ def test_report_of_a_run_with_non_finite_metrics(tmp_path):
     report["results"]["after_model_level"] = {"ppl": float("nan"), "teacher_kl": float("nan"), "top1_agreement": 0.0}
     (run_dir / "report.json").write_text(jsonio.dumps(report))
     assert "| after_model_level | nan | nan | 0.0 % |" in render(run_dir).read_text()
+
+
+def test_report_names_a_missing_run_and_takes_directories_with_equals_signs(tmp_path, capsys, monkeypatch):
+    """`report nonexist` blamed the default --output; a sweep's `lr=1e-3/` directories went to Hydra as
+    overrides ("Key 'sweep/lr' not in 'RootConfig'")."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "nonexist"]) == 2
+    assert "nonexist is not a run directory" in capsys.readouterr().err
+    fake_run(tmp_path / "sweep" / "lr=1e-3", 1.05)
+    fake_run(tmp_path / "sweep" / "lr=1e-4", 1.5)
+    assert main(["report", "sweep/lr=1e-3", "sweep/lr=1e-4"]) == 0
+    assert "1.500 (0.050)" in (tmp_path / "sweep" / "compare.md").read_text()

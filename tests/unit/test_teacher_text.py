@@ -95,7 +95,9 @@ def test_written_text_is_a_mix_source_and_never_overwrites(tmp_path, model, toke
 def test_bad_specs_name_their_key(tmp_path):
     for kwargs, key in (({"rows": 0, "tokens": 8}, "teacher_text.rows"), ({"rows": 1, "tokens": 8, "top_p": 0},
                         "teacher_text.top_p"), ({"rows": 1, "tokens": 8, "temperature": 0}, "teacher_text.temperature"),
-                        ({"rows": 1, "tokens": 8, "min_words": -1}, "teacher_text.min_words")):
+                        ({"rows": 1, "tokens": 8, "min_words": -1}, "teacher_text.min_words"),
+                        # logits / 1e-45 overflow: sampling failed with a RuntimeError traceback
+                        ({"rows": 1, "tokens": 8, "temperature": 1e-45}, r"teacher_text.temperature=1e-45 is below")):
         with pytest.raises(ValueError, match=key):
             SamplingSpec(**kwargs)
     blocker = tmp_path / "a_file"
