@@ -1,7 +1,7 @@
 """`ascend-edit report RUN_DIR [RUN_DIR ...]`: rebuild each run's report.md and compare the runs in one table.
 
-The table (markdown) goes to stdout and to `--output` (default `runs/compare.md` next to the first run's
-parent when several runs are given). Also the end of every conversion (`finish_run`): the held-out suite,
+The table (markdown) goes to stdout and to `--output` (default `compare.md` in the run when one is given, in the
+first run's parent directory when several are). Also the end of every conversion (`finish_run`): the held-out suite,
 `run_info.json` and the report.
 """
 from __future__ import annotations
