@@ -119,7 +119,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         with clock(phases, "save"):
             save_converted(model, cfg.target, out_dir / "converted", tokenizer)
     report["phase_seconds"] = phases
-    if partitioned and cfg.eval.suite:  # the suite's forwards gather module by module: every rank runs them
+    suite_written = partitioned and cfg.eval.suite
+    if suite_written:  # the suite's forwards gather module by module: every rank runs them
         suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main, original_teacher)
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite=False))
     if env.is_main:
@@ -129,7 +130,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         from ascend_edit.tasks.report import finish_run  # held-out suite (eval.*) + report.md with plots
 
         finish_run(model, tokenizer, cfg, out_dir, device, wall_seconds=time.perf_counter() - started,
-                   teacher=original_teacher)
+                   teacher=original_teacher, suite_written=suite_written)
     distributed.barrier()
     return report
 

@@ -29,9 +29,10 @@ def write_report(run_dir: Path) -> Path:
 
 
 def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device, wall_seconds: float,
-               teacher: torch.nn.Module | None = None) -> None:
+               teacher: torch.nn.Module | None = None, suite_written: bool = False) -> None:
     """End of a conversion (main rank): held-out suite -> eval.json, run_info.json, report.md + plots.
-    `teacher`: the frozen teacher copy of a stage 2 that trained shared weights (None: the model's own path)."""
+    `teacher`: the frozen teacher copy of a stage 2 that trained shared weights (None: the model's own path).
+    `suite_written`: this run's eval.json was already written (every rank ran the suite on a partitioned model)."""
     from ascend_edit.tasks.eval import suite_after_conversion
 
     suite_seconds, failure = 0.0, None
@@ -50,7 +51,7 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
             "device_name": name, "torch": torch.__version__}
     if failure is not None:
         info["suite_error"] = f"{type(failure).__name__}: {failure}"
-    if not cfg.eval.suite or failure is not None:
+    if (not cfg.eval.suite and not suite_written) or failure is not None:
         # an eval.json here is an earlier model's (a resumed run that trained on): the report must not show it
         # as this one's
         aside = set_aside_previous_run(Path(out_dir), names=("eval.json",))
