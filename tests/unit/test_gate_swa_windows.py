@@ -207,9 +207,10 @@ def test_prepare_chooses_windows_once_and_refuses_a_budget_too_small():
     again, windows_again = gate_swa_windows_target_for_budget(model, budgeted, calibration())
     assert windows == windows_again and chosen == again
     assert chosen.gate_swa.full_layers == sorted(i for i, w in windows.items() if w == FULL)
-    too_small = dataclasses.replace(budgeted, gate_swa=dataclasses.replace(budgeted.gate_swa, kv_budget=0.05))
-    with pytest.raises(ConfigError, match=r"^target\.gate_swa\.kv_budget=0\.05: even all-sliding layers"):
-        gate_swa_windows_target_for_budget(model, too_small, calibration())
+    # below every layer sliding at the smallest window (3 + 2 sinks of 48 tokens): refused with the config now,
+    # before any teacher loads or layer is measured
+    with pytest.raises(ConfigError, match=r"^target\.gate_swa\.kv_budget=0\.05 cannot be met: .*windows=4"):
+        dataclasses.replace(budgeted.gate_swa, kv_budget=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
