@@ -66,7 +66,7 @@ def test_report_command_compares_runs(tmp_path, capsys):
     assert (a / "report.md").is_file() and (b / "report.md").is_file()
     table = (tmp_path / "compare.md").read_text().split("\n", 1)[1]  # after the mark that lets a re-run overwrite
     assert table in out
-    assert "in_domain@1024 ppl× (KL) [windows]" in table and "1.500 (0.050) [2]" in table and "| 60.0 % |" in table
+    assert "in_domain@1024 ppl× (KL) [windows]" in table and "1.500 (0.050) [2]" in table and "| 60.0 % [8,192] |" in table
     assert "42 % [256/1024 × 3 depths × 2]" in table  # the passkey grid behind the percentage
     assert main(["report", str(a), str(b)]) == 0  # its own comparison file is rewritten
     (tmp_path / "compare.md").write_text("my own notes")  # a user's compare.md, where the default would go
