@@ -354,15 +354,23 @@ RUN_MARK = ".ascend-edit-run"
 
 def holds_run(path: Path) -> bool:
     """Whether directory `path` holds an ascend-edit run: its mark, or what only this project's runs leave
-    (runs from before the mark existed): a Hydra config with a `task` and a `target`, or stage checkpoints
+    (runs from before the mark existed): a Hydra config that starts with `task:`, or stage checkpoints
     named `step-<stage>-<n>`; or msrun's worker-log folder, which the launcher creates before any rank starts.
     Generic names (checkpoints/, tensorboard/, report.md) do not count: other tools' directories hold them."""
     if (path / RUN_MARK).exists() or (path / "msrun_log").is_dir():
         return True
-    config = path / ".hydra" / "config.yaml"
-    if config.is_file():
-        keys = {line.split(":", 1)[0] for line in config.read_text(errors="replace").splitlines() if ":" in line}
-        if {"task", "target"} <= keys:
+    hydra = path / ".hydra"
+    if hydra.is_dir():
+        # This project's configs start with `task:`. Another rank's Hydra may be creating the folder or writing
+        # the file at this moment (every rank of a launch checks the shared directory), so a folder without a
+        # config yet, or an empty one, counts too; another tool's Hydra config has content and another first key.
+        try:
+            first = next(iter((hydra / "config.yaml").read_text(errors="replace").splitlines()), "")
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return True  # unreadable: not this check's to refuse (the run's own reads will say why)
+        if not first or first.startswith("task:"):
             return True
     return any(path.glob("checkpoints/step-layerwise-*")) or any(path.glob("checkpoints/step-model_level-*"))
 

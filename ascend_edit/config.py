@@ -625,7 +625,7 @@ class TeacherTextConfig:
             raise ConfigError("teacher_text.out must not be empty (leave it unset for the default)")
 
 
-MIN_SAMPLING_TEMPERATURE = 1e-2
+MIN_SAMPLING_TEMPERATURE = 1e-6  # logits of tens over 1e-6 stay far inside fp32's range
 
 
 def check_teacher_sampling(rows: int, tokens: int, temperature: float, top_p: float, batch_size: int,
@@ -637,7 +637,8 @@ def check_teacher_sampling(rows: int, tokens: int, temperature: float, top_p: fl
     _positive("teacher_text.temperature", temperature)
     if temperature < MIN_SAMPLING_TEMPERATURE:  # logits / T overflow fp32 and sampling fails on inf
         raise ConfigError(f"teacher_text.temperature={temperature} is below {MIN_SAMPLING_TEMPERATURE}: the scaled "
-                          "logits overflow; for (near-)greedy text use a small temperature or top_p")
+                          "logits overflow fp32; for (near-)greedy text use a temperature of at least that, or a small "
+                          "top_p")
     if not 0 < top_p <= 1:
         raise ConfigError(f"teacher_text.top_p must be in (0, 1], got {top_p}")
     _positive("teacher_text.min_words", min_words, allow_zero=True)

@@ -106,7 +106,8 @@ def check_engine_world(kind: str, world_size: int) -> None:
 
 def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     """Batches against the world size, and the data / init paths a training task reads."""
-    check_engine_world(cfg.engine.kind, world_size)
+    if any(stage.steps for stage in stages_to_run(cfg)):
+        check_engine_world(cfg.engine.kind, world_size)
     for stage in stages_to_run(cfg):
         check_batches(stage, world_size)
     if cfg.task == "ablation" and cfg.distill.init_from:

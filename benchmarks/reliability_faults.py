@@ -212,7 +212,7 @@ def config_cases() -> list[Case]:
         c("top-k of zero", "distill.model_level.top_k=0", "distill.model_level.top_k=0"),
         c("top-k above the vocabulary", "distill.model_level.top_k=100000", "distill.model_level.top_k=100000"),
         c("zero KD temperature", "distill.model_level.temperature=0", "distill.model_level.temperature=0"),
-        c("GateSWA KV budget below every layer sliding (refused only after the teacher loaded)",
+        c("GateSWA KV budget below every layer sliding (was refused only after the teacher loaded)",
           "target=gate_swa target.gate_swa.full_every=0 target.gate_swa.kv_budget=0.1",
           "target.gate_swa.kv_budget=0.1 cannot be met"),
         c("feature layer that does not exist", "distill.model_level.feature_layers=[9]",

@@ -4,8 +4,9 @@
 #   VISIBLE_DEVICES=0,1,2,3,4,5,6,7 launch/msrun.sh experiment=qwen3_8b_mla model.path=/models/Qwen3-8B data.path=/data/corpus
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC=8 RUN_DIR=/shared/run1 launch/msrun.sh ...
 #
-# MASTER_ADDR/MASTER_PORT: msrun's scheduler (defaults 127.0.0.1 / 8118, msrun's own); the
-# workers rendezvous there too. NODE_RANK (default $SLURM_NODEID, else 0) is always passed:
+# MASTER_ADDR/MASTER_PORT: msrun's scheduler (defaults 127.0.0.1 / 8118, msrun's own, on one node;
+# MASTER_ADDR, NODE_RANK (or $SLURM_NODEID) and RUN_DIR are required with NNODES > 1); the
+# workers rendezvous there too. NODE_RANK (default $SLURM_NODEID, else 0 on one node) is always passed:
 # without it a multi-node msrun assigns ranks only after start-up, too late for PyTorch.
 # LOG_DIR: per-worker logs (default $RUN_DIR/msrun_log); CLUSTER_TIMEOUT: seconds msrun waits
 # for all workers to register (default 600). DEVICE defaults to npu. Other knobs: see common.sh.

@@ -4,9 +4,9 @@
 #   DEVICE=npu VISIBLE_DEVICES=0,1,2,3 launch/torchrun.sh experiment=qwen3_8b_mla model.path=/models/Qwen3-8B data.path=/data/corpus distill.model_level.lr=1e-4
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NPROC=8 RUN_DIR=/shared/run1 launch/torchrun.sh ...
 #
-# Multi node: NNODES, NODE_RANK (default $SLURM_NODEID, else 0), MASTER_ADDR (host of node 0,
+# Multi node: NNODES, NODE_RANK (or $SLURM_NODEID; required), MASTER_ADDR (host of node 0,
 # required), MASTER_PORT (default 29500). Run it once per node with the same RUN_DIR on a
-# shared filesystem: each node's own timestamp would differ. Other knobs: see common.sh.
+# shared filesystem (required: each node's own timestamp would differ). Other knobs: see common.sh.
 # --dry-run (anywhere) prints the command only; everything else goes to the CLI as Hydra overrides, checked
 # once here before the ranks start.
 set -euo pipefail

@@ -50,7 +50,7 @@ class TeacherReference:
         weight = _head(model).weight
         if weight.numel() == 0:
             # ZeRO-3 partitioned the head after the states were kept (a teacher loaded whole for a budget or a
-            # sensitivity pass): nothing to compare here, and the kept states are dropped (`log_probs`)
+            # sensitivity pass): nothing to compare here, and the kept states are dropped (`logits`)
             return
         if _fingerprint(weight) != self._head_fingerprint:
             raise ValueError("the model's LM head trained since the teacher's states were kept, so its teacher "

@@ -119,7 +119,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         with clock(phases, "save"):
             save_converted(model, cfg.target, out_dir / "converted", tokenizer)
     report["phase_seconds"] = phases
-    suite_written = partitioned and cfg.eval.suite
+    suite_written = partitioned and cfg.eval.suite and tokenizer is not None  # (without one it is skipped)
     if suite_written:  # the suite's forwards gather module by module: every rank runs them
         suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main, original_teacher)
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite=False))

@@ -49,8 +49,12 @@ def suite_after_conversion(model: torch.nn.Module, tokenizer, cfg: RootConfig, o
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    (Path(out_dir) / "eval.json").write_text(jsonio.dumps(results, indent=2))
-    print_suite(Console(width=max(Console().width, 150)), results)  # ten columns: never cut a domain's name
+    path = Path(out_dir) / "eval.json"
+    path.write_text(jsonio.dumps(results, indent=2))
+    try:
+        print_suite(Console(width=max(Console().width, 150)), results)  # ten columns: never cut a domain's name
+    except OSError as err:  # stdout closed (a pipe into `head`): the results are written, the table is not needed
+        log.warning("the suite's table could not be printed (%s); it is in %s", err, path)
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:

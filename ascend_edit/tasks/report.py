@@ -35,11 +35,11 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
     `suite_written`: this run's eval.json was already written (every rank ran the suite on a partitioned model)."""
     from ascend_edit.tasks.eval import suite_after_conversion
 
-    suite_seconds, failure = 0.0, None
+    suite_seconds, failure, fresh = 0.0, None, suite_written
     if cfg.eval.suite:
         try:
-            suite_seconds = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device,
-                                                   teacher).get("seconds", 0.0)
+            results = suite_after_conversion(model, tokenizer, cfg, out_dir, device.torch_device, teacher)
+            suite_seconds, fresh = results.get("seconds", 0.0), bool(results)  # {}: skipped (no tokenizer)
         except (ValueError, OSError) as err:  # the model is saved: the run's record is written, then the error
             failure = err
     name = ""
@@ -51,7 +51,7 @@ def finish_run(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path
             "device_name": name, "torch": torch.__version__}
     if failure is not None:
         info["suite_error"] = f"{type(failure).__name__}: {failure}"
-    if (not cfg.eval.suite and not suite_written) or failure is not None:
+    if not fresh:
         # an eval.json here is an earlier model's (a resumed run that trained on): the report must not show it
         # as this one's
         aside = set_aside_previous_run(Path(out_dir), names=("eval.json",))

@@ -214,6 +214,14 @@ def test_cli_never_writes_a_run_into_someone_elses_directory(tmp_path):
     (other_tool / "report.md").write_text("my analysis")
     for key in ("hydra.run.dir", "output_dir"):
         assert "holds no ascend-edit run" in (_run_dir_problem([f"{key}={other_tool}"]) or "")
+    # every rank of a launch checks the shared directory while another rank's Hydra creates .hydra/ and writes
+    # its config: a folder without the file yet, or an empty file, is a run starting, not someone else's
+    starting = tmp_path / "starting"
+    (starting / ".hydra").mkdir(parents=True)
+    (starting / "cli.log").write_text("")
+    assert _run_dir_problem([f"hydra.run.dir={starting}"]) is None
+    (starting / ".hydra" / "config.yaml").write_text("")
+    assert _run_dir_problem([f"hydra.run.dir={starting}"]) is None
     assert _run_dir_problem([f"hydra.run.dir={tmp_path / 'new'}"]) is None
     launched = tmp_path / "launched"  # msrun makes its worker-log folder in RUN_DIR before any rank starts
     (launched / "msrun_log").mkdir(parents=True)

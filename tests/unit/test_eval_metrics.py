@@ -248,14 +248,19 @@ def test_row_groups_and_token_chunks_give_the_whole_batch_metrics(monkeypatch, f
     from ascend_edit.eval import metrics
 
     model, data = edited(), batches()
+    three_rows = {key: torch.cat([value, value[:1]]) for key, value in data[0].items()}  # uneven groups: [2, 1]
+    data.append(three_rows)
     want = [unchunked(model, data, "teacher"), unchunked(model, data)]
     monkeypatch.setattr(metrics, "EVAL_FORWARD_TOKENS", forward_tokens)
     monkeypatch.setattr(metrics, "METRIC_CHUNK_TOKENS", chunk)
     sizes = [r.stop - r.start for r in metrics.row_groups(data[0])]
     assert sizes == ([1, 1] if forward_tokens < 32 else [2])
+    assert [r.stop - r.start for r in metrics.row_groups(three_rows)] == ([1, 1, 1] if forward_tokens < 32 else
+                                                                          [2, 1] if forward_tokens == 32 else [3])
     calls = count_model_forwards(model)
     got = [evaluate(model, data, "teacher"), evaluate(model, data)]
-    assert calls[0] == 2 * len(data) * len(sizes) + len(data) * len(sizes)  # teacher twice (fresh refs), student once
+    groups = sum(len(metrics.row_groups(batch)) for batch in data)
+    assert calls[0] == 3 * groups  # the teacher per group in both calls (fresh references), the student once
     for have, expected in zip(got, want):
         assert have["tokens"] == expected["tokens"]
         for key in ("ppl", "teacher_kl", "top1_agreement"):
@@ -265,3 +270,5 @@ def test_row_groups_and_token_chunks_give_the_whole_batch_metrics(monkeypatch, f
     assert both["teacher"]["ppl"] == pytest.approx(want[0]["ppl"], rel=1e-5)
     assert both["student"]["ppl"] == pytest.approx(want[1]["ppl"], rel=1e-5)
     assert both["student"]["teacher_kl"] == pytest.approx(want[1]["teacher_kl"], rel=1e-5, abs=1e-6)
+    assert both["student"]["top1_agreement"] == pytest.approx(want[1]["top1_agreement"], rel=1e-6)
+    assert both["student"]["tokens"] == want[1]["tokens"]

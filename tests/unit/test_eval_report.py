@@ -230,6 +230,14 @@ def test_a_resumed_run_without_the_suite_does_not_report_the_earlier_models_suit
     assert [p.read_text() for p in run_dir.glob("replaced-*/eval.json")] == [before]
     text = (run_dir / "report.md").read_text()
     assert "python_docs" not in text and "quality.png" not in text and "2 min 0 s" in text  # not "1 min 60 s"
+    # a suite that is on but skipped (a teacher without a tokenizer) did not score this model either
+    again = fake_run(tmp_path / "again")
+    finish_run(None, None, RootConfig(), again, SimpleNamespace(type="meta", torch_device="meta"), 1.0)
+    assert not (again / "eval.json").exists() and len(list(again.glob("replaced-*/eval.json"))) == 1
+    # ... while a suite this run already wrote (every rank of a partitioned model ran it) stays
+    kept = fake_run(tmp_path / "kept")
+    finish_run(None, None, cfg, kept, SimpleNamespace(type="meta", torch_device="meta"), 1.0, suite_written=True)
+    assert (kept / "eval.json").is_file() and not list(kept.glob("replaced-*"))
 
 
 def test_report_of_a_run_with_non_finite_metrics(tmp_path):
