@@ -229,7 +229,9 @@ def check_reused_run_directory(cfg, run_dir: Path, where: str) -> None:
 
 def _holds_checkpoints(run_dir: Path) -> bool:
     """A conversion's checkpoints/ or an ablation's variant folders: a job there resumes."""
-    return (run_dir / "checkpoints").is_dir() or any(run_dir.glob("ablation-stage*"))
+    from ascend_edit.run_dir import CHECKPOINT_DIRS
+
+    return any((run_dir / name).is_dir() for name in CHECKPOINT_DIRS)
 
 
 def _composition_error_line(err: BaseException) -> str:
@@ -366,10 +368,8 @@ def holds_run(path: Path) -> bool:
         # config yet, or an empty one, counts too; another tool's Hydra config has content and another first key.
         try:
             first = next(iter((hydra / "config.yaml").read_text(errors="replace").splitlines()), "")
-        except FileNotFoundError:
+        except OSError:  # not written yet, or unreadable (the run's own reads will say why): not to refuse here
             return True
-        except OSError:
-            return True  # unreadable: not this check's to refuse (the run's own reads will say why)
         if not first or first.startswith("task:"):
             return True
     return any(path.glob("checkpoints/step-layerwise-*")) or any(path.glob("checkpoints/step-model_level-*"))

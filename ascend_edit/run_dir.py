@@ -42,6 +42,11 @@ def register_run_dir_resolver() -> None:
 
 
 # What a training run writes into its directory besides Hydra's files: set aside together when a run starts over.
+# `ascend-edit ablation`'s trained variants, each with its own checkpoints, metrics.jsonl and TensorBoard events
+# (both train a `model_level` stage: in one log the second would trim the first's lines).
+ABLATION_VARIANT_DIRS = ("ablation-stage2-only", "ablation-stage1+2")
+# Where a training task's checkpoints live in its run directory: a job there resumes.
+CHECKPOINT_DIRS = ("checkpoints", *ABLATION_VARIANT_DIRS)
 TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerwise", "converted", "report.json",
                     "report.md", "plots", "eval.json", "ablation.json", "ablation-*")
 

@@ -73,11 +73,9 @@ def check_resume_config(cfg: RootConfig, run_dir: Path) -> None:
 def resume_checkpoint_dirs(task: str, run_dir: Path) -> list[Path]:
     """Where a training task's checkpoints live in its run directory: a conversion's in checkpoints/, each
     ablation variant's in its own folder (tasks/ablation.py)."""
-    if task == "ablation":
-        from ascend_edit.tasks.ablation import VARIANT_DIRS
+    from ascend_edit.run_dir import ABLATION_VARIANT_DIRS
 
-        return [run_dir / name for name in VARIANT_DIRS]
-    return [run_dir / "checkpoints"]
+    return [run_dir / name for name in (ABLATION_VARIANT_DIRS if task == "ablation" else ("checkpoints",))]
 
 
 def _check_saved_config(latest: Path | None, current: dict, stage: str) -> None:

@@ -133,7 +133,9 @@ class TokenSums:
         for start in range(0, targets.numel(), chunk):
             part = slice(start, start + chunk)
             teacher_logp = F.log_softmax(teacher_logits[part].float(), dim=-1)
-            student_logp = F.log_softmax(student_logits[part].float(), dim=-1)
+            # the teacher scored against itself (evaluate(which="teacher")): its log-probs once, not twice
+            same = student_logits is teacher_logits
+            student_logp = teacher_logp if same else F.log_softmax(student_logits[part].float(), dim=-1)
             target = targets[part, None]
             t_nll = -teacher_logp.gather(-1, target).squeeze(-1)
             s_nll = -student_logp.gather(-1, target).squeeze(-1)
@@ -185,8 +187,7 @@ def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
             del teacher_logits, student_logits
     set_mode(model, "student")
     sums.check()
-    student_nll = sums.teacher_nll if which == "teacher" else sums.student_nll
-    return {"ppl": math.exp(student_nll / sums.tokens), "teacher_kl": sums.kl / sums.tokens,
+    return {"ppl": math.exp(sums.student_nll / sums.tokens), "teacher_kl": sums.kl / sums.tokens,
             "top1_agreement": sums.agree / sums.tokens, "tokens": sums.tokens}
 
 

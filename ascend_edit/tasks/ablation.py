@@ -20,12 +20,9 @@ from ascend_edit.config import RootConfig
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
 from ascend_edit.eval.metrics import TeacherReference, evaluate
+from ascend_edit.run_dir import ABLATION_VARIANT_DIRS
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
-
-# Each trained variant's checkpoints, metrics.jsonl and TensorBoard events, apart: both train a `model_level`
-# stage, and one log would have the second trim the first's lines (a resumed stage drops its later steps).
-VARIANT_DIRS = ("ablation-stage2-only", "ablation-stage1+2")
 
 
 def run(cfg: RootConfig) -> dict:
@@ -45,7 +42,7 @@ def run(cfg: RootConfig) -> dict:
     rows = {"teacher": (evaluate(p.model, p.eval_batches, "teacher", reference), 0.0),
             "init only": (evaluate(p.model, p.eval_batches, reference=reference), 0.0)}
 
-    stage2_dir, both_dir = (p.out_dir / name for name in VARIANT_DIRS)
+    stage2_dir, both_dir = (p.out_dir / name for name in ABLATION_VARIANT_DIRS)
     stage2_only = copy.deepcopy(start)
     long_ml = dataclasses.replace(ml, steps=lw.steps + ml.steps)
     _, seconds = run_stage("model_level", stage2_only, model_level, long_ml,
