@@ -363,6 +363,12 @@ class DataConfig:
     cache_dir: Optional[str] = None
     mix: list[MixSourceConfig] = field(default_factory=list)  # data.source=mix: sources and weights
 
+    def check_path_named(self) -> None:
+        """A corpus source names its corpus. Checked by the tasks that read the data (RootConfig): `plan`,
+        `export` and the benchmarks never read it, so a user sizing a run has no corpus path to give yet."""
+        if self.source in ("files", "indexed") and not self.path:
+            raise ConfigError(f"data.path is required when data.source={self.source}")
+
     def __post_init__(self):
         _choice("data.source", self.source, ("files", "shakespeare", "mix", "synthetic", "indexed"))
         if self.path and self.source not in ("files", "indexed"):  # silently training on other data than named
@@ -381,8 +387,6 @@ class DataConfig:
         _positive("data.synthetic_sequences", self.synthetic_sequences)
         if not self.text_field:
             raise ConfigError("data.text_field must not be empty")
-        if self.source in ("files", "indexed") and not self.path:
-            raise ConfigError(f"data.path is required when data.source={self.source}")
         # keys this source never reads: silently ignoring them would train on other data than the user named
         if self.cache_dir and self.source not in ("files", "indexed"):
             raise ConfigError(f"data.cache_dir is only used with data.source=files or indexed (data.source="
@@ -701,6 +705,10 @@ class PlanConfig:
         _choice("plan.stage", self.stage, ("layerwise", "model_level", "both"))
 
 
+# the tasks that read `data` (training text, or the run's held-out split); every other task never opens it
+TASKS_READING_DATA = ("convert", "ablation", "eval")
+
+
 @dataclass
 class RootConfig:
     task: str = "convert"  # convert | inspect | export | bench_kv | ablation
@@ -723,6 +731,8 @@ class RootConfig:
                                      "report", "plan", "teacher_text"))
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        if self.task in TASKS_READING_DATA:
+            self.data.check_path_named()
         ml = self.distill.model_level
         trains_stage2 = self.distill.stage in ("model_level", "both") and ml.steps > 0
         if (self.task in ("convert", "ablation", "plan") and trains_stage2 and ml.trainable != "target"

@@ -134,6 +134,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-text-share", type=float, default=0.3,
                         help="share of the training draws that the teacher's text gets")
     parser.add_argument("--teacher-text-batch", type=int, default=256, help="rows sampled at a time")
+    parser.add_argument("--teacher-text-tokens", type=int, default=0,
+                        help="tokens per sampled row (default: --context); shorter rows sample faster, and the "
+                             "documents cut from them are packed into --context sequences as any others")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
@@ -150,8 +153,8 @@ def parse_args(argv=None):
             parser.error(f"--only: unknown conditions {unknown}; choose from {', '.join(CONDITIONS)}")
     if not 0 < args.stage1_share < 1:
         parser.error("--stage1-share must be in (0, 1)")
-    if args.teacher_text_rows < 0 or not 0 < args.teacher_text_share < 1:
-        parser.error("--teacher-text-rows must be >= 0 and --teacher-text-share in (0, 1)")
+    if args.teacher_text_rows < 0 or args.teacher_text_tokens < 0 or not 0 < args.teacher_text_share < 1:
+        parser.error("--teacher-text-rows and --teacher-text-tokens must be >= 0 and --teacher-text-share in (0, 1)")
     return args, overrides
 
 
@@ -264,7 +267,8 @@ class Runner:
         )
 
         args = self.args
-        spec = SamplingSpec(rows=args.teacher_text_rows, tokens=args.context, batch_size=args.teacher_text_batch,
+        spec = SamplingSpec(rows=args.teacher_text_rows, tokens=args.teacher_text_tokens or args.context,
+                            batch_size=args.teacher_text_batch,
                             seed=cfg.device.seed)
         meta = spec_meta(spec, cfg.model.path or cfg.model.source)
         where = self.out / "teacher_text"
@@ -447,7 +451,8 @@ def fmt_q(q: dict | None) -> str:
 def table(results: dict[str, dict], args, steps: dict) -> str:
     ctx = args.context
     data = "data=mix" + (f" + teacher text at {100 * args.teacher_text_share:.0f} % of the draws "
-                         f"({args.teacher_text_rows} rows sampled)" if args.teacher_text_rows else "")
+                         f"({args.teacher_text_rows} rows x {args.teacher_text_tokens or ctx} tokens sampled)"
+                         if args.teacher_text_rows else "")
     lines = [f"SmolLM2-135M, eval at {ctx} tokens ({args.eval_windows} windows per domain), {data}, "
              f"{steps['total'] * steps['tokens_per_step']:,} training tokens per trained condition "
              f"({steps['stage1']} stage-1 + {steps['stage2']} stage-2 steps of {steps['tokens_per_step']:,}).",

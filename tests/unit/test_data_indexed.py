@@ -184,11 +184,14 @@ def test_too_little_held_out_data_is_one_line(tmp_path):
     one_line_error(prefix, "held-out documents", vocab_size=256)
 
 
-def test_indexed_data_needs_a_path():
-    from ascend_edit.config import ConfigError, DataConfig
+def test_indexed_data_needs_a_path_where_a_task_reads_it():
+    from ascend_edit.config import ConfigError, DataConfig, RootConfig
 
-    with pytest.raises(ConfigError, match="data.path is required when data.source=indexed"):
-        DataConfig(source="indexed")
+    for task in ("convert", "ablation", "eval"):
+        with pytest.raises(ConfigError, match="data.path is required when data.source=indexed"):
+            RootConfig(task=task, data=DataConfig(source="indexed"))
+    # `plan` sizes a run from the model's config alone: no corpus path to give yet
+    assert RootConfig(task="plan", data=DataConfig(source="indexed")).data.path is None
 
 
 def test_tiny_conversion_reads_an_indexed_corpus_through_the_cli(tmp_path):

@@ -223,6 +223,28 @@ def test_plan_reads_only_the_config_of_a_checkpoint(tmp_path):
         check_before_load(compose_cfg([*path_overrides, "task=convert"]))
 
 
+def test_plan_of_the_8b_recipe_needs_no_corpus_path(tmp_path):
+    """The recipe's own comment: `plan experiment=qwen3_8b_mla model.path=...` sizes the run before any corpus
+    exists; training with that config still names the missing data.path in one line."""
+    from transformers import AutoConfig
+
+    from ascend_edit.config import ConfigError
+
+    AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=128, vocab_size=256).save_pretrained(tmp_path)
+    def recipe(task):
+        register_configs()
+        with initialize_config_module(config_module="ascend_edit.conf", version_base="1.3"):
+            return to_typed(compose(config_name="config", overrides=[
+                "experiment=qwen3_8b_mla", f"model.path={tmp_path}", f"task={task}", "output_dir=."]))
+
+    cfg = recipe("plan")
+    assert cfg.data.source == "files" and cfg.data.path is None
+    assert plan_run(cfg)  # and it plans
+    with pytest.raises(ConfigError, match="data.path is required when data.source=files"):
+        recipe("convert")
+
+
 def test_plan_takes_the_zero_bucket_sizes_the_run_gives_deepspeed():
     """docs/distributed.md shows engine.zero_options bucket sizes as the knob for comm memory; plan showed the
     default buckets whatever they were."""
