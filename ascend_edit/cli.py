@@ -104,8 +104,9 @@ def run_task(cfg: DictConfig) -> dict:
     if HydraConfig.initialized():  # multirun jobs skip the precheck: each checks its own choice here
         from hydra.core.global_hydra import GlobalHydra
 
-        options = GlobalHydra.instance().config_loader().get_group_options("experiment")  # every search path
-        problem = experiment_problem(HydraConfig.get().runtime.choices.get("experiment"), options)
+        options = GlobalHydra.instance().config_loader().get_group_options("experiment")
+        options += _experiments_in(HydraConfig.get().runtime.config_sources)  # + hydra.searchpath's, not above
+        problem = experiment_problem(HydraConfig.get().runtime.choices.get("experiment"), sorted(set(options)))
         if problem:
             raise UserError(problem)
     typed = to_typed(cfg)
@@ -119,6 +120,22 @@ def run_task(cfg: DictConfig) -> dict:
         return {}
     module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
     return module.run(typed)
+
+
+def _experiments_in(config_sources) -> list[str]:
+    """The experiment names in the job's config sources (file:// and pkg:// directories, as Hydra records them)."""
+    from importlib.resources import files
+
+    names: list[str] = []
+    for source in config_sources:
+        try:
+            folder = (Path(source.path) if source.schema == "file" else files(source.path) if source.schema == "pkg"
+                      else None)
+            if folder is not None and folder.joinpath("experiment").is_dir():
+                names += [p.name[:-5] for p in folder.joinpath("experiment").iterdir() if p.name.endswith(".yaml")]
+        except (ModuleNotFoundError, OSError, TypeError):  # a source that is not a readable directory
+            continue
+    return names
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ascend_edit.conf", config_name="config")
@@ -139,18 +156,39 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 
 
 def _split_subcommand(argv: list[str]) -> list[str]:
-    """Turn `ascend-edit [-m] inspect a=b` into Hydra's `[-m] task=inspect a=b`."""
-    for i, token in enumerate(argv):
-        if token.startswith("-") or "=" in token or (i and argv[i - 1] in _FLAGS_WITH_VALUE):
+    """Turn `ascend-edit [-m] inspect a=b` into Hydra's `[-m] task=inspect a=b`, Hydra's flags first: its
+    parser takes no override after a flag (`inspect --config-dir D a=b` would stop at `a=b`)."""
+    flags, rest = _hydra_flags_first(argv)
+    for i, token in enumerate(rest):
+        if token.startswith("-") or "=" in token:
             continue
         name = SUBCOMMAND_ALIASES.get(token, token)
         if name not in TASKS:
             raise UserError(f"unknown subcommand '{token}'; choose one of {sorted(TASKS)}")
-        return [*argv[:i], f"task={name}", *argv[i + 1:]]
-    return argv
+        return [*flags, *rest[:i], f"task={name}", *rest[i + 1:]]
+    return [*flags, *rest]
 
 
-_EXTRA_CONFIG_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp"}
+def _hydra_flags_first(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, everything else), each in the order given."""
+    flags: list[str] = []
+    rest: list[str] = []
+    takes_value = False
+    for token in argv:
+        if takes_value or token.startswith("-"):
+            flags.append(token)
+            takes_value = not takes_value and token in _FLAGS_WITH_VALUE
+        else:
+            rest.append(token)
+    return flags, rest
+
+
+def _config_dirs(argv: list[str]) -> list[str]:
+    """The directories `--config-dir` / `-cd` add to Hydra's search path (`--config-dir D` or `--config-dir=D`)."""
+    dirs = [argv[i + 1] for i, token in enumerate(argv[:-1]) if token in ("--config-dir", "-cd")]
+    return dirs + [token.split("=", 1)[1] for token in argv if token.startswith(("--config-dir=", "-cd="))]
+
+
 _HYDRA_MODES = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
                 "--cfg", "-c", "--resolve", "--version", "--experimental-rerun"}
 
@@ -163,8 +201,15 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
     at that world size, so bad input is reported once rather than by every rank.
     Returns the error line, or None when the composition is fine (or not checked).
     """
-    if any(token in _EXTRA_CONFIG_FLAGS for token in argv):
-        return None  # (composing here knows only the packaged configs; the job itself checks the rest)
+    config_dirs = _config_dirs(argv)
+    searchpaths = [t for t in argv if t.lstrip("+").startswith("hydra.searchpath=")]
+    if (any(t.split("=", 1)[0] in ("--config-path", "-cp") for t in argv) or len(config_dirs) > 1
+            or (config_dirs and searchpaths)):
+        return None  # another primary config, or search paths this check cannot merge: the job checks itself
+    if config_dirs:  # what --config-dir does: one more directory on the search path, composed here as Hydra will
+        searchpaths = [f"hydra.searchpath=[file://{Path(config_dirs[0]).expanduser().resolve()}]"]
+    flags, argv = _hydra_flags_first(argv)
+    argv += [t for t in flags if t in _HYDRA_MODES]  # --config-dir and its value are not overrides
     if any(token in ("-m", "--multirun") for token in argv) and not any(
             token in _HYDRA_MODES - {"-m", "--multirun"} for token in argv):
         return _sweep_problem([t for t in argv if t not in ("-m", "--multirun")])
@@ -175,10 +220,11 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
     # a resumed run's directory (hydra.run.dir): output_dir as the job will see it, for the resume check below
     run_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.run.dir=") and "${" not in t]
     resumed = run_dirs[-1] if run_dirs and _holds_checkpoints(Path(run_dirs[-1]).expanduser()) else None
-    overrides = ([t for t in argv if not t.lstrip("+~").startswith("hydra.")]
+    # (Hydra's settings are not the job's config: left out, but for the search path the composition needs)
+    overrides = ([t for t in argv if not t.lstrip("+~").startswith("hydra.")] + searchpaths
                  + [f"output_dir={resumed or '.'}"] * (not any(t.startswith("output_dir=") for t in argv)))
     # the packaged experiments only: with a search path the job checks against Hydra's own list (run_task)
-    packaged_only = not any(t.lstrip("+").startswith("hydra.searchpath") for t in argv)
+    packaged_only = not searchpaths
     for token in overrides:
         option, _, value = token.lstrip("+").partition("=")
         if option == "experiment" and packaged_only and (problem := experiment_problem(value)):

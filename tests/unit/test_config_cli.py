@@ -136,6 +136,27 @@ def test_mistyped_experiment_is_refused_not_skipped(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_users_config_dir_is_checked_before_the_job_in_either_order(tmp_path):
+    """`--config-dir D` (or `hydra.searchpath`) adds the user's experiments: the one-line check composes them too
+    (it used to skip every check under --config-dir and refuse the search-path form as an unknown experiment),
+    and the flag may follow the subcommand (Hydra's parser stops at the first override after a flag)."""
+    own = tmp_path / "conf" / "experiment"
+    own.mkdir(parents=True)
+    (own / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: qwen3_tiny\n"
+                                   "  - override /target: gate_swa\ntarget:\n  gate_swa: {window: 16}\n")
+    conf = str(tmp_path / "conf")
+    for i, where in enumerate([["inspect", "--config-dir", conf], [f"--config-dir={conf}", "inspect"],
+                               ["inspect", f"hydra.searchpath=[file://{conf}]"]]):
+        proc = cli(*where, "experiment=mine", f"hydra.run.dir={tmp_path / f'r{i}'}")
+        assert proc.returncode == 0 and "Layer plan" in proc.stdout, proc.stderr
+        err = _one_line_error(cli(*where, "experiment=mine", "target.gate_swa.window=0",
+                                  f"hydra.run.dir={tmp_path / f'bad{i}'}"))
+        assert "target.gate_swa.window=0" in err
+        assert not (tmp_path / f"bad{i}").exists()  # refused before Hydra made the run's directory
+    err = _one_line_error(cli("inspect", "--config-dir", conf, "experiment=mien"))
+    assert "experiment=mien not found" in err and "mine" in err
+
+
 def test_unknown_subcommand():
     err = _one_line_error(cli("frobnicate", fresh_interpreter=True))
     assert "unknown subcommand 'frobnicate'" in err
