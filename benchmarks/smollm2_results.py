@@ -7,8 +7,9 @@ Every condition runs through the project's own functions in this one process (te
 condition): warm start (`edit_model`), stage 1 and stage 2 (`run_stage`), and the held-out suite
 (`eval.suite.run_suite` on the edited model's teacher and student paths, exactly what `ascend-edit eval` and
 every conversion run) at `--context` tokens, in domain (held-out Shakespeare) and out of domain (python_docs)
-side by side, with passkey retrieval. Training data: `data=mix` (Shakespeare 0.5 / Wikipedia 0.3 / news 0.2)
-at `--context` tokens per sequence; every trained condition sees the same `--tokens`.
+side by side, with passkey retrieval. Training data: `data=mix` (Shakespeare 0.5 / Wikipedia 0.3 / news 0.2,
+pinned here: the CPU default job's weights differ) at `--context` tokens per sequence; every trained condition
+sees the same `--tokens`.
 
 Conditions, in the order they run (the most wanted first, so a run cut short keeps them):
 
@@ -171,6 +172,10 @@ def check_assets() -> None:
                  "directory `python -m ascend_edit.assets` fills")
 
 
+# The mix every GPU row of docs/results.md trained on (data=mix's weights); the CPU default job has its own
+GPU_ROWS_MIX = "[{name:shakespeare,weight:0.5,eval:true},{name:wiki,weight:0.3},{name:news,weight:0.2}]"
+
+
 def compose_config(args, overrides, out: Path):
     from hydra import compose, initialize_config_module
 
@@ -179,6 +184,7 @@ def compose_config(args, overrides, out: Path):
     register_configs()
     ctx, steps = args.context, plan_steps(args)
     base = ["experiment=smollm2_mla", "target=mla_budget", "data=mix", f"device={args.device}", f"output_dir={out}",
+            f"data.mix={GPU_ROWS_MIX}",  # every GPU row's mix (the CPU default job's differs); data.mix= replaces it
             f"data.seq_len={ctx}", f"eval.batch_size={args.batch}",
             "target.calibration_batches=2" if args.tiny else "target.calibration_batches=4",
             f"target.gate_swa.retrieval_probes={args.batch if args.tiny else 8}",  # probes: one batch when tiny
