@@ -241,7 +241,9 @@ def render(run_dir: Path) -> Path:
     if info or report:
         lines += ["| | |", "|---|---|"]
         lines.append(f"| device | {info.get('device', '-')} {info.get('device_name', '')} |")
-        lines.append(f"| wall time | {_fmt_seconds(info.get('wall_seconds'))} |")
+        resumed = ", ".join(f"{stage} at step {step}" for stage, step in (report.get("resumed_at") or {}).items())
+        lines.append(f"| wall time{f' (this command, resumed: {resumed})' if resumed else ''} | "
+                     f"{_fmt_seconds(info.get('wall_seconds'))} |")
         for stage, seconds in (report.get("train_seconds") or {}).items():
             tokens = (report.get("throughput") or {}).get(stage, {}).get("tokens", 0)
             lines.append(f"| {stage} | {tokens:,} tokens in {_fmt_seconds(seconds)} |")

@@ -62,6 +62,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
                   f" KL {results['after_init']['teacher_kl']:.3f}")
     timings, histories = {}, {}
     ckpt_dir = out_dir / "checkpoints"
+    resumed_at = resume_points(ckpt_dir, cfg)  # (before this command writes any): the report says what it redid
     settings = stage_settings(cfg)
     stages = {"layerwise": ("layerwise", "both"), "model_level": ("model_level", "both")}
     if cfg.distill.stage in stages["layerwise"] and cfg.distill.layerwise.steps:
@@ -119,6 +120,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         with clock(phases, "save"):
             save_converted(model, cfg.target, out_dir / "converted", tokenizer)
     report["phase_seconds"] = phases
+    if resumed_at:
+        report["resumed_at"] = resumed_at
     suite_written = partitioned and cfg.eval.suite and tokenizer is not None  # (without one it is skipped)
     if suite_written:  # the suite's forwards gather module by module: every rank runs them
         suite_on_every_rank(model, tokenizer, cfg, out_dir, device, env.is_main, original_teacher)
@@ -171,6 +174,18 @@ def suite_on_every_rank(model, tokenizer, cfg: RootConfig, out_dir: Path, device
                             getattr(model.config, "max_position_embeddings", None), device.torch_device)
     if is_main:
         write_results(results, out_dir)
+
+
+def resume_points(ckpt_dir: Path, cfg: RootConfig) -> dict[str, int]:
+    """Per stage, the step of the newest checkpoint a resume starts from (none: {}). Wall time and phases are
+    this command's; train seconds and throughput are the whole stage's (restored from the checkpoint)."""
+    if not cfg.engine.resume:
+        return {}
+    from ascend_edit.train.checkpoint_io import CheckpointDir
+
+    checkpoints = CheckpointDir(ckpt_dir, cfg.engine.keep_last)
+    return {stage: int(latest.name.rsplit("-", 1)[1]) for stage in ("layerwise", "model_level")
+            if (latest := checkpoints.latest(stage)) is not None}
 
 
 def stage_throughput(stage: StageConfig, seq_len: int, seconds: float, world_size: int) -> dict:
