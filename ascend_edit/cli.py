@@ -150,34 +150,39 @@ def _hydra_main(cfg: DictConfig) -> dict | None:
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 # Hydra flags that take a value: the token after them is not a subcommand.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
 def _split_subcommand(argv: list[str]) -> list[str]:
-    """Turn `ascend-edit [-m] inspect a=b` into Hydra's `[-m] task=inspect a=b`, Hydra's flags first: its
-    parser takes no override after a flag (`inspect --config-dir D a=b` would stop at `a=b`)."""
-    flags, rest = _hydra_flags_first(argv)
+    """Turn `ascend-edit [-m] inspect a=b` into Hydra's `task=inspect a=b [-m]`, Hydra's flags last: its parser
+    takes no override after a flag (`inspect --config-dir D a=b` would stop at `a=b`), and a bare `--info` reads
+    the next token as its value."""
+    flags, rest = _hydra_flags_apart(argv)
     for i, token in enumerate(rest):
         if token.startswith("-") or "=" in token:
             continue
         name = SUBCOMMAND_ALIASES.get(token, token)
         if name not in TASKS:
             raise UserError(f"unknown subcommand '{token}'; choose one of {sorted(TASKS)}")
-        return [*flags, *rest[:i], f"task={name}", *rest[i + 1:]]
-    return [*flags, *rest]
+        return [*rest[:i], f"task={name}", *rest[i + 1:], *flags]
+    return [*rest, *flags]
 
 
-def _hydra_flags_first(argv: list[str]) -> tuple[list[str], list[str]]:
+def _hydra_flags_apart(argv: list[str]) -> tuple[list[str], list[str]]:
     """(Hydra's flags with their values, everything else), each in the order given."""
     flags: list[str] = []
     rest: list[str] = []
     takes_value = False
-    for token in argv:
+    for i, token in enumerate(argv):
         if takes_value or token.startswith("-"):
             flags.append(token)
-            takes_value = not takes_value and token in _FLAGS_WITH_VALUE
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            # --info's value is optional: only one of its choices is its value, anything else an override
+            takes_value = (not takes_value and token in _FLAGS_WITH_VALUE
+                           and (token not in ("--info", "-i") or following in _INFO_CHOICES))
         else:
             rest.append(token)
     return flags, rest
@@ -203,17 +208,22 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
     """
     config_dirs = _config_dirs(argv)
     searchpaths = [t for t in argv if t.lstrip("+").startswith("hydra.searchpath=")]
-    if (any(t.split("=", 1)[0] in ("--config-path", "-cp") for t in argv) or len(config_dirs) > 1
-            or (config_dirs and searchpaths)):
-        return None  # another primary config, or search paths this check cannot merge: the job checks itself
+    other_primary = any(t.split("=", 1)[0] in ("--config-path", "-cp", "--config-name", "-cn") for t in argv)
+    multirun = any(token in ("-m", "--multirun") for token in argv)
+    if (other_primary or len(config_dirs) > 1 or (config_dirs and searchpaths)
+            or (multirun and (config_dirs or searchpaths))
+            or any(set(d) & set(",[]'\"\\${}") for d in config_dirs)):
+        # another primary config, a search path the sweep check does not take, or one this check cannot write as
+        # an override: the job checks itself (run_task)
+        return None
     if config_dirs:  # what --config-dir does: one more directory on the search path, composed here as Hydra will
-        searchpaths = [f"hydra.searchpath=[file://{Path(config_dirs[0]).expanduser().resolve()}]"]
-    flags, argv = _hydra_flags_first(argv)
-    argv += [t for t in flags if t in _HYDRA_MODES]  # --config-dir and its value are not overrides
+        searchpaths = [f"hydra.searchpath=['file://{Path(config_dirs[0]).expanduser().resolve()}']"]
+    flags, argv = _hydra_flags_apart(argv)
+    argv += [t for t in flags if t.split("=", 1)[0] in _HYDRA_MODES]  # --config-dir and its value: no overrides
     if any(token in ("-m", "--multirun") for token in argv) and not any(
             token in _HYDRA_MODES - {"-m", "--multirun"} for token in argv):
         return _sweep_problem([t for t in argv if t not in ("-m", "--multirun")])
-    if any(token in _HYDRA_MODES for token in argv):
+    if any(token.split("=", 1)[0] in _HYDRA_MODES for token in argv):  # (`--cfg=job` too)
         return None
     from hydra import compose, initialize_config_module
 

@@ -120,10 +120,10 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     if cfg.data.source not in ("synthetic", "indexed") and cfg.model.source == "config":
         raise ConfigError(f"data.source={cfg.data.source} needs a tokenizer, and model.source=config (random "
                           "weights) has none: use data.source=synthetic or a model with a tokenizer")
-    data_path = cfg.data.path or ""  # DataConfig requires it with source=files
-    if cfg.data.source == "files" and not Path(data_path).expanduser().exists():
+    data_path = cfg.data.path or ""  # (None only for tasks that never read the data: RootConfig checks)
+    if cfg.data.source == "files" and data_path and not Path(data_path).expanduser().exists():
         raise ConfigError(f"data.path={cfg.data.path}: data path does not exist")
-    if cfg.data.source == "indexed":  # the .bin/.idx pair exists and its index header is whole
+    if cfg.data.source == "indexed" and data_path:  # the .bin/.idx pair exists and its index header is whole
         from ascend_edit.data.indexed import open_indexed
 
         open_indexed(data_path)

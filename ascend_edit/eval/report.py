@@ -314,7 +314,7 @@ def summary_row(run_dir: Path) -> dict:
     kv = report.get("kv") or {}
     row = {"run": str(run_dir), "kv_reduction_pct": kv.get("reduction_pct"), "kv_context": kv.get("context"),
            "tokens": sum(t.get("tokens", 0) for t in (report.get("throughput") or {}).values()) or None,
-           "wall_seconds": run["info"].get("wall_seconds")}
+           "wall_seconds": run["info"].get("wall_seconds"), "resumed": bool(run["report"].get("resumed_at"))}
     for domain, per_context in (results.get("quality") or {}).items():
         for context, m in per_context.items():
             row[f"{domain}@{context}"] = (m["ppl_ratio"], m["student"]["teacher_kl"], m.get("sequences"))
@@ -345,6 +345,7 @@ def compare_runs(run_dirs: list[Path]) -> str:
         values.append(f"{r['kv_reduction_pct']:.1f} % [{r['kv_context']:,}]" if r["kv_reduction_pct"] is not None
                       and r["kv_context"] else "-")
         values.append(f"{r['tokens']:,}" if r["tokens"] else "-")
-        values.append(_fmt_seconds(r["wall_seconds"]))
+        # a resumed run's wall time is its last command's: not comparable with a run made in one go
+        values.append(_fmt_seconds(r["wall_seconds"]) + (" (resumed)" if r.get("resumed") else ""))
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"

@@ -62,7 +62,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
                   f" KL {results['after_init']['teacher_kl']:.3f}")
     timings, histories = {}, {}
     ckpt_dir = out_dir / "checkpoints"
-    resumed_at = resume_points(ckpt_dir, cfg)  # (before this command writes any): the report says what it redid
+    resumed_at: dict[str, int] = {}  # per stage, the step a resume started from: the report says so
     settings = stage_settings(cfg)
     stages = {"layerwise": ("layerwise", "both"), "model_level": ("model_level", "both")}
     if cfg.distill.stage in stages["layerwise"] and cfg.distill.layerwise.steps:
@@ -70,7 +70,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         held["layerwise"] = whole_on_this_rank(model)
         histories["layerwise"], timings["layerwise"] = run_stage(
             "layerwise", model, objective, cfg.distill.layerwise, settings, train_set, device, env, ckpt_dir,
-            keep_partitioned=partitioned_handoff)
+            keep_partitioned=partitioned_handoff, resumed_at=resumed_at)
         with clock(phases, "evaluate"):
             results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
         if env.is_main or collective():  # the hand-off point for a stage 2 run as a separate job
@@ -93,7 +93,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         kd_objective = model_level_objective(model, ml, compile_kd=cfg.engine.compile != "off")
         histories["model_level"], timings["model_level"] = run_stage(
             "model_level", model, kd_objective, ml, settings, train_set, device, env, ckpt_dir,
-            keep_partitioned=partitioned_handoff)
+            keep_partitioned=partitioned_handoff, resumed_at=resumed_at)
         # trainable=target+norms|all moved the model's own teacher path: the frozen copy is the teacher now
         original_teacher = kd_objective.teacher
         reference.use_teacher(original_teacher)
@@ -174,18 +174,6 @@ def suite_on_every_rank(model, tokenizer, cfg: RootConfig, out_dir: Path, device
                             getattr(model.config, "max_position_embeddings", None), device.torch_device)
     if is_main:
         write_results(results, out_dir)
-
-
-def resume_points(ckpt_dir: Path, cfg: RootConfig) -> dict[str, int]:
-    """Per stage, the step of the newest checkpoint a resume starts from (none: {}). Wall time and phases are
-    this command's; train seconds and throughput are the whole stage's (restored from the checkpoint)."""
-    if not cfg.engine.resume:
-        return {}
-    from ascend_edit.train.checkpoint_io import CheckpointDir
-
-    checkpoints = CheckpointDir(ckpt_dir, cfg.engine.keep_last)
-    return {stage: int(latest.name.rsplit("-", 1)[1]) for stage in ("layerwise", "model_level")
-            if (latest := checkpoints.latest(stage)) is not None}
 
 
 def stage_throughput(stage: StageConfig, seq_len: int, seconds: float, world_size: int) -> dict:

@@ -103,7 +103,7 @@ def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
 
 def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageConfig, settings: StageSettings,
               train_set: PackedSequences, device: DeviceInfo, env: DistEnv, ckpt_dir: Path,
-              keep_partitioned: bool = False) -> tuple[list[dict], float]:
+              keep_partitioned: bool = False, resumed_at: dict[str, int] | None = None) -> tuple[list[dict], float]:
     """Train one stage (resuming from its newest intact checkpoint if asked); returns (history, seconds).
 
     `seconds` is the stage's training time over the whole run, the part before a resume included. The
@@ -129,6 +129,8 @@ def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageCon
                    metrics_log=settings.metrics_log, max_consecutive_skips=engine_cfg.max_consecutive_skips,
                    config=settings.run_config)
     start = resume(engine, run) if engine_cfg.resume else 0
+    if start and resumed_at is not None:  # the caller's record: this command's time starts at this step
+        resumed_at[name] = start
     with PreemptionFlag() as run.preemption:
         try:
             history = train_stage(engine, run, start_step=start)

@@ -62,6 +62,13 @@ def test_a_signal_during_a_stages_end_checkpoint_stops_before_the_next_stage(tmp
     assert stop.value.code == EXIT_PREEMPTED and "at the end of the stage" in str(stop.value)
     assert (run_dir / "checkpoints" / "step-layerwise-3").is_dir()
     assert not list((run_dir / "checkpoints").glob("step-model_level-*"))
+    # the same command resumes: stage 1 is done (resumed at its last step), stage 2 starts fresh, and the report
+    # says this command's wall time covers only that
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr("ascend_edit.train.stage.save_checkpoint", real_save)
+    assert main([*TINY, *steps(3), "engine.checkpoint_every=100", f"hydra.run.dir={run_dir}"]) == 0
+    assert json.loads((run_dir / "report.json").read_text())["resumed_at"] == {"layerwise": 3}
+    assert "| wall time (this command, resumed: layerwise at step 3) |" in (run_dir / "report.md").read_text()
 
 
 def test_a_corpus_edited_between_a_stop_and_its_resume_is_refused(tmp_path):

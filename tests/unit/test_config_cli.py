@@ -155,6 +155,29 @@ def test_a_users_config_dir_is_checked_before_the_job_in_either_order(tmp_path):
         assert not (tmp_path / f"bad{i}").exists()  # refused before Hydra made the run's directory
     err = _one_line_error(cli("inspect", "--config-dir", conf, "experiment=mien"))
     assert "experiment=mien not found" in err and "mine" in err
+    # what this check cannot compose as Hydra will is left to the job: a sweep over the user's experiments, another
+    # primary config, a directory whose name the override grammar would split
+    from ascend_edit.cli import _precheck
+
+    assert _precheck(["-m", "--config-dir", conf, "experiment=mine,tiny"]) is None
+    assert _precheck(["--config-dir", conf, "--config-name", "myrun", "task=plan", "data.cache_dir=/c"]) is None
+    odd = tmp_path / "c,d"
+    (odd / "experiment").mkdir(parents=True)
+    (odd / "experiment" / "mine.yaml").write_text((own / "mine.yaml").read_text())
+    assert _precheck(["--config-dir", str(odd), "task=inspect", "experiment=mine"]) is None
+
+
+def test_hydra_flags_go_after_the_overrides():
+    """Hydra's parser takes no override after a flag, and a bare `--info` reads the next token as its value."""
+    from ascend_edit.cli import _split_subcommand
+
+    assert _split_subcommand(["inspect", "--info"]) == ["task=inspect", "--info"]
+    assert _split_subcommand(["--info", "inspect", "a=b"]) == ["task=inspect", "a=b", "--info"]
+    assert _split_subcommand(["-i", "config", "inspect"]) == ["task=inspect", "-i", "config"]
+    assert _split_subcommand(["inspect", "--config-dir", "/d", "a=b"]) == ["task=inspect", "a=b", "--config-dir", "/d"]
+    assert _split_subcommand(["-m", "--cfg", "job", "plan", "a=1,2"]) == ["task=plan", "a=1,2", "-m", "--cfg", "job"]
+    proc = cli("inspect", "--info", "searchpath", fresh_interpreter=True)
+    assert proc.returncode == 0 and "ascend_edit.conf" in proc.stdout, proc.stderr
 
 
 def test_unknown_subcommand():

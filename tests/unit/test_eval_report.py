@@ -241,23 +241,18 @@ def test_a_resumed_run_without_the_suite_does_not_report_the_earlier_models_suit
 
 
 def test_a_resumed_runs_wall_time_says_it_is_this_commands(tmp_path):
-    """The wall time is the finishing command's, the stage seconds the whole stage's: a resumed run's report says
-    where it resumed, read from the checkpoints found before it wrote any."""
-    from ascend_edit.config import EngineConfig, RootConfig
-    from ascend_edit.tasks.convert import resume_points
+    """The wall time is the finishing command's, the stage seconds the whole stage's: a resumed run's report and
+    the comparison table say so, with the steps the stages resumed from (report.json `resumed_at`)."""
+    from ascend_edit.eval.report import compare_runs
 
-    ckpt = tmp_path / "checkpoints"
-    for name in ("step-layerwise-40", "step-layerwise-60", "step-model_level-20", "step-model_level-30.tmp"):
-        (ckpt / name).mkdir(parents=True)
-    assert resume_points(ckpt, RootConfig()) == {"layerwise": 60, "model_level": 20}  # a .tmp save never finished
-    assert resume_points(ckpt, RootConfig(engine=EngineConfig(resume=False))) == {}
-    assert resume_points(tmp_path / "none", RootConfig()) == {}
     run_dir = fake_run(tmp_path / "run")
     assert "| wall time |" in render(run_dir).read_text()
+    assert "(resumed)" not in compare_runs([run_dir])
     report = json.loads((run_dir / "report.json").read_text())
     (run_dir / "report.json").write_text(json.dumps({**report, "resumed_at": {"layerwise": 60, "model_level": 20}}))
     assert "| wall time (this command, resumed: layerwise at step 60, model_level at step 20) |" in (
         render(run_dir).read_text())
+    assert "(resumed) |" in compare_runs([run_dir])
 
 
 def test_report_of_a_run_with_non_finite_metrics(tmp_path):
