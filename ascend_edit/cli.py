@@ -88,8 +88,7 @@ def experiment_problem(name: str | None, available: list[str] | None = None) -> 
     if name in (None, "null"):
         return None
     if available is None:
-        available = sorted(p.name[:-5] for p in files("ascend_edit.conf").joinpath("experiment").iterdir()
-                           if p.name.endswith(".yaml"))
+        available = sorted(_experiment_names(files("ascend_edit.conf")))
     if name in available:
         return None
     return f"experiment={name} not found; choose one of {', '.join(available)}"
@@ -122,6 +121,12 @@ def run_task(cfg: DictConfig) -> dict:
     return module.run(typed)
 
 
+def _experiment_names(config_root) -> list[str]:
+    """The `experiment/*.yaml` names under a config directory (a Path or a package's Traversable)."""
+    folder = config_root.joinpath("experiment")
+    return [p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")] if folder.is_dir() else []
+
+
 def _experiments_in(config_sources) -> list[str]:
     """The experiment names in the job's config sources (file:// and pkg:// directories, as Hydra records them)."""
     from importlib.resources import files
@@ -129,10 +134,8 @@ def _experiments_in(config_sources) -> list[str]:
     names: list[str] = []
     for source in config_sources:
         try:
-            folder = (Path(source.path) if source.schema == "file" else files(source.path) if source.schema == "pkg"
-                      else None)
-            if folder is not None and folder.joinpath("experiment").is_dir():
-                names += [p.name[:-5] for p in folder.joinpath("experiment").iterdir() if p.name.endswith(".yaml")]
+            if source.schema in ("file", "pkg"):
+                names += _experiment_names(Path(source.path) if source.schema == "file" else files(source.path))
         except (ModuleNotFoundError, OSError, TypeError):  # a source that is not a readable directory
             continue
     return names
@@ -220,7 +223,7 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
         searchpaths = [f"hydra.searchpath=['file://{Path(config_dirs[0]).expanduser().resolve()}']"]
     flags, argv = _hydra_flags_apart(argv)
     argv += [t for t in flags if t.split("=", 1)[0] in _HYDRA_MODES]  # --config-dir and its value: no overrides
-    if any(token in ("-m", "--multirun") for token in argv) and not any(
+    if multirun and not any(
             token in _HYDRA_MODES - {"-m", "--multirun"} for token in argv):
         return _sweep_problem([t for t in argv if t not in ("-m", "--multirun")])
     if any(token.split("=", 1)[0] in _HYDRA_MODES for token in argv):  # (`--cfg=job` too)

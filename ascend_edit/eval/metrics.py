@@ -130,11 +130,11 @@ class TokenSums:
         """Add scored tokens: logits [tokens, vocab] in any dtype, targets [tokens]; fp32 log-probabilities are
         formed `chunk` tokens at a time, never for all tokens at once."""
         chunk = chunk or METRIC_CHUNK_TOKENS
+        # the teacher scored against itself (evaluate(which="teacher")): its log-probs once, not twice
+        same = student_logits is teacher_logits
         for start in range(0, targets.numel(), chunk):
             part = slice(start, start + chunk)
             teacher_logp = F.log_softmax(teacher_logits[part].float(), dim=-1)
-            # the teacher scored against itself (evaluate(which="teacher")): its log-probs once, not twice
-            same = student_logits is teacher_logits
             student_logp = teacher_logp if same else F.log_softmax(student_logits[part].float(), dim=-1)
             target = targets[part, None]
             t_nll = -teacher_logp.gather(-1, target).squeeze(-1)

@@ -314,7 +314,7 @@ def summary_row(run_dir: Path) -> dict:
     kv = report.get("kv") or {}
     row = {"run": str(run_dir), "kv_reduction_pct": kv.get("reduction_pct"), "kv_context": kv.get("context"),
            "tokens": sum(t.get("tokens", 0) for t in (report.get("throughput") or {}).values()) or None,
-           "wall_seconds": run["info"].get("wall_seconds"), "resumed": bool(run["report"].get("resumed_at"))}
+           "wall_seconds": run["info"].get("wall_seconds"), "resumed": bool(report.get("resumed_at"))}
     for domain, per_context in (results.get("quality") or {}).items():
         for context, m in per_context.items():
             row[f"{domain}@{context}"] = (m["ppl_ratio"], m["student"]["teacher_kl"], m.get("sequences"))

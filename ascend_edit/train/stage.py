@@ -106,7 +106,8 @@ def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageCon
               keep_partitioned: bool = False, resumed_at: dict[str, int] | None = None) -> tuple[list[dict], float]:
     """Train one stage (resuming from its newest intact checkpoint if asked); returns (history, seconds).
 
-    `seconds` is the stage's training time over the whole run, the part before a resume included. The
+    `seconds` is the stage's training time over the whole run, the part before a resume included
+    (`resumed_at[name]` gets the step a resume started from, for the report). The
     model comes back a plain module with full weights on every rank, whatever the engine — unless
     `keep_partitioned` and the engine is ZeRO-3: then it stays partitioned, gathered module by module for
     no-grad forwards, ready for the next stage's engine (train/engine.py `DeepSpeedEngine.close`). SIGTERM /
