@@ -399,6 +399,7 @@ class Runner:
                   **details, "init_suite": self.suite(model)}
         cond_dir = self.out / c.name
         cond_dir.mkdir(parents=True, exist_ok=True)
+        save_progress(cond_dir, result, "init")
         scratch = Path(tempfile.mkdtemp(prefix=f"smollm2_{c.name}_"))  # stage checkpoints: large, not results
         cfg = dataclasses.replace(self.cfg, output_dir=str(cond_dir), target=target)
         settings = stage_settings(cfg)
@@ -414,6 +415,7 @@ class Runner:
                                                     self.train_set, self.device, Env, scratch)
                 tokens += lw.steps * lw.batch_size * self.args.context
                 result["after_stage1_suite"] = self.suite(model)
+                save_progress(cond_dir, result, "after_stage1")
             if c.stages in ("both", "model_level"):
                 ml = dataclasses.replace(ml, steps=self.steps["stage2"] if c.stages == "both" else self.steps["total"])
                 objective = model_level_objective(model, ml, self.cfg.engine.compile != "off")
@@ -430,8 +432,21 @@ class Runner:
         result["train_tokens_per_s"] = tokens / sum(seconds.values()) if seconds else None
         result["wall_seconds"] = time.perf_counter() - started
         del model
-        (cond_dir / "result.json").write_text(json.dumps(result, indent=2, default=float))
+        save_progress(cond_dir, result, "done")
         return result
+
+
+def save_progress(cond_dir: Path, result: dict, reached: str) -> None:
+    """Write the condition's result.json as far as it got (`"reached"`: init / after_stage1 / done) and print
+    the newest suite, so a call cut at a time limit, even by SIGKILL, keeps what it measured."""
+    result["reached"] = reached
+    tmp = cond_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=float))
+    tmp.replace(cond_dir / "result.json")  # atomic: a kill mid-write leaves the previous version whole
+    if reached != "done":
+        suite = result["after_stage1_suite" if reached == "after_stage1" else "init_suite"]
+        print(f"--- {result['condition']} {reached}: in-domain {fmt_q(quality(suite, 'in_domain'))}, "
+              f"OOD {fmt_q(quality(suite, 'python_docs'))}", flush=True)
 
 
 # ---------------------------------------------------------------------- reading results

@@ -2,6 +2,8 @@
 the measured numbers as they are (met, missed or not run) — no model, no data."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.helpers.scripts import benchmark_script
@@ -68,3 +70,20 @@ def test_budget_aware_is_not_better_when_the_bytes_differ(script):
     verdicts = {target: (measured, verdict) for target, measured, verdict in script.targets(results)}
     measured, verdict = verdicts["budget-aware better than uniform at 25 % (in-domain ppl, same bytes)"]
     assert verdict == "**missed**" and "bytes differ" in measured
+
+
+def test_a_condition_cut_short_keeps_what_it_measured(script, tmp_path, capsys):
+    # a device call stopped at its time limit (SIGKILL included) must leave the init and after-stage-1 numbers
+    partial = {"condition": "mla25_budget", "init_suite": suite(3.0, 9.0)}
+    script.save_progress(tmp_path, partial, "init")
+    partial["after_stage1_suite"] = suite(1.2, 2.5)
+    script.save_progress(tmp_path, partial, "after_stage1")
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written["reached"] == "after_stage1"
+    assert written["after_stage1_suite"]["quality"]["python_docs"]["2048"]["ppl_ratio"] == 2.5
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # the temporary file was renamed, not left
+    printed = capsys.readouterr().out
+    assert "mla25_budget init: in-domain 3.000× (2.000), OOD 9.000× (8.000)" in printed
+    assert "mla25_budget after_stage1: in-domain 1.200× (0.200), OOD 2.500× (1.500)" in printed
+    script.save_progress(tmp_path, {**partial, "final_suite": suite(1.0, 1.4)}, "done")
+    assert json.loads((tmp_path / "result.json").read_text())["reached"] == "done"
