@@ -439,9 +439,11 @@ class Runner:
 def save_progress(cond_dir: Path, result: dict, reached: str) -> None:
     """Write the condition's result.json as far as it got (`"reached"`: init / after_stage1 / done) and print
     the newest suite, so a call cut at a time limit, even by SIGKILL, keeps what it measured."""
+    from ascend_edit import jsonio  # strict JSON: a non-finite metric is written as null
+
     result["reached"] = reached
     tmp = cond_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
+    tmp.write_text(jsonio.dumps(result, indent=2, default=float))
     tmp.replace(cond_dir / "result.json")  # atomic: a kill mid-write leaves the previous version whole
     if reached != "done":
         suite = result["after_stage1_suite" if reached == "after_stage1" else "init_suite"]
@@ -568,8 +570,10 @@ def targets(results: dict[str, dict]) -> list[tuple[str, str, str]]:
 
 
 def write_all(out: Path, results: dict, args, steps: dict, meta: dict) -> str:
+    from ascend_edit import jsonio
+
     md = table(results, args, steps)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float))
+    (out / "results.json").write_text(jsonio.dumps({"meta": meta, "results": results}, indent=2, default=float))
     (out / "results.md").write_text(md)
     return md
 

@@ -85,5 +85,11 @@ def test_a_condition_cut_short_keeps_what_it_measured(script, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mla25_budget init: in-domain 3.000× (2.000), OOD 9.000× (8.000)" in printed
     assert "mla25_budget after_stage1: in-domain 1.200× (0.200), OOD 2.500× (1.500)" in printed
-    script.save_progress(tmp_path, {**partial, "final_suite": suite(1.0, 1.4)}, "done")
-    assert json.loads((tmp_path / "result.json").read_text())["reached"] == "done"
+    script.save_progress(tmp_path, {**partial, "final_suite": suite(1.0, float("nan"))}, "done")
+
+    def refuse(literal):
+        raise AssertionError(f"{literal} is not JSON")
+
+    done = json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)  # strict JSON: NaN -> null
+    assert done["reached"] == "done"
+    assert done["final_suite"]["quality"]["python_docs"]["2048"]["ppl_ratio"] is None
