@@ -251,7 +251,7 @@ def _precheck(argv: list[str], world_size: int | None = None) -> str | None:
         if outputs and outputs[-1] not in run_dirs[-1:]:  # another task's run as output_dir: its files replaced
             check_reused_run_directory(typed, Path(outputs[-1]).expanduser(), f"output_dir={outputs[-1]}")
     except Exception as err:
-        return _composition_error_line(err)
+        return composition_error_line(err)
     if world_size is not None:
         from ascend_edit.validation import check_before_load
 
@@ -293,7 +293,7 @@ def _holds_checkpoints(run_dir: Path) -> bool:
     return any((run_dir / name).is_dir() for name in CHECKPOINT_DIRS)
 
 
-def _composition_error_line(err: BaseException) -> str:
+def composition_error_line(err: BaseException) -> str:
     """One line for a config that does not compose or validate: Hydra's composition errors wrap OmegaConf's,
     which name the key; an unknown group option lists the valid ones."""
     from hydra.errors import HydraException
@@ -401,7 +401,7 @@ def _first_bad_point(points: list[list[str]], bad_input: tuple[type[BaseExceptio
             except bad_input as err:
                 if debugging():
                     raise
-                problem = _composition_error_line(err)
+                problem = composition_error_line(err)
             if problem:
                 swept = " ".join(o for o in point if o not in shared)
                 return f"sweep job {number} of {len(points)} ({swept or 'every job'}): {problem}"

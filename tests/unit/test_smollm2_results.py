@@ -93,3 +93,24 @@ def test_a_condition_cut_short_keeps_what_it_measured(script, tmp_path, capsys):
     done = json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)  # strict JSON: NaN -> null
     assert done["reached"] == "done"
     assert done["final_suite"]["quality"]["python_docs"]["2048"]["ppl_ratio"] is None
+
+
+@pytest.mark.parametrize("override, named", [("distill.model_level.lr=abc", "distill.model_level.lr"),
+                                             ("distill.model_level.nosuch=1", "distill.model_level.nosuch"),
+                                             ("target.mla.rope_selection=bogus", "target.mla.rope_selection")])
+def test_bad_override_is_one_line_naming_its_key(script, tmp_path, monkeypatch, capsys, override, named):
+    monkeypatch.setattr(script, "check_assets", lambda: None)  # the override is refused before any asset is read
+    with pytest.raises(SystemExit) as exit_info:
+        script.run_or_exit(["--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), override])
+    message = str(exit_info.value.code)
+    assert message.startswith("smollm2_results: error: ") and named in message and "\n" not in message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback(script, tmp_path, monkeypatch):
+    def broken(argv=None):
+        raise KeyError("not bad input")
+
+    monkeypatch.setattr(script, "main", broken)
+    with pytest.raises(KeyError):
+        script.run_or_exit(["--out", str(tmp_path)])
