@@ -19,7 +19,9 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -314,6 +316,20 @@ def composition_error_line(err: BaseException) -> str:
         message += "; " + " ".join(lines[start:end])
     key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
     return f"{message} ({key})" if key and key not in message else message
+
+
+def exit_on_bad_input(program: str, main: Callable[..., None], *args: Any) -> None:
+    """Run a script's `main(*args)`; bad input (an override that does not compose or validate, a missing file,
+    too little data) ends it in one line that names the problem, as `ascend-edit` says it. A bug keeps its
+    traceback. For the benchmark scripts, whose users pass Hydra overrides too."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad_input: tuple[type[BaseException], ...] = (*user_error_types(), HydraException, OmegaConfBaseException)
+    try:
+        main(*args)
+    except bad_input as err:
+        sys.exit(f"{program}: error: {composition_error_line(err)}")
 
 
 MAX_CHECKED_SWEEP_POINTS = 512  # beyond this a grid is checked job by job, as each starts

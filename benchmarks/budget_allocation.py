@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--ood-sequences", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args, overrides = parser.parse_known_args()
+    unknown = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if unknown:
+        parser.error(f"unknown arguments {unknown} (Hydra overrides are key=value)")
     register_configs()
     with initialize_config_module("ascend_edit.conf", version_base="1.3"):
         cfg = to_typed(compose("config", overrides=[*overrides, "output_dir=."]))
@@ -100,4 +103,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ascend_edit.cli import exit_on_bad_input
+
+    exit_on_bad_input("budget_allocation", main)

@@ -65,6 +65,9 @@ def main() -> None:
                         "this many tokens (0: off)")
     parser.add_argument("--long-sequences", type=int, default=2, help="--init-sweep: windows per domain")
     args, overrides = parser.parse_known_args()
+    unknown = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if unknown:
+        parser.error(f"unknown arguments {unknown} (Hydra overrides are key=value)")
     register_configs()
     with initialize_config_module("ascend_edit.conf", version_base="1.3"):
         cfg = to_typed(compose("config", overrides=overrides))
@@ -211,4 +214,6 @@ def _format_row(row: dict, sets: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from ascend_edit.cli import exit_on_bad_input
+
+    exit_on_bad_input("ood_ablation", main)

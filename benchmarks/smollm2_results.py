@@ -619,19 +619,7 @@ def main(argv=None) -> None:
     print(f"total {meta['wall_seconds']:.0f} s; results in {out}/results.md and results.json")
 
 
-def run_or_exit(argv=None) -> None:
-    """`main`, with bad input (an override that does not compose, a missing file, too little data) said in one
-    line that names it, as `ascend-edit` says it; a bug keeps its traceback."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ascend_edit.cli import composition_error_line, user_error_types
-
-    try:
-        main(argv)
-    except (*user_error_types(), HydraException, OmegaConfBaseException) as err:
-        sys.exit(f"smollm2_results: error: {composition_error_line(err)}")
-
-
 if __name__ == "__main__":
-    run_or_exit()
+    from ascend_edit.cli import exit_on_bad_input
+
+    exit_on_bad_input("smollm2_results", main)

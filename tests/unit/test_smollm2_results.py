@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ascend_edit.cli import exit_on_bad_input
 from tests.helpers.scripts import benchmark_script
 
 
@@ -101,16 +102,15 @@ def test_a_condition_cut_short_keeps_what_it_measured(script, tmp_path, capsys):
 def test_bad_override_is_one_line_naming_its_key(script, tmp_path, monkeypatch, capsys, override, named):
     monkeypatch.setattr(script, "check_assets", lambda: None)  # the override is refused before any asset is read
     with pytest.raises(SystemExit) as exit_info:
-        script.run_or_exit(["--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), override])
+        exit_on_bad_input("smollm2_results", script.main, ["--device", "cpu", "--tiny", "--out", str(tmp_path), override])
     message = str(exit_info.value.code)
     assert message.startswith("smollm2_results: error: ") and named in message and "\n" not in message
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_a_bug_keeps_its_traceback(script, tmp_path, monkeypatch):
+def test_a_bug_keeps_its_traceback(tmp_path):
     def broken(argv=None):
         raise KeyError("not bad input")
 
-    monkeypatch.setattr(script, "main", broken)
     with pytest.raises(KeyError):
-        script.run_or_exit(["--out", str(tmp_path)])
+        exit_on_bad_input("smollm2_results", broken, ["--out", str(tmp_path)])
