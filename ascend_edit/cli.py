@@ -282,7 +282,13 @@ def check_reused_run_directory(cfg, run_dir: Path, where: str) -> None:
     if task is not None and task != cfg.task:
         raise ConfigError(f"{where} holds a task={task} run: this task={cfg.task} job would overwrite that run's "
                           f"saved config (.hydra/); give this job its own directory")
-    if _holds_checkpoints(run_dir):
+    if not cfg.engine.resume and int(os.environ.get("RANK", "0") or 0) == 0:
+        # starting over: the earlier run's outputs are set aside by the task, but its config is replaced by Hydra
+        # before the task starts; kept now so that it goes aside with them
+        from ascend_edit.run_dir import keep_earlier_config
+
+        keep_earlier_config(run_dir)
+    elif _holds_checkpoints(run_dir):
         from ascend_edit.validation import check_resume_config
 
         check_resume_config(cfg, run_dir)

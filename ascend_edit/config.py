@@ -227,11 +227,16 @@ class GateSWAConfig:
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise ConfigError(f"target.gate_swa.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
                               "teacher's KV cache)")
-        chosen = [bool(self.full_layers), self.full_every > 0, self.full_by_sensitivity > 0,
-                  self.kv_budget is not None]
-        if sum(chosen) > 1:
+        chosen = {"full_layers": list(self.full_layers) if self.full_layers else None,
+                  "full_every": self.full_every or None, "full_by_sensitivity": self.full_by_sensitivity or None,
+                  "kv_budget": self.kv_budget}
+        given = {key: value for key, value in chosen.items() if value is not None}
+        if len(given) > 1:
             raise ConfigError(
-                "target.gate_swa: give only one of full_layers, full_every, full_by_sensitivity, kv_budget"
+                "target.gate_swa: give only one of full_layers, full_every, full_by_sensitivity, kv_budget; set: "
+                + ", ".join(f"{key}={value}" for key, value in given.items())
+                + (" (target=gate_swa sets full_every=4: add target.gate_swa.full_every=0 to choose another way)"
+                   if "full_every" in given else "")
             )
         self._check_windows()
         self._check_budget_floor()
@@ -589,6 +594,15 @@ class EvalConfig:
         _choice("eval.passkey_filler", self.passkey_filler, ("in_domain", "python_docs"))
         _positive("eval.context", self.context)
         _positive("eval.batch_size", self.batch_size)
+        if self.suite and self.passkey_trials:
+            for key in ("passkey_contexts", "passkey_depths"):
+                if not getattr(self, key):
+                    raise ConfigError(f"eval.{key} is empty while eval.passkey_trials={self.passkey_trials}: list at "
+                                      "least one, or set eval.passkey_trials=0 for no passkey test")
+        elif self.suite and not self.passkey_trials and not (self.contexts and self.domains):
+            empty = "contexts" if not self.contexts else "domains"
+            raise ConfigError(f"eval.{empty} is empty and eval.passkey_trials=0: the held-out suite would measure "
+                              "nothing; list at least one, or set eval.suite=false")
 
 
 @dataclass

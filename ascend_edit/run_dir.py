@@ -51,6 +51,28 @@ TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerw
                     "report.md", "plots", "eval.json", "ablation.json", "ablation-*")
 
 
+# The earlier run's `.hydra/` (the config eval, export and resume read back), copied here before Hydra rewrites it
+# for a run that starts over (`engine.resume=false`); set aside with that run's outputs as `<aside>/.hydra`.
+EARLIER_CONFIG = ".hydra-earlier"
+
+
+def keep_earlier_config(run_dir: Path) -> None:
+    """Copy `run_dir/.hydra/` to `run_dir/.hydra-earlier/` (once; written under a temporary name, then renamed)
+    when it holds an earlier run's outputs: Hydra is about to replace it with the new run's config."""
+    import shutil
+
+    source, kept = run_dir / ".hydra", run_dir / EARLIER_CONFIG
+    present = any(path for pattern in TRAINING_OUTPUTS for path in run_dir.glob(pattern))
+    if not present or not (source / "config.yaml").is_file() or kept.exists():
+        return
+    partial = run_dir / f"{EARLIER_CONFIG}.partial-{os.getpid()}"
+    shutil.copytree(source, partial)
+    try:
+        os.rename(partial, kept)
+    except OSError:  # another process kept it first
+        shutil.rmtree(partial, ignore_errors=True)  # created above by this process
+
+
 def set_aside_previous_run(run_dir: Path, now: datetime | None = None,
                            names: tuple[str, ...] = TRAINING_OUTPUTS) -> Path | None:
     """Move an earlier run's training outputs in `run_dir` into `run_dir/replaced-<UTC time>/` (nothing is
@@ -66,4 +88,6 @@ def set_aside_previous_run(run_dir: Path, now: datetime | None = None,
     aside.mkdir()
     for name in present:
         os.replace(run_dir / name, aside / name)
+    if (run_dir / EARLIER_CONFIG).is_dir():  # the config those outputs were made with: eval / export read it there
+        os.replace(run_dir / EARLIER_CONFIG, aside / ".hydra")
     return aside

@@ -120,6 +120,18 @@ def check_run_inputs(cfg: RootConfig, world_size: int) -> None:
     if cfg.data.source not in ("synthetic", "indexed") and cfg.model.source == "config":
         raise ConfigError(f"data.source={cfg.data.source} needs a tokenizer, and model.source=config (random "
                           "weights) has none: use data.source=synthetic or a model with a tokenizer")
+    swa = cfg.target.gate_swa
+    if (cfg.target.kind == "gate_swa" and cfg.task in TRAINING_TASKS and not swa.windows
+            and swa.window >= cfg.data.seq_len):
+        # every sequence fits the window: no layer ever slides in calibration, training or the run's evaluations,
+        # and the report would show the teacher's own numbers beside a KV saving that was never exercised
+        raise ConfigError(f"target.gate_swa.window={swa.window} is not shorter than data.seq_len={cfg.data.seq_len}: "
+                          "nothing would slide while converting; use a window below data.seq_len (or longer "
+                          "training sequences)")
+    if cfg.target.kind == "gate_swa" and cfg.task in TRAINING_TASKS and swa.sink_tokens >= cfg.data.seq_len:
+        raise ConfigError(f"target.gate_swa.sink_tokens={swa.sink_tokens} is not shorter than data.seq_len="
+                          f"{cfg.data.seq_len}: every token would stay visible as a sink and nothing would slide; "
+                          "use a few (the default is 4)")
     data_path = cfg.data.path or ""  # (None only for tasks that never read the data: RootConfig checks)
     if cfg.data.source == "files" and data_path and not Path(data_path).expanduser().exists():
         raise ConfigError(f"data.path={cfg.data.path}: data path does not exist")
@@ -230,6 +242,13 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
         if swa.full_by_sensitivity >= len(converted):
             raise ConfigError(f"target.gate_swa.full_by_sensitivity={swa.full_by_sensitivity} keeps every converted "
                               f"layer ({len(converted)}) at full attention: nothing would slide; choose fewer")
+        if swa.full_layers or swa.full_every:
+            from ascend_edit.models.surgery import full_layer_choice
+
+            if converted <= full_layer_choice(num_layers, swa):
+                key = "full_layers" if swa.full_layers else "full_every"
+                raise ConfigError(f"target.gate_swa.{key}={getattr(swa, key)} keeps every converted layer "
+                                  f"({len(converted)}) at full attention: nothing would slide and no KV is saved")
     ml = cfg.distill.model_level
     outside = [i for i in ml.feature_layers if i not in converted]
     if outside:

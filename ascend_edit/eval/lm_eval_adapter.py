@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow an auto_map export to run the modeling code it ships")
     args = parser.parse_args(argv)
+    for flag in ("items", "limit", "batch_size"):  # 0 or negative wrote an empty (or a silently short) file
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     try:
         if args.command == "build":
             print(f"wrote {write_cloze(args.output, items=args.items, seed=args.seed, overwrite=args.overwrite)}")

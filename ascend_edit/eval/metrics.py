@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import cast
 
@@ -11,6 +12,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ascend_edit.models.surgery import set_mode
+
+MAX_EXP_ARGUMENT = math.log(sys.float_info.max)  # ~709.78: exp() of more overflows a float
 
 
 class TeacherReference:
@@ -187,8 +190,14 @@ def evaluate(model: nn.Module, batches: list[dict], which: str = "student",
             del teacher_logits, student_logits
     set_mode(model, "student")
     sums.check()
-    return {"ppl": math.exp(sums.student_nll / sums.tokens), "teacher_kl": sums.kl / sums.tokens,
+    return {"ppl": perplexity(sums.student_nll / sums.tokens), "teacher_kl": sums.kl / sums.tokens,
             "top1_agreement": sums.agree / sums.tokens, "tokens": sums.tokens}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), infinite past float range (a diverged model's mean NLL above ~709 nats/token must be
+    reported, as inf — written as null — not stop the evaluation with an OverflowError)."""
+    return math.exp(mean_nll) if mean_nll < MAX_EXP_ARGUMENT else math.inf
 
 
 LogitsFn = Callable[[dict], torch.Tensor]  # batch -> logits [B, L, V]
@@ -266,8 +275,10 @@ def compare(teacher: LogitsFn, student: LogitsFn, batches: list[dict]) -> dict[s
              "teacher_kl_novel": (kl - kl_copy) / novel if novel else None,
              "excess_nll_copyable": excess_copy / copyable if copyable else None,
              "excess_nll_novel": (excess_all - excess_copy) / novel if novel else None,
-             # a share of the student's total excess: undefined when the student is not worse than the teacher
-             "excess_share_copyable": excess_copy / excess_all if excess_all > 0 else None}
-    return {"teacher": {"ppl": math.exp(sums.teacher_nll / tokens), "tokens": tokens},
-            "student": {"ppl": math.exp(sums.student_nll / tokens), "teacher_kl": max(kl / tokens, 0.0),
+             # a share of the student's total excess: defined only when both kinds of token lose (a kind the
+             # student does better on would put the other's "share" above 100 % or below 0)
+             "excess_share_copyable": (excess_copy / excess_all
+                                       if excess_all > 0 and 0 <= excess_copy <= excess_all else None)}
+    return {"teacher": {"ppl": perplexity(sums.teacher_nll / tokens), "tokens": tokens},
+            "student": {"ppl": perplexity(sums.student_nll / tokens), "teacher_kl": max(kl / tokens, 0.0),
                         "top1_agreement": sums.agree / tokens, "tokens": tokens, "by_copyability": split}}

@@ -49,14 +49,21 @@ def _metrics_lines(path: Path) -> list[dict]:
     return metrics
 
 
+# The config a task really used where it differs from Hydra's composed one (`ascend-edit eval` of a run directory)
+EFFECTIVE_CONFIG = "effective_config.yaml"
+
+
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     metrics = _metrics_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-    config = run_dir / ".hydra" / "config.yaml"
+    # an eval of a run directory used the run's teacher, data and seed, not its own composed ones: it says so
+    config = run_dir / EFFECTIVE_CONFIG if (run_dir / EFFECTIVE_CONFIG).is_file() else run_dir / ".hydra" / "config.yaml"
     overrides = run_dir / ".hydra" / "overrides.yaml"
     return {"dir": run_dir, "report": _load_json(run_dir / "report.json"), "eval": _load_json(run_dir / "eval.json"),
             "info": _load_json(run_dir / "run_info.json"), "metrics": metrics,
             "config": config.read_text() if config.is_file() else "",
+            "config_name": ("config used (the evaluated run's teacher, data and seed)" if config.name == EFFECTIVE_CONFIG
+                            else "composed config"),
             "overrides": overrides.read_text() if overrides.is_file() else ""}
 
 
@@ -300,7 +307,7 @@ def render(run_dir: Path) -> Path:
         lines += [f"TensorBoard: `tensorboard --logdir {run_dir / 'tensorboard'}`", ""]
     if run["config"]:
         lines += ["## Config", "", "Overrides:", "", "```yaml", run["overrides"].strip(), "```", "",
-                  "<details><summary>composed config</summary>", "", "```yaml", run["config"].strip(), "```", "",
+                  f"<details><summary>{run['config_name']}</summary>", "", "```yaml", run["config"].strip(), "```", "",
                   "</details>", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))

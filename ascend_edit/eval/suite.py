@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ascend_edit.config import EvalConfig
+from ascend_edit.config import EvalConfig, RootConfig
 from ascend_edit.data.heldout import check_disjoint, out_of_domain_documents
 from ascend_edit.eval.long_context import token_stream, window_batches, windows
 from ascend_edit.eval.metrics import LogitsFn, compare
@@ -53,6 +53,35 @@ def held_out_sets(cfg: EvalConfig, run_split: tuple[list[str], list[str]] | None
     return sets
 
 
+def requested_contexts(cfg: EvalConfig) -> list[int]:
+    """Every context the suite is asked to measure: quality windows, and passkey prompts when the test is on."""
+    return [*cfg.contexts, *(cfg.passkey_contexts if cfg.passkey_trials else [])]
+
+
+def check_measurable(cfg: EvalConfig, max_positions: int | None) -> None:
+    """Refuse a suite that would measure nothing because every context it asks for is longer than the model's
+    positions (an empty table and exit 0 would read as a result)."""
+    if max_positions is not None and all(c > max_positions for c in requested_contexts(cfg)):
+        raise ValueError(f"eval.contexts {list(cfg.contexts)}" +
+                         (f" and eval.passkey_contexts {list(cfg.passkey_contexts)}" if cfg.passkey_trials else "") +
+                         f" are all longer than the model's {max_positions} positions: the held-out suite would "
+                         "measure nothing; list a shorter context")
+
+
+def check_suite_before_training(cfg: RootConfig, max_positions: int | None) -> None:
+    """What would stop the end-of-run suite after the whole conversion, checked before training starts: a context
+    grid the model cannot hold, and an out-of-domain set that the training data contains."""
+    from ascend_edit.data.heldout import run_documents
+
+    check_measurable(cfg.eval, max_positions)
+    out_of_domain = [n for n in dict.fromkeys([*cfg.eval.domains, cfg.eval.passkey_filler]) if n != "in_domain"]
+    split = run_documents(cfg.data, cfg.device.seed) if out_of_domain else None
+    if split is None:  # no out-of-domain set asked for, or data without text (synthetic ids)
+        return
+    for name in out_of_domain:
+        check_disjoint(out_of_domain_documents(name), split[0], name)
+
+
 def run_suite(teacher: LogitsFn, student: LogitsFn, tokenizer, cfg: EvalConfig, sets: dict[str, HeldOut],
               max_positions: int | None, device: torch.device | str = "cpu") -> dict:
     """Perplexity, teacher-KL and top-1 agreement per domain and context; passkey accuracy per context x depth."""
@@ -60,8 +89,9 @@ def run_suite(teacher: LogitsFn, student: LogitsFn, tokenizer, cfg: EvalConfig, 
     def fits(context: int) -> bool:
         return max_positions is None or context <= max_positions
 
+    check_measurable(cfg, max_positions)
     contexts = sorted({c for c in cfg.contexts if fits(c)})
-    skipped = sorted({c for c in [*cfg.contexts, *cfg.passkey_contexts] if not fits(c)})
+    skipped = sorted({c for c in requested_contexts(cfg) if not fits(c)})
     if skipped:
         log.info("eval: contexts %s exceed the model's %s positions; skipped", skipped, max_positions)
     # Which texts were scored: python_docs comes from the running interpreter's pydoc_data, whose text differs

@@ -88,6 +88,11 @@ def install_converted_attention(model: nn.Module, config) -> None:
         layer.self_attn = converted_attention(kind, teacher_attn, config, mla=mla, gate_swa=gate_swa)
 
 
+def has_sinks(model: nn.Module) -> bool:
+    """Whether any layer slides with sink tokens: the one attention whose result depends on absolute positions."""
+    return any(isinstance(m, GateSWAAttention) and m.is_sliding and m.sink_tokens > 0 for m in model.modules())
+
+
 class AscendEditCausalLMMixin:
     """Put before the teacher's CausalLM class: builds it, then swaps in the converted attentions.
 
@@ -99,6 +104,7 @@ class AscendEditCausalLMMixin:
         # the next class in the MRO is the teacher's CausalLM (see above), which takes the config
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         install_converted_attention(cast(nn.Module, self), config)
+        self._has_sinks = has_sinks(cast(nn.Module, self))  # fixed by the plan; read on every forward
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -108,6 +114,17 @@ class AscendEditCausalLMMixin:
         teacher = next((base for base in cls.__mro__[1:] if base.__module__.startswith("transformers.models.")
                         and hasattr(base, "_can_set_experts_implementation")), None)
         return bool(teacher is not None and teacher._can_set_experts_implementation())
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """The teacher's forward, with positions counted over each row's real tokens when a padded 2-D
+        `attention_mask` comes without `position_ids` (as `generate` already counts them). Sliding layers keep the
+        first `sink_tokens` *positions* visible: with transformers' default positions (0, 1, ... whatever the
+        padding) a left-padded row's sinks would be its padding, and its logits would change with the padding."""
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and self._has_sinks:
+            length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,  # type: ignore[misc]
+                               position_ids=position_ids, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """transformers' cache for `generate`, with the sliding GateSWA layers' bounded slots in it from the start

@@ -18,7 +18,9 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml  # type: ignore[import-untyped]  # PyYAML (OmegaConf.load raises its errors); no stubs pinned
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 
@@ -28,10 +30,15 @@ from ascend_edit.data.heldout import run_documents
 from ascend_edit.device import resolve_device
 from ascend_edit.eval.metrics import model_logits, paired_logits
 from ascend_edit.eval.passkey import check_passkey_contexts
+from ascend_edit.eval.report import EFFECTIVE_CONFIG
 from ascend_edit.eval.suite import held_out_sets, run_suite
 from ascend_edit.models.checkpoint import run_directory_of
+from ascend_edit.run_dir import set_aside_previous_run
 
 log = logging.getLogger(__name__)
+
+# What an evaluation writes into its directory: moved aside together when another evaluation writes there
+EVAL_OUTPUTS = ("eval.json", "report.md", "plots", EFFECTIVE_CONFIG)
 
 
 def suite_after_conversion(model: torch.nn.Module, tokenizer, cfg: RootConfig, out_dir: Path, device,
@@ -68,19 +75,67 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     if run_dir is None:
         return cfg
     saved = run_dir / ".hydra" / "config.yaml"
-    raw = OmegaConf.load(saved)
-    assert isinstance(raw, DictConfig)  # Hydra saves the composed config as a mapping
+    try:
+        raw = OmegaConf.load(saved)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} is damaged "
+                         f"({_one_line(err)})") from err
+    if not isinstance(raw, DictConfig) or "model" not in raw:  # an empty or cut file would merge as the defaults
+        raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} has no model section (empty or "
+                         "cut short): its teacher and data are not known")
     raw.pop("output_dir", None)
     raw.pop("eval", None)
     raw.pop("engine", None)  # this job's engine decides how it loads (ZeRO-3: partitioned), not the run's
     run_seed = OmegaConf.select(raw, "device.seed", default=cfg.device.seed)  # the seed that split its data
     raw.pop("device", None)  # where this job runs (device=cuda), not where the run trained
-    merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw,
-                             {"eval": OmegaConf.structured(cfg.eval), "engine": OmegaConf.structured(cfg.engine),
-                              "device": {**dataclasses.asdict(cfg.device), "seed": run_seed},
-                              "output_dir": cfg.output_dir, "task": "eval"})
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw,
+                                 {"eval": OmegaConf.structured(cfg.eval), "engine": OmegaConf.structured(cfg.engine),
+                                  "device": {**dataclasses.asdict(cfg.device), "seed": run_seed},
+                                  "output_dir": cfg.output_dir, "task": "eval"})
+    except OmegaConfBaseException as err:  # e.g. a key this version no longer has (a run of an older version)
+        key = getattr(err, "full_key", None)
+        raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} does not fit this version's "
+                         f"schema{f' at {key}' if key else ''} ({_one_line(err).split(' full_key')[0]})") from err
     assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
-    return to_typed(merged)
+    run_cfg = to_typed(merged)
+    refuse_run_overrides(path, command_overrides(), cfg, run_cfg)
+    return run_cfg
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+# What a run directory decides for its evaluation: the teacher, the data whose held-out part is in_domain, and
+# the seed that split it. The same keys on an eval command would be silently unused, so they are refused.
+RUN_OWNED_KEYS = ("model", "data", "device.seed")
+
+
+def command_overrides() -> list[str]:
+    """This command's own overrides (Hydra's task overrides), or none outside a Hydra job (tests, scripts)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def refuse_run_overrides(path: Path, overrides: list[str], command: RootConfig, run: RootConfig) -> None:
+    """An eval of a run directory takes the teacher, data and seed from the run; the same keys given on the command
+    with other values would be unused without a word (and the report would show them), so they are refused in one
+    line. Overrides that restate the run's own values are fine."""
+    def section(cfg: RootConfig, key: str):
+        return cfg.device.seed if key == "device.seed" else getattr(cfg, key)
+
+    def differs(override: str) -> bool:
+        key = override.lstrip("+~").split("=", 1)[0]
+        owner = next((k for k in RUN_OWNED_KEYS if key == k or key.startswith(k + ".")), None)
+        return owner is not None and section(command, owner) != section(run, owner)
+
+    given = [o for o in overrides if differs(o)]
+    if given:
+        raise ValueError(f"eval.checkpoint={path} is a run: its teacher, data and seed come from the run's "
+                         f".hydra/config.yaml, so {' '.join(given)} would not be used; drop them, or evaluate "
+                         "its converted/ model outside the run (an export: ascend-edit export) to choose them")
 
 
 def load_student(path: Path, zero3: dict | None = None, trust_remote_code: bool = False,
@@ -187,7 +242,8 @@ def run(cfg: RootConfig) -> dict:
     with torch.no_grad():
         results = run_suite(model_logits(teacher.eval()), model_logits(student), tokenizer, cfg.eval, sets,
                             _max_positions(student), device.torch_device)
-    results["checkpoint"] = str(path)
+    results["checkpoint"] = str(path.resolve())  # findable from the eval directory later
+    results["teacher"] = {"source": cfg.model.source, "path": cfg.model.path, "dtype": cfg.model.dtype}
     results["in_domain_source"] = in_domain_source
     if "in_domain" in results.get("domains", {}) and in_domain_source.startswith("this command's"):
         # the split is not known to be the conversion's own: no claim that the model never trained on it
@@ -199,6 +255,11 @@ def run(cfg: RootConfig) -> dict:
     if env.is_main:
         out_dir = Path(cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        aside = set_aside_previous_run(out_dir, names=EVAL_OUTPUTS)
+        if aside is not None:
+            log.warning("eval: an earlier evaluation's results in %s were moved to %s (nothing deleted)", out_dir, aside)
+        if run_directory_of(path) is not None:  # the run's teacher, data and seed: not this command's composed ones
+            (out_dir / EFFECTIVE_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         write_results(results, out_dir)
         write_report(out_dir)
     if student_zero3 is not None:
@@ -225,8 +286,11 @@ def print_suite(console: Console, results: dict) -> None:
         console.print(f"in_domain: held-out part of {results['in_domain_source']}")
     passkey = results.get("passkey")
     if passkey:
+        cells = len(passkey["contexts"]) * len(passkey["depths"])
         for name in ("teacher", "student"):
-            mean = sum(map(sum, passkey[name])) / (len(passkey["contexts"]) * len(passkey["depths"]))
+            if not cells:
+                break
+            mean = sum(map(sum, passkey[name])) / cells
             console.print(f"passkey {name}: {100 * mean:.0f} % over contexts {passkey['contexts']} x depths "
                           f"{passkey['depths']} ({passkey['trials']} trials each)")
     console.print(f"suite: {results.get('seconds', 0):.1f} s")

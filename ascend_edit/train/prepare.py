@@ -18,6 +18,7 @@ from ascend_edit.data.teacher_text import sample_calibration_set
 from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
 from ascend_edit.distributed import DistEnv
 from ascend_edit.eval.passkey import check_passkey_contexts
+from ascend_edit.eval.suite import check_suite_before_training
 from ascend_edit.models.budget import swa_layer_scores
 from ascend_edit.models.fused_layers import install_fused_ops
 from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
@@ -79,8 +80,10 @@ def prepare(cfg: RootConfig) -> Prepared | None:
 
     zero3 = partitioned_teacher_config(cfg)
     model, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=zero3)
-    if cfg.eval.suite and cfg.eval.passkey_trials and tokenizer is not None:  # before hours of training
-        check_passkey_contexts(tokenizer, cfg.eval.passkey_contexts)
+    if cfg.eval.suite and tokenizer is not None:  # what would stop the end-of-run suite, before hours of training
+        if cfg.eval.passkey_trials:
+            check_passkey_contexts(tokenizer, cfg.eval.passkey_contexts)
+        check_suite_before_training(cfg, getattr(model.config, "max_position_embeddings", None))
     if zero3 is not None:  # calibration and the first evaluations gather one module at a time
         from ascend_edit.models.zero3 import install_gathered_forward
 

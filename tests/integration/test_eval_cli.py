@@ -99,3 +99,90 @@ def test_eval_holds_student_and_teacher_in_the_runs_dtype(tmp_path, trained_teac
                 assert again["quality"][domain][context]["student"][key] == pytest.approx(
                     metrics["student"][key], rel=1e-5, abs=1e-7), (domain, context, key)
     assert again["dtype"] == "bf16"
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, trained_teacher):
+    """A one-step conversion without the end-of-run suite: a run directory to point evaluations at."""
+    run_dir = tmp_path_factory.mktemp("short") / "run"
+    checked(run_cli(run_dir, [*tiny_convert_overrides(trained_teacher), "distill.layerwise.steps=1",
+                              "distill.model_level.steps=1", "distill.layerwise.warmup_steps=0",
+                              "distill.model_level.warmup_steps=0", "eval.suite=false"]))
+    return run_dir
+
+
+def one_line_error(result, *named: str) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    for text in named:
+        assert text in line, line
+    return line
+
+
+def test_eval_of_a_run_refuses_overrides_it_would_not_use(tmp_path, short_run):
+    """The run decides the teacher, data and seed; the same keys on the command were once dropped without a word
+    (and the report showed them as the config)."""
+    for override in ("data=shakespeare", "model.dtype=bf16", "device.seed=5"):
+        one_line_error(run_cli(tmp_path / override.split("=")[0], ["eval", f"eval.checkpoint={short_run}", override]),
+                       override, "would not be used")
+
+
+def test_eval_of_a_run_whose_saved_config_is_stale_or_damaged_says_so(tmp_path, short_run):
+    import shutil
+
+    saved = short_run / ".hydra" / "config.yaml"
+    for name, edit in (("stale", lambda text: text.replace("model:\n", "model:\n  retired_key: 3\n", 1)),
+                       ("cut", lambda text: text + "model: [unclosed\n"),
+                       ("empty", lambda text: "")):
+        copy = tmp_path / name
+        shutil.copytree(short_run, copy)
+        (copy / ".hydra" / "config.yaml").write_text(edit(saved.read_text()))
+        line = one_line_error(run_cli(tmp_path / f"eval-{name}", ["eval", f"eval.checkpoint={copy}"]),
+                              "eval.checkpoint=", "saved config")
+        if name == "stale":
+            assert "model.retired_key" in line
+
+
+def test_eval_records_what_it_compared_and_keeps_an_earlier_evaluation(tmp_path, short_run):
+    """eval.json names the teacher and the checkpoint's absolute path; report.md shows the config really used (the
+    run's teacher, not this command's default); a second evaluation into the same directory moves the first aside."""
+    eval_dir = tmp_path / "eval"
+    small = [*SMALL_EVAL[:2], "eval.passkey_trials=0"]
+    checked(run_cli(eval_dir, ["eval", f"eval.checkpoint={short_run}", *small]))
+    first = json.loads((eval_dir / "eval.json").read_text())
+    teacher_path = next(o.split("=", 1)[1] for o in tiny_convert_overrides(short_run) if o.startswith("model.path="))
+    assert first["checkpoint"] == str(short_run.resolve())
+    assert first["teacher"]["source"] == "hf" and first["teacher"]["path"] != teacher_path  # the run's, not a guess
+    assert first["skipped_contexts"] == [100000]  # passkey off: its contexts are not listed
+    used = (eval_dir / "effective_config.yaml").read_text()
+    assert f"path: {first['teacher']['path']}" in used and "source: hf" in used
+    assert "config used (the evaluated run's teacher" in (eval_dir / "report.md").read_text()
+
+    checked(run_cli(eval_dir, ["eval", f"eval.checkpoint={short_run / 'stage-layerwise'}", *small]))
+    asides = list(eval_dir.glob("replaced-*"))
+    assert len(asides) == 1 and json.loads((asides[0] / "eval.json").read_text()) == first
+    assert json.loads((eval_dir / "eval.json").read_text())["checkpoint"].endswith("stage-layerwise")
+
+
+def test_a_suite_that_would_measure_nothing_is_refused(tmp_path, short_run, trained_teacher):
+    one_line_error(run_cli(tmp_path / "eval", ["eval", f"eval.checkpoint={short_run}", "eval.contexts=[100000]",
+                                               "eval.passkey_trials=0"]), "eval.contexts", "positions")
+    # before training, at conversion: nothing under the run directory but what Hydra and the refusal leave
+    result = run_cli(tmp_path / "conv", [*tiny_convert_overrides(trained_teacher), "eval.contexts=[100000]",
+                                         "eval.passkey_trials=0"])
+    one_line_error(result, "eval.contexts")
+    assert not (tmp_path / "conv" / "checkpoints").exists()
+
+
+def test_a_training_corpus_holding_the_out_of_domain_text_is_refused_before_training(tmp_path, trained_teacher):
+    from ascend_edit.data.heldout import python_docs_documents
+
+    corpus = tmp_path / "corpus.txt"
+    # the first long passage of 20 topics: enough that the split leaves some in the training part
+    long_passages = ([p for p in doc.split("\n\n") if len(p.split()) > 20] for doc in python_docs_documents())
+    passages = [found[0] for found in long_passages if found][:20]
+    corpus.write_text((trained_teacher / "corpus.txt").read_text() + "\n\n" + "\n\n".join(passages) + "\n")
+    result = run_cli(tmp_path / "conv", [*tiny_convert_overrides(trained_teacher, corpus), "eval.passkey_trials=0"])
+    one_line_error(result, "python_docs", "not held out")
+    assert not (tmp_path / "conv" / "checkpoints").exists()

@@ -53,3 +53,16 @@ def test_lm_eval_runs_the_bundled_task_on_an_exported_model(tmp_path):
                               trust_remote_code=export.format == "auto_map")
     acc = results[CLOZE_TASK]["acc,none"]
     assert 0.0 <= acc <= 1.0 and results[CLOZE_TASK]["acc_norm,none"] >= 0.0
+
+
+@pytest.mark.parametrize("argv", [["build", "--output", "x.jsonl", "--items", "0"],
+                                  ["build", "--output", "x.jsonl", "--items", "-5"],
+                                  ["run", "model", "--limit", "0"]])
+def test_counts_below_one_are_refused_by_name(argv, tmp_path, monkeypatch, capsys):
+    from ascend_edit.eval.lm_eval_adapter import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

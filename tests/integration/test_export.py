@@ -408,3 +408,23 @@ def test_task_exports_a_bf16_converted_model_natively(tmp_path: Path):
     assert report["format"] == "deepseek_v3" and report["max_rel_logit_diff"] <= LOGIT_ATOL
     config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def test_left_padding_does_not_move_a_sliding_layers_sinks(tmp_path: Path):
+    """A plain forward of a left-padded batch (no position_ids, as lm-eval or a ranking script calls it) gives each
+    row the logits of its unpadded self: positions are counted over the row's real tokens, so the sinks are its
+    first tokens, not its padding (they were: up to 0.28 logit error and other greedy tokens, window 8, 2 sinks)."""
+    export_converted(converted("qwen3", TargetConfig(kind="gate_swa", gate_swa=GATED)), tmp_path / "swa")
+    model = load_exported(tmp_path / "swa", trust_remote_code=True)
+    rows = list(prompt(length=20, batch=2))
+    pad = 5
+    ids = torch.stack([torch.cat([torch.zeros(pad, dtype=torch.long), rows[0]]), torch.cat([rows[1][:pad], rows[1]])])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    with torch.no_grad():
+        alone = model(input_ids=rows[0][None]).logits[0]
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        unpadded_row = model(input_ids=ids[1:]).logits[0]
+    scale = alone.abs().max()
+    assert float((batched[0, pad:] - alone).abs().max()) <= LOGIT_ATOL * scale
+    assert float((batched[1] - unpadded_row).abs().max()) <= LOGIT_ATOL * scale  # an unpadded row is unchanged

@@ -128,3 +128,19 @@ def test_set_aside_takes_every_training_output_and_nothing_else(tmp_path):
                                                         "checkpoints", "metrics.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir() if p != aside) == [".hydra", "cli.log", "notes"]
     assert set_aside_previous_run(tmp_path) is None  # nothing left to move
+
+
+def test_starting_over_keeps_the_earlier_runs_config_with_its_outputs(tmp_path, trained_teacher):
+    """engine.resume=false in an earlier run's directory: its outputs go to replaced-<time>/, and so does the config
+    they were made with (Hydra used to overwrite .hydra/ first, leaving the set-aside model without its config)."""
+    from tests.integration.test_convert_cli import checked, run_cli, tiny_convert_overrides
+
+    run_dir = tmp_path / "run"
+    short = [*tiny_convert_overrides(trained_teacher), "distill.layerwise.steps=1", "distill.model_level.steps=1",
+             "distill.layerwise.warmup_steps=0", "distill.model_level.warmup_steps=0", "eval.suite=false"]
+    checked(run_cli(run_dir, [*short, "target.mla.kv_lora_rank=32"]))
+    checked(run_cli(run_dir, [*short, "target.mla.kv_lora_rank=16", "engine.resume=false"]))
+    (aside,) = run_dir.glob("replaced-*")
+    assert "kv_lora_rank: 32" in (aside / ".hydra" / "config.yaml").read_text()
+    assert (aside / "converted").is_dir() and not (run_dir / ".hydra-earlier").exists()
+    assert "kv_lora_rank: 16" in (run_dir / ".hydra" / "config.yaml").read_text()

@@ -272,3 +272,37 @@ def test_row_groups_and_token_chunks_give_the_whole_batch_metrics(monkeypatch, f
     assert both["student"]["teacher_kl"] == pytest.approx(want[1]["teacher_kl"], rel=1e-5, abs=1e-6)
     assert both["student"]["top1_agreement"] == pytest.approx(want[1]["top1_agreement"], rel=1e-6)
     assert both["student"]["tokens"] == want[1]["tokens"]
+
+
+def test_a_diverged_student_gets_an_infinite_perplexity_not_an_overflow():
+    from ascend_edit.eval.metrics import perplexity
+
+    assert perplexity(2.0) == pytest.approx(7.389056)
+    assert perplexity(709.0) < float("inf") and perplexity(800.0) == float("inf")
+    vocab = 7
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "position_ids": torch.arange(4)[None],
+             "loss_mask": torch.tensor([[True, True, True, False]])}
+    teacher_logits = torch.zeros(1, 4, vocab)
+    student_logits = torch.zeros(1, 4, vocab)
+    student_logits[..., 0] = 5000.0  # every target (ids 2, 3, 4) about 5,000 nats away
+    result = compare(lambda b: teacher_logits, lambda b: student_logits, [batch])
+    assert result["student"]["ppl"] == float("inf") and result["teacher"]["ppl"] == pytest.approx(vocab)
+
+
+def test_the_copyable_share_is_left_out_when_one_kind_of_token_beats_the_teacher():
+    """A share above 100 % (novel tokens better than the teacher's) was printed as e.g. 2,727 %."""
+    vocab = 11
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 4, 5]])
+    batch = {"input_ids": ids, "position_ids": torch.arange(8)[None], "loss_mask": torch.tensor([[True] * 7 + [False]])}
+    targets = torch.roll(ids, -1, dims=1)
+    copy = copyable_mask(ids, batch["position_ids"])
+    teacher_logits = torch.zeros(1, 8, vocab)
+    student_logits = torch.zeros(1, 8, vocab)
+    onehot = torch.nn.functional.one_hot(targets, vocab).float()
+    student_logits += onehot * torch.where(copy, -2.0, 0.5)[..., None]  # worse on copyable, better on novel
+    split = compare(lambda b: teacher_logits, lambda b: student_logits, [batch])["student"]["by_copyability"]
+    assert split["excess_nll_copyable"] > 0 > split["excess_nll_novel"]
+    assert split["excess_share_copyable"] is None
+    student_logits = torch.zeros(1, 8, vocab) + onehot * torch.where(copy, -2.0, -0.1)[..., None]  # worse on both
+    split = compare(lambda b: teacher_logits, lambda b: student_logits, [batch])["student"]["by_copyability"]
+    assert 0.5 < split["excess_share_copyable"] < 1.0

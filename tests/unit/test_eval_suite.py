@@ -154,3 +154,29 @@ def test_eval_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="eval.domains"):
         EvalConfig(domains=["wikipedia"])
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"passkey_depths": []}, "eval.passkey_depths is empty"),
+    ({"passkey_contexts": []}, "eval.passkey_contexts is empty"),
+    ({"contexts": [], "passkey_trials": 0}, "eval.contexts is empty"),
+    ({"domains": [], "passkey_trials": 0}, "eval.domains is empty"),
+])
+def test_an_eval_grid_that_measures_nothing_is_refused(settings, named):
+    """Each once passed the checks and ended a conversion with a ZeroDivisionError or an empty table."""
+    from ascend_edit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        EvalConfig(**settings)
+    EvalConfig(**settings, suite=False)  # no suite: nothing to measure is fine
+
+
+def test_contexts_beyond_the_model_are_refused_when_nothing_is_left(tokenizer):
+    from ascend_edit.eval.suite import check_measurable
+
+    check_measurable(EvalConfig(contexts=[64, 4096], passkey_trials=0), max_positions=512)  # 64 fits
+    with pytest.raises(ValueError, match="all longer than the model's 512 positions"):
+        check_measurable(EvalConfig(contexts=[4096], passkey_trials=0), max_positions=512)
+    with pytest.raises(ValueError, match="eval.passkey_contexts"):
+        check_measurable(EvalConfig(contexts=[4096], passkey_contexts=[8192]), max_positions=512)
+    check_measurable(EvalConfig(contexts=[4096], passkey_contexts=[256]), max_positions=512)  # passkey still runs

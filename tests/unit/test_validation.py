@@ -267,3 +267,41 @@ def test_the_torch_engine_under_a_launcher_is_refused_before_any_rank_loads():
     check_engine_world("deepspeed", 16)
     with pytest.raises(ConfigError, match=r"^engine=torch trains in one process, and this job has 16"):
         check_engine_world("torch", 16)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["target=gate_swa", "target.gate_swa.full_layers=[1]"],
+     "set: full_layers=[1], full_every=4 (target=gate_swa sets full_every=4: add target.gate_swa.full_every=0"),
+])
+def test_gate_swa_choices_name_what_is_set(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_typed(overrides)
+    compose_typed(["target=gate_swa", "target.gate_swa.full_every=0", "target.gate_swa.kv_budget=0.5",
+                   "target.gate_swa.selection=both"])  # a measured choice reads them
+
+
+def test_a_window_that_never_slides_on_the_training_sequences_is_refused():
+    """window >= seq_len: no layer slides in calibration, training or the run's own evaluations, and the report
+    showed the teacher's numbers beside a KV saving never exercised (experiment=tiny target=gate_swa did)."""
+    from ascend_edit.validation import check_run_inputs
+
+    with pytest.raises(ConfigError, match=r"target.gate_swa.window=1024 is not shorter than data.seq_len=32"):
+        check_run_inputs(compose_typed(["experiment=tiny", "target=gate_swa"]), world_size=1)
+    check_run_inputs(compose_typed(["experiment=tiny", "target=gate_swa", "target.gate_swa.window=8"]), world_size=1)
+    check_run_inputs(compose_typed(["experiment=tiny", "target=gate_swa", "task=inspect"]), world_size=1)  # no training
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["target.gate_swa.full_every=1"], "target.gate_swa.full_every=1 keeps every converted layer (4) at full attention"),
+    (["target.gate_swa.full_every=0", "target.gate_swa.full_layers=[0,1,2,3]"],
+     "target.gate_swa.full_layers=[0, 1, 2, 3] keeps every converted layer"),
+    (["target.gate_swa.window=8", "target.gate_swa.sink_tokens=100000"],
+     "target.gate_swa.sink_tokens=100000 is not shorter than data.seq_len=32"),
+])
+def test_gate_swa_settings_under_which_nothing_slides_are_refused(overrides, message):
+    """They trained to the end and reported 0 % KV saved; full_by_sensitivity was already refused the same way."""
+    from ascend_edit.validation import check_before_load
+
+    cfg = compose_typed(["experiment=tiny", "target=gate_swa", "target.gate_swa.window=8", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_before_load(cfg)
