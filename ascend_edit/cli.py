@@ -111,6 +111,12 @@ def run_task(cfg: DictConfig) -> dict:
         if problem:
             raise UserError(problem)
     typed = to_typed(cfg)
+    if HydraConfig.initialized() and Path(typed.output_dir).resolve() != Path(HydraConfig.get().runtime.output_dir).resolve():
+        # output_dir apart from Hydra's directory, resolved now (an interpolation such as ${oc.env:DIR} escapes the
+        # check made on the command line): nothing is written there yet, so a foreign directory is still intact
+        problem = _foreign_directory_problem("output_dir", typed.output_dir)
+        if problem:
+            raise UserError(problem)
     mark_run_directory(typed.output_dir)
     env = discover()
     check_before_load(typed, world_size=env.world_size)
@@ -167,7 +173,7 @@ def _split_subcommand(argv: list[str]) -> list[str]:
     the next token as its value."""
     flags, rest = _hydra_flags_apart(argv)
     for i, token in enumerate(rest):
-        if token.startswith("-") or "=" in token:
+        if token.startswith(("-", "~")) or "=" in token:  # a flag, an override, or a delete override (~key)
             continue
         name = SUBCOMMAND_ALIASES.get(token, token)
         if name not in TASKS:
@@ -387,8 +393,11 @@ def _sweep_problem(argv: list[str]) -> str | None:
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     # an explicit sweep directory with Hydra's job subdirectories: jobs of an earlier sweep may already be there
     sweep_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.dir=") and "${" not in t]
-    reused = Path(sweep_dirs[-1]).expanduser() if sweep_dirs and not any(
-        t.startswith("hydra.sweep.subdir=") for t in argv) else None
+    subdirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.subdir=")]
+    default_subdirs = not subdirs or subdirs[-1].strip("'\"") == "${hydra.job.num}"  # Hydra's own: job number
+    reused = Path(sweep_dirs[-1]).expanduser() if sweep_dirs and default_subdirs else None
+    if reused is not None and (problem := _foreign_sweep_directory_problem(reused)):
+        return problem
     logging.disable(logging.WARNING)  # each job warns again when it runs; a grid's worth of them here is noise
     try:
         return _first_bad_point(points, bad_input, world_size, reused)
@@ -490,6 +499,23 @@ def _foreign_directory_problem(key: str, directory: str) -> str | None:
         via = " (RUN_DIR of the launch wrappers)" if key == "hydra.run.dir" else ""
         return (f"{key}={directory}{via} is a non-empty directory that holds no ascend-edit run; give a new or "
                 "empty directory (or an earlier run's directory to resume it)")
+    return None
+
+
+def _foreign_sweep_directory_problem(sweep_dir: Path) -> str | None:
+    """A sweep writes numbered job directories, multirun.yaml and summary.* into its directory: one that holds
+    files but no earlier sweep's job (a run in a numbered subdirectory) is someone else's, and is refused."""
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        return f"hydra.sweep.dir={sweep_dir} is a file, not a directory"
+    if not sweep_dir.is_dir() or not any(sweep_dir.iterdir()):
+        return None
+    jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    if not any(holds_run(d) for d in jobs):
+        return (f"hydra.sweep.dir={sweep_dir} is a non-empty directory that holds no ascend-edit sweep; give a new or "
+                "empty directory (or an earlier sweep's directory to resume it)")
+    for job in jobs:  # an earlier sweep's directory: each job folder in it is a run or empty
+        if any(job.iterdir()) and not holds_run(job):
+            return f"hydra.sweep.dir={sweep_dir}: its job directory {job} holds files but no ascend-edit run"
     return None
 
 

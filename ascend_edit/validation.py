@@ -272,6 +272,12 @@ def check_against_teacher(cfg: RootConfig, config) -> None:
         if rope > head_dim * kv_heads:  # measured: one (frequency, KV-head direction) per pair, at most all of them
             raise ConfigError(f"target.mla.qk_rope_head_dim={rope} exceeds the {head_dim * kv_heads} rotary dims of "
                               f"the teacher's {kv_heads} KV heads of head_dim {head_dim}; use at most that")
+        q_rank = target.mla.q_lora_rank
+        query_width = config.num_attention_heads * (target.mla.qk_nope_head_dim + rope)
+        if q_rank is not None and q_rank > min(config.hidden_size, query_width):
+            raise ConfigError(f"target.mla.q_lora_rank={q_rank} exceeds the query's full rank min(hidden_size "
+                              f"{config.hidden_size}, heads x (nope + rope) {query_width}) = "
+                              f"{min(config.hidden_size, query_width)}: use at most that, or null for a full-rank query")
         if target.mla.kv_budget is not None:  # what the budget pays for needs only the shapes: before loading
             from ascend_edit.models.budget import budget_latent_dims
 

@@ -186,3 +186,14 @@ def test_a_training_corpus_holding_the_out_of_domain_text_is_refused_before_trai
     result = run_cli(tmp_path / "conv", [*tiny_convert_overrides(trained_teacher, corpus), "eval.passkey_trials=0"])
     one_line_error(result, "python_docs", "not held out")
     assert not (tmp_path / "conv" / "checkpoints").exists()
+
+
+def test_an_interpolated_output_dir_is_checked_once_resolved(tmp_path, trained_teacher, monkeypatch):
+    """`output_dir=${oc.env:DIR}` escaped the command-line check and overwrote a user's report.md."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "report.md").write_text("my notes")
+    monkeypatch.setenv("ASCEND_EDIT_TEST_DIR", str(foreign))
+    result = run_cli(tmp_path / "run", [*tiny_convert_overrides(trained_teacher), "output_dir=${oc.env:ASCEND_EDIT_TEST_DIR}"])
+    one_line_error(result, "output_dir=", "holds no ascend-edit run")
+    assert sorted(p.name for p in foreign.iterdir()) == ["report.md"] and (foreign / "report.md").read_text() == "my notes"

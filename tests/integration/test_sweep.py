@@ -173,3 +173,28 @@ def test_sweep_through_submitit_writes_the_same_summary(tmp_path: Path):
     rows = summary_rows(tmp_path / "multirun")
     assert [row["target.mla.kv_lora_rank"] for row in rows] == [str(r) for r in RANKS]
     assert all(row["status"] == "ok" for row in rows)
+
+
+def test_a_sweep_into_someone_elses_directory_is_refused_before_writing(tmp_path: Path):
+    """Single runs refused a non-empty foreign directory; a sweep wrote its jobs, multirun.yaml and summary over
+    the user's files."""
+    foreign = tmp_path / "notes"
+    (foreign / "0").mkdir(parents=True)
+    (foreign / "0" / "report.md").write_text("precious")
+    (foreign / "summary.csv").write_text("mine")
+    result = cli(tmp_path, "-m", *TINY_SWEEP, f"hydra.sweep.dir={foreign}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds no ascend-edit sweep" in result.stderr.strip().splitlines()[-1]
+    assert (foreign / "0" / "report.md").read_text() == "precious" and (foreign / "summary.csv").read_text() == "mine"
+    assert sorted(p.name for p in foreign.iterdir()) == ["0", "summary.csv"]
+
+
+def test_naming_hydras_own_job_subdirectory_keeps_the_reused_job_checks(sweep_dir: Path, tmp_path: Path):
+    """`hydra.sweep.subdir=${hydra.job.num}` (Hydra's default, written out) once switched the checks off: another
+    task's sweep rewrote a conversion's saved config."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    before = (copy / "0" / ".hydra" / "config.yaml").read_text()
+    result = cli(tmp_path, "-m", "inspect", *TINY_SWEEP, f"hydra.sweep.dir={copy}", "hydra.sweep.subdir=${hydra.job.num}")
+    assert result.returncode == 2 and "holds a task=convert run" in result.stderr
+    assert (copy / "0" / ".hydra" / "config.yaml").read_text() == before

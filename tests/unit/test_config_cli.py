@@ -185,6 +185,15 @@ def test_unknown_subcommand():
     assert "unknown subcommand 'frobnicate'" in err
 
 
+def test_a_delete_override_is_not_taken_for_a_subcommand():
+    """Hydra's `~key` (delete) was refused as "unknown subcommand '~key'"."""
+    from ascend_edit.cli import _split_subcommand
+
+    assert _split_subcommand(["-m", "~hydra.callbacks.sweep_summary", "plan"]) == [
+        "~hydra.callbacks.sweep_summary", "task=plan", "-m"]
+    assert _split_subcommand(["~engine.zero_options"]) == ["~engine.zero_options"]
+
+
 def test_help_and_cfg_job():
     assert "target: gate_swa, gate_swa_windows, identity, mla" in cli("--help", fresh_interpreter=True).stdout
     out = cli("--cfg", "job", "target=gate_swa", "target.gate_swa.window=64")

@@ -305,3 +305,12 @@ def test_gate_swa_settings_under_which_nothing_slides_are_refused(overrides, mes
     cfg = compose_typed(["experiment=tiny", "target=gate_swa", "target.gate_swa.window=8", *overrides])
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_before_load(cfg)
+
+
+def test_a_low_rank_query_above_full_rank_is_refused_before_loading():
+    """It failed with a RuntimeError traceback in the warm start, after the teacher loaded (and mid-sweep)."""
+    from ascend_edit.validation import check_before_load
+
+    with pytest.raises(ConfigError, match=r"target.mla.q_lora_rank=65 exceeds the query's full rank .* = 64"):
+        check_before_load(compose_typed(["experiment=tiny", "target.mla.q_lora_rank=65"]))
+    check_before_load(compose_typed(["experiment=tiny", "target.mla.q_lora_rank=64"]))
