@@ -437,6 +437,9 @@ class StageConfig:
             raise ConfigError(f"{p}.micro_batch_size={self.micro_batch_size} must be <= "
                               f"{p}.batch_size={self.batch_size}")
         _positive(f"{p}.weight_decay", self.weight_decay, allow_zero=True)
+        if self.lr * self.weight_decay >= 1:  # AdamW multiplies weights by (1 - lr * wd) each step: zero or flipped
+            raise ConfigError(f"{p}.weight_decay={self.weight_decay} with {p}.lr={self.lr}: lr x weight_decay >= 1 "
+                              "zeroes or flips every decayed weight each step (typical weight_decay: 0 to 0.1)")
         _choice(f"{p}.trainable", self.trainable, ("target", "target+norms", "all"))
 
 
@@ -456,6 +459,10 @@ class LayerwiseConfig(StageConfig):
         super().__post_init__()
 
 
+# Below this the temperature-softened distributions of stage 2 are one-hot in fp32 (typical values: 0.5 to 4)
+MIN_KD_TEMPERATURE = 0.05
+
+
 @dataclass
 class ModelLevelConfig(StageConfig):
     key_prefix: ClassVar[str] = "distill.model_level"
@@ -472,6 +479,9 @@ class ModelLevelConfig(StageConfig):
         super().__post_init__()
         _choice("distill.model_level.kl", self.kl, ("forward", "reverse", "jsd"))
         _positive("distill.model_level.temperature", self.temperature)
+        if self.temperature < MIN_KD_TEMPERATURE:  # logits / T saturate: the loss and its gradient become exactly 0
+            raise ConfigError(f"distill.model_level.temperature={self.temperature} must be >= {MIN_KD_TEMPERATURE} "
+                              "(below it the softened distributions are one-hot and stage 2 learns nothing)")
         if self.top_k is not None:  # the upper bound (the vocabulary) is checked against the model
             _positive("distill.model_level.top_k", self.top_k)
         _positive("distill.model_level.chunk_size", self.chunk_size)

@@ -41,9 +41,14 @@ def _job_sort_key(path: Path) -> tuple:
 
 
 def read_job(sweep_dir: Path, job_dir: Path) -> Job:
-    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-    pairs = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+    """One job's row; a job whose files are cut short or incomplete (killed while writing) is listed with a status
+    that says so, never a traceback that loses the other jobs' rows."""
     name = job_dir.relative_to(sweep_dir).as_posix()
+    try:
+        overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+        pairs = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+    except Exception:  # a YAML error, or not a list: Hydra was killed while writing it
+        return Job(name, {}, status=".hydra/overrides.yaml unreadable (cut short)")
     report_file = job_dir / "report.json"
     if not report_file.is_file():
         return Job(name, pairs, status="no report.json (failed or still running)")
@@ -51,21 +56,27 @@ def read_job(sweep_dir: Path, job_dir: Path) -> Job:
         report = json.loads(report_file.read_text())
     except json.JSONDecodeError:
         return Job(name, pairs, status="report.json unreadable (still being written, or cut short)")
-    results = report.get("results", {})
+    try:
+        return Job(name, pairs, _metrics(report))
+    except (AttributeError, KeyError, TypeError):  # a report.json without the fields every finished job writes
+        return Job(name, pairs, status="report.json incomplete")
+
+
+def _metrics(report: dict) -> dict[str, object]:
+    results = report.get("results") or {}
     stage = next((s for s in STAGES if s in results), None)
     if stage is None:
-        return Job(name, pairs, status="report.json has no results")
-    final, kv = results[stage], report.get("kv", {})
-    metrics = {
+        raise KeyError("results")
+    final, kv = results[stage], report.get("kv") or {}
+    return {
         "stage": stage.removeprefix("after_"),
         "ppl": final["ppl"], "teacher_kl": final["teacher_kl"], "top1_agreement": final["top1_agreement"],
-        "teacher_ppl": results.get("teacher", {}).get("ppl"),
+        "teacher_ppl": (results.get("teacher") or {}).get("ppl"),
         "kv_bytes_per_token": kv.get("converted_bytes_per_token"),
         "teacher_kv_bytes_per_token": kv.get("teacher_bytes_per_token"),
         "kv_reduction_pct": kv.get("reduction_pct"), "kv_context": kv.get("context"),
-        "train_seconds": sum(report.get("train_seconds", {}).values()),
+        "train_seconds": sum((report.get("train_seconds") or {}).values()),
     }
-    return Job(name, pairs, metrics)
 
 
 def collect(sweep_dir: Path) -> list[Job]:

@@ -35,6 +35,11 @@ class SinkWindowLayer(DynamicLayer):
     Besides keys/values it records each slot's position ([b, t], per row, so left padding works)
     and its absolute index in the stream of tokens fed to the cache ([t]); the attention builds its
     mask from positions and gathers transformers' padding mask by index.
+
+    Columns are shared by the batch's rows (transformers' mask is gathered by column), so a column is kept while
+    any row needs it: unpadded rows hold `sink_tokens + window - 1`, but in a left-padded batch each row's sinks
+    sit in other columns and every row keeps them all — up to the spread of the padding more per row. The static
+    ring (`StaticSinkWindowLayer`) keeps per-row sink slots and holds exactly `sink_tokens + window - 1`.
     """
 
     # Reported as a full layer: transformers then builds full-length masks for the model, which the

@@ -198,3 +198,28 @@ def test_naming_hydras_own_job_subdirectory_keeps_the_reused_job_checks(sweep_di
     result = cli(tmp_path, "-m", "inspect", *TINY_SWEEP, f"hydra.sweep.dir={copy}", "hydra.sweep.subdir=${hydra.job.num}")
     assert result.returncode == 2 and "holds a task=convert run" in result.stderr
     assert (copy / "0" / ".hydra" / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("damage", ["overrides", "report_list", "report_null_kv", "report_null_seconds"])
+def test_a_job_killed_while_writing_is_listed_with_a_status(sweep_dir: Path, tmp_path: Path, damage: str):
+    """A cut overrides.yaml or an incomplete report.json gave a traceback and no summary at all."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    job = copy / "1"
+    report = json.loads((job / "report.json").read_text())
+    if damage == "overrides":
+        (job / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    elif damage == "report_list":
+        (job / "report.json").write_text("[1, 2]")
+    else:
+        report["kv" if damage == "report_null_kv" else "train_seconds"] = (
+            None if damage == "report_null_kv" else {"layerwise": None})
+        (job / "report.json").write_text(json.dumps(report))
+    jobs = {j.name: j for j in sweep.collect(copy)}
+    assert jobs["0"].status == "ok"
+    if damage == "report_null_kv":  # no KV figures: the row is kept, its KV cells empty
+        assert jobs["1"].status == "ok" and jobs["1"].metrics["kv_bytes_per_token"] is None
+    else:
+        assert jobs["1"].status in (".hydra/overrides.yaml unreadable (cut short)", "report.json incomplete")
+    sweep.write_summary(copy)  # the whole table is still written
+    assert (copy / "summary.md").read_text().count("\n|") >= 3

@@ -48,6 +48,8 @@ BAD_VALUES = [
     ("distill.model_level.micro_batch_size=16",
      "distill.model_level.micro_batch_size=16 must be <= distill.model_level.batch_size=8"),
     ("distill.model_level.weight_decay=-1", "distill.model_level.weight_decay=-1.0"),
+    ("distill.model_level.weight_decay=5000", "lr x weight_decay >= 1"),
+    ("distill.model_level.temperature=1e-30", "distill.model_level.temperature=1e-30 must be >= 0.05"),
     ("distill.model_level.trainable=everything", "distill.model_level.trainable='everything'"),
     ("distill.model_level.chunk_size=0", "distill.model_level.chunk_size=0"),
     ("distill.model_level.top_k=0", "distill.model_level.top_k=0"),
