@@ -187,9 +187,11 @@ def teacher_config(cfg: ModelConfig, weights: bool = True) -> PretrainedConfig:
         if cfg.arch not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model.arch={cfg.arch!r} is not one of {list(SUPPORTED_MODEL_TYPES)}")
         try:
-            return AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
+            config = AutoConfig.for_model(cfg.arch, **dict(cfg.overrides))
         except Exception as err:  # transformers' config validation has its own error classes
             raise ModelInputError(f"model.overrides: {' '.join(str(err).split())}") from err
+        check_config_overrides(config, dict(cfg.overrides))
+        return config
     if cfg.source == "smollm2":
         from ascend_edit.assets import smollm2_gguf
 
@@ -207,6 +209,25 @@ def teacher_config(cfg: ModelConfig, weights: bool = True) -> PretrainedConfig:
         key = f"model.gguf_file={cfg.gguf_file}" if cfg.gguf_file else f"model.path={cfg.path}"
         raise ModelInputError(f"{key}: the model config in {path / (cfg.gguf_file or 'config.json')} could not "
                               f"be read: {_first_line(err)}") from err
+
+
+# Sizes of a random-weights teacher that must be positive integers (model.overrides of model.source=config)
+_POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings")
+
+
+def check_config_overrides(config: PretrainedConfig, overrides: dict) -> None:
+    """A random-weights teacher's `model.overrides`: a size that cannot build a model fails deep inside torch with
+    no key named; named here. (Unknown keys are not refused: some a modeling file reads, e.g. Qwen3-MoE's head_dim,
+    are not fields of its config class.)"""
+    for key in _POSITIVE_SIZES:
+        value = getattr(config, key, None)
+        if key in overrides and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelInputError(f"model.overrides.{key}={value} must be a positive integer")
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if {"num_attention_heads", "num_key_value_heads"} & set(overrides) and heads and kv_heads and heads % kv_heads:
+        raise ModelInputError(f"model.overrides: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}")
 
 
 def check_teacher_type(config: PretrainedConfig) -> None:

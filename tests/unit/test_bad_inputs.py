@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -345,3 +346,14 @@ def test_lm_eval_adapter_refuses_what_is_not_an_export_and_never_overwrites_data
     with pytest.raises(SystemExit, match="exists: give another --output"):
         main(["build", "--output", str(mine), "--items", "3"])
     assert mine.read_text() == "keep\n" and CLOZE_DATA.is_file()
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({"hidden_size": -1}, "model.overrides.hidden_size=-1 must be a positive integer"),
+    ({"vocab_size": 0}, "model.overrides.vocab_size=0 must be a positive integer"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 2}, "num_attention_heads=3 is not a multiple of"),
+])
+def test_random_teacher_sizes_that_cannot_build_a_model_are_named(overrides, named):
+    """They failed inside torch with a traceback ("negative dimension", "random_ expects 'from' < 'to'")."""
+    with pytest.raises(ModelInputError, match=re.escape(named)):
+        teacher_config(ModelConfig(source="config", arch="qwen3", overrides=overrides))
