@@ -131,7 +131,7 @@ def test_mistyped_experiment_is_refused_not_skipped(tmp_path):
                                    "  - override /target: gate_swa\ntarget:\n  gate_swa: {window: 16}\n")
     proc = cli("--config-dir", str(tmp_path / "conf"), "inspect", "experiment=mine", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 0, proc.stderr
-    proc = cli("-m", "experiment=tiny_typo", f"hydra.sweep.dir={tmp_path}")
+    proc = cli("-m", "experiment=tiny_typo", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode != 0 and "experiment=tiny_typo not found" in proc.stderr
     assert "Traceback" not in proc.stderr
 
