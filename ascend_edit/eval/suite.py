@@ -74,6 +74,10 @@ def check_suite_before_training(cfg: RootConfig, max_positions: int | None) -> N
     from ascend_edit.data.heldout import run_documents
 
     check_measurable(cfg.eval, max_positions)
+    if cfg.data.cache_dir:
+        # a tokenized-cache corpus may be larger than memory, and every rank runs this: its text is read whole only
+        # by the end-of-run suite, which checks it there
+        return
     out_of_domain = [n for n in dict.fromkeys([*cfg.eval.domains, cfg.eval.passkey_filler]) if n != "in_domain"]
     split = run_documents(cfg.data, cfg.device.seed) if out_of_domain else None
     if split is None:  # no out-of-domain set asked for, or data without text (synthetic ids)
