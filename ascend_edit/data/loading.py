@@ -23,7 +23,13 @@ def synthetic_data(cfg: DataConfig, vocab_size: int, seed: int):
         docs.append(torch.randint(0, vocab_size, (length,), generator=generator).tolist())
         produced += length
     held_out = max(1, round(len(docs) * cfg.eval_fraction))
-    return pack_token_documents(docs[held_out:], cfg.seq_len), pack_token_documents(docs[:held_out], cfg.seq_len)
+    while held_out < len(docs) - 1 and sum(map(len, docs[:held_out])) < cfg.seq_len:
+        held_out += 1  # documents are shorter than a sequence at times: hold out at least one sequence's worth
+    try:
+        return pack_token_documents(docs[held_out:], cfg.seq_len), pack_token_documents(docs[:held_out], cfg.seq_len)
+    except ValueError as err:  # the packer's message names no key
+        raise ValueError(f"data.synthetic_sequences={cfg.synthetic_sequences} at data.seq_len={cfg.seq_len} is too "
+                         f"little data once the held-out documents are taken ({err}); raise it") from err
 
 
 def text_source(cfg: DataConfig) -> DocumentSource:

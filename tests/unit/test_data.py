@@ -377,3 +377,16 @@ def test_sampler_drives_a_dataloader():
     batches = list(DataLoader(dataset, batch_sampler=sampler))
     assert len(batches) == 4 and all(b["input_ids"].shape == (2, 4) for b in batches)
     assert (sampler.epoch, sampler.position) == (1, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 1234])
+def test_synthetic_data_holds_out_at_least_one_sequence_whatever_the_seed(seed):
+    """At seeds whose first document is shorter than a sequence, 16 synthetic sequences failed to pack the held-out
+    set ("too little data to pack", naming no key); too few sequences now name data.synthetic_sequences."""
+    from ascend_edit.config import DataConfig
+    from ascend_edit.data.loading import synthetic_data
+
+    train, held_out = synthetic_data(DataConfig(source="synthetic", synthetic_sequences=16, seq_len=32), 100, seed)
+    assert len(train) >= 16 and len(held_out) >= 1
+    with pytest.raises(ValueError, match=r"data.synthetic_sequences=1 at data.seq_len=32 is too little data"):
+        synthetic_data(DataConfig(source="synthetic", synthetic_sequences=1, seq_len=32), 100, seed)
