@@ -330,17 +330,32 @@ def composition_error_line(err: BaseException) -> str:
     return f"{message} ({key})" if key and key not in message else message
 
 
+def bad_input_types() -> tuple[type[BaseException], ...]:
+    """`user_error_types` plus Hydra's and OmegaConf's composition errors: what composing and checking a config
+    from the command line can raise for bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (HydraException, OmegaConfBaseException, *user_error_types())
+
+
+def hydra_overrides(parser, argv: list[str] | None = None) -> tuple[Any, list[str]]:
+    """A script's (its own arguments, Hydra overrides): anything left that is not `key=value` is refused by name
+    (it would otherwise reach Hydra's override lexer and fail there in a block of text)."""
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if unknown:
+        parser.error(f"unknown arguments {unknown} (Hydra overrides are key=value)")
+    return args, overrides
+
+
 def exit_on_bad_input(program: str, main: Callable[..., None], *args: Any) -> None:
     """Run a script's `main(*args)`; bad input (an override that does not compose or validate, a missing file,
     too little data) ends it in one line that names the problem, as `ascend-edit` says it. A bug keeps its
     traceback. For the benchmark scripts, whose users pass Hydra overrides too."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad_input: tuple[type[BaseException], ...] = (*user_error_types(), HydraException, OmegaConfBaseException)
     try:
         main(*args)
-    except bad_input as err:
+    except bad_input_types() as err:
         sys.exit(f"{program}: error: {composition_error_line(err)}")
 
 
@@ -380,8 +395,6 @@ def sweep_points(argv: list[str]) -> list[list[str]] | None:
 def _sweep_problem(argv: list[str]) -> str | None:
     """A multirun's every job, composed and checked (without weights) before the first starts: a bad point of
     the grid is one line now, not a traceback hours into the sweep. Names the point."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     points = sweep_points(argv)
     if points is None:
@@ -389,7 +402,7 @@ def _sweep_problem(argv: list[str]) -> str | None:
     if len(points) > MAX_CHECKED_SWEEP_POINTS:
         log.info("sweep of %d jobs: the first %d are checked now, the rest as each starts", len(points),
                  MAX_CHECKED_SWEEP_POINTS)
-    bad_input: tuple[type[BaseException], ...] = (HydraException, OmegaConfBaseException, *user_error_types())
+    bad_input = bad_input_types()
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     # an explicit sweep directory with Hydra's job subdirectories: jobs of an earlier sweep may already be there
     sweep_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.dir=") and "${" not in t]

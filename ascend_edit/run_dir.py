@@ -56,14 +56,18 @@ TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerw
 EARLIER_CONFIG = ".hydra-earlier"
 
 
+def outputs_in(run_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """The entries of `run_dir` that match `names` (glob patterns), sorted."""
+    return sorted({path.name for pattern in names for path in run_dir.glob(pattern)})
+
+
 def keep_earlier_config(run_dir: Path) -> None:
     """Copy `run_dir/.hydra/` to `run_dir/.hydra-earlier/` (once; written under a temporary name, then renamed)
     when it holds an earlier run's outputs: Hydra is about to replace it with the new run's config."""
     import shutil
 
     source, kept = run_dir / ".hydra", run_dir / EARLIER_CONFIG
-    present = any(path for pattern in TRAINING_OUTPUTS for path in run_dir.glob(pattern))
-    if not present or not (source / "config.yaml").is_file() or kept.exists():
+    if not outputs_in(run_dir, TRAINING_OUTPUTS) or not (source / "config.yaml").is_file() or kept.exists():
         return
     partial = run_dir / f"{EARLIER_CONFIG}.partial-{os.getpid()}"
     shutil.copytree(source, partial)
@@ -80,7 +84,7 @@ def set_aside_previous_run(run_dir: Path, now: datetime | None = None,
 
     `engine.resume=false` starts over in the same directory: the earlier run's checkpoints must not stay beside the
     new ones, or a later resume (or checkpoint pruning, which ranks by step) would take the earlier run's."""
-    present = sorted({path.name for pattern in names for path in run_dir.glob(pattern)})
+    present = outputs_in(run_dir, names)
     if not present:
         return None
     stamp = (now or datetime.utcnow()).strftime("%Y%m%dT%H%M%S.%f")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
+from ascend_edit.cli import exit_on_bad_input, hydra_overrides
 from ascend_edit.config import register_configs, to_typed
 from ascend_edit.data.batches import batches_of
 from ascend_edit.data.heldout import python_docs_documents
@@ -41,10 +42,7 @@ def main() -> None:
                         choices=["uniform", "spectrum", "sensitivity"])
     parser.add_argument("--ood-sequences", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
-    args, overrides = parser.parse_known_args()
-    unknown = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if unknown:
-        parser.error(f"unknown arguments {unknown} (Hydra overrides are key=value)")
+    args, overrides = hydra_overrides(parser)
     register_configs()
     with initialize_config_module("ascend_edit.conf", version_base="1.3"):
         cfg = to_typed(compose("config", overrides=[*overrides, "output_dir=."]))
@@ -103,6 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ascend_edit.cli import exit_on_bad_input
-
     exit_on_bad_input("budget_allocation", main)

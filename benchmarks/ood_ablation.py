@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
+from ascend_edit.cli import exit_on_bad_input, hydra_overrides
 from ascend_edit.config import register_configs, to_typed
 from ascend_edit.data.batches import batches_of
 from ascend_edit.data.heldout import python_docs_documents
@@ -64,10 +65,7 @@ def main() -> None:
     parser.add_argument("--long-context", type=int, default=0, help="--init-sweep: also score windows of "
                         "this many tokens (0: off)")
     parser.add_argument("--long-sequences", type=int, default=2, help="--init-sweep: windows per domain")
-    args, overrides = parser.parse_known_args()
-    unknown = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if unknown:
-        parser.error(f"unknown arguments {unknown} (Hydra overrides are key=value)")
+    args, overrides = hydra_overrides(parser)
     register_configs()
     with initialize_config_module("ascend_edit.conf", version_base="1.3"):
         cfg = to_typed(compose("config", overrides=overrides))
@@ -214,6 +212,4 @@ def _format_row(row: dict, sets: dict) -> str:
 
 
 if __name__ == "__main__":
-    from ascend_edit.cli import exit_on_bad_input
-
     exit_on_bad_input("ood_ablation", main)

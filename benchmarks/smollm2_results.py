@@ -138,10 +138,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-text-tokens", type=int, default=0,
                         help="tokens per sampled row (default: --context); shorter rows sample faster, and the "
                              "documents cut from them are packed into --context sequences as any others")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if bad:
-        parser.error(f"unknown arguments {bad} (Hydra overrides are key=value)")
+    from ascend_edit.cli import hydra_overrides
+
+    args, overrides = hydra_overrides(parser, argv)
     tiny = args.tiny
     defaults = dict(tokens=(4 * 2 * 128 if tiny else 2e6), context=(256 if tiny else 2048), batch=(2 if tiny else 8),
                     window=(16 if tiny else 128), eval_windows=(1 if tiny else 16), passkey_trials=(1 if tiny else 4))

@@ -74,12 +74,14 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     run_dir = run_directory_of(path)
     if run_dir is None:
         return cfg
+    from ascend_edit.cli import one_line
+
     saved = run_dir / ".hydra" / "config.yaml"
     try:
         raw = OmegaConf.load(saved)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} is damaged "
-                         f"({_one_line(err)})") from err
+                         f"({one_line(err)})") from err
     if not isinstance(raw, DictConfig) or "model" not in raw:  # an empty or cut file would merge as the defaults
         raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} has no model section (empty or "
                          "cut short): its teacher and data are not known")
@@ -96,15 +98,11 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
     except OmegaConfBaseException as err:  # e.g. a key this version no longer has (a run of an older version)
         key = getattr(err, "full_key", None)
         raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} does not fit this version's "
-                         f"schema{f' at {key}' if key else ''} ({_one_line(err).split(' full_key')[0]})") from err
+                         f"schema{f' at {key}' if key else ''} ({one_line(err).split(' full_key')[0]})") from err
     assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema
     run_cfg = to_typed(merged)
     refuse_run_overrides(path, command_overrides(), cfg, run_cfg)
     return run_cfg
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 # What a run directory decides for its evaluation: the teacher, the data whose held-out part is in_domain, and
