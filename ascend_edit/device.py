@@ -166,6 +166,24 @@ def memory_stats(info: DeviceInfo) -> dict[str, float]:
     }
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, e.g. under taskset or Slurm)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Apply `device.threads` (0 keeps torch's default). More threads than usable CPUs only oversubscribes them,
+    and far more makes the OpenMP runtime crash (a segfault at 100,000), so that is refused by name."""
+    if not threads:
+        return
+    available = usable_cpus()
+    if threads > available:
+        raise ValueError(f"device.threads={threads} is more than the {available} CPUs this process may use")
+    torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (every device: torch.manual_seed covers cuda and npu)."""
     random.seed(seed)

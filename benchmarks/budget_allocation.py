@@ -17,7 +17,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_module
 
 from ascend_edit.cli import exit_on_bad_input, hydra_overrides
@@ -26,7 +25,7 @@ from ascend_edit.data.batches import batches_of
 from ascend_edit.data.heldout import python_docs_documents
 from ascend_edit.data.loading import load_data
 from ascend_edit.data.packing import pack_documents
-from ascend_edit.device import resolve_device, seed_everything
+from ascend_edit.device import resolve_device, seed_everything, set_cpu_threads
 from ascend_edit.eval.kv import kv_table
 from ascend_edit.eval.metrics import evaluate
 from ascend_edit.models.budget import mla_rank_allocation, plan_with_ranks, sensitivity_allocation
@@ -48,8 +47,7 @@ def main() -> None:
         cfg = to_typed(compose("config", overrides=[*overrides, "output_dir=."]))
     device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
     seed_everything(cfg.device.seed)
-    if cfg.device.threads:
-        torch.set_num_threads(cfg.device.threads)
+    set_cpu_threads(cfg.device.threads)
     teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device)
     train_set, eval_set = load_data(cfg.data, tokenizer, cfg.device.seed, teacher.config.vocab_size)
     bs, dev = cfg.eval.batch_size, device.torch_device

@@ -38,7 +38,7 @@ from ascend_edit.data.heldout import python_docs_documents
 from ascend_edit.data.loading import load_data
 from ascend_edit.data.packing import pack_documents
 from ascend_edit.data.teacher_text import sample_calibration_set
-from ascend_edit.device import resolve_device, seed_everything
+from ascend_edit.device import resolve_device, seed_everything, set_cpu_threads
 from ascend_edit.distill.layerwise import LayerwiseObjective
 from ascend_edit.distill.model_level import model_level_objective
 from ascend_edit.eval.long_context import token_stream, window_batches, windows
@@ -77,8 +77,7 @@ def main() -> None:
     started = time.perf_counter()
     device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
     seed_everything(cfg.device.seed)
-    if cfg.device.threads:
-        torch.set_num_threads(cfg.device.threads)
+    set_cpu_threads(cfg.device.threads)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_teacher(cfg.model, device=device.torch_device)

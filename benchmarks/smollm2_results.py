@@ -215,11 +215,10 @@ class Runner:
     """Loads the teacher, data and held-out sets once; runs one condition at a time on a copy of the teacher."""
 
     def __init__(self, args, cfg, out: Path):
-        import torch
 
         from ascend_edit.data.heldout import run_documents
         from ascend_edit.data.loading import load_data
-        from ascend_edit.device import resolve_device, seed_everything
+        from ascend_edit.device import resolve_device, seed_everything, set_cpu_threads
         from ascend_edit.eval.suite import held_out_sets
         from ascend_edit.models.loading import load_teacher
         from ascend_edit.models.surgery import collect_layer_stats
@@ -230,8 +229,7 @@ class Runner:
         started = time.perf_counter()
         self.device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
         seed_everything(cfg.device.seed)
-        if cfg.device.threads:
-            torch.set_num_threads(cfg.device.threads)
+        set_cpu_threads(cfg.device.threads)
         dev = self.device.torch_device
         marks = [("start", time.perf_counter())]
         self.teacher, self.tokenizer = load_teacher(cfg.model, device=dev)

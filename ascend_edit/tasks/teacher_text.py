@@ -13,11 +13,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from ascend_edit.config import RootConfig
 from ascend_edit.data.teacher_text import SamplingSpec, check_output, sample_documents, spec_meta, write_documents
-from ascend_edit.device import resolve_device, seed_everything
+from ascend_edit.device import resolve_device, seed_everything, set_cpu_threads
 from ascend_edit.models.loading import load_teacher
 
 log = logging.getLogger(__name__)
@@ -33,8 +31,7 @@ def run(cfg: RootConfig) -> dict:
         raise ValueError("teacher_text needs a teacher with a tokenizer (model.source=config has none)")
     device = resolve_device(cfg.device.type, dtype=cfg.device.dtype)
     seed_everything(cfg.device.seed)
-    if cfg.device.threads:
-        torch.set_num_threads(cfg.device.threads)
+    set_cpu_threads(cfg.device.threads)
     teacher, tokenizer = load_teacher(cfg.model, device=device.torch_device)
     if tokenizer is None:
         raise ValueError("teacher_text needs a teacher with a tokenizer (model.source=config has none)")

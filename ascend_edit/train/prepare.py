@@ -15,7 +15,7 @@ from ascend_edit.config import ConfigError, RootConfig, TargetConfig
 from ascend_edit.data.batches import PackedSequences, batches_of
 from ascend_edit.data.loading import load_data
 from ascend_edit.data.teacher_text import sample_calibration_set
-from ascend_edit.device import DeviceInfo, resolve_device, seed_everything
+from ascend_edit.device import DeviceInfo, resolve_device, seed_everything, set_cpu_threads
 from ascend_edit.distributed import DistEnv
 from ascend_edit.eval.passkey import check_passkey_contexts
 from ascend_edit.eval.suite import check_suite_before_training
@@ -71,8 +71,7 @@ def prepare(cfg: RootConfig) -> Prepared | None:
         return None
     distributed.init_process_group(device.dist_backend, env)
     seed_everything(cfg.device.seed)
-    if cfg.device.threads:
-        torch.set_num_threads(cfg.device.threads)
+    set_cpu_threads(cfg.device.threads)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.engine.resume:

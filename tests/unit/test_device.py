@@ -108,3 +108,19 @@ def test_seed_and_rng_state_round_trip():
 def test_cpu_memory_stats_report_host_peak():
     stats = dev.memory_stats(dev.resolve_device("cpu"))
     assert stats["peak_gib"] > 0
+
+
+def test_cpu_threads_beyond_usable_cpus_refused_by_name(monkeypatch):
+    # 100,000 threads made the OpenMP runtime segfault on the first matmul; now refused before anything runs
+    monkeypatch.setattr(dev, "usable_cpus", lambda: 4)
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=r"device.threads=5 is more than the 4 CPUs"):
+        dev.set_cpu_threads(5)
+    assert torch.get_num_threads() == before
+    try:
+        dev.set_cpu_threads(1)
+        assert torch.get_num_threads() == 1
+        dev.set_cpu_threads(0)  # 0 keeps what is set
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
