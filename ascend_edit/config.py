@@ -181,6 +181,10 @@ class MLAConfig:
         if self.rope_frequencies is not None and len(self.rope_frequencies) != self.qk_rope_head_dim // 2:
             raise ConfigError(f"target.mla.rope_frequencies lists {len(self.rope_frequencies)} frequencies for "
                               f"qk_rope_head_dim={self.qk_rope_head_dim} ({self.qk_rope_head_dim // 2} rotary pairs)")
+        if self.rope_frequencies is not None and min(self.rope_frequencies, default=0) < 0:
+            raise ConfigError(f"target.mla.rope_frequencies={list(self.rope_frequencies)} must be teacher "
+                              "rotary-pair indices >= 0 (its head_dim / 2 bounds them from above; a frequency "
+                              "listed twice carries its two leading directions)")
         _positive("target.mla.rank_multiple", self.rank_multiple)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"target.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")

@@ -60,7 +60,7 @@ class MLAAttention(nn.Module):
         self._rope_index: dict[torch.device, torch.Tensor] = {}
         if self.rope_frequencies is not None and (len(self.rope_frequencies) * 2 != cfg.qk_rope_head_dim
                                                   or not all(0 <= f < geometry.head_dim // 2 for f in self.rope_frequencies)):
-            raise ValueError(f"layer {geometry.layer_idx}: rope_frequencies {list(self.rope_frequencies)} do not give "
+            raise ValueError(f"layer {geometry.layer_idx}: target.mla.rope_frequencies={list(self.rope_frequencies)} do not give "
                              f"{cfg.qk_rope_head_dim // 2} pairs among the teacher's {geometry.head_dim // 2} frequencies")
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
         self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim

@@ -124,6 +124,9 @@ def test_rope_selection_config_is_validated():
         MLAConfig(rope_selection="lowest")
     with pytest.raises(ConfigError, match="target.mla.rope_frequencies"):
         MLAConfig(qk_rope_head_dim=4, rope_frequencies=[0, 1, 2])
+    with pytest.raises(ConfigError, match=r"target.mla.rope_frequencies=\[-1, 2\] must be teacher rotary-pair"):
+        MLAConfig(qk_rope_head_dim=4, rope_frequencies=[-1, 2])
+    assert MLAConfig(qk_rope_head_dim=4, rope_frequencies=[3, 3]).rope_frequencies == [3, 3]  # two directions of one
     with pytest.raises(ConfigError, match="target.mla.rope_selection_context"):
         MLAConfig(rope_selection_context=0)
 
