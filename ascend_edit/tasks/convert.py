@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from ascend_edit.eval.metrics import TeacherReference, evaluate
 from ascend_edit.models.checkpoint import load_converted_weights, save_converted
 from ascend_edit.models.surgery import plan_entries
 from ascend_edit.models.zero3 import GATHER_METER, full_numel, has_zero_params
+from ascend_edit.train.loop import NonFiniteSteps
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
 from ascend_edit.validation import init_from_directory
@@ -73,6 +75,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
             keep_partitioned=partitioned_handoff, resumed_at=resumed_at)
         with clock(phases, "evaluate"):
             results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
+        refuse_diverged("layerwise", results["after_layerwise"], ckpt_dir)
         if env.is_main or collective():  # the hand-off point for a stage 2 run as a separate job
             with clock(phases, "save"):
                 save_converted(model, cfg.target, out_dir / "stage-layerwise", tokenizer)
@@ -99,6 +102,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         reference.use_teacher(original_teacher)
         with clock(phases, "evaluate"):
             results["after_model_level"] = evaluate(model, eval_batches, reference=reference)
+        refuse_diverged("model_level", results["after_model_level"], ckpt_dir)
 
     kv = kv_table(model, cfg.eval.context, bytes_per_value=2)
     throughput = {name: stage_throughput(getattr(cfg.distill, name), cfg.data.seq_len, seconds, env.world_size)
@@ -136,6 +140,21 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
                    teacher=original_teacher, suite_written=suite_written)
     distributed.barrier()
     return report
+
+
+def refuse_diverged(stage: str, metrics: dict, ckpt_dir: Path) -> None:
+    """Stop before a diverged stage's weights are written anywhere. Skipping non-finite steps does not catch
+    every divergence: one huge update can leave finite weights (~1e30) whose every later step is skipped, too
+    few in a row to stop the stage, and those weights pass the writers' NaN/inf guard. The held-out evaluation
+    after the stage shows it: a perplexity past exp(709) or a NaN KL is no model."""
+    if math.isfinite(metrics["ppl"]) and math.isfinite(metrics["teacher_kl"]):
+        return
+    raise NonFiniteSteps(
+        f"{stage}: the held-out evaluation after the stage is not finite (perplexity {metrics['ppl']}, teacher-KL "
+        f"{metrics['teacher_kl']}): training diverged, so nothing of this stage was written (no "
+        f"{'stage-layerwise/' if stage == 'layerwise' else 'converted/'}); its checkpoints in {ckpt_dir} hold the "
+        f"diverged weights: start over with a lower distill.{stage}.lr and engine.resume=false (earlier outputs are "
+        "moved aside, not deleted)")
 
 
 @contextlib.contextmanager

@@ -121,6 +121,23 @@ def test_a_diverging_run_stops_in_one_line_and_writes_no_converted_model(trained
             assert all(bool(torch.isfinite(t).all()) for t in load_file(str(file)).values() if t.is_floating_point())
 
 
+def test_a_stage_that_ends_on_finite_garbage_writes_nothing_of_it(trained_teacher: Path, tmp_path: Path):
+    """One huge stage-2 step leaves finite weights (~1e30) and the next steps are skipped, fewer in a row than
+    engine.max_consecutive_skips: the stage finishes, but its held-out perplexity is inf. That run exited 0
+    and wrote converted/; now it stops in one line and stage 1's hand-off stays the last thing written."""
+    run_dir = tmp_path / "run"
+    result = run_cli(run_dir, [*tiny_convert_overrides(trained_teacher), "distill.layerwise.steps=2",
+                               "distill.layerwise.warmup_steps=1", "distill.model_level.steps=3",
+                               "distill.model_level.warmup_steps=0", "distill.model_level.lr=1e30",
+                               "engine.grad_clip=0", "engine.max_consecutive_skips=5"])
+    assert_one_line_error(result, "model_level: the held-out evaluation after the stage is not finite",
+                          "distill.model_level.lr", "engine.resume=false")
+    stage2 = [row for row in metrics_rows(run_dir) if row.get("stage") == "model_level"]
+    assert len(stage2) == 3 and stage2[-1]["skipped"]  # the stage ran to its end, on skipped steps
+    assert (run_dir / "stage-layerwise").is_dir()
+    assert not (run_dir / "converted").exists() and not (run_dir / "report.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 
