@@ -14,12 +14,14 @@ Bad input (a config value, a path, a damaged file) ends with one line on stderr 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import shutil
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,8 @@ def run_task(cfg: DictConfig) -> dict:
         log.info("msrun scheduler process: task=%s runs in the worker processes only", typed.task)
         return {}
     module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
-    return module.run(typed)
+    with run_directory_lock(typed.output_dir, held_here=env.rank == 0):
+        return module.run(typed)
 
 
 def _experiment_names(config_root) -> list[str]:
@@ -502,6 +505,71 @@ def mark_run_directory(output_dir: str) -> None:
     (path / RUN_MARK).touch()
 
 
+RUN_LOCK = ".ascend-edit.lock"
+
+
+@contextlib.contextmanager
+def run_directory_lock(output_dir: str, held_here: bool) -> Iterator[None]:
+    """One command at a time in a run directory: two (a re-run while the first still trains, a scheduler's
+    requeue while the old job lives) would resume from, write and prune the same checkpoints and interleave
+    one metrics log. Rank 0 holds an exclusive `flock` for the task; the kernel drops it when the process ends,
+    however it ends, so a killed run leaves no stale lock. A file system without `flock` runs unguarded."""
+    if not held_here:
+        yield
+        return
+    import fcntl
+
+    path = Path(output_dir) / RUN_LOCK
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(_in_use("output_dir", output_dir, lock)) from None
+        except OSError as err:  # e.g. a Lustre mount without the flock option
+            log.warning("output_dir=%s cannot be locked (%s): nothing stops a second command from writing there "
+                        "at the same time", output_dir, err)
+            yield
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _in_use(key: str, directory: str, lock) -> str:
+    lock.seek(0)
+    holder = lock.read().strip() or "another process"
+    return f"{key}={directory} is in use by another ascend-edit command ({holder}); wait for it to end, or give another {key}"
+
+
+def _busy_problem(key: str, directory: str) -> str | None:
+    """Before Hydra writes `.hydra/` and its log into a directory (which it does before any task starts): is a
+    command running there? Rank 0 alone asks; the other ranks of a job would find rank 0's own lock."""
+    from ascend_edit.distributed import discover
+
+    path = Path(directory).expanduser() / RUN_LOCK
+    try:
+        if discover().rank != 0 or not path.is_file():
+            return None
+    except ValueError:  # a launcher variable that does not parse: the task's own discover() names it
+        return None
+    import fcntl
+
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _in_use(key, directory, lock)
+        except OSError:  # no flock on this file system: run_directory_lock says so
+            return None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
 def _foreign_directory_problem(key: str, directory: str) -> str | None:
     """A run writes converted/, checkpoints/, reports and logs into its directory: refuse one that is a file, or
     that holds files but nothing a run leaves (a model directory, a dataset), rather than write among them."""
@@ -539,7 +607,7 @@ def _run_dir_problem(argv: list[str]) -> str | None:
     outputs = [t.split("=", 1)[1] for t in argv if t.startswith("output_dir=")]
     for name, chosen in (("hydra.run.dir", given[-1:]), ("output_dir", outputs[-1:])):
         if chosen and "${" not in chosen[0]:
-            problem = _foreign_directory_problem(name, chosen[0])
+            problem = _foreign_directory_problem(name, chosen[0]) or _busy_problem(name, chosen[0])
             if problem:
                 return problem
     key, directory = ("hydra.run.dir", given[-1]) if given else ("the run directory root", "runs")

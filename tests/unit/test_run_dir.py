@@ -7,9 +7,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ascend_edit.cli import shared_run_dir_override
+import pytest
+
+from ascend_edit.cli import RUN_LOCK, UserError, run_directory_lock, shared_run_dir_override
 from ascend_edit.run_dir import make_unique_run_dir, register_run_dir_resolver
-from tests.helpers.cli_runner import start
+from tests.helpers.cli_runner import run_cli, start
 
 FROZEN = datetime(2026, 12, 1, 9, 30, 15, 123456)
 
@@ -56,3 +58,40 @@ def test_two_runs_started_together_get_two_directories(tmp_path):
 def test_launcher_ranks_still_share_one_directory():
     env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job7"}
     assert shared_run_dir_override([], env) == ["hydra.run.dir=runs/dist-job7"]
+
+
+def test_one_command_at_a_time_holds_a_run_directory(tmp_path):
+    with run_directory_lock(str(tmp_path), held_here=True):
+        assert f"pid {os.getpid()}" in (tmp_path / RUN_LOCK).read_text()
+        with pytest.raises(UserError, match=rf"output_dir={tmp_path} is in use by another ascend-edit command \(pid"):
+            with run_directory_lock(str(tmp_path), held_here=True):
+                pass
+        with run_directory_lock(str(tmp_path), held_here=False):  # ranks other than 0 take no lock
+            pass
+    with run_directory_lock(str(tmp_path), held_here=True):  # released at the end of the task
+        pass
+
+
+def test_a_second_command_in_a_busy_run_directory_is_refused_before_it_writes(tmp_path):
+    """Two commands in one directory resumed from, wrote and pruned the same checkpoints and interleaved one
+    metrics log (both exited 0). The second now stops in one line and leaves the directory as it was."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".ascend-edit-run").touch()
+    with run_directory_lock(str(run_dir), held_here=True):
+        before = sorted(p.name for p in run_dir.iterdir())
+        result = run_cli(["experiment=tiny", "eval.suite=false", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"],
+                         cwd=tmp_path)
+        assert sorted(p.name for p in run_dir.iterdir()) == before  # not even Hydra's .hydra/ and log
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ascend-edit:")]
+    assert len(errors) == 1 and "is in use by another ascend-edit command" in errors[0], result.stderr[-2000:]
+
+
+def test_a_busy_run_directory_named_by_output_dir_alone_is_refused_too(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".ascend-edit-run").touch()
+    with run_directory_lock(str(run_dir), held_here=True):
+        result = run_cli(["experiment=tiny", "eval.suite=false", f"output_dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2 and f"output_dir={run_dir} is in use" in result.stderr, result.stderr[-2000:]
