@@ -48,7 +48,14 @@ from ascend_edit.hf.bundle import CAUSAL_LM_CLASS, CONFIG_CLASS, MODEL_TYPE, wri
 from ascend_edit.hf.modeling import AscendEditCausalLMMixin
 from ascend_edit.models.checkpoint import cast_parameters, converted_state_dict, fresh_rotary_buffers, swap_in
 from ascend_edit.models.surgery import decoder_layers
-from ascend_edit.train.checkpoint_io import first_non_finite, fsync_tree
+from ascend_edit.train.checkpoint_io import (
+    MANIFEST,
+    first_non_finite,
+    read_manifest,
+    unlisted_files,
+    verify_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -458,19 +465,29 @@ def read_provenance(directory: Path) -> dict | None:
     return provenance
 
 
+EXPORT_KIND = "ascend-edit export"  # the manifest's "kind" in an export: what export.overwrite may replace
+
+
 def output_problem(directory: Path, overwrite: bool, shown: str | Path | None = None) -> str | None:
     """Why `directory` cannot take an export (None: it can): a file; a non-empty directory without `overwrite`;
-    with it, one that holds no earlier checkpoint (config.json) — overwrite replaces an export, never a directory of
-    other files. `shown`: the path as the user gave it."""
+    with it, anything but an earlier export as export wrote it — its manifest says so and lists every file there.
+    A config.json alone is no proof: a teacher's model directory, a run's converted/ or a user's folder has one
+    too, and overwrite would remove them. `shown`: the path as the user gave it."""
     name = f"export.output={shown or directory}"
     if directory.exists() and not directory.is_dir():
         return f"{name} is a file, not a directory"
     if directory.is_dir() and any(directory.iterdir()):
         if not overwrite:
             return f"{name} exists and is not empty: choose a new directory, or set export.overwrite=true to replace it"
-        if not (directory / "config.json").is_file():
-            return (f"{name} holds files but no checkpoint (no config.json): export.overwrite=true replaces an "
-                    "earlier export only; choose a new directory")
+        manifest = read_manifest(directory)
+        if manifest is None or manifest.get("kind") != EXPORT_KIND:
+            return (f"{name} holds no earlier ascend-edit export (no {MANIFEST} of kind '{EXPORT_KIND}'; exports "
+                    "before 2026-12-06 had none): export.overwrite=true replaces an earlier export only; choose a new "
+                    "directory")
+        added = unlisted_files(directory, manifest["files"])
+        if added:
+            return (f"{name} holds {added[0]}, which its export did not write: export.overwrite=true would remove it; "
+                    "move it out, or choose a new directory")
     return None
 
 
@@ -509,7 +526,7 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
         if provenance is not None:
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         diff, per_token, probe = verify_export(model, tmp, fmt, spec) if verify else (None, None, None)
-        fsync_tree(tmp)
+        write_manifest(tmp, kind=EXPORT_KIND)  # flushes every file first; eval checks it, overwrite reads its kind
         swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # this call's own temporary directory
@@ -522,6 +539,20 @@ def export_converted(model: PreTrainedModel, directory: Path, *, tokenizer=None,
     return ExportResult(directory, fmt, blockers, diff, per_token, notes, probe)
 
 
+def check_exported_files(directory: Path) -> None:
+    """Before loading: an export's manifest (since 2026-12-06) catches any changed, cut or missing file by name;
+    without one, a cut safetensors file is still named (transformers would fail on it with a traceback)."""
+    if (directory / MANIFEST).is_file():
+        verify_manifest(directory)
+        return
+    from ascend_edit.models.loading import check_safetensors
+
+    log.warning("%s has no %s (exported before 2026-12-06, or not by ascend-edit): its files are not verified",
+                directory, MANIFEST)
+    for file in sorted(directory.glob("*.safetensors")):
+        check_safetensors(file, str(directory))
+
+
 def load_exported(directory: Path, dtype: torch.dtype = torch.float32, *,
                   trust_remote_code: bool = False) -> PreTrainedModel:
     """Load an exported checkpoint the way a user would. An `auto_map` checkpoint runs the Python files it
@@ -530,4 +561,5 @@ def load_exported(directory: Path, dtype: torch.dtype = torch.float32, *,
     if config.get("auto_map") and not trust_remote_code:
         raise ExportError(f"{directory} ships its own modeling code (auto_map): load it with "
                           "trust_remote_code=True if you trust that code")
+    check_exported_files(Path(directory))
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code).eval()

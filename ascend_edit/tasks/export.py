@@ -122,8 +122,8 @@ def load_source(source: ExportSource, dtype: torch.dtype | None):
 def check_output(output: Path, protected: list[Path], overwrite: bool, own_dir: Path | None = None) -> None:
     """Refuse an output that is, holds or lies inside a source directory (even with overwrite), that is or holds
     this job's own directory (`own_dir`: its log and config), a non-empty one without overwrite, and with
-    overwrite one that holds no earlier checkpoint (config.json): overwrite replaces an export, never a
-    directory of other files. Checked before anything is loaded."""
+    overwrite anything but an earlier export (models/export.py `output_problem`): overwrite replaces an export,
+    never a directory of other files. Checked before anything is loaded."""
     out = output.expanduser().resolve()
     if own_dir is not None and own_dir.expanduser().resolve().is_relative_to(out):
         raise ValueError(f"export.output={output} is or holds this export job's own directory ({own_dir}): choose "

@@ -119,13 +119,16 @@ def _data_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST)
 
 
-def write_manifest(directory: Path) -> dict:
-    """Flush every file under `directory` to disk, then write and flush `manifest.json` (last)."""
+def write_manifest(directory: Path, kind: str | None = None) -> dict:
+    """Flush every file under `directory` to disk, then write and flush `manifest.json` (last). `kind` says what
+    wrote the directory (an export: what `export.overwrite` may replace)."""
     directory = Path(directory)
     fsync_tree(directory)
     files = {path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
              for path in _data_files(directory)}
-    manifest = {"manifest_version": MANIFEST_VERSION, "files": files}
+    manifest: dict = {"manifest_version": MANIFEST_VERSION, "files": files}
+    if kind is not None:
+        manifest["kind"] = kind
     target = directory / MANIFEST
     with open(target, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -133,6 +136,20 @@ def write_manifest(directory: Path) -> dict:
         os.fsync(f.fileno())
     fsync_dir(directory)
     return manifest
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """`directory`'s manifest, or None when it has none or it does not parse."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
+def unlisted_files(directory: Path, listed) -> list[str]:
+    """Files under `directory` that its manifest does not list (added after it was written)."""
+    return sorted({p.relative_to(directory).as_posix() for p in _data_files(directory)} - set(listed))
 
 
 def manifest_problem(directory: Path) -> str | None:
@@ -145,8 +162,7 @@ def manifest_problem(directory: Path) -> str | None:
         files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
-    on_disk = {p.relative_to(directory).as_posix() for p in _data_files(directory)}
-    unlisted = sorted(on_disk - set(files))
+    unlisted = unlisted_files(directory, files)
     if unlisted:
         return f"{unlisted[0]} is not in the manifest (a file added after the checkpoint was written)"
     for name, entry in sorted(files.items()):

@@ -94,7 +94,7 @@ def test_export_onto_a_non_empty_dir_leaves_every_file_in_place(tmp_path):
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
 
-    with pytest.raises(ExportError, match="holds files but no checkpoint .* replaces an earlier export only"):
+    with pytest.raises(ExportError, match="holds no earlier ascend-edit export .* replaces an earlier export only"):
         export_converted(converted(), out, overwrite=True)  # a directory of other files: never deleted
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
@@ -103,6 +103,54 @@ def test_export_onto_a_non_empty_dir_leaves_every_file_in_place(tmp_path):
     result = export_converted(converted(), earlier, overwrite=True)  # an earlier export: replaced as a whole
     assert result.format == "deepseek_v3" and (earlier / "config.json").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_only_an_export_exactly_as_it_was_written(tmp_path):
+    """A config.json was the only proof of "an earlier export": overwrite removed a teacher's model directory
+    (weights, the run's corpus, a README), a user's folder and another run's converted/. Only a directory whose
+    export manifest lists every file in it is replaced now."""
+    teacher_like = tmp_path / "teacher"
+    teacher_like.mkdir()
+    (teacher_like / "config.json").write_text("{}")
+    (teacher_like / "corpus.txt").write_text("the run's data")
+    other_run = tmp_path / "run" / "converted"
+    save_converted(converted(), MLA, other_run)  # has config.json and a (checkpoint) manifest
+    for victim in (teacher_like, other_run):
+        before = snapshot(victim)
+        with pytest.raises(ExportError, match="holds no earlier ascend-edit export"):
+            export_converted(converted(), victim, overwrite=True)
+        assert snapshot(victim) == before
+
+    earlier = tmp_path / "earlier"
+    export_converted(converted(), earlier)
+    (earlier / "notes.md").write_text("my notes on this export")
+    before = snapshot(earlier)
+    with pytest.raises(ExportError, match="holds notes.md, which its export did not write"):
+        export_converted(converted(), earlier, overwrite=True)
+    assert snapshot(earlier) == before and leftovers(tmp_path) == []
+
+
+def test_a_damaged_export_is_named_before_it_loads(tmp_path):
+    """An export carries a manifest: one flipped byte or a cut file is named in one line (a flipped byte was
+    evaluated silently, a cut file ended in a safetensors traceback); an export without one is still checked
+    for cut safetensors files."""
+    from ascend_edit.models.export import load_exported
+    from ascend_edit.models.loading import ModelInputError
+    from ascend_edit.train.checkpoint_io import CheckpointIntegrityError
+
+    out = tmp_path / "hf"
+    export_converted(converted(), out)
+    load_exported(out)  # intact: loads
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors does not match its sha256"):
+        load_exported(out)
+    weights.write_bytes(bytes(data[:len(data) // 2]))
+    (out / "manifest.json").unlink()  # as an export written before manifests
+    with pytest.raises(ModelInputError, match="model.safetensors is truncated"):
+        load_exported(out)
 
 
 def test_export_never_replaces_its_own_job_directory(tmp_path, monkeypatch):
