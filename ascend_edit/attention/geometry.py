@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from torch import nn
 
 
@@ -72,4 +73,7 @@ def rope_attention_scaling(config) -> float:
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type not in ROPE_INIT_FUNCTIONS:
         return 1.0  # default: no scaling
-    return float(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[1])
+    # on the CPU explicitly: targets are built under torch.device("meta") when a converted checkpoint is
+    # assembled, and the init functions' tensors could not be read there (every scaled rope type failed)
+    with torch.device("cpu"):
+        return float(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[1])

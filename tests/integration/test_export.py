@@ -428,3 +428,26 @@ def test_left_padding_does_not_move_a_sliding_layers_sinks(tmp_path: Path):
     scale = alone.abs().max()
     assert float((batched[0, pad:] - alone).abs().max()) <= LOGIT_ATOL * scale
     assert float((batched[1] - unpadded_row).abs().max()) <= LOGIT_ATOL * scale  # an unpadded row is unchanged
+
+
+SCALED_ROPES = {
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(SCALED_ROPES))
+def test_a_teacher_with_scaled_rope_reloads_and_exports(rope: str, tmp_path: Path):
+    """Llama-3.x (llama3) and YaRN teachers: rebuilding the converted model on the meta device read the rope
+    scaling there and failed ("Cannot copy out of meta tensor") in export, eval and inspect."""
+    from ascend_edit.models.checkpoint import load_converted
+
+    target = TargetConfig(kind="mla", mla=MLA_NO_NORM)
+    model = tiny_model("llama", rope_parameters=SCALED_ROPES[rope], max_position_embeddings=128)
+    edit_model(model, build_plan(model.config.num_hidden_layers, target), target)
+    model.eval()
+    save_converted(model, target, tmp_path / "converted")
+    assert_same_model(model, load_converted(tmp_path / "converted"))
+    export_converted(model, tmp_path / "hf")
+    assert_same_model(model, load_exported(tmp_path / "hf", trust_remote_code=True))
