@@ -143,9 +143,13 @@ def load_student(path: Path, zero3: dict | None = None, trust_remote_code: bool 
     auto_map format loads only with `trust_remote_code` (eval.trust_remote_code)."""
     from ascend_edit.models.checkpoint import load_converted
     from ascend_edit.models.export import load_exported
+    from ascend_edit.train.checkpoint_io import CheckpointIntegrityError, verify_manifest
 
     if (path / "converted" / "ascend_edit.json").is_file():
         return load_converted(path / "converted", dtype=dtype, zero3=zero3), "run"
+    if (path / "converted").is_dir():  # a run whose model lost its marker: name the damage
+        verify_manifest(path / "converted")
+        raise CheckpointIntegrityError(f"eval.checkpoint={path}: its converted/ has no ascend_edit.json")
     if (path / "ascend_edit.json").is_file():
         return load_converted(path, dtype=dtype, zero3=zero3), "converted"
     if (path / "config.json").is_file():

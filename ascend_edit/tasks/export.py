@@ -41,7 +41,7 @@ from ascend_edit.models.checkpoint import (
 )
 from ascend_edit.models.export import ExportResult, export_converted, output_problem
 from ascend_edit.models.loading import TORCH_DTYPES
-from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, verify_manifest
+from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, CheckpointIntegrityError, manifest_problem, verify_manifest
 from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ def resolve_source(path: str | Path | None) -> ExportSource:
     for name in RUN_CANDIDATES:
         if (path / name / CONVERTED_MARKER).exists():
             return ExportSource("converted", path / name)
+        if (path / name).is_dir():  # there but without its marker: damaged, never a reason to ship the next one
+            raise CheckpointIntegrityError(
+                f"export.checkpoint={path}: {path / name} is damaged ({manifest_problem(path / name) or 'no ' + CONVERTED_MARKER}); "
+                f"not falling back to an earlier stage's model: restore it, or name the one to export")
     if (path / ENGINE_WEIGHTS).exists() or (path / "deepspeed").is_dir():
         return ExportSource("engine_checkpoint", path)
     if (path / OLD_PICKLED_ENGINE).exists():

@@ -153,6 +153,23 @@ def test_a_damaged_export_is_named_before_it_loads(tmp_path):
         load_exported(out)
 
 
+def test_a_run_whose_converted_model_is_damaged_is_not_exported_from_stage_one(tmp_path):
+    """converted/ without its marker made export fall back to stage-layerwise/ and ship the stage-1 model as
+    the run's result (exit 0); eval said the run had no converted/. Both now name the damage."""
+    from ascend_edit.tasks.eval import load_student
+    from ascend_edit.train.checkpoint_io import CheckpointIntegrityError
+
+    run_dir = tmp_path / "run"
+    save_converted(converted(), MLA, run_dir / "stage-layerwise")
+    save_converted(converted(), MLA, run_dir / "converted")
+    (run_dir / "converted" / "ascend_edit.json").unlink()
+    with pytest.raises(CheckpointIntegrityError, match=r"converted is damaged \(ascend_edit.json is missing\); not falling back"):
+        export_task.run(_export_cfg(run_dir, tmp_path / "out" / "hf", overwrite=False))
+    assert not (tmp_path / "out" / "hf").exists()
+    with pytest.raises(CheckpointIntegrityError, match="ascend_edit.json is missing"):
+        load_student(run_dir)
+
+
 def test_export_never_replaces_its_own_job_directory(tmp_path, monkeypatch):
     """export.output=. from inside the job's own run tree (or its run directory) would delete the job's log."""
     run_dir = tmp_path / "run"
