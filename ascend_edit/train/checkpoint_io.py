@@ -12,6 +12,7 @@ is missing or disagrees with what is on disk is reported by name and not used.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -21,7 +22,7 @@ import pickle  # only for its exception type: nothing here unpickles
 import pickletools  # reads opcodes; executes nothing
 import shutil
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,20 @@ def verify_manifest(directory: Path) -> None:
     problem = manifest_problem(directory)
     if problem:
         raise CheckpointIntegrityError(f"{directory} is damaged: {problem}")
+
+
+@contextlib.contextmanager
+def disk_full_named(final: Path, tmp: Path) -> Iterator[None]:
+    """A full disk while checkpoint `final` is written (into `tmp`) becomes one line that names it and says the
+    earlier checkpoints are intact; any other error passes through."""
+    try:
+        yield
+    except Exception as err:
+        if disk_full(err, tmp):
+            raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} (the earlier "
+                          "checkpoints are intact; free space and run the same command again to resume from "
+                          f"the newest: {type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+        raise
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -544,21 +559,16 @@ class CheckpointDir:
             tmp.mkdir(parents=True)
         barrier()
         require_finite(tree_tensors(rank_state, f"rank {rank}"), f"checkpoint {final}")
-        try:
+        with disk_full_named(final, tmp):
             engine.save(tmp)
             save_tree(rank_state, tmp, f"rank-{rank}")
-        except Exception as err:
-            if disk_full(err, tmp):
-                raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} (the earlier "
-                              "checkpoints are intact; free space and run the same command again to resume from "
-                              f"the newest: {type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
-            raise
-        if rank == 0:
-            meta = {"stage": stage, "step": step, **engine.describe(), **state}
-            (tmp / self.STATE_FILE).write_text(jsonio.dumps(meta, indent=1))
+            if rank == 0:
+                meta = {"stage": stage, "step": step, **engine.describe(), **state}
+                (tmp / self.STATE_FILE).write_text(jsonio.dumps(meta, indent=1))
         barrier()
         if rank == 0:
-            write_manifest(tmp)
+            with disk_full_named(final, tmp):
+                write_manifest(tmp)
             publish(tmp, final)
             for old in self.complete(stage)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -485,6 +485,46 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(tmp_p
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-layerwise-4.tmp"]  # nothing published
 
 
+class SavesThenFillsTheDisk(FailingSave):
+    """The weights fit; the disk is full by the time the state file (or the manifest) is written."""
+
+    def __init__(self, full_at: str):
+        super().__init__("")
+        self.full_at = full_at
+
+    def save(self, directory):
+        (directory / "weights.bin").write_bytes(b"w")
+
+
+@pytest.mark.parametrize("full_at", ["trainer_state.json", "manifest.json"])
+def test_a_full_disk_after_the_weights_is_one_line_naming_the_checkpoint_too(tmp_path, monkeypatch, full_at):
+    """The state file and the manifest were written outside the check: a bare "[Errno 28]" with no path."""
+    import errno
+    import pathlib
+
+    from ascend_edit.train.checkpoint_io import CheckpointDir
+
+    real_write_text, real_open = pathlib.Path.write_text, open
+
+    def write_text(self, *args, **kwargs):
+        if self.name == full_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    def fake_open(file, *args, **kwargs):
+        if str(file).endswith(full_at):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    monkeypatch.setattr("builtins.open", fake_open)
+    with pytest.raises(OSError) as info:
+        CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(SavesThenFillsTheDisk(full_at), "layerwise", 4, {}, {})
+    assert info.value.errno == errno.ENOSPC and "writing checkpoint" in str(info.value)
+    assert "step-layerwise-4" in str(info.value) and "earlier checkpoints are intact" in str(info.value)
+    assert not (tmp_path / "checkpoints" / "step-layerwise-4").exists()  # nothing published
+
+
 def test_a_short_write_on_an_almost_full_disk_is_taken_for_a_full_disk(tmp_path, monkeypatch):
     """torch's serializer under DeepSpeed says 'unexpected pos' for a short write: with almost no space left on
     the device that is a full disk; a non-finite value is never reported as one."""
