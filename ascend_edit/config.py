@@ -406,6 +406,10 @@ class DataConfig:
         unread = _changed(self, [*FILE_KEYS[1:], "max_documents"]) if self.source == "indexed" else []
         if unread:
             raise ConfigError(f"data.{unread[0]} is not read with data.source=indexed (an already tokenized corpus)")
+        unread = _changed(self, FILE_KEYS) if self.source == "mix" else []
+        if unread:
+            raise ConfigError(f"data.{unread[0]} is not read with data.source=mix: set {unread[0]} on the data.mix "
+                              "entries that read files (data.mix[i]." + unread[0] + ")")
 
 
 @dataclass

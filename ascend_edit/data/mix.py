@@ -183,11 +183,13 @@ def split_mix(specs: Sequence[SourceSpec], eval_fraction: float, seed: int,
     """(train, held-out) documents of every source, each split by document with the run's seed."""
     documents = documents if documents is not None else [source_documents(spec) for spec in specs]
     splits = []
-    for spec, docs in zip(specs, documents):
+    for k, (spec, docs) in enumerate(zip(specs, documents)):
         try:
             splits.append(split_documents(docs, eval_fraction, seed))
-        except ValueError as error:
-            raise ValueError(f"data.mix source {spec.name!r}: {error}") from error
+        except ValueError as error:  # named by entry (two entries may share a name) and with the entry's own key
+            where = f"data.mix[{k}] (source {spec.name!r}{f', path {spec.path}' if spec.path else ''})"
+            raise ValueError(f"{where}: " + str(error).replace("data.split_on_blank_lines",
+                                                               f"data.mix[{k}].split_on_blank_lines")) from error
     # A document held out for evaluation is never trained on, even when another entry holds it too: the same
     # source listed twice with different max_documents splits differently, and corpora can share documents.
     held_out = set(held_out_documents(specs, splits))
@@ -223,6 +225,12 @@ def block_quotas(weights: Sequence[float], block: int) -> list[int]:
     by_remainder = sorted(range(len(weights)), key=lambda k: (-(exact[k] - quotas[k]), k))
     for k in by_remainder[: block - sum(quotas)]:
         quotas[k] += 1
+    positive = [k for k, w in enumerate(weights) if w > 0]
+    if block >= len(positive):  # a weight far below 1 / block still gets its slot, from the largest quota
+        for k in positive:
+            if quotas[k] == 0:
+                quotas[max(range(len(quotas)), key=lambda j: quotas[j])] -= 1
+                quotas[k] = 1
     return quotas
 
 

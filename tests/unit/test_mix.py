@@ -38,6 +38,9 @@ def test_block_quotas_add_up_and_follow_the_weights():
     quotas = block_quotas([1, 1, 1], 1024)
     assert sum(quotas) == 1024 and max(quotas) - min(quotas) <= 1
     assert block_quotas([2.0, 0.0], 7) == [7, 0]
+    # a small positive weight is drawn (it got no slot: 0.0004 of a 1,024-draw block is 0.4 draws)
+    assert block_quotas([1, 1, 1e-4], 1024) == [511, 512, 1]
+    assert block_quotas([0.6, 0.3999, 0.0001], 1024) == [613, 410, 1]
     with pytest.raises(ValueError):
         block_quotas([0.0, 0.0], 8)
 
@@ -152,6 +155,21 @@ def test_mix_config_is_validated():
         MixSourceConfig("files")
     with pytest.raises(ConfigError, match="weight"):
         MixSourceConfig("news", weight=-1.0)
+    for key, value in (("text_field", "body"), ("split_on_blank_lines", True), ("format", "jsonl")):
+        # read by data=files only: a mix took them silently and read its entries' own
+        with pytest.raises(ConfigError, match=rf"data.{key} is not read with data.source=mix: .*data.mix\[i\].{key}"):
+            DataConfig(source="mix", mix=[MixSourceConfig("news", 1.0)], **{key: value})
+
+
+def test_a_mix_entry_that_cannot_be_split_is_named_by_its_index_and_path(tmp_path):
+    from ascend_edit.data.mix import split_mix
+
+    (tmp_path / "one.txt").write_text("a single document")
+    specs = [SourceSpec("files", 0.5, eval=True, path=str(tmp_path / "one.txt")),
+             SourceSpec("files", 0.5, path=str(tmp_path / "one.txt"))]
+    with pytest.raises(ValueError, match=r"data.mix\[0\] \(source 'files', path .*one.txt\): cannot hold out.*"
+                                         r"data.mix\[0\].split_on_blank_lines=true"):
+        split_mix(specs, 0.1, 0)
 
 
 def test_first_items_of_a_mix_are_a_weighted_mix():
