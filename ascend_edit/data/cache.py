@@ -72,11 +72,15 @@ def _ends_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def source_identity(path: str | Path, **options) -> dict:
-    """Paths, sizes, modification times and end digests of every file under `path`, plus the reading options."""
+def source_identity(path: str | Path, files: Iterable[Path] | None = None, **options) -> dict:
+    """Paths, sizes, modification times and end digests of `files` (default: every file under `path`), plus the
+    reading options."""
     path = Path(path).expanduser().resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    stats = [(p, p.stat()) for p in files]
+    if files is not None:
+        chosen = sorted(Path(p).expanduser().resolve() for p in files)
+    else:
+        chosen = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [(p, p.stat()) for p in chosen]
     return {"files": [[str(p), st.st_size, st.st_mtime_ns, _ends_digest(p, st.st_size)] for p, st in stats],
             **options}
 
@@ -300,7 +304,7 @@ def load_cached(cfg, tokenizer, seed: int, vocab_size: int | None = None):
     source = text_source(cfg)
     options = {"format": source.format, "text_field": source.text_field,
                "split_on_blank_lines": source.split_on_blank_lines, "max_documents": source.max_documents}
-    key = PackingKey(data=source_identity(source.path, **options), tokenizer=tokenizer_identity(tokenizer),
+    key = PackingKey(data=source_identity(source.path, source.files_read(), **options), tokenizer=tokenizer_identity(tokenizer),
                      seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed)
 
     rank, _ = rank_and_world()

@@ -71,6 +71,16 @@ class DocumentSource:
         """Lazily yield the documents (a corpus larger than memory streams)."""
         return islice(self._all_documents(), self.max_documents)
 
+    def files_read(self) -> list[Path]:
+        """The files the documents come from (a saved HF dataset: every file of it). What identifies the corpus:
+        anything else under `path` (a README, a tokenized cache kept there) is not the data."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"data path does not exist: {self.path}")
+        resolved = detect_format(self.path) if self.format == "auto" else self.format
+        if resolved == "hf_dataset":
+            return sorted(p for p in self.path.rglob("*") if p.is_file())
+        return _files_of_format(self.path, resolved)
+
     def load(self) -> list[str]:
         """All the documents in memory; a source with none is an error."""
         documents = list(self)

@@ -68,16 +68,19 @@ def data_identity(cfg: RootConfig) -> str | None:
     if cfg.data.source == "indexed":
         from ascend_edit.data.indexed import files_of
 
-        files = list(files_of(cfg.data.path))  # the .bin and .idx, whichever form data.path names them in
+        roots: list[tuple[Path, list[Path] | None]] = [(path, None) for path in files_of(cfg.data.path)]  # .bin, .idx
     else:
-        files = [Path(cfg.data.path).expanduser()]
+        from ascend_edit.data.loading import text_source
+
+        source = text_source(cfg.data)  # the files it reads: a README or a cache kept beside them is not the data
+        roots = [(source.path, source.files_read() if source.path.exists() else None)]
     contents: list = []
-    for path in files:
+    for path, files in roots:
         if not path.exists():
             contents.append([path.name, "missing"])
             continue
         root = path.resolve()
-        for name, size, _mtime, digest in source_identity(root)["files"]:
+        for name, size, _mtime, digest in source_identity(root, files)["files"]:
             where = Path(name).name if root.is_file() else str(Path(name).relative_to(root))
             contents.append([where, size, digest])
     return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]

@@ -113,6 +113,31 @@ def test_identity_is_the_contents_not_the_place_or_the_time(tmp_path):
     assert identity("a") != identity("b")
 
 
+def test_identity_and_cache_key_cover_the_files_read_only(tmp_path):
+    """A README added beside the corpus, or data.cache_dir kept inside data.path, changed the identity (resume
+    refused an unchanged corpus) and the cache key (each run tokenized a new copy into the cache it grew)."""
+    from ascend_edit.config import DataConfig, RootConfig
+    from ascend_edit.data.cache import source_identity
+    from ascend_edit.data.sources import DocumentSource
+    from ascend_edit.train.stage import data_identity
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the cat sees the dog\n\nanother document\n")
+    (corpus / "b.txt").write_text("a third document\n")
+    cfg = RootConfig(data=DataConfig(source="files", path=str(corpus)))
+    source = DocumentSource(corpus, format="auto")
+    before, key_before = data_identity(cfg), source_identity(corpus, source.files_read())
+    (corpus / "README.md").write_text("where this corpus came from")
+    (corpus / ".cache" / "0123").mkdir(parents=True)
+    (corpus / ".cache" / "0123" / "train.bin").write_bytes(b"\x00" * 64)
+    (corpus / ".cache" / "0123" / "meta.json").write_text("{}")
+    assert data_identity(cfg) == before
+    assert source_identity(corpus, source.files_read()) == key_before
+    (corpus / "b.txt").write_text("a third document, edited\n")  # the data itself: still seen
+    assert data_identity(cfg) != before
+
+
 def test_set_aside_takes_every_training_output_and_nothing_else(tmp_path):
     """convert's and ablation's outputs move together (ablation-*/ runs hold their own checkpoints); Hydra's files
     and anything of the user's stay."""
