@@ -47,8 +47,11 @@ def register_run_dir_resolver() -> None:
 ABLATION_VARIANT_DIRS = ("ablation-stage2-only", "ablation-stage1+2")
 # Where a training task's checkpoints live in its run directory: a job there resumes.
 CHECKPOINT_DIRS = ("checkpoints", *ABLATION_VARIANT_DIRS)
+# The layer plan a run measured on calibration data, written before stage 1 trains: a resume takes it (measuring
+# again can choose differently for the weights already trained), whichever stage the run stopped in.
+MEASURED_PLAN = "measured_plan.json"
 TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerwise", "converted", "report.json",
-                    "report.md", "plots", "eval.json", "ablation.json", "ablation-*")
+                    "report.md", "plots", "eval.json", "ablation.json", "ablation-*", MEASURED_PLAN)
 
 
 # The earlier run's `.hydra/` (the config eval, export and resume read back), copied here before Hydra rewrites it

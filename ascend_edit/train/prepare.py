@@ -27,10 +27,13 @@ from ascend_edit.models.surgery import (
     build_plan,
     collect_layer_stats,
     edit_model,
+    plan_entries,
+    plan_from_entries,
     plan_is_measured,
     plan_with_windows,
     saved_plan,
 )
+from ascend_edit.run_dir import MEASURED_PLAN
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,8 @@ def prepare(cfg: RootConfig) -> Prepared | None:
         edit_model(model, plan, target, stats, gather=gathered)
     else:
         edit_model(model, plan, target, stats)
+    if plan_is_measured(cfg.target) and env.is_main:  # as built: edit_model adds the ranks / rotary choices it made
+        write_measured_plan(out_dir, getattr(model, "edit_plan", plan))
     return _finish(cfg, device, env, model, tokenizer, train_set, eval_batches, plan, out_dir)
 
 
@@ -151,8 +156,33 @@ def earlier_plan(cfg: RootConfig, out_dir: Path) -> tuple[list[LayerPlan], Path]
 
         return saved_plan([init_from_directory(cfg.distill.init_from)])
     if cfg.engine.resume:
-        return saved_plan(out_dir / name for name in ("stage-layerwise", "converted"))
+        return saved_plan(out_dir / name for name in ("stage-layerwise", "converted")) or read_measured_plan(out_dir)
     return None
+
+
+def write_measured_plan(out_dir: Path, plan: list[LayerPlan]) -> None:
+    """Save the plan measured at the start, before stage 1 trains under it (written whole, then renamed in)."""
+    import json
+    import os
+
+    tmp = out_dir / f"{MEASURED_PLAN}.tmp"
+    tmp.write_text(json.dumps({"plan": plan_entries(plan)}))
+    os.replace(tmp, out_dir / MEASURED_PLAN)
+
+
+def read_measured_plan(out_dir: Path) -> tuple[list[LayerPlan], Path] | None:
+    """The plan `write_measured_plan` saved in this run directory, or None when there is none. A damaged one is
+    refused: measuring again could choose another plan for the weights trained so far."""
+    import json
+
+    path = out_dir / MEASURED_PLAN
+    if not path.is_file():
+        return None
+    try:
+        return plan_from_entries(json.loads(path.read_text())["plan"]), path
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}): the run's checkpoints were trained under "
+                         "the layer plan it held; restore it, or start over with engine.resume=false") from None
 
 
 def calibration_batches(cfg: RootConfig, model: nn.Module, tokenizer: Any, train_set, device: torch.device

@@ -92,6 +92,30 @@ def test_a_corpus_edited_between_a_stop_and_its_resume_is_refused(tmp_path):
     assert "data.identity" in line and "cannot change on resume" in line
 
 
+def test_a_resume_in_stage_one_keeps_the_plan_it_measured(tmp_path):
+    """A measured plan (here the rotary choice) was saved only with stage-layerwise/ and converted/: a run stopped
+    in stage 1 measured it again on resume, and a change resume allows (eval.batch_size sizes the calibration
+    set) chose other frequencies for the weights already trained. measured_plan.json is written before stage 1."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "engine.keep_last=10", "target.mla.rope_selection=measured", "target.calibration_batches=2",
+            "distill.layerwise.steps=6", "distill.model_level.steps=0", f"hydra.run.dir={run_dir}"]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    planned = json.loads((run_dir / "converted" / "ascend_edit.json").read_text())["plan"]
+    assert json.loads((run_dir / "measured_plan.json").read_text())["plan"] == planned
+    for name in ("step-layerwise-4", "step-layerwise-6"):  # as if killed after step 2's checkpoint
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    for name in ("stage-layerwise", "converted"):
+        shutil.rmtree(run_dir / name)
+    (run_dir / "report.json").unlink()
+    again = run_cli([*args, "eval.batch_size=1"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed layerwise" in again.stderr + again.stdout
+    assert json.loads((run_dir / "converted" / "ascend_edit.json").read_text())["plan"] == planned
+
+
 def test_identity_is_the_contents_not_the_place_or_the_time(tmp_path):
     """Node-local copies of one corpus (another directory, another mtime) give one identity, so ranks on other
     nodes agree; an edit of the same size does not."""
