@@ -48,7 +48,8 @@ RESUMABLE_CHANGES = ("distill.log_every", "distill.stage", "engine.checkpoint_ev
                      "eval.*", "export.*", "data.eval_sequences", "output_dir", "task")
 STAGE_ORDER = ("layerwise", "model_level")
 # Saved keys that are not config keys, named for a user in a refusal (train/stage.py adds them to the run config)
-KEY_MEANINGS = {"data.identity": " (the contents of the files under data.path)"}
+KEY_MEANINGS = {"data.identity": " (the contents of the files under data.path)",
+                "model.identity": " (the teacher's config, weights and tokenizer under model.path)"}
 
 
 class NonFiniteSteps(FloatingPointError, ValueError):

@@ -45,9 +45,9 @@ class StageSettings:
 def stage_settings(cfg: RootConfig) -> StageSettings:
     """The run-wide stage settings of a run's config."""
     run_config = flatten_config(dataclasses.asdict(cfg))
-    identity = data_identity(cfg)
-    if identity is not None:  # compared on resume like any key that cannot change (train/loop.py)
-        run_config["data.identity"] = identity
+    for key, identity in (("data.identity", data_identity(cfg)), ("model.identity", model_identity(cfg))):
+        if identity is not None:  # compared on resume like any key that cannot change (train/loop.py)
+            run_config[key] = identity
     return StageSettings(engine=cfg.engine, dtype=cfg.device.dtype, seed=cfg.device.seed,
                          log_every=cfg.distill.log_every, metrics_log=Path(cfg.output_dir) / "metrics.jsonl",
                          run_config=run_config)
@@ -84,6 +84,29 @@ def data_identity(cfg: RootConfig) -> str | None:
             where = Path(name).name if root.is_file() else str(Path(name).relative_to(root))
             contents.append([where, size, digest])
     return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# What the teacher's directory holds that makes it this teacher (and its tokenizer, which made the training rows).
+TEACHER_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def model_identity(cfg: RootConfig) -> str | None:
+    """A digest of the teacher's files under `model.path` (config, weights — or the GGUF file named —, tokenizer;
+    sizes and end digests as for the data), so that weights changed in place between a stop and its resume are
+    refused rather than distilled from for the rest of the run. None for the built-in and config-built teachers."""
+    import hashlib
+    import json
+
+    from ascend_edit.data.cache import source_identity
+
+    if cfg.model.source != "hf" or not cfg.model.path:
+        return None
+    root = Path(cfg.model.path).expanduser().resolve()
+    patterns = (*TEACHER_FILES[:1], cfg.model.gguf_file, *TEACHER_FILES[3:]) if cfg.model.gguf_file else TEACHER_FILES
+    files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+    contents = [[str(Path(name).relative_to(root)), size, digest]
+                for name, size, _mtime, digest in source_identity(root, files)["files"]]
+    return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:16]
 
 
 def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:

@@ -116,6 +116,37 @@ def test_a_resume_in_stage_one_keeps_the_plan_it_measured(tmp_path):
     assert json.loads((run_dir / "converted" / "ascend_edit.json").read_text())["plan"] == planned
 
 
+def test_a_teacher_changed_in_place_between_a_stop_and_its_resume_is_refused(tmp_path):
+    """The same check as the data's: model.identity digests the teacher's config, weights and tokenizer (was:
+    a resume distilled from other weights for the rest of the run, exit 0). A copy elsewhere, or a README added
+    beside the weights, is the same teacher."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ascend_edit.config import ModelConfig, RootConfig
+    from ascend_edit.train.stage import model_identity, stage_settings
+    from tests.helpers.tiny_checkpoint import make_tiny_checkpoint
+
+    teacher = make_tiny_checkpoint(tmp_path / "teacher")
+    shutil.copytree(teacher, tmp_path / "copy")
+
+    def identity(path) -> str | None:
+        return model_identity(RootConfig(model=ModelConfig(source="hf", path=str(path))))
+
+    before = identity(teacher)
+    assert before is not None and identity(tmp_path / "copy") == before
+    assert stage_settings(RootConfig(model=ModelConfig(source="hf", path=str(teacher)))).run_config[
+        "model.identity"] == before
+    (teacher / "README.md").write_text("notes")
+    assert identity(teacher) == before
+    weights = teacher / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * 1.5 if "mlp" in k else v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    assert identity(teacher) != before
+    assert identity(tmp_path / "nowhere") is not None  # a missing path is the loader's to report
+
+
 def test_identity_is_the_contents_not_the_place_or_the_time(tmp_path):
     """Node-local copies of one corpus (another directory, another mtime) give one identity, so ranks on other
     nodes agree; an edit of the same size does not."""
