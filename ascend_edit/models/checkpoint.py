@@ -339,14 +339,37 @@ def fresh_rotary_buffers(model: nn.Module) -> None:
 
 
 
-def load_converted_weights(model: nn.Module, directory: Path) -> None:
+def target_changes(stored: dict, target) -> list[str]:
+    """`target.<key>: stored -> now` for every target config key that differs from the one a converted model was
+    saved with (what a shape or plan mismatch comes from, said in the user's terms)."""
+    from ascend_edit.train.loop import flatten_config
+
+    before, now = flatten_config(stored, "target"), flatten_config(dataclasses.asdict(target), "target")
+    return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)]
+
+
+def load_converted_weights(model: nn.Module, directory: Path, target=None) -> None:
     """Load `save_converted` weights into an *edited* model (targets under `.self_attn.target.`).
 
     This is the hand-off between stages run as separate jobs: stage 2 starts from stage 1's result.
-    The plan stored with the weights must match the model's. A model holding ZeRO-3 parameters (a teacher
-    loaded partitioned) takes them one tensor at a time into its partitions (`load_partitioned_weights`):
-    every rank calls this.
+    The plan stored with the weights must match the model's; `target` (this run's TargetConfig), when given, lets
+    a mismatch name the target keys that changed. A model holding ZeRO-3 parameters (a teacher loaded partitioned)
+    takes them one tensor at a time into its partitions (`load_partitioned_weights`): every rank calls this.
     """
+    try:
+        _load_converted_weights(model, directory)
+    except ValueError as err:
+        meta_file = Path(directory) / CONVERTED_MARKER
+        changes = target_changes(json.loads(meta_file.read_text())["target"], target) if (
+            target is not None and meta_file.is_file()) else []
+        if not changes:
+            raise
+        raise ValueError(f"{Path(directory)} was saved with another target config ({'; '.join(changes[:4])}): "
+                         f"run stage 2 with the target stage 1 used ({err})") from None
+
+
+def _load_converted_weights(model: nn.Module, directory: Path) -> None:
     from ascend_edit.models.zero3 import has_zero_params
 
     directory = Path(directory)

@@ -82,7 +82,7 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
     elif cfg.distill.stage == "model_level":
         start = init_from_directory(cfg.distill.init_from) if cfg.distill.init_from else out_dir / "stage-layerwise"
         if start.exists():
-            load_converted_weights(model, start)
+            load_converted_weights(model, start, cfg.target)
             with clock(phases, "evaluate"):
                 results["after_layerwise"] = evaluate(model, eval_batches, reference=reference)
             console.print(f"stage 2 starts from {start}")

@@ -55,6 +55,18 @@ def test_converted_dir_carries_a_manifest_verified_on_load(tmp_path):
         load_converted_weights(converted(), tmp_path / "converted")
 
 
+def test_a_stage_two_job_on_another_targets_weights_names_the_changed_key(tmp_path):
+    """A stage-2 job whose target differs from stage 1's got a list of tensor shapes; it names the key now."""
+    import dataclasses
+
+    save_converted(converted(), MLA, tmp_path / "stage-layerwise")
+    smaller = dataclasses.replace(MLA, mla=dataclasses.replace(MLA.mla, kv_lora_rank=16))
+    with pytest.raises(ValueError, match=r"saved with another target config \(target.mla.kv_lora_rank: 32 -> 16\)"):
+        load_converted_weights(converted(smaller), tmp_path / "stage-layerwise", smaller)
+    with pytest.raises(ValueError, match="shape mismatches"):  # without the run's target: the shapes, as before
+        load_converted_weights(converted(smaller), tmp_path / "stage-layerwise")
+
+
 def test_converted_model_with_a_nan_weight_is_never_written(tmp_path):
     model = converted()
     with torch.no_grad():
