@@ -200,6 +200,9 @@ def build_cache(directory: Path, documents: Iterable[str], tokenizer, key: Packi
             max_id = max(max_id, max(ids))
         splits = {s: w.close() for s, w in writers.items()}
         meta: dict[str, Any] = {"key": asdict(key), "seq_len": key.seq_len, "max_token_id": max_id, **splits}
+        if meta["train"]["documents"] + meta["eval"]["documents"] == 0:  # said as the in-memory path says it
+            files = [str(entry[0]) for entry in key.data.get("files", [])]
+            raise ValueError(f"data.path: no non-empty documents found in {', '.join(files[:3]) or 'the source'}")
         if meta["train"]["rows"] == 0:
             raise ValueError(f"too little data to pack one train sequence of seq_len={key.seq_len}")
         if key.eval_fraction and meta["eval"]["rows"] == 0:

@@ -214,3 +214,16 @@ def test_a_small_corpus_whose_hash_split_holds_out_nothing_is_one_line(tmp_path)
     with pytest.raises(ValueError, match=r"held-out split got 0 document\(s\).*data.eval_fraction=0.05"):
         load_cached(cfg, CountingTokenizer(), seed=0)
     assert not list((tmp_path / "cache").iterdir())  # no partial cache left behind
+
+
+def test_an_empty_corpus_with_a_cache_says_it_is_empty(tmp_path):
+    """It said "too little data to pack one train sequence", the in-memory path "no non-empty documents"."""
+    import pytest
+
+    from ascend_edit.config import DataConfig
+    from ascend_edit.data.cache import load_cached
+
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = DataConfig(source="files", path=str(tmp_path / "empty.jsonl"), seq_len=16, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"data.path: no non-empty documents found in .*empty.jsonl"):
+        load_cached(cfg, CountingTokenizer(), seed=0)
