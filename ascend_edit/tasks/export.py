@@ -195,13 +195,14 @@ def run(cfg: RootConfig) -> dict:
     result = export_converted(model, output, tokenizer=tokenizer, native=cfg.export.native, dtype=dtype,
                               verify=cfg.export.verify, overwrite=cfg.export.overwrite,
                               provenance=source_provenance(source))
-    print_result(Console(), source, result)
+    print_result(Console(), source, result, dtype)
     return {"source": str(source.path), "directory": str(result.directory), "format": result.format,
             "blockers": result.blockers, "max_rel_logit_diff": result.max_rel_logit_diff,
             "cache_bytes_per_token": result.cache_bytes_per_token, "serving_notes": result.serving_notes}
 
 
-def print_result(console: Console, source: ExportSource, result: ExportResult) -> None:
+def print_result(console: Console, source: ExportSource, result: ExportResult,
+                 dtype: torch.dtype | None = None) -> None:
     table = Table(title=f"Exported {source.path} -> {result.directory}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
@@ -209,11 +210,15 @@ def print_result(console: Console, source: ExportSource, result: ExportResult) -
     for fmt, reasons in result.blockers.items():
         if reasons:
             table.add_row(f"not {fmt}", "\n".join(reasons))
-    if result.max_rel_logit_diff is not None:
+    if result.max_rel_logit_diff is not None and result.cache_bytes_per_token is not None:
         table.add_row("reloaded vs model", f"max relative logit difference {result.max_rel_logit_diff:.1e}")
+        # the probe runs in fp32; the exported model caches in its own dtype (half of that in bf16 / fp16)
+        size = torch.empty(0, dtype=dtype).element_size() if dtype is not None and dtype.is_floating_point else 4
+        as_exported = (f"; {result.cache_bytes_per_token * size / 4:,.0f} bytes/token in the export's "
+                       f"{str(dtype).removeprefix('torch.')}" if size != 4 else "")
         table.add_row("cache (reloaded)", f"{result.cache_bytes_per_token:,.0f} bytes/token held after a "
-                      f"{result.probe_tokens}-token fp32 probe (sliding layers save more at longer contexts: "
-                      "ascend-edit inspect / bench_kv)")
+                      f"{result.probe_tokens}-token fp32 probe{as_exported} (sliding layers save more at longer "
+                      "contexts: ascend-edit inspect / bench_kv)")
     for note in result.serving_notes:
         table.add_row("serving", note)
     remote = ", trust_remote_code=True" if result.format == "auto_map" else ""

@@ -257,3 +257,19 @@ def test_loading_an_auto_map_export_needs_explicit_trust(tmp_path):
     export_converted(converted(MLA_NO_NORM), tmp_path / "hf")
     with pytest.raises(ExportError, match="trust_remote_code=True"):
         load_exported(tmp_path / "hf")
+
+
+def test_the_export_summary_gives_the_cache_in_the_exports_own_dtype():
+    """The self-check's probe runs in fp32; a bf16 export's summary said twice the cache the model holds."""
+    from rich.console import Console
+
+    from ascend_edit.models.export import ExportResult
+
+    result = ExportResult(Path("/out"), "auto_map", {}, 1e-7, 304.0, [], 16)
+    console = Console(record=True, width=400)
+    export_task.print_result(console, export_task.ExportSource("converted", Path("/src")), result, torch.bfloat16)
+    text = console.export_text()
+    assert "304 bytes/token held after a 16-token fp32 probe; 152 bytes/token in the export's bfloat16" in text
+    console = Console(record=True, width=400)
+    export_task.print_result(console, export_task.ExportSource("converted", Path("/src")), result, torch.float32)
+    assert "in the export's" not in console.export_text()
