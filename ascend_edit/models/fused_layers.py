@@ -33,7 +33,14 @@ from torch import nn
 
 from ascend_edit.attention.geometry import rope_attention_scaling
 from ascend_edit.config import FusedOpsConfig
-from ascend_edit.kernels.registry import RMS_NORM, ROTARY_EMBEDDING, SWIGLU, backend_name, resolve
+from ascend_edit.kernels.registry import (
+    RMS_NORM,
+    ROTARY_EMBEDDING,
+    SWIGLU,
+    KernelUnavailableError,
+    backend_name,
+    resolve,
+)
 from ascend_edit.models.fused_attention import SUPPORTED, FusedRotaryAttention, swappable
 
 log = logging.getLogger(__name__)
@@ -91,9 +98,23 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def check_fused_ops_available(cfg: FusedOpsConfig, *, device_type: str) -> None:
+    """Before the teacher loads: every backend `cfg` names for a swap that will happen can run on `device_type`
+    (a known backend on the wrong device, or without its package, was a traceback after the model loaded)."""
+    cfg.check()
+    if cfg.enabled == "off" or (cfg.enabled == "auto" and device_type != "npu"):
+        return
+    for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU):
+        backend = getattr(cfg, op)
+        try:
+            resolve(op, backend, device_type=device_type, needs_grad=True)
+        except KernelUnavailableError as err:
+            raise ValueError(f"model.fused_ops.{op}={backend}: {' '.join(str(err).split())}") from None
+
+
 def install_fused_ops(model: nn.Module, cfg: FusedOpsConfig, *, device_type: str) -> dict[str, str]:
     """Swap in the fused ops for ``device_type``; returns ``{op: backend}`` (empty: nothing changed)."""
-    cfg.check()
+    check_fused_ops_available(cfg, device_type=device_type)
     if cfg.enabled == "off" or (cfg.enabled == "auto" and device_type != "npu"):
         log.info("fused decoder ops: off on %s (enabled=%s); layers keep their own modules", device_type, cfg.enabled)
         return {}

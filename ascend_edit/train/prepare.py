@@ -20,7 +20,7 @@ from ascend_edit.distributed import DistEnv
 from ascend_edit.eval.passkey import check_passkey_contexts
 from ascend_edit.eval.suite import check_suite_before_training
 from ascend_edit.models.budget import swa_layer_scores
-from ascend_edit.models.fused_layers import install_fused_ops
+from ascend_edit.models.fused_layers import check_fused_ops_available, install_fused_ops
 from ascend_edit.models.loading import PARTITIONED_SOURCES, TORCH_DTYPES, load_teacher
 from ascend_edit.models.surgery import (
     LayerPlan,
@@ -80,6 +80,7 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     if not cfg.engine.resume:
         set_aside_if_main(out_dir, env)
 
+    check_fused_ops_available(cfg.model.fused_ops, device_type=device.type)  # before hours of loading, not after
     zero3 = partitioned_teacher_config(cfg)
     model, tokenizer = load_teacher(cfg.model, device=device.torch_device, zero3=zero3)
     if cfg.eval.suite and tokenizer is not None:  # what would stop the end-of-run suite, before hours of training

@@ -298,3 +298,15 @@ def test_a_yarn_teacher_rotates_eagerly(stand_in: NpuStandIn, caplog: pytest.Log
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     assert "npu_rotary_mul" not in stand_in.ops_called()
+
+
+@pytest.mark.parametrize("op, backend", [("rms_norm", "npu"), ("rotary_embedding", "mindspeed")])
+def test_a_known_backend_that_cannot_run_here_is_one_line_naming_the_key_before_loading(op, backend):
+    """It was a KernelUnavailableError traceback raised after the teacher had loaded (README: one line naming the
+    key, before any model loads); prepare runs this check before load_teacher."""
+    from ascend_edit.models.fused_layers import check_fused_ops_available
+
+    cfg = FusedOpsConfig(enabled="on", **{op: backend})
+    with pytest.raises(ValueError, match=rf"model.fused_ops.{op}={backend}: backend '{backend}' .* cannot run"):
+        check_fused_ops_available(cfg, device_type="cpu")
+    check_fused_ops_available(FusedOpsConfig(enabled="auto", **{op: backend}), device_type="cpu")  # off on the CPU
