@@ -343,6 +343,13 @@ def build_mix(specs: Sequence[SourceSpec], tokenizer, seq_len: int, eval_fractio
 
 
 def specs_of(cfg) -> list[SourceSpec]:
-    """The mix of a `DataConfig` (its `mix` entries) as source specs."""
-    return [SourceSpec(m.name, m.weight, m.eval, m.path, m.format, m.text_field, m.split_on_blank_lines,
-                       m.max_documents, m.repeat_spans) for m in cfg.mix]
+    """The mix of a `DataConfig` (its `mix` entries) as source specs. An entry of weight 0 that is not an
+    evaluation source is never drawn, so it is not read either (a sweep switching a source off by its weight
+    would otherwise still need it to split and pack)."""
+    specs = [SourceSpec(m.name, m.weight, m.eval, m.path, m.format, m.text_field, m.split_on_blank_lines,
+                        m.max_documents, m.repeat_spans) for m in cfg.mix]
+    evaluated = set(eval_sources(specs))
+    unused = [k for k, spec in enumerate(specs) if spec.weight == 0 and k not in evaluated]
+    if unused:
+        log.info("data.mix entries %s have weight 0 and are not evaluated: not read", unused)
+    return [spec for k, spec in enumerate(specs) if k not in unused]

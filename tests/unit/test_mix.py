@@ -192,3 +192,14 @@ def test_a_held_out_document_is_never_trained_on_even_when_another_entry_holds_i
         train_docs, eval_docs = mix_documents(specs, eval_fraction=0.25, seed=0)
     assert eval_docs and not set(eval_docs) & set(train_docs)
     assert "held-out documents of an evaluation source" in caplog.text
+
+
+def test_an_entry_of_weight_zero_is_not_read_unless_it_is_evaluated(tmp_path):
+    """A weight-0 entry had to split and pack (a one-document file stopped the run) although it is never drawn."""
+    cfg = DataConfig(source="mix", mix=[MixSourceConfig("shakespeare", 1.0, eval=True),
+                                        MixSourceConfig("files", 0.0, path=str(tmp_path / "missing.txt")),
+                                        MixSourceConfig("news", 0.5)])
+    assert [s.name for s in specs_of(cfg)] == ["shakespeare", "news"]
+    first_is_evaluated = DataConfig(source="mix", mix=[MixSourceConfig("shakespeare", 0.0),
+                                                       MixSourceConfig("news", 0.5)])
+    assert [s.name for s in specs_of(first_is_evaluated)] == ["shakespeare", "news"]  # no entry marked: the first
