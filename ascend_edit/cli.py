@@ -121,14 +121,15 @@ def run_task(cfg: DictConfig) -> dict:
             raise UserError(problem)
     mark_run_directory(typed.output_dir)
     env = discover()
-    check_before_load(typed, world_size=env.world_size)
-    if typed.task == "convert" and env.rank == 0 and HydraConfig.initialized():
-        keep_composed_config(Path(HydraConfig.get().runtime.output_dir), Path(typed.output_dir))
-    if env.msrun_scheduler:  # msrun's extra scheduler process: no task runs there (eval/export would write twice)
-        log.info("msrun scheduler process: task=%s runs in the worker processes only", typed.task)
-        return {}
-    module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
-    with run_directory_lock(typed.output_dir, held_here=env.rank == 0):
+    # held from here: nothing below writes into a directory another command is using
+    with run_directory_lock(typed.output_dir, held_here=env.rank == 0 and not env.msrun_scheduler):
+        check_before_load(typed, world_size=env.world_size)
+        if typed.task == "convert" and env.rank == 0 and HydraConfig.initialized():
+            keep_composed_config(Path(HydraConfig.get().runtime.output_dir), Path(typed.output_dir))
+        if env.msrun_scheduler:  # msrun's extra scheduler process: no task runs there (eval/export would write twice)
+            log.info("msrun scheduler process: task=%s runs in the worker processes only", typed.task)
+            return {}
+        module = importlib.import_module(f"ascend_edit.tasks.{TASKS[typed.task]}")
         return module.run(typed)
 
 
@@ -506,13 +507,61 @@ def mark_run_directory(output_dir: str) -> None:
 
 
 RUN_LOCK = ".ascend-edit.lock"
+LOCK_PATIENCE_S = 2.0  # how long a lock must stay held to count as another command's (a probe holds it for a moment)
+
+
+def launch_id(env: dict[str, str] | None = None) -> str | None:
+    """What every process of one multi-process job shares and another job does not: torchrun's rendezvous run id,
+    msrun's scheduler address, else the master address and port; None for a single process."""
+    env = dict(os.environ if env is None else env)
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return run_id
+    if env.get("MS_SCHED_HOST"):
+        return f"msrun-{env['MS_SCHED_HOST']}-{env.get('MS_SCHED_PORT', '')}"
+    if env.get("MASTER_ADDR") or env.get("MASTER_PORT"):
+        return f"{env.get('MASTER_ADDR', 'localhost')}-{env.get('MASTER_PORT', '')}"
+    return None
+
+
+def _holder(lock) -> tuple[str, str | None]:
+    """(who holds the lock, as written; the launch id written with it)."""
+    lock.seek(0)
+    text = lock.read().strip()
+    job = text.rsplit("(job ", 1)[1].rstrip(")") if "(job " in text else None
+    return text or "another process", job
+
+
+def _in_use(key: str, directory: str, holder: str) -> str:
+    return f"{key}={directory} is in use by another ascend-edit command ({holder}); wait for it to end, or give another {key}"
+
+
+def _held_by_another_command(lock, own_job: str | None) -> str | None:
+    """Whom `lock` is held by when that is another command (None: free, or held by this process's own job). A
+    process of this job may hold it for a moment (its probe), so only a hold that lasts LOCK_PATIENCE_S counts."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + LOCK_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            holder, job = _holder(lock)
+            if own_job is not None and job == own_job:
+                return None
+            if time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def run_directory_lock(output_dir: str, held_here: bool) -> Iterator[None]:
     """One command at a time in a run directory: two (a re-run while the first still trains, a scheduler's
     requeue while the old job lives) would resume from, write and prune the same checkpoints and interleave
-    one metrics log. Rank 0 holds an exclusive `flock` for the task; the kernel drops it when the process ends,
+    one metrics log. Rank 0 holds an exclusive `flock` for the task, with its pid, host and launch id written in
+    the file (the other processes of its job recognise it by that id); the kernel drops it when the process ends,
     however it ends, so a killed run leaves no stale lock. A file system without `flock` runs unguarded."""
     if not held_here:
         yield
@@ -522,17 +571,18 @@ def run_directory_lock(output_dir: str, held_here: bool) -> Iterator[None]:
     path = Path(output_dir) / RUN_LOCK
     with open(path, "a+") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(_in_use("output_dir", output_dir, lock)) from None
+            holder = _held_by_another_command(lock, own_job=None)
         except OSError as err:  # e.g. a Lustre mount without the flock option
             log.warning("output_dir=%s cannot be locked (%s): nothing stops a second command from writing there "
                         "at the same time", output_dir, err)
             yield
             return
+        if holder is not None:
+            raise UserError(_in_use("output_dir", output_dir, holder))
+        job = launch_id()
         lock.seek(0)
         lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f" (job {job})" if job else ""))
         lock.flush()
         try:
             yield
@@ -540,33 +590,24 @@ def run_directory_lock(output_dir: str, held_here: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _in_use(key: str, directory: str, lock) -> str:
-    lock.seek(0)
-    holder = lock.read().strip() or "another process"
-    return f"{key}={directory} is in use by another ascend-edit command ({holder}); wait for it to end, or give another {key}"
-
-
 def _busy_problem(key: str, directory: str) -> str | None:
-    """Before Hydra writes `.hydra/` and its log into a directory (which it does before any task starts): is a
-    command running there? Rank 0 alone asks; the other ranks of a job would find rank 0's own lock."""
-    from ascend_edit.distributed import discover
-
-    path = Path(directory).expanduser() / RUN_LOCK
-    try:
-        if discover().rank != 0 or not path.is_file():
-            return None
-    except ValueError:  # a launcher variable that does not parse: the task's own discover() names it
-        return None
+    """Before Hydra writes `.hydra/` and its log into a directory (which it does before any task starts): is
+    another command running there? Every process asks (a refused job's other ranks would otherwise rewrite the
+    running job's saved config); a lock held under this process's own launch id is its own job's."""
     import fcntl
 
+    path = Path(directory).expanduser() / RUN_LOCK
+    if not path.is_file():
+        return None
     with open(path) as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _in_use(key, directory, lock)
+            holder = _held_by_another_command(lock, own_job=launch_id())
         except OSError:  # no flock on this file system: run_directory_lock says so
             return None
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        if holder is not None:
+            return _in_use(key, directory, holder)
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return None
 
 
@@ -624,15 +665,28 @@ def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
     """Under a multi-process launcher every rank must write to one run directory.
 
     Hydra's default run dir carries a timestamp that ranks started a second apart would disagree on,
-    so when WORLD_SIZE > 1 and no `hydra.run.dir` is given, derive one from what every rank shares:
-    torchrun's rendezvous run id, else the master address and port.
+    so when the job has several processes and no `hydra.run.dir` is given, it is named from torchrun's
+    rendezvous run id, unique per job. Without one (the DeepSpeed launcher, msrun, a hand-made environment) the
+    command is refused: a name from the master address and port is the same for every job on that port, so a
+    later job resumed, or was refused by, an earlier one; the launch wrappers always pass a directory.
     """
-    if int(env.get("WORLD_SIZE", "1") or 1) <= 1 or any(t.startswith("hydra.run.dir=") for t in argv):
+    from ascend_edit.distributed import discover
+
+    if any(t.startswith("hydra.run.dir=") for t in argv):
+        return []
+    try:
+        world = discover(env).world_size  # WORLD_SIZE, or msrun's RANK_SIZE / MS_WORKER_NUM
+    except ValueError:  # an inconsistent environment: the task's own discover() says so in one line
+        sizes = [env.get(name, "") for name in ("WORLD_SIZE", "RANK_SIZE", "MS_WORKER_NUM")]
+        world = max([int(size) for size in sizes if size.isdigit()], default=1)
+    if world <= 1:
         return []
     run_id = env.get("TORCHELASTIC_RUN_ID", "")
-    if not run_id or run_id == "none":
-        run_id = f"{env.get('MASTER_ADDR', 'localhost')}-{env.get('MASTER_PORT', '0')}"
-    return [f"hydra.run.dir=runs/dist-{run_id}"]
+    if run_id and run_id != "none":
+        return [f"hydra.run.dir=runs/dist-{run_id}"]
+    raise UserError(f"a {world}-process job without torchrun's run id (TORCHELASTIC_RUN_ID) needs hydra.run.dir=<a "
+                    "directory, the same for every process>: a name made from the master address and port would be "
+                    "the same for every job on that port (launch/deepspeed.sh and launch/msrun.sh pass one)")
 
 
 def main(argv: list[str] | None = None) -> int:

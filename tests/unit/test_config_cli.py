@@ -268,12 +268,20 @@ def test_sweep_points_follow_the_experiments_grid_replaced_key_by_key():
 
 
 def test_ranks_share_one_run_dir_under_a_launcher():
-    from ascend_edit.cli import shared_run_dir_override
+    from ascend_edit.cli import UserError, shared_run_dir_override
 
     torchrun = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc123", "MASTER_PORT": "29500"}
     assert shared_run_dir_override(["model=x"], torchrun) == ["hydra.run.dir=runs/dist-abc123"]
-    deepspeed = {"WORLD_SIZE": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "29501"}
-    assert shared_run_dir_override([], deepspeed) == ["hydra.run.dir=runs/dist-node1-29501"]
+    deepspeed = {"WORLD_SIZE": "4", "RANK": "0", "MASTER_ADDR": "node1", "MASTER_PORT": "29501"}
+    # no launcher run id: a name from the address and port was shared by every job on that port (a later job
+    # resumed an earlier one, or was refused by it): refused, the wrappers pass hydra.run.dir
+    with pytest.raises(UserError, match="4-process job without torchrun's run id .* needs hydra.run.dir="):
+        shared_run_dir_override([], deepspeed)
+    assert shared_run_dir_override(["hydra.run.dir=/x"], deepspeed) == []
+    msrun = {"MS_ROLE": "MS_WORKER", "RANK_SIZE": "2", "MS_WORKER_NUM": "2", "RANK_ID": "1", "MS_SCHED_HOST": "h",
+             "MS_SCHED_PORT": "8118"}
+    with pytest.raises(UserError, match="2-process job"):  # each rank made its own directory from its clock
+        shared_run_dir_override([], msrun)
     assert shared_run_dir_override(["hydra.run.dir=/x"], torchrun) == []
     assert shared_run_dir_override([], {"WORLD_SIZE": "1"}) == []
 

@@ -5,9 +5,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 import pytest
+from omegaconf import OmegaConf
 
 from ascend_edit.cli import RUN_LOCK, UserError, run_directory_lock, shared_run_dir_override
 from ascend_edit.run_dir import make_unique_run_dir, register_run_dir_resolver
@@ -95,3 +94,40 @@ def test_a_busy_run_directory_named_by_output_dir_alone_is_refused_too(tmp_path)
     with run_directory_lock(str(run_dir), held_here=True):
         result = run_cli(["experiment=tiny", "eval.suite=false", f"output_dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 2 and f"output_dir={run_dir} is in use" in result.stderr, result.stderr[-2000:]
+
+
+def test_every_process_of_another_job_is_refused_and_the_own_jobs_are_not(tmp_path, monkeypatch):
+    """Only rank 0 probed the lock: the other ranks of a refused job went on and rewrote the running job's .hydra/.
+    Every process probes now; one of the job that holds the lock (same launch id) passes, msrun's scheduler too."""
+    from ascend_edit import cli
+
+    monkeypatch.setattr(cli, "LOCK_PATIENCE_S", 0.2)
+    for name in ("TORCHELASTIC_RUN_ID", "MS_SCHED_HOST", "MS_SCHED_PORT", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    with run_directory_lock(str(tmp_path), held_here=True):
+        assert "(job job-a)" in (tmp_path / RUN_LOCK).read_text()
+        assert cli._busy_problem("hydra.run.dir", str(tmp_path)) is None  # rank 1 of job a
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+        problem = cli._busy_problem("hydra.run.dir", str(tmp_path))  # any rank of job b
+        assert problem is not None and "is in use by another ascend-edit command" in problem and "job-a" in problem
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+        assert cli._busy_problem("hydra.run.dir", str(tmp_path)) is not None  # a plain second command
+    monkeypatch.setenv("MS_SCHED_HOST", "10.0.0.1")
+    monkeypatch.setenv("MS_SCHED_PORT", "8118")
+    with run_directory_lock(str(tmp_path), held_here=True):  # msrun's worker 0; its scheduler probes too
+        assert cli._busy_problem("hydra.run.dir", str(tmp_path)) is None
+
+
+def test_a_probe_holding_the_lock_for_a_moment_does_not_refuse_rank_zero(tmp_path):
+    """Another rank's probe takes the lock for a moment: rank 0 waits it out rather than refuse its own job."""
+    import fcntl
+    import threading
+
+    path = tmp_path / RUN_LOCK
+    path.write_text("")
+    probe = open(path)  # noqa: SIM115 - held across the thread below
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.3, lambda: (fcntl.flock(probe, fcntl.LOCK_UN), probe.close())).start()
+    with run_directory_lock(str(tmp_path), held_here=True):
+        assert f"pid {os.getpid()}" in path.read_text()
