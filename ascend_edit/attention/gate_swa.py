@@ -67,6 +67,20 @@ def install_bounded_cache_layers(model: nn.Module, cache: object) -> None:
             sink_window_layer(cache, module.layer_idx, module.window, module.sink_tokens)
 
 
+def own_copy(module: nn.Module) -> nn.Module:
+    """A copy of a teacher module that is the target's own: plain parameters holding its current values, and none
+    of the hooks installed on the teacher. Under ZeRO-3 the teacher's norms carry gather hooks (and partition
+    bookkeeping) by the time targets are built; a deep copy kept them, and its forward gathered the teacher's
+    weight into a context that never closed ("Nested GatheredParameters contexts cannot overlap")."""
+    copied = copy.deepcopy(module)
+    for sub, original in zip(copied.modules(), module.modules()):
+        for hooks in (sub._forward_pre_hooks, sub._forward_hooks, sub._backward_pre_hooks, sub._backward_hooks):
+            hooks.clear()
+        for name, param in original.named_parameters(recurse=False):  # (gathered while the target is built)
+            setattr(sub, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+    return copied
+
+
 class GateSWAAttention(nn.Module):
     def __init__(
         self,
@@ -104,8 +118,8 @@ class GateSWAAttention(nn.Module):
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
         self.o_proj = nn.Linear(g.num_heads * g.head_dim, g.hidden_size, bias=g.o_bias)
         # The teacher's per-head norm modules are copied by type so any RMSNorm flavour works.
-        self.q_norm = copy.deepcopy(q_norm) if q_norm is not None else None
-        self.k_norm = copy.deepcopy(k_norm) if k_norm is not None else None
+        self.q_norm = own_copy(q_norm) if q_norm is not None else None
+        self.k_norm = own_copy(k_norm) if k_norm is not None else None
         gate_width = {"none": 0, "headwise": g.num_heads, "elementwise": g.num_heads * g.head_dim}[gate]
         self.gate_proj = nn.Linear(g.hidden_size, gate_width, bias=True) if gate_width else None
 

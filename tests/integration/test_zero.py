@@ -205,3 +205,20 @@ def test_deepspeed_stage_checkpoint_exports_the_converted_weights(finished, engi
     assert got and set(got) <= set(want)
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, want[name].to(tensor.dtype), rtol=0, atol=1e-6)
+
+
+def test_gate_swa_on_a_qwen3_teacher_runs_under_zero3_as_under_torch(teacher, tmp_path):
+    """GateSWA copies the teacher's q_norm / k_norm into its target; under ZeRO-3 the copies kept the teacher's
+    gather hooks and the first evaluation failed ("Nested GatheredParameters contexts cannot overlap"): the
+    30B-A3B GateSWA recipe could not start. Now both engines give the same numbers (two ranks, as the recipes)."""
+    def args(engine: str, run_dir: Path) -> list[str]:
+        swa = [arg for arg in overrides(teacher, run_dir, engine) if not arg.startswith("target.")]
+        return [*swa, "target=gate_swa", "target.gate_swa.window=16", "target.gate_swa.sink_tokens=2"]
+
+    results = {}
+    for engine, world in (("torch", None), ("zero3", WORLD)):
+        proc = run_cli(args(engine, tmp_path / engine), world=world, timeout=RUN_TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[engine] = json.loads((tmp_path / engine / "report.json").read_text())["results"]
+    for name, metrics in results["torch"].items():
+        assert results["zero3"][name]["ppl"] == pytest.approx(metrics["ppl"], rel=1e-5), name
