@@ -109,6 +109,7 @@ class RunSettings:
     feature_layers: int = 0  # stage 2's feature matching: layers whose teacher states are kept for the loss
     reduce_bucket: int = DS_BUCKET_ELEMENTS  # engine.zero_options.reduce_bucket_size (elements)
     allgather_bucket: int = DS_BUCKET_ELEMENTS  # engine.zero_options.allgather_bucket_size (ZeRO-1/2)
+    experts: str = "grouped_mm"  # engine.experts_implementation (auto runs grouped_mm): grouped_mm | eager | batched_mm
 
 
 @dataclass
@@ -172,7 +173,13 @@ def target_attention_bytes(m: ModelShape, t: TargetShape, b: int) -> int:
     return base
 
 
-def mlp_bytes(m: ModelShape, b: int, compiled: bool = False) -> int:
+def gathered_expert_weights(m: ModelShape, b: int) -> int:
+    """Bytes per token that `batched_mm` gathers: the gate/up and down weights of each of its k experts (kept for
+    backward, and made during every forward, no-grad ones too)."""
+    return m.experts_per_token * 3 * m.hidden * m.expert_intermediate * b if m.moe else 0
+
+
+def mlp_bytes(m: ModelShape, b: int, compiled: bool = False, experts: str = "grouped_mm") -> int:
     if not m.moe:
         # gate out (SiLU input), SiLU out and up out (the product is recomputed); a compiled block recomputes
         # the SiLU output too (the partitioner keeps matmul outputs and recomputes pointwise ops)
@@ -181,10 +188,16 @@ def mlp_bytes(m: ModelShape, b: int, compiled: bool = False) -> int:
     router = FP32 * m.experts  # routing probabilities
     # grouped experts: each of the k copies of a token keeps its gathered input, its gate/up output and
     # the product fed to down_proj; plus its routing weight and int64 indices
-    return router + k * (b * (m.hidden + 3 * e) + b + 3 * 8)
+    grouped = router + k * (b * (m.hidden + 3 * e) + b + 3 * 8)
+    # eager (a loop over the experts hit) also keeps each copy's selected input; batched_mm keeps the weights it
+    # gathered per token: 75.5 MB per token and layer at Qwen3-30B-A3B's widths (measured to 0.1 % for grouped_mm,
+    # within a few % for the others: docs/scaling.md)
+    extra = {"eager": k * b * m.hidden, "batched_mm": gathered_expert_weights(m, b)}.get(experts, 0)
+    return grouped + extra
 
 
-def layer_bytes(m: ModelShape, t: TargetShape, b: int, stage: str, compiled: str = "off") -> int:
+def layer_bytes(m: ModelShape, t: TargetShape, b: int, stage: str, compiled: str = "off",
+                experts: str = "grouped_mm") -> int:
     """Bytes per token one decoder layer keeps for backward in `stage`.
 
     `compiled="layers"` (whole layers under torch.compile): each RMSNorm keeps only its bf16 input (the fp32
@@ -198,14 +211,14 @@ def layer_bytes(m: ModelShape, t: TargetShape, b: int, stage: str, compiled: str
         # loss keeps little else).
         return target_attention_bytes(m, t, b) + b * m.hidden
     norms = 2 * (b * m.hidden if compiled == "layers" else _norm_bytes(m.hidden, b))
-    return norms + target_attention_bytes(m, t, b) + mlp_bytes(m, b, compiled in ("layers", "blocks"))
+    return norms + target_attention_bytes(m, t, b) + mlp_bytes(m, b, compiled in ("layers", "blocks"), experts)
 
 
 def activation_bytes(m: ModelShape, t: TargetShape, s: RunSettings, checkpoint_every: int) -> float:
     """Activations of one micro-batch, with every `checkpoint_every`-th layer checkpointed (0 = none)."""
     tokens = s.micro_batch * s.seq_len
     b = 2  # activations are bf16 under autocast
-    per_layer = layer_bytes(m, t, b, s.stage, s.compiled)
+    per_layer = layer_bytes(m, t, b, s.stage, s.compiled, s.experts)
     if s.stage == "layerwise" or checkpoint_every == 0:
         kept = m.layers * per_layer
     else:
@@ -214,6 +227,8 @@ def activation_bytes(m: ModelShape, t: TargetShape, s: RunSettings, checkpoint_e
         kept = checkpointed * b * m.hidden + (m.layers - checkpointed) * per_layer + per_layer
     transient = b * (4 * m.hidden + 3 * max(m.intermediate if not m.moe else m.experts_per_token
                                             * m.expert_intermediate, m.hidden))
+    if s.experts == "batched_mm":  # every forward of a layer gathers its tokens' expert weights, teacher's too
+        transient += gathered_expert_weights(m, b)
     head = _norm_bytes(m.hidden, b) if s.stage == "model_level" else 0
     return tokens * (kept + transient + head)
 

@@ -70,6 +70,7 @@ def settings(cfg: RootConfig, stage_name: str, world: int, compiled: str = "off"
                        kd_kind=cfg.distill.model_level.kl,
                        teacher_copy=stage_name == "model_level" and cfg.distill.model_level.trainable != "target",
                        feature_layers=feature_layers,
+                       experts="grouped_mm" if cfg.engine.experts_implementation == "auto" else cfg.engine.experts_implementation,
                        reduce_bucket=int(cfg.engine.zero_options.get("reduce_bucket_size", DS_BUCKET_ELEMENTS)),
                        allgather_bucket=int(cfg.engine.zero_options.get("allgather_bucket_size", DS_BUCKET_ELEMENTS)),
                        # as model_level_objective + chunked_kd.use_fused_kd decide it on the cluster's device

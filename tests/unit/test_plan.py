@@ -255,3 +255,22 @@ def test_plan_takes_the_zero_bucket_sizes_the_run_gives_deepspeed():
                                   "+engine.zero_options.allgather_bucket_size=500"]))[1]["parts_gib"]["comm buffers"]
     assert small * GIB == pytest.approx((1000 + 500) * 2)  # bf16 elements of each bucket
     assert default > small
+
+
+def test_moe_activations_follow_the_experts_implementation():
+    """plan counted grouped_mm whatever engine.experts_implementation said; batched_mm gathers every token's expert
+    weights (75.5 MB per token and MoE layer at Qwen3-30B-A3B's widths) and the plan still said it fit."""
+    from ascend_edit.plan.memory import mlp_bytes
+
+    a3b = ModelShape(layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, vocab=151936, intermediate=6144,
+                     experts=128, experts_per_token=8, expert_intermediate=768)
+    grouped = mlp_bytes(a3b, 2)
+    assert grouped == 4 * 128 + 8 * (2 * (2048 + 3 * 768) + 2 + 24)  # 70,352: measured 70,453 (docs/scaling.md)
+    assert mlp_bytes(a3b, 2, experts="eager") == grouped + 8 * 2 * 2048  # measured 103,156
+    assert mlp_bytes(a3b, 2, experts="batched_mm") == grouped + 8 * 3 * 2048 * 768 * 2  # measured 75,567,732
+    assert mlp_bytes(TINY, 2, experts="batched_mm") == mlp_bytes(TINY, 2)  # a dense model has no experts
+    settings = RunSettings(stage="layerwise", seq_len=4096, micro_batch=1)
+    mla = dataclasses.replace(MLA, converted_layers=48)
+    parts = {name: plan_stage(a3b, mla, ParamCounts(frozen=0, target=0, largest_layer=0),
+                              dataclasses.replace(settings, experts=name)).parts for name in ("grouped_mm", "batched_mm")}
+    assert sum(parts["batched_mm"].values()) - sum(parts["grouped_mm"].values()) >= 4096 * 8 * 3 * 2048 * 768 * 2
