@@ -213,7 +213,8 @@ def teacher_config(cfg: ModelConfig, weights: bool = True) -> PretrainedConfig:
 
 # Sizes of a random-weights teacher that must be positive integers (model.overrides of model.source=config)
 _POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings")
+                   "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings",
+                   "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # the last three: MoE configs
 
 
 def check_config_overrides(config: PretrainedConfig, overrides: dict) -> None:
@@ -224,6 +225,10 @@ def check_config_overrides(config: PretrainedConfig, overrides: dict) -> None:
         value = getattr(config, key, None)
         if key in overrides and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ModelInputError(f"model.overrides.{key}={value} must be a positive integer")
+    experts, chosen = getattr(config, "num_experts", None), getattr(config, "num_experts_per_tok", None)
+    if {"num_experts", "num_experts_per_tok"} & set(overrides) and experts and chosen and chosen > experts:
+        raise ModelInputError(f"model.overrides: num_experts_per_tok={chosen} is more than num_experts={experts} "
+                              "(each token picks that many of them)")
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if {"num_attention_heads", "num_key_value_heads"} & set(overrides) and heads and kv_heads and heads % kv_heads:
         raise ModelInputError(f"model.overrides: num_attention_heads={heads} is not a multiple of "

@@ -352,8 +352,13 @@ def test_lm_eval_adapter_refuses_what_is_not_an_export_and_never_overwrites_data
     ({"hidden_size": -1}, "model.overrides.hidden_size=-1 must be a positive integer"),
     ({"vocab_size": 0}, "model.overrides.vocab_size=0 must be a positive integer"),
     ({"num_attention_heads": 3, "num_key_value_heads": 2}, "num_attention_heads=3 is not a multiple of"),
+    # MoE sizes: top-k past the expert count ("selected index k out of range" in torch.topk), a zero expert width
+    ({"num_experts": 4, "num_experts_per_tok": 8}, "num_experts_per_tok=8 is more than num_experts=4"),
+    ({"moe_intermediate_size": 0}, "model.overrides.moe_intermediate_size=0 must be a positive integer"),
+    ({"num_experts_per_tok": 0}, "model.overrides.num_experts_per_tok=0 must be a positive integer"),
 ])
 def test_random_teacher_sizes_that_cannot_build_a_model_are_named(overrides, named):
     """They failed inside torch with a traceback ("negative dimension", "random_ expects 'from' < 'to'")."""
+    arch = "qwen3_moe" if {"num_experts", "num_experts_per_tok", "moe_intermediate_size"} & set(overrides) else "qwen3"
     with pytest.raises(ModelInputError, match=re.escape(named)):
-        teacher_config(ModelConfig(source="config", arch="qwen3", overrides=overrides))
+        teacher_config(ModelConfig(source="config", arch=arch, overrides=overrides))
