@@ -407,7 +407,10 @@ def _sweep_problem(argv: list[str]) -> str | None:
         log.info("sweep of %d jobs: the first %d are checked now, the rest as each starts", len(points),
                  MAX_CHECKED_SWEEP_POINTS)
     bad_input = bad_input_types()
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    try:
+        world_size = env_world_size()
+    except UserError as err:
+        return str(err)
     # an explicit sweep directory with Hydra's job subdirectories: jobs of an earlier sweep may already be there
     sweep_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.dir=") and "${" not in t]
     subdirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.subdir=")]
@@ -661,6 +664,14 @@ def _run_dir_problem(argv: list[str]) -> str | None:
     return None
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE as the launcher (or a launch wrapper's check) set it; 1 when unset."""
+    value = os.environ.get("WORLD_SIZE", "") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"WORLD_SIZE={value!r} is not a positive integer")
+    return int(value)
+
+
 def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
     """Under a multi-process launcher every rank must write to one run directory.
 
@@ -710,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ascend-edit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     register_configs()
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1) if check_only else None
+    try:
+        world_size = env_world_size() if check_only else None
+    except UserError as err:
+        print(f"ascend-edit: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     problem = _precheck(sys.argv[1:], world_size)
     if problem:
         print(f"ascend-edit: error: {problem}", file=sys.stderr)

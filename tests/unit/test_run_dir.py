@@ -131,3 +131,16 @@ def test_a_probe_holding_the_lock_for_a_moment_does_not_refuse_rank_zero(tmp_pat
     threading.Timer(0.3, lambda: (fcntl.flock(probe, fcntl.LOCK_UN), probe.close())).start()
     with run_directory_lock(str(tmp_path), held_here=True):
         assert f"pid {os.getpid()}" in path.read_text()
+
+
+@pytest.mark.parametrize("extra_env, args", [
+    ({"RANK": "0"}, ["experiment=tiny", "hydra.run.dir=RUN"]),
+    ({"RANK": "0"}, ["-m", "experiment=tiny", "device.seed=1,2", "hydra.sweep.dir=RUN"]),
+    ({"ASCEND_EDIT_CHECK_ONLY": "1"}, ["experiment=tiny", "hydra.run.dir=RUN"]),  # a launch wrapper's check
+])
+def test_a_world_size_that_is_not_a_number_is_one_line(tmp_path, extra_env, args):
+    """int(WORLD_SIZE) ended in a traceback in the sweep check and the wrappers' check-only start."""
+    env = {**os.environ, "WORLD_SIZE": "x", **extra_env}
+    result = run_cli([a.replace("RUN", str(tmp_path / "run")) for a in args], cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "WORLD_SIZE='x' is not" in result.stderr
