@@ -773,7 +773,9 @@ class RootConfig:
             # parameters that no engine gathers: its first forward fails deep inside the embedding
             raise ConfigError(f"distill.model_level.trainable={ml.trainable} keeps a frozen teacher copy outside "
                               "the engine, which engine.zero_stage=3 neither partitions nor gathers: use engine=zero2 "
-                              "(or zero1 / torch), or distill.model_level.trainable=target")
+                              "(or zero1 / torch; the frozen weights then sit whole on every rank — check with "
+                              "`ascend-edit plan`: 57 GiB at Qwen3-30B-A3B, more than a 64 GB card holds), or "
+                              "distill.model_level.trainable=target")
 
 
 def register_configs() -> None:
