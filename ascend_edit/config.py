@@ -119,6 +119,9 @@ class ModelConfig:
         if self.path and self.source != "hf":  # silently training another teacher than the one named
             raise ConfigError(f"model.path={self.path!r} is only read with model.source=hf (model.source={self.source});"
                               " add model=hf")
+        if self.arch and self.source != "config":  # the teacher's own config says what it is
+            raise ConfigError(f"model.arch={self.arch!r} is only read with model.source=config (model.source="
+                              f"{self.source} takes the architecture from the teacher's config)")
         if self.gguf_file and self.source != "hf":
             raise ConfigError(f"model.gguf_file={self.gguf_file!r} is only read with model.source=hf "
                               f"(model.source={self.source})")

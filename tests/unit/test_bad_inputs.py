@@ -362,3 +362,12 @@ def test_random_teacher_sizes_that_cannot_build_a_model_are_named(overrides, nam
     arch = "qwen3_moe" if {"num_experts", "num_experts_per_tok", "moe_intermediate_size"} & set(overrides) else "qwen3"
     with pytest.raises(ModelInputError, match=re.escape(named)):
         teacher_config(ModelConfig(source="config", arch=arch, overrides=overrides))
+
+
+def test_model_arch_with_a_teacher_read_from_disk_is_refused():
+    """model.arch was ignored with model.source=hf (the checkpoint's config decides): a user meaning another
+    architecture got no word."""
+    from ascend_edit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.arch='qwen3_moe' is only read with model.source=config"):
+        ModelConfig(source="hf", path="/some/checkpoint", arch="qwen3_moe")
