@@ -513,10 +513,20 @@ RUN_LOCK = ".ascend-edit.lock"
 LOCK_PATIENCE_S = 2.0  # how long a lock must stay held to count as another command's (a probe holds it for a moment)
 
 
+def launcher_world_size(env: dict[str, str]) -> int:
+    """The job's process count as the launcher's variables state it (WORLD_SIZE, or msrun's), read leniently:
+    `discover()` is the one that names a bad value."""
+    sizes = [env.get(name, "") for name in ("WORLD_SIZE", "RANK_SIZE", "MS_WORKER_NUM")]
+    return max([int(size) for size in sizes if size.isdigit()], default=1)
+
+
 def launch_id(env: dict[str, str] | None = None) -> str | None:
     """What every process of one multi-process job shares and another job does not: torchrun's rendezvous run id,
-    msrun's scheduler address, else the master address and port; None for a single process."""
+    msrun's scheduler address, else the master address and port; None for a single process (a MASTER_ADDR left in
+    a shell would otherwise make every single-process command there one job, and none would be refused)."""
     env = dict(os.environ if env is None else env)
+    if launcher_world_size(env) <= 1:
+        return None
     run_id = env.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
         return run_id
@@ -688,8 +698,7 @@ def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
     try:
         world = discover(env).world_size  # WORLD_SIZE, or msrun's RANK_SIZE / MS_WORKER_NUM
     except ValueError:  # an inconsistent environment: the task's own discover() says so in one line
-        sizes = [env.get(name, "") for name in ("WORLD_SIZE", "RANK_SIZE", "MS_WORKER_NUM")]
-        world = max([int(size) for size in sizes if size.isdigit()], default=1)
+        world = launcher_world_size(env)
     if world <= 1:
         return []
     run_id = env.get("TORCHELASTIC_RUN_ID", "")

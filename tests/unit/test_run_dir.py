@@ -104,6 +104,7 @@ def test_every_process_of_another_job_is_refused_and_the_own_jobs_are_not(tmp_pa
     monkeypatch.setattr(cli, "LOCK_PATIENCE_S", 0.2)
     for name in ("TORCHELASTIC_RUN_ID", "MS_SCHED_HOST", "MS_SCHED_PORT", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
     with run_directory_lock(str(tmp_path), held_here=True):
         assert "(job job-a)" in (tmp_path / RUN_LOCK).read_text()
@@ -112,7 +113,15 @@ def test_every_process_of_another_job_is_refused_and_the_own_jobs_are_not(tmp_pa
         problem = cli._busy_problem("hydra.run.dir", str(tmp_path))  # any rank of job b
         assert problem is not None and "is in use by another ascend-edit command" in problem and "job-a" in problem
         monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.setenv("MASTER_ADDR", "10.0.0.2")  # left in a shell: a single process is still no job's
         assert cli._busy_problem("hydra.run.dir", str(tmp_path)) is not None  # a plain second command
+    monkeypatch.delenv("MASTER_ADDR")
+    with run_directory_lock(str(tmp_path), held_here=True):  # a single process that has MASTER_ADDR set
+        monkeypatch.setenv("MASTER_ADDR", "10.0.0.2")
+        assert cli._busy_problem("hydra.run.dir", str(tmp_path)) is not None
+        monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("RANK_SIZE", "2")
     monkeypatch.setenv("MS_SCHED_HOST", "10.0.0.1")
     monkeypatch.setenv("MS_SCHED_PORT", "8118")
     with run_directory_lock(str(tmp_path), held_here=True):  # msrun's worker 0; its scheduler probes too
