@@ -607,8 +607,6 @@ def _busy_problem(key: str, directory: str) -> str | None:
     """Before Hydra writes `.hydra/` and its log into a directory (which it does before any task starts): is
     another command running there? Every process asks (a refused job's other ranks would otherwise rewrite the
     running job's saved config); a lock held under this process's own launch id is its own job's."""
-    import fcntl
-
     path = Path(directory).expanduser() / RUN_LOCK
     if not path.is_file():
         return None
@@ -617,11 +615,7 @@ def _busy_problem(key: str, directory: str) -> str | None:
             holder = _held_by_another_command(lock, own_job=launch_id())
         except OSError:  # no flock on this file system: run_directory_lock says so
             return None
-        if holder is not None:
-            return _in_use(key, directory, holder)
-        with contextlib.suppress(OSError):
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return None
+        return _in_use(key, directory, holder) if holder is not None else None  # closing the file unlocks it
 
 
 def _foreign_directory_problem(key: str, directory: str) -> str | None:
@@ -691,14 +685,9 @@ def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
     command is refused: a name from the master address and port is the same for every job on that port, so a
     later job resumed, or was refused by, an earlier one; the launch wrappers always pass a directory.
     """
-    from ascend_edit.distributed import discover
-
     if any(t.startswith("hydra.run.dir=") for t in argv):
         return []
-    try:
-        world = discover(env).world_size  # WORLD_SIZE, or msrun's RANK_SIZE / MS_WORKER_NUM
-    except ValueError:  # an inconsistent environment: the task's own discover() says so in one line
-        world = launcher_world_size(env)
+    world = launcher_world_size(env)  # WORLD_SIZE, or msrun's RANK_SIZE / MS_WORKER_NUM
     if world <= 1:
         return []
     run_id = env.get("TORCHELASTIC_RUN_ID", "")

@@ -38,6 +38,7 @@ from ascend_edit.train.checkpoint_io import (
     first_non_finite,
     from_rank0,
     fsync_dir,
+    manifest_problem,
     rank_and_world,
     verify_manifest,
     write_manifest,
@@ -46,6 +47,11 @@ from ascend_edit.train.checkpoint_io import (
 FORMAT_VERSION = 1
 CONVERTED_MARKER = "ascend_edit.json"  # names a converted-model directory; holds target config and plan
 RUN_CANDIDATES = ("converted", "stage-layerwise")  # converted models inside a run directory, preferred first
+
+
+def converted_damage(directory: Path) -> str:
+    """What is wrong with a converted directory that lacks its marker, as its manifest names it."""
+    return f"{directory} is damaged ({manifest_problem(directory) or 'no ' + CONVERTED_MARKER})"
 
 
 def run_directory_of(path: Path) -> Path | None:

@@ -98,11 +98,16 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def fused_ops_on(cfg: FusedOpsConfig, device_type: str) -> bool:
+    """Whether the fused ops are swapped in: `enabled=on`, or `auto` on an NPU."""
+    return cfg.enabled == "on" or (cfg.enabled == "auto" and device_type == "npu")
+
+
 def check_fused_ops_available(cfg: FusedOpsConfig, *, device_type: str) -> None:
     """Before the teacher loads: every backend `cfg` names for a swap that will happen can run on `device_type`
     (a known backend on the wrong device, or without its package, was a traceback after the model loaded)."""
     cfg.check()
-    if cfg.enabled == "off" or (cfg.enabled == "auto" and device_type != "npu"):
+    if not fused_ops_on(cfg, device_type):
         return
     for op in (RMS_NORM, ROTARY_EMBEDDING, SWIGLU):
         backend = getattr(cfg, op)
@@ -115,7 +120,7 @@ def check_fused_ops_available(cfg: FusedOpsConfig, *, device_type: str) -> None:
 def install_fused_ops(model: nn.Module, cfg: FusedOpsConfig, *, device_type: str) -> dict[str, str]:
     """Swap in the fused ops for ``device_type``; returns ``{op: backend}`` (empty: nothing changed)."""
     check_fused_ops_available(cfg, device_type=device_type)
-    if cfg.enabled == "off" or (cfg.enabled == "auto" and device_type != "npu"):
+    if not fused_ops_on(cfg, device_type):
         log.info("fused decoder ops: off on %s (enabled=%s); layers keep their own modules", device_type, cfg.enabled)
         return {}
     chosen: dict[str, str] = {}

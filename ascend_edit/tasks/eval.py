@@ -141,15 +141,14 @@ def load_student(path: Path, zero3: dict | None = None, trust_remote_code: bool 
     """(model, kind) from a run dir, a converted dir or an exported HF checkpoint, in `dtype`. `zero3`: a
     `zero.Init` config — the model is built ZeRO-3 partitioned (every rank of the job calls this). An export in
     auto_map format loads only with `trust_remote_code` (eval.trust_remote_code)."""
-    from ascend_edit.models.checkpoint import load_converted
+    from ascend_edit.models.checkpoint import converted_damage, load_converted
     from ascend_edit.models.export import load_exported
-    from ascend_edit.train.checkpoint_io import CheckpointIntegrityError, verify_manifest
+    from ascend_edit.train.checkpoint_io import CheckpointIntegrityError
 
     if (path / "converted" / "ascend_edit.json").is_file():
         return load_converted(path / "converted", dtype=dtype, zero3=zero3), "run"
     if (path / "converted").is_dir():  # a run whose model lost its marker: name the damage
-        verify_manifest(path / "converted")
-        raise CheckpointIntegrityError(f"eval.checkpoint={path}: its converted/ has no ascend_edit.json")
+        raise CheckpointIntegrityError(f"eval.checkpoint={path}: {converted_damage(path / 'converted')}")
     if (path / "ascend_edit.json").is_file():
         return load_converted(path, dtype=dtype, zero3=zero3), "converted"
     if (path / "config.json").is_file():

@@ -35,13 +35,14 @@ from ascend_edit.config import RootConfig
 from ascend_edit.models.checkpoint import (
     CONVERTED_MARKER,
     RUN_CANDIDATES,
+    converted_damage,
     converted_weight_files,
     load_converted,
     run_directory_of,
 )
 from ascend_edit.models.export import ExportResult, export_converted, output_problem
 from ascend_edit.models.loading import TORCH_DTYPES
-from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, CheckpointIntegrityError, manifest_problem, verify_manifest
+from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, CheckpointIntegrityError, verify_manifest
 from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,8 @@ def resolve_source(path: str | Path | None) -> ExportSource:
         if (path / name / CONVERTED_MARKER).exists():
             return ExportSource("converted", path / name)
         if (path / name).is_dir():  # there but without its marker: damaged, never a reason to ship the next one
-            raise CheckpointIntegrityError(
-                f"export.checkpoint={path}: {path / name} is damaged ({manifest_problem(path / name) or 'no ' + CONVERTED_MARKER}); "
-                f"not falling back to an earlier stage's model: restore it, or name the one to export")
+            raise CheckpointIntegrityError(f"export.checkpoint={path}: {converted_damage(path / name)}; not falling "
+                                           "back to an earlier stage's model: restore it, or name the one to export")
     if (path / ENGINE_WEIGHTS).exists() or (path / "deepspeed").is_dir():
         return ExportSource("engine_checkpoint", path)
     if (path / OLD_PICKLED_ENGINE).exists():

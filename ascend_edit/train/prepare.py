@@ -1,7 +1,9 @@
 """What every task that trains starts from: device and processes, teacher, data, plan and edited model."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -163,9 +165,6 @@ def earlier_plan(cfg: RootConfig, out_dir: Path) -> tuple[list[LayerPlan], Path]
 
 def write_measured_plan(out_dir: Path, plan: list[LayerPlan]) -> None:
     """Save the plan measured at the start, before stage 1 trains under it (written whole, then renamed in)."""
-    import json
-    import os
-
     tmp = out_dir / f"{MEASURED_PLAN}.tmp"
     tmp.write_text(json.dumps({"plan": plan_entries(plan)}))
     os.replace(tmp, out_dir / MEASURED_PLAN)
@@ -174,8 +173,6 @@ def write_measured_plan(out_dir: Path, plan: list[LayerPlan]) -> None:
 def read_measured_plan(out_dir: Path) -> tuple[list[LayerPlan], Path] | None:
     """The plan `write_measured_plan` saved in this run directory, or None when there is none. A damaged one is
     refused: measuring again could choose another plan for the weights trained so far."""
-    import json
-
     path = out_dir / MEASURED_PLAN
     if not path.is_file():
         return None

@@ -53,27 +53,15 @@ def stage_settings(cfg: RootConfig) -> StageSettings:
                          run_config=run_config)
 
 
-def data_identity(cfg: RootConfig) -> str | None:
-    """A digest of the data under `data.path` — each file's size and first and last 64 KiB (data/cache.py), not its
-    modification time or location, so node-local copies of one corpus agree: a corpus edited between a stop and
-    its resume is refused rather than trained on from the middle of another. None for built-in sources (package
-    data) and synthetic ids."""
+def files_digest(roots: list[tuple[Path, list[Path] | None]]) -> str:
+    """A short digest of files by name (relative to their root), size and end digests (data/cache.py
+    `source_identity`) — not modification time or location, so node-local copies agree. Each root with the files
+    read under it (None: every file); a root that does not exist counts as missing."""
     import hashlib
     import json
 
     from ascend_edit.data.cache import source_identity
 
-    if cfg.data.source not in ("files", "indexed") or cfg.data.path is None:
-        return None
-    if cfg.data.source == "indexed":
-        from ascend_edit.data.indexed import files_of
-
-        roots: list[tuple[Path, list[Path] | None]] = [(path, None) for path in files_of(cfg.data.path)]  # .bin, .idx
-    else:
-        from ascend_edit.data.loading import text_source
-
-        source = text_source(cfg.data)  # the files it reads: a README or a cache kept beside them is not the data
-        roots = [(source.path, source.files_read() if source.path.exists() else None)]
     contents: list = []
     for path, files in roots:
         if not path.exists():
@@ -86,27 +74,35 @@ def data_identity(cfg: RootConfig) -> str | None:
     return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def data_identity(cfg: RootConfig) -> str | None:
+    """A digest of the data under `data.path` (`files_digest`): a corpus edited between a stop and its resume is
+    refused rather than trained on from the middle of another. Only the files the reader reads count (a README or
+    a cache kept beside them is not the data). None for built-in sources (package data) and synthetic ids."""
+    if cfg.data.source not in ("files", "indexed") or cfg.data.path is None:
+        return None
+    if cfg.data.source == "indexed":
+        from ascend_edit.data.indexed import files_of
+
+        return files_digest([(path, None) for path in files_of(cfg.data.path)])  # the .bin and .idx
+    from ascend_edit.data.loading import text_source
+
+    source = text_source(cfg.data)
+    return files_digest([(source.path, source.files_read() if source.path.exists() else None)])
+
+
 # What the teacher's directory holds that makes it this teacher (and its tokenizer, which made the training rows).
 TEACHER_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def model_identity(cfg: RootConfig) -> str | None:
-    """A digest of the teacher's files under `model.path` (config, weights — or the GGUF file named —, tokenizer;
-    sizes and end digests as for the data), so that weights changed in place between a stop and its resume are
-    refused rather than distilled from for the rest of the run. None for the built-in and config-built teachers."""
-    import hashlib
-    import json
-
-    from ascend_edit.data.cache import source_identity
-
+    """A digest of the teacher's files under `model.path` (`files_digest` of its config, weights — or the GGUF file
+    named —, tokenizer), so that weights changed in place between a stop and its resume are refused rather than
+    distilled from for the rest of the run. None for the built-in and config-built teachers."""
     if cfg.model.source != "hf" or not cfg.model.path:
         return None
     root = Path(cfg.model.path).expanduser().resolve()
     patterns = (*TEACHER_FILES[:1], cfg.model.gguf_file, *TEACHER_FILES[3:]) if cfg.model.gguf_file else TEACHER_FILES
-    files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
-    contents = [[str(Path(name).relative_to(root)), size, digest]
-                for name, size, _mtime, digest in source_identity(root, files)["files"]]
-    return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:16]
+    return files_digest([(root, sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()}))])
 
 
 def stage_geometry(stage: StageConfig, world: int) -> tuple[int, int]:
