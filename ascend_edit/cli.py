@@ -301,7 +301,7 @@ def check_reused_run_directory(cfg, run_dir: Path, where: str) -> None:
     elif _holds_checkpoints(run_dir):
         from ascend_edit.validation import check_resume_config
 
-        check_resume_config(cfg, run_dir)
+        check_resume_config(cfg, run_dir, launcher_world_size(dict(os.environ)))
 
 
 def _holds_checkpoints(run_dir: Path) -> bool:

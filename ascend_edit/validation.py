@@ -51,10 +51,11 @@ def init_from_directory(init_from: str) -> Path:
                       "stage-layerwise/ or converted/): give a run directory or its stage-layerwise/")
 
 
-def check_resume_config(cfg: RootConfig, run_dir: Path) -> None:
+def check_resume_config(cfg: RootConfig, run_dir: Path, world_size: int) -> None:
     """A run resumed in `run_dir` with keys its newest checkpoints were written without (and that cannot change
-    mid-run) is refused here, before the teacher loads — the resume itself would refuse it only after loading,
-    warm start and evaluation. The checkpoints are not verified here (resume does that)."""
+    mid-run), or by another number of processes, is refused here, before the teacher loads — the resume itself
+    would refuse it only after loading, warm start and evaluation. The checkpoints are not verified here (resume
+    does that)."""
     import dataclasses
 
     from ascend_edit.train.checkpoint_io import CheckpointDir
@@ -67,7 +68,7 @@ def check_resume_config(cfg: RootConfig, run_dir: Path) -> None:
     for directory in resume_checkpoint_dirs(cfg.task, run_dir):
         store = CheckpointDir(directory, keep_last=1)
         for stage in (name for name in STAGE_ORDER if name in running):  # the stages this run resumes
-            _check_saved_config(store.latest(stage), current, stage)
+            _check_saved_config(store.latest(stage), current, stage, world_size)
 
 
 def resume_checkpoint_dirs(task: str, run_dir: Path) -> list[Path]:
@@ -78,15 +79,19 @@ def resume_checkpoint_dirs(task: str, run_dir: Path) -> list[Path]:
     return [run_dir / name for name in (ABLATION_VARIANT_DIRS if task == "ablation" else ("checkpoints",))]
 
 
-def _check_saved_config(latest: Path | None, current: dict, stage: str) -> None:
+def _check_saved_config(latest: Path | None, current: dict, stage: str, world_size: int) -> None:
     from ascend_edit.train.checkpoint_io import CheckpointDir
     from ascend_edit.train.loop import ConfigChangedOnResume, check_config_change
 
     if latest is not None:
         try:
-            saved = json.loads((latest / CheckpointDir.STATE_FILE).read_text()).get("config")
-        except (OSError, ValueError):
+            state = json.loads((latest / CheckpointDir.STATE_FILE).read_text())
+            saved, written_by = state.get("config"), state.get("world_size")
+        except (OSError, ValueError, AttributeError):
             return  # a damaged state file: resume passes this checkpoint over and says so
+        if isinstance(written_by, int) and written_by != world_size:  # the engine's state is per process
+            raise ConfigError(f"{latest} was written by {written_by} processes and this job has {world_size}: "
+                              "resume with the same number of processes, or set engine.resume=false")
         if saved:
             try:
                 check_config_change(saved, current, stage, latest)

@@ -215,12 +215,22 @@ def teacher_config(cfg: ModelConfig, weights: bool = True) -> PretrainedConfig:
 _POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings",
                    "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # the last three: MoE configs
+# Keys that only a mixture-of-experts config reads: on a dense architecture the config stores them and the model
+# ignores them, so a user who meant an MoE teacher would get a dense one with no word
+_EXPERT_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_local_experts",
+                "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size", "norm_topk_prob")
 
 
 def check_config_overrides(config: PretrainedConfig, overrides: dict) -> None:
     """A random-weights teacher's `model.overrides`: a size that cannot build a model fails deep inside torch with
     no key named; named here. (Unknown keys are not refused: some a modeling file reads, e.g. Qwen3-MoE's head_dim,
     are not fields of its config class.)"""
+    dense = sorted(key for key in _EXPERT_KEYS if key in overrides
+                   and not hasattr(AutoConfig.for_model(config.model_type), key))
+    if dense:
+        moe = [arch for arch in SUPPORTED_MODEL_TYPES if hasattr(AutoConfig.for_model(arch), dense[0])]
+        raise ModelInputError(f"model.overrides.{dense[0]}: model.arch={config.model_type} is a dense architecture "
+                              f"and ignores it (experts need one of {moe})")
     for key in _POSITIVE_SIZES:
         value = getattr(config, key, None)
         if key in overrides and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -173,6 +173,9 @@ def _largest_micro_cell(summary: dict) -> str:
 def run(cfg: RootConfig) -> dict:
     from rich.console import Console
 
+    from ascend_edit.distributed import is_main_process
+
     summaries = plan_run(cfg)
-    print_plan(Console(), cfg, summaries)
+    if is_main_process():  # a plan started under a launcher (with the job it plans for) prints once, not per rank
+        print_plan(Console(), cfg, summaries)
     return {"plan": summaries}

@@ -308,6 +308,29 @@ def test_a_refused_resume_is_refused_before_loading_and_leaves_the_run_as_it_was
     assert (run / ".hydra" / "config.yaml").read_text() == saved
 
 
+def test_a_resume_by_another_number_of_processes_is_refused_before_loading(tmp_path):
+    """It was refused only when the engine read the checkpoint: after the teacher's load (minutes at 8B), the warm
+    start and the first evaluation."""
+    import dataclasses
+
+    from ascend_edit.config import ConfigError, RootConfig
+    from ascend_edit.train.loop import flatten_config
+    from ascend_edit.validation import check_resume_config
+
+    cfg = RootConfig()
+    checkpoint = tmp_path / "checkpoints" / "step-layerwise-4"
+    checkpoint.mkdir(parents=True)
+    state = {"stage": "layerwise", "step": 4, "engine": "deepspeed", "world_size": 2,
+             "config": flatten_config(dataclasses.asdict(cfg))}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    check_resume_config(cfg, tmp_path, world_size=2)  # the same job size resumes
+    with pytest.raises(ConfigError, match=re.escape(f"{checkpoint} was written by 2 processes and this job has 1: "
+                                                    "resume with the same number of processes")):
+        check_resume_config(cfg, tmp_path, world_size=1)
+    check_resume_config(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, resume=False)), tmp_path,
+                        world_size=1)  # starting over reads nothing
+
+
 def test_lm_eval_adapter_runs_shipped_code_only_when_asked(tmp_path):
     """An auto_map export runs the modeling code it ships: the lm-eval adapter refuses it without the flag."""
     from ascend_edit.eval.lm_eval_adapter import evaluate_export, main
@@ -362,6 +385,16 @@ def test_random_teacher_sizes_that_cannot_build_a_model_are_named(overrides, nam
     arch = "qwen3_moe" if {"num_experts", "num_experts_per_tok", "moe_intermediate_size"} & set(overrides) else "qwen3"
     with pytest.raises(ModelInputError, match=re.escape(named)):
         teacher_config(ModelConfig(source="config", arch=arch, overrides=overrides))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_expert_overrides_on_a_dense_architecture_are_refused(arch):
+    """model.arch=qwen3 with model.overrides.num_experts=8 built a dense teacher with no word (the config stored
+    the key, the model never read it)."""
+    with pytest.raises(ModelInputError, match=re.escape(f"model.overrides.num_experts: model.arch={arch} is a dense "
+                                                        "architecture and ignores it (experts need one of ['qwen3_moe'])")):
+        teacher_config(ModelConfig(source="config", arch=arch, overrides={"num_experts": 8, "hidden_size": 64}))
+    assert teacher_config(ModelConfig(source="config", arch="qwen3_moe", overrides={"num_experts": 8})).num_experts == 8
 
 
 def test_model_arch_with_a_teacher_read_from_disk_is_refused():

@@ -274,3 +274,16 @@ def test_moe_activations_follow_the_experts_implementation():
     parts = {name: plan_stage(a3b, mla, ParamCounts(frozen=0, target=0, largest_layer=0),
                               dataclasses.replace(settings, experts=name)).parts for name in ("grouped_mm", "batched_mm")}
     assert sum(parts["batched_mm"].values()) - sum(parts["grouped_mm"].values()) >= 4096 * 8 * 3 * 2048 * 768 * 2
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_plan_under_a_launcher_prints_once(monkeypatch, capsys, rank, printed):
+    """Started under a launcher (with the job it plans for), every rank printed the same table."""
+    from ascend_edit.tasks.plan import run
+
+    monkeypatch.setenv("RANK", rank)
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_RANK", rank), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    report = run(compose_cfg([]))
+    assert report["plan"] and ("plan" in capsys.readouterr().out) is printed
