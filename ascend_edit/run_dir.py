@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 RESOLVER = "unique_run_dir"
 MAX_SUFFIX = 10_000
@@ -50,8 +51,39 @@ CHECKPOINT_DIRS = ("checkpoints", *ABLATION_VARIANT_DIRS)
 # The layer plan a run measured on calibration data, written before stage 1 trains: a resume takes it (measuring
 # again can choose differently for the weights already trained), whichever stage the run stopped in.
 MEASURED_PLAN = "measured_plan.json"
+# What made the run's teacher and data theirs when it started (train/stage.py `input_identities`): eval, and an
+# export's eval, compare the teacher and data they load against it.
+RUN_INPUTS = "run_inputs.json"
 TRAINING_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "stage-layerwise", "converted", "report.json",
-                    "report.md", "plots", "eval.json", "ablation.json", "ablation-*", MEASURED_PLAN)
+                    "report.md", "plots", "eval.json", "ablation.json", "ablation-*", MEASURED_PLAN, RUN_INPUTS)
+# A saved config's paths to files the run read, as the user gave them (relative to where the run was started)
+RUN_PATH_KEYS = ("model.path", "data.path")
+
+
+def saved_run_config(run_dir: Path) -> Any:
+    """A run's `.hydra/config.yaml` with its relative teacher and data paths made absolute against the directory
+    the run was started from (`.hydra/hydra.yaml`, hydra.runtime.cwd): read by eval, export or a rebuild started
+    elsewhere, `model.path=teacher` would name another teacher, or none. Raises what `OmegaConf.load` raises."""
+    raw = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
+    started_in = _started_in(Path(run_dir))
+    if started_in is None or not isinstance(raw, DictConfig):
+        return raw
+    mix = OmegaConf.select(raw, "data.mix", default=None, throw_on_resolution_failure=False)
+    for key in (*RUN_PATH_KEYS, *(f"data.mix.{i}.path" for i in range(len(mix or [])))):
+        value = OmegaConf.select(raw, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            OmegaConf.update(raw, key, str(started_in / value), merge=False)
+    return raw
+
+
+def _started_in(run_dir: Path) -> Path | None:
+    """The working directory a run was started from, as Hydra recorded it; None without a readable record."""
+    try:
+        value = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.cwd", default=None,
+                                 throw_on_resolution_failure=False)
+    except Exception:  # no record, or a damaged one: the paths stay as saved
+        return None
+    return Path(value) if isinstance(value, str) and os.path.isabs(value) else None
 
 
 # The earlier run's `.hydra/` (the config eval, export and resume read back), copied here before Hydra rewrites it

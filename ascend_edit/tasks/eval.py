@@ -33,7 +33,7 @@ from ascend_edit.eval.passkey import check_passkey_contexts
 from ascend_edit.eval.report import EFFECTIVE_CONFIG
 from ascend_edit.eval.suite import held_out_sets, run_suite
 from ascend_edit.models.checkpoint import run_directory_of
-from ascend_edit.run_dir import set_aside_previous_run
+from ascend_edit.run_dir import saved_run_config, set_aside_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def run_config(path: Path, cfg: RootConfig) -> RootConfig:
 
     saved = run_dir / ".hydra" / "config.yaml"
     try:
-        raw = OmegaConf.load(saved)
+        raw = saved_run_config(run_dir)  # its relative teacher / data paths against where the run was started
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"eval.checkpoint={path}: the run's saved config {saved} is damaged "
                          f"({one_line(err)})") from err
@@ -187,6 +187,34 @@ def in_domain_data(path: Path, cfg: RootConfig) -> tuple[DataConfig, int, str]:
     return cfg.data, cfg.device.seed, f"this command's data ({cfg.data.source}, seed {cfg.device.seed})"
 
 
+def check_inputs_unchanged(path: Path, cfg: RootConfig, data: DataConfig) -> None:
+    """The teacher and data this evaluation loads must be the ones the conversion had (the identities its run
+    recorded when it started, or an export carries from it): a teacher rewritten in place, another one with the
+    same vocabulary, or a corpus edited since (its held-out split then holds documents the run trained on) would
+    give numbers with exit 0 that mean something else. Runs and exports without the record are not checked."""
+    from ascend_edit.models.export import read_provenance
+    from ascend_edit.train.stage import changed_inputs, data_identity, model_identity, recorded_inputs
+
+    run_dir = run_directory_of(path)
+    if run_dir is not None:
+        recorded, where = recorded_inputs(run_dir), f"the run {run_dir}"
+    else:
+        provenance = read_provenance(path) or {}
+        recorded, where = provenance.get("inputs"), f"the run {provenance.get('run_directory')} (the export's source)"
+    if not recorded:
+        return
+    current = {"model.identity": model_identity(cfg), "data.identity": data_identity(dataclasses.replace(cfg, data=data))}
+    for key in changed_inputs(recorded, current):
+        then, now = recorded[key], current[key]
+        if key == "model.identity":
+            teacher = f"model.path={cfg.model.path}" if cfg.model.source == "hf" else f"model.source={cfg.model.source}"
+            raise ValueError(f"{teacher}: this teacher is not the one {where} was converted from (identity {then} "
+                             f"then, {now} now): its scores would compare other models; name that teacher, or "
+                             "restore its files")
+        raise ValueError(f"data.path={data.path}: the data changed since {where} started (identity {then} then, "
+                         f"{now} now): its held-out split would now hold documents the run trained on; restore it")
+
+
 def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module, source: str) -> None:
     """A converted or exported model outside its run directory is compared with the teacher `model=` names (the
     default is SmolLM2): a different teacher would index its embeddings out of range, or compare other tokens."""
@@ -212,6 +240,8 @@ def run(cfg: RootConfig) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"eval.checkpoint={path} does not exist")
     cfg = run_config(path, cfg)
+    data, seed, in_domain_source = in_domain_data(path, cfg)
+    check_inputs_unchanged(path, cfg, data)  # before minutes of loading
     env = distributed.discover()
     device = resolve_device(cfg.device.type, local_rank=env.local_rank, dtype=cfg.device.dtype)
     # Both models in the teacher's dtype, as the end-of-run suite holds them: a student in fp32 against a
@@ -238,7 +268,6 @@ def run(cfg: RootConfig) -> dict:
             install_gathered_forward(model)  # every rank runs every forward, one module whole at a time
         else:
             model.to(device.torch_device)
-    data, seed, in_domain_source = in_domain_data(path, cfg)
     sets = held_out_sets(cfg.eval, run_documents(data, seed))
     with torch.no_grad():
         results = run_suite(model_logits(teacher.eval()), model_logits(student), tokenizer, cfg.eval, sets,

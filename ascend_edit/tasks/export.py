@@ -42,8 +42,10 @@ from ascend_edit.models.checkpoint import (
 )
 from ascend_edit.models.export import ExportResult, export_converted, output_problem
 from ascend_edit.models.loading import TORCH_DTYPES
+from ascend_edit.run_dir import saved_run_config
 from ascend_edit.train.checkpoint_io import TRAINABLE_FILE, CheckpointIntegrityError, verify_manifest
 from ascend_edit.train.rebuild import rebuild_from_engine_checkpoint
+from ascend_edit.train.stage import recorded_inputs
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +86,21 @@ def resolve_source(path: str | Path | None) -> ExportSource:
 
 
 def source_provenance(source: ExportSource) -> dict | None:
-    """The data and seed of the run the source belongs to (read from its saved config), or None outside a run."""
+    """The data, seed and recorded inputs of the run the source belongs to (read from its saved config and
+    RUN_INPUTS), or None outside a run."""
     from omegaconf import OmegaConf
 
     # a stage checkpoint lies at <run>/checkpoints/step-<stage>-<n>
     run_dir = run_directory_of(source.path if source.kind == "converted" else source.path.parents[1])
     if run_dir is None:
         return None
-    raw = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    raw = saved_run_config(run_dir)  # relative data paths against where the run was started: an export moves
     data, seed = OmegaConf.select(raw, "data"), OmegaConf.select(raw, "device.seed")
     if data is None or seed is None:
         return None
+    inputs = recorded_inputs(run_dir)  # its teacher's and data's identities: eval of the export compares them
     return {"run_directory": str(run_dir.resolve()), "data": OmegaConf.to_container(data, resolve=True),
-            "seed": int(seed)}
+            "seed": int(seed), **({"inputs": inputs} if inputs else {})}
 
 
 def stored_dtype_of(safetensors_file: Path) -> torch.dtype:

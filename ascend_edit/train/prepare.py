@@ -37,6 +37,7 @@ from ascend_edit.models.surgery import (
 )
 from ascend_edit.run_dir import MEASURED_PLAN
 from ascend_edit.train.compile import apply_compile, apply_experts_implementation, compile_mode
+from ascend_edit.train.stage import record_inputs
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def prepare(cfg: RootConfig) -> Prepared | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.engine.resume:
         set_aside_if_main(out_dir, env)
+    if env.is_main:  # what eval will check its teacher and data against
+        record_inputs(out_dir, cfg)
 
     check_fused_ops_available(cfg.model.fused_ops, device_type=device.type)  # before hours of loading, not after
     zero3 = partitioned_teacher_config(cfg)

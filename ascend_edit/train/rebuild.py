@@ -16,6 +16,7 @@ from ascend_edit.device import seed_everything
 from ascend_edit.models.checkpoint import RUN_CANDIDATES
 from ascend_edit.models.loading import TORCH_DTYPES, load_teacher
 from ascend_edit.models.surgery import LayerPlan, build_plan, edit_model, plan_is_measured, saved_plan, set_mode
+from ascend_edit.run_dir import saved_run_config
 from ascend_edit.train.checkpoint_io import read_trainable_weights
 
 
@@ -23,7 +24,7 @@ def _run_config(run_dir: Path) -> RootConfig:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
         raise FileNotFoundError(f"{saved} is missing: a stage checkpoint is rebuilt from its run's saved config")
-    raw = OmegaConf.load(saved)
+    raw = saved_run_config(run_dir)  # relative teacher paths against where the run was started
     raw.output_dir = str(run_dir)  # saved as an interpolation into Hydra's runtime, unset here
     merged = OmegaConf.merge(OmegaConf.structured(RootConfig), raw)
     assert isinstance(merged, DictConfig)  # merged onto RootConfig's schema

@@ -6,7 +6,9 @@ seed, logging, the config snapshot checkpoints are compared against), never the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ class StageSettings:
 def stage_settings(cfg: RootConfig) -> StageSettings:
     """The run-wide stage settings of a run's config."""
     run_config = flatten_config(dataclasses.asdict(cfg))
-    for key, identity in (("data.identity", data_identity(cfg)), ("model.identity", model_identity(cfg))):
+    for key, identity in input_identities(cfg).items():
         if identity is not None:  # compared on resume like any key that cannot change (train/loop.py)
             run_config[key] = identity
     return StageSettings(engine=cfg.engine, dtype=cfg.device.dtype, seed=cfg.device.seed,
@@ -53,12 +55,48 @@ def stage_settings(cfg: RootConfig) -> StageSettings:
                          run_config=run_config)
 
 
+def input_identities(cfg: RootConfig) -> dict[str, str | None]:
+    """What makes a run's teacher and data theirs (`model_identity`, `data_identity`; None where a package or a
+    config provides them): compared on resume, recorded when a run starts (`record_inputs`) for eval to compare."""
+    return {"model.identity": model_identity(cfg), "data.identity": data_identity(cfg)}
+
+
+def record_inputs(out_dir: Path, cfg: RootConfig) -> None:
+    """Write RUN_INPUTS when a run starts (rank 0). A run that has trained keeps its first record: a resume is
+    refused if its inputs changed, and a record rewritten before that refusal would vouch for the new ones."""
+    from ascend_edit import jsonio
+    from ascend_edit.run_dir import RUN_INPUTS, outputs_in
+
+    path = out_dir / RUN_INPUTS
+    if path.exists() and outputs_in(out_dir, ("checkpoints", "stage-layerwise", "converted")):
+        return
+    tmp = out_dir / f"{RUN_INPUTS}.tmp"
+    tmp.write_text(jsonio.dumps(input_identities(cfg), indent=1))
+    os.replace(tmp, path)
+
+
+def recorded_inputs(run_dir: Path) -> dict[str, str | None] | None:
+    """The identities a run recorded when it started; None for a run without the record (older versions) or
+    with a damaged one."""
+    from ascend_edit.run_dir import RUN_INPUTS
+
+    try:
+        recorded = json.loads((Path(run_dir) / RUN_INPUTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def changed_inputs(recorded: dict | None, current: dict[str, str | None]) -> list[str]:
+    """The recorded identities (`input_identities` keys) that `current` does not match."""
+    return [key for key, value in (recorded or {}).items() if value is not None and current.get(key) != value]
+
+
 def files_digest(roots: list[tuple[Path, list[Path] | None]]) -> str:
     """A short digest of files by name (relative to their root), size and end digests (data/cache.py
     `source_identity`) — not modification time or location, so node-local copies agree. Each root with the files
     read under it (None: every file); a root that does not exist counts as missing."""
     import hashlib
-    import json
 
     from ascend_edit.data.cache import source_identity
 
@@ -96,8 +134,13 @@ TEACHER_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "to
 
 def model_identity(cfg: RootConfig) -> str | None:
     """A digest of the teacher's files under `model.path` (`files_digest` of its config, weights — or the GGUF file
-    named —, tokenizer), so that weights changed in place between a stop and its resume are refused rather than
-    distilled from for the rest of the run. None for the built-in and config-built teachers."""
+    named —, tokenizer), or of the bundled SmolLM2 file, so that weights changed in place between a stop and its
+    resume are refused rather than distilled from for the rest of the run, and eval scores against the teacher the
+    run had. None for a config-built teacher (its seed and config make it)."""
+    if cfg.model.source == "smollm2":  # the GGUF file the asset package installed (one SmolLM2 is not another)
+        from ascend_edit.assets import smollm2_gguf
+
+        return files_digest([(smollm2_gguf(), None)])
     if cfg.model.source != "hf" or not cfg.model.path:
         return None
     root = Path(cfg.model.path).expanduser().resolve()

@@ -46,6 +46,9 @@ def test_conversion_ends_with_suite_report_and_events(trained_teacher, tmp_path)
     # through the run it lies in, an export through the data and seed the export recorded (not this command's
     # data=, which here names no data at all: the default Shakespeare).
     checked(run_cli(tmp_path / "x", ["export", f"export.checkpoint={run_dir}"]))  # into the export job's x/hf
+    recorded = json.loads((run_dir / "run_inputs.json").read_text())  # the teacher and data the run started with
+    provenance = json.loads((tmp_path / "x" / "hf" / "ascend_edit_provenance.json").read_text())
+    assert provenance["inputs"] == recorded and recorded["model.identity"] and recorded["data.identity"]
     teacher_only = [o for o in tiny_convert_overrides(trained_teacher) if o.split("=")[0].split(".")[0]
                     in ("model", "device")]
     for name, checkpoint, extra in (("converted", run_dir / "converted", []),
