@@ -403,6 +403,15 @@ def _sweep_problem(argv: list[str]) -> str | None:
     points = sweep_points(argv)
     if points is None:
         return None
+    if not points:
+        return "the sweep has no jobs (an empty range or choice): give every swept key at least one value"
+    if launcher_world_size(dict(os.environ)) > 1:  # each rank would pick its own sweep directory from its clock
+        return ("a sweep (-m) runs its jobs one after another, each in one process: start it without torchrun, the "
+                "DeepSpeed launcher or msrun, or launch each point as its own multi-process job")
+    outputs = [t.split("=", 1)[1] for t in argv if t.startswith("output_dir=") and "${" not in t]
+    if outputs and len(points) > 1:  # every job would write into it, and each later one resume the one before
+        return (f"output_dir={outputs[-1]} is fixed for a sweep of {len(points)} jobs: each would write into it and "
+                "resume the one before; leave output_dir to the sweep (one directory per job)")
     if len(points) > MAX_CHECKED_SWEEP_POINTS:
         log.info("sweep of %d jobs: the first %d are checked now, the rest as each starts", len(points),
                  MAX_CHECKED_SWEEP_POINTS)
@@ -415,9 +424,10 @@ def _sweep_problem(argv: list[str]) -> str | None:
     sweep_dirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.dir=") and "${" not in t]
     subdirs = [t.split("=", 1)[1] for t in argv if t.startswith("hydra.sweep.subdir=")]
     default_subdirs = not subdirs or subdirs[-1].strip("'\"") == "${hydra.job.num}"  # Hydra's own: job number
+    if sweep_dirs and (problem := _foreign_sweep_directory_problem(Path(sweep_dirs[-1]).expanduser(),
+                                                                   numbered=default_subdirs)):
+        return problem  # whatever the job subdirectories are called: a user's folder is not a sweep's
     reused = Path(sweep_dirs[-1]).expanduser() if sweep_dirs and default_subdirs else None
-    if reused is not None and (problem := _foreign_sweep_directory_problem(reused)):
-        return problem
     logging.disable(logging.WARNING)  # each job warns again when it runs; a grid's worth of them here is noise
     try:
         return _first_bad_point(points, bad_input, world_size, reused)
@@ -631,18 +641,22 @@ def _foreign_directory_problem(key: str, directory: str) -> str | None:
     return None
 
 
-def _foreign_sweep_directory_problem(sweep_dir: Path) -> str | None:
-    """A sweep writes numbered job directories, multirun.yaml and summary.* into its directory: one that holds
-    files but no earlier sweep's job (a run in a numbered subdirectory) is someone else's, and is refused."""
+def _foreign_sweep_directory_problem(sweep_dir: Path, numbered: bool = True) -> str | None:
+    """A sweep writes job directories (numbered unless hydra.sweep.subdir says otherwise), multirun.yaml and
+    summary.* into its directory: one that holds files but no earlier sweep's job (a run in a job directory) is
+    someone else's, and is refused."""
     if sweep_dir.exists() and not sweep_dir.is_dir():
         return f"hydra.sweep.dir={sweep_dir} is a file, not a directory"
     if not sweep_dir.is_dir() or not any(sweep_dir.iterdir()):
         return None
-    jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    if numbered:
+        jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    else:  # subdirectories named by the user's pattern, up to three levels down (e.g. `${a}/${b}`)
+        jobs = [d for pattern in ("*", "*/*", "*/*/*") for d in sweep_dir.glob(pattern) if d.is_dir()]
     if not any(holds_run(d) for d in jobs):
         return (f"hydra.sweep.dir={sweep_dir} is a non-empty directory that holds no ascend-edit sweep; give a new or "
                 "empty directory (or an earlier sweep's directory to resume it)")
-    for job in jobs:  # an earlier sweep's directory: each job folder in it is a run or empty
+    for job in jobs if numbered else []:  # an earlier sweep's directory: each job folder in it is a run or empty
         if any(job.iterdir()) and not holds_run(job):
             return f"hydra.sweep.dir={sweep_dir}: its job directory {job} holds files but no ascend-edit run"
     return None
@@ -698,6 +712,20 @@ def shared_run_dir_override(argv: list[str], env: dict[str, str]) -> list[str]:
                     "the same for every job on that port (launch/deepspeed.sh and launch/msrun.sh pass one)")
 
 
+# Where a job writes: checked before Hydra writes there (foreign, busy, another task's run, a fixed sweep output)
+DIRECTORY_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "output_dir")
+
+
+def plain_directory_overrides(argv: list[str]) -> list[str]:
+    """`++hydra.run.dir=D` (or `+`) as `hydra.run.dir=D`: these keys always exist, so the prefix changes nothing
+    for Hydra, but every directory check reads the plain key — with the prefix a run wrote into a user's folder."""
+    plain = []
+    for token in argv:
+        key = token.lstrip("+").split("=", 1)[0]
+        plain.append(token.lstrip("+") if token.startswith("+") and "=" in token and key in DIRECTORY_KEYS else token)
+    return plain
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if DEBUG_FLAG in argv:
@@ -711,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         from ascend_edit.tasks.report import main as report_main
 
         return report_main([token for token in argv[1:] if not token.startswith("hydra.")])
+    argv = plain_directory_overrides(argv)
     try:
         if not check_only:  # the wrapper's check passes the run directory it will give the ranks
             argv = [*argv, *shared_run_dir_override(argv, dict(os.environ))]

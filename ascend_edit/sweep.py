@@ -80,9 +80,11 @@ def _metrics(report: dict) -> dict[str, object]:
 
 
 def collect(sweep_dir: Path) -> list[Job]:
-    """All jobs under `sweep_dir`: every directory Hydra wrote a `.hydra/overrides.yaml` into."""
-    job_dirs = sorted((f.parent.parent for f in sweep_dir.glob("**/.hydra/overrides.yaml")),
-                      key=lambda d: _job_sort_key(d.relative_to(sweep_dir)))
+    """All jobs under `sweep_dir`: every directory Hydra wrote a `.hydra/overrides.yaml` into, except those inside
+    another job's (an earlier run a restarted job set aside into `replaced-<time>/` is no job of the sweep)."""
+    found = {f.parent.parent for f in sweep_dir.glob("**/.hydra/overrides.yaml")}
+    outermost = [d for d in found if not any(parent in found for parent in d.parents)]
+    job_dirs = sorted(outermost, key=lambda d: _job_sort_key(d.relative_to(sweep_dir)))
     return [read_job(sweep_dir, d) for d in job_dirs]
 
 
@@ -163,6 +165,9 @@ def write_summary(sweep_dir: str | Path, name: str = "summary") -> dict[str, Pat
     if paths["md"].is_file() and not paths["md"].read_text(errors="replace").startswith("# Sweep "):
         # a file this module did not write (its summaries start with that title): never replaced
         raise FileExistsError(f"{paths['md']} exists and is not a sweep summary: give another name or directory")
+    if not paths["md"].is_file() and (theirs := [p for p in (paths["csv"], paths["png"]) if p.exists()]):
+        # written only with the .md: without it, a file of that name is someone else's
+        raise FileExistsError(f"{theirs[0]} exists and is not part of a sweep summary: give another name or directory")
     title = f"# Sweep {sweep_dir}\n\n{len(jobs)} jobs; quality is the latest stage each job reached.\n\n"
     paths["md"].write_text(title + markdown_table(header, body))
     with paths["csv"].open("w", newline="") as f:

@@ -223,3 +223,17 @@ def test_a_job_killed_while_writing_is_listed_with_a_status(sweep_dir: Path, tmp
         assert jobs["1"].status in (".hydra/overrides.yaml unreadable (cut short)", "report.json incomplete")
     sweep.write_summary(copy)  # the whole table is still written
     assert (copy / "summary.md").read_text().count("\n|") >= 3
+
+
+def test_summary_counts_no_set_aside_run_and_never_replaces_a_users_csv(sweep_dir: Path, tmp_path: Path, capsys):
+    """A restarted job's earlier run (moved into `<job>/replaced-<time>/`, with its .hydra) was listed as a job of
+    the sweep; a user's summary.csv / summary.png beside no summary.md was overwritten."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("converted", "checkpoints", "stage-*", "summary.*"))
+    jobs = len(sweep.collect(copy))
+    shutil.copytree(copy / "0" / ".hydra", copy / "0" / "replaced-20261206T000000" / ".hydra")
+    assert len(sweep.collect(copy)) == jobs
+    (copy / "summary.csv").write_text("mine")
+    assert sweep.main([str(copy)]) == 2
+    assert "summary.csv exists and is not part of a sweep summary" in capsys.readouterr().err
+    assert (copy / "summary.csv").read_text() == "mine" and not (copy / "summary.md").exists()

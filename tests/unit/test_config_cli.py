@@ -312,3 +312,30 @@ def test_keep_composed_config_never_replaces_an_earlier_runs_config(tmp_path):
     (hydra_dir / ".hydra" / "config.yaml").write_text("seed: 7\n")  # a later command aimed at the same run
     keep_composed_config(hydra_dir, run)
     assert (run / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
+
+
+def test_sweep_and_run_directories_are_checked_whatever_the_override_looks_like(tmp_path):
+    """`++hydra.run.dir=`, `++hydra.sweep.dir=` and a custom `hydra.sweep.subdir` skipped every directory check (a
+    user's report.md and summary.csv were overwritten, exit 0); a fixed output_dir made every job of a sweep write
+    into, and resume, one directory; an empty sweep range was a traceback."""
+    mine = tmp_path / "mine"
+    (mine / "job0").mkdir(parents=True)
+    (mine / "job0" / "report.md").write_text("my notes")
+    for args in (["inspect", "model=qwen3_tiny", f"++hydra.run.dir={mine}"],
+                 ["-m", "inspect", "model=qwen3_tiny", f"++hydra.sweep.dir={mine}"],
+                 ["-m", "inspect", "model=qwen3_tiny", f"hydra.sweep.dir={mine}", "hydra.sweep.subdir=job${hydra.job.num}"]):
+        assert "holds no ascend-edit" in _one_line_error(cli(*args)), args
+    assert sorted(p.name for p in mine.rglob("*")) == ["job0", "report.md"]
+    proc = cli("-m", "inspect", "model=qwen3_tiny", "target.mla.kv_lora_rank=16,32", f"output_dir={tmp_path / 'one'}")
+    assert "is fixed for a sweep of 2 jobs: each would write into it and resume the one before" in _one_line_error(proc)
+    assert "the sweep has no jobs" in _one_line_error(cli("-m", "inspect", "model=qwen3_tiny",
+                                                          "target.mla.kv_lora_rank=range(16,8)"))
+
+
+def test_a_sweep_under_a_launcher_is_refused(monkeypatch):
+    """Each rank resolved its own sweep directory from its clock: a job's checkpoint halves landed in two."""
+    from ascend_edit.cli import _sweep_problem
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "a sweep (-m) runs its jobs one after another, each in one process" in _sweep_problem(
+        ["task=inspect", "model=qwen3_tiny", "target.mla.kv_lora_rank=16,32"])
