@@ -110,15 +110,26 @@ launch_visible_devices_env() {
 # its own clock. RUN_DIR is computed once, here, unless the user set it or passed
 # hydra.run.dir=... among the overrides.
 launch_hydra_run_dir() {  # the user's overrides
-  local arg
-  for arg in "$@"; do
-    if [[ "$arg" == hydra.run.dir=* ]]; then
-      RUN_DIR=${arg#hydra.run.dir=}
-      return 0
-    fi
-  done
+  # the last one, with or without a + / ++ prefix, as Hydra takes it (an added hydra.run.dir= after a user's
+  # ++hydra.run.dir= would win, and a resume would start over elsewhere)
+  local given
+  if given=$(launch_given_run_dir "$@"); then
+    RUN_DIR=$given
+    return 0
+  fi
   RUN_DIR=${RUN_DIR:-runs/$(date +%Y-%m-%d/%H-%M-%S.%3N)}
   HYDRA_RUN_DIR_ARG=("hydra.run.dir=$RUN_DIR")
+}
+
+# Prints the last hydra.run.dir= among the overrides (also +/++hydra.run.dir=); fails when there is none.
+launch_given_run_dir() {
+  local arg found=0 value=
+  for arg in "$@"; do
+    case "$arg" in
+      hydra.run.dir=* | +hydra.run.dir=* | ++hydra.run.dir=*) value=${arg#*hydra.run.dir=}; found=1 ;;
+    esac
+  done
+  [[ $found == 1 ]] && echo "$value"
 }
 
 # Launchers started once per node (torchrun, msrun): each node computes its own defaults, so on more than one
@@ -129,10 +140,7 @@ launch_check_multinode() {  # the user's overrides
   [[ "$NNODES" == 1 ]] && return 0
   [[ -n "${MASTER_ADDR:-}" ]] || launch_die "NNODES=$NNODES needs MASTER_ADDR (the host of node 0), the same on every node"
   [[ -n "${NODE_RANK:-${SLURM_NODEID:-}}" ]] || launch_die "NNODES=$NNODES needs NODE_RANK (0..$((NNODES - 1)), this node's) or Slurm's SLURM_NODEID"
-  local arg
-  for arg in "$@"; do
-    [[ "$arg" == hydra.run.dir=* ]] && return 0
-  done
+  launch_given_run_dir "$@" >/dev/null && return 0
   [[ -n "${RUN_DIR:-}" ]] || launch_die "NNODES=$NNODES needs RUN_DIR (or hydra.run.dir=...): one run directory on shared storage, the same on every node"
 }
 

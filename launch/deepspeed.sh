@@ -68,7 +68,13 @@ hostfile_world_size() {
 }
 
 launch_hydra_run_dir "$@"
-launch_precheck "$([[ -n "${HOSTFILE:-}" ]] && hostfile_world_size || echo "$NPROC")" "$@" \
+# computed first: a bad hostfile's launch_die inside $( ... ) would only leave the subshell, and the launch went on
+if [[ -n "${HOSTFILE:-}" ]]; then
+  WORLD=$(hostfile_world_size) || exit $?
+else
+  WORLD=$NPROC
+fi
+launch_precheck "$WORLD" "$@" \
   "${HYDRA_RUN_DIR_ARG[@]+"${HYDRA_RUN_DIR_ARG[@]}"}"
 # --no_local_rank: otherwise every rank gets --local_rank=N, which Hydra rejects as an override
 # (LOCAL_RANK is exported either way).

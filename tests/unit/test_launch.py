@@ -137,6 +137,24 @@ def test_deepspeed_hostfile_without_nproc_uses_every_slot(tmp_path):
                     "--module", "ascend_edit.cli", "x=1", "hydra.run.dir=r"]
 
 
+def test_the_users_last_run_dir_wins_with_or_without_a_prefix():
+    """`++hydra.run.dir=D` got the wrapper's own hydra.run.dir= after it (Hydra took that one: a resume started
+    over elsewhere); with two given, msrun's log directory followed the first while Hydra took the last."""
+    _, argv = dry_run("torchrun.sh", "x=1", "++hydra.run.dir=/shared/run1", DEVICE="cpu", NPROC="2")
+    assert argv[-2:] == ["x=1", "++hydra.run.dir=/shared/run1"]
+    _, argv = dry_run("msrun.sh", "hydra.run.dir=/tmp/a", "hydra.run.dir=/tmp/b", DEVICE="cpu")
+    assert "--log_dir=/tmp/b/msrun_log" in argv and argv[-2:] == ["hydra.run.dir=/tmp/a", "hydra.run.dir=/tmp/b"]
+
+
+def test_deepspeed_bad_hostfile_line_stops_the_launch(tmp_path):
+    """The error was printed inside $( ... ) and the launch went on, checked at world size 1."""
+    bin_dir, stub_out, env = stub_launcher(tmp_path, "deepspeed")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=2\n\nnode-b slots=two\n")
+    done = run_script("deepspeed.sh", "experiment=tiny", path_prefix=bin_dir, **env, HOSTFILE=str(hostfile))
+    assert done.returncode == 2 and "'node-b two' is not 'host slots=N'" in done.stderr and not stub_out.exists()
+
+
 def test_deepspeed_missing_hostfile_is_an_error(tmp_path):
     done = run_script("deepspeed.sh", "--dry-run", DEVICE="cpu", HOSTFILE=str(tmp_path / "nope"))
     assert done.returncode == 2
