@@ -662,6 +662,16 @@ def _foreign_sweep_directory_problem(sweep_dir: Path, numbered: bool = True) -> 
     return None
 
 
+def _inside_saved_model_problem(name: str, directory: str) -> str | None:
+    from ascend_edit.train.checkpoint_io import manifested_ancestor
+
+    model = manifested_ancestor(directory)
+    if model is None:
+        return None
+    return (f"{name}={directory} lies inside {model}, whose manifest lists its files: the files written there would "
+            "make every later load refuse it as damaged; choose a directory outside it")
+
+
 def _run_dir_problem(argv: list[str]) -> str | None:
     """Hydra creates the run directory before the task starts and prints a traceback when it cannot; the
     directories a run writes into must not be someone else's."""
@@ -669,7 +679,8 @@ def _run_dir_problem(argv: list[str]) -> str | None:
     outputs = [t.split("=", 1)[1] for t in argv if t.startswith("output_dir=")]
     for name, chosen in (("hydra.run.dir", given[-1:]), ("output_dir", outputs[-1:])):
         if chosen and "${" not in chosen[0]:
-            problem = _foreign_directory_problem(name, chosen[0]) or _busy_problem(name, chosen[0])
+            problem = (_inside_saved_model_problem(name, chosen[0]) or _foreign_directory_problem(name, chosen[0])
+                       or _busy_problem(name, chosen[0]))
             if problem:
                 return problem
     key, directory = ("hydra.run.dir", given[-1]) if given else ("the run directory root", "runs")

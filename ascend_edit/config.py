@@ -231,9 +231,10 @@ class GateSWAConfig:
         _positive("target.gate_swa.full_every", self.full_every, allow_zero=True)
         _positive("target.gate_swa.full_by_sensitivity", self.full_by_sensitivity, allow_zero=True)
         _positive("target.gate_swa.kv_budget_context", self.kv_budget_context)
-        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
-            raise ConfigError(f"target.gate_swa.kv_budget={self.kv_budget} must be in (0, 1] (a fraction of the "
-                              "teacher's KV cache)")
+        if self.kv_budget is not None and not 0 < self.kv_budget < 1:
+            # at 1 every layer fits at full attention, which the budget's choice then takes: nothing slides
+            raise ConfigError(f"target.gate_swa.kv_budget={self.kv_budget} must be in (0, 1) (a fraction of the "
+                              "teacher's KV cache; at 1 every layer stays full attention and nothing slides)")
         chosen = {"full_layers": list(self.full_layers) if self.full_layers else None,
                   "full_every": self.full_every or None, "full_by_sensitivity": self.full_by_sensitivity or None,
                   "kv_budget": self.kv_budget}
@@ -605,6 +606,10 @@ class EvalConfig:
         for depth in self.passkey_depths:
             if not 0.0 <= depth <= 1.0:
                 raise ConfigError(f"eval.passkey_depths: {depth} is not in [0, 1]")
+        twice = sorted({d for d in self.passkey_depths if list(self.passkey_depths).count(d) > 1})
+        if twice:  # one cell per (context, depth): a repeated depth doubled its samples under the same trial count
+            raise ConfigError(f"eval.passkey_depths lists {twice[0]} more than once: list each depth once (raise "
+                              "eval.passkey_trials for more samples)")
         _positive("eval.sequences", self.sequences)
         _positive("eval.batch_tokens", self.batch_tokens)
         _positive("eval.passkey_trials", self.passkey_trials, allow_zero=True)

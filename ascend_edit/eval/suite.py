@@ -61,7 +61,8 @@ def requested_contexts(cfg: EvalConfig) -> list[int]:
 def check_measurable(cfg: EvalConfig, max_positions: int | None) -> None:
     """Refuse a suite that would measure nothing because every context it asks for is longer than the model's
     positions (an empty table and exit 0 would read as a result)."""
-    if max_positions is not None and all(c > max_positions for c in requested_contexts(cfg)):
+    requested = requested_contexts(cfg)
+    if max_positions is not None and requested and all(c > max_positions for c in requested):
         raise ValueError(f"eval.contexts {list(cfg.contexts)}" +
                          (f" and eval.passkey_contexts {list(cfg.passkey_contexts)}" if cfg.passkey_trials else "") +
                          f" are all longer than the model's {max_positions} positions: the held-out suite would "

@@ -51,6 +51,7 @@ from ascend_edit.models.surgery import decoder_layers
 from ascend_edit.train.checkpoint_io import (
     MANIFEST,
     first_non_finite,
+    manifested_ancestor,
     read_manifest,
     unlisted_files,
     verify_manifest,
@@ -476,6 +477,9 @@ def output_problem(directory: Path, overwrite: bool, shown: str | Path | None = 
     name = f"export.output={shown or directory}"
     if directory.exists() and not directory.is_dir():
         return f"{name} is a file, not a directory"
+    if (model := manifested_ancestor(directory)) is not None:
+        return (f"{name} lies inside {model}, whose manifest lists its files: an export there would make every later "
+                "load of it refuse it as damaged; choose a directory outside it")
     if directory.is_dir() and any(directory.iterdir()):
         if not overwrite:
             return f"{name} exists and is not empty: choose a new directory, or set export.overwrite=true to replace it"

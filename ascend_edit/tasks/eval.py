@@ -239,6 +239,10 @@ def run(cfg: RootConfig) -> dict:
     path = Path(cfg.eval.checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"eval.checkpoint={path} does not exist")
+    if not cfg.eval.passkey_trials and not (cfg.eval.contexts and cfg.eval.domains):
+        # EvalConfig checks this for the end-of-conversion suite only (eval.suite); this task is that suite alone
+        empty = "contexts" if not cfg.eval.contexts else "domains"
+        raise ValueError(f"eval.{empty} is empty and eval.passkey_trials=0: this evaluation would measure nothing")
     cfg = run_config(path, cfg)
     data, seed, in_domain_source = in_domain_data(path, cfg)
     check_inputs_unchanged(path, cfg, data)  # before minutes of loading
@@ -272,6 +276,9 @@ def run(cfg: RootConfig) -> dict:
     with torch.no_grad():
         results = run_suite(model_logits(teacher.eval()), model_logits(student), tokenizer, cfg.eval, sets,
                             _max_positions(student), device.torch_device)
+    if not any(results["quality"].values()) and "passkey" not in results:  # an empty table is no result
+        raise ValueError(f"eval measured nothing: every domain's held-out text is shorter than each of eval.contexts "
+                         f"{list(cfg.eval.contexts)} (see the log); list a shorter context, or give more text")
     results["checkpoint"] = str(path.resolve())  # findable from the eval directory later
     results["teacher"] = {"source": cfg.model.source, "path": cfg.model.path, "dtype": cfg.model.dtype}
     results["in_domain_source"] = in_domain_source

@@ -139,6 +139,16 @@ def write_manifest(directory: Path, kind: str | None = None) -> dict:
     return manifest
 
 
+def manifested_ancestor(path: str | Path) -> Path | None:
+    """The nearest directory above `path` whose manifest lists its files (a converted model, an export, a stage
+    checkpoint), or None: a job writing under it would add files the manifest does not list, and every later load
+    of it would refuse it as damaged."""
+    for parent in Path(path).expanduser().absolute().parents:
+        if (parent / MANIFEST).is_file() and read_manifest(parent) is not None:
+            return parent
+    return None
+
+
 def read_manifest(directory: Path) -> dict | None:
     """`directory`'s manifest, or None when it has none or it does not parse."""
     try:

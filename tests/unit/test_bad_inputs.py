@@ -404,3 +404,36 @@ def test_model_arch_with_a_teacher_read_from_disk_is_refused():
 
     with pytest.raises(ConfigError, match="model.arch='qwen3_moe' is only read with model.source=config"):
         ModelConfig(source="hf", path="/some/checkpoint", arch="qwen3_moe")
+
+
+def test_no_job_or_export_writes_inside_a_directory_its_manifest_describes(tmp_path):
+    """An eval run directory inside an export (or an export inside another run's converted/) was accepted: its files
+    were missing from that manifest, and every later load refused the model as damaged."""
+    from ascend_edit.models.export import output_problem
+    from ascend_edit.train.checkpoint_io import write_manifest
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    write_manifest(export)
+    listed = sorted(p.name for p in export.iterdir())
+    one_line_error(cli("inspect", "model=qwen3_tiny", f"hydra.run.dir={export / 'eval'}", cwd=tmp_path),
+                   f"hydra.run.dir={export / 'eval'} lies inside {export}, whose manifest lists its files")
+    assert sorted(p.name for p in export.iterdir()) == listed
+    assert f"lies inside {export}" in output_problem(export / "hf" / "x", overwrite=False)
+    assert output_problem(tmp_path / "elsewhere", overwrite=False) is None
+
+
+def test_an_evaluation_that_would_measure_nothing_is_refused(tmp_path):
+    """`ascend-edit eval` with eval.suite=false skipped the empty-grid checks (an empty table, exit 0), and an empty
+    eval.contexts was refused for being 'all longer than the model's positions'; a repeated passkey depth doubled
+    that cell's samples under the same trial count."""
+    from ascend_edit.config import ConfigError, EvalConfig
+    from ascend_edit.eval.suite import check_measurable
+
+    one_line_error(cli("eval", f"eval.checkpoint={tmp_path}", "eval.suite=false", "eval.domains=[]",
+                       "eval.passkey_trials=0", cwd=tmp_path),
+                   "eval.domains is empty and eval.passkey_trials=0: this evaluation would measure nothing")
+    check_measurable(EvalConfig(suite=False, contexts=[], passkey_trials=0), max_positions=512)  # not 'too long'
+    with pytest.raises(ConfigError, match=r"eval.passkey_depths lists 0.5 more than once"):
+        EvalConfig(passkey_depths=[0.5, 0.5])

@@ -240,8 +240,10 @@ def test_gate_swa_kv_budget_is_validated_and_chosen_once_on_data():
     from ascend_edit.config import ConfigError, GateSWAConfig
     from ascend_edit.train.prepare import gate_swa_target_for_budget
 
-    with pytest.raises(ConfigError, match=r"target\.gate_swa\.kv_budget=1\.5 must be in \(0, 1\]"):
-        GateSWAConfig(kv_budget=1.5)
+    for budget in (1.5, 1.0):  # 1.0 converted nothing (every layer fits full), exit 0
+        with pytest.raises(ConfigError, match=rf"target\.gate_swa\.kv_budget={budget} must be in \(0, 1\) .*nothing "
+                                              "slides"):
+            GateSWAConfig(kv_budget=budget)
     with pytest.raises(ConfigError, match="give only one of full_layers, full_every, full_by_sensitivity, kv_budget"):
         GateSWAConfig(kv_budget=0.5, full_every=2)
     with pytest.raises(ConfigError, match=r"calibration_batches=0: target\.gate_swa\.kv_budget"):
