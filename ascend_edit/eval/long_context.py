@@ -13,12 +13,15 @@ import torch
 
 
 def token_stream(documents: Iterable[str], tokenizer, max_tokens: int) -> list[int]:
-    """Token ids of the documents, EOS between them, stopping once `max_tokens` are gathered."""
+    """Token ids of the documents, each tokenized as training packs it (data/packing.py: the tokenizer's special
+    tokens, so a BOS where it adds one, and an EOS after), stopping once `max_tokens` are gathered. Without the BOS
+    the windows of a BOS-adding teacher (Llama, Mistral) would hold text the conversion never trained on."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in documents:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
+        ids = list(tokenizer(doc, add_special_tokens=True, verbose=False)["input_ids"])
+        stream.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
             stream.append(eos)
         if len(stream) >= max_tokens:
             break

@@ -180,3 +180,18 @@ def test_contexts_beyond_the_model_are_refused_when_nothing_is_left(tokenizer):
     with pytest.raises(ValueError, match="eval.passkey_contexts"):
         check_measurable(EvalConfig(contexts=[4096], passkey_contexts=[8192]), max_positions=512)
     check_measurable(EvalConfig(contexts=[4096], passkey_contexts=[256]), max_positions=512)  # passkey still runs
+
+
+def test_suite_text_is_tokenized_as_training_packs_it():
+    """Windows of a BOS-adding tokenizer (Llama, Mistral) carried no BOS while every training row did: the suite
+    scored text the conversion never trained on. Each document now starts as packing starts it."""
+    from tokenizers import processors
+
+    from ascend_edit.data.packing import tokenize_documents
+
+    with_bos = char_tokenizer(TEXTS)  # <unk> (id 2) stands in for a BOS the tokenizer adds to every document
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<unk> $A",
+                                                                             special_tokens=[("<unk>", 2)])
+    packed = [i for doc in tokenize_documents(TEXTS[:3], with_bos) for i in doc]
+    stream = token_stream(TEXTS[:3], with_bos, 10_000)
+    assert stream == packed and stream.count(2) == 3 and stream[0] == 2
