@@ -325,6 +325,7 @@ def summary_row(run_dir: Path) -> dict:
     for domain, per_context in (results.get("quality") or {}).items():
         for context, m in per_context.items():
             row[f"{domain}@{context}"] = (m["ppl_ratio"], m["student"]["teacher_kl"], m.get("sequences"))
+    row["texts"] = dict(results.get("text_sha256") or {})  # which text each domain's cells were scored on
     if results.get("passkey"):
         pk = results["passkey"]
         grid = pk["student"]
@@ -355,4 +356,20 @@ def compare_runs(run_dirs: list[Path]) -> str:
         # a resumed run's wall time is its last command's: not comparable with a run made in one go
         values.append(_fmt_seconds(r["wall_seconds"]) + (" (resumed)" if r.get("resumed") else ""))
         lines.append("| " + " | ".join(values) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in different_texts(rows))
+
+
+def different_texts(rows: list[dict]) -> list[str]:
+    """One line per domain whose runs scored different texts (another corpus or split, or python_docs of another
+    Python version): their cells in that domain do not compare."""
+    notes = []
+    for domain in sorted({d for r in rows for d in r["texts"]}):
+        digests = {r["run"]: r["texts"][domain] for r in rows if r["texts"].get(domain)}
+        if len(set(digests.values())) > 1:
+            groups: dict[str, list[str]] = {}
+            for run, digest in digests.items():
+                groups.setdefault(digest, []).append(run)
+            listed = "; ".join(f"{digest}: {', '.join(runs)}" for digest, runs in groups.items())
+            notes.append(f"**{domain} was scored on different texts** (text_sha256 {listed}): its cells compare only "
+                         "within a group.")
+    return notes

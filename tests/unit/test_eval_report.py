@@ -276,3 +276,19 @@ def test_report_names_a_missing_run_and_takes_directories_with_equals_signs(tmp_
     fake_run(tmp_path / "sweep" / "lr=1e-4", 1.5)
     assert main(["report", "sweep/lr=1e-3", "sweep/lr=1e-4"]) == 0
     assert "1.500 (0.050)" in (tmp_path / "sweep" / "compare.md").read_text()
+
+
+def test_comparison_says_when_runs_scored_different_texts(tmp_path):
+    """`ascend-edit report A B` put cells measured on different texts (another corpus, another Python's
+    python_docs) side by side without a word."""
+    from ascend_edit.eval.report import compare_runs
+
+    runs = [fake_run(tmp_path / name) for name in ("a", "b", "c")]
+    for run, digest in zip(runs, ("1111", "1111", "2222")):
+        results = json.loads((run / "eval.json").read_text())
+        (run / "eval.json").write_text(json.dumps({**results, "text_sha256": {"in_domain": "aaaa",
+                                                                             "python_docs": digest}}))
+    table = compare_runs(runs)
+    assert f"**python_docs was scored on different texts** (text_sha256 1111: {runs[0]}, {runs[1]}; 2222: " \
+        f"{runs[2]})" in table
+    assert "in_domain was scored" not in table and "different texts" not in compare_runs(runs[:2])
