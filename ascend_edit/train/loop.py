@@ -36,7 +36,7 @@ from ascend_edit.data.sampler import ResumableDistributedSampler
 from ascend_edit.device import rng_state, set_rng_state
 from ascend_edit.eval.tensorboard import training_board
 from ascend_edit.train.checkpoint_io import CheckpointDir, rank_and_world
-from ascend_edit.train.preemption import Preempted, PreemptionFlag
+from ascend_edit.train.preemption import Preempted, PreemptionFlag, resume_instruction
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ def train_stage(engine, run: StageRun, start_step: int = 0) -> list[dict]:
                 signal_name = run.preemption.signal_name if run.preemption is not None else None
                 run_dir = Path(path).parent.parent  # <run>/checkpoints/step-<stage>-<n>
                 raise Preempted(f"{run.name}: stopped on {signal_name or 'a signal'} after step "
-                                f"{step + 1}; checkpoint {path}; to resume, run the same command with "
-                                f"hydra.run.dir={run_dir} (the launch wrappers: RUN_DIR={run_dir}); a new "
+                                f"{step + 1}; checkpoint {path}; to resume, {resume_instruction(run_dir)}; a new "
                                 "run directory would start over")
             if run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 and step + 1 < run.steps:
                 save_checkpoint(engine, run, step + 1)

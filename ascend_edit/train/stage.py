@@ -27,7 +27,7 @@ from ascend_edit.train.checkpoint_io import CheckpointDir
 from ascend_edit.train.engine import Objective, make_engine
 from ascend_edit.train.loop import StageRun, any_rank, flatten_config, resume, save_checkpoint, train_stage
 from ascend_edit.train.precision import frozen_dtype, resolve_precision
-from ascend_edit.train.preemption import Preempted, PreemptionFlag
+from ascend_edit.train.preemption import Preempted, PreemptionFlag, resume_instruction
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,7 @@ def run_stage(name: str, model: nn.Module, objective: Objective, stage: StageCon
             # a signal during the stage's last step or its checkpoint (every rank decides alike: one all-reduce)
             if any_rank(run.preemption.requested, run.device):
                 at_end = Preempted(f"{name}: stopped on {run.preemption.signal_name} at the end of the stage; "
-                                   f"checkpoint {path}; to resume, run the same command with "
-                                   f"hydra.run.dir={Path(path).parent.parent}")
+                                   f"checkpoint {path}; to resume, {resume_instruction(Path(path).parent.parent)}")
                 if env.is_main:
                     print(f"ascend-edit: {at_end}", file=sys.stderr)
                 raise at_end

@@ -549,3 +549,21 @@ def test_a_short_write_on_an_almost_full_disk_is_taken_for_a_full_disk(tmp_path,
         CheckpointDir(tmp_path / "checkpoints", keep_last=2).save(
             short_write, "layerwise", 3, {}, {"x": torch.tensor([float("nan")])})
     assert checkpoint_io.DISK_FULL_MARGIN > (1 << 20)
+
+
+def test_a_stopped_sweep_job_is_told_to_rerun_its_sweep(monkeypatch, tmp_path):
+    """A stopped job of a multirun was told to rerun with hydra.run.dir=, which a multirun ignores: the job started
+    over in a new directory."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ascend_edit.train.preemption import resume_instruction
+
+    assert resume_instruction(tmp_path) == (f"run the same command with hydra.run.dir={tmp_path} (the launch "
+                                            f"wrappers: RUN_DIR={tmp_path})")
+    sweep = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir="/sweeps/s1"))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: sweep))
+    assert resume_instruction(tmp_path).startswith("run the same sweep again with hydra.sweep.dir=/sweeps/s1")
