@@ -244,6 +244,10 @@ def run(cfg: RootConfig) -> dict:
         empty = "contexts" if not cfg.eval.contexts else "domains"
         raise ValueError(f"eval.{empty} is empty and eval.passkey_trials=0: this evaluation would measure nothing")
     cfg = run_config(path, cfg)
+    if cfg.model.source == "config":  # known now, not after both models have loaded
+        raise ValueError("eval needs the teacher's tokenizer, and model.source=config (a teacher built from a config, "
+                         "as experiment=tiny's) has none: evaluate a conversion of a teacher with one (model=hf "
+                         "model.path=DIR, or model=smollm2)")
     data, seed, in_domain_source = in_domain_data(path, cfg)
     check_inputs_unchanged(path, cfg, data)  # before minutes of loading
     env = distributed.discover()

@@ -437,3 +437,13 @@ def test_an_evaluation_that_would_measure_nothing_is_refused(tmp_path):
     check_measurable(EvalConfig(suite=False, contexts=[], passkey_trials=0), max_positions=512)  # not 'too long'
     with pytest.raises(ConfigError, match=r"eval.passkey_depths lists 0.5 more than once"):
         EvalConfig(passkey_depths=[0.5, 0.5])
+
+
+def test_eval_of_a_teacher_without_a_tokenizer_is_refused_before_loading(tmp_path):
+    """A conversion of a config-built teacher (experiment=tiny) was refused for lacking a tokenizer only after the
+    student and the teacher had loaded."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("task: convert\nmodel: {source: config, arch: qwen3}\n")
+    one_line_error(cli("eval", f"eval.checkpoint={run}", cwd=tmp_path),
+                   "eval needs the teacher's tokenizer, and model.source=config")
