@@ -282,7 +282,7 @@ def test_plan_under_a_launcher_prints_once(monkeypatch, capsys, rank, printed):
     from ascend_edit.tasks.plan import run
 
     monkeypatch.setenv("RANK", rank)
-    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_RANK", rank), ("MASTER_ADDR", "127.0.0.1"),
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", rank), ("MASTER_ADDR", "127.0.0.1"),
                         ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     report = run(compose_cfg([]))
