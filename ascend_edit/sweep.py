@@ -56,6 +56,11 @@ def read_job(sweep_dir: Path, job_dir: Path) -> Job:
         report = json.loads(report_file.read_text())
     except json.JSONDecodeError:
         return Job(name, pairs, status="report.json unreadable (still being written, or cut short)")
+    written_with = report.get("overrides") if isinstance(report, dict) else None
+    if isinstance(written_with, list) and sorted(map(str, written_with)) != sorted(map(str, overrides)):
+        # a job restarted with other settings (a resumed sweep) keeps the earlier attempt's report until it finishes
+        return Job(name, pairs, status="report.json is from an earlier attempt with other settings (the job "
+                                       "restarted since: running, stopped or failed)")
     try:
         return Job(name, pairs, _metrics(report))
     except (AttributeError, KeyError, TypeError):  # a report.json without the fields every finished job writes

@@ -29,6 +29,7 @@ from ascend_edit.eval.metrics import TeacherReference, evaluate
 from ascend_edit.models.checkpoint import load_converted_weights, save_converted
 from ascend_edit.models.surgery import plan_entries
 from ascend_edit.models.zero3 import GATHER_METER, full_numel, has_zero_params
+from ascend_edit.tasks.eval import command_overrides
 from ascend_edit.train.loop import NonFiniteSteps
 from ascend_edit.train.prepare import prepare
 from ascend_edit.train.stage import run_stage, stage_settings
@@ -124,6 +125,8 @@ def run(cfg: RootConfig, *, partitioned_handoff: bool | None = None) -> dict:
         with clock(phases, "save"):
             save_converted(model, cfg.target, out_dir / "converted", tokenizer)
     report["phase_seconds"] = phases
+    # the command's own overrides: a sweep's summary tells this report from one an earlier attempt of the job left
+    report["overrides"] = command_overrides()
     if resumed_at:
         report["resumed_at"] = resumed_at
     suite_written = partitioned and cfg.eval.suite and tokenizer is not None  # (without one it is skipped)

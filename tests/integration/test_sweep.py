@@ -237,3 +237,17 @@ def test_summary_counts_no_set_aside_run_and_never_replaces_a_users_csv(sweep_di
     assert sweep.main([str(copy)]) == 2
     assert "summary.csv exists and is not part of a sweep summary" in capsys.readouterr().err
     assert (copy / "summary.csv").read_text() == "mine" and not (copy / "summary.md").exists()
+
+
+def test_a_restarted_jobs_earlier_report_is_not_listed_as_its_result(sweep_dir: Path, tmp_path: Path):
+    """A job restarted with other settings in a resumed sweep kept its earlier attempt's report.json until it
+    finished: the summary listed those numbers as `ok` while it ran, and after it was stopped."""
+    copy = tmp_path / "restarted"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("converted", "checkpoints", "stage-*", "summary.*"))
+    assert [job.status for job in sweep.collect(copy)] == ["ok"] * len(sweep.collect(copy))
+    report = json.loads((copy / "0" / "report.json").read_text())
+    assert report["overrides"]  # each job's report says which settings wrote it
+    (copy / "0" / ".hydra" / "overrides.yaml").write_text("- distill.model_level.steps=400\n")  # the restart's
+    jobs = {job.name: job for job in sweep.collect(copy)}
+    assert jobs["0"].status.startswith("report.json is from an earlier attempt with other settings")
+    assert jobs["1"].status == "ok"
