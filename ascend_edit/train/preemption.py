@@ -78,12 +78,9 @@ class PreemptionFlag:
 def resume_instruction(run_dir: Path) -> str:
     """How to resume a run stopped in `run_dir`: a sweep's job is resumed by its sweep (a multirun ignores
     hydra.run.dir, so that advice started the job over in a new directory); any other run by its directory."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return f"run the same sweep again with hydra.sweep.dir={HydraConfig.get().sweep.dir}"
-    except ImportError:  # pragma: no cover - hydra is a core dependency
-        pass
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"run the same sweep again with hydra.sweep.dir={HydraConfig.get().sweep.dir}"
     return f"run the same command with hydra.run.dir={run_dir} (the launch wrappers: RUN_DIR={run_dir})"
